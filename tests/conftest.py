@@ -1,0 +1,29 @@
+"""Shared pytest setup: a clean environment for every test, and the sandbox fixtures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+FIXTURES = SHARED / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No test sees the developer's own PF_*/MEDPLUM_*/PFSYNC_* settings or pfsync.toml."""
+    for name in list(os.environ):
+        if name.startswith(("PF_", "MEDPLUM_", "PFSYNC_")):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_COLOR", "1")
+    yield
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"../shared is missing beside the checkout (expected at {SHARED})")
+    return SHARED

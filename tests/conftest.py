@@ -27,3 +27,9 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"../shared is missing beside the checkout (expected at {SHARED})")
     return SHARED
+
+
+# The sandbox fixtures live in their own modules (tests/ is on sys.path under pytest's default
+# import mode); star-imports make them visible to every test.
+from source_fixtures import *  # noqa: E402,F403
+from target_fixtures import *  # noqa: E402,F403

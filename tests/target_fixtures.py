@@ -1,0 +1,1 @@
+"""pytest fixtures for the target (Medplum-like) sandbox. Owned by the target sandbox work."""

@@ -1,0 +1,5 @@
+"""`python -m pfsync`."""
+
+from pfsync.cli import main
+
+main()

@@ -1,0 +1,54 @@
+"""Progress reporting through an observer, so the library never imports the UI (STYLE.md: pip-audit).
+
+The library calls `sink.emit(name, **detail)` with bulk-data-client's event vocabulary
+(bulk-data.md, "Logging vocabulary": kickoff, status_progress, status_complete, status_error,
+download_request, download_complete, download_error, export_complete) plus `load_*`, `sync_*`
+and `auth_*` events for our side. The CLI decides how to show them: rich progress on a TTY,
+one JSON object per line otherwise.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class EventSink(Protocol):
+    def emit(self, event: str, /, **detail: Any) -> None: ...
+
+
+class NullSink:
+    """Drops every event."""
+
+    def emit(self, event: str, /, **detail: Any) -> None:
+        return None
+
+
+@dataclass
+class ListSink:
+    """Keeps events in memory: for tests, and for summaries built after a run."""
+
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def emit(self, event: str, /, **detail: Any) -> None:
+        with self._lock:
+            self.events.append((event, detail))
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.events]
+
+    def of(self, name: str) -> list[dict[str, Any]]:
+        return [detail for n, detail in self.events if n == name]
+
+
+@dataclass
+class FanoutSink:
+    """Sends every event to several sinks."""
+
+    sinks: list[EventSink]
+
+    def emit(self, event: str, /, **detail: Any) -> None:
+        for sink in self.sinks:
+            sink.emit(event, **detail)

@@ -1,0 +1,608 @@
+"""Settings: resolved once at the edge into frozen dataclasses; the library never reads os.environ.
+
+Precedence, highest first: command-line flags, environment, the TOML config file (`--config`,
+default `pfsync.toml` in the working directory if present), defaults. Every setting is one row
+of `SPECS`; the README's configuration table and `--help` are checked against it by the tests.
+The seed design's environment names (PF_*, MEDPLUM_*) are accepted so deployments carry over.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pfsync.errors import ConfigError
+from pfsync.redact import Secret
+
+# practice-fusion.md, "Other": the types the seed design syncs by default.
+DEFAULT_RESOURCE_TYPES: tuple[str, ...] = (
+    "Patient", "Practitioner", "Encounter", "Condition", "Observation", "MedicationRequest",
+    "Medication", "MedicationStatement", "AllergyIntolerance", "Immunization", "Procedure",
+    "DiagnosticReport", "DocumentReference", "CarePlan", "ServiceRequest", "Binary",
+)  # fmt: skip
+# practice-fusion.md, "Other": the seed design's identifier systems, e.g. .../patient-id.
+DEFAULT_IDENTIFIER_SYSTEM = "https://practicefusion.com/fhir/{type_lower}-id"
+DEFAULT_CONFIG_FILE = "pfsync.toml"
+
+AuthMethod = Literal["auto", "private_key_jwt", "client_secret_basic"]
+ScopeVersion = Literal["auto", "v1", "v2"]
+ExportLevel = Literal["auto", "group", "patient", "system"]
+DeleteMode = Literal["apply", "ignore", "tag"]
+StateBackend = Literal["local", "medplum"]
+LogFormat = Literal["auto", "human", "json"]
+MedplumAuth = Literal["token", "basic"]
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """One EHR source (for Practice Fusion: one practice)."""
+
+    name: str
+    base_url: str
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    private_key: Secret | None = None  # PEM or JWK/JWKS JSON text
+    key_id: str | None = None
+    auth_method: AuthMethod = "auto"
+    token_url: str | None = None
+    jku: str | None = None
+    scope_version: ScopeVersion = "auto"
+    resource_types: tuple[str, ...] = DEFAULT_RESOURCE_TYPES
+    export_level: ExportLevel = "auto"
+    groups: tuple[str, ...] = ()
+    type_filter: tuple[str, ...] = ()
+    identifier_system: str = DEFAULT_IDENTIFIER_SYSTEM
+    download_allowlist: tuple[str, ...] = ()
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class MedplumSettings:
+    base_url: str = "https://api.medplum.com/"
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    auth: MedplumAuth = "token"
+
+    @property
+    def fhir_url(self) -> str:
+        # medplum.md, "Base URLs and auth": FHIR base is {MEDPLUM_BASE_URL}fhir/R4/.
+        return self.base_url + "fhir/R4/"
+
+    @property
+    def token_url(self) -> str:
+        return self.base_url + "oauth2/token"
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    timeout: float = 60.0
+    load_timeout: float = 180.0  # medplum.md: a 1 MiB batch of creates took about 50 s
+    retries: int = 6
+    retry_max_wait: float = 120.0
+    allow_insecure_http: bool = False
+    ca_bundle: Path | None = None
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    poll_max_wait: float = 300.0
+    deadline: float = 6 * 3600.0
+    parallel_downloads: int = 3  # bulk-data.md: about 5 at most; practice-fusion.md: be polite
+    delete_after_download: bool = True
+    max_line_bytes: int = 64 * 1024 * 1024
+    strict_scopes: bool = False
+    kickoff_method: Literal["get", "post"] = "get"
+    since_overlap: float = 300.0
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    bundle_max_bytes: int = 900_000  # medplum.md: 1,048,577 bytes is refused; keep headroom
+    bundle_max_entries: int = 100
+    max_concurrency: int = 4
+    async_batch: bool = False
+    async_max_bytes: int = 8 * 1024 * 1024
+    normalize: bool = True
+    deletes: DeleteMode = "apply"
+    fetch_missing_references: bool = True
+    attachments: bool = True
+    attachment_max_bytes: int = 50 * 1024 * 1024
+    attachment_content_types: tuple[str, ...] = ()  # empty: any
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    interval_ms: int = 24 * 3600 * 1000
+    run_on_startup: bool = True
+    enabled: bool = True
+    parallel_sources: int = 1
+    stale_after: float = 48 * 3600.0
+    adopt_seed_checkpoint: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    sources: tuple[SourceSettings, ...]
+    medplum: MedplumSettings = field(default_factory=MedplumSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
+    load: LoadSettings = field(default_factory=LoadSettings)
+    sync: SyncSettings = field(default_factory=SyncSettings)
+    state_backend: StateBackend = "local"
+    state_dir: Path = Path(".pfsync")
+    log_format: LogFormat = "auto"
+    config_file: Path | None = None
+
+    def source(self, name: str | None = None) -> SourceSettings:
+        """The named source, or the only one. ConfigError when it is ambiguous or unknown."""
+        if name is None:
+            if len(self.sources) == 1:
+                return self.sources[0]
+            if not self.sources:
+                raise ConfigError(
+                    "no source is configured",
+                    setting="source.base_url",
+                    hint="set PF_FHIR_BASE_URL or add a [[sources]] table to pfsync.toml",
+                )
+            names = ", ".join(s.name for s in self.sources)
+            raise ConfigError(f"several sources are configured ({names}): pick one with --source NAME")
+        for src in self.sources:
+            if src.name == name:
+                return src
+        names = ", ".join(s.name for s in self.sources) or "none"
+        raise ConfigError(f"unknown source {name!r} (configured: {names})", setting="--source")
+
+
+# ---------------------------------------------------------------------------------------------
+# The table of settings
+
+
+Parser = Callable[[Any, str], Any]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One setting: where it lives in TOML (`key`), its env names, its flag, default and parser."""
+
+    key: str
+    env: tuple[str, ...]
+    parse: Parser
+    default: Any
+    help: str
+    flag: str | None = None
+    secret: bool = False
+
+    @property
+    def section(self) -> str:
+        return self.key.split(".", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.split(".", 1)[1]
+
+
+def _str(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key} must be a non-empty string", setting=key)
+    return value.strip()
+
+
+def _int(value: Any, key: str) -> int:
+    try:
+        result = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a whole number, got {value!r}", setting=key) from None
+    if result < 0:
+        raise ConfigError(f"{key} must not be negative, got {result}", setting=key)
+    return result
+
+
+def _positive_int(value: Any, key: str) -> int:
+    result = _int(value, key)
+    if result < 1:
+        raise ConfigError(f"{key} must be at least 1, got {result}", setting=key)
+    return result
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """Seconds, from a number or a string like '90', '90s', '15m', '24h', '2d'."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ConfigError(f"{key} must be a duration like 90s, 15m, 24h or 2d, got {value!r}", setting=key)
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{key} must be true or false, got {value!r}", setting=key)
+
+
+def _list(value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, list | tuple):
+        items = [str(v).strip() for v in value]
+    elif isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    else:
+        raise ConfigError(f"{key} must be a list or a comma-separated string", setting=key)
+    return tuple(v for v in items if v)
+
+
+def _types(value: Any, key: str) -> tuple[str, ...]:
+    types = _list(value, key)
+    for t in types:
+        if not re.fullmatch(r"[A-Z][A-Za-z]+", t):
+            raise ConfigError(f"{key}: {t!r} is not a FHIR resource type name", setting=key)
+    if not types:
+        raise ConfigError(f"{key} must name at least one resource type", setting=key)
+    return types
+
+
+def _choice(*choices: str) -> Parser:
+    def parse(value: Any, key: str) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}", setting=key)
+        return text
+
+    return parse
+
+
+def _path(value: Any, key: str) -> Path:
+    return Path(os.path.expanduser(_str(value, key)))
+
+
+def _url(value: Any, key: str) -> str:
+    text = _str(value, key)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{key} must be an http(s) URL, got {text!r}", setting=key)
+    return text
+
+
+def _secret(value: Any, key: str) -> Secret:
+    """A secret given as its value or as a path to a file holding it ("Secrets can be given as
+    file paths"). A value that names an existing file is read from that file."""
+    text = value if isinstance(value, str) else str(value)
+    stripped = text.strip()
+    if not stripped:
+        raise ConfigError(f"{key} is empty", setting=key)
+    if "\n" not in stripped and len(stripped) < 4096:
+        candidate = Path(os.path.expanduser(stripped))
+        try:
+            if candidate.is_file():
+                return Secret(_read_secret_file(candidate, key))
+        except OSError:
+            pass
+    return Secret(stripped)
+
+
+def _read_secret_file(path: Path, key: str) -> str:
+    try:
+        data = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.__class__.__name__}", setting=key) from None
+    if not data:
+        raise ConfigError(f"{key}: file {path} is empty", setting=key)
+    return data
+
+
+SOURCE_TYPES_ENV = ("PF_RESOURCE_TYPES", "PFSYNC_RESOURCE_TYPES")
+
+SPECS: tuple[Spec, ...] = (
+    # --- source (one practice; several with [[sources]] in the TOML file)
+    Spec("source.name", ("PFSYNC_SOURCE_NAME",), _str, "default", "Name of the source (used in state, logs, identifier templates)."),
+    Spec("source.base_url", ("PF_FHIR_BASE_URL",), _url, None, "FHIR base URL of the EHR (one per practice for Practice Fusion).", flag="--source-url"),
+    Spec("source.client_id", ("PF_CLIENT_ID",), _str, None, "Client id registered with the EHR."),
+    Spec("source.client_secret", ("PF_CLIENT_SECRET",), _secret, None, "Client secret for client_secret_basic (value or path to a file).", secret=True),
+    Spec("source.private_key", ("PF_PRIVATE_KEY",), _secret, None, "Private key for private_key_jwt: PEM text, or path to a PEM/JWK/JWKS file.", secret=True),
+    Spec("source.key_id", ("PF_KEY_ID",), _str, None, "kid of the registered public key (taken from a JWK if absent)."),
+    Spec("source.auth_method", ("PFSYNC_AUTH_METHOD",), _choice("auto", "private_key_jwt", "client_secret_basic"), "auto", "How to authenticate to the EHR; auto picks from what is configured."),
+    Spec("source.token_url", ("PFSYNC_TOKEN_URL",), _url, None, "Token endpoint override (default: discovered from .well-known/smart-configuration)."),
+    Spec("source.jku", ("PFSYNC_JKU",), _url, None, "Optional jku header: the registered JWKS URL."),
+    Spec("source.scope_version", ("PFSYNC_SCOPE_VERSION",), _choice("auto", "v1", "v2"), "auto", "SMART scope syntax: v1 system/X.read, v2 system/X.rs; auto reads the server's capabilities."),
+    Spec("source.resource_types", SOURCE_TYPES_ENV, _types, DEFAULT_RESOURCE_TYPES, "Resource types to export and load (comma-separated).", flag="--types"),
+    Spec("source.export_level", ("PFSYNC_EXPORT_LEVEL",), _choice("auto", "group", "patient", "system"), "auto", "Export level; auto = group when groups are set, else patient.", flag="--level"),
+    Spec("source.groups", ("PFSYNC_GROUPS",), _list, (), "Group ids to export (comma-separated).", flag="--group"),
+    Spec("source.type_filter", ("PFSYNC_TYPE_FILTER",), _list, (), "_typeFilter values, e.g. Observation?category=laboratory."),
+    Spec("source.identifier_system", ("PFSYNC_IDENTIFIER_SYSTEM",), _str, DEFAULT_IDENTIFIER_SYSTEM, "Identifier system template; {type}, {type_lower} and {source} are filled in."),
+    Spec("source.download_allowlist", ("PFSYNC_DOWNLOAD_ALLOWLIST",), _list, (), "Extra origins that may receive the bearer token for file downloads."),
+    Spec("source.enabled", ("PFSYNC_SOURCE_ENABLED",), _bool, True, "Whether this source is synced."),
+    # --- Medplum
+    Spec("medplum.base_url", ("MEDPLUM_BASE_URL",), _url, "https://api.medplum.com/", "Medplum server root (FHIR lives under fhir/R4/).", flag="--medplum-url"),
+    Spec("medplum.client_id", ("MEDPLUM_CLIENT_ID",), _str, None, "Medplum ClientApplication id."),
+    Spec("medplum.client_secret", ("MEDPLUM_CLIENT_SECRET",), _secret, None, "Medplum ClientApplication secret (value or path to a file).", secret=True),
+    Spec("medplum.auth", ("PFSYNC_MEDPLUM_AUTH",), _choice("token", "basic"), "token", "token: client_credentials token, cached; basic: HTTP Basic on every FHIR call."),
+    # --- HTTP
+    Spec("http.timeout", ("PFSYNC_HTTP_TIMEOUT",), parse_duration, 60.0, "Timeout of one HTTP request to the EHR."),
+    Spec("http.load_timeout", ("PFSYNC_LOAD_TIMEOUT",), parse_duration, 180.0, "Timeout of one Bundle request to Medplum (large batches take ~50 s)."),
+    Spec("http.retries", ("PFSYNC_HTTP_RETRIES",), _int, 6, "Retries of a request on network errors, 408, 429 and 5xx."),
+    Spec("http.retry_max_wait", ("PFSYNC_RETRY_MAX_WAIT",), parse_duration, 120.0, "Cap on one wait between retries (Retry-After is clamped to it)."),
+    Spec("http.allow_insecure_http", ("PFSYNC_ALLOW_INSECURE_HTTP",), _bool, False, "Allow plain http:// to non-loopback hosts (never needed in production)."),
+    Spec("http.ca_bundle", ("PFSYNC_CA_BUNDLE",), _path, None, "CA bundle for TLS verification (verification itself cannot be turned off)."),
+    # --- export
+    Spec("export.poll_max_wait", ("PFSYNC_POLL_MAX_WAIT",), parse_duration, 300.0, "Cap on one wait between status polls."),
+    Spec("export.deadline", ("PFSYNC_EXPORT_DEADLINE",), parse_duration, 21600.0, "Give up on an export that is not complete after this long."),
+    Spec("export.parallel_downloads", ("PFSYNC_PARALLEL_DOWNLOADS",), _positive_int, 3, "Files downloaded at once."),
+    Spec("export.delete_after_download", ("PFSYNC_DELETE_AFTER_DOWNLOAD",), _bool, True, "DELETE the export job once every file is safely on disk."),
+    Spec("export.max_line_bytes", ("PFSYNC_MAX_LINE_BYTES",), _positive_int, 64 * 1024 * 1024, "Longest NDJSON line accepted."),
+    Spec("export.strict_scopes", ("PFSYNC_STRICT_SCOPES",), _bool, False, "Fail instead of warning when a requested type was not granted."),
+    Spec("export.kickoff_method", ("PFSYNC_KICKOFF_METHOD",), _choice("get", "post"), "get", "Kick-off with GET query parameters or POST Parameters."),
+    Spec("export.since_overlap", ("PFSYNC_SINCE_OVERLAP",), parse_duration, 300.0, "Re-export this much history before the checkpoint (safe: loading is idempotent)."),
+    # --- load
+    Spec("load.bundle_max_bytes", ("PFSYNC_BUNDLE_MAX_BYTES",), _positive_int, 900_000, "Largest synchronous Bundle body (Medplum refuses over 1 MiB)."),
+    Spec("load.bundle_max_entries", ("PFSYNC_BUNDLE_MAX_ENTRIES",), _positive_int, 100, "Most entries per Bundle."),
+    Spec("load.max_concurrency", ("PFSYNC_MAX_CONCURRENCY",), _positive_int, 4, "Upper bound of concurrent Bundles (adapts below it)."),
+    Spec("load.async_batch", ("PFSYNC_ASYNC_BATCH",), _bool, False, "Send large Bundles with Prefer: respond-async (backfills).", flag="--async-batch"),
+    Spec("load.async_max_bytes", ("PFSYNC_ASYNC_MAX_BYTES",), _positive_int, 8 * 1024 * 1024, "Largest async Bundle body."),
+    Spec("load.normalize", ("PFSYNC_NORMALIZE",), _bool, True, "Drop empty strings, nulls and empty arrays/objects that strict Medplum rejects."),
+    Spec("load.deletes", ("PFSYNC_DELETES",), _choice("apply", "ignore", "tag"), "apply", "What to do with the export's deleted entries."),
+    Spec("load.fetch_missing_references", ("PFSYNC_FETCH_MISSING_REFERENCES",), _bool, True, "Fetch referenced resources the export left out (Practitioner, Organization...)."),
+    Spec("load.attachments", ("PFSYNC_ATTACHMENTS",), _bool, True, "Copy attachments that point at the source into Medplum Binary."),
+    Spec("load.attachment_max_bytes", ("PFSYNC_ATTACHMENT_MAX_BYTES",), _positive_int, 50 * 1024 * 1024, "Largest attachment copied."),
+    Spec("load.attachment_content_types", ("PFSYNC_ATTACHMENT_CONTENT_TYPES",), _list, (), "Allowed attachment content types (empty: any)."),
+    # --- sync & scheduling
+    Spec("sync.interval_ms", ("PF_SYNC_INTERVAL_MS",), _positive_int, 86_400_000, "Interval of `pfsync sync --every` when no --every is given, in ms."),
+    Spec("sync.run_on_startup", ("PF_SYNC_RUN_ON_STARTUP",), _bool, True, "With --every: run once at start instead of waiting an interval."),
+    Spec("sync.enabled", ("PF_SYNC_ENABLED",), _bool, True, "Master switch: false makes `pfsync sync` do nothing (and status report it)."),
+    Spec("sync.parallel_sources", ("PFSYNC_PARALLEL_SOURCES",), _positive_int, 1, "Sources synced at once."),
+    Spec("sync.stale_after", ("PFSYNC_STALE_AFTER",), parse_duration, 172_800.0, "status: unhealthy when the last success is older than this."),
+    Spec("sync.adopt_seed_checkpoint", ("PFSYNC_ADOPT_SEED_CHECKPOINT",), _bool, False, "Start from the seed integration's Parameters lastSyncTime in Medplum."),
+    # --- state & output
+    Spec("state.backend", ("PFSYNC_STATE_BACKEND",), _choice("local", "medplum"), "local", "Where checkpoints live: local JSON files or a Basic resource in Medplum."),
+    Spec("state.dir", ("PFSYNC_STATE_DIR",), _path, Path(".pfsync"), "Directory of checkpoints, id maps, exports, quarantine and retry queue.", flag="--state-dir"),
+    Spec("log.format", ("PFSYNC_LOG_FORMAT",), _choice("auto", "human", "json"), "auto", "auto: human on a TTY, JSON lines otherwise.", flag="--log-format"),
+)  # fmt: skip
+
+SPEC_BY_KEY: dict[str, Spec] = {s.key: s for s in SPECS}
+_SECRET_FILE_SUFFIX = "_file"
+
+
+def _hint_for(spec: Spec) -> str:
+    ways = []
+    if spec.flag:
+        ways.append(spec.flag)
+    ways.append(f"the {spec.env[0]} environment variable")
+    ways.append(f"{spec.name} in the [{spec.section}] table of pfsync.toml")
+    return "set it with " + ", ".join(ways)
+
+
+def _toml_value(table: Mapping[str, Any], spec: Spec, where: str) -> Any:
+    """A value from a TOML table, also accepting `<name>_file` for secrets and `<name>_env`."""
+    if spec.name in table:
+        return table[spec.name]
+    if spec.secret and spec.name + _SECRET_FILE_SUFFIX in table:
+        path = Path(os.path.expanduser(str(table[spec.name + _SECRET_FILE_SUFFIX])))
+        return _read_secret_file(path, f"{where}.{spec.name}_file")
+    return None
+
+
+def read_config_file(path: Path | None, *, cwd: Path | None = None) -> tuple[dict[str, Any], Path | None]:
+    """The parsed TOML file: `path` if given (must exist), else ./pfsync.toml if present."""
+    explicit = path is not None
+    if path is None:
+        path = (cwd or Path.cwd()) / DEFAULT_CONFIG_FILE
+        if not path.is_file():
+            return {}, None
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh), path
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist", setting="--config") from None
+        return {}, None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}", setting="--config") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}", setting="--config") from None
+
+
+_KNOWN_SECTIONS = {s.section for s in SPECS} | {"sources"}
+
+
+def load_settings(
+    *,
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_path: Path | None = None,
+    cwd: Path | None = None,
+) -> Settings:
+    """Resolve every setting from flags (keys are Spec.key), env, the TOML file and defaults."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None and v != () and v != []}
+    env = env or {}
+    doc, used_path = read_config_file(config_path, cwd=cwd)
+    unknown = set(doc) - _KNOWN_SECTIONS
+    if unknown:
+        raise ConfigError(
+            f"config file {used_path}: unknown table(s) {', '.join(sorted(unknown))}",
+            setting="--config",
+            hint=f"known tables: {', '.join(sorted(_KNOWN_SECTIONS))}",
+        )
+
+    def resolve(spec: Spec, toml_table: Mapping[str, Any], where: str, use_env: bool = True) -> Any:
+        if spec.key in flags:
+            return spec.parse(flags[spec.key], spec.flag or spec.key)
+        if use_env:
+            for name in spec.env:
+                if env.get(name, "").strip():
+                    return spec.parse(env[name], name)
+        value = _toml_value(toml_table, spec, where)
+        if value is not None:
+            return spec.parse(value, f"{where}.{spec.name}")
+        return spec.default
+
+    sections: dict[str, dict[str, Any]] = {}
+    for spec in SPECS:
+        if spec.section == "source":
+            continue
+        table = doc.get(spec.section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"config file {used_path}: [{spec.section}] must be a table", setting="--config"
+            )
+        sections.setdefault(spec.section, {})[spec.name] = resolve(spec, table, spec.section)
+
+    sources = _resolve_sources(doc, flags, env, resolve, used_path)
+    medplum = MedplumSettings(**sections["medplum"])
+    if not medplum.base_url.endswith("/"):
+        medplum = replace(medplum, base_url=medplum.base_url + "/")
+    http = HttpSettings(**sections["http"])
+    settings = Settings(
+        sources=sources,
+        medplum=medplum,
+        http=http,
+        export=ExportSettings(**sections["export"]),
+        load=LoadSettings(**sections["load"]),
+        sync=SyncSettings(**sections["sync"]),
+        state_backend=sections["state"]["backend"],
+        state_dir=sections["state"]["dir"],
+        log_format=sections["log"]["format"],
+        config_file=used_path,
+    )
+    _validate(settings)
+    return settings
+
+
+def _resolve_sources(
+    doc: Mapping[str, Any],
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+    resolve: Callable[[Spec, Mapping[str, Any], str, bool], Any],
+    used_path: Path | None,
+) -> tuple[SourceSettings, ...]:
+    source_specs = [s for s in SPECS if s.section == "source"]
+    tables = doc.get("sources")
+    if tables is None:
+        single = doc.get("source", {})
+        if not isinstance(single, dict):
+            raise ConfigError(f"config file {used_path}: [source] must be a table", setting="--config")
+        values = {s.name: resolve(s, single, "source", True) for s in source_specs}
+        if values["base_url"] is None:
+            return ()
+        return (_make_source(values),)
+    if "source" in doc:
+        raise ConfigError(
+            f"config file {used_path} has both [source] and [[sources]]",
+            setting="--config",
+            hint="keep one: [[sources]] for several practices, [source] for one",
+        )
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"config file {used_path}: sources must be an array of tables [[sources]]")
+    if env.get("PF_FHIR_BASE_URL", "").strip() or "source.base_url" in flags:
+        raise ConfigError(
+            "PF_FHIR_BASE_URL / --source-url conflicts with the [[sources]] list in the config file",
+            setting="source.base_url",
+            hint="with several sources, set each base_url in its [[sources]] table and unset PF_FHIR_BASE_URL",
+        )
+    result: list[SourceSettings] = []
+    for i, table in enumerate(tables):
+        where = f"sources[{i}]"
+        values = {}
+        for spec in source_specs:
+            # Per-source identity (name, base URL, credentials) comes from the table only; shared
+            # settings (types, scope version, ...) may come from the environment for all sources.
+            per_source = spec.name in ("name", "base_url", "client_id", "client_secret", "private_key", "key_id",
+                                       "groups", "token_url", "jku")  # fmt: skip
+            if spec.name == "name" and "name" not in table:
+                raise ConfigError(f"config file {used_path}: {where} needs a name", setting=f"{where}.name")
+            values[spec.name] = resolve(spec, table, where, not per_source)
+            if per_source and spec.key in flags and spec.name != "groups":
+                values[spec.name] = spec.parse(flags[spec.key], spec.flag or spec.key)
+        if values["base_url"] is None:
+            raise ConfigError(
+                f"config file {used_path}: {where} needs a base_url", setting=f"{where}.base_url"
+            )
+        result.append(_make_source(values))
+    names = [s.name for s in result]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"config file {used_path}: duplicate source name(s): {', '.join(dupes)}")
+    return tuple(result)
+
+
+def _make_source(values: dict[str, Any]) -> SourceSettings:
+    base = values["base_url"].rstrip("/")
+    return SourceSettings(**{**values, "base_url": base})
+
+
+def is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport_url(url: str, setting: str, allow_insecure_http: bool) -> None:
+    """TLS everywhere but loopback: plain http to another host needs an explicit opt-in."""
+    if urlsplit(url).scheme == "http" and not is_loopback(url) and not allow_insecure_http:
+        raise ConfigError(
+            f"{setting} uses plain http to a non-loopback host: {url}",
+            setting=setting,
+            hint="use https (http is only allowed for 127.0.0.1/localhost), or set "
+            "PFSYNC_ALLOW_INSECURE_HTTP=true if you really mean it",
+        )
+
+
+def _validate(settings: Settings) -> None:
+    allow = settings.http.allow_insecure_http
+    check_transport_url(settings.medplum.base_url, "medplum.base_url", allow)
+    for src in settings.sources:
+        check_transport_url(src.base_url, f"source {src.name!r} base_url", allow)
+        if src.token_url:
+            check_transport_url(src.token_url, f"source {src.name!r} token_url", allow)
+        if src.auth_method == "auto" and src.client_secret and src.private_key:
+            raise ConfigError(
+                f"source {src.name!r}: both a client secret and a private key are configured",
+                setting="source.auth_method",
+                hint="choose one with PFSYNC_AUTH_METHOD=private_key_jwt or client_secret_basic",
+            )
+        if src.export_level == "group" and not src.groups:
+            raise ConfigError(
+                f"source {src.name!r}: export level 'group' needs at least one group id",
+                setting="source.groups",
+                hint="set PFSYNC_GROUPS or --group, or use --level patient",
+            )
+    if settings.http.ca_bundle is not None and not settings.http.ca_bundle.is_file():
+        raise ConfigError(
+            f"http.ca_bundle: {settings.http.ca_bundle} is not a file", setting="http.ca_bundle"
+        )
+
+
+def require(value: Any, key: str, context: str) -> Any:
+    """Raise the one clear ConfigError for a setting a command needs but nobody set."""
+    if value is None or value == ():
+        spec = SPEC_BY_KEY[key]
+        raise ConfigError(f"{context} needs {spec.env[0]} ({key})", setting=key, hint=_hint_for(spec))
+    return value
+
+
+def identifier_system(source: SourceSettings, resource_type: str) -> str:
+    """The identifier system that carries a source id for `resource_type` (medplum.md: Ids)."""
+    return source.identifier_system.format(
+        type=resource_type, type_lower=resource_type.lower(), source=source.name
+    )

@@ -127,11 +127,9 @@ def smart_configuration(state: State, base: str) -> dict[str, Any]:
 
 
 def capability_statement(state: State, practice: str, base: str) -> dict[str, Any]:
-    ops = [
-        {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"}
-    ]
+    ops: list[dict[str, Any]] = []
     resources: list[dict[str, Any]] = []
-    for rtype in state.store.types(practice):
+    for rtype in sorted({*state.store.types(practice), "Group"}):  # groups always exist (default ones)
         entry: dict[str, Any] = {"type": rtype, "interaction": [{"code": "read"}, {"code": "search-type"}]}
         if rtype in ("Patient", "Group"):
             kind = "patient" if rtype == "Patient" else "group"

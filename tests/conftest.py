@@ -33,3 +33,8 @@ def shared_dir() -> Path:
 # import mode); star-imports make them visible to every test.
 from source_fixtures import *  # noqa: E402,F403
 from target_fixtures import *  # noqa: E402,F403
+
+
+@pytest.fixture
+def repo_root() -> str:
+    return str(Path(__file__).resolve().parents[1])

@@ -130,13 +130,15 @@ StateDirOpt = Annotated[
 
 
 def not_implemented(ctx: typer.Context, command: str) -> NoReturn:
-    """Commands whose engine has not landed fail loudly, never pretend to succeed."""
+    """Commands whose engine has not landed fail loudly, never pretend to succeed.
+
+    Settings are still resolved first, so a broken config is reported as such (exit 3)."""
     from pfsync.errors import NotImplementedYetError
 
-    fail(
-        NotImplementedYetError(
+    with errors_handled(ctx):
+        build_settings(ctx)
+        raise NotImplementedYetError(
             f"`pfsync {command}` is not implemented yet",
             hint="see the README's status section for what works today",
-        ),
-        state(ctx).verbosity,
-    )
+        )
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -55,8 +55,12 @@ class Response:
     reset_after: int | None = None
 
 
-def json_response(status: int, payload: Any, content_type: str = "application/json; charset=utf-8",
-                  headers: dict[str, str] | None = None) -> Response:
+def json_response(
+    status: int,
+    payload: Any,
+    content_type: str = "application/json; charset=utf-8",
+    headers: dict[str, str] | None = None,
+) -> Response:
     hdrs = {"Content-Type": content_type}
     if headers:
         hdrs.update(headers)
@@ -93,8 +97,15 @@ class _RequestHandler(BaseHTTPRequestHandler):
         try:
             resp = self.server.app(req)
         except Exception as exc:  # a sandbox bug must show up as a 500, not a hung client
-            resp = json_response(500, {"resourceType": "OperationOutcome", "issue": [
-                {"severity": "error", "code": "exception", "diagnostics": f"sandbox error: {exc!r}"}]})
+            resp = json_response(
+                500,
+                {
+                    "resourceType": "OperationOutcome",
+                    "issue": [
+                        {"severity": "error", "code": "exception", "diagnostics": f"sandbox error: {exc!r}"}
+                    ],
+                },
+            )
         self._send(resp)
 
     def _send(self, resp: Response) -> None:

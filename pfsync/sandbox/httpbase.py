@@ -83,7 +83,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         from urllib.parse import unquote
 
-        host, port = self.server.server_address[:2]
+        port = self.server.server_address[1]
         req = Request(
             method=self.command,
             path=unquote(split.path),
@@ -91,7 +91,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             query=parse_qs(split.query, keep_blank_values=True),
             headers={k.lower(): v for k, v in self.headers.items()},
             body=body,
-            base_url=f"http://{host}:{port}",
+            base_url=f"http://{LOOPBACK}:{port}",
             handler=self,
         )
         try:

@@ -117,7 +117,7 @@ class _Gen:
                    "clinicalStatus": _cc("http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "active", "Active"),
                    "code": _cc(SNOMED, code, text), "recordedDate": f"{birth.year + 5}-06-01"}  # fmt: skip
         start = datetime(2015, 1, 1) + timedelta(days=rng.randrange(0, 365))
-        for n in range(12):
+        for n in range(10):
             when = start + timedelta(days=90 * n + rng.randrange(0, 30), hours=rng.randrange(8, 17))
             stamp = when.strftime("%Y-%m-%dT%H:%M:%SZ")
             eid = self.uid()
@@ -131,7 +131,7 @@ class _Gen:
                    "location": [{"location": {"reference": f"Location/{rng.choice(self.locs)}"}}],
                    "serviceProvider": {"reference": f"Organization/{self.orgs[0]}"}}  # fmt: skip
             enc = self.ref("Encounter", eid)
-            for code, text, unit, low, high in VITALS:
+            for code, text, unit, low, high in rng.sample(VITALS, 3):
                 yield self._obs(
                     subject(), enc, stamp, "vital-signs", "Vital Signs", code, text, unit, low, high
                 )

@@ -2,33 +2,86 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from pfsync.cli.app import app
-from pfsync.cli.common import not_implemented
+from pfsync.cli.common import err_console, errors_handled
+from pfsync.errors import UsageError
 
 
 @app.command("sandbox")
 def sandbox(
     ctx: typer.Context,
     data: Annotated[
-        Path | None, typer.Option("--data", help="NDJSON directory to serve [default: generated].")
+        Path | None,
+        typer.Option("--data", help="NDJSON directory to serve [default: generated sample data]."),
     ] = None,
-    source_port: Annotated[int, typer.Option("--source-port", help="Port of the source sandbox.")] = 8710,
-    target_port: Annotated[int, typer.Option("--target-port", help="Port of the target sandbox.")] = 8711,
+    source_port: Annotated[
+        int, typer.Option("--source-port", help="Port of the source sandbox (0: any).")
+    ] = 8710,
+    target_port: Annotated[
+        int, typer.Option("--target-port", help="Port of the target sandbox (0: any).")
+    ] = 8711,
     state: Annotated[
-        Path | None, typer.Option("--state", help="Directory for the target's SQLite state.")
+        Path | None,
+        typer.Option(
+            "--state", help="Directory for the sandboxes' state (kept across restarts) [default: a temp dir]."
+        ),
+    ] = None,
+    env_file: Annotated[
+        Path | None, typer.Option("--env-file", help="Also write the environment to this file (for scripts).")
     ] = None,
 ) -> None:
     """Serve a Practice Fusion-like source and a Medplum-like target on 127.0.0.1 until stopped.
+
+    Prints the environment (PF_FHIR_BASE_URL, PF_CLIENT_ID, MEDPLUM_BASE_URL, ...) that points
+    pfsync at them; the sandboxes' client secrets are written to files in the state directory
+    and the environment names those files, so nothing secret is printed. Stop with Ctrl-C.
 
     Examples:
 
       pfsync sandbox
 
-      pfsync sandbox --data ../shared/fixtures/synthea-small --state /tmp/pfsync-target
+      pfsync sandbox --data ../shared/fixtures/synthea-small --state /tmp/pfsync-sandbox
+
+      eval "$(pfsync sandbox --env-file /tmp/sb.env & sleep 3; cat /tmp/sb.env)"
     """
-    not_implemented(ctx, "sandbox")
+    from pfsync.sandbox.run import env_lines, start_sandboxes
+
+    with errors_handled(ctx):
+        if data is not None and not data.is_dir():
+            raise UsageError(f"--data {data}: not a directory of NDJSON files")
+        boxes = start_sandboxes(data=data, source_port=source_port, target_port=target_port, state_dir=state)
+    lines = env_lines(boxes.env)
+    if env_file is not None:
+        tmp = env_file.with_name(env_file.name + ".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, env_file)
+    typer.echo("# pfsync sandboxes on 127.0.0.1; paste these lines into your shell:")
+    for line in lines:
+        typer.echo(line)
+    console = err_console()
+    console.print(
+        f"source (Practice Fusion-like): {boxes.source.base_url()}\n"
+        f"target (Medplum-like):         {boxes.target.base_url}\n"
+        f"state:                         {boxes.state_dir}\n"
+        "serving until Ctrl-C / SIGTERM",
+        markup=False,
+        highlight=False,
+    )
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        while not stopped.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        boxes.stop()
+        console.print("sandboxes stopped", markup=False)

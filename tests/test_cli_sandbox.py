@@ -1,0 +1,83 @@
+"""`pfsync sandbox` as a user runs it: a real process that serves both sandboxes and prints the env."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def _start(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    env_file = tmp_path / "env"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pfsync", "sandbox", "--source-port", "0", "--target-port", "0",
+         "--state", str(tmp_path / "state"), "--env-file", str(env_file), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not env_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"sandbox did not start: {proc.communicate()}")
+        time.sleep(0.1)
+    env = {}
+    for line in env_file.read_text().splitlines():
+        name, _, value = line.removeprefix("export ").partition("=")
+        env[name] = value.strip("'")
+    return proc, env
+
+
+def test_sandbox_command_serves_both_and_stops_on_sigterm(tmp_path: Path) -> None:
+    proc, env = _start(tmp_path)
+    try:
+        assert set(env) >= {"PF_FHIR_BASE_URL", "PF_CLIENT_ID", "PF_CLIENT_SECRET", "MEDPLUM_BASE_URL"}
+        # Secrets are handed out as file paths (mode 0600), never printed.
+        secret_file = Path(env["PF_CLIENT_SECRET"])
+        assert secret_file.is_file() and (secret_file.stat().st_mode & 0o077) == 0
+        base = env["PF_FHIR_BASE_URL"]
+        assert base.startswith("http://127.0.0.1:")
+        conf = httpx.get(base + "/.well-known/smart-configuration").json()
+        assert conf["token_endpoint"] == base + "/token"
+        token = httpx.post(
+            conf["token_endpoint"],
+            data={"grant_type": "client_credentials", "scope": "system/Patient.rs"},
+            auth=(env["PF_CLIENT_ID"], secret_file.read_text()),
+        )
+        assert token.status_code == 200, token.text
+        mp = env["MEDPLUM_BASE_URL"]
+        mp_token = httpx.post(
+            mp + "oauth2/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": env["MEDPLUM_CLIENT_ID"],
+                "client_secret": Path(env["MEDPLUM_CLIENT_SECRET"]).read_text(),
+            },
+        )
+        assert mp_token.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "sandboxes stopped" in err
+    for secret in (Path(env["PF_CLIENT_SECRET"]).read_text(), Path(env["MEDPLUM_CLIENT_SECRET"]).read_text()):
+        assert secret not in out and secret not in err
+
+
+def test_sandbox_command_rejects_a_missing_data_dir(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pfsync", "sandbox", "--data", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "not a directory" in out.stderr

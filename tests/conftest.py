@@ -12,6 +12,16 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = SHARED / "fixtures"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests (full-size chaos, large fixtures) run only with PFSYNC_SLOW=1; CI runs reduced sizes."""
+    if os.environ.get("PFSYNC_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set PFSYNC_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """No test sees the developer's own PF_*/MEDPLUM_*/PFSYNC_* settings or pfsync.toml."""

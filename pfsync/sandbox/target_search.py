@@ -117,7 +117,8 @@ def matching_ids(store: Store, q: Query) -> list[str]:
     result: list[str] | None = None
     for tokens in q.identifier:
         ids = store.ids_by_identifier(q.rtype, tokens)
-        result = ids if result is None else [i for i in result if i in set(ids)]
+        keep = set(ids)
+        result = ids if result is None else [i for i in result if i in keep]
     for id_list in q.ids:
         if result is None:
             found: list[str] = []

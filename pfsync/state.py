@@ -197,9 +197,10 @@ class Holder:
     pid: int
     host: str
     started: str
+    text: str | None = None  # a lease names its holder as text (the pod may be anywhere)
 
     def describe(self) -> str:
-        return f"pid {self.pid} on {self.host} since {self.started}"
+        return self.text or f"pid {self.pid} on {self.host} since {self.started}"
 
     @classmethod
     def me(cls, now: float | None = None) -> Holder:

@@ -163,7 +163,7 @@ class MedplumStateStore:
         lease = current.lease
         if lease is None or lease_expired(lease, self.clock.now()):
             return None
-        return Holder(0, lease.holder, lease.expires)
+        return Holder(0, "", lease.expires, text=f"{lease.holder} (lease until {lease.expires})")
 
     def lease_of(self, source: str) -> str | None:
         """`holder (until expiry)` text for status, or None."""

@@ -1,0 +1,39 @@
+"""Target sandbox against the recorded Medplum transcripts: the shared replay tool must report every
+compared case as a match, quota cases included (medplum.md: the transcripts are the truth)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from pfsync.sandbox.target import TargetSandbox
+from target_fixtures import QUOTA_CLIENT, QUOTA_SECRET, TARGET_CLIENT, TARGET_SECRET
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TOOL = SHARED / "tools" / "replay_transcripts.py"
+TRANSCRIPTS = SHARED / "fixtures" / "transcripts" / "medplum"
+
+
+def _replay(target: TargetSandbox, *extra: str) -> dict:  # type: ignore[type-arg]
+    cmd = [sys.executable, str(TOOL), str(TRANSCRIPTS), target.base_url, TARGET_CLIENT, TARGET_SECRET,
+           "--json", "--timeout", "60", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    report = json.loads(proc.stdout)
+    mismatches = [(c["case"], c["name"], c["detail"]) for c in report["cases"] if c["result"] == "mismatch"]
+    assert mismatches == [], proc.stderr
+    assert proc.returncode == 0
+    return report
+
+
+def test_target_replays_every_transcript_including_quota(target: TargetSandbox) -> None:
+    # `target` resets the quota windows, so the tool finds the stock-quota client's window fresh.
+    report = _replay(target, "--quota-client", QUOTA_CLIENT, QUOTA_SECRET)
+    assert report["skipped"] == 0
+    assert report["matched"] == report["compared"] == 42
+
+
+def test_target_replays_non_quota_transcripts(target: TargetSandbox) -> None:
+    report = _replay(target)
+    assert report["matched"] == report["compared"] == 40

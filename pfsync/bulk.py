@@ -1,0 +1,428 @@
+"""Bulk Data protocol client: kick-off, status polling and the server's manifest (bulk-data.md).
+
+Stateless functions over an injected `httpx.Client`, an `httpx.Auth` and a `Clock`: the
+export directory (pfsync.exportjob), downloads (pfsync.download) and orchestration
+(pfsync.export) sit on top. Every request decides per URL whether credentials go with it
+(`Origins`): the token is only ever sent to the source's own origin or an explicit allowlist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+import orjson
+
+from pfsync.errors import AuthError, ExportError, HTTPError, InterruptedRunError
+from pfsync.events import EventSink
+from pfsync.http import Clock, RetryPolicy, outcome_text, parse_retry_after
+from pfsync.redact import redact
+from pfsync.settings import ExportSettings, SourceSettings
+
+log = logging.getLogger("pfsync.export")
+
+# transcripts/bulk-data-server 30: the reference server compares Accept as a plain string.
+KICKOFF_ACCEPT = "application/fhir+json"
+NDJSON_FORMAT = "application/fhir+ndjson"
+Level = Literal["system", "patient", "group"]
+Kind = Literal["output", "error", "deleted"]
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What to export. `types` empty = every type the server has; `since` is a FHIR instant."""
+
+    level: Level = "patient"
+    group_id: str | None = None
+    types: tuple[str, ...] = ()
+    since: str | None = None
+    type_filters: tuple[str, ...] = ()
+    output_format: str = NDJSON_FORMAT
+    method: Literal["get", "post"] = "get"
+
+    def __post_init__(self) -> None:
+        if (self.level == "group") != (self.group_id is not None):
+            raise ValueError("group_id is required for, and only for, level 'group'")
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["types"], data["type_filters"] = list(self.types), list(self.type_filters)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExportRequest:
+        return cls(**{**data, "types": tuple(data["types"]), "type_filters": tuple(data["type_filters"])})
+
+    def fingerprint(self) -> str:
+        """A short stable id of the request: callers name export directories with it."""
+        return hashlib.sha256(orjson.dumps(self.to_json(), option=orjson.OPT_SORT_KEYS)).hexdigest()[:12]
+
+
+def requests_for(
+    source: SourceSettings,
+    settings: ExportSettings,
+    *,
+    since: str | None = None,
+    types: Sequence[str] | None = None,
+) -> list[ExportRequest]:
+    """One ExportRequest per group (or one for patient/system level) from the source's settings.
+
+    practice-fusion.md "Bulk export": PF documents Patient and Group level only, so "auto" is
+    group when groups are configured, else patient.
+    """
+    level = source.export_level
+    if level == "auto":
+        level = "group" if source.groups else "patient"
+    common: dict[str, Any] = {
+        "types": tuple(types if types is not None else source.resource_types),
+        "since": since,
+        "type_filters": tuple(source.type_filter),
+        "method": settings.kickoff_method,
+    }
+    if level == "group":
+        if not source.groups:
+            raise ExportError(f"source {source.name!r}: export level 'group' needs at least one group id")
+        return [ExportRequest(level="group", group_id=g, **common) for g in source.groups]
+    return [ExportRequest(level=level, **common)]
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    kind: Kind
+    type: str
+    url: str
+    count: int | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One page of a completion manifest. `next_url`: the `link` next page (partial manifests)."""
+
+    transaction_time: str
+    request: str
+    requires_access_token: bool
+    files: tuple[ManifestFile, ...]
+    next_url: str | None = None
+
+
+def parse_manifest(body: Any, page_url: str) -> Manifest:
+    """Validate a manifest body; relative URLs are resolved against the page's URL."""
+    if not isinstance(body, dict) or not isinstance(body.get("transactionTime"), str):
+        raise ExportError(f"the export manifest at {redact(page_url)} has no transactionTime")
+    files: list[ManifestFile] = []
+    kinds: tuple[Kind, ...] = ("output", "error", "deleted")
+    for kind in kinds:
+        entries = body.get(kind) or []
+        if not isinstance(entries, list):
+            raise ExportError(f"the export manifest's {kind} is not a list")
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
+                raise ExportError(f"the export manifest has a {kind} entry without a url: {entry!r:.200}")
+            count = entry.get("count")
+            rtype = entry.get("type") or ("OperationOutcome" if kind == "error" else "Bundle")
+            url = urljoin(page_url, entry["url"])
+            files.append(ManifestFile(kind, str(rtype), url, count if isinstance(count, int) else None))
+    next_url = None
+    for link in body.get("link") or []:
+        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+            next_url = urljoin(page_url, link["url"])
+    return Manifest(
+        transaction_time=body["transactionTime"],
+        request=str(body.get("request", "")),
+        # Bulk Data IG: requiresAccessToken false means the URLs are usable without a token.
+        requires_access_token=body.get("requiresAccessToken") is not False,
+        files=tuple(files),
+        next_url=next_url,
+    )
+
+
+def origin(url: str) -> str:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
+class Origins:
+    """Which URLs may receive credentials: the source's origin plus `source.download_allowlist`.
+
+    bulk-data.md "Download": signed storage URLs must never receive the token (it leaks it and
+    can break the signature). BearerAuth checks origins too; this is the first of two layers.
+    """
+
+    def __init__(self, base_url: str, extra: Iterable[str] = ()) -> None:
+        self.allowed = frozenset(origin(u) for u in (base_url, *extra))
+
+    def auth_for(self, url: str, auth: httpx.Auth | None) -> httpx.Auth | None:
+        return auth if origin(url) in self.allowed else None
+
+
+class JobExpired(ExportError):
+    """The saved status URL answered 404/410: the server forgot the job; start a new one."""
+
+
+def export_id(status_url: str) -> str:
+    return urlsplit(status_url).path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def wait(clock: Clock, seconds: float, stop: threading.Event | None) -> None:
+    """Sleep in short slices so Ctrl-C / SIGTERM (the `stop` event) cuts a long wait short."""
+    deadline = clock.now() + seconds
+    while True:
+        if stop is not None and stop.is_set():
+            raise InterruptedRunError("export interrupted; the job is saved and the next run resumes it")
+        left = deadline - clock.now()
+        if left <= 0:
+            return
+        clock.sleep(min(left, 0.5))
+
+
+def _outcome_codes(response: httpx.Response) -> tuple[bool, set[str]]:
+    """(is the body an OperationOutcome, its issue codes)."""
+    try:
+        body = orjson.loads(response.content) if response.content else None
+    except orjson.JSONDecodeError:
+        return False, set()
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return False, set()
+    return True, {str(i.get("code")) for i in body.get("issue") or [] if isinstance(i, dict)}
+
+
+def is_temporary(response: httpx.Response) -> bool:
+    """bulk-data.md: a 4xx/5xx OperationOutcome means failed, except 429, gateway errors and a
+    500 whose issue code is `transient` (transcript 50), or a 5xx that is not FHIR at all (a proxy)."""
+    status = response.status_code
+    if status in (408, 429, 502, 503, 504):
+        return True
+    if status >= 500:
+        is_outcome, codes = _outcome_codes(response)
+        return "transient" in codes or not is_outcome
+    return False
+
+
+def _http_error(response: httpx.Response, what: str) -> HTTPError:
+    text = outcome_text(response)
+    req = response.request
+    return HTTPError(
+        f"{what}: {req.method} {redact(str(req.url))} answered {response.status_code}"
+        + (f": {text}" if text else ""),
+        method=req.method,
+        url=str(req.url),
+        status=response.status_code,
+        outcome=text,
+    )
+
+
+def _fail(response: httpx.Response, what: str) -> ExportError | AuthError:
+    text = outcome_text(response) or f"HTTP {response.status_code}"
+    url = redact(str(response.request.url))
+    if response.status_code in (401, 403):
+        return AuthError(f"{what} refused ({response.status_code}) at {url}: {text}")
+    return ExportError(f"{what} failed ({response.status_code}) at {url}: {text}")
+
+
+def _send(
+    client: httpx.Client,
+    request: httpx.Request,
+    auth: httpx.Auth | None,
+    *,
+    policy: RetryPolicy,
+    clock: Clock,
+    stop: threading.Event | None,
+    what: str,
+    max_wait: float,
+    events: EventSink | None = None,
+    event_detail: dict[str, Any] | None = None,
+) -> httpx.Response:
+    """Send with bounded retries of network errors and temporary statuses (Retry-After honoured,
+    clamped to `max_wait`). Returns the final response, which may be a non-temporary error."""
+    attempt = 0
+    while True:
+        try:
+            response = client.send(request, auth=auth)
+        except httpx.TransportError as exc:
+            attempt += 1
+            if attempt > policy.retries:
+                raise HTTPError(
+                    f"{what}: {request.method} {redact(str(request.url))} failed after {policy.retries} "
+                    f"retries: {exc.__class__.__name__}",
+                    method=request.method,
+                    url=str(request.url),
+                ) from None
+            wait(clock, policy.backoff(attempt), stop)
+            continue
+        if not is_temporary(response):
+            return response
+        attempt += 1
+        if attempt > policy.retries:
+            raise _http_error(response, f"{what} still failing after {policy.retries} retries")
+        hinted = parse_retry_after(response.headers.get("Retry-After"), clock.now())
+        delay = min(max_wait, hinted) if hinted is not None else policy.backoff(attempt)
+        if events is not None:
+            events.emit(
+                "status_error",
+                **(event_detail or {}),
+                status=response.status_code,
+                message=outcome_text(response) or "",
+                retryIn=round(delay, 3),
+            )
+        log.info("%s answered %s; retrying in %.1fs", what, response.status_code, delay)
+        wait(clock, delay, stop)
+
+
+def build_kickoff(base_url: str, request: ExportRequest) -> tuple[str, str, dict[str, Any]]:
+    """(method, URL, httpx keyword arguments) of the kick-off request (bulk-data.md "Kick-off")."""
+    path = {"system": "/$export", "patient": "/Patient/$export"}.get(request.level)
+    if path is None:
+        path = f"/Group/{request.group_id}/$export"
+    url = base_url.rstrip("/") + path
+    headers = {"Accept": KICKOFF_ACCEPT, "Prefer": "respond-async"}
+    params: list[tuple[str, str]] = [("_outputFormat", request.output_format)]
+    if request.types:
+        params.append(("_type", ",".join(request.types)))  # one value: some servers refuse repeats
+    if request.since:
+        params.append(("_since", request.since))
+    params += [("_typeFilter", f) for f in request.type_filters]
+    if request.method == "get":
+        return "GET", url, {"headers": headers, "params": params}
+    value_kind = {"_since": "valueInstant"}
+    body = {
+        "resourceType": "Parameters",
+        "parameter": [{"name": k, value_kind.get(k, "valueString"): v} for k, v in params],
+    }
+    headers["Content-Type"] = "application/fhir+json"
+    return "POST", url, {"headers": headers, "content": orjson.dumps(body)}
+
+
+def kickoff(
+    client: httpx.Client,
+    auth: httpx.Auth | None,
+    base_url: str,
+    request: ExportRequest,
+    *,
+    policy: RetryPolicy,
+    clock: Clock,
+    stop: threading.Event | None = None,
+) -> str:
+    """Start an export; returns the absolute status URL. 429 waits and retries; a refusal raises
+    ExportError (AuthError for 401/403) with the server's OperationOutcome text."""
+    method, url, kwargs = build_kickoff(base_url, request)
+    req = client.build_request(method, url, **kwargs)
+    response = _send(client, req, auth, policy=policy, clock=clock, stop=stop, what="export kick-off",
+                     max_wait=policy.max_wait)  # fmt: skip
+    if response.status_code != 202:
+        if response.is_success:
+            raise ExportError(
+                f"export kick-off at {redact(url)} answered {response.status_code} instead of 202 Accepted",
+                hint="the server may not support asynchronous Bulk Data export at this level",
+            )
+        raise _fail(response, "export kick-off")
+    location = response.headers.get("Content-Location")
+    if not location:
+        raise ExportError(f"export kick-off at {redact(url)} answered 202 without a Content-Location")
+    return urljoin(str(response.request.url), str(location))
+
+
+@dataclass
+class Poller:
+    """Polls one status (or manifest page) URL until it completes (bulk-data.md "Status polling")."""
+
+    client: httpx.Client
+    auth: httpx.Auth | None
+    settings: ExportSettings
+    policy: RetryPolicy
+    clock: Clock
+    events: EventSink
+    stop: threading.Event | None = None
+    first_wait: float = 1.0
+    growth: float = 1.5
+
+    def poll(self, url: str, *, deadline_at: float) -> Manifest:
+        """The manifest page at `url`. Raises JobExpired on 404/410, ExportError when the export
+        failed or the deadline passed (the job stays saved), TemporaryError past retries."""
+        eid = export_id(url)
+        delay = self.first_wait
+        polls = 0
+        while True:
+            req = self.client.build_request("GET", url, headers={"Accept": "application/json"})
+            response = _send(self.client, req, self.auth, policy=self.policy, clock=self.clock,
+                             stop=self.stop, what="export status", max_wait=self.settings.poll_max_wait,
+                             events=self.events, event_detail={"exportId": eid})  # fmt: skip
+            polls += 1
+            status = response.status_code
+            if status == 200:
+                try:
+                    body = orjson.loads(response.content)
+                except orjson.JSONDecodeError:
+                    raise ExportError(f"the export manifest at {redact(url)} is not JSON") from None
+                return parse_manifest(body, str(response.request.url))
+            if status in (404, 410):
+                raise JobExpired(
+                    f"the export job at {redact(url)} is gone ({status}): it expired or was deleted"
+                )
+            if status != 202:
+                self.events.emit("status_error", exportId=eid, status=status,
+                                 message=outcome_text(response) or "")  # fmt: skip
+                raise _fail(response, "bulk export")
+            hinted = parse_retry_after(response.headers.get("Retry-After"), self.clock.now())
+            if hinted is not None:
+                pause = min(self.settings.poll_max_wait, max(hinted, 0.1))
+            else:  # practice-fusion.md: PF sends no Retry-After, so back off progressively
+                pause = min(self.settings.poll_max_wait, delay)
+                delay *= self.growth
+            self.events.emit("status_progress", exportId=eid, progress=response.headers.get("X-Progress", ""),
+                             polls=polls, retryIn=round(pause, 3))  # fmt: skip
+            if self.clock.now() + pause > deadline_at:
+                raise ExportError(
+                    f"the export at {redact(url)} did not complete before the deadline "
+                    f"({self.settings.deadline:.0f}s, export.deadline)",
+                    hint="the job is saved: run the same command again to keep waiting for it",
+                )
+            wait(self.clock, pause, self.stop)
+
+
+def delete_job(
+    client: httpx.Client, auth: httpx.Auth | None, status_url: str, *, policy: RetryPolicy, clock: Clock
+) -> bool:
+    """DELETE the job (cancel, or clean up after download). True if the server accepted it;
+    404/410 (already gone) is False, not an error."""
+    req = client.build_request("DELETE", status_url, headers={"Accept": "application/json"})
+    response = _send(client, req, auth, policy=policy, clock=clock, stop=None, what="export delete",
+                     max_wait=policy.max_wait)  # fmt: skip
+    if response.status_code in (404, 410):
+        return False
+    if not response.is_success:
+        raise _fail(response, "export delete")
+    return True
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One OperationOutcome issue from an `error` file."""
+
+    severity: str
+    code: str
+    text: str
+
+    @property
+    def fatal(self) -> bool:
+        # bulk-data.md "Download": fatal/error fail the export; warning/information are reported.
+        return self.severity in ("fatal", "error")
+
+
+def issues_of(outcome: Any) -> list[Issue]:
+    if not isinstance(outcome, dict) or outcome.get("resourceType") != "OperationOutcome":
+        return [Issue("error", "invalid", f"not an OperationOutcome: {str(outcome)[:200]}")]
+    found = []
+    for issue in outcome.get("issue") or []:
+        if isinstance(issue, dict):
+            text = (issue.get("details") or {}).get("text") or issue.get("diagnostics") or ""
+            found.append(
+                Issue(str(issue.get("severity", "error")), str(issue.get("code", "")), redact(str(text)))
+            )
+    return found

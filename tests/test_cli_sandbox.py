@@ -81,3 +81,21 @@ def test_sandbox_command_rejects_a_missing_data_dir(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert "not a directory" in out.stderr
+
+
+def test_source_sandbox_restart_on_kept_state_keeps_changes_and_deletions(tmp_path: Path) -> None:
+    from pfsync.sandbox.source import SourceSandbox
+
+    first = SourceSandbox(state_dir=tmp_path / "src").start()
+    try:
+        patients = first.state.store.patient_ids(first.practices[0])
+        assert first.delete("Patient", patients[0])
+        port = int(first.server_url.rsplit(":", 1)[1])
+    finally:
+        first.stop()
+    again = SourceSandbox(state_dir=tmp_path / "src", port=port).start()
+    try:
+        assert patients[0] not in again.state.store.patient_ids(again.practices[0])
+        assert patients[1] in again.state.store.patient_ids(again.practices[0])
+    finally:
+        again.stop()

@@ -53,6 +53,9 @@ class Response:
     body: bytes | Iterable[bytes] = b""
     # Set by a fault: close the socket after sending this many body bytes (connection reset).
     reset_after: int | None = None
+    # Length of a streamed (iterator) body, sent as Content-Length instead of chunked encoding,
+    # so clients can see a file's size and detect a short read.
+    length: int | None = None
 
 
 def json_response(
@@ -116,7 +119,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             length: int | None = len(data)
         else:
             chunks = iter(resp.body)
-            length = None
+            length = resp.length
         self.send_response(resp.status)
         for name, value in resp.headers.items():
             self.send_header(name, value)

@@ -127,10 +127,14 @@ class SourceSandbox:
                 source = self.data_dir / practice
             elif self.data_dir is not None and index == 0:
                 source = self.data_dir
-            if source is not None:
+            if source is not None and (source / "attachments").is_dir():
+                state.attachments_dir = source / "attachments"
+            if state.store.types(practice):
+                # A restart on a kept state dir serves what the store holds, changes and deletions
+                # included; reloading the data dir would revert them (chaos tests restart us).
+                pass
+            elif source is not None:
                 state.store.load_dir(practice, source, base)
-                if (source / "attachments").is_dir():
-                    state.attachments_dir = source / "attachments"
             else:
                 state.store.load_lines(practice, datagen.iter_lines(SAMPLE_PATIENTS, seed=1000 + index), base)
             self._default_groups(practice)

@@ -273,7 +273,8 @@ def serve_file(state: State, req: Request, job: Job | None, folder: str, n: str)
     reset_after = None
     if reset is not None:
         reset_after = int(reset.get("after_bytes") or max(1, (end - start + 1) // 2))
-    return Response(status, headers, _stream(path, start, end - start + 1), reset_after=reset_after)
+    length = end - start + 1
+    return Response(status, headers, _stream(path, start, length), reset_after=reset_after, length=length)
 
 
 def _stream(path: Path, start: int, length: int) -> Iterator[bytes]:

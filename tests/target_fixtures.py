@@ -83,7 +83,9 @@ def target_token(sandbox: TargetSandbox, client_id: str = TARGET_CLIENT, secret:
     return str(r.json()["access_token"])
 
 
-def fhir_client(sandbox: TargetSandbox, client_id: str = TARGET_CLIENT, secret: str = TARGET_SECRET) -> httpx.Client:
+def fhir_client(
+    sandbox: TargetSandbox, client_id: str = TARGET_CLIENT, secret: str = TARGET_SECRET
+) -> httpx.Client:
     token = target_token(sandbox, client_id, secret)
     return httpx.Client(
         base_url=sandbox.fhir_url,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from pfsync.sandbox.target import TargetSandbox
 from target_fixtures import MRN, batch, conditional_put_entry, fhir_client, patient
+
+from pfsync.sandbox.target import TargetSandbox
 
 
 def _statuses(bundle: dict) -> list[str]:  # type: ignore[type-arg]
@@ -27,8 +28,10 @@ def test_target_batch_conditional_puts_create_then_noop(target: TargetSandbox) -
 
 
 def test_target_batch_duplicate_identity_fails_second_entry(target: TargetSandbox) -> None:
-    body = batch(conditional_put_entry(patient("dup", given="First")),
-                 conditional_put_entry(patient("dup", given="Second")))
+    body = batch(
+        conditional_put_entry(patient("dup", given="First")),
+        conditional_put_entry(patient("dup", given="Second")),
+    )
     with fhir_client(target) as c:
         r = c.post("", json=body).json()
     assert _statuses(r) == ["201", "400"]
@@ -42,7 +45,9 @@ def test_target_batch_multiple_matches_is_entry_400(target: TargetSandbox) -> No
     with fhir_client(target) as c:
         c.post("Patient", json=patient("multi"))
         c.post("Patient", json=patient("multi"))
-        r = c.post("", json=batch(conditional_put_entry(patient("multi")), conditional_put_entry(patient("ok"))))
+        r = c.post(
+            "", json=batch(conditional_put_entry(patient("multi")), conditional_put_entry(patient("ok")))
+        )
     assert r.status_code == 200 and _statuses(r.json()) == ["400", "201"]
     issue = r.json()["entry"][0]["response"]["outcome"]["issue"][0]
     assert issue["details"]["text"] == "Conditional PUT matched multiple resources"
@@ -50,19 +55,29 @@ def test_target_batch_multiple_matches_is_entry_400(target: TargetSandbox) -> No
 
 
 def test_target_batch_invalid_entry_does_not_stop_siblings(target: TargetSandbox) -> None:
-    body = batch(conditional_put_entry(patient("ok1")), conditional_put_entry(patient("bad", foo="bar")),
-                 conditional_put_entry(patient("ok2")))
+    body = batch(
+        conditional_put_entry(patient("ok1")),
+        conditional_put_entry(patient("bad", foo="bar")),
+        conditional_put_entry(patient("ok2")),
+    )
     with fhir_client(target) as c:
         r = c.post("", json=body).json()
     assert _statuses(r) == ["201", "400", "201"]
-    assert r["entry"][1]["response"]["outcome"]["issue"][0]["details"]["text"] == 'Invalid additional property "foo"'
+    assert (
+        r["entry"][1]["response"]["outcome"]["issue"][0]["details"]["text"]
+        == 'Invalid additional property "foo"'
+    )
     assert "resource" not in r["entry"][1]
 
 
 def test_target_batch_runs_posts_before_puts_but_answers_in_request_order(target: TargetSandbox) -> None:
     post = lambda v: {"resource": patient(v), "request": {"method": "POST", "url": "Patient"}}  # noqa: E731
-    body = batch(conditional_put_entry(patient("put1")), post("post1"), conditional_put_entry(patient("put2")),
-                 post("post2"))
+    body = batch(
+        conditional_put_entry(patient("put1")),
+        post("post1"),
+        conditional_put_entry(patient("put2")),
+        post("post2"),
+    )
     with fhir_client(target) as c:
         r = c.post("", json=body).json()
     values = [e["resource"]["identifier"][0]["value"] for e in r["entry"]]
@@ -72,8 +87,11 @@ def test_target_batch_runs_posts_before_puts_but_answers_in_request_order(target
 
 
 def test_target_transaction_is_processed_like_a_batch(target: TargetSandbox) -> None:
-    body = batch(conditional_put_entry(patient("t1")), conditional_put_entry(patient("t1", given="x", foo=1)),
-                 type_="transaction")
+    body = batch(
+        conditional_put_entry(patient("t1")),
+        conditional_put_entry(patient("t1", given="x", foo=1)),
+        type_="transaction",
+    )
     with fhir_client(target) as c:
         r = c.post("", json=body).json()
     assert r["type"] == "transaction-response" and _statuses(r) == ["201", "400"]
@@ -82,8 +100,10 @@ def test_target_transaction_is_processed_like_a_batch(target: TargetSandbox) -> 
 def test_target_batch_rewrites_urn_uuid_references(target: TargetSandbox) -> None:
     urn = f"urn:uuid:{uuid.uuid4()}"
     cond = {"resourceType": "Condition", "subject": {"reference": urn}, "code": {"text": "x"}}
-    body = batch({"fullUrl": urn, **conditional_put_entry(patient("urn"))},
-                 {"resource": cond, "request": {"method": "POST", "url": "Condition"}})
+    body = batch(
+        {"fullUrl": urn, **conditional_put_entry(patient("urn"))},
+        {"resource": cond, "request": {"method": "POST", "url": "Condition"}},
+    )
     with fhir_client(target) as c:
         r = c.post("", json=body).json()
     assert _statuses(r) == ["201", "201"]
@@ -91,10 +111,17 @@ def test_target_batch_rewrites_urn_uuid_references(target: TargetSandbox) -> Non
 
 
 def test_target_batch_conditional_reference_resolves_in_put_order_not_post(target: TargetSandbox) -> None:
-    cond = {"resourceType": "Condition", "subject": {"reference": f"Patient?identifier={MRN}|cr"},
-            "code": {"text": "x"}, "identifier": [{"system": MRN, "value": "cond-cr"}]}
-    body = batch(conditional_put_entry(patient("cr")), conditional_put_entry(cond),
-                 {"resource": cond, "request": {"method": "POST", "url": "Condition"}})
+    cond = {
+        "resourceType": "Condition",
+        "subject": {"reference": f"Patient?identifier={MRN}|cr"},
+        "code": {"text": "x"},
+        "identifier": [{"system": MRN, "value": "cond-cr"}],
+    }
+    body = batch(
+        conditional_put_entry(patient("cr")),
+        conditional_put_entry(cond),
+        {"resource": cond, "request": {"method": "POST", "url": "Condition"}},
+    )
     with fhir_client(target) as c:
         r = c.post("", json=body).json()
     # medplum.md: PUTs run in request order so the PUT Condition resolves; the POST ran first and fails
@@ -105,7 +132,9 @@ def test_target_batch_conditional_reference_resolves_in_put_order_not_post(targe
 def test_target_batch_conflict_fault_gives_409_entries(target: TargetSandbox) -> None:
     target.faults.set_conflicts(1.0)
     with fhir_client(target) as c:
-        r = c.post("", json=batch(conditional_put_entry(patient("c1")), conditional_put_entry(patient("c2")))).json()
+        r = c.post(
+            "", json=batch(conditional_put_entry(patient("c1")), conditional_put_entry(patient("c2")))
+        ).json()
     assert _statuses(r) == ["409", "409"]
     oo = r["entry"][0]["response"]["outcome"]
     assert oo["id"] == "conflict"

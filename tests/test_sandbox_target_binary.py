@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 
 import httpx
+from target_fixtures import batch, conditional_put_entry, fhir_client, patient
 
 from pfsync.sandbox.target import TargetSandbox
-from target_fixtures import batch, conditional_put_entry, fhir_client, patient
 
 PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
 
@@ -28,8 +28,11 @@ def test_target_binary_upload_raw_and_fhir_reads(target: TargetSandbox) -> None:
 def test_target_documentreference_attachment_is_presigned_and_served(target: TargetSandbox) -> None:
     with fhir_client(target) as c:
         bid = c.post("Binary", content=PDF, headers={"Content-Type": "application/pdf"}).json()["id"]
-        doc = {"resourceType": "DocumentReference", "status": "current",
-               "content": [{"attachment": {"contentType": "application/pdf", "url": f"Binary/{bid}"}}]}
+        doc = {
+            "resourceType": "DocumentReference",
+            "status": "current",
+            "content": [{"attachment": {"contentType": "application/pdf", "url": f"Binary/{bid}"}}],
+        }
         created = c.post("DocumentReference", json=doc).json()
         read = c.get(f"DocumentReference/{created['id']}").json()
         # the stored url stays Binary/<id>: re-sending the same document is a no-op
@@ -49,7 +52,11 @@ def test_target_body_over_limit_is_400_file_too_large(target: TargetSandbox) -> 
         r = c.post("", json=body)
         small = c.post("", json=batch(conditional_put_entry(patient("small"))))
     assert r.status_code == 400
-    assert r.json()["issue"][0] == {"severity": "error", "code": "invalid", "details": {"text": "File too large"}}
+    assert r.json()["issue"][0] == {
+        "severity": "error",
+        "code": "invalid",
+        "details": {"text": "File too large"},
+    }
     assert small.status_code == 200 and target.count("Patient") == 1
 
 
@@ -81,7 +88,11 @@ def test_target_async_batch_job_and_result_binary(target: TargetSandbox) -> None
         done = _poll(c, status_url)
         ref = done.json()["output"]["parameter"][0]["valueReference"]["reference"]
         result = c.get(ref, headers={"Accept": "*/*"}).json()
-    assert r.status_code == 202 and status_url.startswith(f"{target.fhir_url}job/") and status_url.endswith("/status")
+    assert (
+        r.status_code == 202
+        and status_url.startswith(f"{target.fhir_url}job/")
+        and status_url.endswith("/status")
+    )
     assert r.json()["issue"][0]["diagnostics"] == status_url
     assert done.status_code == 200 and done.json()["status"] == "completed"
     assert ref.startswith("Binary/")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import uuid
 
-from pfsync.sandbox.target import TargetSandbox
 from target_fixtures import MRN, fhir_client, patient
+
+from pfsync.sandbox.target import TargetSandbox
 
 
 def test_target_conditional_put_creates_then_noop_then_updates(target: TargetSandbox) -> None:
@@ -38,7 +39,9 @@ def test_target_noop_ignores_foreign_meta_version_and_timestamp(target: TargetSa
 
 
 def test_target_post_ignores_body_id_and_overwrites_meta(target: TargetSandbox) -> None:
-    body = patient("post-1", id="not-kept", meta={"versionId": "42", "lastUpdated": "2001-02-03T04:05:06.000Z"})
+    body = patient(
+        "post-1", id="not-kept", meta={"versionId": "42", "lastUpdated": "2001-02-03T04:05:06.000Z"}
+    )
     with fhir_client(target) as c:
         r = c.post("Patient", json=body)
     assert r.status_code == 201
@@ -51,7 +54,9 @@ def test_target_conditional_put_with_body_id_and_no_match_is_400(target: TargetS
     with fhir_client(target) as c:
         r = c.put(f"Patient?identifier={MRN}|id-1", json=patient("id-1", id=str(uuid.uuid4())))
     assert r.status_code == 400
-    assert r.json()["issue"][0]["details"]["text"] == "Cannot perform create as update with client-assigned ID"
+    assert (
+        r.json()["issue"][0]["details"]["text"] == "Cannot perform create as update with client-assigned ID"
+    )
     assert target.count("Patient") == 0
 
 
@@ -136,15 +141,23 @@ def test_target_history_is_newest_first_with_request_urls(target: TargetSandbox)
 def test_target_conditional_reference_is_resolved_with_display(target: TargetSandbox) -> None:
     with fhir_client(target) as c:
         pid = c.post("Patient", json=patient("cref")).json()["id"]
-        cond = {"resourceType": "Condition", "subject": {"reference": f"Patient?identifier={MRN}|cref"},
-                "code": {"text": "Example condition"}}
+        cond = {
+            "resourceType": "Condition",
+            "subject": {"reference": f"Patient?identifier={MRN}|cref"},
+            "code": {"text": "Example condition"},
+        }
         r = c.post("Condition", json=cond)
-        missing = c.post("Condition", json={**cond, "subject": {"reference": f"Patient?identifier={MRN}|nope"}})
+        missing = c.post(
+            "Condition", json={**cond, "subject": {"reference": f"Patient?identifier={MRN}|nope"}}
+        )
     assert r.status_code == 201
     assert r.json()["subject"] == {"reference": f"Patient/{pid}", "display": "Jane Doe"}
     assert missing.status_code == 400
     issue = missing.json()["issue"][0]
-    assert issue["details"]["text"] == f"Conditional reference 'Patient?identifier={MRN}|nope' did not match any resources"
+    assert (
+        issue["details"]["text"]
+        == f"Conditional reference 'Patient?identifier={MRN}|nope' did not match any resources"
+    )
     assert issue["expression"] == ["Condition.subject"]
 
 
@@ -155,4 +168,6 @@ def test_target_check_references_on_write_rejects_dangling(target: TargetSandbox
         target.check_references_on_write = True
         assert c.post("Condition", json=cond).status_code == 400
         pid = c.post("Patient", json=patient("ref-ok")).json()["id"]
-        assert c.post("Condition", json={**cond, "subject": {"reference": f"Patient/{pid}"}}).status_code == 201
+        assert (
+            c.post("Condition", json={**cond, "subject": {"reference": f"Patient/{pid}"}}).status_code == 201
+        )

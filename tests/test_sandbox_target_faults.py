@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from target_fixtures import batch, conditional_put_entry, fhir_client, patient
 
 from pfsync.sandbox.target import TargetSandbox
-from target_fixtures import batch, conditional_put_entry, fhir_client, patient
 
 
 def test_target_fault_throttle_next_n(target: TargetSandbox) -> None:
@@ -65,7 +65,9 @@ def test_target_control_routes_arm_faults_and_read_stats(target: TargetSandbox) 
 
 
 def test_target_control_route_adds_client(target: TargetSandbox) -> None:
-    r = httpx.post(target.base_url + "_sandbox/clients", json={"client_id": "extra", "secret": "s", "quota": 500})
+    r = httpx.post(
+        target.base_url + "_sandbox/clients", json={"client_id": "extra", "secret": "s", "quota": 500}
+    )
     assert r.status_code == 200
     with fhir_client(target, "extra", "s") as c:
         assert c.get("Patient").status_code == 200

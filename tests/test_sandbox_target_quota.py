@@ -8,9 +8,9 @@ import re
 
 import httpx
 import pytest
+from target_fixtures import MRN, batch, conditional_put_entry, fhir_client, patient
 
 from pfsync.sandbox.target import TargetSandbox
-from target_fixtures import MRN, batch, conditional_put_entry, fhir_client, patient
 
 FHIR_RE = re.compile(r'"fhirInteractions";r=(\d+);t=(\d+)')
 
@@ -38,7 +38,9 @@ def test_target_quota_costs_match_measured_values(costs: httpx.Client) -> None:
     pid = c.post("Patient", json=patient("q-base")).json()["id"]
     assert _cost(c, "GET", "Patient/not-a-uuid") == 1
     assert _cost(c, "GET", f"Patient/{pid}") == 1
-    assert _cost(c, "GET", "Patient", params={"identifier": ",".join(f"{MRN}|v{i}" for i in range(100))}) == 20
+    assert (
+        _cost(c, "GET", "Patient", params={"identifier": ",".join(f"{MRN}|v{i}" for i in range(100))}) == 20
+    )
     assert _cost(c, "GET", f"Patient/{pid}/_history") == 10
     assert _cost(c, "POST", "Patient", json=patient("q-post")) == 100
     assert _cost(c, "PUT", f"Patient/{pid}", json=patient("q-base", id=pid)) == 100  # no-op costs the write
@@ -98,6 +100,9 @@ def test_target_quota_window_resets(target: TargetSandbox) -> None:
 def test_target_ratelimit_header_on_every_response(target: TargetSandbox) -> None:
     assert "ratelimit" in httpx.get(target.fhir_url + "Patient").headers  # even a 401
     with fhir_client(target) as c:
-        for r in (c.get("Patient"), c.get("Patient/not-a-uuid"), c.post("Patient", json={"resourceType": "Patient",
-                                                                                           "foo": 1})):
+        for r in (
+            c.get("Patient"),
+            c.get("Patient/not-a-uuid"),
+            c.post("Patient", json={"resourceType": "Patient", "foo": 1}),
+        ):
             assert FHIR_RE.search(r.headers["ratelimit"])

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pfsync.sandbox.target import TargetSandbox
 from target_fixtures import QUOTA_CLIENT, QUOTA_SECRET, TARGET_CLIENT, TARGET_SECRET
+
+from pfsync.sandbox.target import TargetSandbox
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TOOL = SHARED / "tools" / "replay_transcripts.py"
@@ -17,8 +18,18 @@ TRANSCRIPTS = SHARED / "fixtures" / "transcripts" / "medplum"
 
 
 def _replay(target: TargetSandbox, *extra: str) -> dict:  # type: ignore[type-arg]
-    cmd = [sys.executable, str(TOOL), str(TRANSCRIPTS), target.base_url, TARGET_CLIENT, TARGET_SECRET,
-           "--json", "--timeout", "60", *extra]
+    cmd = [
+        sys.executable,
+        str(TOOL),
+        str(TRANSCRIPTS),
+        target.base_url,
+        TARGET_CLIENT,
+        TARGET_SECRET,
+        "--json",
+        "--timeout",
+        "60",
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     report = json.loads(proc.stdout)
     mismatches = [(c["case"], c["name"], c["detail"]) for c in report["cases"] if c["result"] == "mismatch"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from pfsync.sandbox.target import TargetSandbox
 from target_fixtures import MRN, batch, conditional_put_entry, fhir_client, patient
+
+from pfsync.sandbox.target import TargetSandbox
 
 
 def _values(bundle: dict) -> set[str]:  # type: ignore[type-arg]
@@ -25,7 +26,9 @@ def test_target_search_identifier_or_list_and_normalised_links(target: TargetSan
     assert r["entry"][0]["fullUrl"] == f"{target.fhir_url}Patient/{r['entry'][0]['resource']['id']}"
 
 
-def test_target_search_identifier_is_case_sensitive_and_escaped_comma_is_literal(target: TargetSandbox) -> None:
+def test_target_search_identifier_is_case_sensitive_and_escaped_comma_is_literal(
+    target: TargetSandbox,
+) -> None:
     with fhir_client(target) as c:
         c.post("Patient", json=patient("x,y"))
         c.post("Patient", json=patient("CASE"))

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from target_fixtures import MRN, batch, conditional_put_entry, fhir_client, patient, target_token
 
 from pfsync.sandbox.target import TargetSandbox
-from target_fixtures import MRN, batch, conditional_put_entry, fhir_client, patient, target_token
 
 
 def test_target_state_survives_restart(tmp_path: Path, target_factory: Callable[..., TargetSandbox]) -> None:
@@ -21,10 +21,15 @@ def test_target_state_survives_restart(tmp_path: Path, target_factory: Callable[
     second = target_factory(tmp_path)
     assert second.count("Patient") == 5
     headers = {"Authorization": f"Bearer {token}"}  # a token issued before the restart still works
-    again = httpx.post(second.fhir_url, headers=headers,
-                       json=batch(*(conditional_put_entry(patient(f"r{i}")) for i in range(5)))).json()
+    again = httpx.post(
+        second.fhir_url,
+        headers=headers,
+        json=batch(*(conditional_put_entry(patient(f"r{i}")) for i in range(5))),
+    ).json()
     assert [e["response"]["status"] for e in again["entry"]] == ["200"] * 5
-    assert [e["resource"]["meta"] for e in again["entry"]] == [e["resource"]["meta"] for e in created["entry"]]
+    assert [e["resource"]["meta"] for e in again["entry"]] == [
+        e["resource"]["meta"] for e in created["entry"]
+    ]
 
 
 def test_target_reset_wipes_data_and_faults(target: TargetSandbox) -> None:

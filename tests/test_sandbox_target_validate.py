@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from target_fixtures import fhir_client, patient
 
 from pfsync.sandbox.target import TargetSandbox
 from pfsync.sandbox.target_common import FhirError
 from pfsync.sandbox.target_validate import validate_resource
-from target_fixtures import fhir_client, patient
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
@@ -28,11 +28,16 @@ FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
         ({"name": {"family": "Doe"}}, "Expected array of values for property", "Patient.name"),
         ({"deceasedDateTime": "2020-13-01"}, "Invalid dateTime format", "Patient.deceasedDateTime"),
         ({"gender": "fe male "}, "Invalid code format", "Patient.gender"),
-        ({"identifier": [{"system": "urn:a b", "value": "x"}]}, "Invalid uri format", "Patient.identifier[0].system"),
+        (
+            {"identifier": [{"system": "urn:a b", "value": "x"}]},
+            "Invalid uri format",
+            "Patient.identifier[0].system",
+        ),
     ],
 )
-def test_target_validation_rejects_with_structure_issue(target: TargetSandbox, change: dict[str, Any], text: str,
-                                                        expression: str) -> None:
+def test_target_validation_rejects_with_structure_issue(
+    target: TargetSandbox, change: dict[str, Any], text: str, expression: str
+) -> None:
     with fhir_client(target) as c:
         r = c.post("Patient", json={**patient("val"), **change})
     assert r.status_code == 400
@@ -52,8 +57,9 @@ def test_target_validation_drops_empty_strings(target: TargetSandbox) -> None:
 
 def test_target_validation_rejects_bad_instant_in_observation() -> None:
     with pytest.raises(FhirError) as err:
-        validate_resource({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
-                           "issued": "2020-01-01"})
+        validate_resource(
+            {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "issued": "2020-01-01"}
+        )
     assert err.value.outcome["issue"][0]["details"]["text"] == "Invalid instant format"
 
 

@@ -1,0 +1,135 @@
+"""Medplum (target) auth: one cached client_credentials token, renewed before expiry or after a 401.
+
+medplum.md "Base URLs and auth": `POST {base}oauth2/token` with `grant_type=client_credentials` and the
+ClientApplication's id and secret as form fields (transcript 01); tokens live 1 h by default and
+come without a refresh token; every token request creates a Login record and auth endpoints allow
+160 requests/min per IP, so a token is never requested per call. Token errors are 400
+`invalid_request` with an `error_description` (transcripts 03-05), not 401. HTTP Basic on each FHIR
+call is the fallback (`medplum.auth = "basic"`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Generator
+
+import httpx
+import orjson
+
+from pfsync.auth import NO_AUTH, BearerAuth, Token, origin_of, parse_token_response
+from pfsync.errors import AuthError
+from pfsync.http import Clock, RetryPolicy, SystemClock, outcome_text, request_with_retry
+from pfsync.redact import redact
+from pfsync.settings import HttpSettings, MedplumSettings, require
+
+log = logging.getLogger("pfsync.medplum_auth")
+
+
+def medplum_token_hint(description: str) -> str:
+    """What a refused Medplum token request means (transcripts 03-05 give the exact texts)."""
+    text = description.lower()
+    if "secret" in text:
+        return "wrong MEDPLUM_CLIENT_SECRET for this ClientApplication"
+    if "client" in text:
+        return "unknown MEDPLUM_CLIENT_ID on this Medplum server (check MEDPLUM_BASE_URL and the client id)"
+    return "check MEDPLUM_BASE_URL, MEDPLUM_CLIENT_ID and MEDPLUM_CLIENT_SECRET"
+
+
+class MedplumAuthenticator:
+    """The Medplum client_credentials token: fetched once, reused, renewed shortly before it expires."""
+
+    def __init__(
+        self,
+        settings: MedplumSettings,
+        client: httpx.Client,
+        *,
+        http: HttpSettings | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client_id: str = require(settings.client_id, "medplum.client_id", "Medplum auth")
+        self._secret = require(settings.client_secret, "medplum.client_secret", "Medplum auth")
+        self._client = client
+        self._clock = clock or SystemClock()
+        self._policy = RetryPolicy.from_settings(http or HttpSettings())
+        self._lock = threading.Lock()
+        self._token: Token | None = None
+        self.last_token: Token | None = None
+        self.token_requests = 0
+
+    @property
+    def token_endpoint(self) -> str:
+        return self.settings.token_url
+
+    def token(self, *, force: bool = False) -> str:
+        with self._lock:
+            current = self._token
+            if current is not None and not force and current.fresh(self._clock.now()):
+                return current.value
+            self._token = self._fetch()
+            self.last_token = self._token
+            return self._token.value
+
+    def invalidate(self, token: str) -> None:
+        with self._lock:
+            if self._token is not None and self._token.value == token:
+                self._token = None
+
+    def _fetch(self) -> Token:
+        url = self.token_endpoint
+        form = {"grant_type": "client_credentials", "client_id": self.client_id,
+                "client_secret": self._secret.reveal()}  # fmt: skip
+
+        def send() -> httpx.Response:
+            self.token_requests += 1
+            return self._client.post(url, data=form, auth=NO_AUTH, headers={"Accept": "application/json"})
+
+        started = self._clock.now()
+        # 429 (the 160/min auth limit) and 5xx are retried with backoff; 400 is final.
+        response = request_with_retry(send, method="POST", url=url, policy=self._policy, clock=self._clock)
+        if response.status_code != 200:
+            try:
+                body = orjson.loads(response.content)
+            except orjson.JSONDecodeError:
+                body = None
+            description = str(body.get("error_description") or "") if isinstance(body, dict) else ""
+            text = outcome_text(response)
+            raise AuthError(
+                redact(f"Medplum token request to {url} refused with HTTP {response.status_code}"
+                       + (f": {text}" if text else "")),
+                hint=medplum_token_hint(description),
+            )  # fmt: skip
+        token = parse_token_response(response, (), started, "Medplum")
+        log.info("auth_token target=medplum expires_in=%ds", int(token.lifetime))
+        return token
+
+
+class OriginBasicAuth(httpx.Auth):
+    """HTTP Basic client_id:secret on requests to Medplum's origin only (medplum.md: Basic on FHIR calls)."""
+
+    def __init__(self, client_id: str, secret: str, *, origins: list[str]) -> None:
+        self._basic = httpx.BasicAuth(client_id, secret)
+        self.origins = frozenset(origin_of(o) for o in origins)
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if origin_of(request.url) in self.origins:
+            yield from self._basic.auth_flow(request)
+        else:
+            yield request
+
+
+def medplum_auth(
+    settings: MedplumSettings,
+    client: httpx.Client,
+    *,
+    clock: Clock | None = None,
+    http: HttpSettings | None = None,
+) -> httpx.Auth:
+    """The httpx.Auth for Medplum FHIR calls: a cached bearer token, or Basic when configured."""
+    origins = [settings.base_url]
+    if settings.auth == "basic":
+        client_id = require(settings.client_id, "medplum.client_id", "Medplum Basic auth")
+        secret = require(settings.client_secret, "medplum.client_secret", "Medplum Basic auth")
+        return OriginBasicAuth(client_id, secret.reveal(), origins=origins)
+    return BearerAuth(MedplumAuthenticator(settings, client, http=http, clock=clock), origins=origins)

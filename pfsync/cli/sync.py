@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
+import orjson
 import typer
+from rich.table import Table
 
 from pfsync.cli.app import app
-from pfsync.cli.common import JsonOpt, SourceOpt, not_implemented
+from pfsync.cli.common import JsonOpt, SourceOpt, build_settings, exit_with, out_console, run
+from pfsync.errors import UnhealthyError
+from pfsync.settings import Settings, parse_duration
 
 MetricsOpt = Annotated[
     Path | None,
@@ -21,6 +28,63 @@ MetricsOpt = Annotated[
 ]
 
 
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _write_metrics(settings: Settings, names: list[str], path: Path) -> None:
+    from pfsync.metrics import write_metrics
+    from pfsync.status import collect_status
+    from pfsync.sync_live import open_store
+
+    store, close = open_store(settings)
+    try:
+        write_metrics(path, collect_status(settings, store, names, time.time()))
+    finally:
+        close()
+
+
+def _render_summary(result: object, json_out: bool) -> None:
+    from pfsync.sync import SyncResult
+
+    assert isinstance(result, SyncResult)
+    console = out_console()
+    if json_out or not sys.stdout.isatty():
+        doc = {"event": "sync_summary", "exitCode": result.exit_code, "durationSeconds": round(result.duration, 3),
+               "sources": [r.to_json() for r in result.results]}  # fmt: skip
+        sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+        sys.stdout.flush()
+        return
+    table = Table(title=f"pfsync sync: exit {result.exit_code} in {result.duration:.1f}s")
+    for col in (
+        "source",
+        "outcome",
+        "type",
+        "created",
+        "updated",
+        "unchanged",
+        "deleted",
+        "quarantined",
+        "queued",
+    ):
+        table.add_column(col, justify="left" if col in ("source", "outcome", "type") else "right")
+    for r in result.results:
+        rows = sorted(r.counts.items()) or [("-", {})]
+        for i, (rtype, c) in enumerate(rows):
+            first = i == 0
+            table.add_row(r.source if first else "", (r.outcome if first else ""), rtype,
+                          *(str(c.get(k, 0)) if c else "-" for k in
+                            ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")))  # fmt: skip
+        extra = f"{r.duration:.1f}s, quota {r.quota_used}" + (f", {r.error}" if r.error else "")
+        table.add_row("", "", extra, *[""] * 6)
+    console.print(table)
+
+
 @app.command("sync")
 def sync(
     ctx: typer.Context,
@@ -29,12 +93,36 @@ def sync(
         str | None,
         typer.Option("--every", help="Run forever at this interval (e.g. 24h), like the seed design."),
     ] = None,
-    shard: Annotated[
-        str | None, typer.Option("--shard", help="I/N: only sources whose hash falls in shard I.")
+    daemon: Annotated[
+        bool,
+        typer.Option(
+            "--daemon",
+            help="Run forever at sync.interval_ms (PF_SYNC_INTERVAL_MS), like the seed design.",
+        ),
+    ] = False,
+    run_on_startup: Annotated[
+        bool | None,
+        typer.Option(
+            "--run-on-startup/--no-run-on-startup",
+            help="With --every/--daemon: run at once instead of after one interval [default: PF_SYNC_RUN_ON_STARTUP].",
+        ),
     ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            envvar="PFSYNC_SHARD",
+            show_envvar=True,
+            help="I/N (0-based): only sources whose sha256(name) mod N is I (Kubernetes Indexed Jobs).",
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
     metrics: MetricsOpt = None,
 ) -> None:
     """Export what changed since the last checkpoint, load it, and only then advance the checkpoint.
+
+    Exit code with several sources: the worst outcome, in this order: 130 interrupted, 3 config,
+    4 auth, 7 state, 1 unexpected, 2 usage, 5 export failed, 75 temporary, 8 locked, 6 partial, 0 ok.
 
     Examples:
 
@@ -43,8 +131,40 @@ def sync(
       pfsync sync --source practice-a --metrics /var/lib/node_exporter/pfsync.prom
 
       pfsync sync --every 24h
+
+      pfsync sync --shard $JOB_COMPLETION_INDEX/4
     """
-    not_implemented(ctx, "sync")
+    settings = run(ctx, lambda: build_settings(ctx))
+    from pfsync.schedule import run_every, stop_on_signals
+    from pfsync.sync import select_sources, sync_all
+    from pfsync.sync_live import live_engines, open_store
+
+    sources = run(ctx, lambda: select_sources(settings, source, shard))
+    names = [s.name for s in sources]
+    stop = threading.Event()
+
+    def once() -> int:
+        def go() -> int:
+            store, close = open_store(settings)
+            try:
+                result = sync_all(settings, sources, store, live_engines(settings), stop=stop)
+            finally:
+                close()
+            _render_summary(result, json_out)
+            if metrics is not None:
+                _write_metrics(settings, names, metrics)
+            return result.exit_code
+
+        return run(ctx, go)
+
+    with stop_on_signals(stop):
+        if every is None and not daemon:
+            exit_with(once())
+        interval = (
+            run(ctx, lambda: parse_duration(every, "--every")) if every else settings.sync.interval_ms / 1000
+        )
+        startup = settings.sync.run_on_startup if run_on_startup is None else run_on_startup
+        exit_with(run_every(once, interval, run_on_startup=startup, stop=stop))
 
 
 @app.command("status")
@@ -53,7 +173,8 @@ def status(
 ) -> None:
     """Per source: last success, checkpoint, in-flight export, last counts, queues, lock, health.
 
-    Exits non-zero when a source is unhealthy, so it can serve as a probe.
+    Exits 9 when a source is unhealthy (disabled, last run failed, never ran, or last success
+    older than sync.stale_after), so it can serve as a probe.
 
     Examples:
 
@@ -61,4 +182,42 @@ def status(
 
       pfsync status --json
     """
-    not_implemented(ctx, "status")
+    settings = run(ctx, lambda: build_settings(ctx))
+
+    def go() -> int:
+        from pfsync.metrics import write_metrics
+        from pfsync.status import collect_status
+        from pfsync.sync import select_sources
+        from pfsync.sync_live import open_store
+
+        names = [s.name for s in select_sources(settings, source)]
+        store, close = open_store(settings)
+        try:
+            statuses = collect_status(settings, store, names, time.time())
+        finally:
+            close()
+        if metrics is not None:
+            write_metrics(metrics, statuses)
+        if json_out:
+            doc = {"healthy": all(s.healthy for s in statuses), "sources": [s.to_json() for s in statuses]}
+            sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+        else:
+            table = Table(title="pfsync status")
+            for col in ("source", "healthy", "last success", "last attempt", "checkpoint", "last run",
+                        "in flight", "quarantine", "retry queue", "lock"):  # fmt: skip
+                table.add_column(col)
+            for s in statuses:
+                created = sum(c.get("created", 0) + c.get("updated", 0) for c in s.counts.values())
+                table.add_row(
+                    s.source, "yes" if s.healthy else "NO: " + "; ".join(s.reasons), _age(s.last_success_age),
+                    _age(s.last_attempt_age), s.transaction_time or "-",
+                    f"{s.last_outcome or '-'} ({created} written)", s.in_flight or "-", str(s.quarantine_size),
+                    str(s.retry_queue_size), s.lock_holder or "-",
+                )  # fmt: skip
+            out_console().print(table)
+        unhealthy = [s.source for s in statuses if not s.healthy]
+        if unhealthy:
+            raise UnhealthyError(f"unhealthy: {', '.join(unhealthy)}")
+        return 0
+
+    exit_with(run(ctx, go))

@@ -1,0 +1,150 @@
+"""The real engines behind `pfsync sync`: HTTP clients, source and Medplum auth, export, loader, state store.
+
+pfsync.sync orchestrates against the small `Engines` protocol; this module wires the real pieces
+(pfsync.export.run_export, pfsync.load.Loader, pfsync.auth, pfsync.medplum_auth) for one source.
+Each source gets its own clients and token (its own audience: practice-fusion.md "Servers").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from pfsync.bulk import ExportRequest
+from pfsync.events import EventSink, NullSink
+from pfsync.exportjob import LandedFile
+from pfsync.http import Clock, RetryPolicy, SystemClock, make_client, request_with_retry
+from pfsync.ndjson import Record, iter_file
+from pfsync.settings import Settings, SourceSettings
+from pfsync.state import LocalStateStore, StateStore
+from pfsync.state_medplum import MedplumStateStore, find_seed_checkpoint
+from pfsync.sync import LoaderLike
+
+
+def open_store(settings: Settings, *, clock: Clock | None = None) -> tuple[StateStore, Callable[[], None]]:
+    """The configured state backend and a function that closes what it opened."""
+    if settings.state_backend == "local":
+        return LocalStateStore(settings.state_dir), lambda: None
+    from pfsync.medplum_auth import medplum_auth
+
+    client = make_client(settings.http)
+    client.auth = medplum_auth(settings.medplum, client, clock=clock, http=settings.http)
+    store = MedplumStateStore(client, settings.medplum.fhir_url, clock=clock,
+                              policy=RetryPolicy.from_settings(settings.http))  # fmt: skip
+    return store, client.close
+
+
+class LiveEngines:
+    """Engines for one source over real HTTP."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        source: SourceSettings,
+        stop: threading.Event,
+        *,
+        clock: Clock | None = None,
+        events: EventSink | None = None,
+        dry_run: bool = False,
+    ) -> None:
+        from pfsync.auth import source_auth
+        from pfsync.medplum_auth import medplum_auth
+
+        self.settings, self.source, self.stop = settings, source, stop
+        self.clock = clock or SystemClock()
+        self.events = events or NullSink()
+        self.dry_run = dry_run
+        self.policy = RetryPolicy.from_settings(settings.http)
+        self.source_client = make_client(settings.http)
+        self.authenticator, self.source_auth = source_auth(source, self.source_client, http=settings.http,
+                                                           clock=self.clock)  # fmt: skip
+        self.medplum_client = make_client(settings.http, timeout=settings.http.load_timeout)
+        self.medplum_client.auth = medplum_auth(settings.medplum, self.medplum_client, clock=self.clock,
+                                                http=settings.http)  # fmt: skip
+        self._granted: list[str] | None = None
+
+    def _granted_types(self) -> list[str]:
+        if self._granted is None:
+            self.authenticator.token()
+            self._granted = list(self.authenticator.granted_types(self.source.resource_types)[0])
+        return self._granted
+
+    def run_export(
+        self, request: ExportRequest, out_dir: Path, on_file: Callable[[LandedFile], None]
+    ) -> str | None:
+        from pfsync.export import run_export
+
+        result = run_export(self.source, self.settings.export, self.source_client, self.source_auth,
+                            out_dir=out_dir, request=request, clock=self.clock, events=self.events,
+                            on_file=on_file, stop=self.stop, granted_types=self._granted_types(),
+                            policy=self.policy)  # fmt: skip
+        return result.transaction_time
+
+    @contextlib.contextmanager
+    def _loader(self) -> Iterator[LoaderLike]:
+        from pfsync.load import Loader
+
+        with Loader(self.source, self.settings.load, self.medplum_client, state_dir=self.settings.state_dir,
+                    source_client=self.source_client, http=self.settings.http, clock=self.clock,
+                    events=self.events, dry_run=self.dry_run, stop=self.stop) as loader:  # fmt: skip
+            yield loader
+
+    def loader(self) -> AbstractContextManager[LoaderLike]:
+        return self._loader()
+
+    def group_members(self, group_id: str, scratch: Path) -> frozenset[str]:
+        """Patient ids in the group: `Group/{id}` members if the server lists them, else the ids of a
+        `_type=Patient` export of the group without `_since` (Practice Fusion's Group reads carry a
+        `quantity` but no `member`: transcript 23)."""
+        url = f"{self.source.base_url}/Group/{group_id}"
+        resp = request_with_retry(
+            lambda: self.source_client.get(url, auth=self.source_auth, headers={"Accept": "application/fhir+json"}),
+            method="GET", url=url, policy=self.policy, clock=self.clock,
+        )  # fmt: skip
+        if resp.status_code == 200:
+            body: Any = resp.json()
+            members = body.get("member") if isinstance(body, dict) else None
+            if isinstance(members, list) and members:
+                return frozenset(
+                    str(m["entity"]["reference"]).rsplit("/", 1)[-1]
+                    for m in members
+                    if isinstance(m, dict)
+                    and isinstance(m.get("entity"), dict)
+                    and m["entity"].get("reference")
+                )
+        ids: set[str] = set()
+
+        def collect(landed: LandedFile) -> None:
+            if landed.kind == "output" and landed.type == "Patient":
+                for item in iter_file(landed.path):
+                    if isinstance(item, Record) and item.resource.get("resourceType") == "Patient":
+                        ids.add(str(item.resource.get("id")))
+
+        request = ExportRequest(level="group", group_id=group_id, types=("Patient",),
+                                method=self.settings.export.kickoff_method)  # fmt: skip
+        self.run_export(request, scratch, collect)
+        return frozenset(ids)
+
+    def seed_checkpoint(self) -> str | None:
+        return find_seed_checkpoint(self.medplum_client, self.settings.medplum.fhir_url, clock=self.clock,
+                                    policy=self.policy)  # fmt: skip
+
+    def close(self) -> None:
+        for client in (self.source_client, self.medplum_client):
+            with contextlib.suppress(Exception):
+                client.close()
+
+
+def live_engines(settings: Settings, *, clock: Clock | None = None, events: EventSink | None = None,
+                 dry_run: bool = False) -> Callable[[SourceSettings, threading.Event], LiveEngines]:  # fmt: skip
+    def make(source: SourceSettings, stop: threading.Event) -> LiveEngines:
+        return LiveEngines(settings, source, stop, clock=clock, events=events, dry_run=dry_run)
+
+    return make
+
+
+__all__ = ["LiveEngines", "live_engines", "open_store"]

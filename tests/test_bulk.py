@@ -1,0 +1,292 @@
+"""Unit tests of the Bulk Data protocol client (pfsync.bulk) over pytest-httpx, with a fake clock."""
+
+from __future__ import annotations
+
+import email.utils
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import orjson
+import pytest
+from pytest_httpx import HTTPXMock
+from test_export_fakes import FakeClock
+
+from pfsync.bulk import (
+    ExportRequest,
+    JobExpired,
+    Origins,
+    Poller,
+    delete_job,
+    issues_of,
+    kickoff,
+    parse_manifest,
+    requests_for,
+)
+from pfsync.errors import AuthError, ExportError, HTTPError, InterruptedRunError
+from pfsync.events import ListSink
+from pfsync.http import RetryPolicy
+from pfsync.settings import ExportSettings, SourceSettings
+
+BASE = "https://ehr.example/fhir/r4/v1/practice"
+STATUS = f"{BASE}/Export/abc-123"
+POLICY = RetryPolicy(retries=3, max_wait=30.0, base=0.5)
+
+
+def outcome(text: str, code: str = "processing", severity: str = "error") -> dict[str, Any]:
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": severity, "code": code, "diagnostics": text}],
+    }
+
+
+def manifest_body(**extra: Any) -> dict[str, Any]:
+    return {"transactionTime": "2026-01-02T03:04:05Z", "request": f"{BASE}/Patient/$export",
+            "requiresAccessToken": True, "output": [{"type": "Patient", "url": f"{BASE}/Binary/1", "count": 2}],
+            "error": [], **extra}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("request_", "path", "params"),
+    [
+        (ExportRequest(level="patient"), "/Patient/$export", {"_outputFormat": ["application/fhir+ndjson"]}),
+        (ExportRequest(level="system", types=("Patient", "Condition")), "/$export",
+         {"_outputFormat": ["application/fhir+ndjson"], "_type": ["Patient,Condition"]}),
+        (ExportRequest(level="group", group_id="g1", since="2026-01-01T00:00:00Z",
+                       type_filters=("Observation?category=laboratory", "Condition?clinical-status=active")),
+         "/Group/g1/$export",
+         {"_outputFormat": ["application/fhir+ndjson"], "_since": ["2026-01-01T00:00:00Z"],
+          "_typeFilter": ["Observation?category=laboratory", "Condition?clinical-status=active"]}),
+    ],
+)  # fmt: skip
+def test_kickoff_get_sends_level_path_params_and_exact_headers(
+    httpx_mock: HTTPXMock, request_: ExportRequest, path: str, params: dict[str, list[str]]
+) -> None:
+    httpx_mock.add_response(status_code=202, headers={"Content-Location": STATUS})
+    with httpx.Client() as client:
+        url = kickoff(client, None, BASE, request_, policy=POLICY, clock=FakeClock())
+    assert url == STATUS
+    sent = httpx_mock.get_requests()[0]
+    assert sent.method == "GET"
+    assert sent.url.path == urlsplit(BASE).path + path
+    assert parse_qs(sent.url.query.decode()) == params
+    # transcripts 29/30: Accept is compared as a string; Prefer must say respond-async.
+    assert sent.headers["Accept"] == "application/fhir+json"
+    assert sent.headers["Prefer"] == "respond-async"
+
+
+def test_kickoff_post_sends_parameters_body(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(status_code=202, headers={"Content-Location": "../Export/xyz"})
+    req = ExportRequest(level="patient", types=("Patient", "Encounter"), since="2026-01-01T00:00:00Z",
+                        method="post")  # fmt: skip
+    with httpx.Client() as client:
+        url = kickoff(client, None, BASE, req, policy=POLICY, clock=FakeClock())
+    assert url == f"{BASE}/Export/xyz"  # relative to the kick-off URL {BASE}/Patient/$export
+    sent = httpx_mock.get_requests()[0]
+    assert sent.method == "POST"
+    assert sent.headers["Content-Type"] == "application/fhir+json"
+    body = orjson.loads(sent.content)
+    assert body["resourceType"] == "Parameters"
+    assert {"name": "_type", "valueString": "Patient,Encounter"} in body["parameter"]
+    assert {"name": "_since", "valueInstant": "2026-01-01T00:00:00Z"} in body["parameter"]
+
+
+@pytest.mark.parametrize("retry_after", ["7", "http-date"])
+def test_kickoff_429_waits_retry_after_and_retries(httpx_mock: HTTPXMock, retry_after: str) -> None:
+    clock = FakeClock()
+    value = (
+        email.utils.formatdate(clock.now() + 7, usegmt=True) if retry_after == "http-date" else retry_after
+    )
+    httpx_mock.add_response(
+        status_code=429, headers={"Retry-After": value}, json=outcome("slow down", "throttled")
+    )
+    httpx_mock.add_response(status_code=202, headers={"Content-Location": STATUS})
+    with httpx.Client() as client:
+        assert kickoff(client, None, BASE, ExportRequest(), policy=POLICY, clock=clock) == STATUS
+    assert 6.0 <= clock.slept <= 7.5
+
+
+@pytest.mark.parametrize(
+    ("status", "error"), [(400, ExportError), (500, ExportError), (401, AuthError), (403, AuthError)]
+)
+def test_kickoff_refused_raises_with_outcome_text(httpx_mock: HTTPXMock, status: int, error: type) -> None:
+    httpx_mock.add_response(status_code=status, json=outcome("File generation failed"))
+    with httpx.Client() as client, pytest.raises(error, match="File generation failed"):
+        kickoff(client, None, BASE, ExportRequest(), policy=POLICY, clock=FakeClock())
+
+
+def test_kickoff_202_without_content_location_is_an_export_error(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(status_code=202)
+    with httpx.Client() as client, pytest.raises(ExportError, match="Content-Location"):
+        kickoff(client, None, BASE, ExportRequest(), policy=POLICY, clock=FakeClock())
+
+
+def test_kickoff_503_past_retries_is_temporary(httpx_mock: HTTPXMock) -> None:
+    for _ in range(POLICY.retries + 1):
+        httpx_mock.add_response(status_code=503, json=outcome("busy", "transient"))
+    with httpx.Client() as client, pytest.raises(HTTPError) as info:
+        kickoff(client, None, BASE, ExportRequest(), policy=POLICY, clock=FakeClock())
+    assert info.value.temporary
+
+
+def make_poller(client: httpx.Client, clock: FakeClock, sink: ListSink, **settings: Any) -> Poller:
+    return Poller(client, None, ExportSettings(**settings), POLICY, clock, sink)
+
+
+def test_poll_honours_retry_after_and_reports_x_progress(httpx_mock: HTTPXMock) -> None:
+    clock, sink = FakeClock(), ListSink()
+    httpx_mock.add_response(status_code=202, headers={"Retry-After": "3", "X-Progress": "21% complete"})
+    date = email.utils.formatdate(clock.now() + 3 + 5, usegmt=True)
+    httpx_mock.add_response(status_code=202, headers={"Retry-After": date, "X-Progress": "76% complete"})
+    httpx_mock.add_response(json=manifest_body())
+    with httpx.Client() as client:
+        manifest = make_poller(client, clock, sink).poll(STATUS, deadline_at=clock.now() + 3600)
+    assert manifest.transaction_time == "2026-01-02T03:04:05Z"
+    assert [e["progress"] for e in sink.of("status_progress")] == ["21% complete", "76% complete"]
+    first, second = (e["retryIn"] for e in sink.of("status_progress"))
+    assert first == 3
+    assert 4 <= second <= 5.5  # the HTTP-date form, relative to the (fake) clock
+    assert clock.slept == pytest.approx(first + second)
+    assert httpx_mock.get_requests()[0].headers["Accept"] == "application/json"
+
+
+def test_poll_clamps_retry_after_to_poll_max_wait(httpx_mock: HTTPXMock) -> None:
+    clock, sink = FakeClock(), ListSink()
+    httpx_mock.add_response(status_code=202, headers={"Retry-After": "86400"})
+    httpx_mock.add_response(json=manifest_body())
+    with httpx.Client() as client:
+        make_poller(client, clock, sink, poll_max_wait=60).poll(STATUS, deadline_at=clock.now() + 1e6)
+    assert clock.slept == 60
+
+
+def test_poll_without_retry_after_backs_off_progressively(httpx_mock: HTTPXMock) -> None:
+    clock, sink = FakeClock(), ListSink()
+    for _ in range(6):
+        httpx_mock.add_response(status_code=202)
+    httpx_mock.add_response(json=manifest_body())
+    with httpx.Client() as client:
+        make_poller(client, clock, sink, poll_max_wait=4).poll(STATUS, deadline_at=clock.now() + 1e6)
+    waits = [e["retryIn"] for e in sink.of("status_progress")]
+    assert waits == sorted(waits) and waits[0] < waits[-1]
+    assert max(waits) == 4  # capped by export.poll_max_wait
+
+
+def test_poll_deadline_raises_export_error(httpx_mock: HTTPXMock) -> None:
+    clock, sink = FakeClock(), ListSink()
+    httpx_mock.add_response(status_code=202, headers={"Retry-After": "100"}, is_reusable=True)
+    with httpx.Client() as client, pytest.raises(ExportError, match=r"deadline") as info:
+        make_poller(client, clock, sink, deadline=250).poll(STATUS, deadline_at=clock.now() + 250)
+    assert "run the same command again" in (info.value.hint or "")
+    assert clock.slept <= 250
+
+
+def test_poll_retries_transient_500_then_completes(httpx_mock: HTTPXMock) -> None:
+    clock, sink = FakeClock(), ListSink()
+    # transcript 50: the first poll is a 500 whose issue code is "transient"
+    httpx_mock.add_response(status_code=500, json=outcome("An unknown error occurred", "transient"))
+    httpx_mock.add_response(json=manifest_body())
+    with httpx.Client() as client:
+        make_poller(client, clock, sink).poll(STATUS, deadline_at=clock.now() + 3600)
+    assert sink.of("status_error")[0]["status"] == 500
+
+
+@pytest.mark.parametrize("status", [500, 400])
+def test_poll_failed_export_raises_with_outcome_text(httpx_mock: HTTPXMock, status: int) -> None:
+    clock, sink = FakeClock(), ListSink()
+    httpx_mock.add_response(status_code=status, json=outcome("Export failed: disk full", "exception"))
+    with httpx.Client() as client, pytest.raises(ExportError, match="disk full") as info:
+        make_poller(client, clock, sink).poll(STATUS, deadline_at=clock.now() + 3600)
+    assert info.value.exit_code == 5
+    assert sink.of("status_error")[0]["message"] == "Export failed: disk full"
+
+
+@pytest.mark.parametrize("status", [404, 410])
+def test_poll_gone_status_url_is_an_expired_job(httpx_mock: HTTPXMock, status: int) -> None:
+    httpx_mock.add_response(status_code=status, json=outcome("The export was not found", "not-found"))
+    with httpx.Client() as client, pytest.raises(JobExpired):
+        make_poller(client, FakeClock(), ListSink()).poll(STATUS, deadline_at=1e12)
+
+
+def test_poll_stops_waiting_when_stop_is_set(httpx_mock: HTTPXMock) -> None:
+    import threading
+
+    stop = threading.Event()
+    clock = FakeClock()
+    httpx_mock.add_response(status_code=202, headers={"Retry-After": "30"})
+    stop.set()
+    with httpx.Client() as client, pytest.raises(InterruptedRunError):
+        Poller(client, None, ExportSettings(), POLICY, clock, ListSink(), stop).poll(STATUS, deadline_at=1e12)
+
+
+def test_parse_manifest_reads_output_error_deleted_and_next_link() -> None:
+    body = manifest_body(
+        error=[{"type": "OperationOutcome", "url": "err/1"}],
+        deleted=[{"type": "Bundle", "url": f"{BASE}/Binary/del/1", "count": 5}],
+        link=[{"relation": "next", "url": f"{STATUS}?page=2"}],
+        requiresAccessToken=False,
+    )
+    manifest = parse_manifest(body, STATUS)
+    assert [(f.kind, f.type, f.count) for f in manifest.files] == [
+        ("output", "Patient", 2), ("error", "OperationOutcome", None), ("deleted", "Bundle", 5)]  # fmt: skip
+    assert manifest.files[1].url == f"{BASE}/Export/err/1"  # resolved against the page URL
+    assert manifest.next_url == f"{STATUS}?page=2"
+    assert manifest.requires_access_token is False
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"transactionTime": "x", "output": "nope"}, {"transactionTime": "x", "output": [{"type": "P"}]}],
+)
+def test_parse_manifest_rejects_malformed(body: dict[str, Any]) -> None:
+    with pytest.raises(ExportError):
+        parse_manifest(body, STATUS)
+
+
+def test_delete_job_accepts_202_and_treats_404_as_gone(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(
+        method="DELETE", status_code=202, json=outcome("canceled", severity="information")
+    )
+    httpx_mock.add_response(method="DELETE", status_code=404, json=outcome("not found", "not-found"))
+    with httpx.Client() as client:
+        assert delete_job(client, None, STATUS, policy=POLICY, clock=FakeClock()) is True
+        assert delete_job(client, None, STATUS, policy=POLICY, clock=FakeClock()) is False
+
+
+@pytest.mark.parametrize(
+    ("level", "groups", "expected"),
+    [("auto", (), [("patient", None)]), ("auto", ("a", "b"), [("group", "a"), ("group", "b")]),
+     ("system", (), [("system", None)]), ("patient", ("a",), [("patient", None)])],
+)  # fmt: skip
+def test_requests_for_resolves_level_and_one_request_per_group(
+    level: Any, groups: tuple[str, ...], expected: list[tuple[str, str | None]]
+) -> None:
+    src = SourceSettings(
+        name="s", base_url=BASE, export_level=level, groups=groups, resource_types=("Patient",)
+    )
+    found = requests_for(src, ExportSettings(kickoff_method="post"), since="2026-01-01T00:00:00Z")
+    assert [(r.level, r.group_id) for r in found] == expected
+    assert all(r.method == "post" and r.types == ("Patient",) and r.since for r in found)
+
+
+def test_export_request_round_trips_and_fingerprint_is_stable() -> None:
+    req = ExportRequest(level="group", group_id="g", types=("A", "B"), type_filters=("A?x=1",))
+    assert ExportRequest.from_json(orjson.loads(orjson.dumps(req.to_json()))) == req
+    assert req.fingerprint() == ExportRequest.from_json(req.to_json()).fingerprint()
+    assert req.fingerprint() != ExportRequest(level="patient").fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [(f"{BASE}/Binary/1", True), ("https://EHR.example:443/other", True), ("https://storage.example/f", False),
+     ("http://ehr.example/fhir", False), ("https://cdn.example:8443/x", True)],
+)  # fmt: skip
+def test_origins_only_allow_source_and_allowlist(url: str, allowed: bool) -> None:
+    auth = httpx.BasicAuth("u", "p")
+    origins = Origins(BASE, ["https://cdn.example:8443"])
+    assert (origins.auth_for(url, auth) is auth) is allowed
+
+
+def test_issues_of_classifies_severity() -> None:
+    found = issues_of(outcome("boom", severity="fatal")) + issues_of(outcome("meh", severity="warning"))
+    assert [(i.severity, i.fatal) for i in found] == [("fatal", True), ("warning", False)]
+    assert issues_of({"resourceType": "Patient"})[0].fatal

@@ -1,0 +1,281 @@
+"""Unit tests of streaming validation, retries, Range resume, token origins and atomic landing."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from test_export_fakes import FakeClock, lines_of
+
+from pfsync.bulk import JobExpired, ManifestFile, Origins
+from pfsync.download import Downloader, Validator
+from pfsync.errors import AuthError, ExportError, HTTPError, InterruptedRunError
+from pfsync.events import ListSink
+from pfsync.exportjob import ExportDir, sha256_of
+from pfsync.http import RetryPolicy
+
+BASE = "https://ehr.example/fhir"
+FILE_URL = f"{BASE}/Binary/export/job/Patient/1"
+PATIENTS = [{"resourceType": "Patient", "id": f"p{i}", "name": [{"family": "X" * i}]} for i in range(1, 6)]
+NDJSON = b"".join(orjson.dumps(p) + b"\n" for p in PATIENTS)
+
+
+def validate(data: bytes, *, chunk: int = 7, expected: str = "Patient", max_line: int = 10_000,
+             count: int | None = None) -> tuple[Validator, bytes]:  # fmt: skip
+    out = io.BytesIO()
+    v = Validator(out, expected, max_line, unpack_bundles=expected != "Bundle")
+    for i in range(0, len(data), chunk):
+        v.feed(data[i : i + chunk])
+    v.finish()
+    return v, out.getvalue()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_validator_passes_ndjson_through_unchanged(chunk: int) -> None:
+    v, out = validate(NDJSON, chunk=chunk)
+    assert out == NDJSON
+    assert (v.lines, v.bad_lines, v.damaged(5), v.summary_problems(5)) == (5, 0, False, [])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        gzip.compress(NDJSON),
+        NDJSON.replace(b"\n", b"\r\n"),
+        b"\n\n" + NDJSON.rstrip(b"\n"),  # blank lines and no trailing newline (transcript 52)
+        orjson.dumps(PATIENTS[0], option=orjson.OPT_INDENT_2) + b"\n",
+        orjson.dumps({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": p} for p in PATIENTS]},
+                     option=orjson.OPT_INDENT_2),
+    ],
+    ids=["gzip", "crlf", "blank-lines-no-final-newline", "pretty-resource", "pretty-bundle"],
+)  # fmt: skip
+def test_validator_normalises_to_ndjson(data: bytes) -> None:
+    v, out = validate(data)
+    assert lines_of(out) == lines_of(NDJSON)[: v.lines]
+    assert out.endswith(b"\n") and b"\r" not in out and b"\n\n" not in out
+    assert v.bad_lines == 0 and not v.truncated
+    assert all(len(line) and line.startswith(b"{") for line in out.splitlines())
+
+
+def test_validator_keeps_deleted_bundles_whole() -> None:
+    bundle = {"resourceType": "Bundle", "type": "transaction",
+              "entry": [{"request": {"method": "DELETE", "url": "Patient/p1"}}]}  # fmt: skip
+    v, out = validate(orjson.dumps(bundle) + b"\n", expected="Bundle")
+    assert lines_of(out) == [bundle] and v.summary_problems(1) == []
+
+
+def test_validator_reports_malformed_line_and_keeps_it_for_quarantine() -> None:
+    data = NDJSON.replace(b"\n", b'\n{"resourceType": "Patient", "id": broken\n', 1)
+    v, out = validate(data)
+    assert v.bad_lines == 1 and v.damaged(None)
+    assert any("line 2 is not valid JSON" in p for p in v.problems)
+    assert b"broken" in out and v.lines == 6
+
+
+def test_validator_detects_truncated_last_line() -> None:
+    v, _ = validate(NDJSON[:-15])
+    assert v.truncated and v.damaged(None)
+    assert any("cut short" in p for p in v.problems)
+
+
+def test_validator_drops_over_long_line_without_holding_it() -> None:
+    big = orjson.dumps({"resourceType": "Patient", "id": "big", "text": "y" * 5000}) + b"\n"
+    v, out = validate(orjson.dumps(PATIENTS[0]) + b"\n" + big + NDJSON, max_line=1000, chunk=100)
+    assert v.bad_lines == 1 and b'"big"' not in out
+    assert any("longer than 1000 bytes" in p for p in v.problems)
+    assert v.lines == 6
+
+
+def test_validator_reports_count_mismatch_and_unexpected_types() -> None:
+    data = NDJSON + orjson.dumps({"resourceType": "Location", "id": "l1"}) + b"\n"
+    v, _ = validate(data)
+    problems = v.summary_problems(10)
+    assert "6 lines but the manifest announced 10" in problems
+    assert "1 resource(s) of type Location in a Patient file" in problems
+    assert v.damaged(10) and not v.damaged(6)
+
+
+def test_validator_flags_lines_without_resource_type() -> None:
+    v, _ = validate(b'{"id": 1}\n[1,2]\n')
+    assert v.bad_lines == 2
+
+
+# ---- Downloader over a mock transport ------------------------------------------------------------
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class Dropping(httpx.SyncByteStream):
+    """A body that sends `data[:cut]` then breaks the connection."""
+
+    def __init__(self, data: bytes, cut: int) -> None:
+        self.data, self.cut = data, cut
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.data[: self.cut]
+        raise httpx.ReadError("connection reset by peer")
+
+
+def make_downloader(tmp_path: Path, handler: Handler, **kw: Any) -> tuple[Downloader, ListSink, FakeClock]:
+    sink, clock = ListSink(), FakeClock()
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    args: dict[str, Any] = {"requires_access_token": True, "max_line_bytes": 10_000}
+    args.update(kw)
+    origins = args.pop("origins", Origins(BASE))
+    d = Downloader(client, httpx.BasicAuth("user", "token-value"), origins, ExportDir(tmp_path),
+                   RetryPolicy(retries=3, base=0.1), clock, sink, "job", **args)  # fmt: skip
+    return d, sink, clock
+
+
+def entry(
+    url: str = FILE_URL, count: int | None = 5, kind: Any = "output", type: str = "Patient"
+) -> ManifestFile:
+    return ManifestFile(kind, type, url, count)
+
+
+def test_download_lands_file_atomically_with_sha_and_events(tmp_path: Path) -> None:
+    d, sink, _ = make_downloader(tmp_path, lambda r: httpx.Response(200, content=NDJSON))
+    got = d.download(entry(), "Patient.1.ndjson")
+    assert got.landed.path.read_bytes() == NDJSON
+    assert got.landed.sha256 == sha256_of(got.landed.path) and got.landed.lines == 5
+    assert not list(tmp_path.glob(".*.part"))
+    assert sink.names() == ["download_request", "download_complete"]
+
+
+@pytest.mark.parametrize(
+    ("url", "requires", "allow", "sent"),
+    [(FILE_URL, True, (), True), ("https://storage.example/f?sig=abc", True, (), False),
+     (FILE_URL, False, (), False), ("https://storage.example/f", True, ("https://storage.example",), True)],
+)  # fmt: skip
+def test_download_sends_credentials_only_to_allowed_origins(
+    tmp_path: Path, url: str, requires: bool, allow: tuple[str, ...], sent: bool
+) -> None:
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("Authorization"))
+        return httpx.Response(200, content=NDJSON)
+
+    d, sink, _ = make_downloader(
+        tmp_path, handler, requires_access_token=requires, origins=Origins(BASE, allow)
+    )
+    d.download(entry(url), "Patient.1.ndjson")
+    assert (seen[0] is not None) is sent
+    assert "sig=abc" not in str(sink.events)  # signed URLs are logged without their query
+
+
+def test_download_resumes_with_range_after_connection_reset(tmp_path: Path) -> None:
+    ranges: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        ranges.append(request.headers.get("Range"))
+        if len(ranges) == 1:
+            return httpx.Response(200, stream=Dropping(NDJSON, 100))
+        start = int(request.headers["Range"][6:-1])
+        return httpx.Response(206, headers={"Content-Range": f"bytes {start}-{len(NDJSON) - 1}/{len(NDJSON)}"},
+                              content=NDJSON[start:])  # fmt: skip
+
+    d, sink, clock = make_downloader(tmp_path, handler)
+    got = d.download(entry(), "Patient.1.ndjson")
+    assert ranges == [None, "bytes=100-"]
+    assert got.landed.path.read_bytes() == NDJSON and got.problems == ()
+    assert sink.of("download_error")[0]["willRetry"] is True
+    assert clock.slept > 0
+
+
+def test_download_restarts_when_range_is_ignored(tmp_path: Path) -> None:
+    calls: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.headers.get("Range"))
+        if len(calls) == 1:
+            return httpx.Response(200, stream=Dropping(NDJSON, 60))
+        return httpx.Response(200, content=NDJSON)  # no Range support: whole file again
+
+    d, _, _ = make_downloader(tmp_path, handler)
+    got = d.download(entry(), "Patient.1.ndjson")
+    assert calls == [None, "bytes=60-", None]
+    assert got.landed.path.read_bytes() == NDJSON
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503])
+def test_download_retries_temporary_statuses(tmp_path: Path, status: int) -> None:
+    answers = iter(
+        [httpx.Response(status, headers={"Retry-After": "2"}), httpx.Response(200, content=NDJSON)]
+    )
+    d, _, clock = make_downloader(tmp_path, lambda r: next(answers))
+    assert d.download(entry(), "Patient.1.ndjson").landed.lines == 5
+    assert clock.slept == pytest.approx(2)
+
+
+def test_download_gives_up_after_retries_and_lands_nothing(tmp_path: Path) -> None:
+    d, _, _ = make_downloader(tmp_path, lambda r: httpx.Response(503))
+    with pytest.raises(HTTPError, match="after 3 retries"):
+        d.download(entry(), "Patient.1.ndjson")
+    assert not (tmp_path / "Patient.1.ndjson").exists() and not list(tmp_path.glob(".*.part"))
+
+
+@pytest.mark.parametrize(("status", "error"), [(404, JobExpired), (410, JobExpired), (401, AuthError),
+                                               (403, AuthError), (400, ExportError)])  # fmt: skip
+def test_download_fatal_statuses(tmp_path: Path, status: int, error: type) -> None:
+    d, _, _ = make_downloader(tmp_path, lambda r: httpx.Response(status, text="nope"))
+    with pytest.raises(error):
+        d.download(entry(), "Patient.1.ndjson")
+    assert not (tmp_path / "Patient.1.ndjson").exists()
+
+
+def test_download_fetches_damaged_file_again(tmp_path: Path) -> None:
+    bodies = iter([NDJSON[:-20], NDJSON])  # first the file is cut mid-line, then it is whole
+    d, sink, _ = make_downloader(tmp_path, lambda r: httpx.Response(200, content=next(bodies)))
+    got = d.download(entry(), "Patient.1.ndjson")
+    assert got.landed.path.read_bytes() == NDJSON and got.problems == ()
+    assert any("cut short" in e["message"] for e in sink.of("download_error"))
+
+
+def test_download_lands_persistently_damaged_file_with_problems(tmp_path: Path) -> None:
+    bad = NDJSON + b"{not json\n"
+    d, _, _ = make_downloader(tmp_path, lambda r: httpx.Response(200, content=bad))
+    got = d.download(entry(count=6), "Patient.1.ndjson")
+    assert got.landed.lines == 6 and got.landed.path.read_bytes() == bad
+    assert any("line 6 is not valid JSON" in p for p in got.problems)
+
+
+def test_download_converts_pretty_json_served_as_application_json(tmp_path: Path) -> None:
+    pretty = orjson.dumps(PATIENTS[0], option=orjson.OPT_INDENT_2)
+    d, _, _ = make_downloader(tmp_path, lambda r: httpx.Response(200, content=pretty,
+                                                                   headers={"Content-Type": "application/json"}))  # fmt: skip
+    got = d.download(entry(count=1), "Patient.1.ndjson")
+    assert got.landed.path.read_bytes() == orjson.dumps(PATIENTS[0]) + b"\n"
+
+
+def test_download_accepts_content_encoding_gzip(tmp_path: Path) -> None:
+    body = gzip.compress(NDJSON)
+    d, _, _ = make_downloader(tmp_path, lambda r: httpx.Response(200, content=body,
+                                                                   headers={"Content-Encoding": "gzip"}))  # fmt: skip
+    assert d.download(entry(), "Patient.1.ndjson").landed.path.read_bytes() == NDJSON
+
+
+def test_download_collects_issues_from_error_files(tmp_path: Path) -> None:
+    oo = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "warning", "code": "x", "diagnostics": "hm"}],
+    }
+    d, _, _ = make_downloader(tmp_path, lambda r: httpx.Response(200, content=orjson.dumps(oo)))
+    got = d.download(entry(kind="error", type="OperationOutcome", count=None), "error.1.ndjson")
+    assert [(i.severity, i.text) for i in got.issues] == [("warning", "hm")]
+
+
+def test_download_stops_when_halted(tmp_path: Path) -> None:
+    halt = threading.Event()
+    halt.set()
+    d, _, _ = make_downloader(tmp_path, lambda r: httpx.Response(200, content=NDJSON), stop=halt)
+    with pytest.raises(InterruptedRunError):
+        d.download(entry(), "Patient.1.ndjson")
+    assert not list(tmp_path.iterdir()) or not (tmp_path / "Patient.1.ndjson").exists()

@@ -2,13 +2,129 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from types import FrameType
+from typing import Annotated, Any
 
+import orjson
 import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
 
 from pfsync.cli.app import app
-from pfsync.cli.common import SourceOpt, not_implemented
+from pfsync.cli.common import JsonOpt, SourceOpt, build_settings, err_console, out_console, run
+from pfsync.errors import UsageError
+from pfsync.events import EventSink, FanoutSink
+from pfsync.log import LogSink
+
+
+def parse_since(value: str) -> str:
+    """A FHIR instant (UTC, `Z`) from an ISO date or date-time; a date means its midnight UTC."""
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise UsageError(
+            f"--since {value!r} is not an ISO date or date-time (e.g. 2026-01-01T00:00:00Z)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    if when > datetime.now(UTC):
+        raise UsageError(f"--since {value!r} is in the future")
+    text = when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return text + (f".{when.microsecond // 1000:03d}" if when.microsecond else "") + "Z"
+
+
+class ProgressSink:
+    """Export events as a rich progress display: polling state, each file's bytes and rate, totals."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.status: TaskID | None = None
+        self.total: TaskID | None = None
+        self.files: dict[str, TaskID] = {}
+        self.done_bytes = 0
+        self._lock = threading.Lock()
+
+    def emit(self, event: str, /, **d: Any) -> None:
+        with self._lock:
+            p = self.progress
+            if event == "kickoff":
+                text = f"export {d.get('exportId', '')}: " + ("resumed" if d.get("resumed") else "kicked off")
+                self.status = p.add_task(text, total=None)
+                self.total = p.add_task("total", total=None)
+            elif event == "status_progress" and self.status is not None:
+                p.update(self.status, description=f"export {d['exportId']}: waiting ({d.get('progress') or 'no progress reported'}), next poll in {d.get('retryIn')}s")  # fmt: skip
+            elif event == "status_error" and self.status is not None:
+                p.update(
+                    self.status,
+                    description=f"export {d['exportId']}: server said {d.get('status')}, retrying",
+                )
+            elif event == "status_complete" and self.status is not None:
+                p.update(self.status, description=f"export {d['exportId']}: complete at {d['transactionTime']}",
+                         total=1, completed=1)  # fmt: skip
+            elif event == "download_request":
+                self.files[d["name"]] = p.add_task(d["name"], total=None)
+            elif event == "download_progress" and d["name"] in self.files:
+                p.update(self.files[d["name"]], completed=d["bytes"])
+            elif event == "download_complete" and d["name"] in self.files:
+                task = self.files.pop(d["name"])
+                p.update(
+                    task,
+                    total=d["bytes"],
+                    completed=d["bytes"],
+                    description=f"{d['name']} ({d['lines']} lines)",
+                )
+                self.done_bytes += d["bytes"]
+                if self.total is not None:
+                    p.update(self.total, completed=self.done_bytes)
+            elif event == "download_error" and d["name"] in self.files:
+                p.update(
+                    self.files[d["name"]], description=f"{d['name']} (retrying: {str(d.get('message'))[:40]})"
+                )
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """Ctrl-C / SIGTERM set `stop`: the export finishes what it can cleanly and stays resumable."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+@contextmanager
+def _sink(json_out: bool) -> Iterator[EventSink]:
+    log_sink = LogSink(quiet_events=frozenset({"download_progress", "status_progress"}))
+    if json_out or not sys.stderr.isatty():
+        yield log_sink
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=err_console(), transient=False) as progress:
+        yield FanoutSink([ProgressSink(progress)])
 
 
 @app.command("export")
@@ -20,7 +136,7 @@ def export(
     since: Annotated[
         str | None, typer.Option("--since", help="Only resources changed since this instant.")
     ] = None,
-    full: Annotated[bool, typer.Option("--full", help="Everything, ignoring any checkpoint.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Everything (the default; excludes --since).")] = False,
     types: Annotated[
         str | None,
         typer.Option("--types", envvar="PF_RESOURCE_TYPES", show_envvar=True, help="Comma-separated types."),
@@ -39,8 +155,13 @@ def export(
         bool, typer.Option("--cancel", help="Cancel the saved in-flight export (DELETE).")
     ] = False,
     source: SourceOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Run a Bulk Data export into a directory (resumable; files checked and checksummed).
+
+    The directory holds <Type>.<n>.ndjson, deleted.<n>.ndjson, error.<n>.ndjson, manifest.json and
+    job.json: exactly what `pfsync load DIR` reads. With several groups, each group gets its own
+    sub-directory DIR/<group-id>/. Run the same command again to resume an interrupted export.
 
     Examples:
 
@@ -48,4 +169,77 @@ def export(
 
       pfsync export --since 2026-01-01T00:00:00Z --types Patient,Condition --out backfill/
     """
-    not_implemented(ctx, "export")
+
+    def go() -> None:
+        from pfsync.auth import source_auth
+        from pfsync.bulk import requests_for
+        from pfsync.export import cancel_export, run_export
+        from pfsync.http import RetryPolicy, make_client
+
+        if since is not None and full:
+            raise UsageError("--since and --full exclude each other")
+        flags: dict[str, Any] = {"source.resource_types": types, "source.export_level": level,
+                                 "source.groups": tuple(group) if group else None}  # fmt: skip
+        settings = build_settings(ctx, flags)
+        src = settings.source(source)
+        requests = requests_for(src, settings.export, since=parse_since(since) if since else None)
+        dirs = [out if len(requests) == 1 else out / str(r.group_id) for r in requests]
+        policy = RetryPolicy.from_settings(settings.http)
+        with make_client(settings.http) as client:
+            authenticator, auth = source_auth(src, client, http=settings.http)
+            if cancel:
+                cancelled = [str(d) for d in dirs if cancel_export(d, client, auth, policy=policy)]
+                _print(
+                    {"cancelled": cancelled},
+                    json_out,
+                    "cancelled: " + (", ".join(cancelled) or "nothing to cancel"),
+                )
+                return
+            authenticator.token()
+            granted = authenticator.granted_types(src.resource_types)[0]
+            results = []
+            started = time.monotonic()
+            with _stop_on_signals() as stop, _sink(json_out) as sink:
+                for req, out_dir in zip(requests, dirs, strict=True):
+                    results.append(run_export(src, settings.export, client, auth, out_dir=out_dir, request=req,
+                                              events=sink, stop=stop, granted_types=granted, policy=policy))  # fmt: skip
+            _render(results, time.monotonic() - started, json_out)
+
+    run(ctx, go)
+
+
+def _print(doc: dict[str, Any], json_out: bool, text: str) -> None:
+    if json_out or not sys.stdout.isatty():
+        sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+    else:
+        out_console().print(text, markup=False)
+
+
+def _render(results: list[Any], seconds: float, json_out: bool) -> None:
+    from pfsync.export import ExportResult
+
+    docs: list[dict[str, Any]] = []
+    for r in results:
+        assert isinstance(r, ExportResult)
+        docs.append({"outDir": str(r.out_dir), "exportId": r.export_id, "transactionTime": r.transaction_time,
+                     "files": len(r.files), "deletedFiles": len(r.deleted_files), "errorFiles": len(r.errors),
+                     "lines": r.lines, "bytes": r.bytes, "resumed": r.resumed, "problems": list(r.problems),
+                     "warnings": list(r.warnings),
+                     "types": {f.type: sum(g.lines for g in r.files if g.type == f.type) for f in r.files}})  # fmt: skip
+    if json_out or not sys.stdout.isatty():
+        sys.stdout.write(
+            orjson.dumps({"event": "export_summary", "seconds": round(seconds, 3), "exports": docs}).decode()
+            + "\n"
+        )
+        return
+    console = out_console()
+    for doc in docs:
+        table = Table(title=f"{doc['outDir']}: export {doc['exportId']} at {doc['transactionTime']}")
+        table.add_column("type")
+        table.add_column("resources", justify="right")
+        for rtype, lines in sorted(doc["types"].items()):
+            table.add_row(rtype, str(lines))
+        table.add_row("deleted files", str(doc["deletedFiles"]))
+        console.print(table)
+        for text in [*doc["warnings"], *doc["problems"]]:
+            console.print(f"warning: {text}", style="yellow", markup=False)

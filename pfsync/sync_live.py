@@ -62,7 +62,9 @@ class LiveEngines:
         self.source_client = make_client(settings.http)
         self.authenticator, self.source_auth = source_auth(source, self.source_client, http=settings.http,
                                                            clock=self.clock)  # fmt: skip
-        self.medplum_client = make_client(settings.http, timeout=settings.http.load_timeout)
+        self.medplum_client = make_client(
+            settings.http, timeout=settings.http.load_timeout, base_url=settings.medplum.fhir_url
+        )  # pfsync.load: base_url required
         self.medplum_client.auth = medplum_auth(settings.medplum, self.medplum_client, clock=self.clock,
                                                 http=settings.http)  # fmt: skip
         self._granted: list[str] | None = None

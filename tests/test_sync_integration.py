@@ -129,3 +129,27 @@ def test_sync_three_sources_one_failing_reports_worst(
     assert by_source["a"]["exitCode"] == by_source["c"]["exitCode"] == 0
     assert code == 4
     assert len(target.resources("Patient")) == 2 * by_source["a"]["counts"]["Patient"]["created"]
+
+
+def test_live_engines_group_members_from_patient_export(
+    source: SourceSandbox, target: TargetSandbox, tmp_path: Path
+) -> None:
+    """PF-like Group reads carry no member list: members come from a _type=Patient group export."""
+    import threading
+
+    from pfsync.settings import load_settings
+    from pfsync.sync_live import LiveEngines
+
+    settings = load_settings(
+        env=sync_env(source, target, tmp_path / "state", PFSYNC_GROUPS="bulk-data-testing-group")
+    )
+    engines = LiveEngines(settings, settings.sources[0], threading.Event())
+    try:
+        before = engines.group_members("bulk-data-testing-group", tmp_path / "m1")
+        assert len(before) == 9  # practice-fusion.md: the testing group has 9 patients
+        newcomer = sorted(set(source.state.store.patient_ids(source.practices[0])) - before)[0]
+        source.add_to_group("bulk-data-testing-group", [newcomer])
+        after = engines.group_members("bulk-data-testing-group", tmp_path / "m2")
+        assert after - before == {newcomer}
+    finally:
+        engines.close()

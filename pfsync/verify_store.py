@@ -1,0 +1,200 @@
+"""The on-disk scratch tables of one `pfsync verify` run, and the SQL that reconciles them.
+
+The issue: memory stays flat for 1M resources, so source ids, Medplum ids and references live in a
+temporary SQLite file (deleted after the run), never in Python sets. Tables:
+
+    src(type, sid, hash)                   every resource of the source export
+    mp(type, mid, sid, updated, tag, body) every Medplum resource carrying our identifier system
+    ref(type, mid, kind, ttype, tid)       references found in those Medplum resources
+    seen(type, mid)                        reference targets outside `mp` that Medplum confirmed
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+RefKind = Literal["literal", "logical", "unresolved"]
+
+_SCHEMA = """
+PRAGMA journal_mode=OFF;
+PRAGMA synchronous=OFF;
+PRAGMA temp_store=FILE;
+PRAGMA cache_size=-16000;
+CREATE TABLE src (type TEXT NOT NULL, sid TEXT NOT NULL, hash TEXT, PRIMARY KEY (type, sid)) WITHOUT ROWID;
+CREATE INDEX src_sid ON src (sid);
+CREATE TABLE mp (type TEXT NOT NULL, mid TEXT NOT NULL, sid TEXT NOT NULL, updated TEXT, tag TEXT, body TEXT,
+    PRIMARY KEY (type, mid, sid)) WITHOUT ROWID;
+CREATE INDEX mp_sid ON mp (type, sid);
+CREATE TABLE ref (type TEXT NOT NULL, mid TEXT NOT NULL, kind TEXT NOT NULL, ttype TEXT, tid TEXT NOT NULL);
+CREATE TABLE seen (type TEXT NOT NULL, mid TEXT NOT NULL, PRIMARY KEY (type, mid)) WITHOUT ROWID;
+"""
+_PAGE = 1000
+
+
+class Scratch:
+    """A throw-away SQLite file; `close()` removes it."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f".verify-{os.getpid()}-{id(self):x}.sqlite"
+        self.path.unlink(missing_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None)
+        self.db.executescript(_SCHEMA)
+        self.db.execute("BEGIN")
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.db.close()
+        self.path.unlink(missing_ok=True)
+
+    def commit(self) -> None:
+        self.db.execute("COMMIT")
+        self.db.execute("BEGIN")
+
+    # ------------------------------------------------------------------ filling
+    def add_source(self, rtype: str, sid: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO src (type, sid) VALUES (?, ?)", (rtype, sid))
+
+    def set_source_hash(self, rtype: str, sid: str, content_hash: str) -> None:
+        self.db.execute("UPDATE src SET hash = ? WHERE type = ? AND sid = ?", (content_hash, rtype, sid))
+
+    def add_medplum(
+        self, rtype: str, mid: str, sid: str, updated: str | None, tag: str | None, body: str | None
+    ) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO mp VALUES (?, ?, ?, ?, ?, ?)", (rtype, mid, sid, updated, tag, body)
+        )
+
+    def add_ref(self, rtype: str, mid: str, kind: RefKind, ttype: str | None, tid: str) -> None:
+        self.db.execute("INSERT INTO ref VALUES (?, ?, ?, ?, ?)", (rtype, mid, kind, ttype, tid))
+
+    def add_seen(self, rtype: str, mid: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (rtype, mid))
+
+    def remove_medplum(self, rtype: str, mid: str) -> None:
+        self.db.execute("DELETE FROM mp WHERE type = ? AND mid = ?", (rtype, mid))
+
+    # ------------------------------------------------------------------ lookups
+    def types(self) -> list[str]:
+        rows = self.db.execute("SELECT DISTINCT type FROM src UNION SELECT DISTINCT type FROM mp ORDER BY 1")
+        return [r[0] for r in rows]
+
+    def medplum_id(self, rtype: str, sid: str) -> str | None:
+        """The Medplum id of a source identity (the oldest-updated one if duplicated)."""
+        row = self.db.execute(
+            "SELECT mid FROM mp WHERE type = ? AND sid = ? ORDER BY updated, mid LIMIT 1", (rtype, sid)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def source_types_of(self, sid: str) -> list[str]:
+        """Types of a source id (a bare `urn:uuid:<id>` names a resource by id alone)."""
+        return [r[0] for r in self.db.execute("SELECT type FROM src WHERE sid = ?", (sid,))]
+
+    def in_source(self, rtype: str, sid: str) -> bool:
+        return (
+            self.db.execute("SELECT 1 FROM src WHERE type = ? AND sid = ?", (rtype, sid)).fetchone()
+            is not None
+        )
+
+    def unknown_targets(self) -> Iterator[tuple[str, list[str]]]:
+        """Literal reference targets neither in `mp` nor in `seen`, grouped by type, in pages."""
+        rows = self.db.execute(
+            "SELECT DISTINCT r.ttype, r.tid FROM ref r WHERE r.kind = 'literal' "
+            "AND NOT EXISTS (SELECT 1 FROM mp m WHERE m.type = r.ttype AND m.mid = r.tid) "
+            "AND NOT EXISTS (SELECT 1 FROM seen s WHERE s.type = r.ttype AND s.mid = r.tid) "
+            "ORDER BY r.ttype, r.tid"
+        ).fetchall()  # distinct dangling targets only: a handful on a healthy target
+        current: str | None = None
+        chunk: list[str] = []
+        for ttype, tid in rows:
+            if ttype != current or len(chunk) >= _PAGE:
+                if current is not None and chunk:
+                    yield current, chunk
+                current, chunk = ttype, []
+            chunk.append(tid)
+        if current is not None and chunk:
+            yield current, chunk
+
+    # ------------------------------------------------------------------ reconciliation
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per type: source, medplum, present, missing, duplicated, extra, dangling, logical, drift."""
+        out: dict[str, dict[str, int]] = {}
+
+        def put(sql: str, name: str) -> None:
+            for rtype, n in self.db.execute(sql):
+                out.setdefault(rtype, {})[name] = int(n)
+
+        put("SELECT type, count(*) FROM src GROUP BY type", "source")
+        put("SELECT type, count(DISTINCT mid) FROM mp GROUP BY type", "medplum")
+        put("SELECT s.type, count(*) FROM src s WHERE EXISTS (SELECT 1 FROM mp m WHERE m.type = s.type "
+            "AND m.sid = s.sid) GROUP BY s.type", "present")  # fmt: skip
+        put("SELECT s.type, count(*) FROM src s WHERE NOT EXISTS (SELECT 1 FROM mp m WHERE m.type = s.type "
+            "AND m.sid = s.sid) GROUP BY s.type", "missing")  # fmt: skip
+        put("SELECT type, count(*) FROM (SELECT type, sid FROM mp GROUP BY type, sid "
+            "HAVING count(DISTINCT mid) > 1) GROUP BY type", "duplicated")  # fmt: skip
+        put("SELECT m.type, count(DISTINCT m.mid) FROM mp m WHERE NOT EXISTS (SELECT 1 FROM src s "
+            "WHERE s.type = m.type AND s.sid = m.sid) GROUP BY m.type", "extra")  # fmt: skip
+        put(f"SELECT type, count(*) FROM ({self._dangling_sql()}) GROUP BY type", "dangling")
+        put("SELECT type, count(*) FROM ref WHERE kind = 'logical' GROUP BY type", "logical")
+        put(f"SELECT type, count(*) FROM ({self._drift_sql()}) GROUP BY type", "drift")
+        return out
+
+    @staticmethod
+    def _dangling_sql() -> str:
+        return (
+            "SELECT r.type, r.mid, r.kind, r.ttype, r.tid FROM ref r WHERE r.kind != 'literal' OR ("
+            "NOT EXISTS (SELECT 1 FROM mp m WHERE m.type = r.ttype AND m.mid = r.tid) "
+            "AND NOT EXISTS (SELECT 1 FROM seen s WHERE s.type = r.ttype AND s.mid = r.tid))"
+        )
+
+    @staticmethod
+    def _drift_sql() -> str:
+        return (
+            "SELECT s.type, s.sid, m.mid FROM src s JOIN mp m ON m.type = s.type AND m.sid = s.sid "
+            "WHERE s.hash IS NOT NULL AND (m.body IS NULL OR m.body != s.hash)"
+        )
+
+    def missing(self) -> Iterator[tuple[str, str]]:
+        yield from self.db.execute(
+            "SELECT s.type, s.sid FROM src s WHERE NOT EXISTS (SELECT 1 FROM mp m WHERE m.type = s.type "
+            "AND m.sid = s.sid) ORDER BY s.type, s.sid"
+        )
+
+    def duplicated(self) -> Iterator[tuple[str, str, list[str]]]:
+        """(type, sid, Medplum ids oldest-updated first) for every identity held more than once."""
+        rows = self.db.execute(
+            "SELECT type, sid, group_concat(mid, ' ') FROM (SELECT type, sid, mid FROM mp "
+            "WHERE (type, sid) IN (SELECT type, sid FROM mp GROUP BY type, sid HAVING count(DISTINCT mid) > 1) "
+            "ORDER BY type, sid, updated, mid) GROUP BY type, sid ORDER BY type, sid"
+        )
+        for rtype, sid, mids in rows:
+            yield rtype, sid, list(dict.fromkeys(str(mids).split(" ")))
+
+    def extra(self) -> Iterator[tuple[str, str, str]]:
+        yield from self.db.execute(
+            "SELECT DISTINCT m.type, m.sid, m.mid FROM mp m WHERE NOT EXISTS (SELECT 1 FROM src s "
+            "WHERE s.type = m.type AND s.sid = m.sid) ORDER BY m.type, m.sid, m.mid"
+        )
+
+    def dangling(self) -> Iterator[tuple[str, str, str, str | None, str]]:
+        """(type, mid, kind, target type, target id) of each reference that does not resolve."""
+        yield from self.db.execute(self._dangling_sql() + " ORDER BY r.type, r.mid, r.tid")
+
+    def drift(self) -> Iterator[tuple[str, str, str]]:
+        yield from self.db.execute(self._drift_sql() + " ORDER BY s.type, s.sid")
+
+    def sid_of(self, rtype: str, mid: str) -> str | None:
+        """The source id a Medplum resource carries (first one if several)."""
+        row = self.db.execute(
+            "SELECT sid FROM mp WHERE type = ? AND mid = ? LIMIT 1", (rtype, mid)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def medplum_rows(self) -> Iterator[tuple[str, str, str, str | None]]:
+        """(type, sid, mid, tag hash) of every Medplum resource, in pages (the id map refresh)."""
+        yield from self.db.execute("SELECT type, sid, mid, tag FROM mp ORDER BY type, sid, updated, mid")

@@ -1,0 +1,244 @@
+"""The Medplum loader: NDJSON in, one Medplum resource per source resource out, references rewritten.
+
+Public API (what `pfsync load` and `pfsync sync` call):
+
+    with Loader(source, settings.load, medplum_client, state_dir=..., source_client=...) as loader:
+        loader.retry_pending()            # the retry queue of earlier runs first
+        loader.load_file(path)            # any order, as files land; or load_paths([dir])
+        loader.apply_deleted(path)        # a Bulk Data `deleted` file
+        result = loader.finish()          # deferred references, logical upgrades, summary
+
+Each resource: `prepare` (identity, meta, normalisation: pfsync.transform) -> held back in the id
+map on disk while a reference target still lacks a Medplum id (files arrive in any order) ->
+`render` (references rewritten, content hash) -> skipped without a request when the hash equals
+what was last written -> otherwise written (pfsync.writes). At `finish`, held resources are
+written once their targets exist; targets missing from the export are fetched from the source
+(load.fetch_missing_references); what still cannot resolve becomes a logical reference
+(identifier + display) and is upgraded by a later run. Nothing is dropped silently: every input
+resource ends in Medplum, the quarantine or the retry queue.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from pfsync.errors import InterruptedRunError
+from pfsync.events import EventSink, NullSink
+from pfsync.http import Clock, SystemClock
+from pfsync.idmap import IdMap
+from pfsync.ndjson import BadLine, iter_file, iter_paths
+from pfsync.order import dependency_order
+from pfsync.quarantine import QUARANTINE, RETRY, WrappedLog, is_wrapped, iter_wrapped, pending, take
+from pfsync.settings import HttpSettings, LoadSettings, SourceSettings
+from pfsync.writes import Writer
+
+UNREADABLE = "(unreadable)"
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a load did. `by_type[type]` has created, updated, unchanged, deleted, quarantined,
+    retry_queued (and would_* counts are the same keys in a dry run)."""
+
+    by_type: dict[str, dict[str, int]]
+    normalized: dict[str, int]
+    quota_used: int
+    requests: int
+    duration: float
+    dry_run: bool = False
+    logical_references: int = 0  # resources still holding logical references after this run
+    throttled: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def total(self, key: str) -> int:
+        return sum(c.get(key, 0) for c in self.by_type.values())
+
+    @property
+    def quarantined(self) -> int:
+        return self.total("quarantined")
+
+    @property
+    def retry_queued(self) -> int:
+        return self.total("retry_queued")
+
+
+class Loader:
+    """Loads NDJSON into Medplum for one source. Not thread-safe: call it from one thread.
+
+    `medplum` is an httpx.Client whose base_url is MedplumSettings.fhir_url, auth already set.
+    `source_client` (with the source's auth) fetches attachments and missing reference targets.
+    `stop` interrupts between resources and Bundles (writes in flight settle first) with
+    InterruptedRunError; a rerun resumes without duplicates.
+    """
+
+    def __init__(
+        self,
+        source: SourceSettings,
+        settings: LoadSettings,
+        medplum: httpx.Client,
+        *,
+        state_dir: Path,
+        source_client: httpx.Client | None = None,
+        http: HttpSettings | None = None,
+        clock: Clock | None = None,
+        events: EventSink | None = None,
+        dry_run: bool = False,
+        stop: threading.Event | None = None,
+        mode: str = "direct",
+    ) -> None:
+        self.source = source
+        self.settings = settings
+        self.dry_run = dry_run
+        self._stop = stop
+        self._events = events or NullSink()
+        self._dir = state_dir / source.name
+        self._idmap = IdMap(self._dir / "idmap.sqlite", target=str(medplum.base_url))
+        self.quarantine = WrappedLog(self._dir / "quarantine.ndjson", QUARANTINE)
+        self.retry_queue = WrappedLog(self._dir / "retry.ndjson", RETRY)
+        self._counts: dict[str, Counter[str]] = {}
+        self._writer = Writer(
+            source, settings, medplum, self._idmap, self._counts, self.quarantine, self.retry_queue,
+            http=http or HttpSettings(), clock=clock or SystemClock(), events=self._events, dry_run=dry_run,
+            stop=stop, source_client=source_client, mode=mode,
+        )  # fmt: skip
+        self._consumed: list[Path] = []
+        self._started = time.monotonic()
+        self._closed = False
+
+    # -- context manager
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the id map, the queue files and the worker threads (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._writer.close()
+        finally:
+            self._idmap.close()
+            self.quarantine.close()
+            self.retry_queue.close()
+
+    # -- loading
+    def load_paths(self, paths: Sequence[Path]) -> None:
+        """Load files and directories, referenced types first (derived from the data)."""
+        files = list(iter_paths(list(paths)))
+        if len(files) > 1:
+            files = dependency_order(files, self._idmap, self._writer.context, self._check_stop)
+        for path in files:
+            self.load_file(path)
+
+    def load_file(self, path: Path) -> None:
+        """Load one NDJSON file (plain or gzip; an export file, any NDJSON, or a quarantine/retry file).
+
+        Safe to call repeatedly as files arrive, in any order: resources whose reference targets
+        have no Medplum id yet are held on disk until they do (at the latest, until `finish`)."""
+        wrapped = is_wrapped(path)
+        if wrapped and path.resolve() in (self.quarantine.path.resolve(), self.retry_queue.path.resolve()):
+            # Replaying our own queue: move it aside so new failures start a fresh file; the
+            # copy aside is deleted only once everything in it has landed (finish).
+            aside = take(path)
+            if aside is None:
+                return
+            self._consumed.append(aside)
+            path = aside
+        items = iter_wrapped(path) if wrapped else iter_file(path)
+        self._events.emit("load_file_start", file=str(path))
+        n = 0
+        for item in items:
+            n += 1
+            if n % 256 == 0:
+                self._check_stop()
+            if isinstance(item, BadLine):
+                self._writer.quarantine_line(item)
+                continue
+            self._writer.ingest(item.resource, str(item.path), item.line, item.raw)
+        self._writer.drain(partial=True)
+        self._events.emit("load_file_complete", file=str(path), resources=n)
+
+    def apply_deleted(self, path: Path) -> None:
+        """Apply a Bulk Data `deleted` file (Bundles of DELETE entries, `request.url = Type/id`)
+        as load.deletes says: apply (delete in Medplum), tag, or ignore."""
+        for item in iter_file(path):
+            self._check_stop()
+            if isinstance(item, BadLine):
+                self._writer.quarantine_line(item)
+                continue
+            self._writer.delete_request(item.resource, str(item.path), item.line, item.raw)
+        self._writer.drain(partial=True)
+
+    def retry_pending(self) -> None:
+        """Load the retry queue left by earlier runs (before anything newer)."""
+        for aside in pending(self.retry_queue.path):
+            self._replay(aside)
+        fresh = take(self.retry_queue.path)
+        if fresh is not None:
+            self._replay(fresh)
+
+    def _replay(self, aside: Path) -> None:
+        self._consumed.append(aside)
+        for item in iter_wrapped(aside):
+            self._check_stop()
+            if isinstance(item, BadLine):
+                self._writer.quarantine_line(item)
+            else:
+                self._writer.ingest(item.resource, str(item.path), item.line, item.raw)
+        self._writer.drain(partial=True)
+
+    def finish(self) -> LoadResult:
+        """Write everything held back, resolve what can be resolved, and return the summary."""
+        self._check_stop()
+        self._writer.finish()
+        for aside in self._consumed:
+            aside.unlink(missing_ok=True)
+        self._consumed.clear()
+        self.quarantine.close()
+        self.retry_queue.close()
+        result = self._result()
+        self._events.emit(
+            "load_complete",
+            created=result.total("created"), updated=result.total("updated"),
+            unchanged=result.total("unchanged"), deleted=result.total("deleted"),
+            quarantined=result.quarantined, retry_queued=result.retry_queued,
+            quota_used=result.quota_used, requests=result.requests, seconds=round(result.duration, 3),
+        )  # fmt: skip
+        return result
+
+    def _result(self) -> LoadResult:
+        keys = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")
+        by_type = {t: {k: c.get(k, 0) for k in keys} | {k: v for k, v in c.items() if k not in keys}
+                   for t, c in sorted(self._counts.items())}  # fmt: skip
+        w = self._writer
+        return LoadResult(
+            by_type=by_type, normalized=dict(w.fixes), quota_used=int(w.quota_used()), requests=w.requests(),
+            duration=time.monotonic() - self._started, dry_run=self.dry_run,
+            logical_references=self._idmap.held_count("logical"), throttled=w.throttled(), stats=w.stats(),
+        )  # fmt: skip
+
+    def _check_stop(self) -> None:
+        if self._stop is not None and self._stop.is_set():
+            raise InterruptedRunError("load stopped; a rerun resumes without duplicates")
+
+
+def load(loader: Loader, paths: Iterable[Path], *, retry_first: bool = False) -> LoadResult:
+    """`pfsync load`: the given files or directories, then finish (quarantine files are recognised)."""
+    if retry_first:
+        loader.retry_pending()
+    loader.load_paths(list(paths))
+    return loader.finish()

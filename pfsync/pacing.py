@@ -1,0 +1,145 @@
+"""Quota pacing from Medplum's RateLimit header, and adaptive (AIMD) concurrency of Bundles.
+
+medplum.md "Quotas and 429": every response carries
+`RateLimit: "requests";r=..;t=.., "fhirInteractions";r=..;t=..`; over the quota the answer (or the
+rest of a batch) is 429 with `msBeforeNext` in the OperationOutcome diagnostics and no Retry-After.
+A project with the quota turned off counts `fhirInteractions` down to r=0 and refuses nothing, so
+r=0 alone is not throttling: when the budget looks spent and we do not know yet whether the quota
+is enforced, one small probe decides (a refused probe costs one entry, not a Bundle).
+medplum.md "Measured": concurrent creating Bundles conflict (409) and get slower, so concurrency
+starts at 1, grows while Bundles come back clean and fast, and halves on conflicts, 429s or 5xx.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_PART_RE = re.compile(r'"?([A-Za-z]+)"?\s*;\s*r\s*=\s*(\d+)\s*;\s*t\s*=\s*(\d+(?:\.\d+)?)')
+DEFAULT_WRITE_COST = 140.0  # medplum.md: a conditional PUT create inside a batch costs about 140
+SEARCH_COST = 20.0
+
+
+def parse_ratelimit(header: str | None) -> dict[str, tuple[int, float]]:
+    """`"requests";r=1;t=5, "fhirInteractions";r=0;t=5` -> {name: (remaining, seconds to reset)}."""
+    if not header:
+        return {}
+    return {m.group(1): (int(m.group(2)), float(m.group(3))) for m in _PART_RE.finditer(header)}
+
+
+@dataclass
+class Pacer:
+    """Spends the FHIR interaction budget the server reports, without overrunning it.
+
+    Single-threaded: the loader's main thread calls every method. `now` values come from the
+    injected Clock, so tests drive it with a fake clock.
+    """
+
+    cost: float = DEFAULT_WRITE_COST  # points per write entry, learnt from RateLimit deltas
+    remaining: int | None = None
+    reset_at: float = 0.0
+    limit: int | None = None  # largest remaining seen: the window's size, roughly
+    enforced: bool | None = None  # None: not known yet
+    not_before: float = 0.0
+    used: float = 0.0  # points spent, from header deltas (estimated across window resets)
+
+    def observe(
+        self, header: str | None, *, entries: int, searches: int, now: float, throttled: bool
+    ) -> None:
+        """Learn from a response: its RateLimit header, the writes/searches it carried, any 429."""
+        if throttled:
+            self.enforced = True
+        part = parse_ratelimit(header).get("fhirInteractions")
+        if part is None:
+            self.used += entries * self.cost + searches * SEARCH_COST
+            return
+        r, t = part
+        reset_at = now + t
+        same_window = self.remaining is not None and abs(reset_at - self.reset_at) <= 2.0
+        if same_window and self.remaining is not None and r <= self.remaining:
+            delta = self.remaining - r
+            self.used += delta
+            if entries and delta > 0 and not throttled:
+                spent = (delta - searches * SEARCH_COST) / entries
+                self.cost = min(500.0, max(50.0, 0.7 * self.cost + 0.3 * spent))
+        elif not same_window:
+            self.used += entries * self.cost + searches * SEARCH_COST
+        if (
+            not throttled
+            and self.enforced is None
+            and r == 0
+            and self.remaining is not None
+            and self.remaining < self.cost * max(entries, 1)
+        ):
+            # We spent past the budget and nothing was refused: the quota is off (medplum.md).
+            self.enforced = False
+        if r > 0:
+            self.limit = max(self.limit or 0, r)
+        self.remaining = r
+        self.reset_at = reset_at
+
+    def throttle(self, seconds: float, now: float) -> None:
+        """Hold every request for `seconds` (a 429's msBeforeNext, or a backoff)."""
+        self.not_before = max(self.not_before, now + max(0.0, seconds))
+
+    def budget(self, now: float) -> float | None:
+        """Points we may still spend in this window (None: unlimited or unknown)."""
+        if self.enforced is False or self.remaining is None:
+            return None
+        if now >= self.reset_at:
+            return float(self.limit) if self.limit else None
+        return float(self.remaining)
+
+    def allowance(self, now: float, inflight_entries: int) -> tuple[int | None, float]:
+        """(most write entries to send now, or None for no cap; seconds to wait first)."""
+        if now < self.not_before:
+            return 0, self.not_before - now
+        budget = self.budget(now)
+        if budget is None:
+            return None, 0.0
+        free = budget - inflight_entries * self.cost
+        n = int(free // self.cost)
+        if n >= 1:
+            return n, 0.0
+        if self.enforced is None:
+            return (1, 0.0) if inflight_entries == 0 else (0, 0.0)  # the probe
+        return 0, max(0.05, self.reset_at - now + 0.05)
+
+    def search_wait(self, now: float) -> float:
+        """Seconds to wait before a search (20 points) may be sent."""
+        if now < self.not_before:
+            return self.not_before - now
+        budget = self.budget(now)
+        if budget is None or budget >= SEARCH_COST or self.enforced is None:
+            return 0.0
+        return max(0.05, self.reset_at - now + 0.05)
+
+
+@dataclass
+class Concurrency:
+    """AIMD over the number of Bundles in flight, between 1 and `maximum`."""
+
+    maximum: int
+    limit: float = 1.0
+    best_per_entry: float | None = None  # fastest seconds per entry seen
+
+    @property
+    def slots(self) -> int:
+        return max(1, min(self.maximum, int(self.limit)))
+
+    def clean(self, entries: int, elapsed: float, inflight: int) -> None:
+        """A Bundle came back without conflicts or 429s: grow, unless latency grew with it."""
+        if entries <= 0:
+            return
+        per = elapsed / entries
+        if self.best_per_entry is None or per < self.best_per_entry:
+            self.best_per_entry = per
+        if inflight > 1 and per > self.best_per_entry * inflight * 0.8:
+            # Parallel Bundles did not finish faster per entry than one at a time: back off.
+            self.limit = max(1.0, self.limit * 0.75)
+        else:
+            self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
+
+    def congested(self) -> None:
+        """Conflicts, 429s or server errors: halve."""
+        self.limit = max(1.0, self.limit / 2.0)

@@ -1,0 +1,281 @@
+"""Identity, normalisation and reference rewriting of one source resource (pure CPU, no HTTP).
+
+medplum.md "Ids and identity": Medplum assigns its own UUIDs, so the source `id` is dropped and
+carried as an `identifier` (system from `identifier_system(source, type)`, value = source id), and
+every reference between source resources is rewritten to the Medplum id through the id map.
+Two steps, so the loader can hold a resource back until its targets exist:
+
+    prepared = prepare(resource, ctx)        # identity, meta, normalisation, reference list
+    rendered = render(prepared, resolve)      # references rewritten, content hash, bytes
+
+References are found by walking the whole structure (contained resources and extensions
+included), not by a list of field names. Forms understood: `Type/id`, `Type/id/_history/v`,
+`{source base}/Type/id[...]` and bare `urn:uuid:<id>` (Synthea leftovers naming a resource of the
+same export by id: fixtures README). Contained `#id` references, conditional references and
+foreign absolute URLs are left as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from pfsync.settings import SourceSettings, identifier_system
+
+Json = dict[str, Any]
+
+# A stable tag carrying the content hash: identical input gives an identical body, so Medplum's
+# no-op detection works (medplum.md "Conditional update": any field that changes every run defeats
+# it), and a lost id map can be rebuilt with hashes from a search (meta.tag is kept as sent).
+HASH_TAG_SYSTEM = "https://pfsync.dev/content-hash"
+# medplum.md "Validation": server-owned meta from the client is overwritten; drop it so the body
+# (and our hash) does not depend on the source's versioning.
+_FOREIGN_META = frozenset({"versionId", "lastUpdated", "author", "project", "compartment", "account",
+                           "accounts", "onBehalfOf"})  # fmt: skip
+_REL_RE = re.compile(r"^([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+_URN_UUID_RE = re.compile(
+    r"^urn:uuid:([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$"
+)
+
+
+class TransformError(Exception):
+    """The resource cannot be loaded as it is (the reason goes to the quarantine)."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to a resource of the same source. `type` is None for `urn:uuid:<id>` (by id alone)."""
+
+    type: str | None
+    id: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the id map knows about a reference target: its type, and its Medplum id once loaded."""
+
+    type: str
+    mid: str | None
+
+
+Resolver = Callable[[Ref], Target | None]
+
+
+@dataclass(frozen=True)
+class TransformContext:
+    """Per-source constants of the transformation."""
+
+    source: SourceSettings
+    normalize: bool = True
+
+    @property
+    def base(self) -> str:
+        return self.source.base_url.rstrip("/")
+
+    @property
+    def meta_source(self) -> str:
+        # medplum.md "Validation": meta.source must be a valid uri.
+        return self.base or f"urn:pfsync:source:{quote(self.source.name, safe='')}"
+
+    def system(self, rtype: str) -> str:
+        return identifier_system(self.source, rtype)
+
+
+@dataclass
+class Prepared:
+    """A resource with its identity set and its references found, not yet rewritten."""
+
+    type: str
+    sid: str
+    resource: Json
+    refs: list[tuple[Json, Ref]]
+    fixes: int = 0
+
+
+@dataclass
+class Rendered:
+    """The bytes to send, their content hash, and the references that stayed logical/unresolved."""
+
+    body: bytes
+    hash: str
+    logical: list[Ref] = field(default_factory=list)
+    unknown: list[Ref] = field(default_factory=list)
+
+
+def parse_reference(value: str, base: str) -> Ref | None:
+    """The source resource a reference string names, or None if it is not ours to rewrite."""
+    if not value or value[0] == "#":
+        return None  # contained: stays as it is
+    if value.startswith("urn:uuid:"):
+        m = _URN_UUID_RE.match(value)
+        return Ref(None, m.group(1)) if m else None
+    if "://" in value:
+        if not base or not value.startswith(base + "/"):
+            return None  # a foreign absolute URL
+        value = value[len(base) + 1 :]
+    if "?" in value:
+        return None  # a conditional reference: resolved by the server
+    m = _REL_RE.match(value)
+    return Ref(m.group(1), m.group(2)) if m else None
+
+
+def escape_token(value: str) -> str:
+    """A token search value with the characters Medplum treats specially escaped (commas mean OR)."""
+    return value.replace("\\", "\\\\").replace(",", "\\,").replace("|", "\\|").replace("$", "\\$")
+
+
+def identifier_query(system: str, value: str) -> str:
+    """`identifier=system|value`, percent-encoded for a URL (medplum.md: commas escaped as `\\,`)."""
+    return "identifier=" + quote(f"{system}|{escape_token(value)}", safe=":/|")
+
+
+def prepare(resource: Json, ctx: TransformContext) -> Prepared:
+    """Identity, meta and normalisation of a freshly parsed resource (mutated in place)."""
+    rtype = resource.get("resourceType")
+    sid = resource.get("id")
+    if not isinstance(rtype, str) or not rtype:
+        raise TransformError("missing resourceType")
+    if not isinstance(sid, str) or not sid.strip():
+        raise TransformError("resource has no id: it cannot be upserted without creating duplicates")
+    del resource["id"]
+    refs: list[tuple[Json, Ref]] = []
+    fixes = _scan(resource, refs, ctx.normalize, ctx.base)
+    _set_identity(resource, ctx.system(rtype), sid)
+    _set_meta(resource, ctx.meta_source)
+    return Prepared(rtype, sid, resource, refs, fixes)
+
+
+def _set_identity(resource: Json, system: str, sid: str) -> None:
+    idents = resource.get("identifier")
+    if not isinstance(idents, list):
+        idents = [] if idents is None else [idents]
+    for ident in idents:
+        if isinstance(ident, dict) and ident.get("system") == system and ident.get("value") == sid:
+            break
+    else:
+        idents.append({"system": system, "value": sid})
+    resource["identifier"] = idents
+
+
+def _set_meta(resource: Json, meta_source: str) -> None:
+    old = resource.get("meta")
+    meta: Json = {}
+    if isinstance(old, dict):
+        for key, value in old.items():
+            if key in _FOREIGN_META or key == "source":
+                continue
+            if key == "tag" and isinstance(value, list):
+                value = [t for t in value if not (isinstance(t, dict) and t.get("system") == HASH_TAG_SYSTEM)]
+                if not value:
+                    continue
+            meta[key] = value
+    meta["source"] = meta_source
+    resource["meta"] = meta
+
+
+def _blank(value: Any) -> bool:
+    return (
+        value is None
+        or (isinstance(value, str) and not value.strip())
+        or (isinstance(value, dict | list) and not value)
+    )
+
+
+def _scan(node: Json, refs: list[tuple[Json, Ref]], normalize: bool, base: str) -> int:
+    """Collect references (and, if asked, drop what strict Medplum rejects); -> fixes made."""
+    fixes = 0
+    dead: list[str] | None = None
+    for key, value in node.items():
+        if isinstance(value, dict):
+            fixes += _scan(value, refs, normalize, base)
+        elif isinstance(value, list):
+            fixes += _scan_list(value, refs, normalize, base, aligned=key[0] == "_" or "_" + key in node)
+        if normalize and _blank(value):
+            # medplum.md "Validation": null values are rejected; empty strings, arrays and objects
+            # are noise real EHR data carries (transcripts 20, 21).
+            if dead is None:
+                dead = []
+            dead.append(key)
+    if dead:
+        for key in dead:
+            del node[key]
+        fixes += len(dead)
+    ref = node.get("reference")
+    if isinstance(ref, str):
+        target = parse_reference(ref, base)
+        if target is not None:
+            refs.append((node, target))
+    return fixes
+
+
+def _scan_list(
+    items: list[Any], refs: list[tuple[Json, Ref]], normalize: bool, base: str, aligned: bool
+) -> int:
+    fixes = 0
+    for item in items:
+        if isinstance(item, dict):
+            fixes += _scan(item, refs, normalize, base)
+        elif isinstance(item, list):
+            fixes += _scan_list(item, refs, normalize, base, aligned)
+    # A primitive array and its `_name` extension array are aligned by position: nulls there are
+    # placeholders FHIR JSON requires, so only unaligned arrays lose their blank items.
+    if normalize and not aligned:
+        before = len(items)
+        items[:] = [i for i in items if not _blank(i)]
+        fixes += before - len(items)
+    return fixes
+
+
+def render(prepared: Prepared, resolve: Resolver, ctx: TransformContext) -> Rendered:
+    """Rewrite references through `resolve`, hash the content, add the hash tag, serialise.
+
+    A target that is known but not loaded yet becomes a logical reference (identifier with the
+    target's system and source id, display kept): never a dangling literal one. A target whose
+    type cannot be known (an unseen `urn:uuid`) is left as it is and reported in `unknown`.
+    """
+    out = Rendered(b"", "")
+    for holder, ref in prepared.refs:
+        target = resolve(ref)
+        if target is None:
+            out.unknown.append(ref)
+            continue
+        if target.mid is not None:
+            holder["reference"] = f"{target.type}/{target.mid}"
+            continue
+        del holder["reference"]
+        holder["identifier"] = {"system": ctx.system(target.type), "value": ref.id}
+        holder.setdefault("type", target.type)
+        out.logical.append(Ref(target.type, ref.id))
+    resource = prepared.resource
+    digest = hashlib.blake2b(orjson.dumps(resource, option=orjson.OPT_SORT_KEYS), digest_size=16).hexdigest()
+    meta = resource.setdefault("meta", {})
+    tags = meta.get("tag")
+    tag = {"system": HASH_TAG_SYSTEM, "code": digest}
+    meta["tag"] = [*tags, tag] if isinstance(tags, list) else [tag]
+    out.body = orjson.dumps(resource)
+    out.hash = digest
+    return out
+
+
+def resource_hash_from_meta(resource: Json) -> str | None:
+    """Our content hash as stored on a Medplum resource (from a search), if any."""
+    meta = resource.get("meta")
+    if isinstance(meta, dict):
+        for tag in meta.get("tag") or []:
+            if isinstance(tag, dict) and tag.get("system") == HASH_TAG_SYSTEM:
+                code = tag.get("code")
+                return code if isinstance(code, str) else None
+    return None
+
+
+def collect_refs(resource: Json, ctx: TransformContext) -> list[Ref]:
+    """The source references of a resource, without changing it."""
+    refs: list[tuple[Json, Ref]] = []
+    _scan(resource, refs, False, ctx.base)
+    return [ref for _, ref in refs]

@@ -1,0 +1,369 @@
+"""Sending writes to Medplum in batch Bundles: sizing, pacing, concurrency and per-entry retries.
+
+medplum.md "Batch Bundles" / "Size limits" / "Quotas and 429" / "Measured":
+- Bundles are cut by bytes and by count; a Bundle refused as too large (413 or 400 "File too
+  large") is split and re-sent, and the byte cap shrinks for the rest of the run.
+- One identity is never in two Bundles in flight (a second conditional create of the same
+  identity in a concurrent Bundle would make a duplicate), and a Bundle holds each identity once
+  (last version wins: transcript 16).
+- Failed entries are re-sent alone (409 conflict, 429, 5xx, lost responses); validation failures
+  go to the handler for the quarantine; retries that run out go to the retry queue.
+- `Prefer: return=minimal` is never sent (the batch-response would be empty).
+
+All bookkeeping happens on the caller's thread; worker threads only do HTTP.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+import orjson
+
+from pfsync.asyncbatch import AsyncBatchRunner
+from pfsync.batch import (
+    Entry,
+    EntryResult,
+    Kind,
+    bundle_bytes,
+    bundle_size,
+    classify,
+    is_too_large,
+    parse_batch,
+    wait_from_outcome,
+)
+from pfsync.errors import HTTPError, InterruptedRunError
+from pfsync.events import EventSink, NullSink
+from pfsync.http import Clock, RetryPolicy, outcome_text
+from pfsync.pacing import Concurrency, Pacer
+from pfsync.redact import redact
+
+FHIR_JSON = "application/fhir+json"
+MEDPLUM_BODY_LIMIT = 1_048_576  # medplum.md: 1,048,577 bytes is refused
+_MIN_BUNDLE_BYTES = 16 * 1024
+
+
+class Handler(Protocol):
+    """Where outcomes go (the Loader)."""
+
+    def settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None: ...
+    def exhausted(self, entry: Entry, result: EntryResult) -> None: ...
+    def recheck(self, entry: Entry) -> None: ...
+
+
+@dataclass
+class Sent:
+    """What came back for one Bundle (built on a worker thread)."""
+
+    status: int | None  # None: network error
+    content: bytes = b""
+    ratelimit: str | None = None
+    elapsed: float = 0.0
+    text: str | None = None
+
+
+@dataclass
+class SenderStats:
+    requests: int = 0
+    bundles: int = 0
+    retried_entries: int = 0
+    throttled: int = 0
+    conflicts: int = 0
+    splits: int = 0
+    max_slots: int = 1
+    statuses: dict[int, int] = field(default_factory=dict)
+
+
+class BatchSender:
+    """Accepts entries with `add`, sends them in Bundles, reports every outcome to `handler`."""
+
+    def __init__(
+        self,
+        client: httpx.Client,
+        handler: Handler,
+        *,
+        max_bytes: int,
+        max_entries: int,
+        max_concurrency: int,
+        clock: Clock,
+        pacer: Pacer,
+        retry: RetryPolicy,
+        events: EventSink | None = None,
+        stop: threading.Event | None = None,
+        async_runner: AsyncBatchRunner | None = None,
+    ) -> None:
+        self._client = client
+        self._handler = handler
+        self._async = async_runner
+        limit = async_runner.max_bytes if async_runner else MEDPLUM_BODY_LIMIT - 1024
+        self.max_bytes = max(_MIN_BUNDLE_BYTES, min(max_bytes, limit))
+        self.max_entries = max_entries
+        self._clock = clock
+        self.pacer = pacer
+        self._retry = retry
+        self._events = events or NullSink()
+        self._stop = stop
+        self.concurrency = Concurrency(max_concurrency)
+        self.stats = SenderStats()
+        self._buf: OrderedDict[tuple[str, str], Entry] = OrderedDict()
+        self._buf_bytes = 0
+        self._blocked: dict[tuple[str, str], Entry] = {}
+        self._inflight: set[tuple[str, str]] = set()
+        self._futures: dict[Future[Sent], list[Entry]] = {}
+        self._groups: list[list[Entry]] = []  # Bundles already cut (halves of a refused one)
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="pfsync-bundle")
+        self.on_response: Callable[[str | None, int, int, bool], None] | None = None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def pending(self) -> int:
+        queued = len(self._buf) + len(self._blocked) + sum(len(g) for g in self._groups)
+        return queued + sum(len(b) for b in self._futures.values())
+
+    def add(self, entry: Entry) -> None:
+        """Queue a write; sends Bundles once a full one can be made (blocks while slots are full)."""
+        key = entry.key
+        if key in self._inflight:
+            self._blocked[key] = entry  # sent after the in-flight write of this identity settles
+            return
+        old = self._buf.pop(key, None)
+        if old is not None:
+            self._buf_bytes -= len(old.encoded()) + 1
+        self._buf[key] = entry
+        self._buf_bytes += len(entry.encoded()) + 1
+        if len(self._buf) >= self.max_entries or self._buf_bytes >= self.max_bytes:
+            self._pump(final=False)
+
+    def flush(self) -> None:
+        """Send everything queued and wait until every entry has an outcome."""
+        self._pump(final=True)
+
+    # -- the loop
+    def _pump(self, final: bool) -> None:
+        while True:
+            self._reap(block=False)
+            if self._stop is not None and self._stop.is_set():
+                self._drain_inflight()
+                raise InterruptedRunError("load stopped: the writes in flight have settled; a rerun resumes")
+            wait_s = self._launch(final)
+            full = len(self._buf) >= self.max_entries or self._buf_bytes >= self.max_bytes
+            if not final and not full and not self._futures_full():
+                return
+            if final and not self._buf and not self._futures and not self._blocked and not self._groups:
+                return
+            if self._futures:
+                self._reap(block=True)
+            elif wait_s > 0:
+                self._clock.sleep(wait_s)
+            elif not self._buf and self._blocked:
+                self._release_blocked(set(self._blocked))
+
+    def _futures_full(self) -> bool:
+        return len(self._futures) >= self.concurrency.slots
+
+    def _launch(self, final: bool) -> float:
+        """Start Bundles while slots, budget and entries allow; -> seconds to wait, if pacing."""
+        while (self._buf or self._groups) and len(self._futures) < self.concurrency.slots:
+            full = len(self._buf) >= self.max_entries or self._buf_bytes >= self.max_bytes
+            if not full and not final and not self._groups:
+                return 0.0
+            inflight_entries = sum(len(b) for b in self._futures.values())
+            cap, wait_s = self.pacer.allowance(self._clock.now(), inflight_entries)
+            if cap == 0:
+                return wait_s
+            if self._groups:
+                group = self._groups.pop(0)
+                if cap is not None and cap < len(group):
+                    self._groups.insert(0, group[cap:])
+                    group = group[:cap]
+                self._start(group)
+            else:
+                self._start(self._take(cap))
+        return 0.0
+
+    def _take(self, cap: int | None) -> list[Entry]:
+        limit = self.max_entries if cap is None else max(1, min(cap, self.max_entries))
+        bundle: list[Entry] = []
+        sizes = 0
+        while self._buf and len(bundle) < limit:
+            key, entry = next(iter(self._buf.items()))
+            size = len(entry.encoded())
+            if bundle and bundle_size(sizes + size, len(bundle) + 1) > self.max_bytes:
+                break
+            del self._buf[key]
+            self._buf_bytes -= size + 1
+            bundle.append(entry)
+            sizes += size
+        return bundle
+
+    def _start(self, bundle: list[Entry]) -> None:
+        for e in bundle:
+            self._inflight.add(e.key)
+        body = bundle_bytes(bundle)
+        self.stats.bundles += 1
+        self.stats.max_slots = max(self.stats.max_slots, len(self._futures) + 1)
+        future = self._pool.submit(self._send, body)
+        self._futures[future] = bundle
+
+    def _send(self, body: bytes) -> Sent:
+        """On a worker thread: one Bundle, synchronously or as an async batch job."""
+        started = time.monotonic()
+        if self._async is not None:
+            status, content, ratelimit, text = self._async.run(body)
+            return Sent(status, content, ratelimit, time.monotonic() - started, text)
+        try:
+            response = self._client.post("", content=body, headers={"Content-Type": FHIR_JSON})
+        except httpx.TransportError as exc:
+            return Sent(None, elapsed=time.monotonic() - started, text=f"{exc.__class__.__name__}: {exc}")
+        text = outcome_text(response) if response.status_code >= 300 else None
+        return Sent(response.status_code, response.content, response.headers.get("ratelimit"),
+                    time.monotonic() - started, text)  # fmt: skip
+
+    def _reap(self, *, block: bool) -> None:
+        if not self._futures:
+            return
+        done, _ = wait(list(self._futures), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for future in done:
+            bundle = self._futures.pop(future)
+            self._complete(bundle, future.result(), inflight=len(self._futures) + 1)
+
+    def _drain_inflight(self) -> None:
+        while self._futures:
+            self._reap(block=True)
+
+    def _release_blocked(self, keys: set[tuple[str, str]]) -> None:
+        for key in keys:
+            entry = self._blocked.pop(key, None)
+            if entry is not None:
+                self.add_front(entry)
+
+    def add_front(self, entry: Entry) -> None:
+        """Queue an entry without triggering a send (used for retries inside the loop)."""
+        old = self._buf.pop(entry.key, None)
+        if old is not None:
+            self._buf_bytes -= len(old.encoded()) + 1
+        self._buf[entry.key] = entry
+        self._buf_bytes += len(entry.encoded()) + 1
+
+    # -- outcomes
+    def _complete(self, bundle: list[Entry], sent: Sent, inflight: int) -> None:
+        self.stats.requests += 1
+        keys = {e.key for e in bundle}
+        self._inflight -= keys
+        now = self._clock.now()
+        status = sent.status
+        if status is not None:
+            self.stats.statuses[status] = self.stats.statuses.get(status, 0) + 1
+        if status is not None and is_too_large(status, sent.text):
+            self._too_large(bundle)
+        elif status is None or status in (408, 429) or status >= 500:
+            wait_s = wait_from_outcome_bytes(sent.content) if status == 429 else None
+            throttled = status == 429
+            self._observe(sent, len(bundle), throttled)
+            self.concurrency.congested()
+            if throttled:
+                self.stats.throttled += 1
+            attempt = max(e.attempts for e in bundle) + 1
+            self.pacer.throttle(wait_s if wait_s is not None else self._retry.backoff(attempt), now)
+            result = EntryResult(status or 0, text=sent.text or f"HTTP {status}")
+            for e in bundle:
+                self._again(e, result, ambiguous=status != 429)
+        elif status in (401, 403):
+            raise HTTPError(
+                f"Medplum refused the batch: HTTP {status}" + (f": {sent.text}" if sent.text else ""),
+                method="POST", url=redact(str(self._client.base_url)), status=status, outcome=sent.text,
+            )  # fmt: skip
+        elif status >= 300:
+            self._observe(sent, len(bundle), False)
+            self._bundle_refused(bundle, EntryResult(status, text=sent.text))
+        else:
+            self._batch_response(bundle, sent, inflight)
+        self._release_blocked(keys - self._inflight)
+
+    def _observe(self, sent: Sent, entries: int, throttled: bool) -> None:
+        self.pacer.observe(
+            sent.ratelimit, entries=entries, searches=0, now=self._clock.now(), throttled=throttled
+        )
+        if self.on_response is not None:
+            self.on_response(sent.ratelimit, entries, 0, throttled)
+
+    def _batch_response(self, bundle: list[Entry], sent: Sent, inflight: int) -> None:
+        results = parse_batch(sent.content, len(bundle))
+        conflicts = throttled = errors = 0
+        wait_s: float | None = None
+        for entry, result in zip(bundle, results, strict=True):
+            kind = classify(entry, result)
+            if kind is Kind.RETRY:
+                if result.status == 409:
+                    conflicts += 1
+                elif result.status == 429:
+                    throttled += 1
+                    wait_s = max(wait_s or 0.0, result.wait or 0.0)
+                else:
+                    errors += 1
+                self._again(entry, result, ambiguous=result.status == 0)
+            elif kind is Kind.STALE:
+                self._handler.recheck(entry)
+            else:
+                self._handler.settled(entry, kind, result)
+        self._observe(sent, len(bundle) - throttled, throttled > 0)
+        self.stats.conflicts += conflicts
+        if throttled:
+            self.stats.throttled += 1
+            self.pacer.throttle(wait_s if wait_s is not None else 1.0, self._clock.now())
+        if conflicts or throttled or errors:
+            self.concurrency.congested()
+        else:
+            self.concurrency.clean(len(bundle), sent.elapsed, inflight)
+
+    def _again(self, entry: Entry, result: EntryResult, *, ambiguous: bool) -> None:
+        entry.attempts += 1
+        self.stats.retried_entries += 1
+        if entry.attempts > self._retry.retries:
+            self._handler.exhausted(entry, result)
+        elif entry.method == "POST" and ambiguous:
+            # medplum.md "Measured": a lost response to a POST that did commit must not become a
+            # second copy: the identity is looked up again before a create is re-sent.
+            self._handler.recheck(entry)
+        else:
+            self.add_front(entry)
+
+    def _too_large(self, bundle: list[Entry]) -> None:
+        self.stats.splits += 1
+        if len(bundle) == 1:
+            self._handler.settled(
+                bundle[0], Kind.FAILED, EntryResult(413, text="resource too large for one request")
+            )
+            return
+        size = len(bundle_bytes(bundle))
+        self.max_bytes = max(_MIN_BUNDLE_BYTES, min(self.max_bytes, size // 2))
+        self._events.emit("load_bundle_split", entries=len(bundle), bytes=size, max_bytes=self.max_bytes)
+        self._regroup(bundle)
+
+    def _bundle_refused(self, bundle: list[Entry], result: EntryResult) -> None:
+        """A 4xx for the whole Bundle: isolate the culprit by re-sending entries in smaller Bundles."""
+        if len(bundle) == 1:
+            self._handler.settled(bundle[0], Kind.FAILED, result)
+            return
+        self._regroup(bundle)
+
+    def _regroup(self, bundle: list[Entry]) -> None:
+        # The halves keep their identities reserved so no newer version overtakes them.
+        self._inflight |= {e.key for e in bundle}
+        half = len(bundle) // 2
+        self._groups.extend([bundle[:half], bundle[half:]])
+
+
+def wait_from_outcome_bytes(content: bytes) -> float | None:
+    try:
+        return wait_from_outcome(orjson.loads(content)) if content else None
+    except orjson.JSONDecodeError:
+        return None

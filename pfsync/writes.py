@@ -1,0 +1,362 @@
+"""The loader's write path: identity state -> skip, lookup, create or update; outcomes -> id map.
+
+Two upsert modes (medplum.md "Measured ... Quota costs"):
+- "direct" (default): identities the id map does not know are searched in Medplum first (100
+  per search, 20 points), then created with POST (100 points) or updated with PUT Type/<id>;
+  about 100.2 points per created resource against 140 for batched conditional PUTs. Any POST
+  whose outcome is unknown (lost response, timeout, 5xx) is searched again before it is re-sent,
+  so a create that did commit never becomes a second copy; a PUT by id that answers 404/410 (the
+  map was stale) goes back to the search too.
+- "conditional": `PUT Type?identifier=system|value` for everything (always safe, 120-140 points);
+  Medplum is searched only when the id map is new (to rebuild it and skip unchanged resources).
+Resources whose content hash equals the one last written are skipped without any request.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+import httpx
+import orjson
+
+from pfsync.asyncbatch import AsyncBatchRunner
+from pfsync.attachments import AttachmentError, Attachments
+from pfsync.batch import Entry, EntryResult, Kind
+from pfsync.events import EventSink
+from pfsync.http import Clock, RetryPolicy
+from pfsync.idmap import Held, IdMap
+from pfsync.lookup import Searcher, find_identities
+from pfsync.ndjson import BadLine
+from pfsync.pacing import Pacer
+from pfsync.quarantine import WrappedLog
+from pfsync.references import References
+from pfsync.settings import HttpSettings, LoadSettings, SourceSettings
+from pfsync.transform import Prepared, TransformContext, TransformError, identifier_query, prepare, render
+from pfsync.upsert import BatchSender
+
+_LOOKUP_FLUSH = 100
+_PROGRESS_EVERY = 500
+DELETED_TAG = {"system": "https://pfsync.dev/source-status", "code": "deleted"}
+
+
+class Writer:
+    """Owned by Loader; see pfsync.load for the public API."""
+
+    def __init__(
+        self, source: SourceSettings, settings: LoadSettings, medplum: httpx.Client, idmap: IdMap,
+        counts: dict[str, Counter[str]], quarantine: WrappedLog, retry_queue: WrappedLog, *,
+        http: HttpSettings, clock: Clock, events: EventSink, dry_run: bool, stop: threading.Event | None,
+        source_client: httpx.Client | None, mode: str,
+    ) -> None:  # fmt: skip
+        if mode not in ("direct", "conditional"):
+            raise ValueError(f"unknown upsert mode {mode!r}")
+        self.context = TransformContext(source, normalize=settings.normalize)
+        self._settings = settings
+        self._idmap = idmap
+        self._counts = counts
+        self._qlog = quarantine
+        self._retry_queue = retry_queue
+        self._clock = clock
+        self._events = events
+        self._dry_run = dry_run
+        self._mode = mode
+        self.fixes: Counter[str] = Counter()
+        self.pacer = Pacer()
+        policy = RetryPolicy.from_settings(http)
+        self._searcher = Searcher(medplum, self.pacer, clock, policy)
+        self._sender: BatchSender | None = None
+        if not dry_run:
+            runner = None
+            if settings.async_batch:
+                runner = AsyncBatchRunner(medplum, clock, max_bytes=settings.async_max_bytes)
+            self._sender = BatchSender(
+                medplum, self, max_bytes=settings.async_max_bytes if runner else settings.bundle_max_bytes,
+                max_entries=10 * settings.bundle_max_entries if runner else settings.bundle_max_entries,
+                max_concurrency=settings.max_concurrency, clock=clock, pacer=self.pacer, retry=policy,
+                events=events, stop=stop, async_runner=runner,
+            )  # fmt: skip
+        self._attachments = (
+            Attachments(medplum, source_client, idmap, settings, self.context, clock=clock, dry_run=dry_run)
+            if settings.attachments else None
+        )  # fmt: skip
+        self.refs = References(
+            self, idmap, self.context, source_client if settings.fetch_missing_references else None
+        )
+        self._lookups: dict[str, dict[str, Entry]] = {}
+        self._rechecks: list[Entry] = []
+        self._done = 0
+
+    # -- per resource
+    def count(self, rtype: str, key: str, n: int = 1) -> None:
+        self._counts.setdefault(rtype, Counter())[key] += n
+
+    def quarantine_line(self, bad: BadLine) -> None:
+        self.count(UNREADABLE_TYPE, "quarantined")
+        if not self._dry_run:
+            self._qlog.add(file=str(bad.path), line=bad.line, reason=bad.reason, raw=bad.raw)
+
+    def quarantine(self, rtype: str, sid: str | None, file: str | None, line: int | None, raw: bytes,
+                    reason: str, status: int | None = None) -> None:  # fmt: skip
+        self.count(rtype, "quarantined")
+        self._events.emit("load_quarantined", type=rtype, id=sid, file=file, line=line, reason=reason)
+        if not self._dry_run:
+            self._qlog.add(file=file, line=line, reason=reason, raw=raw, status=status, rtype=rtype, sid=sid)
+
+    def ingest(self, resource: dict[str, Any], file: str | None, line: int | None, raw: bytes,
+               *, final: bool = False, first: bool = True) -> None:  # fmt: skip
+        """One source resource, as read. `final`: write now even if targets lack ids (logical refs)."""
+        rtype = str(resource.get("resourceType"))
+        sid = resource.get("id")
+        try:
+            p = prepare(resource, self.context)
+        except TransformError as exc:
+            self.quarantine(rtype, sid if isinstance(sid, str) else None, file, line, raw, str(exc))
+            return
+        if first and p.fixes:
+            self.fixes[p.type] += p.fixes
+        self._idmap.seen(p.type, p.sid)
+        if not final and not self._dry_run and self.refs.unresolved(p):
+            self.refs.defer(p, file, line, raw)
+            return
+        self.refs.released(p.type, p.sid)
+        if self._attachments is not None:
+            try:
+                if self._attachments.process(p):
+                    self.count(p.type, "binary_uploaded")
+            except AttachmentError as exc:
+                if exc.retryable:
+                    self.count(p.type, "retry_queued")
+                    self._retry_queue.add(
+                        file=file, line=line, reason=str(exc), raw=raw, rtype=p.type, sid=p.sid
+                    )
+                else:
+                    self.quarantine(p.type, p.sid, file, line, raw, str(exc))
+                return
+        if p.type == "Binary" and self._attachments is not None:
+            self._attachments.load_binary(p, file, line, raw, self)
+            return
+        self._write(p, file, line, raw)
+
+    def _write(self, p: Prepared, file: str | None, line: int | None, raw: bytes) -> None:
+        rendered = render(p, self.refs.target, self.context)
+        if rendered.unknown:
+            self.count(p.type, "unresolved_references", len(rendered.unknown))
+        entry = Entry(p.type, p.sid, "PUT", "", rendered.body, rendered.hash, file, line, raw)
+        entry.logical = bool(rendered.logical)
+        self.route(entry)
+        self._done += 1
+        if self._done % _PROGRESS_EVERY == 0:
+            self._events.emit("load_progress", type=p.type, done=self._done, quota_remaining=self.pacer.remaining,
+                              pending=self._sender.pending if self._sender else 0)  # fmt: skip
+
+    def _conditional_url(self, entry: Entry) -> str:
+        return f"{entry.type}?{identifier_query(self.context.system(entry.type), entry.sid)}"
+
+    def route(self, entry: Entry) -> None:
+        """Skip, search, create or update, from what the id map knows of this identity."""
+        row = self._idmap.get(entry.type, entry.sid)
+        if row is not None and row.mid is not None:
+            if entry.purpose == "upsert" and row.hash is not None and row.hash == entry.hash:
+                self.count(entry.type, "unchanged")
+                if entry.logical:
+                    self.refs.hold_logical(entry)
+                return
+            entry.known_vid = row.vid
+            if entry.purpose == "delete":
+                url = f"{entry.type}/{row.mid}"
+                entry.retarget("DELETE", url)
+            elif self._mode == "direct":
+                entry.retarget("PUT", f"{entry.type}/{row.mid}")
+            else:
+                entry.retarget("PUT", self._conditional_url(entry))
+            self._send(entry, create=False)
+            return
+        if not entry.looked_up and (self._mode == "direct" or self._idmap.cold or self._dry_run):
+            queue = self._lookups.setdefault(entry.type, {})
+            queue.pop(entry.sid, None)
+            queue[entry.sid] = entry
+            if len(queue) >= _LOOKUP_FLUSH:
+                self._flush_lookup(entry.type)
+            return
+        if entry.purpose == "delete":
+            entry.retarget("DELETE", self._conditional_url(entry))
+        elif self._mode == "direct":
+            entry.retarget("POST", entry.type)
+        else:
+            entry.retarget("PUT", self._conditional_url(entry))
+        self._send(entry, create=True)
+
+    def _send(self, entry: Entry, *, create: bool) -> None:
+        if self._dry_run or self._sender is None:
+            key = "deleted" if entry.purpose != "upsert" else ("created" if create else "updated")
+            self.count(entry.type, key)
+            return
+        self._sender.add(entry)
+
+    def _flush_lookup(self, rtype: str) -> None:
+        queue = self._lookups.pop(rtype, None)
+        if not queue:
+            return
+        found = find_identities(self._searcher, rtype, self.context.system(rtype), list(queue))
+        for sid, entry in queue.items():
+            matches = found.get(sid, [])
+            entry.looked_up = True
+            if len(matches) > 1:
+                text = f"{len(matches)} Medplum resources carry identifier {self.context.system(rtype)}|{sid}"
+                self.quarantine(rtype, sid, entry.file, entry.line, entry.raw, text, 412)
+                continue
+            if matches:
+                m = matches[0]
+                if not self._dry_run:
+                    self._idmap.record(rtype, sid, m.mid, m.vid, m.hash)
+                elif m.hash == entry.hash:
+                    self.count(rtype, "unchanged")
+                    continue
+                else:
+                    self.count(rtype, "deleted" if entry.purpose != "upsert" else "updated")
+                    continue
+            elif entry.purpose == "delete":
+                self.count(rtype, "deleted")  # nothing to delete: already absent
+                continue
+            self.route(entry)
+
+    def drain(self, *, partial: bool = False) -> None:
+        """Search what waits for a lookup, send every queued entry, settle every outcome."""
+        while True:
+            for rtype in list(self._lookups):
+                self._flush_lookup(rtype)
+            if self._sender is not None:
+                self._sender.flush()
+            if self._rechecks:
+                again, self._rechecks = self._rechecks, []
+                for entry in again:
+                    self.route(entry)
+                continue
+            if not self._lookups:
+                break
+        self._idmap.commit()
+
+    def finish(self) -> None:
+        self.drain()
+        if not self._dry_run:
+            self.refs.finish()
+        self.drain()
+
+    # -- deletes
+    def delete_request(self, doc: dict[str, Any], file: str, line: int, raw: bytes) -> None:
+        entries = (
+            doc.get("entry")
+            if doc.get("resourceType") == "Bundle"
+            else [{"request": {"method": "DELETE", "url": f"{doc.get('resourceType')}/{doc.get('id')}"}}]
+        )
+        for item in entries or []:
+            request = item.get("request") if isinstance(item, dict) else None
+            url = request.get("url") if isinstance(request, dict) else None
+            parts = url.split("?")[0].strip("/").split("/") if isinstance(url, str) else []
+            if len(parts) < 2 or not parts[-2][:1].isupper():
+                self.quarantine("Bundle", None, file, line, orjson.dumps(item), f"not a deletion: {url!r}")
+                continue
+            rtype, sid = parts[-2], parts[-1]
+            self._idmap.release("deferred", rtype, sid)
+            self._idmap.release("logical", rtype, sid)
+            mode = self._settings.deletes
+            if mode == "ignore":
+                self.count(rtype, "delete_ignored")
+                continue
+            entry = Entry(rtype, sid, "DELETE", "", None, None, file, line, orjson.dumps(item))
+            entry.purpose = "delete" if mode == "apply" else "delete-tag"
+            if mode == "tag":
+                self._tag_deleted(entry)
+            else:
+                self.route(entry)
+
+    def _tag_deleted(self, entry: Entry) -> None:
+        """load.deletes = tag: keep the resource, mark it with a stable tag (hash cleared)."""
+        row = self._idmap.get(entry.type, entry.sid)
+        if row is None or row.mid is None:
+            found = find_identities(self._searcher, entry.type, self.context.system(entry.type), [entry.sid])
+            matches = found.get(entry.sid, [])
+            if len(matches) != 1:
+                self.count(entry.type, "deleted")
+                return
+            mid = matches[0].mid
+        else:
+            mid = row.mid
+        resource = self._searcher.get(f"{entry.type}/{mid}")
+        meta = resource.setdefault("meta", {})
+        tags = [t for t in meta.get("tag") or [] if t != DELETED_TAG]
+        meta["tag"] = [*tags, DELETED_TAG]
+        for key in ("versionId", "lastUpdated", "author", "project", "compartment"):
+            meta.pop(key, None)
+        entry.body = orjson.dumps(resource)
+        entry.retarget("PUT", f"{entry.type}/{mid}")
+        self._send(entry, create=False)
+
+    # -- outcomes (called by BatchSender on this thread)
+    def settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None:
+        if kind is Kind.FAILED:
+            reason = result.text or f"HTTP {result.status}"
+            self.quarantine(entry.type, entry.sid, entry.file, entry.line, entry.raw, reason, result.status)
+            return
+        self._idmap.begin()
+        if kind is Kind.DELETED:
+            self._idmap.forget(entry.type, entry.sid)
+            self.count(entry.type, "deleted")
+            return
+        if result.mid is not None:
+            content_hash = entry.hash if entry.purpose == "upsert" else None
+            self._idmap.record(entry.type, entry.sid, result.mid, result.vid, content_hash)
+        self.count(entry.type, "deleted" if entry.purpose == "delete-tag" else kind.value)
+        if entry.logical:
+            self.refs.hold_logical(entry)
+        else:
+            self.refs.upgraded(entry.type, entry.sid)
+
+    def exhausted(self, entry: Entry, result: EntryResult) -> None:
+        self.count(entry.type, "retry_queued")
+        reason = f"retries exhausted: {result.text or f'HTTP {result.status}'}"
+        self._retry_queue.add(file=entry.file, line=entry.line, reason=reason, raw=entry.raw,
+                              status=result.status, rtype=entry.type, sid=entry.sid)  # fmt: skip
+
+    def recheck(self, entry: Entry) -> None:
+        if entry.method == "PUT" and "?" not in entry.url:
+            self._idmap.forget(entry.type, entry.sid)  # a stale id: Medplum no longer has it
+        entry.looked_up = False
+        entry.known_vid = None
+        self._rechecks.append(entry)
+
+    # -- figures
+    def quota_used(self) -> float:
+        return self.pacer.used
+
+    def requests(self) -> int:
+        n = self._searcher.requests + self.refs.requests
+        if self._attachments is not None:
+            n += self._attachments.requests
+        return n + (self._sender.stats.requests if self._sender else 0)
+
+    def throttled(self) -> int:
+        return self._sender.stats.throttled if self._sender else 0
+
+    def stats(self) -> dict[str, Any]:
+        if self._sender is None:
+            return {}
+        s = self._sender.stats
+        return {"bundles": s.bundles, "retried_entries": s.retried_entries, "conflicts": s.conflicts,
+                "splits": s.splits, "max_concurrency": s.max_slots, "statuses": dict(s.statuses),
+                "write_cost": round(self.pacer.cost, 1)}  # fmt: skip
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+        if self._attachments is not None:
+            self._attachments.close()
+
+
+UNREADABLE_TYPE = "(unreadable)"
+
+
+def held_of(entry: Entry) -> Held:
+    return Held(entry.type, entry.sid, entry.file, entry.line, entry.raw)

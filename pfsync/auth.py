@@ -225,6 +225,14 @@ def parse_token_response(response: httpx.Response, requested: Sequence[str], now
 def token_failure_hint(status: int, error: str, description: str, method: str) -> str:
     """What a refused token request most likely means, from the OAuth error and its text."""
     text = f"{error} {description}".lower()
+    if error == "invalid_client" or (status == 401 and not error):
+        if method == "client_secret_basic":
+            return "wrong client id or secret (PF_CLIENT_ID / PF_CLIENT_SECRET)"
+        return ("wrong client id (PF_CLIENT_ID), or the app (its JWKS) is not registered with / authorised "
+                "by this practice")  # fmt: skip
+    if error == "invalid_scope":
+        return ("scope not authorised: ask the practice admin to authorise the app for these resource "
+                "types, or narrow PF_RESOURCE_TYPES")  # fmt: skip
     if "kid" in text or "public key" in text or "jwks" in text:
         return ("the public key is not registered with the EHR, or PF_KEY_ID (kid) does not match a kid "
                 "in the registered JWKS")  # fmt: skip
@@ -235,7 +243,7 @@ def token_failure_hint(status: int, error: str, description: str, method: str) -
                 "sync this machine's clock (NTP)")  # fmt: skip
     if "aud" in text:
         return "the assertion's aud must equal the token endpoint: set PFSYNC_TOKEN_URL to the exact URL"
-    if error == "invalid_scope" or "scope" in text:
+    if "scope" in text:
         return ("scope not authorised: ask the practice admin to authorise the app for these resource "
                 "types, or narrow PF_RESOURCE_TYPES")  # fmt: skip
     if "grant_type" in text or error == "unsupported_grant_type":

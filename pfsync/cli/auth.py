@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import orjson
 import typer
+from rich import box
+from rich.table import Table
 
 from pfsync.cli.app import app
-from pfsync.cli.common import JsonOpt, SourceOpt, not_implemented
+from pfsync.cli.common import JsonOpt, SourceOpt, build_settings, out_console, run
+from pfsync.redact import redact
 
 auth_app = typer.Typer(
     help="Check credentials and capabilities, and make keys for SMART Backend Services.",
@@ -16,10 +20,25 @@ auth_app = typer.Typer(
 )
 app.add_typer(auth_app, name="auth")
 
+_MARK = {"ok": "ok", "warn": "WARN", "fail": "FAIL", "skip": "-"}
+
 
 @auth_app.command("test")
-def auth_test(ctx: typer.Context, source: SourceOpt = None, json_out: JsonOpt = False) -> None:
+def auth_test(
+    ctx: typer.Context,
+    source: SourceOpt = None,
+    json_out: JsonOpt = False,
+    no_medplum: Annotated[
+        bool, typer.Option("--no-medplum", help="Check only the source(s), not Medplum.")
+    ] = False,
+) -> None:
     """Check every configured source and Medplum: reachability, TLS, discovery, token, scopes, export levels.
+
+    For each source: base URL reachable, TLS, clock skew, token endpoint discovery, auth method,
+    token and expiry, scopes requested vs granted, which export levels answer (Group, Patient,
+    system) and whether _type and _since are accepted; every probe job is cancelled at once.
+    For Medplum: token, a cheap FHIR read and the RateLimit quota. Exits non-zero (3 config,
+    4 auth, 75 unreachable) when something needed fails, with a hint per failure.
 
     Examples:
 
@@ -27,22 +46,92 @@ def auth_test(ctx: typer.Context, source: SourceOpt = None, json_out: JsonOpt = 
 
       pfsync auth test --source practice-a --json
     """
-    not_implemented(ctx, "auth test")
+
+    def work() -> None:
+        from pfsync.authcheck import run_auth_test
+        from pfsync.http import make_client
+
+        settings = build_settings(ctx)
+        with make_client(settings.http) as client:
+            report = run_auth_test(settings, client, source_name=source, include_medplum=not no_medplum)
+        console = out_console()
+        if json_out:
+            typer.echo(redact(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode()))
+        else:
+            for target in report.targets:
+                title = f"{target.kind} {target.name}" + (f"  {target.url}" if target.url else "")
+                table = Table(title=redact(title), box=box.SIMPLE, title_justify="left")
+                table.add_column("check")
+                table.add_column("result")
+                table.add_column("detail", overflow="fold")
+                hints: list[str] = []
+                for check in target.checks:
+                    table.add_row(check.name, _MARK[check.status], redact(check.detail))
+                    if check.hint and check.status in ("fail", "warn"):
+                        hints.append(f"hint ({check.name}): {redact(check.hint)}")
+                console.print(table)
+                for line in hints:
+                    console.print(line, markup=False, highlight=False)
+        error = report.error()
+        if error is not None:
+            raise error
+
+    run(ctx, work)
 
 
 @auth_app.command("keygen")
 def auth_keygen(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", help="Directory for the key pair files.")] = Path("."),
-    alg: Annotated[str, typer.Option("--alg", help="RS384 (RSA 3072) or ES384 (P-384).")] = "ES384",
+    alg: Annotated[str, typer.Option("--alg", help="ES384 (P-384, default) or RS384 (RSA 3072).")] = "ES384",
     kid: Annotated[
-        str | None, typer.Option("--kid", help="Key id [default: a thumbprint of the key].")
+        str | None, typer.Option("--kid", help="Key id [default: the RFC 7638 thumbprint of the key].")
     ] = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Generate a key pair to register with the EHR: private PEM (mode 0600) and public JWKS.
+
+    Writes pfsync-private-key.pem (never overwritten) and pfsync-jwks.json into --out, and
+    prints the PF_KEY_ID to configure. Publish the JWKS at the JWKS URL you register with the
+    EHR; the private key never leaves this machine.
 
     Examples:
 
       pfsync auth keygen --out keys/ --alg ES384
+
+      pfsync auth keygen --out keys/ --alg RS384 --kid pfsync-2025
     """
-    not_implemented(ctx, "auth keygen")
+
+    def work() -> None:
+        from pfsync.keys import generate_key_pair, write_key_pair
+
+        pair = generate_key_pair(alg, kid=kid)
+        private_path, jwks_path = write_key_pair(pair, out)
+        if json_out:
+            doc = {"kid": pair.kid, "alg": pair.alg, "privateKeyFile": str(private_path.resolve()),
+                   "jwksFile": str(jwks_path.resolve()), "jwks": pair.jwks}  # fmt: skip
+            typer.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+            return
+        private_abs = private_path.resolve()
+        lines = [
+            f"Generated an {pair.alg} key pair.",
+            f"  private key: {private_path}  (mode 0600: keep it secret, never commit it)",
+            f"  public JWKS: {jwks_path}",
+            "",
+            f"PF_KEY_ID={pair.kid}",
+            "",
+            "Next steps:",
+            f"  1. Publish {jwks_path.name} at an https URL (your JWKS URL).",
+            '  2. Register the app with the EHR as a "System or Bulk export" app with that JWKS URL;',
+            "     each practice admin must then enable FHIR and authorise the app.",
+            "  3. Configure pfsync:",
+            "       PF_CLIENT_ID=<the client id the EHR assigned>",
+            f"       PF_PRIVATE_KEY={private_abs}",
+            f"       PF_KEY_ID={pair.kid}",
+            "       PFSYNC_JKU=<your JWKS URL>   (optional)",
+            "  4. Check everything: pfsync auth test",
+        ]
+        for line in lines:
+            typer.echo(line)
+
+    run(ctx, work)

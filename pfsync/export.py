@@ -278,6 +278,7 @@ class _Run:
         except BaseException:
             halt.set()
             pool.shutdown(wait=True, cancel_futures=True)
+            self._keep_finished(pending)
             raise
         pool.shutdown(wait=True)
         fatal = [i for i in issues if i.fatal]
@@ -291,6 +292,12 @@ class _Run:
         self.dir.manifest.warnings = self.warnings
         self.dir.save_manifest()
         return self.dir.set_state(job, "downloaded")
+
+    def _keep_finished(self, pending: dict[Future[Downloaded], str]) -> None:
+        """On the way out (stop, error): record the files that did land, so the next run skips them."""
+        for future in pending:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.dir.record(future.result().landed)
 
     def _name(
         self, entry: ManifestFile, numbers: Counter[tuple[str, str]], request: ExportRequest
@@ -308,14 +315,14 @@ class _Run:
         """Handle finished downloads on this thread (block: until one finishes); watch for `stop`."""
         while pending:
             done, _ = wait_futures(list(pending), timeout=0.2 if block else 0, return_when=FIRST_COMPLETED)
+            for future in done:
+                del pending[future]
+                self._landed(future.result(), issues, problems, fresh=True)
             if self.stop is not None and self.stop.is_set():
                 halt.set()
                 raise InterruptedRunError(
                     "export interrupted; complete files are kept and the next run resumes"
                 )
-            for future in done:
-                del pending[future]
-                self._landed(future.result(), issues, problems, fresh=True)
             if done or not block:
                 return
 

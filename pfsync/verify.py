@@ -225,6 +225,8 @@ class Verifier:
                 rendered = render(prepared, resolve, self.ctx)
             except TransformError:
                 continue  # the loader quarantines it: it shows as missing, not as drift
+            if rendered.logical:
+                continue  # a target is missing from Medplum: reported as missing/dangling, not as drift
             scratch.set_source_hash(prepared.type, prepared.sid, rendered.hash)
             n += 1
             if n % _COMMIT_EVERY == 0:
@@ -251,10 +253,19 @@ class Verifier:
             return
         meta = resource.get("meta")
         updated = meta.get("lastUpdated") if isinstance(meta, dict) else None
+        vid = meta.get("versionId") if isinstance(meta, dict) else None
         tag = resource_hash_from_meta(resource)
         body = content_hash(resource, self.settings.medplum.base_url) if content else None
         for sid in sids:
-            scratch.add_medplum(rtype, mid, sid, updated if isinstance(updated, str) else None, tag, body)
+            scratch.add_medplum(
+                rtype,
+                mid,
+                sid,
+                updated if isinstance(updated, str) else None,
+                vid if isinstance(vid, str) else None,
+                tag,
+                body,
+            )
         for ref in references(resource, self.fhir_url, systems):
             scratch.add_ref(rtype, mid, ref.kind, ref.type, ref.id)
 
@@ -269,7 +280,7 @@ class Verifier:
             system = self.system(rtype)
             for sid, found in self.reader.find(rtype, system, sids).items():
                 for f in found:
-                    scratch.add_medplum(rtype, f.mid, sid, None, f.hash, None)
+                    scratch.add_medplum(rtype, f.mid, sid, None, f.vid, f.hash, None)
         return True
 
     def _check_targets(self, scratch: Scratch) -> None:
@@ -362,7 +373,7 @@ def verify(
             return report
         from pfsync.verify_fix import apply_fixes
 
-        actions = apply_fixes(verifier, export_dirs, options, scratch)
+        actions = apply_fixes(verifier, export_dirs, options, scratch, report.extras_checked)
     finally:
         scratch.close()
     report = replace(report, actions=tuple(actions), dry_run=options.dry_run)

@@ -4,9 +4,10 @@ The issue: memory stays flat for 1M resources, so source ids, Medplum ids and re
 temporary SQLite file (deleted after the run), never in Python sets. Tables:
 
     src(type, sid, hash)                   every resource of the source export
-    mp(type, mid, sid, updated, tag, body) every Medplum resource carrying our identifier system
+    mp(type, mid, sid, updated, vid, tag, body)  every Medplum resource with our identifier system
     ref(type, mid, kind, ttype, tid)       references found in those Medplum resources
     seen(type, mid)                        reference targets outside `mp` that Medplum confirmed
+    fix(type, sid, reason), gone(type, mid)  `--fix`: what to re-send, what was deleted
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ PRAGMA temp_store=FILE;
 PRAGMA cache_size=-16000;
 CREATE TABLE src (type TEXT NOT NULL, sid TEXT NOT NULL, hash TEXT, PRIMARY KEY (type, sid)) WITHOUT ROWID;
 CREATE INDEX src_sid ON src (sid);
-CREATE TABLE mp (type TEXT NOT NULL, mid TEXT NOT NULL, sid TEXT NOT NULL, updated TEXT, tag TEXT, body TEXT,
-    PRIMARY KEY (type, mid, sid)) WITHOUT ROWID;
+CREATE TABLE mp (type TEXT NOT NULL, mid TEXT NOT NULL, sid TEXT NOT NULL, updated TEXT, vid TEXT, tag TEXT,
+    body TEXT, PRIMARY KEY (type, mid, sid)) WITHOUT ROWID;
 CREATE INDEX mp_sid ON mp (type, sid);
 CREATE TABLE ref (type TEXT NOT NULL, mid TEXT NOT NULL, kind TEXT NOT NULL, ttype TEXT, tid TEXT NOT NULL);
 CREATE TABLE seen (type TEXT NOT NULL, mid TEXT NOT NULL, PRIMARY KEY (type, mid)) WITHOUT ROWID;
+CREATE TABLE fix (type TEXT NOT NULL, sid TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (type, sid)) WITHOUT ROWID;
+CREATE TABLE gone (type TEXT NOT NULL, mid TEXT NOT NULL, PRIMARY KEY (type, mid)) WITHOUT ROWID;
 """
 _PAGE = 1000
 
@@ -64,10 +67,18 @@ class Scratch:
         self.db.execute("UPDATE src SET hash = ? WHERE type = ? AND sid = ?", (content_hash, rtype, sid))
 
     def add_medplum(
-        self, rtype: str, mid: str, sid: str, updated: str | None, tag: str | None, body: str | None
+        self,
+        rtype: str,
+        mid: str,
+        sid: str,
+        updated: str | None,
+        vid: str | None,
+        tag: str | None,
+        body: str | None,
     ) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO mp VALUES (?, ?, ?, ?, ?, ?)", (rtype, mid, sid, updated, tag, body)
+            "INSERT OR REPLACE INTO mp VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (rtype, mid, sid, updated, vid, tag, body),
         )
 
     def add_ref(self, rtype: str, mid: str, kind: RefKind, ttype: str | None, tid: str) -> None:
@@ -156,7 +167,8 @@ class Scratch:
     def _drift_sql() -> str:
         return (
             "SELECT s.type, s.sid, m.mid FROM src s JOIN mp m ON m.type = s.type AND m.sid = s.sid "
-            "WHERE s.hash IS NOT NULL AND (m.body IS NULL OR m.body != s.hash)"
+            "WHERE s.hash IS NOT NULL AND (m.body IS NULL OR m.body != s.hash) "
+            "AND NOT EXISTS (SELECT 1 FROM mp d WHERE d.type = m.type AND d.sid = m.sid AND d.mid != m.mid)"
         )
 
     def missing(self) -> Iterator[tuple[str, str]]:
@@ -186,6 +198,7 @@ class Scratch:
         yield from self.db.execute(self._dangling_sql() + " ORDER BY r.type, r.mid, r.tid")
 
     def drift(self) -> Iterator[tuple[str, str, str]]:
+        """(type, sid, mid) whose content differs (duplicated identities are reported as such)."""
         yield from self.db.execute(self._drift_sql() + " ORDER BY s.type, s.sid")
 
     def sid_of(self, rtype: str, mid: str) -> str | None:
@@ -195,6 +208,43 @@ class Scratch:
         ).fetchone()
         return None if row is None else str(row[0])
 
-    def medplum_rows(self) -> Iterator[tuple[str, str, str, str | None]]:
-        """(type, sid, mid, tag hash) of every Medplum resource, in pages (the id map refresh)."""
-        yield from self.db.execute("SELECT type, sid, mid, tag FROM mp ORDER BY type, sid, updated, mid")
+    # ------------------------------------------------------------------ --fix bookkeeping
+    def add_fix(self, rtype: str, sid: str, reason: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO fix VALUES (?, ?, ?)", (rtype, sid, reason))
+
+    def fixes(self) -> list[tuple[str, str, str]]:
+        return list(self.db.execute("SELECT type, sid, reason FROM fix ORDER BY type, sid"))
+
+    def is_fix(self, rtype: str, sid: str) -> bool:
+        return (
+            self.db.execute("SELECT 1 FROM fix WHERE type = ? AND sid = ?", (rtype, sid)).fetchone()
+            is not None
+        )
+
+    def add_gone(self, rtype: str, mid: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO gone VALUES (?, ?)", (rtype, mid))
+
+    def referrers_of_gone(self) -> list[tuple[str, str]]:
+        """(type, sid) of source resources whose Medplum copy points at a deleted resource."""
+        return list(
+            self.db.execute(
+                "SELECT DISTINCT m.type, m.sid FROM ref r JOIN gone g ON g.type = r.ttype AND g.mid = r.tid "
+                "JOIN mp m ON m.type = r.type AND m.mid = r.mid "
+                "WHERE NOT EXISTS (SELECT 1 FROM gone x WHERE x.type = r.type AND x.mid = r.mid)"
+            )
+        )
+
+    def kept(self) -> Iterator[tuple[str, str, str, str | None, str | None]]:
+        """(type, sid, mid, vid, tag) per identity still in Medplum after the deletions (oldest kept)."""
+        rows = self.db.execute(
+            "SELECT type, sid, mid, vid, tag FROM mp m WHERE NOT EXISTS (SELECT 1 FROM gone g "
+            "WHERE g.type = m.type AND g.mid = m.mid) ORDER BY type, sid, updated DESC, mid DESC"
+        )
+        last: tuple[str, str] | None = None
+        pending: tuple[str, str, str, str | None, str | None] | None = None
+        for row in rows:  # the last row of each identity wins: the oldest-updated one
+            if last is not None and (row[0], row[1]) != last and pending is not None:
+                yield pending
+            last, pending = (row[0], row[1]), row
+        if pending is not None:
+            yield pending

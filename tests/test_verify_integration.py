@@ -175,3 +175,70 @@ def test_verify_names_each_planted_fault_and_fix_repairs_them(
         "Condition", identifier_system(settings.source(), "Condition"), planted["dup"]
     )
     assert kept["meta"]["versionId"]
+
+
+def cli_env(target: TargetSandbox, state_dir: Path) -> dict[str, str]:
+    return {
+        "PF_FHIR_BASE_URL": "https://ehr.example/fhir/r4/v1/practice-1",
+        "MEDPLUM_BASE_URL": target.base_url,
+        "MEDPLUM_CLIENT_ID": "pfsync-target",
+        "MEDPLUM_CLIENT_SECRET": "target-secret",
+        "PFSYNC_STATE_DIR": str(state_dir),
+        "PFSYNC_FETCH_MISSING_REFERENCES": "false",
+        "PFSYNC_ATTACHMENTS": "false",
+    }
+
+
+def test_verify_cli_json_exit_codes_and_fix(
+    medplum: tuple[Settings, httpx.Client], target: TargetSandbox, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from pfsync.cli import app
+
+    settings, client = medplum
+    data = subset(tmp_path)
+    load(settings, client, data)
+    env = cli_env(target, settings.state_dir)
+    runner = CliRunner()
+
+    ok = runner.invoke(app, ["verify", "--from", str(data), "--json"], env=env)
+    assert ok.exit_code == 0, ok.output
+    doc = orjson.loads(ok.stdout)
+    assert doc["ok"] is True and doc["total"]["present"] == doc["total"]["source"] > 0
+    assert doc["quotaUsed"] == 20 * doc["requests"]
+
+    c = fhir_client(target)
+    patient = first_line(data / "Patient.ndjson")
+    [p] = target.find_by_identifier("Patient", identifier_system(settings.source(), "Patient"), patient["id"])
+    c.delete(f"Patient/{p['id']}")
+
+    bad = runner.invoke(app, ["verify", "--from", str(data), "--json"], env=env)
+    assert bad.exit_code == 11
+    doc = orjson.loads(bad.stdout)
+    assert doc["findings"]["missing"] == [{"type": "Patient", "sid": patient["id"]}]
+    assert "1 missing" in bad.stderr
+
+    table = runner.invoke(app, ["verify", "--from", str(data), "--dry-run", "--limit", "1"], env=env)
+    assert table.exit_code == 11
+    assert "missing (1)" in table.stdout and f"Patient {patient['id']}" in table.stdout
+    assert "--fix would:" in table.stdout and "resend Patient" in table.stdout
+    assert (
+        target.find_by_identifier("Patient", identifier_system(settings.source(), "Patient"), patient["id"])
+        == []
+    )
+
+    fixed = runner.invoke(app, ["verify", "--from", str(data), "--fix"], env=env)
+    assert fixed.exit_code == 0, fixed.output
+    assert "after --fix" in fixed.stdout
+    assert (
+        len(
+            target.find_by_identifier(
+                "Patient", identifier_system(settings.source(), "Patient"), patient["id"]
+            )
+        )
+        == 1
+    )
+
+    usage = runner.invoke(app, ["verify", "--from", str(data), "--fix-extras"], env=env)
+    assert usage.exit_code == 2

@@ -62,6 +62,9 @@ class LiveEngines:
         self.source_client = make_client(settings.http)
         self.authenticator, self.source_auth = source_auth(source, self.source_client, http=settings.http,
                                                            clock=self.clock)  # fmt: skip
+        # The loader fetches missing references and attachments from the source with this client;
+        # a separate one so the authenticator's own token requests never pass through BearerAuth.
+        self.source_fetch_client = make_client(settings.http, auth=self.source_auth)
         self.medplum_client = make_client(
             settings.http, timeout=settings.http.load_timeout, base_url=settings.medplum.fhir_url
         )  # pfsync.load: base_url required
@@ -91,7 +94,7 @@ class LiveEngines:
         from pfsync.load import Loader
 
         with Loader(self.source, self.settings.load, self.medplum_client, state_dir=self.settings.state_dir,
-                    source_client=self.source_client, http=self.settings.http, clock=self.clock,
+                    source_client=self.source_fetch_client, http=self.settings.http, clock=self.clock,
                     events=self.events, dry_run=self.dry_run, stop=self.stop) as loader:  # fmt: skip
             yield loader
 
@@ -136,7 +139,7 @@ class LiveEngines:
                                     policy=self.policy)  # fmt: skip
 
     def close(self) -> None:
-        for client in (self.source_client, self.medplum_client):
+        for client in (self.source_client, self.source_fetch_client, self.medplum_client):
             with contextlib.suppress(Exception):
                 client.close()
 

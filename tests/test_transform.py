@@ -113,7 +113,7 @@ def test_render_makes_logical_reference_for_known_but_unloaded_target() -> None:
                 "serviceProvider": {"reference": "Organization/o7", "display": "Clinic"},
             },
             CTX,
-        ),  # fmt: skip
+        ),
         resolve,
         CTX,
     )
@@ -134,7 +134,7 @@ def test_render_leaves_unknown_urn_and_reports_it() -> None:
                 "prescription": {"reference": "urn:uuid:11111111-2222-3333-4444-555555555555"},
             },
             CTX,
-        ),  # fmt: skip
+        ),
         resolve,
         CTX,
     )
@@ -173,7 +173,7 @@ def test_prepare_replaces_foreign_meta_and_keeps_tags() -> None:
                 "source": "not a uri",
                 "tag": [{"system": "urn:t", "code": "x"}, {"system": HASH_TAG_SYSTEM, "code": "old"}],
                 "profile": ["http://p"],
-            },  # fmt: skip
+            },
         }
     )
     meta = out["meta"]
@@ -181,7 +181,7 @@ def test_prepare_replaces_foreign_meta_and_keeps_tags() -> None:
     assert meta["source"] == BASE
     assert meta["profile"] == ["http://p"]
     assert meta["tag"][0] == {"system": "urn:t", "code": "x"}
-    assert [t for t in meta["tag"] if t["system"] == HASH_TAG_SYSTEM][0]["code"] != "old"
+    assert next(t for t in meta["tag"] if t["system"] == HASH_TAG_SYSTEM)["code"] != "old"
 
 
 def test_prepare_meta_source_without_base_is_a_urn() -> None:
@@ -222,11 +222,18 @@ def test_render_hash_is_stable_and_content_sensitive() -> None:
         ({"gender": None}, {}, 1),
         ({"name": [{"family": "", "given": ["  "]}]}, {}, 5),  # cascades: emptied parents go too
         ({"telecom": [], "address": {}}, {}, 2),
-        ({"name": [{"family": "Doe", "given": ["Jane", ""]}]}, {"name": [{"family": "Doe", "given": ["Jane"]}]}, 1),
-        ({"given": ["A", None], "_given": [None, {"extension": [{"url": "u", "valueString": "x"}]}]},
-         {"given": ["A", None], "_given": [None, {"extension": [{"url": "u", "valueString": "x"}]}]}, 0),
+        (
+            {"name": [{"family": "Doe", "given": ["Jane", ""]}]},
+            {"name": [{"family": "Doe", "given": ["Jane"]}]},
+            1,
+        ),
+        (
+            {"given": ["A", None], "_given": [None, {"extension": [{"url": "u", "valueString": "x"}]}]},
+            {"given": ["A", None], "_given": [None, {"extension": [{"url": "u", "valueString": "x"}]}]},
+            0,
+        ),
     ],
-)  # fmt: skip
+)
 def test_prepare_normalises(resource: dict[str, Any], expected: dict[str, Any], fixes: int) -> None:
     p = prepare({"resourceType": "Patient", "id": "p1", **resource}, CTX)
     body = {k: v for k, v in p.resource.items() if k not in ("resourceType", "identifier", "meta")}

@@ -345,7 +345,7 @@ class Writer:
             return {}
         s = self._sender.stats
         return {"bundles": s.bundles, "retried_entries": s.retried_entries, "conflicts": s.conflicts,
-                "splits": s.splits, "max_concurrency": s.max_slots, "statuses": dict(s.statuses),
+                "splits": s.splits, "max_concurrency": s.max_slots, "statuses": {str(k): v for k, v in s.statuses.items()},
                 "write_cost": round(self.pacer.cost, 1)}  # fmt: skip
 
     def close(self) -> None:

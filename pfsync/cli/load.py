@@ -1,18 +1,124 @@
-"""`pfsync load`: replay NDJSON files (an export directory, any NDJSON, a quarantine file) into Medplum."""
+"""`pfsync load`: replay NDJSON files (an export directory, any NDJSON, a quarantine file) into Medplum.
+
+A source is needed only for the identifier namespace, meta.source and attachments: when none is
+configured the source is named "default" with the default identifier systems and no base URL
+(meta.source becomes `urn:pfsync:source:default`), so a pure replay does not need PF_FHIR_BASE_URL.
+"""
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Annotated
+from types import FrameType
+from typing import Annotated, Any
 
+import orjson
 import typer
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from pfsync.cli.app import app
-from pfsync.cli.common import SourceOpt, not_implemented
+from pfsync.cli.common import JsonOpt, SourceOpt, build_settings, err_console, out_console, run
+from pfsync.errors import PartialLoadError, TemporaryError
+from pfsync.events import EventSink, FanoutSink
+from pfsync.http import make_client
+from pfsync.load import Loader, LoadResult, load
+from pfsync.log import LogSink
+from pfsync.medplum_auth import medplum_auth
+from pfsync.settings import Settings, SourceSettings, require
+
+COLUMNS = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")
+
+
+class LoadProgress:
+    """Loader events as a rich display: resources per second, per type, and quota remaining."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = progress.add_task("loading", total=None)
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+
+    def emit(self, event: str, /, **d: Any) -> None:
+        with self._lock:
+            if event == "load_file_start":
+                self.progress.update(self.task, description=f"reading {Path(str(d['file'])).name}")
+            elif event == "load_progress":
+                rate = d["done"] / max(0.001, time.monotonic() - self.started)
+                quota = d.get("quota_remaining")
+                text = f"{d['type']}: {d['done']} resources, {rate:,.0f}/s" + (
+                    f", quota left {quota:,}" if isinstance(quota, int) else ""
+                )
+                self.progress.update(self.task, description=text, completed=d["done"])
+
+
+def source_for_load(settings: Settings, name: str | None) -> SourceSettings:
+    """The configured source, or a "default" one with identifier defaults for a pure replay."""
+    if not settings.sources and name in (None, "default"):
+        return SourceSettings(name="default", base_url="")
+    return settings.source(name)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def render_summary(result: LoadResult, json_out: bool) -> None:
+    if json_out:
+        doc = {"byType": result.by_type, "normalized": result.normalized, "quotaUsed": result.quota_used,
+               "requests": result.requests, "durationSeconds": round(result.duration, 3), "dryRun": result.dry_run,
+               "logicalReferences": result.logical_references, "stats": result.stats}  # fmt: skip
+        sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+        return
+    title = "pfsync load (dry run: nothing written)" if result.dry_run else "pfsync load"
+    table = Table(title=title)
+    table.add_column("type")
+    for col in (*COLUMNS, "normalized"):
+        table.add_column(col.replace("_", " "), justify="right")
+    for rtype, counts in result.by_type.items():
+        table.add_row(rtype, *(str(counts.get(c, 0)) for c in COLUMNS), str(result.normalized.get(rtype, 0)))
+    table.add_row("total", *(str(result.total(c)) for c in COLUMNS), str(sum(result.normalized.values())))
+    console = out_console()
+    console.print(table)
+    console.print(
+        f"{result.requests} requests, about {result.quota_used:,} quota points, {result.duration:.1f} s"
+        + (
+            f", {result.logical_references} resources keep logical references"
+            if result.logical_references
+            else ""
+        )
+    )
+
+
+def outcome_error(result: LoadResult) -> TemporaryError | PartialLoadError | None:
+    """Exit 75 when the retry queue is not empty, 6 when some resources were quarantined."""
+    if result.retry_queued:
+        return TemporaryError(f"{result.retry_queued} resources wait in the retry queue",
+                              hint="run pfsync load or pfsync sync again later; they are retried first")  # fmt: skip
+    if result.quarantined:
+        return PartialLoadError(f"{result.quarantined} resources were quarantined",
+                                hint="see quarantine.ndjson in the state directory; fix and replay it with pfsync load")  # fmt: skip
+    return None
 
 
 @app.command("load")
-def load(
+def load_command(
     ctx: typer.Context,
     paths: Annotated[list[Path], typer.Argument(help="NDJSON files (.ndjson, .ndjson.gz) or directories.")],
     dry_run: Annotated[
@@ -28,8 +134,11 @@ def load(
         ),
     ] = False,
     source: SourceOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Upsert NDJSON into Medplum: one resource per source id, references rewritten to Medplum ids.
+
+    Exit codes: 0 all landed, 6 some quarantined, 75 some wait in the retry queue.
 
     Examples:
 
@@ -39,4 +148,59 @@ def load(
 
       pfsync load .pfsync/default/quarantine.ndjson
     """
-    not_implemented(ctx, "load")
+
+    def go() -> None:
+        settings = build_settings(ctx, {"load.async_batch": True if async_batch else None})
+        src = source_for_load(settings, source)
+        mp = settings.medplum
+        require(mp.client_id, "medplum.client_id", "pfsync load")
+        require(mp.client_secret, "medplum.client_secret", "pfsync load")
+        with ExitStack() as stack:
+            auth_client = stack.enter_context(make_client(settings.http))
+            auth = medplum_auth(mp, auth_client, http=settings.http)
+            medplum = stack.enter_context(
+                make_client(
+                    settings.http, timeout=settings.http.load_timeout, base_url=mp.fhir_url, auth=auth
+                )
+            )
+            source_client = None
+            if src.base_url and src.client_id:
+                from pfsync.auth import source_auth
+
+                plain = stack.enter_context(make_client(settings.http))
+                _, bearer = source_auth(src, plain, http=settings.http)
+                source_client = stack.enter_context(make_client(settings.http, auth=bearer))
+            stop = stack.enter_context(_stop_on_signals())
+            sinks: list[EventSink] = [LogSink(quiet_events=frozenset({"load_progress", "load_file_start"}))]
+            if err_console().is_terminal and not json_out:
+                progress = stack.enter_context(
+                    Progress(
+                        SpinnerColumn(),
+                        TextColumn("{task.description}"),
+                        BarColumn(),
+                        TimeElapsedColumn(),
+                        console=err_console(),
+                        transient=True,
+                    )
+                )
+                sinks.append(LoadProgress(progress))
+            loader = stack.enter_context(
+                Loader(
+                    src,
+                    settings.load,
+                    medplum,
+                    state_dir=settings.state_dir,
+                    source_client=source_client,
+                    http=settings.http,
+                    events=FanoutSink(sinks),
+                    dry_run=dry_run,
+                    stop=stop,
+                )
+            )
+            result = load(loader, paths)
+        render_summary(result, json_out)
+        error = outcome_error(result)
+        if error is not None and not dry_run:
+            raise error
+
+    run(ctx, go)

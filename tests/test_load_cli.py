@@ -6,12 +6,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from load_helpers import SYNTHEA_SMALL, write_ndjson
+from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 from typer.testing import CliRunner
 
-from load_helpers import SYNTHEA_SMALL, write_ndjson
 from pfsync.cli import app
 from pfsync.sandbox.target import TargetSandbox
-from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 
 
 @pytest.fixture

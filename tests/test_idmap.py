@@ -1,0 +1,74 @@
+"""pfsync.idmap: the SQLite id map, held resources and binaries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pfsync.idmap import Held, IdMap, MapRow
+
+
+def test_idmap_record_get_and_persist(tmp_path: Path) -> None:
+    path = tmp_path / "s" / "idmap.sqlite"
+    m = IdMap(path, target="http://a/fhir/R4/")
+    assert m.cold
+    m.seen("Patient", "p1")
+    assert m.get("Patient", "p1") == MapRow(None, None, None)
+    m.record("Patient", "p1", "mid-1", "v1", "h1")
+    m.close()
+    m = IdMap(path, target="http://a/fhir/R4/")
+    assert not m.cold
+    assert m.get("Patient", "p1") == MapRow("mid-1", "v1", "h1")
+    assert m.counts() == {"Patient": 1}
+    m.close()
+
+
+def test_idmap_types_of_resolves_by_id_alone(tmp_path: Path) -> None:
+    m = IdMap(tmp_path / "i.sqlite", target="t")
+    m.seen("Encounter", "u1")
+    assert m.types_of("u1") == [("Encounter", None)]
+    m.record("Encounter", "u1", "m", None, None)
+    assert m.types_of("u1") == [("Encounter", "m")]
+    assert m.types_of("nope") == []
+    m.close()
+
+
+def test_idmap_forget_keeps_identity_known(tmp_path: Path) -> None:
+    m = IdMap(tmp_path / "i.sqlite", target="t")
+    m.record("Patient", "p", "m", "v", "h")
+    m.forget("Patient", "p")
+    assert m.get("Patient", "p") == MapRow(None, None, None)
+    m.close()
+
+
+def test_idmap_other_target_starts_cold(tmp_path: Path) -> None:
+    path = tmp_path / "i.sqlite"
+    m = IdMap(path, target="http://a/")
+    m.record("Patient", "p", "m", "v", "h")
+    m.record_binary("sha", "b1", 3)
+    m.close()
+    m = IdMap(path, target="http://b/")
+    assert m.cold
+    assert m.get("Patient", "p") is None and m.binary("sha") is None
+    m.close()
+
+
+def test_idmap_held_tables_page_and_release(tmp_path: Path) -> None:
+    m = IdMap(tmp_path / "i.sqlite", target="t")
+    for i in range(1203):
+        m.hold("deferred", Held("Observation", f"o{i:05d}", "f.ndjson", i, b"{}"))
+    m.hold("deferred", Held("Observation", "o00001", "g.ndjson", 9, b"{}"))  # replaces
+    assert m.held_count("deferred") == 1203
+    items = list(m.held("deferred"))
+    assert len(items) == 1203 and items[1].file == "g.ndjson"
+    m.release("deferred", "Observation", "o00001")
+    assert not m.is_held("deferred", "Observation", "o00001")
+    assert m.held_count("logical") == 0
+    m.close()
+
+
+def test_idmap_binaries(tmp_path: Path) -> None:
+    m = IdMap(tmp_path / "i.sqlite", target="t")
+    assert m.binary("abc=") is None
+    m.record_binary("abc=", "bin-1", 10)
+    assert m.binary("abc=") == "bin-1"
+    m.close()

@@ -1,0 +1,253 @@
+"""BatchSender and pacing with a fake server (httpx.MockTransport) and a fake clock: no sleeping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from load_helpers import FakeClock
+
+from pfsync.batch import Entry, EntryResult, Kind
+from pfsync.http import RetryPolicy
+from pfsync.pacing import Concurrency, Pacer, parse_ratelimit
+from pfsync.upsert import BatchSender
+
+
+class Handler:
+    def __init__(self) -> None:
+        self.done: list[tuple[str, Kind, EntryResult]] = []
+        self.exhausted_: list[str] = []
+        self.rechecks: list[str] = []
+
+    def settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None:
+        self.done.append((entry.sid, kind, result))
+
+    def exhausted(self, entry: Entry, result: EntryResult) -> None:
+        self.exhausted_.append(entry.sid)
+
+    def recheck(self, entry: Entry) -> None:
+        self.rechecks.append(entry.sid)
+
+
+Answer = Callable[[list[dict[str, Any]], int], tuple[int, Any, dict[str, str]]]
+
+
+def server(answer: Answer) -> tuple[httpx.Client, list[list[dict[str, Any]]]]:
+    seen: list[list[dict[str, Any]]] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        entries = orjson.loads(request.content)["entry"]
+        seen.append(entries)
+        status, body, headers = answer(entries, len(seen))
+        return httpx.Response(status, content=orjson.dumps(body), headers=headers)
+
+    return httpx.Client(transport=httpx.MockTransport(handle), base_url="http://medplum.test/fhir/R4/"), seen
+
+
+def response(statuses: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "batch-response", "entry": [{"response": s} for s in statuses]}
+
+
+def created(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"status": "201", "location": f"Patient/m-{e['request']['url'].rsplit('|', 1)[-1]}"} for e in entries
+    ]
+
+
+def throttled(ms: int) -> dict[str, Any]:
+    diag = orjson.dumps({"_remainingPoints": 0, "_msBeforeNext": ms, "limit": 5000}).decode()
+    oo = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "throttled",
+          "details": {"text": "Too Many Requests"}, "diagnostics": diag}]}  # fmt: skip
+    return {"status": "429", "outcome": oo}
+
+
+def entry(i: int | str, body: bytes = b'{"resourceType":"Patient"}') -> Entry:
+    return Entry("Patient", str(i), "PUT", f"Patient?identifier=s|{i}", body)
+
+
+def make(client: httpx.Client, handler: Handler, clock: FakeClock, **kw: Any) -> BatchSender:
+    opts: dict[str, Any] = {
+        "max_bytes": 900_000,
+        "max_entries": 10,
+        "max_concurrency": 1,
+        "retry": RetryPolicy(retries=3),
+    }
+    opts.update(kw)
+    return BatchSender(client, handler, clock=clock, pacer=Pacer(), **opts)
+
+
+def test_sender_retries_only_throttled_entries_after_ms_before_next() -> None:
+    def answer(entries: list[dict[str, Any]], n: int) -> tuple[int, Any, dict[str, str]]:
+        if n == 1:
+            return 200, response(created(entries[:3]) + [throttled(1500)] * (len(entries) - 3)), {}
+        return 200, response(created(entries)), {}
+
+    client, seen = server(answer)
+    handler, clock = Handler(), FakeClock()
+    sender = make(client, handler, clock)
+    for i in range(5):
+        sender.add(entry(i))
+    sender.flush()
+    assert [len(b) for b in seen] == [5, 2]
+    assert [e["request"]["url"] for e in seen[1]] == ["Patient?identifier=s|3", "Patient?identifier=s|4"]
+    assert sum(clock.slept) >= 1.5
+    assert sorted(sid for sid, kind, _ in handler.done if kind is Kind.CREATED) == ["0", "1", "2", "3", "4"]
+
+
+def test_sender_retries_conflicts_and_shrinks_concurrency() -> None:
+    def answer(entries: list[dict[str, Any]], n: int) -> tuple[int, Any, dict[str, str]]:
+        statuses = created(entries)
+        if n == 1:
+            statuses[1] = {"status": "409", "outcome": {"resourceType": "OperationOutcome", "issue": [
+                {"severity": "error", "code": "conflict", "details": {"text": "could not serialize access"}}]}}  # fmt: skip
+        return 200, response(statuses), {}
+
+    client, seen = server(answer)
+    handler, clock = Handler(), FakeClock()
+    sender = make(client, handler, clock, max_concurrency=4)
+    for i in range(3):
+        sender.add(entry(i))
+    sender.flush()
+    assert [len(b) for b in seen] == [3, 1]
+    assert sender.stats.conflicts == 1
+    assert len(handler.done) == 3
+
+
+def test_sender_dedupes_identity_last_wins() -> None:
+    client, seen = server(lambda entries, n: (200, response(created(entries)), {}))
+    handler = Handler()
+    sender = make(client, handler, FakeClock())
+    sender.add(entry(1, b'{"resourceType":"Patient","gender":"male"}'))
+    sender.add(entry(2))
+    sender.add(entry(1, b'{"resourceType":"Patient","gender":"female"}'))
+    sender.flush()
+    assert len(seen) == 1 and len(seen[0]) == 2
+    assert [e["resource"].get("gender") for e in seen[0] if e["request"]["url"].endswith("|1")] == ["female"]
+
+
+def test_sender_splits_on_file_too_large() -> None:
+    too_large = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid",
+                 "details": {"text": "File too large"}}]}  # fmt: skip
+
+    def answer(entries: list[dict[str, Any]], n: int) -> tuple[int, Any, dict[str, str]]:
+        if len(entries) > 2:
+            return 400, too_large, {}
+        return 200, response(created(entries)), {}
+
+    client, seen = server(answer)
+    handler = Handler()
+    sender = make(client, handler, FakeClock())
+    for i in range(8):
+        sender.add(entry(i))
+    sender.flush()
+    assert [len(b) for b in seen] == [8, 4, 4, 2, 2, 2, 2]  # halves until the server takes them
+    assert len(handler.done) == 8 and all(kind is Kind.CREATED for _, kind, _ in handler.done)
+    assert sender.stats.splits >= 2
+
+
+def test_sender_cuts_bundles_by_bytes_and_count() -> None:
+    client, seen = server(lambda entries, n: (200, response(created(entries)), {}))
+    sender = make(client, Handler(), FakeClock(), max_bytes=16 * 1024, max_entries=50)
+    big = b'{"resourceType":"Patient","text":"' + b"x" * 3000 + b'"}'
+    for i in range(20):
+        sender.add(entry(i, big))
+    sender.flush()
+    assert sum(len(b) for b in seen) == 20
+    assert all(len(orjson.dumps({"entry": b})) <= 16 * 1024 for b in seen)
+    assert max(len(b) for b in seen) <= 5
+
+
+def test_sender_outer_5xx_and_network_errors_are_retried_then_queued() -> None:
+    calls = {"n": 0}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise httpx.ConnectError("reset")
+        return httpx.Response(503, json={"resourceType": "OperationOutcome", "issue": []})
+
+    client = httpx.Client(transport=httpx.MockTransport(handle), base_url="http://medplum.test/fhir/R4/")
+    handler, clock = Handler(), FakeClock()
+    sender = make(client, handler, clock, retry=RetryPolicy(retries=2))
+    sender.add(entry(1))
+    sender.flush()
+    assert handler.exhausted_ == ["1"]
+    assert calls["n"] == 3 and clock.slept
+
+
+def test_sender_post_with_lost_response_is_rechecked_not_resent() -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("lost")
+
+    client = httpx.Client(transport=httpx.MockTransport(handle), base_url="http://medplum.test/fhir/R4/")
+    handler = Handler()
+    sender = make(client, handler, FakeClock())
+    sender.add(Entry("Patient", "1", "POST", "Patient", b"{}"))
+    sender.flush()
+    assert handler.rechecks == ["1"]
+
+
+def test_pacer_spends_budget_then_waits_for_reset() -> None:
+    pacer, now = Pacer(), 100.0
+    pacer.observe(
+        '"requests";r=59990;t=60, "fhirInteractions";r=1000;t=6',
+        entries=0,
+        searches=1,
+        now=now,
+        throttled=False,
+    )
+    cap, wait = pacer.allowance(now, inflight_entries=0)
+    assert cap == 7 and wait == 0  # 1000 points / 140 per write
+    pacer.enforced = True
+    pacer.observe('"fhirInteractions";r=20;t=5', entries=7, searches=0, now=now + 1, throttled=False)
+    cap, wait = pacer.allowance(now + 1, 0)
+    assert cap == 0 and wait == pytest.approx(5.05)
+    assert pacer.used == pytest.approx(20 + 980)  # the first search (estimated), then the delta
+
+
+def test_pacer_probe_detects_quota_off() -> None:
+    pacer, now = Pacer(), 0.0
+    pacer.observe('"fhirInteractions";r=100;t=50', entries=0, searches=0, now=now, throttled=False)
+    assert pacer.allowance(now, 0) == (1, 0.0)  # the probe
+    assert pacer.allowance(now, 1) == (0, 0.0)
+    pacer.observe('"fhirInteractions";r=0;t=50', entries=1, searches=0, now=now, throttled=False)
+    assert pacer.enforced is False
+    assert pacer.allowance(now, 0) == (None, 0.0)  # r=0 alone is not throttling
+
+
+def test_pacer_throttle_holds_everything() -> None:
+    pacer = Pacer()
+    pacer.throttle(3.0, now=10.0)
+    assert pacer.allowance(11.0, 0) == (0, 2.0)
+    assert pacer.search_wait(11.0) == 2.0
+    assert pacer.allowance(13.5, 0) == (None, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (
+            '"requests";r=59935;t=5, "fhirInteractions";r=0;t=5',
+            {"requests": (59935, 5.0), "fhirInteractions": (0, 5.0)},
+        ),
+        ('"requests";r=159;t=60', {"requests": (159, 60.0)}),
+        (None, {}),
+        ("garbage", {}),
+    ],
+)
+def test_parse_ratelimit(header: str | None, expected: dict[str, tuple[int, float]]) -> None:
+    assert parse_ratelimit(header) == expected
+
+
+def test_concurrency_aimd() -> None:
+    c = Concurrency(maximum=4)
+    for _ in range(20):
+        c.clean(entries=100, elapsed=1.0, inflight=1)
+    assert c.slots == 4
+    c.congested()
+    assert c.slots == 2
+    c.clean(entries=100, elapsed=10.0, inflight=4)  # four at once, each 10x slower: no gain
+    assert c.limit < 2

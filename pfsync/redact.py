@@ -43,7 +43,9 @@ def register(value: str | None) -> None:
         _values.add(value)
         # Also mask each line of multi-line secrets (a PEM printed line by line).
         for line in value.splitlines():
-            if len(line.strip()) >= 16:
+            # PEM armour lines are not secret; masking them would stop the PEM shape below from
+            # recognising (and masking) the body of any other private key.
+            if len(line.strip()) >= 16 and not line.strip().startswith("-----"):
                 _values.add(line.strip())
         ordered = sorted(_values, key=len, reverse=True)
         _pattern = re.compile("|".join(re.escape(v) for v in ordered))

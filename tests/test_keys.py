@@ -25,6 +25,7 @@ from pfsync.keys import (
     public_jwk,
     write_key_pair,
 )
+from pfsync.redact import redact
 
 
 def _private_jwk(key: Any, kid: str | None) -> dict[str, Any]:
@@ -203,3 +204,14 @@ def test_loose_permissions_warning_missing_file_is_none(tmp_path: Path) -> None:
 def test_public_jwk_of_private_and_public_key_agree() -> None:
     key = ec_key()
     assert public_jwk(key, kid="k") == public_jwk(key.public_key(), kid="k")
+
+
+def test_loading_a_key_keeps_other_pem_bodies_redactable() -> None:
+    # Registering a PEM once must not stop redact() from masking the body of a different PEM.
+    load_signing_key(pem(ec_key("P-256")), key_id="k")
+    other = pem(rsa_key())
+    body_line = other.splitlines()[1]
+    assert body_line not in redact(f"oops: {other}")
+    assert body_line not in redact(
+        "-----BEGIN PRIVATE KEY-----\n" + body_line + "\n-----END PRIVATE KEY-----"
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pfsync.errors import ConfigError, UsageError
 from pfsync.redact import register
+
+log = logging.getLogger("pfsync.keys")
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
@@ -273,3 +276,11 @@ def loose_permissions_warning(path: Path) -> str | None:
             f"run: chmod 600 {path}"
         )
     return None
+
+
+def warn_if_loose(path: Path) -> bool:
+    """Log a warning when a private key file is group/other accessible; True when it warned."""
+    warning = loose_permissions_warning(path)
+    if warning:
+        log.warning(warning)
+    return warning is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 from pathlib import Path
@@ -23,6 +24,7 @@ from pfsync.keys import (
     load_signing_key,
     loose_permissions_warning,
     public_jwk,
+    warn_if_loose,
     write_key_pair,
 )
 from pfsync.redact import redact
@@ -215,3 +217,22 @@ def test_loading_a_key_keeps_other_pem_bodies_redactable() -> None:
     assert body_line not in redact(
         "-----BEGIN PRIVATE KEY-----\n" + body_line + "\n-----END PRIVATE KEY-----"
     )
+
+
+def test_warn_if_loose_logs_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "key.pem"
+    path.write_text("x")
+    path.chmod(0o644)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("pfsync.keys")
+    logger.addHandler(handler)  # directly: the CLI tests may have set propagate=False on "pfsync"
+    try:
+        assert warn_if_loose(path) is True
+        path.chmod(0o600)
+        assert warn_if_loose(path) is False
+    finally:
+        logger.removeHandler(handler)
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    assert "chmod 600" in records[0].getMessage()

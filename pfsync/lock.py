@@ -23,7 +23,7 @@ import orjson
 from pfsync.errors import LockedError, StateError
 from pfsync.state import Holder, Lease, SyncState, iso, parse_iso
 
-LEASE_TTL = 15 * 60.0  # renewed on every state save; a dead pod's lease frees itself after this
+LEASE_TTL = 15 * 60.0  # renewed on every state save and on a timer; a dead pod's lease frees itself after this
 
 
 def _read_holder(fd: int) -> Holder | None:
@@ -132,6 +132,7 @@ class LeaseLock:
     _renew: Callable[[LeaseLock], None]
     _release: Callable[[LeaseLock], None]
     released: bool = False
+    renew_every: float = LEASE_TTL / 3  # pfsync.sync renews on a timer: three chances per TTL
 
     def renew(self) -> None:
         if not self.released:

@@ -2,8 +2,11 @@
 
 node_exporter reads every `*.prom` file in its directory on each scrape; a half-written file
 would be a scrape error, so the file is replaced atomically (pfsync.state.write_atomic) and made
-world-readable (the exporter usually runs as another user). Values describe the last run of each
-source as saved in its state, so `pfsync status --metrics` and `pfsync sync --metrics` agree.
+world-readable (the exporter usually runs as another user). Values come from each source's saved
+state, so `pfsync status --metrics` and `pfsync sync --metrics` agree. `pfsync_resources_total` is a
+true counter (Prometheus: `_total` means one): the per-type counts summed over every completed run,
+persisted in the state so it survives restarts and pods; `pfsync_last_run_resources` is the last
+run's counts (a gauge).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ OUTCOMES = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_
 
 _METRICS = (
     ("pfsync_last_success_timestamp_seconds", "gauge", "Unix time of the last successful sync of the source."),
-    ("pfsync_resources_total", "gauge", "Resources handled by the last run, by type and outcome."),
+    ("pfsync_resources_total", "counter", "Resources handled by all completed runs, by type and outcome."),
+    ("pfsync_last_run_resources", "gauge", "Resources handled by the last run, by type and outcome."),
     ("pfsync_run_duration_seconds", "gauge", "Duration of the last run of the source."),
     ("pfsync_quota_used", "gauge", "Medplum quota points used by the last run (from RateLimit headers)."),
     ("pfsync_healthy", "gauge", "1 when the source is healthy (see pfsync status), else 0."),
@@ -44,11 +48,12 @@ def render(statuses: Sequence[SourceStatus]) -> str:
         src = f'source="{_label(st.source)}"'
         if (success := st.last_success_epoch) is not None:
             samples["pfsync_last_success_timestamp_seconds"].append(f"{{{src}}} {_num(success)}")
-        for rtype, counts in sorted(st.counts.items()):
-            for outcome in OUTCOMES:
-                if outcome in counts:
-                    labels = f'{src},type="{_label(rtype)}",outcome="{outcome}"'
-                    samples["pfsync_resources_total"].append(f"{{{labels}}} {counts[outcome]}")
+        for metric, by_type in (("pfsync_resources_total", st.totals), ("pfsync_last_run_resources", st.counts)):
+            for rtype, counts in sorted(by_type.items()):
+                for outcome in OUTCOMES:
+                    if outcome in counts:
+                        labels = f'{src},type="{_label(rtype)}",outcome="{outcome}"'
+                        samples[metric].append(f"{{{labels}}} {counts[outcome]}")
         if st.duration_seconds is not None:
             samples["pfsync_run_duration_seconds"].append(f"{{{src}}} {_num(st.duration_seconds)}")
         if st.quota_used is not None:

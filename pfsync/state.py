@@ -17,6 +17,7 @@ never overwritten silently: the operator decides (the message names the file).
       "inFlight": {"kind": "incremental"|"full", "exportDir": "exports/<id>", "since": "..."|null,
                    "startedAt": "...", "filesLoaded": ["<sha256>", ...], "backfillGroups": [...]},
       "groupMembers": {"<group id>": ["<patient id>", ...]},
+      "totals": {"Patient": {"created": 12, ...}},      # cumulative over completed runs (a counter)
       "retryQueue": "retry.ndjson",
       "lease": {"holder": "...", "token": "...", "expires": "..."} | null    # Medplum backend only
     }
@@ -108,6 +109,8 @@ class SyncState:
     group_members: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     retry_queue: str = RETRY_FILE
     lease: Lease | None = None
+    # Counts summed over every completed run: Prometheus counters must only go up (`_total`).
+    totals: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -123,6 +126,7 @@ class SyncState:
             "groupMembers": {g: list(m) for g, m in sorted(self.group_members.items())},
             "retryQueue": self.retry_queue,
             "lease": None,
+            "totals": {t: dict(c) for t, c in sorted(self.totals.items())},
         }
         if self.last_run is not None:
             r = self.last_run
@@ -174,6 +178,7 @@ class SyncState:
                 group_members={str(g): tuple(str(p) for p in m) for g, m in (doc.get("groupMembers") or {}).items()},
                 retry_queue=str(doc.get("retryQueue") or RETRY_FILE),
                 lease=None if lease is None else Lease(str(lease["holder"]), str(lease["token"]), str(lease["expires"])),
+                totals={str(t): {str(k): int(v) for k, v in c.items()} for t, c in (doc.get("totals") or {}).items()},
             )  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StateError(
@@ -325,6 +330,8 @@ class MemoryStateStore:
     states: dict[str, SyncState] = field(default_factory=dict)
     held: dict[str, Holder] = field(default_factory=dict)
     saves: int = 0
+    renewals: int = 0
+    renew_every: float | None = None  # set to make sync renew this fake lease on a timer
 
     def load(self, source: str) -> SyncState:
         return self.states.get(source) or SyncState(source=source)
@@ -343,8 +350,10 @@ class MemoryStateStore:
         store = self
 
         class _Held:
+            renew_every = store.renew_every
+
             def renew(self) -> None:
-                return None
+                store.renewals += 1
 
             def release(self) -> None:
                 store.held.pop(source, None)
@@ -362,6 +371,18 @@ def locked(store: StateStore, source: str, holder: Holder) -> Iterator[RunLock]:
         yield lock
     finally:
         lock.release()
+
+
+def add_counts(
+    totals: Mapping[str, Mapping[str, int]], counts: Mapping[str, Mapping[str, int]]
+) -> dict[str, dict[str, int]]:
+    """`totals` plus one run's per-type counts (for SyncState.totals)."""
+    out = {t: dict(c) for t, c in totals.items()}
+    for rtype, c in counts.items():
+        row = out.setdefault(rtype, {})
+        for key, value in c.items():
+            row[key] = row.get(key, 0) + int(value)
+    return out
 
 
 def cleared_flight(state: SyncState) -> SyncState:

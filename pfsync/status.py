@@ -42,6 +42,7 @@ class SourceStatus:
     quarantine_size: int = 0
     retry_queue_size: int = 0
     lock_holder: str | None = None
+    totals: dict[str, dict[str, int]] = field(default_factory=dict)  # cumulative (metrics counter)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,7 +53,7 @@ class SourceStatus:
             "lastError": self.last_error, "inFlight": self.in_flight, "counts": self.counts,
             "durationSeconds": self.duration_seconds, "quotaUsed": self.quota_used,
             "quarantineSize": self.quarantine_size, "retryQueueSize": self.retry_queue_size,
-            "lockHolder": self.lock_holder,
+            "lockHolder": self.lock_holder, "totals": self.totals,
         }  # fmt: skip
 
     @property
@@ -123,6 +124,7 @@ def source_status(settings: Settings, store: StateStore, name: str, now: float) 
         quarantine_size=count_lines(directory / QUARANTINE_FILE),
         retry_queue_size=count_lines(directory / state.retry_queue),
         lock_holder=holder.describe() if holder else None,
+        totals={t: dict(c) for t, c in state.totals.items()},
     )  # fmt: skip
 
 

@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pfsync.bulk import ExportRequest, requests_for
 from pfsync.errors import (
@@ -54,7 +54,17 @@ from pfsync.events import EventSink, NullSink
 from pfsync.exportjob import ExportDir, LandedFile
 from pfsync.http import Clock, SystemClock
 from pfsync.settings import Settings, SourceSettings
-from pfsync.state import Holder, InFlight, LastRun, StateStore, SyncState, iso, parse_iso, source_dir
+from pfsync.state import (
+    Holder,
+    InFlight,
+    LastRun,
+    StateStore,
+    SyncState,
+    add_counts,
+    iso,
+    parse_iso,
+    source_dir,
+)
 
 log = logging.getLogger("pfsync.sync")
 
@@ -211,13 +221,21 @@ def sync_source(
     settings: Settings,
     source: SourceSettings,
     store: StateStore,
-    engines: Engines,
+    engines: Engines | Callable[[], Engines],
     *,
     stop: threading.Event,
     clock: Clock | None = None,
     events: EventSink | None = None,
+    renew_every: float | None = None,
 ) -> SourceResult:
-    """One run of one source. Never raises a PfsyncError: the result carries the outcome."""
+    """One run of one source. Never raises a PfsyncError: the result carries the outcome.
+
+    `engines` may be a factory: it is then called only once the lock is held, and closed at the
+    end. Decision: a source that another run holds reports "locked" (exit 8) even when its engines
+    could not be built (say a config error in its key file): building them costs token requests
+    (Medplum allows 160 auth calls/min/IP) and the run holding the lock reports that error anyway.
+    `renew_every`: seconds between lease renewals (default: the lock's own `renew_every`).
+    """
     clock = clock or SystemClock()
     events = events or NullSink()
     started = clock.now()
@@ -231,11 +249,20 @@ def sync_source(
     except PfsyncError as exc:
         return SourceResult(name, "failed", int(exc.exit_code), error=exc.message)
     run: _Run | None = None
+    built: Engines | None = None
+    heartbeat: _Heartbeat | None = None
     try:
         run = _Run(store, store.load(name), lock)
         run.save(last_attempt=iso(started))
+        if hasattr(engines, "run_export"):
+            ready = cast(Engines, engines)
+        else:  # a factory: build the engines now that the lock is ours (a failure is recorded)
+            ready = built = engines()
+        interval = renew_every if renew_every is not None else getattr(lock, "renew_every", None)
+        if interval:
+            heartbeat = _Heartbeat(run, float(interval), name)
         result = _run_locked(
-            settings, source, run, engines, stop=stop, clock=clock, events=events, started=started
+            settings, source, run, ready, stop=stop, clock=clock, events=events, started=started
         )
     except PfsyncError as exc:
         outcome = "interrupted" if isinstance(exc, InterruptedRunError) else "failed"
@@ -253,12 +280,48 @@ def sync_source(
         if run is not None:
             _record_failure(run, result, drop_flight=False)
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+        if built is not None:
+            built.close()
         try:
             lock.release()
         except PfsyncError as exc:  # losing the release only delays the next run by the lease TTL
             log.warning("could not release the lock of %s: %s", name, exc.message)
     events.emit("sync_source_complete", **result.to_json())
     return result
+
+
+class _Heartbeat:
+    """Renews the run's lease every `interval` seconds on its own thread, for as long as the run lasts.
+
+    Per-file renewal is not enough: one large file (or a slow export poll, or a Medplum Bundle
+    waiting on the quota) can outlast the lease TTL, and another pod would then take over a source
+    that is still being written. Renewal shares the run's mutex with state saves, so a renewal never
+    writes an older state over a newer one (both go through the same If-Match chain).
+    """
+
+    def __init__(self, run: _Run, interval: float, source: str) -> None:
+        self._run, self._interval, self._source = run, interval, source
+        self._done = threading.Event()
+        self.renewals = 0
+        self._thread = threading.Thread(target=self._loop, name=f"pfsync-lease-{source}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._done.wait(self._interval):
+            try:
+                with self._run.mutex:
+                    self._run.lock.renew()
+                self.renewals += 1
+            except PfsyncError as exc:  # the next state save reports a lost lease as LockedError
+                log.warning("could not renew the lease of %s: %s", self._source, exc.message)
+            except Exception:  # a renewal bug must not kill the thread silently
+                log.exception("lease renewal of %s failed", self._source)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=max(5.0, self._interval))
 
 
 def _record_failure(run: _Run, result: SourceResult, *, drop_flight: bool) -> None:
@@ -346,6 +409,7 @@ def _run_locked(
         "in_flight": None, "last_outcome": outcome, "last_error": error,
         "last_run": LastRun(counts, duration, quota, code, new_tt),
     }  # fmt: skip
+    changes["totals"] = add_counts(run.state.totals, counts)
     if advance:
         changes.update(transaction_time=new_tt, last_success=iso(clock.now()))
         if group_level:
@@ -418,14 +482,9 @@ def sync_all(
             return SourceResult(
                 src.name, "interrupted", int(ExitCode.INTERRUPTED), error="not started: stopping"
             )
-        try:
-            engines = make_engines(src, stop)
-        except PfsyncError as exc:
-            return SourceResult(src.name, "failed", int(exc.exit_code), error=exc.message)
-        try:
-            return sync_source(settings, src, store, engines, stop=stop, clock=clock, events=events)
-        finally:
-            engines.close()
+        # The lock is taken before the engines are built (see sync_source).
+        return sync_source(settings, src, store, lambda: make_engines(src, stop), stop=stop, clock=clock,
+                           events=events)  # fmt: skip
 
     workers = max(1, min(settings.sync.parallel_sources, len(sources)))
     if workers == 1:

@@ -75,11 +75,14 @@ def test_status_table_names_lock_holder(tmp_path: Path) -> None:
     store = _save(tmp_path, last_outcome="ok", last_success=iso(time.time()))
     lock = store.acquire("a", Holder(777, "host-x", "2026-01-01T00:00:00.000Z"))
     try:
-        result = runner.invoke(app, ["status"], env={**_env(tmp_path), "COLUMNS": "400"})
+        result = runner.invoke(app, ["status"], env=_env(tmp_path))  # not a TTY, default width
     finally:
         lock.release()
     assert result.exit_code == 0, result.output
-    assert "pid 777 on host-x" in result.stdout
+    # Not a TTY: a plain layout, every value whole on its own line (no 80-column wrapping).
+    lines = result.stdout.splitlines()
+    assert lines[0] == "source: a" and "  healthy: yes" in lines
+    assert "  lock: pid 777 on host-x since 2026-01-01T00:00:00.000Z" in lines
 
 
 def test_status_corrupt_checkpoint_is_exit_7(tmp_path: Path) -> None:
@@ -93,7 +96,8 @@ def test_status_corrupt_checkpoint_is_exit_7(tmp_path: Path) -> None:
 
 def test_status_writes_metrics_file(tmp_path: Path) -> None:
     _save(tmp_path, last_outcome="ok", last_success="2026-01-01T00:00:00.000Z",
-          last_run=LastRun({"Patient": {"created": 5, "quarantined": 1}}, 2.5, 700, 6))  # fmt: skip
+          last_run=LastRun({"Patient": {"created": 5, "quarantined": 1}}, 2.5, 700, 6),
+          totals={"Patient": {"created": 12, "quarantined": 1}})  # fmt: skip
     prom = tmp_path / "textfile" / "pfsync.prom"
     result = runner.invoke(
         app, ["status", "--metrics", str(prom)], env={**_env(tmp_path), "PFSYNC_STALE_AFTER": "100000d"}
@@ -101,8 +105,11 @@ def test_status_writes_metrics_file(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     text = prom.read_text()
     assert 'pfsync_last_success_timestamp_seconds{source="a"} 1767225600' in text
-    assert 'pfsync_resources_total{source="a",type="Patient",outcome="created"} 5' in text
+    # `_total` is a counter: the cumulative totals kept in the state; the last run is a gauge.
+    assert "# TYPE pfsync_resources_total counter" in text
+    assert 'pfsync_resources_total{source="a",type="Patient",outcome="created"} 12' in text
     assert 'pfsync_resources_total{source="a",type="Patient",outcome="quarantined"} 1' in text
+    assert 'pfsync_last_run_resources{source="a",type="Patient",outcome="created"} 5' in text
     assert 'pfsync_run_duration_seconds{source="a"} 2.5' in text
     assert 'pfsync_quota_used{source="a"} 700' in text
     assert 'pfsync_healthy{source="a"} 1' in text

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from pfsync.bulk import ExportRequest
-from pfsync.errors import ExitCode, ExportError
+from pfsync.errors import ConfigError, ExitCode, ExportError
 from pfsync.exportjob import LandedFile
 from pfsync.settings import Settings, SourceSettings, SyncSettings
 from pfsync.state import Holder, MemoryStateStore, SyncState
@@ -272,3 +272,68 @@ def test_parse_shard_rejects_bad_values(text: str) -> None:
 
     with pytest.raises(UsageError):
         parse_shard(text)
+
+
+def test_sync_all_locked_source_never_builds_engines(tmp_path: Path) -> None:
+    """Lock first: a source another run holds reports locked (8), even if its engines would fail to build."""
+    settings, store = _settings(tmp_path), MemoryStateStore()
+    store.acquire("a", Holder(9, "elsewhere", "t"))
+    built: list[str] = []
+
+    def make(src: SourceSettings, stop: threading.Event) -> FakeEngines:
+        built.append(src.name)
+        raise ConfigError("bad private key file")
+
+    result = sync_all(settings, settings.sources, store, make, stop=threading.Event())
+    assert [(r.outcome, r.exit_code) for r in result.results] == [("locked", ExitCode.LOCKED)]
+    assert built == []
+
+
+def test_sync_all_engine_build_failure_is_recorded_in_state(tmp_path: Path) -> None:
+    settings, store = _settings(tmp_path), MemoryStateStore()
+
+    def make(src: SourceSettings, stop: threading.Event) -> FakeEngines:
+        raise ConfigError("bad private key file")
+
+    result = sync_all(settings, settings.sources, store, make, stop=threading.Event())
+    assert result.exit_code == ExitCode.CONFIG
+    state = store.load("a")
+    assert (state.last_outcome, state.last_error) == ("failed", "bad private key file")
+    assert store.held == {}  # the lock is released
+
+
+def test_sync_renews_lease_on_a_timer_during_one_long_file(tmp_path: Path) -> None:
+    """One file that outlasts the lease must not lose it: renewal runs on a timer, not per file."""
+    store = MemoryStateStore(renew_every=0.01)
+    engines = FakeEngines(files=[("output", "Huge.1")])
+    seen: list[int] = []
+
+    class SlowLoader(FakeLoader):
+        def load_file(self, path: Path) -> None:
+            for _ in range(2000):  # bounded wait for three renewals while this one file "loads"
+                if store.renewals >= 3:
+                    break
+                threading.Event().wait(0.005)
+            seen.append(store.renewals)
+            super().load_file(path)
+
+    @contextmanager
+    def slow() -> Iterator[FakeLoader]:
+        yield SlowLoader(engines.log, engines.counts)
+
+    engines.loader = slow  # type: ignore[method-assign]
+    result = _run(_settings(tmp_path), store, engines)
+    assert result.exit_code == 0
+    assert seen and seen[0] >= 3
+    after = store.renewals
+    threading.Event().wait(0.05)
+    assert store.renewals == after  # the timer stops with the run
+
+
+def test_sync_totals_accumulate_across_runs(tmp_path: Path) -> None:
+    settings, store = _settings(tmp_path), MemoryStateStore()
+    _run(settings, store, FakeEngines())
+    _run(settings, store, FakeEngines(tt=TT2))
+    state = store.load("a")
+    assert state.totals["Patient"]["created"] == 4  # two runs of 2: a counter, never reset
+    assert state.last_run is not None and state.last_run.counts["Patient"]["created"] == 2

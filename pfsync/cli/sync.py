@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
@@ -16,6 +16,11 @@ from pfsync.cli.app import app
 from pfsync.cli.common import JsonOpt, SourceOpt, build_settings, exit_with, out_console, run
 from pfsync.errors import UnhealthyError
 from pfsync.settings import Settings, parse_duration
+
+if TYPE_CHECKING:
+    from pfsync.status import SourceStatus
+
+QUIET_EVENTS = frozenset({"download_progress", "status_progress", "load_progress", "load_file_start"})
 
 MetricsOpt = Annotated[
     Path | None,
@@ -35,6 +40,26 @@ def _age(seconds: float | None) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f}{unit} ago"
     return f"{seconds:.0f}s ago"
+
+
+def _plain_status(statuses: list[SourceStatus]) -> str:
+    lines: list[str] = []
+    for s in statuses:
+        written = sum(c.get("created", 0) + c.get("updated", 0) for c in s.counts.values())
+        lines += [
+            f"source: {s.source}",
+            f"  healthy: {'yes' if s.healthy else 'NO: ' + '; '.join(s.reasons)}",
+            f"  last success: {s.last_success or '-'} ({_age(s.last_success_age)})",
+            f"  last attempt: {s.last_attempt or '-'} ({_age(s.last_attempt_age)})",
+            f"  checkpoint: {s.transaction_time or '-'}",
+            f"  last run: {s.last_outcome or '-'} ({written} written"
+            + (f", {s.duration_seconds:.1f}s" if s.duration_seconds is not None else "") + ")",
+            f"  in flight: {s.in_flight or '-'}",
+            f"  quarantine: {s.quarantine_size}",
+            f"  retry queue: {s.retry_queue_size}",
+            f"  lock: {s.lock_holder or '-'}",
+        ]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def _write_metrics(settings: Settings, names: list[str], path: Path) -> None:
@@ -145,9 +170,14 @@ def sync(
 
     def once() -> int:
         def go() -> int:
+            from pfsync.log import LogSink
+
+            # Events go to the log (stderr: JSON lines under PFSYNC_LOG_FORMAT=json), progress at DEBUG.
+            events = LogSink(quiet_events=QUIET_EVENTS)
             store, close = open_store(settings)
             try:
-                result = sync_all(settings, sources, store, live_engines(settings), stop=stop)
+                result = sync_all(settings, sources, store, live_engines(settings, events=events), stop=stop,
+                                  events=events)  # fmt: skip
             finally:
                 close()
             _render_summary(result, json_out)
@@ -201,6 +231,10 @@ def status(
         if json_out:
             doc = {"healthy": all(s.healthy for s in statuses), "sources": [s.to_json() for s in statuses]}
             sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+        elif not sys.stdout.isatty():
+            # Cron mail and `kubectl logs` are not terminals: a rich table squeezed into 80 columns
+            # wraps every cell; one "key: value" line per fact reads (and greps) well anywhere.
+            sys.stdout.write(_plain_status(statuses))
         else:
             table = Table(title="pfsync status")
             for col in ("source", "healthy", "last success", "last attempt", "checkpoint", "last run",

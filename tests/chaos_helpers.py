@@ -223,7 +223,7 @@ def mutate_source(rig: Rig, rng: random.Random, tag: str) -> Counter[str]:
     live = [(t, i, r) for t, i, r, patient in source_resources(rig) if patient and t != "Group"]
     referenced = _referenced(rig)
     done: Counter[str] = Counter()
-    for rtype, rid, resource in rng.sample(live, min(4, len(live))):
+    for _rtype, _rid, resource in rng.sample(live, min(4, len(live))):
         resource.pop("meta", None)
         resource.setdefault("extension", []).append({"url": "https://pfsync.test/chaos", "valueString": tag})
         source.upsert(resource)

@@ -23,7 +23,9 @@ import orjson
 from pfsync.errors import LockedError, StateError
 from pfsync.state import Holder, Lease, SyncState, iso, parse_iso
 
-LEASE_TTL = 15 * 60.0  # renewed on every state save and on a timer; a dead pod's lease frees itself after this
+LEASE_TTL = (
+    15 * 60.0
+)  # renewed on every state save and on a timer; a dead pod's lease frees itself after this
 
 
 def _read_holder(fd: int) -> Holder | None:

@@ -48,7 +48,10 @@ def render(statuses: Sequence[SourceStatus]) -> str:
         src = f'source="{_label(st.source)}"'
         if (success := st.last_success_epoch) is not None:
             samples["pfsync_last_success_timestamp_seconds"].append(f"{{{src}}} {_num(success)}")
-        for metric, by_type in (("pfsync_resources_total", st.totals), ("pfsync_last_run_resources", st.counts)):
+        for metric, by_type in (
+            ("pfsync_resources_total", st.totals),
+            ("pfsync_last_run_resources", st.counts),
+        ):
             for rtype, counts in sorted(by_type.items()):
                 for outcome in OUTCOMES:
                     if outcome in counts:

@@ -148,7 +148,9 @@ class MedplumStateStore:
             res, current = self._fetch(source)
             check_lease(current, self.clock.now())
             lease = new_lease(holder, self.clock.now(), self.lease_ttl)
-            lock = LeaseLock(source, lease, self._renew_lock, self._release_lock, renew_every=self.lease_ttl / 3)
+            lock = LeaseLock(
+                source, lease, self._renew_lock, self._release_lock, renew_every=self.lease_ttl / 3
+            )
             state = _with_lease(current, lock)
             if res is None:
                 self._create(state)

@@ -123,7 +123,27 @@ class MedplumStateStore:
 
     # ---- StateStore ------------------------------------------------------------------------------
     def load(self, source: str) -> SyncState:
-        return self._fetch(source)[1]
+        res, current = self._fetch(source)
+        if res is not None:
+            self._check_mine(current)
+        return current
+
+    def _check_mine(self, current: SyncState) -> None:
+        """While we hold a lease, every read must still show OUR lease token.
+
+        A read refreshes the versionId that If-Match sends, so a read that saw someone else's lease
+        followed by a save would overwrite their lease (and their newer checkpoint) with our stale
+        state: two pods would run at once. Ours expired and was taken over (or cleared), so stop.
+        """
+        held = self._held.get(current.source)
+        if held is None or (current.lease is not None and current.lease.token == held.lease.token):
+            return
+        now = current.lease.holder if current.lease else "nobody"
+        raise LockedError(
+            f"lost the lease of source {current.source!r} (now held by {now}): another run may have taken over",
+            holder=now,
+            hint="the lease expired before it was renewed; this run stops without saving",
+        )
 
     def save(self, state: SyncState) -> None:
         held = self._held.get(state.source)
@@ -136,11 +156,13 @@ class MedplumStateStore:
                 if res is None:
                     self._create(state)
                     return
+                self._check_mine(current)
             if self._put(state):
                 return
             # 412: re-read. We may go on only while the lease is still ours (or nobody's).
             _, current = self._fetch(state.source)
             check_lease(current, self.clock.now(), held.lease.token if held else None)
+            self._check_mine(current)
         raise StateError(f"could not save the state of {state.source!r}: it kept changing under us")
 
     def acquire(self, source: str, holder: Holder) -> LeaseLock:
@@ -176,7 +198,7 @@ class MedplumStateStore:
         return f"{lease.holder} (lease until {lease.expires})"
 
     def _renew_lock(self, lock: LeaseLock) -> None:
-        self.save(self._fetch(lock.source)[1])
+        self.save(self.load(lock.source))  # load() refuses when the lease is no longer ours
 
     def _release_lock(self, lock: LeaseLock) -> None:
         self._held.pop(lock.source, None)

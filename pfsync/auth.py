@@ -485,4 +485,7 @@ def source_auth(
     """The authenticator of a source and the httpx.Auth that applies it to the source's own origins."""
     authenticator = SourceAuthenticator(source, client, http=http, clock=clock)
     origins = [source.base_url, *source.download_allowlist, *extra_origins]
+    allow_http = (http or HttpSettings()).allow_insecure_http
+    for origin in origins[1:]:  # the token must not travel in clear text to an extra origin either
+        check_transport_url(origin, f"source {source.name!r} download allowlist", allow_http)
     return authenticator, BearerAuth(authenticator, origins=origins)

@@ -580,3 +580,10 @@ def test_source_auth_with_the_real_authenticator_end_to_end(httpx_mock: HTTPXMoc
 def test_source_settings_replace_keeps_secret_hidden() -> None:
     source = replace(jwt_source(), client_secret=Secret("hidden-one"))
     assert "hidden-one" not in repr(source) and "BEGIN" not in repr(source)
+
+
+def test_source_auth_refuses_plain_http_allowlist_origin() -> None:
+    with pytest.raises(ConfigError, match="plain http"):
+        source_auth(jwt_source(download_allowlist=("http://storage.example.com",)), httpx.Client())
+    _, bearer = source_auth(jwt_source(download_allowlist=("http://127.0.0.1:9000",)), httpx.Client())
+    assert "http://127.0.0.1:9000" in bearer.origins

@@ -40,6 +40,7 @@ class Entry:
     attempts: int = 0
     known_vid: str | None = None  # version in the id map before this write: tells a no-op apart
     looked_up: bool = False  # Medplum was searched for this identity since the last ambiguity
+    ambiguous: bool = False  # an earlier write of it may have committed unseen: always search first
     logical: bool = False  # the body holds logical references (upgrade later)
     purpose: str = "upsert"  # upsert | delete | delete-tag
     _encoded: bytes | None = None

@@ -128,6 +128,10 @@ class BatchSender:
         queued = len(self._buf) + len(self._blocked) + sum(len(g) for g in self._groups)
         return queued + sum(len(b) for b in self._futures.values())
 
+    def holds(self, key: tuple[str, str]) -> bool:
+        """Whether a write of this identity is queued or in flight (its Medplum id may be coming)."""
+        return key in self._inflight or key in self._buf or key in self._blocked
+
     def add(self, entry: Entry) -> None:
         """Queue a write; sends Bundles once a full one can be made (blocks while slots are full)."""
         key = entry.key
@@ -327,7 +331,10 @@ class BatchSender:
     def _again(self, entry: Entry, result: EntryResult, *, ambiguous: bool) -> None:
         entry.attempts += 1
         self.stats.retried_entries += 1
-        if entry.attempts > self._retry.retries:
+        # medplum.md "Measured": serialization conflicts are expected under concurrency and safe to
+        # retry, so they get a larger budget than server errors before the retry queue.
+        budget = self._retry.retries * (3 if result.status == 409 else 1)
+        if entry.attempts > budget:
             self._handler.exhausted(entry, result)
         elif entry.method == "POST" and ambiguous:
             # medplum.md "Measured": a lost response to a POST that did commit must not become a

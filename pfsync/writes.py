@@ -86,6 +86,7 @@ class Writer:
         )
         self._lookups: dict[str, dict[str, Entry]] = {}
         self._rechecks: list[Entry] = []
+        self._empty: dict[str, bool] = {}
         self._done = 0
 
     # -- per resource
@@ -116,12 +117,16 @@ class Writer:
             return
         if first and p.fixes:
             self.fixes[p.type] += p.fixes
-        self._idmap.seen(p.type, p.sid)
+        if self._idmap.get(p.type, p.sid) is None:
+            self._idmap.seen(p.type, p.sid)
         if not final and not self._dry_run and self.refs.unresolved(p):
-            self.refs.defer(p, file, line, raw)
-            return
+            if self._coming(p):
+                self.drain()  # a target's write is queued or in flight: wait for its id, not park
+            if self.refs.unresolved(p):
+                self.refs.defer(p, file, line, raw)
+                return
         self.refs.released(p.type, p.sid)
-        if self._attachments is not None:
+        if self._attachments is not None and b'"contentType"' in raw:  # cheap: most resources have none
             try:
                 if self._attachments.process(p):
                     self.count(p.type, "binary_uploaded")
@@ -138,6 +143,18 @@ class Writer:
             self._attachments.load_binary(p, file, line, raw, self)
             return
         self._write(p, file, line, raw)
+
+    def _coming(self, p: Prepared) -> bool:
+        for _, ref in p.refs:
+            target = self.refs.target(ref)
+            if target is None or target.mid is not None:
+                continue
+            key = (target.type, ref.id)
+            if (self._sender is not None and self._sender.holds(key)) or ref.id in self._lookups.get(
+                target.type, {}
+            ):
+                return True
+        return False
 
     def _write(self, p: Prepared, file: str | None, line: int | None, raw: bytes) -> None:
         rendered = render(p, self.refs.target, self.context)
@@ -173,7 +190,8 @@ class Writer:
                 entry.retarget("PUT", self._conditional_url(entry))
             self._send(entry, create=False)
             return
-        if not entry.looked_up and (self._mode == "direct" or self._idmap.cold or self._dry_run):
+        needs_search = self._mode == "direct" or self._idmap.cold or self._dry_run
+        if needs_search and not entry.looked_up and (entry.ambiguous or not self._type_is_empty(entry.type)):
             queue = self._lookups.setdefault(entry.type, {})
             queue.pop(entry.sid, None)
             queue[entry.sid] = entry
@@ -187,6 +205,18 @@ class Writer:
         else:
             entry.retarget("PUT", self._conditional_url(entry))
         self._send(entry, create=True)
+
+    def _type_is_empty(self, rtype: str) -> bool:
+        """Whether Medplum holds no resource of this type with our identifier system (asked once per
+        type and run, 20 points): then no identity of it can exist there and the per-identity
+        searches are skipped. Creates of this run are in the id map; a create whose outcome is
+        unknown is marked ambiguous and always searched again."""
+        empty = self._empty.get(rtype)
+        if empty is None:
+            found = self._searcher.get(rtype, {"identifier": f"{self.context.system(rtype)}|", "_count": "1",
+                                               "_elements": "identifier"})  # fmt: skip
+            empty = self._empty[rtype] = not found.get("entry")
+        return empty
 
     def _send(self, entry: Entry, *, create: bool) -> None:
         if self._dry_run or self._sender is None:
@@ -223,7 +253,13 @@ class Writer:
             self.route(entry)
 
     def drain(self, *, partial: bool = False) -> None:
-        """Search what waits for a lookup, send every queued entry, settle every outcome."""
+        """Search what waits for a lookup, send every queued entry, settle every outcome.
+
+        `partial` (end of a file): only commit; Bundles keep flowing into the next file and a
+        resource waits for an in-flight target only when it references one."""
+        if partial:
+            self._idmap.commit()
+            return
         while True:
             for rtype in list(self._lookups):
                 self._flush_lookup(rtype)
@@ -324,6 +360,7 @@ class Writer:
         if entry.method == "PUT" and "?" not in entry.url:
             self._idmap.forget(entry.type, entry.sid)  # a stale id: Medplum no longer has it
         entry.looked_up = False
+        entry.ambiguous = True
         entry.known_vid = None
         self._rechecks.append(entry)
 

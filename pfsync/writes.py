@@ -24,6 +24,7 @@ import orjson
 from pfsync.asyncbatch import AsyncBatchRunner
 from pfsync.attachments import AttachmentError, Attachments
 from pfsync.batch import Entry, EntryResult, Kind
+from pfsync.errors import HTTPError
 from pfsync.events import EventSink
 from pfsync.http import Clock, RetryPolicy
 from pfsync.idmap import Held, IdMap
@@ -213,8 +214,17 @@ class Writer:
         unknown is marked ambiguous and always searched again."""
         empty = self._empty.get(rtype)
         if empty is None:
-            found = self._searcher.get(rtype, {"identifier": f"{self.context.system(rtype)}|", "_count": "1",
-                                               "_elements": "identifier"})  # fmt: skip
+            params = {
+                "identifier": f"{self.context.system(rtype)}|",
+                "_count": "1",
+                "_elements": "identifier",
+            }
+            try:
+                found = self._searcher.get(rtype, params)
+            except HTTPError as exc:
+                if exc.temporary:
+                    raise
+                found = {"entry": ["unknown"]}  # a server without `system|` search: search per identity
             empty = self._empty[rtype] = not found.get("entry")
         return empty
 

@@ -169,11 +169,12 @@ class Verifier:
         systems = {self.system(t): t for t in types}
         for rtype in types:
             self._scan_type(rtype, systems, scratch, options.content)
+        scratch.analyze()
         confirmed = self._confirm_missing(scratch, options.content, systems)
         self._check_targets(scratch)
         if options.content:
             self._hash_source(export_dirs, scratch)
-        scratch.commit()
+        scratch.analyze()
         incremental = any(is_incremental(d) for d in export_dirs)
         notes = []
         if incremental:

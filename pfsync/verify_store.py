@@ -29,8 +29,8 @@ PRAGMA cache_size=-16000;
 CREATE TABLE src (type TEXT NOT NULL, sid TEXT NOT NULL, hash TEXT, PRIMARY KEY (type, sid)) WITHOUT ROWID;
 CREATE INDEX src_sid ON src (sid);
 CREATE TABLE mp (type TEXT NOT NULL, mid TEXT NOT NULL, sid TEXT NOT NULL, updated TEXT, vid TEXT, tag TEXT,
-    body TEXT, PRIMARY KEY (type, mid, sid)) WITHOUT ROWID;
-CREATE INDEX mp_sid ON mp (type, sid);
+    body TEXT, PRIMARY KEY (type, sid, mid)) WITHOUT ROWID;
+CREATE INDEX mp_mid ON mp (type, mid);
 CREATE TABLE ref (type TEXT NOT NULL, mid TEXT NOT NULL, kind TEXT NOT NULL, ttype TEXT, tid TEXT NOT NULL);
 CREATE TABLE seen (type TEXT NOT NULL, mid TEXT NOT NULL, PRIMARY KEY (type, mid)) WITHOUT ROWID;
 CREATE TABLE fix (type TEXT NOT NULL, sid TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (type, sid)) WITHOUT ROWID;
@@ -58,6 +58,11 @@ class Scratch:
     def commit(self) -> None:
         self.db.execute("COMMIT")
         self.db.execute("BEGIN")
+
+    def analyze(self) -> None:
+        """Table statistics, so the reconciliation joins use the indexes (no quadratic scans)."""
+        self.commit()
+        self.db.execute("ANALYZE")
 
     # ------------------------------------------------------------------ filling
     def add_source(self, rtype: str, sid: str) -> None:

@@ -242,3 +242,69 @@ def test_verify_cli_json_exit_codes_and_fix(
 
     usage = runner.invoke(app, ["verify", "--from", str(data), "--fix-extras"], env=env)
     assert usage.exit_code == 2
+
+
+RSS_SCRIPT = (
+    "import atexit, resource, sys\n"
+    "atexit.register(lambda: sys.stderr.write('MAXRSS_KB %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
+    "from pfsync.cli import main\n"
+    "main()\n"
+)
+RSS_LIMIT_KB = 300 * 1024  # measured ~155 MB on synthea-full: pages of 1,000 resources, ids on disk
+
+
+def verify_subprocess(target: TargetSandbox, state_dir: Path, data: Path) -> tuple[dict[str, Any], int]:
+    """`pfsync verify --from DATA --content --json` as its own process: -> (report, peak RSS in KB)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PF_", "MEDPLUM_", "PFSYNC_"))}
+    proc = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, "verify", "--from", str(data), "--content", "--json"],
+        env={**env, **cli_env(target, state_dir)}, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rss = int(proc.stderr.rsplit("MAXRSS_KB ", 1)[1].split()[0])
+    return orjson.loads(proc.stdout), rss
+
+
+def gzipped_subset(tmp_path: Path) -> Path:
+    import gzip
+
+    out = tmp_path / "export-gz"
+    out.mkdir()
+    for rtype in SUBSET_TYPES:
+        (out / f"{rtype}.ndjson.gz").write_bytes(gzip.compress((SMALL / f"{rtype}.ndjson").read_bytes()))
+    return out
+
+
+def test_verify_process_on_gzipped_export_stays_small(
+    medplum: tuple[Settings, httpx.Client], target: TargetSandbox, tmp_path: Path
+) -> None:
+    """The always-on twin of the synthea-full test: same path (gzip files, CLI process, RSS)."""
+    settings, client = medplum
+    data = gzipped_subset(tmp_path)
+    load(settings, client, data)
+    doc, rss = verify_subprocess(target, settings.state_dir, data)
+    assert doc["ok"] and doc["total"]["present"] == doc["total"]["source"] == target.count()
+    assert doc["total"]["drift"] == 0
+    assert rss < RSS_LIMIT_KB
+
+
+@pytest.mark.slow
+def test_verify_synthea_full_completes_with_flat_memory(
+    medplum: tuple[Settings, httpx.Client], target: TargetSandbox
+) -> None:
+    settings, client = medplum
+    full = FIXTURES / "synthea-full"
+    load(settings, client, full)
+    doc, rss = verify_subprocess(target, settings.state_dir, full)
+    print(
+        f"verify synthea-full: peak RSS {rss / 1024:.0f} MB, quota {doc['quotaUsed']}, {doc['requests']} requests"
+    )
+    t = doc["total"]
+    assert (t["source"], t["present"], t["missing"], t["duplicated"], t["dangling"], t["drift"]) == (
+        38483, 38483, 0, 0, 0, 0,
+    )  # fmt: skip
+    assert rss < RSS_LIMIT_KB  # ids live on disk: 38k resources fit the same bound as a few hundred

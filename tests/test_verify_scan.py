@@ -88,7 +88,7 @@ def as_medplum_holds_it(body: bytes, mid: str) -> dict[str, Any]:
             "status": "current",
             "content": [{"attachment": {"url": "Binary/b1", "contentType": "text/plain"}}],
         },
-    ],  # fmt: skip
+    ],
     ids=["patient-with-tags", "reference", "attachment"],
 )
 def test_content_hash_equals_the_loaders_render_hash(resource: dict[str, Any]) -> None:

@@ -44,6 +44,7 @@ class Rig:
     data: Path
     sandboxes: Sandboxes
     restarts: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def start(cls, root: Path, data: Path) -> Rig:
@@ -63,6 +64,7 @@ class Rig:
             "PFSYNC_STATE_DIR": str(self.state_dir),
             "PFSYNC_LOG_FORMAT": "json",
             "NO_COLOR": "1",
+            **self.extra_env,
         }
 
     def restart(self) -> None:

@@ -270,3 +270,49 @@ def test_make_client_trusts_only_an_explicit_ca_bundle(tls_server: tuple[str, Pa
     )
     with make_client(settings.http, timeout=10) as client:
         assert client.get(url).text == "ok"
+
+
+# ------------------------------------------------------------------------------------------------
+# Private key files readable by others
+
+
+def _key_file(tmp_path: Path, mode: int) -> Path:
+    key = ec.generate_private_key(ec.SECP384R1())
+    path = tmp_path / "pfsync-key.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pfsync/keys.py has warn_if_loose()/loose_permissions_warning() but nothing calls them: neither "
+    "pfsync/settings.py (_secret reading PF_PRIVATE_KEY as a file) nor pfsync/auth.py warns about a 0644 key",
+)
+@pytest.mark.parametrize("args", [["auth", "test"], ["sync"]])
+def test_cli_warns_about_a_private_key_file_readable_by_others(tmp_path: Path, args: list[str]) -> None:
+    key = _key_file(tmp_path, 0o644)
+    env = {
+        "PF_FHIR_BASE_URL": "http://127.0.0.1:9/fhir",  # nothing listens: the run fails after settings
+        "PF_CLIENT_ID": "pfsync",
+        "PF_PRIVATE_KEY": str(key),
+        "MEDPLUM_BASE_URL": "http://127.0.0.1:9/",
+        "PFSYNC_STATE_DIR": str(tmp_path / "state"),
+        "PFSYNC_HTTP_RETRIES": "0",
+    }
+    result = _run_cli(args, env, tmp_path)
+    assert "chmod 600" in result.stderr, result.stderr[-2000:]
+    assert key.read_text().splitlines()[1] not in result.stderr + result.stdout  # never the key itself
+
+
+def test_cli_private_key_file_0600_gets_no_permission_warning(tmp_path: Path) -> None:
+    key = _key_file(tmp_path, 0o600)
+    env = {"PF_FHIR_BASE_URL": "http://127.0.0.1:9/fhir", "PF_CLIENT_ID": "pfsync", "PF_PRIVATE_KEY": str(key),
+           "PFSYNC_HTTP_RETRIES": "0"}  # fmt: skip
+    result = _run_cli(["auth", "test"], env, tmp_path)
+    assert "chmod 600" not in result.stderr
+    assert key.read_text().splitlines()[1] not in result.stderr + result.stdout

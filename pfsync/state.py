@@ -72,7 +72,9 @@ class InFlight:
     export_dir: str  # relative to the source's state dir
     since: str | None
     started_at: str
-    files_loaded: tuple[str, ...] = ()  # sha256 of files fully loaded (never loaded twice)
+    # Kept for format compatibility, no longer written or trusted: a file the loader returned from may
+    # still have resources in flight, so a resumed run offers every landed file again (pfsync.sync).
+    files_loaded: tuple[str, ...] = ()
     backfill_groups: tuple[str, ...] = ()
 
 

@@ -118,7 +118,7 @@ def source_status(settings: Settings, store: StateStore, name: str, now: float) 
         last_success=state.last_success, last_attempt_age=_age(state.last_attempt, now),
         last_success_age=success_age, last_outcome=state.last_outcome, last_error=state.last_error,
         in_flight=None if state.in_flight is None else f"{state.in_flight.kind} {state.in_flight.export_dir}"
-        f" ({len(state.in_flight.files_loaded)} files loaded)",
+        f" (since {state.in_flight.started_at})",
         counts={t: dict(c) for t, c in run.counts.items()} if run else {},
         duration_seconds=run.duration_seconds if run else None, quota_used=run.quota_used if run else None,
         quarantine_size=count_lines(directory / QUARANTINE_FILE),

@@ -14,8 +14,9 @@ One source's run (`sync_source`), under its run lock:
    unchanged-hash skip means only the new members' resources are written.
 4. Record the in-flight run (its directory) in the state BEFORE kicking off; each export request
    gets `{run dir}/{request fingerprint}/` whose job.json lets the next run resume the same job.
-5. Load every output file as soon as it lands (download and load overlap), record its sha256 in
-   the state (a resumed run never loads it twice), apply `deleted` files after all outputs.
+5. Load every output file as soon as it lands (download and load overlap), apply `deleted` files
+   after all outputs. A resumed run offers every landed file to the loader again (see
+   `_export_and_load`: a file the loader returned from may still have resources in flight).
 6. Advance the checkpoint to the (smallest) export `transactionTime` ONLY when nothing went to the
    retry queue. Decision: with retry-queued resources the checkpoint stays put, so the next run
    re-exports the same window (cheap: unchanged resources cost no write) and drains the queue first.
@@ -199,15 +200,6 @@ class _Run:
     def save(self, **changes: Any) -> None:
         with self.mutex:
             self.state = replace(self.state, **changes)
-            self.store.save(self.state)
-
-    def mark_loaded(self, sha: str) -> None:
-        with self.mutex:
-            flight = self.state.in_flight
-            assert flight is not None
-            self.state = replace(
-                self.state, in_flight=replace(flight, files_loaded=(*flight.files_loaded, sha))
-            )
             self.store.save(self.state)
 
 
@@ -424,6 +416,12 @@ def _export_and_load(
 ) -> str | None:
     deleted: list[LandedFile] = []
     load_mutex = threading.Lock()  # downloads may land in parallel; the loader takes one file at a time
+    # Files handed to the loader in THIS run. Not persisted: `Loader.load_file` returning does not
+    # mean the file's resources are in Medplum (Bundles keep filling across files: writes.py
+    # `drain(partial=True)` only commits the id map), so a file recorded as loaded and then killed
+    # lost its buffered resources for good. A resumed run offers every landed file again; the
+    # loader's content hashes make re-offered resources free (no write when unchanged).
+    offered: set[str] = set()
 
     def on_file(landed: LandedFile) -> None:
         if landed.kind == "deleted":
@@ -432,11 +430,10 @@ def _export_and_load(
         if landed.kind != "output":
             return
         with load_mutex:
-            assert run.state.in_flight is not None
-            if landed.sha256 in run.state.in_flight.files_loaded or stop.is_set():
+            if landed.sha256 in offered or stop.is_set():
                 return
             loader.load_file(landed.path)
-            run.mark_loaded(landed.sha256)
+            offered.add(landed.sha256)
 
     tt = engines.run_export(req, out_dir, on_file)
     _check_stop(stop)
@@ -447,11 +444,8 @@ def _export_and_load(
         elif landed.kind == "output":
             on_file(landed)
         _check_stop(stop)
-    for landed in deleted:
-        assert run.state.in_flight is not None
-        if landed.sha256 not in run.state.in_flight.files_loaded:
-            loader.apply_deleted(landed.path)
-            run.mark_loaded(landed.sha256)
+    for landed in deleted:  # re-applying a deletion is harmless (a resumed run may)
+        loader.apply_deleted(landed.path)
         _check_stop(stop)
     return tt
 

@@ -126,3 +126,22 @@ def snapshot(target: TargetSandbox, types: tuple[str, ...] = DEFAULT_TYPES) -> d
 
 def per_type(snap: dict[tuple[str, str], Any]) -> Counter[str]:
     return Counter(t for t, _ in snap)
+
+
+def diff(got: dict[tuple[str, str], Any], expected: dict[tuple[str, str], Any], limit: int = 3) -> list[str]:
+    """The first few differences between two snapshots, field by field (for assertion messages)."""
+    out: list[str] = []
+    for key in sorted(set(got) | set(expected)):
+        a, b = got.get(key), expected.get(key)
+        if a == b:
+            continue
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            out.append(f"{key}: {'missing' if a is None else 'extra'}")
+        else:
+            fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            out.append(
+                f"{key}: " + "; ".join(f"{f}: got {a.get(f)!r:.600} want {b.get(f)!r:.600}" for f in fields)
+            )
+        if len(out) >= limit:
+            break
+    return out

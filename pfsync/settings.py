@@ -139,6 +139,7 @@ class Settings:
     state_dir: Path = Path(".pfsync")
     log_format: LogFormat = "auto"
     config_file: Path | None = None
+    warnings: tuple[str, ...] = ()
 
     def source(self, name: str | None = None) -> SourceSettings:
         """The named source, or the only one. ConfigError when it is ambiguous or unknown."""
@@ -282,6 +283,23 @@ def _url(value: Any, key: str) -> str:
     return text
 
 
+# Warnings found while resolving (loose secret-file permissions); load_settings hands them to the
+# caller in Settings.warnings, since logging is only set up once settings are known.
+_pending_warnings: list[str] = []
+
+
+def _warn_if_loose(path: Path, key: str) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        _pending_warnings.append(
+            f"{key}: secret file {path} is readable by group or others (mode {mode & 0o777:o}); "
+            f"restrict it with: chmod 600 {path}"
+        )
+
+
 def _secret(value: Any, key: str) -> Secret:
     """A secret given as its value or as a path to a file holding it ("Secrets can be given as
     file paths"). A value that names an existing file is read from that file."""
@@ -300,6 +318,7 @@ def _secret(value: Any, key: str) -> Secret:
 
 
 def _read_secret_file(path: Path, key: str) -> str:
+    _warn_if_loose(path, key)
     try:
         data = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
@@ -430,6 +449,7 @@ def load_settings(
     cwd: Path | None = None,
 ) -> Settings:
     """Resolve every setting from flags (keys are Spec.key), env, the TOML file and defaults."""
+    _pending_warnings.clear()
     flags = {k: v for k, v in (flags or {}).items() if v is not None and v != () and v != []}
     env = env or {}
     doc, used_path = read_config_file(config_path, cwd=cwd)
@@ -480,6 +500,7 @@ def load_settings(
         state_dir=sections["state"]["dir"],
         log_format=sections["log"]["format"],
         config_file=used_path,
+        warnings=tuple(dict.fromkeys(_pending_warnings)),
     )
     _validate(settings)
     return settings
@@ -575,6 +596,9 @@ def _validate(settings: Settings) -> None:
         check_transport_url(src.base_url, f"source {src.name!r} base_url", allow)
         if src.token_url:
             check_transport_url(src.token_url, f"source {src.name!r} token_url", allow)
+        for origin in src.download_allowlist:
+            # The bearer token goes to these origins: never over plain http to another host.
+            check_transport_url(origin, f"source {src.name!r} download_allowlist", allow)
         if src.auth_method == "auto" and src.client_secret and src.private_key:
             raise ConfigError(
                 f"source {src.name!r}: both a client secret and a private key are configured",

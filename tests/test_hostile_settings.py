@@ -110,11 +110,6 @@ def test_settings_plain_http_in_config_file_is_refused(tmp_path: Path) -> None:
     assert "'b'" in err.value.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pfsync/settings.py _validate checks base_url/token_url but not source.download_allowlist: "
-    "PFSYNC_DOWNLOAD_ALLOWLIST=http://storage.example.com loads, and auth.py/bulk.py then send the token there",
-)
 def test_settings_download_allowlist_with_plain_http_is_refused() -> None:
     # The allowlist names origins that RECEIVE THE BEARER TOKEN: plain http there would send it in
     # clear over the network, so it must meet the same rule as the base URL.
@@ -288,11 +283,6 @@ def _key_file(tmp_path: Path, mode: int) -> Path:
     return path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pfsync/keys.py has warn_if_loose()/loose_permissions_warning() but nothing calls them: neither "
-    "pfsync/settings.py (_secret reading PF_PRIVATE_KEY as a file) nor pfsync/auth.py warns about a 0644 key",
-)
 @pytest.mark.parametrize("args", [["auth", "test"], ["sync"]])
 def test_cli_warns_about_a_private_key_file_readable_by_others(tmp_path: Path, args: list[str]) -> None:
     key = _key_file(tmp_path, 0o644)

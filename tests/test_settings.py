@@ -262,3 +262,20 @@ def test_settings_every_spec_has_env_help_and_parses_its_default() -> None:
     for spec in SPECS:
         assert spec.env and spec.help.endswith("."), spec.key
         assert all(name.startswith(("PF_", "PFSYNC_", "MEDPLUM_")) for name in spec.env)
+
+
+def test_settings_warn_about_loose_secret_file_permissions(tmp_path: Path) -> None:
+    key = tmp_path / "key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----")
+    key.chmod(0o644)
+    s = load_settings(env={"PF_FHIR_BASE_URL": BASE, "PF_PRIVATE_KEY": str(key)}, cwd=tmp_path)
+    assert len(s.warnings) == 1 and "chmod 600" in s.warnings[0] and "MIIB" not in s.warnings[0]
+    key.chmod(0o600)
+    assert load_settings(env={"PF_FHIR_BASE_URL": BASE, "PF_PRIVATE_KEY": str(key)}, cwd=tmp_path).warnings == ()
+
+
+def test_settings_download_allowlist_refuses_plain_http_to_other_hosts(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="plain http"):
+        load_settings(
+            env={"PF_FHIR_BASE_URL": BASE, "PFSYNC_DOWNLOAD_ALLOWLIST": "http://storage.example.com"}, cwd=tmp_path
+        )

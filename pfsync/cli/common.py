@@ -59,7 +59,9 @@ def build_settings(ctx: typer.Context, flags: dict[str, Any] | None = None) -> S
     if opts.log_format:
         all_flags["log.format"] = opts.log_format
     settings = load_settings(flags=all_flags, env=dict(os.environ), config_path=opts.config)
-    setup_logging(settings.log_format, opts.verbosity)
+    logger = setup_logging(settings.log_format, opts.verbosity)
+    for warning in settings.warnings:
+        logger.warning(warning)
     return settings
 
 

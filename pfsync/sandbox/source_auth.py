@@ -203,7 +203,7 @@ class Auth:
                 "invalid_grant",
                 "Unable to verify the token with any of the public keys found in the JWKS: jwt expired",
             ) from None
-        except jwt.PyJWTError as exc:  # transcript 10
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:  # transcript 10; an RS384 JWT vs an EC key
             raise TokenError(
                 "invalid_grant",
                 f"Unable to verify the token with any of the public keys found in the JWKS: invalid signature ({exc})",

@@ -241,6 +241,7 @@ class Verifier:
             for resource in page:
                 self._add_medplum(rtype, resource, system, systems, scratch, content)
                 n += 1
+            del page, resource  # before the next page is parsed (a page of EOBs is ~50 MB of dicts)
             scratch.commit()
         self.events.emit("verify_scanned", type=rtype, medplum=n, quota_used=self.reader.quota_used)
 
@@ -375,9 +376,13 @@ def verify(
         from pfsync.verify_fix import apply_fixes
 
         actions = apply_fixes(verifier, export_dirs, options, scratch, report.extras_checked)
+        resends = scratch.fix_count()
     finally:
         scratch.close()
-    report = replace(report, actions=tuple(actions), dry_run=options.dry_run)
+    listed = sum(1 for a in actions if a.kind == "resend")
+    verb = "to re-send" if options.dry_run else "re-sent"
+    notes = report.notes + ((f"{resends} resources {verb}, {listed} listed",) if resends > listed else ())
+    report = replace(report, actions=tuple(actions), dry_run=options.dry_run, notes=notes)
     if options.dry_run or not any(a.done for a in actions):
         return report
     again = Verifier(settings, source, client, clock=clock, events=events, reader=verifier.reader)

@@ -46,8 +46,7 @@ def plan(verifier: Verifier, options: VerifyOptions, scratch: Scratch, extras_ch
         for rtype, sid, mid in list(scratch.extra()):
             actions.append(Action("delete_extra", rtype, sid, mid, reason="not in the source export"))
             scratch.add_gone(rtype, mid)
-    for rtype, sid in list(scratch.missing()):
-        scratch.add_fix(rtype, sid, "missing")
+    scratch.fix_missing()
     for rtype, mid, kind, ttype, tid in list(scratch.dangling()):
         referrer = scratch.sid_of(rtype, mid)
         if (
@@ -61,10 +60,11 @@ def plan(verifier: Verifier, options: VerifyOptions, scratch: Scratch, extras_ch
         if scratch.in_source(rtype, sid):
             scratch.add_fix(rtype, sid, "referenced a deleted copy")
     if options.content:
-        for rtype, sid, _mid in list(scratch.drift()):
-            scratch.add_fix(rtype, sid, "content drift")
+        scratch.fix_drift()
     scratch.commit()
-    for rtype, sid, reason in scratch.fixes():
+    for n, (rtype, sid, reason) in enumerate(scratch.fixes()):
+        if options.limit is not None and n >= options.limit:
+            break  # the table lists the first ones; every one is re-sent (the count says how many)
         actions.append(Action("resend", rtype, sid, scratch.medplum_id(rtype, sid), reason=reason))
     return actions
 
@@ -86,7 +86,7 @@ def apply_fixes(
 ) -> list[Action]:
     """Plan, and unless `options.dry_run`, carry the plan out. Returns the actions (done or not)."""
     actions = plan(verifier, options, scratch, extras_checked)
-    if options.dry_run or not actions:
+    if options.dry_run or (not actions and scratch.fix_count() == 0):
         return actions
     done: list[Action] = []
     for action in actions:
@@ -101,7 +101,7 @@ def apply_fixes(
             done.append(_done(action, error=exc.message))
     scratch.commit()
     resends = [a for a in actions if a.kind == "resend"]
-    if resends:
+    if scratch.fix_count():
         _sync_idmap(verifier, scratch)
         error = _resend(verifier, export_dirs, scratch)
         done += [_done(a, error=error) for a in resends]

@@ -183,7 +183,9 @@ class MedplumReader:
 
     # ------------------------------------------------------------------ searches
     def pages(self, url: str, what: str) -> Iterator[list[Json]]:
-        """Follow a searchset's `next` links (transcript 33) and yield each page's resources."""
+        """Follow a searchset's `next` links (transcript 33) and yield each page's resources.
+
+        Callers drop a page before asking for the next one, so only one page is ever held."""
         next_url: str | None = url
         while next_url is not None:
             bundle = self.get_json(next_url, "search", what)
@@ -200,8 +202,10 @@ class MedplumReader:
                     and isinstance(link.get("url"), str)
                 ):
                     next_url = self._rebase(link["url"])
+            del bundle  # one page in memory at a time: drop it before the next one is fetched
             if resources:
                 yield resources
+            del resources
 
     def scan(self, rtype: str, system: str, *, elements: str | None = None) -> Iterator[list[Json]]:
         """Every `rtype` carrying an identifier of `system` (FHIR token `system|` = any value).

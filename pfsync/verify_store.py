@@ -217,8 +217,32 @@ class Scratch:
     def add_fix(self, rtype: str, sid: str, reason: str) -> None:
         self.db.execute("INSERT OR IGNORE INTO fix VALUES (?, ?, ?)", (rtype, sid, reason))
 
-    def fixes(self) -> list[tuple[str, str, str]]:
-        return list(self.db.execute("SELECT type, sid, reason FROM fix ORDER BY type, sid"))
+    def fix_missing(self) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO fix SELECT s.type, s.sid, 'missing' FROM src s WHERE NOT EXISTS "
+            "(SELECT 1 FROM mp m WHERE m.type = s.type AND m.sid = s.sid)"
+        )
+
+    def fix_drift(self) -> None:
+        self.db.execute(
+            f"INSERT OR IGNORE INTO fix SELECT type, sid, 'content drift' FROM ({self._drift_sql()})"
+        )
+
+    def fixes(self) -> Iterator[tuple[str, str, str]]:
+        """(type, sid, reason) to re-send, read in pages (safe while other tables change)."""
+        last = ("", "")
+        while True:
+            page = self.db.execute(
+                "SELECT type, sid, reason FROM fix WHERE (type, sid) > (?, ?) ORDER BY type, sid LIMIT ?",
+                (*last, _PAGE),
+            ).fetchall()
+            if not page:
+                return
+            yield from page
+            last = (page[-1][0], page[-1][1])
+
+    def fix_count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM fix").fetchone()[0])
 
     def is_fix(self, rtype: str, sid: str) -> bool:
         return (

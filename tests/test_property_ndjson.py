@@ -65,9 +65,9 @@ _bad_lines = st.one_of(
         orjson.dumps
     ),  # an object without resourceType
     st.one_of(
-        st.integers(),
+        st.integers(-(2**63), 2**63 - 1),
         st.none(),
-        st.lists(st.integers(), max_size=2),
+        st.lists(st.integers(-(2**63), 2**63 - 1), max_size=2),
         st.just(""),
         st.just("lower"),
         st.just("Bad Type"),

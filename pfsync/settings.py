@@ -35,6 +35,7 @@ AuthMethod = Literal["auto", "private_key_jwt", "client_secret_basic"]
 ScopeVersion = Literal["auto", "v1", "v2"]
 ExportLevel = Literal["auto", "group", "patient", "system"]
 DeleteMode = Literal["apply", "ignore", "tag"]
+ExportValidate = Literal["structure", "full"]
 StateBackend = Literal["local", "medplum"]
 LogFormat = Literal["auto", "human", "json"]
 MedplumAuth = Literal["token", "basic"]
@@ -100,6 +101,7 @@ class ExportSettings:
     strict_scopes: bool = False
     kickoff_method: Literal["get", "post"] = "get"
     since_overlap: float = 300.0
+    validate: ExportValidate = "structure"  # download.py: what each line is checked for while streaming
 
 
 @dataclass(frozen=True)
@@ -370,6 +372,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("export.strict_scopes", ("PFSYNC_STRICT_SCOPES",), _bool, False, "Fail instead of warning when a requested type was not granted."),
     Spec("export.kickoff_method", ("PFSYNC_KICKOFF_METHOD",), _choice("get", "post"), "get", "Kick-off with GET query parameters or POST Parameters."),
     Spec("export.since_overlap", ("PFSYNC_SINCE_OVERLAP",), parse_duration, 300.0, "Re-export this much history before the checkpoint (safe: loading is idempotent)."),
+    Spec("export.validate", ("PFSYNC_EXPORT_VALIDATE",), _choice("structure", "full"), "structure", "structure: cheap per-line check while downloading (JSON validity left to the loader); full: parse every line."),
     # --- load
     Spec("load.bundle_max_bytes", ("PFSYNC_BUNDLE_MAX_BYTES",), _positive_int, 900_000, "Largest synchronous Bundle body (Medplum refuses over 1 MiB)."),
     Spec("load.bundle_max_entries", ("PFSYNC_BUNDLE_MAX_ENTRIES",), _positive_int, 100, "Most entries per Bundle."),

@@ -254,7 +254,8 @@ class _Run:
                     job = self.dir.save_job(replace(job, transaction_time=manifest.transaction_time))
                     downloader = Downloader(self.client, self.auth, self.origins, self.dir, self.policy,
                                             self.clock, self.events, eid, manifest.requires_access_token,
-                                            self.settings.max_line_bytes, halt)  # fmt: skip
+                                            self.settings.max_line_bytes, halt,
+                                            validate=self.settings.validate)  # fmt: skip
                 self.events.emit("status_complete", exportId=eid, transactionTime=manifest.transaction_time,
                                  outputFiles=sum(f.kind == "output" for f in manifest.files),
                                  errorFiles=sum(f.kind == "error" for f in manifest.files),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,14 +13,17 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_export_fakes import FakeClock, lines_of
 
 from pfsync.bulk import JobExpired, ManifestFile, Origins
-from pfsync.download import Downloader, Validator
+from pfsync.download import FEED_BYTES, Downloader, Validator
 from pfsync.errors import AuthError, ExportError, HTTPError, InterruptedRunError
 from pfsync.events import ListSink
 from pfsync.exportjob import ExportDir, sha256_of
 from pfsync.http import RetryPolicy
+from pfsync.ndjson import BadLine, Record, iter_file
 
 BASE = "https://ehr.example/fhir"
 FILE_URL = f"{BASE}/Binary/export/job/Patient/1"
@@ -27,10 +31,13 @@ PATIENTS = [{"resourceType": "Patient", "id": f"p{i}", "name": [{"family": "X" *
 NDJSON = b"".join(orjson.dumps(p) + b"\n" for p in PATIENTS)
 
 
+MODES = ["structure", "full"]
+
+
 def validate(data: bytes, *, chunk: int = 7, expected: str = "Patient", max_line: int = 10_000,
-             count: int | None = None) -> tuple[Validator, bytes]:  # fmt: skip
+             count: int | None = None, mode: Any = "structure") -> tuple[Validator, bytes]:  # fmt: skip
     out = io.BytesIO()
-    v = Validator(out, expected, max_line, unpack_bundles=expected != "Bundle")
+    v = Validator(out, expected, max_line, unpack_bundles=expected != "Bundle", mode=mode)
     for i in range(0, len(data), chunk):
         v.feed(data[i : i + chunk])
     v.finish()
@@ -38,8 +45,9 @@ def validate(data: bytes, *, chunk: int = 7, expected: str = "Patient", max_line
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 4096])
-def test_validator_passes_ndjson_through_unchanged(chunk: int) -> None:
-    v, out = validate(NDJSON, chunk=chunk)
+@pytest.mark.parametrize("mode", MODES)
+def test_validator_passes_ndjson_through_unchanged(chunk: int, mode: str) -> None:
+    v, out = validate(NDJSON, chunk=chunk, mode=mode)
     assert out == NDJSON
     assert (v.lines, v.bad_lines, v.damaged(5), v.summary_problems(5)) == (5, 0, False, [])
 
@@ -56,55 +64,161 @@ def test_validator_passes_ndjson_through_unchanged(chunk: int) -> None:
     ],
     ids=["gzip", "crlf", "blank-lines-no-final-newline", "pretty-resource", "pretty-bundle"],
 )  # fmt: skip
-def test_validator_normalises_to_ndjson(data: bytes) -> None:
-    v, out = validate(data)
+@pytest.mark.parametrize("mode", MODES)
+def test_validator_normalises_to_ndjson(data: bytes, mode: str) -> None:
+    v, out = validate(data, mode=mode)
     assert lines_of(out) == lines_of(NDJSON)[: v.lines]
     assert out.endswith(b"\n") and b"\r" not in out and b"\n\n" not in out
     assert v.bad_lines == 0 and not v.truncated
     assert all(len(line) and line.startswith(b"{") for line in out.splitlines())
 
 
-def test_validator_keeps_deleted_bundles_whole() -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_validator_keeps_deleted_bundles_whole(mode: str) -> None:
     bundle = {"resourceType": "Bundle", "type": "transaction",
               "entry": [{"request": {"method": "DELETE", "url": "Patient/p1"}}]}  # fmt: skip
-    v, out = validate(orjson.dumps(bundle) + b"\n", expected="Bundle")
+    v, out = validate(orjson.dumps(bundle) + b"\n", expected="Bundle", mode=mode)
     assert lines_of(out) == [bundle] and v.summary_problems(1) == []
 
 
-def test_validator_reports_malformed_line_and_keeps_it_for_quarantine() -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_validator_reports_malformed_line_and_keeps_it_for_quarantine(mode: str) -> None:
     data = NDJSON.replace(b"\n", b'\n{"resourceType": "Patient", "id": broken\n', 1)
-    v, out = validate(data)
+    v, out = validate(data, mode=mode)
     assert v.bad_lines == 1 and v.damaged(None)
     assert any("line 2 is not valid JSON" in p for p in v.problems)
     assert b"broken" in out and v.lines == 6
 
 
-def test_validator_detects_truncated_last_line() -> None:
-    v, _ = validate(NDJSON[:-15])
+@pytest.mark.parametrize("mode", MODES)
+def test_validator_detects_truncated_last_line(mode: str) -> None:
+    v, _ = validate(NDJSON[:-15], mode=mode)
     assert v.truncated and v.damaged(None)
     assert any("cut short" in p for p in v.problems)
 
 
-def test_validator_drops_over_long_line_without_holding_it() -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_validator_drops_over_long_line_without_holding_it(mode: str) -> None:
     big = orjson.dumps({"resourceType": "Patient", "id": "big", "text": "y" * 5000}) + b"\n"
-    v, out = validate(orjson.dumps(PATIENTS[0]) + b"\n" + big + NDJSON, max_line=1000, chunk=100)
+    v, out = validate(orjson.dumps(PATIENTS[0]) + b"\n" + big + NDJSON, max_line=1000, chunk=100, mode=mode)
     assert v.bad_lines == 1 and b'"big"' not in out
     assert any("longer than 1000 bytes" in p for p in v.problems)
     assert v.lines == 6
 
 
-def test_validator_reports_count_mismatch_and_unexpected_types() -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_validator_reports_count_mismatch_and_unexpected_types(mode: str) -> None:
     data = NDJSON + orjson.dumps({"resourceType": "Location", "id": "l1"}) + b"\n"
-    v, _ = validate(data)
+    v, _ = validate(data, mode=mode)
     problems = v.summary_problems(10)
     assert "6 lines but the manifest announced 10" in problems
     assert "1 resource(s) of type Location in a Patient file" in problems
     assert v.damaged(10) and not v.damaged(6)
 
 
-def test_validator_flags_lines_without_resource_type() -> None:
-    v, _ = validate(b'{"id": 1}\n[1,2]\n')
+@pytest.mark.parametrize("mode", MODES)
+def test_validator_flags_lines_without_resource_type(mode: str) -> None:
+    v, _ = validate(b'{"id": 1}\n[1,2]\n', mode=mode)
     assert v.bad_lines == 2
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b'{"id":"p9"}', "line 6 is not a FHIR resource (no resourceType)"),
+        (b"[1,2]", "line 6 is not a FHIR resource (no resourceType)"),
+        (b'"resourceType"', "line 6 is not a FHIR resource (no resourceType)"),
+        (b'{"resourceType":"Patient","id":"p9"', "line 6 is not valid JSON"),
+        (b'{"resourceType":"Patient","id":"p9"} x', "line 6 is not valid JSON"),
+        (b'{"resourceType":"Location","id":"l1"}', "1 resource(s) of type Location in a Patient file"),
+        (
+            b'{"resourceType":"Patient\\u0022x","id":"p9"}',
+            '1 resource(s) of type Patient"x in a Patient file',
+        ),
+    ],
+    ids=["no-type", "array", "string", "unclosed", "trailing-text", "other-type", "escaped-type"],
+)
+def test_validator_structure_mode_parses_a_line_failing_the_cheap_check(line: bytes, reason: str) -> None:
+    # A bad line still gets file/line/reason in "structure" mode: it is parsed to say why.
+    v, out = validate(NDJSON + line + b"\n", mode="structure")
+    assert any(p.startswith(reason) for p in v.summary_problems(6)), v.summary_problems(6)
+    assert line in out and v.lines == 6
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "line",
+    [b'{"resourceType": "Patient", "id": "spaced"}', b'{"id":"a","resourceType":"Patient"}',
+     b'{ "resourceType" : "Patient" , "id": "b" }'],
+    ids=["spaced", "type-not-first", "padded"],
+)  # fmt: skip
+def test_validator_accepts_other_key_orders_and_spacing(mode: str, line: bytes) -> None:
+    v, out = validate(NDJSON + line + b"\n", mode=mode)
+    assert (v.lines, v.bad_lines, v.summary_problems(6)) == (6, 0, [])
+    assert out == NDJSON + line + b"\n"
+
+
+def test_validator_structure_mode_leaves_invalid_json_inside_braces_to_the_loader(tmp_path: Path) -> None:
+    # The trade-off of "structure" (download.py): JSON validity of a well-framed line is the
+    # loader's check; pfsync.ndjson reports it with file and line, and the loader quarantines it.
+    data = NDJSON + b'{"resourceType":"Patient","id":broken}\n'
+    structure, out = validate(data, mode="structure")
+    full, _ = validate(data, mode="full")
+    assert (structure.bad_lines, structure.summary_problems(6)) == (0, [])
+    assert full.bad_lines == 1 and any("line 6 is not valid JSON" in p for p in full.problems)
+    path = tmp_path / "Patient.1.ndjson"
+    path.write_bytes(out)
+    items = list(iter_file(path))
+    assert [i.line for i in items if isinstance(i, Record)] == [1, 2, 3, 4, 5]
+    bad = [i for i in items if isinstance(i, BadLine)]
+    assert [(b.line, b.reason.startswith("not valid JSON")) for b in bad] == [(6, True)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_validator_detects_file_cut_after_a_closing_brace(mode: str) -> None:
+    # The cheap check would accept a fragment ending in "}": the last line is always parsed.
+    last = b'{"resourceType":"Patient","id":"p6","name":[{"family":"Y"}]}'
+    v, _ = validate(NDJSON + last[: last.index(b"}") + 1], mode=mode)
+    assert v.truncated and v.damaged(None)
+    assert any("line 6 is cut short" in p for p in v.problems)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_validator_counts_lines_across_large_blocks(mode: str) -> None:
+    many = b"".join(orjson.dumps({**PATIENTS[i % 5], "id": f"p{i}"}) + b"\n" for i in range(20_000))
+    v, out = validate(many, chunk=FEED_BYTES, mode=mode, count=20_000)
+    assert out == many and (v.lines, v.bad_lines, v.summary_problems(20_000)) == (20_000, 0, [])
+
+
+_LINES = [
+    orjson.dumps(PATIENTS[0]) + b"\n",
+    b'{"resourceType": "Patient", "id": "spaced"}\n',
+    orjson.dumps(PATIENTS[1]) + b"\r\n",
+    b"\n",
+    b'{"resourceType":"Location","id":"l1"}\n',
+    b'{"id":"no-type"}\n',
+    b'{"resourceType":"Patient","id":"cut\n',
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    picks=st.lists(st.sampled_from(range(len(_LINES))), min_size=1, max_size=12),
+    cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=8),
+)
+def test_validator_result_does_not_depend_on_chunking_or_mode(picks: list[int], cuts: list[int]) -> None:
+    # Every line here is either valid or visibly broken, so both modes must agree exactly.
+    data = orjson.dumps(PATIENTS[2]) + b"\n" + b"".join(_LINES[i] for i in picks)
+    results = []
+    for mode in MODES:
+        for bounds in ([0, len(data)], sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})):
+            out = io.BytesIO()
+            v = Validator(out, "Patient", 10_000, mode=mode)  # type: ignore[arg-type]
+            for a, b in itertools.pairwise(bounds):
+                v.feed(data[a:b])
+            v.finish()
+            results.append((out.getvalue(), v.lines, v.bad_lines, v.truncated, v.summary_problems(None)))
+    assert all(r == results[0] for r in results[1:]), results
 
 
 # ---- Downloader over a mock transport ------------------------------------------------------------
@@ -113,13 +227,14 @@ Handler = Callable[[httpx.Request], httpx.Response]
 
 
 class Dropping(httpx.SyncByteStream):
-    """A body that sends `data[:cut]` then breaks the connection."""
+    """A body that sends `data[:cut]` (in reads of `piece` bytes) then breaks the connection."""
 
-    def __init__(self, data: bytes, cut: int) -> None:
-        self.data, self.cut = data, cut
+    def __init__(self, data: bytes, cut: int, piece: int = 1 << 30) -> None:
+        self.data, self.cut, self.piece = data, cut, piece
 
     def __iter__(self) -> Iterator[bytes]:
-        yield self.data[: self.cut]
+        for start in range(0, self.cut, self.piece):
+            yield self.data[start : min(self.cut, start + self.piece)]
         raise httpx.ReadError("connection reset by peer")
 
 
@@ -190,6 +305,27 @@ def test_download_resumes_with_range_after_connection_reset(tmp_path: Path) -> N
     assert clock.slept > 0
 
 
+def test_download_resumes_a_large_body_from_the_exact_byte_received(tmp_path: Path) -> None:
+    # Reads are gathered into FEED_BYTES blocks before validation: a drop between two blocks must
+    # still resume at the last byte received, not the last block validated.
+    body = b"".join(orjson.dumps({**PATIENTS[i % 5], "id": f"p{i}"}) + b"\n" for i in range(8_000))
+    cut = FEED_BYTES + 65_536 * 3 + 1_001
+    ranges: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        ranges.append(request.headers.get("Range"))
+        if len(ranges) == 1:
+            return httpx.Response(200, stream=Dropping(body, cut, piece=65_536))
+        start = int(request.headers["Range"][6:-1])
+        return httpx.Response(206, headers={"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"},
+                              content=body[start:])  # fmt: skip
+
+    d, _, _ = make_downloader(tmp_path, handler)
+    got = d.download(entry(count=8_000), "Patient.1.ndjson")
+    assert ranges == [None, f"bytes={cut}-"]
+    assert got.landed.path.read_bytes() == body and got.problems == ()
+
+
 def test_download_restarts_when_range_is_ignored(tmp_path: Path) -> None:
     calls: list[str | None] = []
 
@@ -245,6 +381,17 @@ def test_download_lands_persistently_damaged_file_with_problems(tmp_path: Path) 
     got = d.download(entry(count=6), "Patient.1.ndjson")
     assert got.landed.lines == 6 and got.landed.path.read_bytes() == bad
     assert any("line 6 is not valid JSON" in p for p in got.problems)
+
+
+@pytest.mark.parametrize(("validate", "reported"), [("structure", False), ("full", True)])
+def test_download_validate_setting_decides_who_reports_invalid_json(
+    tmp_path: Path, validate: str, reported: bool
+) -> None:
+    body = NDJSON + b'{"resourceType":"Patient","id":broken}\n'
+    d, _, _ = make_downloader(tmp_path, lambda r: httpx.Response(200, content=body), validate=validate)
+    got = d.download(entry(count=6), "Patient.1.ndjson")
+    assert got.landed.path.read_bytes() == body and got.landed.lines == 6
+    assert any("line 6 is not valid JSON" in p for p in got.problems) is reported
 
 
 def test_download_converts_pretty_json_served_as_application_json(tmp_path: Path) -> None:

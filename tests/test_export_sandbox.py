@@ -73,6 +73,15 @@ def test_export_patient_level_lands_every_resource(source: SourceSandbox, tmp_pa
     )
 
 
+def test_export_validate_modes_land_the_same_files(source: SourceSandbox, tmp_path: Path) -> None:
+    landed = {}
+    for mode in ("structure", "full"):
+        result = export(source, tmp_path / mode, settings=ExportSettings(validate=mode))
+        assert lines_by_type(result) == SMALL and result.problems == ()
+        landed[mode] = {f.path.name: (f.sha256, f.lines) for f in result.files}
+    assert landed["structure"] == landed["full"]
+
+
 def test_export_group_level_exports_only_members(source: SourceSandbox, tmp_path: Path) -> None:
     result = export(
         source, tmp_path, ExportRequest(level="group", group_id="bulk-data-testing-group", types=TYPES)
@@ -153,18 +162,24 @@ def test_export_resumes_file_after_connection_reset(source: SourceSandbox, tmp_p
     assert source.stats.count("download") == 3  # clean, reset mid-file, then the Range resume
 
 
+@pytest.mark.parametrize("validate", ["structure", "full"])
 @pytest.mark.parametrize("fault", ["truncate_download", "malformed_line"])
-def test_export_downloads_damaged_file_again(source: SourceSandbox, tmp_path: Path, fault: str) -> None:
+def test_export_downloads_damaged_file_again(
+    source: SourceSandbox, tmp_path: Path, fault: str, validate: Any
+) -> None:
     getattr(source.faults, fault)(type="Condition")
-    result = export(source, tmp_path, ExportRequest(level="patient", types=("Condition",)))
+    result = export(source, tmp_path, ExportRequest(level="patient", types=("Condition",)),
+                    settings=ExportSettings(validate=validate))  # fmt: skip
     assert lines_by_type(result) == {"Condition": 86} and result.problems == ()
 
 
+@pytest.mark.parametrize("validate", ["structure", "full"])
 def test_export_persistent_malformed_line_is_reported_not_hidden(
-    source: SourceSandbox, tmp_path: Path
+    source: SourceSandbox, tmp_path: Path, validate: Any
 ) -> None:
     source.faults.malformed_line(times=None, type="Condition")
-    result = export(source, tmp_path, ExportRequest(level="patient", types=("Condition",)))
+    result = export(source, tmp_path, ExportRequest(level="patient", types=("Condition",)),
+                    settings=ExportSettings(validate=validate))  # fmt: skip
     assert any("line 2 is not valid JSON" in p for p in result.problems)
     assert result.files[0].lines == 87  # the bad line is kept for the loader to quarantine
 

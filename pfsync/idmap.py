@@ -7,9 +7,17 @@ searches, never duplicates. It also keeps, on disk so memory stays flat:
 
 - rows with no Medplum id yet: every source id seen in the input, with its type, so a bare
   `urn:uuid:<id>` resolves by id alone (fixtures README: ids are unique across types);
-- `deferred`: resources held back until their reference targets have Medplum ids;
+- `deferred`: resources held back until their reference targets have Medplum ids, and `waits`:
+  which targets each of them still waits for (so the ones whose targets have arrived are found
+  with one query instead of re-reading every held resource);
 - `logical`: resources written with logical references, to upgrade once the targets arrive;
-- `binaries`: attachment SHA-1 -> Binary id, so unchanged content is not uploaded again.
+- `binaries`: attachment SHA-1 -> Binary id, so unchanged content is not uploaded again;
+- `loaded`: keys of input files whose every resource is written or held here (`mark_loaded`).
+
+Speed: the map is read into memory when it fits (`_CACHE_MAX` rows), so a lookup is a dict
+access and a miss is definitive; every change is buffered and written with `executemany` in one
+transaction at `commit` (a batch result, the end of a file), never one statement per resource.
+A crash loses at most the uncommitted buffer, which is safe: the map is a cache (see above).
 
 Not thread-safe: the loader uses it from one thread only.
 """
@@ -17,7 +25,7 @@ Not thread-safe: the loader uses it from one thread only.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +37,19 @@ CREATE TABLE IF NOT EXISTS map (type TEXT NOT NULL, sid TEXT NOT NULL, mid TEXT,
 CREATE INDEX IF NOT EXISTS map_sid ON map (sid);
 CREATE TABLE IF NOT EXISTS deferred (type TEXT NOT NULL, sid TEXT NOT NULL, file TEXT, line INTEGER,
     raw BLOB NOT NULL, PRIMARY KEY (type, sid)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS waits (type TEXT NOT NULL, sid TEXT NOT NULL, ttype TEXT NOT NULL,
+    tsid TEXT NOT NULL, PRIMARY KEY (type, sid, ttype, tsid)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS waits_target ON waits (ttype, tsid);
 CREATE TABLE IF NOT EXISTS logical (type TEXT NOT NULL, sid TEXT NOT NULL, file TEXT, line INTEGER,
     raw BLOB NOT NULL, PRIMARY KEY (type, sid)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS binaries (sha1 TEXT PRIMARY KEY, mid TEXT NOT NULL, size INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS loaded (key TEXT PRIMARY KEY) WITHOUT ROWID;
 """
 _CACHE_MAX = 200_000
+_TABLES = ("deferred", "logical")
+# A waited-for target whose type is unknown (a `urn:uuid:<id>` no input has named yet).
+ANY_TYPE = ""
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,9 @@ class MapRow:
     mid: str | None
     vid: str | None
     hash: str | None
+
+
+_SEEN = MapRow(None, None, None)
 
 
 @dataclass(frozen=True)
@@ -71,25 +89,80 @@ class IdMap:
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"cannot open the id map {path}: {exc}") from None
         self._cache: dict[tuple[str, str], MapRow] = {}
+        self._by_sid: dict[str, list[str]] = {}  # sid -> types, only while the cache is complete
+        self._complete = False
         self._in_tx = False
+        self._seen: list[tuple[str, str]] = []
+        self._rows: dict[tuple[str, str], MapRow] = {}
+        self._held: dict[tuple[str, str, str], tuple[Held | None, tuple[tuple[str, str], ...]]] = {}
         known = self._kv("target")
         self.cold = not existed or known is None
         if known is not None and known != target:
             # Another Medplum server: its ids mean nothing here. Start over (the map is a cache).
-            self._db.executescript("DELETE FROM map; DELETE FROM logical; DELETE FROM binaries;")
+            self._db.executescript(
+                "DELETE FROM map; DELETE FROM logical; DELETE FROM binaries; DELETE FROM loaded;"
+            )
             self.cold = True
         self._db.execute("INSERT OR REPLACE INTO kv VALUES ('target', ?)", (target,))
+        self._load_cache()
 
-    # -- transactions: one per batch result keeps SQLite fast and a crash loses at most a batch
+    def _load_cache(self) -> None:
+        n = int(self._db.execute("SELECT count(*) FROM map").fetchone()[0])
+        if n > _CACHE_MAX:
+            return
+        for t, s, mid, vid, h in self._db.execute("SELECT type, sid, mid, vid, hash FROM map"):
+            self._cache[(t, s)] = MapRow(mid, vid, h) if mid is not None else _SEEN
+            self._by_sid.setdefault(s, []).append(t)
+        self._complete = True
+
+    # -- transactions: buffered changes go to disk in one transaction per commit
     def begin(self) -> None:
         if not self._in_tx:
             self._db.execute("BEGIN")
             self._in_tx = True
 
     def commit(self) -> None:
+        """Write every buffered change and commit (durable against a crash of this process)."""
+        self._flush()
         if self._in_tx:
             self._db.execute("COMMIT")
             self._in_tx = False
+
+    def _flush(self) -> None:
+        if not (self._seen or self._rows or self._held):
+            return
+        self.begin()
+        db = self._db
+        if self._seen:
+            db.executemany("INSERT OR IGNORE INTO map (type, sid) VALUES (?, ?)", self._seen)
+            self._seen = []
+        if self._rows:
+            db.executemany(
+                "INSERT INTO map VALUES (?, ?, ?, ?, ?) ON CONFLICT (type, sid) DO UPDATE SET "
+                "mid = excluded.mid, vid = excluded.vid, hash = excluded.hash",
+                [(t, s, r.mid, r.vid, r.hash) for (t, s), r in self._rows.items()],
+            )
+            self._rows = {}
+        if self._held:
+            for table in _TABLES:
+                keys = [(t, s) for (tb, t, s) in self._held if tb == table]
+                if not keys:
+                    continue
+                db.executemany(f"DELETE FROM {table} WHERE type = ? AND sid = ?", keys)
+                if table == "deferred":
+                    db.executemany("DELETE FROM waits WHERE type = ? AND sid = ?", keys)
+                items = [(item, waits) for (tb, _, _), (item, waits) in self._held.items()
+                         if tb == table and item is not None]  # fmt: skip
+                db.executemany(
+                    f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?)",
+                    [(i.type, i.sid, i.file, i.line, i.raw) for i, _ in items],
+                )
+                if table == "deferred":
+                    db.executemany(
+                        "INSERT OR IGNORE INTO waits VALUES (?, ?, ?, ?)",
+                        [(i.type, i.sid, tt, ts) for i, waits in items for tt, ts in waits],
+                    )
+            self._held = {}
 
     def close(self) -> None:
         try:
@@ -105,8 +178,9 @@ class IdMap:
     def get(self, rtype: str, sid: str) -> MapRow | None:
         key = (rtype, sid)
         row = self._cache.get(key)
-        if row is not None:
+        if row is not None or self._complete:
             return row
+        self._flush()
         found = self._db.execute("SELECT mid, vid, hash FROM map WHERE type = ? AND sid = ?", key).fetchone()
         if found is None:
             return None
@@ -115,60 +189,62 @@ class IdMap:
         return row
 
     def _remember(self, key: tuple[str, str], row: MapRow) -> None:
-        if len(self._cache) >= _CACHE_MAX:
-            self._cache.clear()
+        if key not in self._cache:
+            if len(self._cache) >= _CACHE_MAX:
+                self._flush()  # the buffered rows are only in the cache until flushed
+                self._cache.clear()
+                self._by_sid.clear()
+                self._complete = False
+            elif self._complete:
+                self._by_sid.setdefault(key[1], []).append(key[0])
         self._cache[key] = row
 
     def types_of(self, sid: str) -> list[tuple[str, str | None]]:
         """Every (type, Medplum id or None) recorded for a source id: resolves `urn:uuid:<id>`."""
+        if self._complete:
+            return [(t, self._cache[(t, sid)].mid) for t in self._by_sid.get(sid, ())]
+        self._flush()
         return [(t, m) for t, m in self._db.execute("SELECT type, mid FROM map WHERE sid = ?", (sid,))]
 
     def seen(self, rtype: str, sid: str) -> None:
         """Note that the input holds this identity (not necessarily loaded yet)."""
-        if (rtype, sid) in self._cache:
+        key = (rtype, sid)
+        if key in self._cache or (not self._complete and self.get(rtype, sid) is not None):
             return
-        self.begin()
-        self._db.execute("INSERT OR IGNORE INTO map (type, sid) VALUES (?, ?)", (rtype, sid))
+        self._seen.append(key)
+        self._remember(key, _SEEN)
 
     def record(self, rtype: str, sid: str, mid: str, vid: str | None, content_hash: str | None) -> None:
-        self.begin()
-        self._db.execute(
-            "INSERT INTO map VALUES (?, ?, ?, ?, ?) ON CONFLICT (type, sid) DO UPDATE SET "
-            "mid = excluded.mid, vid = excluded.vid, hash = excluded.hash",
-            (rtype, sid, mid, vid, content_hash),
-        )
-        self._remember((rtype, sid), MapRow(mid, vid, content_hash))
+        row = MapRow(mid, vid, content_hash)
+        self._rows[(rtype, sid)] = row
+        self._remember((rtype, sid), row)
 
     def forget(self, rtype: str, sid: str) -> None:
         """The resource is gone from Medplum (deleted, or a stale id): keep only that it exists."""
-        self.begin()
-        self._db.execute(
-            "UPDATE map SET mid = NULL, vid = NULL, hash = NULL WHERE type = ? AND sid = ?", (rtype, sid)
-        )
-        self._cache.pop((rtype, sid), None)
+        self._rows[(rtype, sid)] = _SEEN
+        self._remember((rtype, sid), _SEEN)
 
     def counts(self) -> dict[str, int]:
         """Loaded identities per type."""
+        self._flush()
         rows = self._db.execute("SELECT type, count(*) FROM map WHERE mid IS NOT NULL GROUP BY type")
         return {t: n for t, n in rows}
 
     # -- held resources
-    def hold(self, table: str, item: Held) -> None:
-        assert table in ("deferred", "logical")
-        self.begin()
-        self._db.execute(
-            f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?)",
-            (item.type, item.sid, item.file, item.line, item.raw),
-        )
+    def hold(self, table: str, item: Held, waits: Iterable[tuple[str, str]] = ()) -> None:
+        """Keep a resource on disk; `waits` (deferred only): the (type, sid) targets it waits for,
+        type ANY_TYPE when only the id is known."""
+        assert table in _TABLES
+        self._held[(table, item.type, item.sid)] = (item, tuple(waits))
 
     def release(self, table: str, rtype: str, sid: str) -> None:
-        assert table in ("deferred", "logical")
-        self.begin()
-        self._db.execute(f"DELETE FROM {table} WHERE type = ? AND sid = ?", (rtype, sid))
+        assert table in _TABLES
+        self._held[(table, rtype, sid)] = (None, ())
 
     def held(self, table: str) -> Iterator[Held]:
         """A snapshot of a held table, read in pages so memory stays flat."""
-        assert table in ("deferred", "logical")
+        assert table in _TABLES
+        self._flush()
         last: tuple[str, str] = ("", "")
         while True:
             page = self._db.execute(
@@ -183,13 +259,65 @@ class IdMap:
             last = (page[-1][0], page[-1][1])
 
     def held_count(self, table: str) -> int:
-        assert table in ("deferred", "logical")
+        assert table in _TABLES
+        self._flush()
         return int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
     def is_held(self, table: str, rtype: str, sid: str) -> bool:
-        assert table in ("deferred", "logical")
+        assert table in _TABLES
+        self._flush()
         q = f"SELECT 1 FROM {table} WHERE type = ? AND sid = ?"
         return self._db.execute(q, (rtype, sid)).fetchone() is not None
+
+    def ready(self, limit: int = 1000) -> list[Held]:
+        """Deferred resources whose every waited-for target now has a Medplum id (waits of targets
+        that arrived are dropped first)."""
+        self._flush()
+        self.begin()
+        self._db.execute(
+            "DELETE FROM waits WHERE EXISTS (SELECT 1 FROM map m WHERE m.mid IS NOT NULL AND m.sid = waits.tsid "
+            "AND (waits.ttype = '' OR m.type = waits.ttype))"
+        )
+        return self._select_held(
+            "NOT EXISTS (SELECT 1 FROM waits w WHERE w.type = d.type AND w.sid = d.sid)", limit
+        )
+
+    def writable(self, limit: int = 1000) -> list[Held]:
+        """Deferred resources that wait for no other deferred resource (only for targets that will
+        not arrive in this run): written now, with logical references to those targets."""
+        self._flush()
+        return self._select_held(
+            "NOT EXISTS (SELECT 1 FROM waits w JOIN deferred d2 ON d2.sid = w.tsid "
+            "AND (w.ttype = '' OR d2.type = w.ttype) WHERE w.type = d.type AND w.sid = d.sid)",
+            limit,
+        )
+
+    def _select_held(self, where: str, limit: int) -> list[Held]:
+        rows = self._db.execute(
+            f"SELECT type, sid, file, line, raw FROM deferred d WHERE {where} ORDER BY type, sid LIMIT ?",
+            (limit,),
+        )
+        return [Held(t, s, f, line, bytes(raw)) for t, s, f, line, raw in rows]
+
+    def missing_targets(self) -> dict[str, list[str]]:
+        """Waited-for targets no input has named (type known, no map row): type -> source ids."""
+        self._flush()
+        out: dict[str, list[str]] = {}
+        for t, s in self._db.execute(
+            "SELECT DISTINCT ttype, tsid FROM waits WHERE ttype != '' AND NOT EXISTS "
+            "(SELECT 1 FROM map m WHERE m.type = waits.ttype AND m.sid = waits.tsid) ORDER BY ttype, tsid"
+        ):
+            out.setdefault(t, []).append(s)
+        return out
+
+    # -- input files whose resources are all written or held here (pfsync.load.Loader.mark_loaded)
+    def mark_loaded(self, key: str) -> None:
+        self._flush()
+        self.begin()
+        self._db.execute("INSERT OR IGNORE INTO loaded VALUES (?)", (key,))
+
+    def is_loaded(self, key: str) -> bool:
+        return self._db.execute("SELECT 1 FROM loaded WHERE key = ?", (key,)).fetchone() is not None
 
     # -- binaries
     def binary(self, sha1: str) -> str | None:

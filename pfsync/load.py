@@ -141,6 +141,10 @@ class Loader:
         files = list(iter_paths(list(paths)))
         if len(files) > 1:
             files = dependency_order(files, self._idmap, self._writer.context, self._check_stop)
+            if not any(is_wrapped(f) for f in files):
+                # The scan noted every identity of the input: a target it did not see will not
+                # arrive, so it is fetched from the source as soon as something names it.
+                self.expect_types(())
         for path in files:
             self.load_file(path)
 
@@ -169,8 +173,50 @@ class Loader:
                 self._writer.quarantine_line(item)
                 continue
             self._writer.ingest(item.resource, str(item.path), item.line, item.raw)
-        self._writer.drain(partial=True)
+        self._writer.settle()
         self._events.emit("load_file_complete", file=str(path), resources=n)
+
+    def expect_types(self, types: Iterable[str] | None) -> None:
+        """Hint: from now on the input brings only resources of these types (calls add up; None:
+        unknown again). A reference target of another type that no input has named is then fetched
+        from the source right away, batched per type, instead of at `finish`. Without the hint
+        nothing is fetched before `finish`; either way each resource is written once.
+        For an export, pass `pfsync.references.export_types(level, types)`."""
+        refs = self._writer.refs
+        if types is None:
+            refs.expected = None
+        else:
+            refs.expected = (refs.expected or set()) | set(types)
+
+    def flush(self) -> None:
+        """Make everything given so far durable; returns when every resource of every `load_file`,
+        `retry_pending` and `apply_deleted` call so far is one of:
+
+        - written to Medplum, its Medplum id committed to the id map (idmap.sqlite);
+        - in the quarantine or the retry queue file (flushed);
+        - held in the id map (`deferred`, committed) because a reference target has no Medplum id
+          yet: the next `finish` of any Loader on the same state directory and Medplum server
+          writes it (this run's, or a later run's after a crash).
+
+        Costs one full drain of the Bundles in flight (concurrency drops to zero once), so call it
+        at file boundaries, not per resource. Held resources whose targets have arrived are written
+        first. Durable against a crash of the process (SQLite WAL, synchronous=NORMAL; an OS crash
+        may lose the last commit, which only costs searches: the id map is a cache). If the state
+        directory is lost, so are the held resources: keep file marks in the same id map
+        (`mark_loaded`) so both are lost together."""
+        self._check_stop()
+        self._writer.flush()
+
+    def mark_loaded(self, key: str) -> None:
+        """Record (in the id map, with the held resources) that an input file is done: call it with
+        e.g. the file's sha256 right after `flush()` returned. `is_loaded(key)` tells a resumed run
+        it may skip that file; a lost or reset id map forgets the marks with the held resources."""
+        self._idmap.mark_loaded(key)
+        self._idmap.commit()
+
+    def is_loaded(self, key: str) -> bool:
+        """Whether `mark_loaded(key)` was recorded on this state directory (for this Medplum)."""
+        return self._idmap.is_loaded(key)
 
     def apply_deleted(self, path: Path) -> None:
         """Apply a Bulk Data `deleted` file (Bundles of DELETE entries, `request.url = Type/id`)
@@ -181,7 +227,7 @@ class Loader:
                 self._writer.quarantine_line(item)
                 continue
             self._writer.delete_request(item.resource, str(item.path), item.line, item.raw)
-        self._writer.drain(partial=True)
+        self._writer.settle()
 
     def retry_pending(self) -> None:
         """Load the retry queue left by earlier runs (before anything newer)."""
@@ -199,7 +245,7 @@ class Loader:
                 self._writer.quarantine_line(item)
             else:
                 self._writer.ingest(item.resource, str(item.path), item.line, item.raw)
-        self._writer.drain(partial=True)
+        self._writer.settle()
 
     def finish(self) -> LoadResult:
         """Write everything held back, resolve what can be resolved, and return the summary."""

@@ -1,47 +1,93 @@
-"""Reference targets: resolution through the id map, resources held back, logical references.
+"""Reference targets: resolution through the id map, resources held back, missing targets fetched.
 
-A resource whose reference target has no Medplum id yet is held on disk (`deferred`) instead of
-being written with a reference that would dangle; files may arrive in any order. At finish:
-1. held resources whose targets now exist are written (rounds, until no progress);
-2. targets the export left out (Practitioner, Organization, Location, Medication in Patient or
-   Group exports) are fetched from the source with `GET {base}/{Type}?_id=a,b,c` and loaded;
-3. what still cannot resolve is written with logical references (identifier of the target's
-   system and source id, display kept) and remembered (`logical`);
-4. remembered resources whose targets have arrived since (this run or an earlier one) are
-   rewritten with literal references.
+A resource is written ONCE when its targets can be resolved in this run: until every same-source
+target it names has a Medplum id, it is held on disk (id map `deferred`, with the targets it waits
+for in `waits`), never written with a reference that a later write would have to fix (that would
+double the quota a first sync costs: medplum.md "Quotas": on a stock project quota is the ceiling).
+
+- Held resources whose targets got their ids are written at the next settle point (the end of a
+  file, `Loader.flush`, `finish`): one query finds them (IdMap.ready).
+- A target that no input names and that the rest of the input will not bring (its type is not
+  expected: `expect(types)`, or every input was scanned up front) is fetched from the source early,
+  batched per type: `GET {base}/{Type}?_id=a,b,c` (`_FETCH_CHUNK` ids per request). Without that
+  knowledge the fetch waits for `finish`, still batched.
+- At `finish`: missing targets are fetched, held resources are written as their targets arrive,
+  then those that wait only for targets that will not arrive in this run (not in the source, or
+  quarantined) are written with logical references (identifier of the target's system and source
+  id, display kept) and remembered (`logical`); a reference cycle is broken by writing one member
+  with logical references. Remembered resources are rewritten with literal references once their
+  targets exist (this run or a later one).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
 
 from pfsync.batch import Entry
-from pfsync.idmap import Held, IdMap
-from pfsync.transform import Prepared, Ref, Target, TransformContext, TransformError, collect_refs, prepare
+from pfsync.errors import HTTPError
+from pfsync.http import Clock, RetryPolicy, request_with_retry
+from pfsync.idmap import ANY_TYPE, Held, IdMap
+from pfsync.transform import Prepared, Ref, Target, TransformContext, TransformError, prepare
 
 if TYPE_CHECKING:
     from pfsync.writes import Writer
 
 _FETCH_CHUNK = 50
-_FETCH_ROUNDS = 3
+_FETCH_ROUNDS = 5
+_CYCLE_BATCH = 50
+
+# FHIR R4 Patient compartment (CompartmentDefinition/patient): what a Patient or Group level export
+# can deliver. Anything else it references (Practitioner, Organization, Location, Medication...)
+# has to be fetched from the source (bulk-data.md: Patient-level export).
+PATIENT_COMPARTMENT = frozenset({
+    "Account", "AdverseEvent", "AllergyIntolerance", "Appointment", "AppointmentResponse", "AuditEvent",
+    "Basic", "BodyStructure", "CarePlan", "CareTeam", "ChargeItem", "Claim", "ClaimResponse",
+    "ClinicalImpression", "Communication", "CommunicationRequest", "Composition", "Condition", "Consent",
+    "Coverage", "CoverageEligibilityRequest", "CoverageEligibilityResponse", "DetectedIssue", "DeviceRequest",
+    "DeviceUseStatement", "DiagnosticReport", "DocumentManifest", "DocumentReference", "Encounter",
+    "EnrollmentRequest", "EpisodeOfCare", "ExplanationOfBenefit", "FamilyMemberHistory", "Flag", "Goal",
+    "Group", "ImagingStudy", "Immunization", "ImmunizationEvaluation", "ImmunizationRecommendation",
+    "Invoice", "List", "MeasureReport", "Media", "MedicationAdministration", "MedicationDispense",
+    "MedicationRequest", "MedicationStatement", "MolecularSequence", "NutritionOrder", "Observation",
+    "Patient", "Person", "Procedure", "Provenance", "QuestionnaireResponse", "RelatedPerson", "RequestGroup",
+    "ResearchSubject", "RiskAssessment", "Schedule", "ServiceRequest", "Specimen", "SupplyDelivery",
+    "SupplyRequest", "VisionPrescription",
+})  # fmt: skip
+
+
+def export_types(level: str, types: Iterable[str] | None) -> frozenset[str] | None:
+    """The types an export of this level and `_type` can deliver (None: cannot tell, any type).
+
+    For `Loader.expect_types`: a Patient/Group export delivers only the Patient compartment."""
+    asked = frozenset(types) if types else None
+    if level in ("patient", "group"):
+        return asked & PATIENT_COMPARTMENT if asked is not None else PATIENT_COMPARTMENT
+    return asked
 
 
 class References:
     def __init__(
-        self, writer: Writer, idmap: IdMap, ctx: TransformContext, source_client: httpx.Client | None
-    ) -> None:
+        self, writer: Writer, idmap: IdMap, ctx: TransformContext, source_client: httpx.Client | None,
+        *, clock: Clock, retry: RetryPolicy,
+    ) -> None:  # fmt: skip
         self._writer = writer
         self._idmap = idmap
         self._ctx = ctx
         self._client = source_client
+        self._clock = clock
+        self._retry = retry
         self._urns: dict[str, Target] = {}
         self._has_deferred = idmap.held_count("deferred") > 0
         self._has_logical = idmap.held_count("logical") > 0
         self._tried: set[tuple[str, str]] = set()
+        self._queue: dict[str, set[str]] = {}  # type -> source ids to fetch
+        self.expected: set[str] | None = None  # types the rest of the input may still bring
         self.requests = 0
+        self.held = 0
 
     def target(self, ref: Ref) -> Target | None:
         """What the id map knows of a reference target (None: its type cannot be known)."""
@@ -63,15 +109,36 @@ class References:
         return target
 
     def unresolved(self, p: Prepared) -> bool:
+        return bool(self.waits(p, queue=False))
+
+    def waits(self, p: Prepared, *, queue: bool = True) -> list[tuple[str, str]]:
+        """The targets of `p` without a Medplum id yet; those the input will not bring are queued
+        for a fetch from the source (`queue`)."""
+        out: list[tuple[str, str]] = []
         for _, ref in p.refs:
             target = self.target(ref)
-            if target is None or target.mid is None:
-                return True
-        return False
+            if target is None:
+                out.append((ANY_TYPE, ref.id))
+                continue
+            if target.mid is not None or (target.type == p.type and ref.id == p.sid):
+                continue  # a self-reference cannot wait for itself
+            key = (target.type, ref.id)
+            out.append(key)
+            if queue and self._client is not None and key not in self._tried and self._will_not_arrive(key):
+                self._queue.setdefault(target.type, set()).add(ref.id)
+        return out
 
-    def defer(self, p: Prepared, file: str | None, line: int | None, raw: bytes) -> None:
-        self._idmap.hold("deferred", Held(p.type, p.sid, file, line, raw))
+    def _will_not_arrive(self, key: tuple[str, str]) -> bool:
+        if self.expected is None or self._idmap.get(*key) is not None:
+            return False  # no hint, or an input named it: it is (or was) in the input
+        return key[0] not in self.expected
+
+    def defer(
+        self, p: Prepared, file: str | None, line: int | None, raw: bytes, waits: list[tuple[str, str]]
+    ) -> None:
+        self._idmap.hold("deferred", Held(p.type, p.sid, file, line, raw), dict.fromkeys(waits))
         self._has_deferred = True
+        self.held += 1
 
     def released(self, rtype: str, sid: str) -> None:
         """An identity is being written: an older held copy must not overwrite it later."""
@@ -86,26 +153,67 @@ class References:
         if self._has_logical:
             self._idmap.release("logical", rtype, sid)
 
-    # -- finish
+    # -- settle points
+    def fetch_queued(self, *, full_only: bool) -> bool:
+        """Fetch queued missing targets (`full_only`: only types with a full request's worth)."""
+        fetched = False
+        for rtype in sorted(self._queue):
+            ids = self._queue[rtype]
+            while len(ids) >= (_FETCH_CHUNK if full_only else 1):
+                chunk = sorted(ids)[:_FETCH_CHUNK]
+                ids.difference_update(chunk)
+                self._fetch_and_ingest(rtype, chunk)
+                fetched = True
+            if not ids:
+                del self._queue[rtype]
+        return fetched
+
+    def release_ready(self) -> int:
+        """Write the held resources whose targets all have Medplum ids now; -> how many were taken."""
+        if not self._has_deferred:
+            return 0
+        taken = 0
+        while True:
+            batch = self._idmap.ready()
+            if not batch:
+                return taken
+            before = self._idmap.held_count("deferred")
+            for held in batch:
+                self._reingest(held, final=False)
+            taken += len(batch)
+            if self._idmap.held_count("deferred") >= before:
+                return taken  # held again (nothing new resolved): no progress to make here
+
     def finish(self) -> None:
-        self._rounds(final=False)
-        if self._client is not None:
-            for _ in range(_FETCH_ROUNDS):
-                if not self._fetch_missing():
-                    break
-                self._rounds(final=False)
-        self._rounds(final=True)
+        """Everything held gets written (see the module docstring for the order)."""
+        rounds = 0
+        while True:
+            self._writer.drain()
+            if self._client is not None and rounds < _FETCH_ROUNDS:
+                for rtype, ids in self._idmap.missing_targets().items():
+                    for sid in ids:
+                        if (rtype, sid) not in self._tried:
+                            self._queue.setdefault(rtype, set()).add(sid)
+                if self.fetch_queued(full_only=False):
+                    rounds += 1
+                    continue
+            if not self._has_deferred or not self._idmap.held_count("deferred"):
+                break
+            before = self._idmap.held_count("deferred")
+            if self.release_ready() and self._idmap.held_count("deferred") < before:
+                continue
+            # Nothing more will arrive: write what waits only for targets outside this run.
+            batch = self._idmap.writable() or list(_first(self._idmap.held("deferred"), _CYCLE_BATCH))
+            for held in batch:
+                self._reingest(held, final=True)
         self._upgrade()
 
-    def _rounds(self, *, final: bool) -> None:
-        while self._idmap.held_count("deferred"):
-            before = self._idmap.held_count("deferred")
-            for held in self._idmap.held("deferred"):
-                resource = orjson.loads(held.raw)
-                self._writer.ingest(resource, held.file, held.line, held.raw, final=final, first=False)
-            self._writer.drain()
-            if final or self._idmap.held_count("deferred") >= before:
-                break
+    def _reingest(self, held: Held, *, final: bool) -> None:
+        # Released first: whatever happens to it now (written, quarantined, held again) replaces
+        # this copy, so no held row can outlive its outcome.
+        self._idmap.release("deferred", held.type, held.sid)
+        resource = orjson.loads(held.raw)
+        self._writer.ingest(resource, held.file, held.line, held.raw, final=final, first=False)
 
     def _upgrade(self) -> None:
         if not self._has_logical:
@@ -116,43 +224,40 @@ class References:
             except TransformError:
                 continue
             if not self.unresolved(p):
-                resource = orjson.loads(held.raw)
-                self._writer.ingest(resource, held.file, held.line, held.raw, final=True, first=False)
+                self._reingest(held, final=True)
         self._writer.drain()
 
-    def _fetch_missing(self) -> bool:
-        """Fetch the targets no input file holds from the source; -> whether any were asked for."""
-        missing: dict[str, set[str]] = {}
-        for held in self._idmap.held("deferred"):
-            for ref in collect_refs(orjson.loads(held.raw), self._ctx):
-                if ref.type is None or (ref.type, ref.id) in self._tried:
-                    continue
-                if self._idmap.get(ref.type, ref.id) is None:
-                    missing.setdefault(ref.type, set()).add(ref.id)
-        if not missing:
-            return False
-        for rtype, ids in sorted(missing.items()):
-            ordered = sorted(ids)
-            self._tried.update((rtype, i) for i in ordered)
-            for i in range(0, len(ordered), _FETCH_CHUNK):
-                for resource in self._fetch(rtype, ordered[i : i + _FETCH_CHUNK]):
-                    self._writer.count(rtype, "fetched")
-                    raw = orjson.dumps(resource)
-                    self._writer.ingest(resource, f"{self._ctx.base}/{rtype}", 0, raw)
-        self._writer.drain()
-        return True
+    # -- the source
+    def _fetch_and_ingest(self, rtype: str, ids: list[str]) -> None:
+        self._tried.update((rtype, i) for i in ids)
+        for resource in self._fetch(rtype, ids):
+            self._writer.count(rtype, "fetched")
+            raw = orjson.dumps(resource)
+            self._writer.ingest(resource, f"{self._ctx.base}/{rtype}", 0, raw)
+
+    def _get(self, url: str, params: dict[str, str] | None) -> httpx.Response | None:
+        assert self._client is not None
+        client = self._client
+        try:
+            response = request_with_retry(
+                lambda: client.get(url, params=params, headers={"Accept": "application/fhir+json"}),
+                method="GET", url=url, policy=self._retry, clock=self._clock,
+            )  # fmt: skip
+        except HTTPError:
+            return None  # the source is unwell: these targets stay logical until a later run
+        self.requests += 1
+        return response
 
     def _fetch(self, rtype: str, ids: list[str]) -> list[dict[str, Any]]:
-        assert self._client is not None
+        """The resources of `ids` the source has: one `_id` search (paged), per-id reads if refused."""
         url: str | None = f"{self._ctx.base}/{rtype}"
         params: dict[str, str] | None = {"_id": ",".join(ids), "_count": str(len(ids))}
+        wanted = set(ids)
         out: list[dict[str, Any]] = []
         while url:
-            try:
-                response = self._client.get(url, params=params, headers={"Accept": "application/fhir+json"})
-            except httpx.TransportError:
+            response = self._get(url, params)
+            if response is None:
                 return out
-            self.requests += 1
             if response.status_code != 200:
                 return out + (self._fetch_each(rtype, ids) if not out else [])
             doc = orjson.loads(response.content)
@@ -161,27 +266,31 @@ class References:
                 if (
                     isinstance(resource, dict)
                     and resource.get("resourceType") == rtype
-                    and resource.get("id") in ids
+                    and resource.get("id") in wanted
                 ):
+                    wanted.discard(resource["id"])
                     out.append(resource)
-            url = next((ln.get("url") for ln in doc.get("link") or [] if ln.get("relation") == "next"), None)
+            nxt = next((ln.get("url") for ln in doc.get("link") or [] if ln.get("relation") == "next"), None)
+            url = nxt if wanted and doc.get("entry") else None
             params = None
         return out
 
     def _fetch_each(self, rtype: str, ids: list[str]) -> list[dict[str, Any]]:
         """Servers without `_id` search: one read per id."""
-        assert self._client is not None
         out = []
         for sid in ids:
-            try:
-                response = self._client.get(
-                    f"{self._ctx.base}/{rtype}/{sid}", headers={"Accept": "application/fhir+json"}
-                )
-            except httpx.TransportError:
-                continue
-            self.requests += 1
-            if response.status_code == 200:
+            response = self._get(f"{self._ctx.base}/{rtype}/{sid}", None)
+            if response is not None and response.status_code == 200:
                 doc = orjson.loads(response.content)
                 if isinstance(doc, dict) and doc.get("resourceType") == rtype:
                     out.append(doc)
         return out
+
+
+def _first(items: Iterable[Held], n: int) -> list[Held]:
+    out: list[Held] = []
+    for item in items:
+        out.append(item)
+        if len(out) >= n:
+            break
+    return out

@@ -55,6 +55,7 @@ class Handler(Protocol):
     def settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None: ...
     def exhausted(self, entry: Entry, result: EntryResult) -> None: ...
     def recheck(self, entry: Entry) -> None: ...
+    def reroute(self, entry: Entry) -> Entry | None: ...
 
 
 @dataclass
@@ -246,6 +247,10 @@ class BatchSender:
     def _release_blocked(self, keys: set[tuple[str, str]]) -> None:
         for key in keys:
             entry = self._blocked.pop(key, None)
+            if entry is not None and entry.method == "POST":
+                # A create decided while another write of this identity was in flight: that write
+                # has settled now, so decide again (a second POST would be a second copy).
+                entry = self._handler.reroute(entry)
             if entry is not None:
                 self.add_front(entry)
 

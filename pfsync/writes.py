@@ -39,6 +39,7 @@ from pfsync.upsert import BatchSender
 
 _LOOKUP_FLUSH = 100
 _PROGRESS_EVERY = 500
+_FLUSH_ROUNDS = 20
 DELETED_TAG = {"system": "https://pfsync.dev/source-status", "code": "deleted"}
 
 
@@ -83,7 +84,12 @@ class Writer:
             if settings.attachments else None
         )  # fmt: skip
         self.refs = References(
-            self, idmap, self.context, source_client if settings.fetch_missing_references else None
+            self,
+            idmap,
+            self.context,
+            source_client if settings.fetch_missing_references else None,
+            clock=clock,
+            retry=policy,
         )
         self._lookups: dict[str, dict[str, Entry]] = {}
         self._rechecks: list[Entry] = []
@@ -120,11 +126,12 @@ class Writer:
             self.fixes[p.type] += p.fixes
         if self._idmap.get(p.type, p.sid) is None:
             self._idmap.seen(p.type, p.sid)
-        if not final and not self._dry_run and self.refs.unresolved(p):
-            if self._coming(p):
-                self.drain()  # a target's write is queued or in flight: wait for its id, not park
-            if self.refs.unresolved(p):
-                self.refs.defer(p, file, line, raw)
+        if not final and not self._dry_run:
+            waits = self.refs.waits(p)
+            if waits:
+                # Written once, when its targets have ids (pfsync.references), not now and again later.
+                self.refs.defer(p, file, line, raw, waits)
+                self.refs.fetch_queued(full_only=True)
                 return
         self.refs.released(p.type, p.sid)
         if self._attachments is not None and b'"contentType"' in raw:  # cheap: most resources have none
@@ -144,18 +151,6 @@ class Writer:
             self._attachments.load_binary(p, file, line, raw, self)
             return
         self._write(p, file, line, raw)
-
-    def _coming(self, p: Prepared) -> bool:
-        for _, ref in p.refs:
-            target = self.refs.target(ref)
-            if target is None or target.mid is not None:
-                continue
-            key = (target.type, ref.id)
-            if (self._sender is not None and self._sender.holds(key)) or ref.id in self._lookups.get(
-                target.type, {}
-            ):
-                return True
-        return False
 
     def _write(self, p: Prepared, file: str | None, line: int | None, raw: bytes) -> None:
         rendered = render(p, self.refs.target, self.context)
@@ -284,6 +279,29 @@ class Writer:
                 break
         self._idmap.commit()
 
+    def settle(self) -> None:
+        """A settle point (end of a file): fetch the missing targets queued so far, write the held
+        resources whose targets have arrived, commit the id map. Bundles keep flowing."""
+        if not self._dry_run:
+            self.refs.fetch_queued(full_only=False)
+            self.refs.release_ready()
+        self._idmap.commit()
+
+    def flush(self) -> None:
+        """Everything given so far settled: written (id map committed), quarantined, retry-queued or
+        held in the id map on disk (pfsync.load.Loader.flush)."""
+        for _ in range(_FLUSH_ROUNDS):
+            self.drain()
+            if self._dry_run:
+                break
+            before = self._idmap.held_count("deferred")
+            fetched = self.refs.fetch_queued(full_only=False)
+            if not (self.refs.release_ready() or fetched):
+                break
+            if not fetched and self._idmap.held_count("deferred") >= before:
+                break
+        self.drain()
+
     def finish(self) -> None:
         self.drain()
         if not self._dry_run:
@@ -373,6 +391,22 @@ class Writer:
         entry.ambiguous = True
         entry.known_vid = None
         self._rechecks.append(entry)
+
+    def reroute(self, entry: Entry) -> Entry | None:
+        """A queued create whose identity was written meanwhile: an update by id now, nothing if the
+        content is the same, or routed again from scratch (the other write failed)."""
+        row = self._idmap.get(entry.type, entry.sid)
+        if row is None or row.mid is None:
+            self._rechecks.append(entry)
+            return None
+        if row.hash is not None and row.hash == entry.hash:
+            self.count(entry.type, "unchanged")
+            if entry.logical:
+                self.refs.hold_logical(entry)
+            return None
+        entry.known_vid = row.vid
+        entry.retarget("PUT", f"{entry.type}/{row.mid}")
+        return entry
 
     # -- figures
     def quota_used(self) -> float:

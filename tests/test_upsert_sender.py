@@ -21,6 +21,8 @@ class Handler:
         self.done: list[tuple[str, Kind, EntryResult]] = []
         self.exhausted_: list[str] = []
         self.rechecks: list[str] = []
+        self.rerouted: list[str] = []
+        self.known: set[str] = set()
 
     def settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None:
         self.done.append((entry.sid, kind, result))
@@ -30,6 +32,13 @@ class Handler:
 
     def recheck(self, entry: Entry) -> None:
         self.rechecks.append(entry.sid)
+
+    def reroute(self, entry: Entry) -> Entry | None:
+        self.rerouted.append(entry.sid)
+        if entry.sid in self.known:  # the other write created it: now an update by id
+            entry.retarget("PUT", f"Patient/m-{entry.sid}")
+            return entry
+        return None
 
 
 Answer = Callable[[list[dict[str, Any]], int], tuple[int, Any, dict[str, str]]]
@@ -251,3 +260,26 @@ def test_concurrency_aimd() -> None:
     assert c.slots == 2
     c.clean(entries=100, elapsed=10.0, inflight=4)  # four at once, each 10x slower: no gain
     assert c.limit < 2
+
+
+def test_sender_create_queued_behind_inflight_write_is_rerouted_not_posted_again() -> None:
+    """A POST of an identity whose other write is in flight waits; once that write settles the
+    handler decides again (PUT by id), so a second create (a duplicate) is never sent."""
+
+    def answer(entries: list[dict[str, Any]], n: int) -> tuple[int, Any, dict[str, str]]:
+        statuses = [{"status": "201" if e["request"]["method"] == "POST" else "200",
+                     "location": "Patient/m-7"} for e in entries]  # fmt: skip
+        return 200, response(statuses), {}
+
+    client, seen = server(answer)
+    handler, clock = Handler(), FakeClock()
+    sender = make(client, handler, clock, max_entries=1, max_concurrency=2)
+    sender.concurrency.limit = 2.0  # the first Bundle stays in flight while the second add comes
+    sender.add(Entry("Patient", "7", "POST", "Patient", b'{"resourceType":"Patient"}'))
+    sender.add(Entry("Patient", "7", "POST", "Patient", b'{"resourceType":"Patient","gender":"male"}'))
+    handler.known.add("7")
+    sender.flush()
+    assert handler.rerouted == ["7"]
+    assert [[e["request"]["method"] + " " + e["request"]["url"] for e in b] for b in seen] == [
+        ["POST Patient"], ["PUT Patient/m-7"]
+    ]

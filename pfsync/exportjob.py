@@ -1,6 +1,7 @@
 """The export directory: job.json (the saved status URL) and manifest.json (what has landed).
 
-Layout (what `pfsync load DIR` reads; pfsync.ndjson.iter_paths skips job.json/manifest.json):
+Layout (what `pfsync load DIR` reads: pfsync.ndjson.iter_paths yields the output files, also in
+per-group subdirectories; `export_files` sorts a directory's files by kind):
 
     job.json              the job: status URL, request, state; written BEFORE the first poll
     manifest.json         every landed file with kind, type, lines, bytes, sha256; issues, problems
@@ -29,6 +30,7 @@ import orjson
 
 from pfsync.bulk import ExportRequest, Issue, Kind
 from pfsync.errors import StateError, UsageError
+from pfsync.ndjson import is_output_name, walk_files
 
 JOB_FILE = "job.json"
 MANIFEST_FILE = "manifest.json"
@@ -68,6 +70,33 @@ def file_name(kind: Kind, rtype: str, n: int) -> str:
     if kind == "output":
         return f"{rtype}.{n}.ndjson"
     return f"{kind}.{n}.ndjson"
+
+
+@dataclass(frozen=True)
+class ExportFiles:
+    """An export directory's data files by kind (manifest order is not needed to tell them apart)."""
+
+    output: tuple[Path, ...]
+    deleted: tuple[Path, ...]
+    errors: tuple[Path, ...]
+
+
+def export_files(directory: Path) -> ExportFiles:
+    """The files of `directory` and its group subdirectories: resources, deletions, OperationOutcomes.
+
+    Named as `file_name` names them; bookkeeping and in-flight files are skipped (pfsync.ndjson.walk_files).
+    """
+    output: list[Path] = []
+    deleted: list[Path] = []
+    errors: list[Path] = []
+    for path in walk_files(directory):
+        if is_output_name(path.name):
+            output.append(path)
+        elif path.name.startswith("deleted."):
+            deleted.append(path)
+        else:
+            errors.append(path)
+    return ExportFiles(tuple(output), tuple(deleted), tuple(errors))
 
 
 def sha256_of(path: Path) -> str:

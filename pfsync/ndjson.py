@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,17 +196,41 @@ def _from_document(path: Path, line_no: int, doc: Any, raw: bytes) -> Iterator[I
     yield check_resource(path, line_no, doc, orjson.dumps(doc) if isinstance(doc, dict) else raw[:1024])
 
 
+# An export directory's bookkeeping (pfsync.exportjob): never data to load.
+_BOOKKEEPING = ("manifest.json", "job.json")
+_DATA_SUFFIXES = (".ndjson", ".ndjson.gz", ".json")
+# pfsync.exportjob file_name(): OperationOutcomes and Bulk Data v2 deletions, not resources to upsert.
+_NOT_OUTPUT = re.compile(r"(error|deleted)\.\d+\.ndjson(\.gz)?")
+
+
+def walk_files(directory: Path) -> Iterator[Path]:
+    """Data files under `directory` and its subdirectories (`pfsync export` writes one per group),
+    in a stable order; hidden entries (`.<name>.part` downloads in flight, temp files),
+    manifest.json and job.json are skipped."""
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or name in _BOOKKEEPING or not name.endswith(_DATA_SUFFIXES):
+                continue
+            if (path := Path(root) / name).is_file():
+                yield path
+
+
+def is_output_name(name: str) -> bool:
+    """False for an export's error.<n>.ndjson / deleted.<n>.ndjson files."""
+    return _NOT_OUTPUT.fullmatch(name) is None
+
+
 def iter_paths(paths: list[Path]) -> Iterator[Path]:
-    """Expand files and directories into the NDJSON files to read, in a stable order."""
+    """Expand files and directories into the NDJSON files to load, in a stable order.
+
+    Directories are searched recursively and yield only resource files (`walk_files`, without
+    error/deleted files: pfsync.exportjob.export_files classifies those). A file named
+    explicitly is yielded as given.
+    """
     for path in paths:
         if path.is_dir():
-            found = sorted(
-                p
-                for p in path.iterdir()
-                if p.is_file() and p.name.endswith((".ndjson", ".ndjson.gz", ".json"))
-            )
-            found = [p for p in found if p.name != "manifest.json" and p.name != "job.json"]
-            yield from found
+            yield from (p for p in walk_files(path) if is_output_name(p.name))
         elif path.exists():
             yield path
         else:

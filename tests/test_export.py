@@ -17,7 +17,8 @@ from pfsync.bulk import ExportRequest
 from pfsync.errors import AuthError, ExportError, InterruptedRunError, UsageError
 from pfsync.events import ListSink
 from pfsync.export import ExportResult, LandedFile, cancel_export, run_export
-from pfsync.exportjob import ExportDir
+from pfsync.exportjob import ExportDir, export_files
+from pfsync.ndjson import iter_paths
 from pfsync.settings import ExportSettings, SourceSettings
 
 BASE = "https://ehr.example/fhir/r4/v1/practice"
@@ -261,3 +262,43 @@ def test_cancel_export_deletes_saved_job(httpx_mock: HTTPXMock, tmp_path: Path) 
         assert cancel_export(tmp_path, client, None, clock=FakeClock()) is True
         assert cancel_export(tmp_path, client, None, clock=FakeClock()) is False
     assert orjson.loads((tmp_path / "job.json").read_bytes())["state"] == "cancelled"
+
+
+# ---- what `pfsync load DIR` finds in an export directory ------------------------------------------
+
+_TREE = [
+    "Patient.1.ndjson", "error.1.ndjson", "deleted.1.ndjson", "manifest.json", "job.json",
+    ".Patient.2.ndjson.part", ".manifest.json.12.34.tmp", "notes.txt", "pretty.json",
+    "g1/Condition.1.ndjson", "g1/Patient.1.ndjson", "g1/Patient.2.ndjson.gz", "g1/error.1.ndjson",
+    "g1/deleted.2.ndjson", "g1/manifest.json", "g1/job.json", "g1/.Condition.2.ndjson.part",
+    "g2/nested/Encounter.1.ndjson", ".hidden/Patient.1.ndjson",
+]  # fmt: skip
+
+
+def make_tree(root: Path) -> Path:
+    for name in _TREE:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b'{"resourceType":"Patient","id":"x"}\n')
+    return root
+
+
+def test_iter_paths_recurses_into_group_dirs_and_yields_only_loadable_output(tmp_path: Path) -> None:
+    found = [p.relative_to(tmp_path).as_posix() for p in iter_paths([make_tree(tmp_path)])]
+    assert found == ["Patient.1.ndjson", "pretty.json", "g1/Condition.1.ndjson", "g1/Patient.1.ndjson",
+                     "g1/Patient.2.ndjson.gz", "g2/nested/Encounter.1.ndjson"]  # fmt: skip
+
+
+def test_iter_paths_yields_a_file_named_explicitly(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    assert list(iter_paths([tmp_path / "g1" / "error.1.ndjson"])) == [tmp_path / "g1" / "error.1.ndjson"]
+
+
+def test_export_files_classifies_output_deleted_and_error_files(tmp_path: Path) -> None:
+    files = export_files(make_tree(tmp_path))
+
+    def rel(paths: tuple[Path, ...]) -> list[str]:
+        return [p.relative_to(tmp_path).as_posix() for p in paths]
+
+    assert rel(files.output) == [p.relative_to(tmp_path).as_posix() for p in iter_paths([tmp_path])]
+    assert rel(files.deleted) == ["deleted.1.ndjson", "g1/deleted.2.ndjson"]
+    assert rel(files.errors) == ["error.1.ndjson", "g1/error.1.ndjson"]

@@ -12,11 +12,14 @@ from pathlib import Path
 
 import orjson
 import pytest
+from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 from typer.testing import CliRunner
 
 from pfsync.cli import app
+from pfsync.exportjob import export_files
 from pfsync.ndjson import iter_paths
 from pfsync.sandbox.source import SourceSandbox
+from pfsync.sandbox.target import TargetSandbox
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -181,3 +184,24 @@ def test_cli_export_sigterm_stops_cleanly_and_resumes(source: SourceSandbox, tmp
     assert orjson.loads((tmp_path / "job.json").read_bytes())["state"] == "kicked_off"
     run_to_end(source, tmp_path)
     assert source.stats.count("kickoff") == 1
+
+
+def test_cli_load_reads_every_group_directory_of_an_export(
+    source: SourceSandbox, target: TargetSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `pfsync export` with several groups writes DIR/<group-id>/; `pfsync load DIR` must load both.
+    out = tmp_path / "export"
+    code, text = cli(source, monkeypatch, "--out", str(out), "--types", "Patient",
+                     "--group", "bulk-data-testing-group", "--group", "practice-patients-1")  # fmt: skip
+    assert code == 0, text
+    assert {p.parent.name for p in iter_paths([out])} == {"bulk-data-testing-group", "practice-patients-1"}
+    assert export_files(out).errors == () and export_files(out).deleted == ()
+    # The testing group's patients are also practice patients: mark its file so its loading shows.
+    with open(out / "bulk-data-testing-group" / "Patient.1.ndjson", "ab") as fh:
+        fh.write(b'{"resourceType":"Patient","id":"only-in-the-group-directory"}\n')
+    env = {"MEDPLUM_BASE_URL": target.base_url, "MEDPLUM_CLIENT_ID": TARGET_CLIENT,
+           "MEDPLUM_CLIENT_SECRET": TARGET_SECRET, "PFSYNC_STATE_DIR": str(tmp_path / "state")}  # fmt: skip
+    result = CliRunner().invoke(app, ["--log-format", "json", "load", str(out), "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    summary = orjson.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["byType"]["Patient"]["created"] == target.count("Patient") == 17 + 1

@@ -310,6 +310,15 @@ class IdMap:
             out.setdefault(t, []).append(s)
         return out
 
+    def unknown_ids(self) -> list[str]:
+        """Waited-for `urn:uuid` ids that no input has named under any type."""
+        self._flush()
+        rows = self._db.execute(
+            "SELECT DISTINCT tsid FROM waits WHERE ttype = '' AND NOT EXISTS "
+            "(SELECT 1 FROM map m WHERE m.sid = waits.tsid) ORDER BY tsid"
+        )
+        return [str(r[0]) for r in rows]
+
     # -- input files whose resources are all written or held here (pfsync.load.Loader.mark_loaded)
     def mark_loaded(self, key: str) -> None:
         self._flush()

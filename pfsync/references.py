@@ -85,6 +85,7 @@ class References:
         self._has_logical = idmap.held_count("logical") > 0
         self._tried: set[tuple[str, str]] = set()
         self._queue: dict[str, set[str]] = {}  # type -> source ids to fetch
+        self._fetched_types: set[str] = set()
         self.expected: set[str] | None = None  # types the rest of the input may still bring
         self.requests = 0
         self.held = 0
@@ -194,6 +195,12 @@ class References:
                     for sid in ids:
                         if (rtype, sid) not in self._tried:
                             self._queue.setdefault(rtype, set()).add(sid)
+                # A bare `urn:uuid:<id>` no input named has no type to search: it is looked for
+                # among the types this run had to fetch (ids are unique across types: fixtures README).
+                for sid in self._idmap.unknown_ids():
+                    for rtype in sorted(self._fetched_types):
+                        if (rtype, sid) not in self._tried:
+                            self._queue.setdefault(rtype, set()).add(sid)
                 if self.fetch_queued(full_only=False):
                     rounds += 1
                     continue
@@ -230,6 +237,7 @@ class References:
     # -- the source
     def _fetch_and_ingest(self, rtype: str, ids: list[str]) -> None:
         self._tried.update((rtype, i) for i in ids)
+        self._fetched_types.add(rtype)
         for resource in self._fetch(rtype, ids):
             self._writer.count(rtype, "fetched")
             raw = orjson.dumps(resource)

@@ -54,6 +54,7 @@ from pfsync.errors import (
 from pfsync.events import EventSink, NullSink
 from pfsync.exportjob import ExportDir, LandedFile
 from pfsync.http import Clock, SystemClock
+from pfsync.references import export_types
 from pfsync.settings import Settings, SourceSettings
 from pfsync.state import (
     Holder,
@@ -435,6 +436,11 @@ def _export_and_load(
             loader.load_file(landed.path)
             offered.add(landed.sha256)
 
+    expect = getattr(loader, "expect_types", None)
+    if callable(expect):
+        # Lets the loader fetch targets this export cannot deliver (Practitioner, Organization... of
+        # a Patient-level export) as soon as a resource names them, instead of at finish.
+        expect(export_types(req.level, req.types))
     tt = engines.run_export(req, out_dir, on_file)
     _check_stop(stop)
     # A resumed export may not announce files that landed before the kill: sweep the manifest.

@@ -281,5 +281,6 @@ def test_sender_create_queued_behind_inflight_write_is_rerouted_not_posted_again
     sender.flush()
     assert handler.rerouted == ["7"]
     assert [[e["request"]["method"] + " " + e["request"]["url"] for e in b] for b in seen] == [
-        ["POST Patient"], ["PUT Patient/m-7"]
+        ["POST Patient"],
+        ["PUT Patient/m-7"],
     ]

@@ -8,11 +8,12 @@ import hashlib
 from pathlib import Path
 
 import httpx
-import pytest
 import orjson
+import pytest
 from load_helpers import SYNTHEA_SMALL, identity_counts, write_ndjson
 from refcheck import check_references
 from source_fixtures import export_and_wait, read_ndjson, source_token
+from target_fixtures import fhir_client
 
 from pfsync.load import Loader, LoadResult
 from pfsync.references import export_types
@@ -20,7 +21,6 @@ from pfsync.sandbox.source import SourceSandbox
 from pfsync.sandbox.source_store import FIXTURE_ORIGIN
 from pfsync.sandbox.target import TargetSandbox
 from pfsync.settings import LoadSettings, SourceSettings
-from target_fixtures import fhir_client
 
 
 def _source_settings(source: SourceSandbox) -> SourceSettings:

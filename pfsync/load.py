@@ -77,7 +77,7 @@ class Loader:
     `medplum` is an httpx.Client whose base_url is MedplumSettings.fhir_url, auth already set.
     `source_client` (with the source's auth) fetches attachments and missing reference targets.
     `stop` interrupts between resources and Bundles (writes in flight settle first) with
-    InterruptedRunError; a rerun resumes without duplicates.
+    InterruptedRunError; a rerun resumes without duplicates. `mode` overrides load.upsert_mode.
     """
 
     def __init__(
@@ -93,7 +93,7 @@ class Loader:
         events: EventSink | None = None,
         dry_run: bool = False,
         stop: threading.Event | None = None,
-        mode: str = "direct",
+        mode: str | None = None,
     ) -> None:
         self.source = source
         self.settings = settings
@@ -108,7 +108,7 @@ class Loader:
         self._writer = Writer(
             source, settings, medplum, self._idmap, self._counts, self.quarantine, self.retry_queue,
             http=http or HttpSettings(), clock=clock or SystemClock(), events=self._events, dry_run=dry_run,
-            stop=stop, source_client=source_client, mode=mode,
+            stop=stop, source_client=source_client, mode=mode or settings.upsert_mode,
         )  # fmt: skip
         self._consumed: list[Path] = []
         self._started = time.monotonic()

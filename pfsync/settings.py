@@ -35,6 +35,7 @@ AuthMethod = Literal["auto", "private_key_jwt", "client_secret_basic"]
 ScopeVersion = Literal["auto", "v1", "v2"]
 ExportLevel = Literal["auto", "group", "patient", "system"]
 DeleteMode = Literal["apply", "ignore", "tag"]
+UpsertMode = Literal["direct", "conditional"]
 ExportValidate = Literal["structure", "full"]
 StateBackend = Literal["local", "medplum"]
 LogFormat = Literal["auto", "human", "json"]
@@ -114,6 +115,8 @@ class LoadSettings:
     normalize: bool = True
     deletes: DeleteMode = "apply"
     fetch_missing_references: bool = True
+    # medplum.md "Measured ... Quota costs": search + POST/PUT-by-id ~100 points, conditional PUT ~140.
+    upsert_mode: UpsertMode = "direct"
     attachments: bool = True
     attachment_max_bytes: int = 50 * 1024 * 1024
     attachment_content_types: tuple[str, ...] = ()  # empty: any
@@ -381,6 +384,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("load.async_max_bytes", ("PFSYNC_ASYNC_MAX_BYTES",), _positive_int, 8 * 1024 * 1024, "Largest async Bundle body."),
     Spec("load.normalize", ("PFSYNC_NORMALIZE",), _bool, True, "Drop empty strings, nulls and empty arrays/objects that strict Medplum rejects."),
     Spec("load.deletes", ("PFSYNC_DELETES",), _choice("apply", "ignore", "tag"), "apply", "What to do with the export's deleted entries."),
+    Spec("load.upsert_mode", ("PFSYNC_UPSERT_MODE",), _choice("direct", "conditional"), "direct", "direct: search identities, then POST new / PUT-by-id known (~100 quota points per write); conditional: PUT Type?identifier=... (~140, no search)."),
     Spec("load.fetch_missing_references", ("PFSYNC_FETCH_MISSING_REFERENCES",), _bool, True, "Fetch referenced resources the export left out (Practitioner, Organization...)."),
     Spec("load.attachments", ("PFSYNC_ATTACHMENTS",), _bool, True, "Copy attachments that point at the source into Medplum Binary."),
     Spec("load.attachment_max_bytes", ("PFSYNC_ATTACHMENT_MAX_BYTES",), _positive_int, 50 * 1024 * 1024, "Largest attachment copied."),

@@ -7,13 +7,16 @@ import shutil
 import threading
 from pathlib import Path
 
+import httpx
+import orjson
 import pytest
 from load_helpers import SYNTHEA_SMALL, fixture_types, identity_counts, load_all, make_loader, write_ndjson
 from refcheck import check_references
+from target_fixtures import fhir_client
 
 from pfsync.errors import InterruptedRunError
 from pfsync.sandbox.target import TargetSandbox
-from pfsync.settings import LoadSettings
+from pfsync.settings import LoadSettings, load_settings
 
 TOTAL = 4904
 # A closed subset (Patients and everything their Encounters/Conditions reference) for the slower cases.
@@ -259,3 +262,26 @@ def test_load_deletes_ignore_and_tag(target: TargetSandbox, tmp_path: Path, mode
 
 def test_load_respects_fixture_env(tmp_path: Path) -> None:
     assert os.environ.get("PF_FHIR_BASE_URL") is None
+
+
+@pytest.mark.parametrize(
+    ("env", "methods"),
+    [({}, {"POST Patient"}), ({"PFSYNC_UPSERT_MODE": "conditional"}, {"PUT Patient?identifier"})],
+    ids=["direct", "conditional"],
+)
+def test_load_upsert_mode_setting_chooses_the_write(
+    target: TargetSandbox, tmp_path: Path, env: dict[str, str], methods: set[str]
+) -> None:
+    settings = load_settings(env={"PFSYNC_STATE_DIR": str(tmp_path), **env}).load
+    client = fhir_client(target)
+    sent: set[str] = set()
+
+    def capture(request: httpx.Request) -> None:
+        if request.method == "POST" and request.url.path.endswith("/fhir/R4/"):
+            for e in orjson.loads(request.content)["entry"]:
+                sent.add(f"{e['request']['method']} {e['request']['url'].split('=')[0]}")
+
+    client.event_hooks["request"] = [capture]
+    result = load_all(target, tmp_path, [SYNTHEA_SMALL / "Patient.ndjson"], settings=settings, client=client)
+    assert result.total("created") == 17
+    assert sent == methods

@@ -285,3 +285,30 @@ def test_load_upsert_mode_setting_chooses_the_write(
     result = load_all(target, tmp_path, [SYNTHEA_SMALL / "Patient.ndjson"], settings=settings, client=client)
     assert result.total("created") == 17
     assert sent == methods
+
+
+def test_load_flush_then_crash_then_later_run_writes_the_held_resources_once(
+    target: TargetSandbox, tmp_path: Path
+) -> None:
+    """flush(): every resource given so far is in Medplum or held in the id map; a process that dies
+    right after (no finish) loses nothing, and the next run writes the held ones once."""
+    with make_loader(target, tmp_path) as loader:
+        loader.load_file(SYNTHEA_SMALL / "Condition.ndjson")  # its Encounters have not come: held
+        loader.load_file(SYNTHEA_SMALL / "Patient.ndjson")
+        loader.flush()
+        assert target.count("Patient") == 17 and target.count("Condition") == 0
+        loader.mark_loaded("condition-file")
+        loader.mark_loaded("patient-file")
+        # dies here: no finish()
+    with make_loader(target, tmp_path) as loader:
+        assert loader.is_loaded("condition-file") and loader.is_loaded("patient-file")
+        assert not loader.is_loaded("encounter-file")
+        for name in ("Organization", "Practitioner", "Encounter"):
+            loader.load_file(SYNTHEA_SMALL / f"{name}.ndjson")
+        result = loader.finish()
+    assert target.count() == SUBSET_TOTAL
+    assert target.stats.writes == SUBSET_TOTAL  # each once: no Condition written early and again
+    assert result.total("updated") == 0 and result.logical_references == 0
+    assert (
+        check_references(target, ["Patient", "Organization", "Practitioner", "Encounter", "Condition"]) == []
+    )

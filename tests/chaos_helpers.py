@@ -93,75 +93,99 @@ class Rig:
 
 @dataclass(frozen=True)
 class KillPoint:
-    """When to SIGKILL a `pfsync sync` run: `kind` is time, kickoff, status, download, writes or checkpoint."""
+    """When to SIGKILL a `pfsync sync` run. `kind`: time, kickoff, status, download, writes or checkpoint;
+    `frac` scales what the last completed run did (its duration, downloads or writes), so a kill lands
+    inside the run whether it is the first full sync or a small incremental one."""
 
     kind: str
-    n: float  # seconds for "time", a count for the others
+    frac: float
     restart_after: bool = False
     mutate_before: bool = False
 
-    def label(self) -> str:
-        return f"{self.kind}:{self.n:g}"
+    def resolve(self, last: RunWork) -> float:
+        """The absolute trigger: seconds for "time", a count for the others."""
+        if self.kind == "time":
+            return round(self.frac * last.seconds, 3)
+        if self.kind == "download":
+            return max(1, round(self.frac * last.downloads))
+        if self.kind == "writes":
+            return max(1, round(self.frac * last.writes))
+        return 1
+
+    def label(self, n: float) -> str:
+        return f"{self.kind}:{n:g}"
 
 
-def plan_kill_points(
-    rng: random.Random, count: int, clean_s: float, writes: int, files: int
-) -> list[KillPoint]:
+@dataclass
+class RunWork:
+    """What a completed run did: wall seconds, files downloaded, target writes."""
+
+    seconds: float
+    downloads: int
+    writes: int
+
+
+def plan_kill_points(rng: random.Random, count: int) -> list[KillPoint]:
     """Seeded kill points spread over every phase: export (kick-off, status polls), download,
-    load (a share of the writes a clean run made), checkpoint, and plain times over a clean run."""
+    load (a share of the writes of a run), the checkpoint advance, and plain times."""
     kinds = ["time", "kickoff", "status", "download", "writes", "writes", "checkpoint", "time"]
     points = []
     for i in range(count):
         kind = kinds[i % len(kinds)] if i < len(kinds) else rng.choice(kinds)
-        n: float
-        if kind == "time":
-            n = round(rng.uniform(0.05, 1.0) * clean_s, 3)
-        elif kind == "download":
-            n = rng.randint(1, max(1, files))
-        elif kind == "writes":
-            n = rng.randint(1, max(1, writes))
-        else:
-            n = 1
-        points.append(KillPoint(kind, n, restart_after=rng.random() < 0.3, mutate_before=rng.random() < 0.3))
+        frac = round(rng.uniform(0.05, 0.95), 3)
+        points.append(
+            KillPoint(kind, frac, restart_after=rng.random() < 0.3, mutate_before=rng.random() < 0.3)
+        )
     return points
 
 
 @dataclass
 class RunOutcome:
-    point: KillPoint | None
+    label: str
     returncode: int
     killed: bool
     elapsed: float
     stderr_tail: str
+    work: RunWork
 
 
-def _checkpoint_mtime(state_dir: Path) -> int:
+def _transaction_time(state_dir: Path) -> object:
+    """The checkpoint's transactionTime (it only moves when a run's data is fully loaded)."""
     path = state_dir / SOURCE_NAME / "checkpoint.json"
     try:
-        return path.stat().st_mtime_ns
-    except FileNotFoundError:
-        return 0
+        return orjson.loads(path.read_bytes()).get("transactionTime")
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return None
 
 
-def _trigger(rig: Rig, point: KillPoint) -> Callable[[float], bool]:
+def _trigger(rig: Rig, kind: str, n: float) -> Callable[[float], bool]:
     source, target = rig.sandboxes.source, rig.sandboxes.target
-    if point.kind == "time":
-        return lambda elapsed: elapsed >= point.n
-    if point.kind in ("kickoff", "status", "download"):
-        base = source.stats.count(point.kind)
-        return lambda _: source.stats.count(point.kind) - base >= point.n
-    if point.kind == "writes":
+    if kind == "time":
+        return lambda elapsed: elapsed >= n
+    if kind in ("kickoff", "status", "download"):
+        base = source.stats.count(kind)
+        return lambda _: source.stats.count(kind) - base >= n
+    if kind == "writes":
         base = target.stats.writes
-        return lambda _: target.stats.writes - base >= point.n
-    if point.kind == "checkpoint":
-        before = _checkpoint_mtime(rig.state_dir)
-        return lambda _: _checkpoint_mtime(rig.state_dir) != before
-    raise ValueError(point.kind)
+        return lambda _: target.stats.writes - base >= n
+    if kind == "checkpoint":
+        before = _transaction_time(rig.state_dir)
+        return lambda _: _transaction_time(rig.state_dir) != before
+    raise ValueError(kind)
 
 
-def run_sync(rig: Rig, point: KillPoint | None = None, timeout: float = 300.0) -> RunOutcome:
+def run_sync(
+    rig: Rig, point: KillPoint | None = None, last: RunWork | None = None, timeout: float = 300.0
+) -> RunOutcome:
     """One `pfsync sync` subprocess, SIGKILLed when `point` fires (never, if it is None)."""
-    fire = _trigger(rig, point) if point is not None else (lambda _: False)
+    label = "clean"
+    fire: Callable[[float], bool] = lambda _: False  # noqa: E731
+    if point is not None:
+        n = point.resolve(last or RunWork(60.0, 1, 1))
+        label = point.label(n)
+        fire = _trigger(rig, point.kind, n)
+    downloads0 = rig.sandboxes.source.stats.count("download")
+    writes0 = rig.sandboxes.target.stats.writes
     err_path = rig.root / "last-stderr.txt"
     started = time.monotonic()
     killed = False
@@ -186,7 +210,10 @@ def run_sync(rig: Rig, point: KillPoint | None = None, timeout: float = 300.0) -
                 proc.kill()
                 proc.wait()
     tail = err_path.read_bytes()[-3000:].decode(errors="replace")
-    return RunOutcome(point, proc.returncode, killed, time.monotonic() - started, tail)
+    elapsed = time.monotonic() - started
+    work = RunWork(elapsed, rig.sandboxes.source.stats.count("download") - downloads0,
+                   rig.sandboxes.target.stats.writes - writes0)  # fmt: skip
+    return RunOutcome(label, proc.returncode, killed, elapsed, tail, work)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,8 +30,7 @@ def _chaos(tmp_path: Path, *, patients: int, kills: int, seed: int) -> None:
     def describe() -> str:
         lines = [f"seed={seed} patients={patients} restarts={rig.restarts}"]
         for h in history:
-            label = h.point.label() if h.point else "clean"
-            lines.append(f"  {label:16} rc={h.returncode:4} killed={h.killed} {h.elapsed:.2f}s")
+            lines.append(f"  {h.label:16} rc={h.returncode:4} killed={h.killed} {h.elapsed:.2f}s")
         bad = [h for h in history if not h.killed and h.returncode != 0]
         if bad:
             lines.append("stderr of the last failed run:\n" + bad[-1].stderr_tail)
@@ -42,8 +41,7 @@ def _chaos(tmp_path: Path, *, patients: int, kills: int, seed: int) -> None:
         clean = run_sync(rig)
         history.append(clean)
         assert clean.returncode == 0, describe()
-        writes = rig.sandboxes.target.stats.writes
-        files = rig.sandboxes.source.stats.count("download")
+        last = clean.work
         calibration = compare(rig)
         assert not calibration.loss_problems(), (
             f"a clean run already differs: {calibration.problems()}\n{describe()}"
@@ -57,14 +55,15 @@ def _chaos(tmp_path: Path, *, patients: int, kills: int, seed: int) -> None:
         shutil.rmtree(rig.state_dir)
 
         changes: Counter[str] = Counter()
-        for i, point in enumerate(plan_kill_points(rng, kills, clean.elapsed, writes, files)):
+        for i, point in enumerate(plan_kill_points(rng, kills)):
             if point.mutate_before or (history and not history[-1].killed):
                 # a run that finished leaves nothing to do: change the source so the next one works
                 changes += mutate_source(rig, rng, f"k{i}")
-            outcome = run_sync(rig, point)
+            outcome = run_sync(rig, point, last)
             history.append(outcome)
             if not outcome.killed:
                 assert outcome.returncode == 0, describe()
+                last = outcome.work
             if point.restart_after:
                 rig.restart()
 
@@ -82,14 +81,15 @@ def _chaos(tmp_path: Path, *, patients: int, kills: int, seed: int) -> None:
         assert last.returncode == 0, describe()
 
         result = compare(rig)
-        killed = sum(1 for h in history if h.killed)
-        assert killed >= kills // 2, f"too few runs were actually killed\n{describe()}"
+        killed = Counter(h.label.split(":")[0] for h in history if h.killed)
+        assert sum(killed.values()) >= kills // 2, f"too few runs were actually killed\n{describe()}"
         assert result.ok, f"{result.problems()}\nchanges={dict(changes)}\n{describe()}"
         assert result.found == result.expected
         assert not queue_lines(rig, "retry.ndjson"), describe()
         assert not queue_lines(rig, "quarantine.ndjson"), describe()
         assert changes["deleted"] > 0 and changes["changed"] > 0 and changes["added"] > 0
-        print(f"chaos ok: {result.found} resources, changes={dict(changes)}\n{describe()}")
+        print(f"chaos ok: {result.found} resources, kills by phase={dict(killed)}, changes={dict(changes)}")
+        print(describe())
     finally:
         rig.stop()
 

@@ -151,6 +151,14 @@ class BatchSender:
         """Send everything queued and wait until every entry has an outcome."""
         self._pump(final=True)
 
+    def nudge(self) -> None:
+        """Without waiting: take in finished Bundles and send what is queued, even a partial
+        Bundle, while slots allow (other resources wait for these ids)."""
+        self._reap(block=False)
+        if self._stop is not None and self._stop.is_set():
+            return
+        self._launch(final=True)
+
     # -- the loop
     def _pump(self, final: bool) -> None:
         while True:

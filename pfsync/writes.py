@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -40,6 +41,8 @@ from pfsync.upsert import BatchSender
 _LOOKUP_FLUSH = 100
 _PROGRESS_EVERY = 500
 _FLUSH_ROUNDS = 20
+_NUDGE_EVERY = 50
+_PARK_MAX = 5000  # resources waiting in memory for targets whose writes are in flight
 DELETED_TAG = {"system": "https://pfsync.dev/source-status", "code": "deleted"}
 
 
@@ -95,6 +98,9 @@ class Writer:
         self._rechecks: list[Entry] = []
         self._empty: dict[str, bool] = {}
         self._done = 0
+        self._parked: dict[tuple[str, str], _Parked] = {}
+        self._unparking = False
+        self._settled = self._seen_settled = 0  # outcomes counted / last looked at by _unpark
 
     # -- per resource
     def count(self, rtype: str, key: str, n: int = 1) -> None:
@@ -126,13 +132,61 @@ class Writer:
             self.fixes[p.type] += p.fixes
         if self._idmap.get(p.type, p.sid) is None:
             self._idmap.seen(p.type, p.sid)
+        if self._parked:
+            self._parked.pop((p.type, p.sid), None)  # this newer copy replaces a parked one
+            self._unpark()
         if not final and not self._dry_run:
             waits = self.refs.waits(p)
             if waits:
-                # Written once, when its targets have ids (pfsync.references), not now and again later.
+                # Written once, when its targets have ids (pfsync.references), not now and again
+                # later. Targets whose writes are in flight come back within a Bundle or two: wait
+                # for them in memory (bounded); anything else waits on disk.
+                if len(self._parked) < _PARK_MAX and all(self._coming(k) for k in waits):
+                    self._parked[(p.type, p.sid)] = _Parked(p, file, line, raw)
+                    if len(self._parked) % _NUDGE_EVERY == 1 and self._sender is not None:
+                        self._sender.nudge()  # a partial Bundle of targets must not sit in the buffer
+                    return
                 self.refs.defer(p, file, line, raw, waits)
                 self.refs.fetch_queued(full_only=True)
                 return
+        self._emit(p, file, line, raw)
+
+    def _coming(self, key: tuple[str, str], *, parked: bool = True) -> bool:
+        """Whether a write of this identity is queued, in flight or parked (its id is on its way)."""
+        if self._sender is None or not key[0]:
+            return False
+        return self._sender.holds(key) or (parked and key in self._parked)
+
+    def _unpark(self, *, settle_all: bool = False) -> None:
+        """Write the parked resources whose targets have ids now; the ones waiting for a target
+        whose write ended without an id (or all of them: `settle_all`) go to the disk hold."""
+        if (
+            self._unparking
+            or self._sender is None
+            or (not settle_all and self._settled == self._seen_settled)
+        ):
+            return
+        self._unparking = True
+        try:
+            first = True
+            while self._seen_settled != self._settled or (settle_all and first):
+                self._seen_settled = self._settled
+                settle_all = settle_all and first
+                first = False
+                for key, item in list(self._parked.items()):
+                    waits = self.refs.waits(item.p, queue=False)
+                    # At a drain nothing else moves: waiting for another parked one could be a cycle.
+                    if waits and all(self._coming(k, parked=not settle_all) for k in waits):
+                        continue
+                    del self._parked[key]
+                    if waits:
+                        self.refs.defer(item.p, item.file, item.line, item.raw, waits)
+                    else:
+                        self._emit(item.p, item.file, item.line, item.raw)
+        finally:
+            self._unparking = False
+
+    def _emit(self, p: Prepared, file: str | None, line: int | None, raw: bytes) -> None:
         self.refs.released(p.type, p.sid)
         if self._attachments is not None and b'"contentType"' in raw:  # cheap: most resources have none
             try:
@@ -270,6 +324,11 @@ class Writer:
                 self._flush_lookup(rtype)
             if self._sender is not None:
                 self._sender.flush()
+            if self._parked:
+                self._settled += 1
+                self._unpark(settle_all=True)
+                if self._lookups or (self._sender is not None and self._sender.pending):
+                    continue
             if self._rechecks:
                 again, self._rechecks = self._rechecks, []
                 for entry in again:
@@ -285,6 +344,9 @@ class Writer:
         if not self._dry_run:
             self.refs.fetch_queued(full_only=False)
             self.refs.release_ready()
+            if self._sender is not None and self._parked:
+                self._sender.nudge()
+                self._unpark()
         self._idmap.commit()
 
     def flush(self) -> None:
@@ -360,6 +422,7 @@ class Writer:
 
     # -- outcomes (called by BatchSender on this thread)
     def settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None:
+        self._settled += 1
         if kind is Kind.FAILED:
             reason = result.text or f"HTTP {result.status}"
             self.quarantine(entry.type, entry.sid, entry.file, entry.line, entry.raw, reason, result.status)
@@ -379,12 +442,14 @@ class Writer:
             self.refs.upgraded(entry.type, entry.sid)
 
     def exhausted(self, entry: Entry, result: EntryResult) -> None:
+        self._settled += 1
         self.count(entry.type, "retry_queued")
         reason = f"retries exhausted: {result.text or f'HTTP {result.status}'}"
         self._retry_queue.add(file=entry.file, line=entry.line, reason=reason, raw=entry.raw,
                               status=result.status, rtype=entry.type, sid=entry.sid)  # fmt: skip
 
     def recheck(self, entry: Entry) -> None:
+        self._settled += 1
         if entry.method == "PUT" and "?" not in entry.url:
             self._idmap.forget(entry.type, entry.sid)  # a stale id: Medplum no longer has it
         entry.looked_up = False
@@ -393,6 +458,7 @@ class Writer:
         self._rechecks.append(entry)
 
     def reroute(self, entry: Entry) -> Entry | None:
+        self._settled += 1
         """A queued create whose identity was written meanwhile: an update by id now, nothing if the
         content is the same, or routed again from scratch (the other write failed)."""
         row = self._idmap.get(entry.type, entry.sid)
@@ -437,6 +503,14 @@ class Writer:
 
 
 UNREADABLE_TYPE = "(unreadable)"
+
+
+@dataclass
+class _Parked:
+    p: Prepared
+    file: str | None
+    line: int | None
+    raw: bytes
 
 
 def held_of(entry: Entry) -> Held:

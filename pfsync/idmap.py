@@ -300,22 +300,27 @@ class IdMap:
         return [Held(t, s, f, line, bytes(raw)) for t, s, f, line, raw in rows]
 
     def missing_targets(self) -> dict[str, list[str]]:
-        """Waited-for targets no input has named (type known, no map row): type -> source ids."""
+        """Waited-for targets (type known) with no Medplum id that are not held either: after a
+        drain, nothing of this run's input brings them (a row without an id may be from an earlier,
+        interrupted run). type -> source ids."""
         self._flush()
         out: dict[str, list[str]] = {}
         for t, s in self._db.execute(
             "SELECT DISTINCT ttype, tsid FROM waits WHERE ttype != '' AND NOT EXISTS "
-            "(SELECT 1 FROM map m WHERE m.type = waits.ttype AND m.sid = waits.tsid) ORDER BY ttype, tsid"
+            "(SELECT 1 FROM map m WHERE m.type = waits.ttype AND m.sid = waits.tsid AND m.mid IS NOT NULL) "
+            "AND NOT EXISTS (SELECT 1 FROM deferred d WHERE d.type = waits.ttype AND d.sid = waits.tsid) "
+            "ORDER BY ttype, tsid"
         ):
             out.setdefault(t, []).append(s)
         return out
 
     def unknown_ids(self) -> list[str]:
-        """Waited-for `urn:uuid` ids that no input has named under any type."""
+        """Waited-for `urn:uuid` ids with no Medplum id under any type and not held (see missing_targets)."""
         self._flush()
         rows = self._db.execute(
             "SELECT DISTINCT tsid FROM waits WHERE ttype = '' AND NOT EXISTS "
-            "(SELECT 1 FROM map m WHERE m.sid = waits.tsid) ORDER BY tsid"
+            "(SELECT 1 FROM map m WHERE m.sid = waits.tsid AND m.mid IS NOT NULL) AND NOT EXISTS "
+            "(SELECT 1 FROM deferred d WHERE d.sid = waits.tsid) ORDER BY tsid"
         )
         return [str(r[0]) for r in rows]
 

@@ -86,6 +86,7 @@ class References:
         self._tried: set[tuple[str, str]] = set()
         self._queue: dict[str, set[str]] = {}  # type -> source ids to fetch
         self._fetched_types: set[str] = set()
+        self._fetching = False
         self.expected: set[str] | None = None  # types the rest of the input may still bring
         self.requests = 0
         self.held = 0
@@ -157,17 +158,32 @@ class References:
     # -- settle points
     def fetch_queued(self, *, full_only: bool) -> bool:
         """Fetch queued missing targets (`full_only`: only types with a full request's worth)."""
-        fetched = False
-        for rtype in sorted(self._queue):
-            ids = self._queue[rtype]
-            while len(ids) >= (_FETCH_CHUNK if full_only else 1):
-                chunk = sorted(ids)[:_FETCH_CHUNK]
-                ids.difference_update(chunk)
-                self._fetch_and_ingest(rtype, chunk)
-                fetched = True
-            if not ids:
-                del self._queue[rtype]
-        return fetched
+        if self._fetching:
+            return False  # fetched resources are being ingested; they may queue more: next round
+        self._fetching = True
+        try:
+            fetched = False
+            while True:
+                todo = [
+                    (t, ids)
+                    for t, ids in sorted(self._queue.items())
+                    if len(ids) >= (_FETCH_CHUNK if full_only else 1)
+                ]
+                if not todo:
+                    return fetched
+                for rtype, ids in todo:
+                    chunk = sorted(ids)[:_FETCH_CHUNK]
+                    ids.difference_update(chunk)
+                    if not ids:
+                        self._queue.pop(rtype, None)
+                    self._fetch_and_ingest(rtype, chunk)
+                    fetched = True
+        finally:
+            self._fetching = False
+
+    def failed(self, rtype: str, sid: str) -> None:
+        """This identity was quarantined in this run: not something to fetch from the source."""
+        self._tried.add((rtype, sid))
 
     def release_ready(self) -> int:
         """Write the held resources whose targets all have Medplum ids now; -> how many were taken."""

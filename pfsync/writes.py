@@ -114,6 +114,8 @@ class Writer:
     def quarantine(self, rtype: str, sid: str | None, file: str | None, line: int | None, raw: bytes,
                     reason: str, status: int | None = None) -> None:  # fmt: skip
         self.count(rtype, "quarantined")
+        if sid is not None:
+            self.refs.failed(rtype, sid)
         self._events.emit("load_quarantined", type=rtype, id=sid, file=file, line=line, reason=reason)
         if not self._dry_run:
             self._qlog.add(file=file, line=line, reason=reason, raw=raw, status=status, rtype=rtype, sid=sid)

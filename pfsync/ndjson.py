@@ -115,12 +115,31 @@ def _iter_stream(path: Path, fh: IO[bytes], max_line_bytes: int) -> Iterator[Ite
                     yield from _from_document(path, line_no, orjson.loads(document), document)
                     return
                 yield _bad_json(path, line_no, stripped)
-                yield from _iter_lines_after(path, io.BytesIO(rest), line_no, max_line_bytes)
+                # Not a document either: go on line by line over what was read ahead, then the rest.
+                yield from _iter_lines_after(path, _Chain(rest, fh), line_no, max_line_bytes)
                 return
         yield _to_item(path, line_no, stripped)
 
 
-def _iter_lines_after(path: Path, fh: IO[bytes], line_no: int, max_line_bytes: int) -> Iterator[Item]:
+class _Chain:
+    """readline() over bytes already read ahead, then the stream they came from (a line split
+    between the two is joined), so sniffing for a pretty document never loses what follows."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
+        self._head = io.BytesIO(head)
+        self._rest = rest
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self._head.readline(size)
+        if line.endswith(b"\n") or (size > 0 and len(line) >= size):
+            return line
+        more = self._rest.readline(size - len(line) if size > 0 else -1)
+        return line + more
+
+
+def _iter_lines_after(
+    path: Path, fh: IO[bytes] | _Chain, line_no: int, max_line_bytes: int
+) -> Iterator[Item]:
     while True:
         line, too_long = _read_line(fh, max_line_bytes)
         if line is None:
@@ -132,7 +151,7 @@ def _iter_lines_after(path: Path, fh: IO[bytes], line_no: int, max_line_bytes: i
             yield _to_item(path, line_no, line.strip())
 
 
-def _read_line(fh: IO[bytes], max_line_bytes: int) -> tuple[bytes | None, bool]:
+def _read_line(fh: IO[bytes] | _Chain, max_line_bytes: int) -> tuple[bytes | None, bool]:
     """One line without its newline, or (None, False) at EOF. Over-long lines are drained, not kept."""
     line = fh.readline(max_line_bytes + 1)
     if not line:

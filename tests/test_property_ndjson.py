@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -229,14 +228,6 @@ def test_ndjson_deep_nesting_is_a_bad_line_or_a_record(depth: int, opener: str) 
     assert isinstance(items[1], Record) and items[1].resource["id"] == "after"
 
 
-NDJSON_FIRST_LINE_BUG = (
-    "pfsync/ndjson.py _iter_stream: after a malformed first line starting with '{' it reads at most "
-    "max_line_bytes+1 bytes into `rest` and iterates only that (`_iter_lines_after(io.BytesIO(rest))`), "
-    "so every line beyond the first max_line_bytes of the file is silently dropped"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=NDJSON_FIRST_LINE_BUG)
 def test_ndjson_bad_first_line_then_long_file_keeps_every_line(tmp_path: Path) -> None:
     lines = [b'{"resourceType": "Patient", broken'] + [
         orjson.dumps({"resourceType": "Patient", "id": f"p{i}"}) for i in range(50)
@@ -247,7 +238,6 @@ def test_ndjson_bad_first_line_then_long_file_keeps_every_line(tmp_path: Path) -
     assert [i.resource["id"] for i in items if isinstance(i, Record)] == [f"p{i}" for i in range(50)]
 
 
-@pytest.mark.xfail(strict=True, reason=NDJSON_FIRST_LINE_BUG)
 @FAST
 @given(st.lists(resources(), min_size=3, max_size=30))
 def test_ndjson_bad_first_line_loses_nothing_after_it(batch: list[dict[str, Any]]) -> None:

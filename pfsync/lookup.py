@@ -8,6 +8,7 @@ costs 20 points (a write costs 100), commas inside a value are escaped as `\\,`;
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,12 +47,28 @@ class Searcher:
         self._on_response = on_response
         self.requests = 0
 
-    def get(self, url: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    def fetch(self, url: str, params: dict[str, Any] | None = None) -> httpx.Response:
+        """Only the HTTP GET, no bookkeeping: safe on a worker thread. Hand the response (or the
+        TransportError) to `get(..., prefetched=)` on the loader's thread."""
+        return self._client.get(url, params=params, headers={"Accept": "application/fhir+json"})
+
+    def get(
+        self,
+        url: str,
+        params: dict[str, Any] | None = None,
+        *,
+        prefetched: Future[httpx.Response] | None = None,
+    ) -> dict[str, Any]:
+        """A search answer; `prefetched`: the first attempt, already sent by `fetch` on a thread."""
         attempt = 0
         while True:
-            self._clock.sleep(self._pacer.search_wait(self._clock.now()))
             try:
-                response = self._client.get(url, params=params, headers={"Accept": "application/fhir+json"})
+                if prefetched is not None:
+                    first, prefetched = prefetched, None
+                    response = first.result()
+                else:
+                    self._clock.sleep(self._pacer.search_wait(self._clock.now()))
+                    response = self.fetch(url, params)
             except httpx.TransportError as exc:
                 attempt += 1
                 if attempt > self._retry.retries:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ _LOOKUP_FLUSH = 100
 _PROGRESS_EVERY = 500
 _FLUSH_ROUNDS = 20
 _NUDGE_EVERY = 50
+_PROBE_THREADS = 4
 _PARK_MAX = 5000  # resources waiting in memory for targets whose writes are in flight
 DELETED_TAG = {"system": "https://pfsync.dev/source-status", "code": "deleted"}
 
@@ -97,6 +99,9 @@ class Writer:
         self._lookups: dict[str, dict[str, Entry]] = {}
         self._rechecks: list[Entry] = []
         self._empty: dict[str, bool] = {}
+        self._probes: dict[str, Future[httpx.Response]] = {}
+        self._probing: dict[str, dict[str, Entry]] = {}  # entries waiting for their type's probe
+        self._probe_pool: ThreadPoolExecutor | None = None
         self._done = 0
         self._parked: dict[tuple[str, str], _Parked] = {}
         self._unparking = False
@@ -134,6 +139,8 @@ class Writer:
             self.fixes[p.type] += p.fixes
         if self._idmap.get(p.type, p.sid) is None:
             self._idmap.seen(p.type, p.sid)
+        if self._probes:
+            self._probed(block=False)  # what waits for an answered probe must not wait for a route
         if self._parked:
             self._parked.pop((p.type, p.sid), None)  # this newer copy replaces a parked one
             self._unpark()
@@ -157,7 +164,10 @@ class Writer:
         """Whether a write of this identity is queued, in flight or parked (its id is on its way)."""
         if self._sender is None or not key[0]:
             return False
-        return self._sender.holds(key) or (parked and key in self._parked)
+        if self._sender.holds(key) or (parked and key in self._parked):
+            return True
+        probing = self._probing.get(key[0])
+        return probing is not None and key[1] in probing
 
     def _unpark(self, *, settle_all: bool = False) -> None:
         """Write the parked resources whose targets have ids now; the ones waiting for a target
@@ -243,7 +253,19 @@ class Writer:
             self._send(entry, create=False)
             return
         needs_search = self._mode == "direct" or self._idmap.cold or self._dry_run
-        if needs_search and not entry.looked_up and (entry.ambiguous or not self._type_is_empty(entry.type)):
+        if needs_search and not entry.looked_up and not entry.ambiguous:
+            if self._probes:
+                self._probed(block=False)
+            empty = self._empty.get(entry.type)
+            if empty is None:
+                # Wait for the type's probe without stopping the input (pfsync.writes._probe).
+                self._probe(entry.type)
+                queue = self._probing.setdefault(entry.type, {})
+                queue.pop(entry.sid, None)
+                queue[entry.sid] = entry
+                return
+            needs_search = not empty
+        if needs_search and not entry.looked_up:
             queue = self._lookups.setdefault(entry.type, {})
             queue.pop(entry.sid, None)
             queue[entry.sid] = entry
@@ -258,26 +280,42 @@ class Writer:
             entry.retarget("PUT", self._conditional_url(entry))
         self._send(entry, create=True)
 
-    def _type_is_empty(self, rtype: str) -> bool:
-        """Whether Medplum holds no resource of this type with our identifier system (asked once per
-        type and run, 20 points): then no identity of it can exist there and the per-identity
-        searches are skipped. Creates of this run are in the id map; a create whose outcome is
-        unknown is marked ambiguous and always searched again."""
-        empty = self._empty.get(rtype)
-        if empty is None:
-            params = {
-                "identifier": f"{self.context.system(rtype)}|",
-                "_count": "1",
-                "_elements": "identifier",
-            }
+    def _probe(self, rtype: str) -> None:
+        """Ask Medplum, on a worker thread, whether it holds any resource of this type with our
+        identifier system (once per type and run, 20 points): if not, no identity of it can exist
+        there and the per-identity searches are skipped. Asked lazily (a resync whose identities
+        are all in the id map asks nothing) and concurrently: one after another on this thread the
+        probes were a fifth of a small load. Creates of this run are in the id map; a create whose
+        outcome is unknown is marked ambiguous and always searched again."""
+        if rtype in self._probes or rtype in self._empty:
+            return
+        if self._probe_pool is None:
+            self._probe_pool = ThreadPoolExecutor(
+                max_workers=_PROBE_THREADS, thread_name_prefix="pfsync-probe"
+            )
+        self._probes[rtype] = self._probe_pool.submit(self._searcher.fetch, rtype, self._probe_params(rtype))
+
+    def _probe_params(self, rtype: str) -> dict[str, str]:
+        return {"identifier": f"{self.context.system(rtype)}|", "_count": "1", "_elements": "identifier"}
+
+    def _probed(self, *, block: bool) -> None:
+        """Take in the answered probes (all of them: `block`) and route the entries that waited."""
+        for rtype, future in list(self._probes.items()):
+            if (not block and not future.done()) or self._probes.pop(rtype, None) is None:
+                continue  # unanswered, or taken in by a nested call (route below comes back here)
             try:
-                found = self._searcher.get(rtype, params)
+                found = self._searcher.get(rtype, self._probe_params(rtype), prefetched=future)
             except HTTPError as exc:
                 if exc.temporary:
                     raise
                 found = {"entry": ["unknown"]}  # a server without `system|` search: search per identity
-            empty = self._empty[rtype] = not found.get("entry")
-        return empty
+            self._empty[rtype] = not found.get("entry")
+            # One at a time out of the queue: an entry stays "coming" (_coming) until it is in
+            # the sender, or what waits for it would be held on disk meanwhile.
+            queue = self._probing.get(rtype, {})
+            while queue:
+                self.route(queue.pop(next(iter(queue))))
+            self._probing.pop(rtype, None)
 
     def _send(self, entry: Entry, *, create: bool) -> None:
         if self._dry_run or self._sender is None:
@@ -322,6 +360,7 @@ class Writer:
             self._idmap.commit()
             return
         while True:
+            self._probed(block=True)
             for rtype in list(self._lookups):
                 self._flush_lookup(rtype)
             if self._sender is not None:
@@ -336,13 +375,15 @@ class Writer:
                 for entry in again:
                     self.route(entry)
                 continue
-            if not self._lookups:
+            if not self._lookups and not self._probing:
                 break
         self._idmap.commit()
 
     def settle(self) -> None:
         """A settle point (end of a file): fetch the missing targets queued so far, write the held
         resources whose targets have arrived, commit the id map. Bundles keep flowing."""
+        if self._probes:
+            self._probed(block=False)
         if not self._dry_run:
             self.refs.fetch_queued(full_only=False)
             self.refs.release_ready()
@@ -498,6 +539,8 @@ class Writer:
                 "write_cost": round(self.pacer.cost, 1)}  # fmt: skip
 
     def close(self) -> None:
+        if self._probe_pool is not None:
+            self._probe_pool.shutdown(wait=True, cancel_futures=True)
         if self._sender is not None:
             self._sender.close()
         if self._attachments is not None:

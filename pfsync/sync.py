@@ -15,8 +15,8 @@ One source's run (`sync_source`), under its run lock:
 4. Record the in-flight run (its directory) in the state BEFORE kicking off; each export request
    gets `{run dir}/{request fingerprint}/` whose job.json lets the next run resume the same job.
 5. Load every output file as soon as it lands (download and load overlap), apply `deleted` files
-   after all outputs. A resumed run offers every landed file to the loader again (see
-   `_export_and_load`: a file the loader returned from may still have resources in flight).
+   after all outputs. Each loaded file is flushed and marked in the loader's id map; a resumed run
+   skips the marked files and loads the rest (see `_export_and_load`).
 6. Advance the checkpoint to the (smallest) export `transactionTime` ONLY when nothing went to the
    retry queue. Decision: with retry-queued resources the checkpoint stays put, so the next run
    re-exports the same window (cheap: unchanged resources cost no write) and drains the queue first.
@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 from pfsync.bulk import ExportRequest, requests_for
 from pfsync.errors import (
@@ -93,6 +93,15 @@ class LoaderLike(Protocol):
     def load_file(self, path: Path) -> Any: ...
     def apply_deleted(self, path: Path) -> Any: ...
     def finish(self) -> Any: ...
+
+
+@runtime_checkable
+class FileMarks(Protocol):
+    """A loader that can make a file durable and remember it (pfsync.load.Loader; optional)."""
+
+    def flush(self) -> Any: ...
+    def mark_loaded(self, key: str) -> Any: ...
+    def is_loaded(self, key: str) -> bool: ...
 
 
 class Engines(Protocol):
@@ -417,12 +426,15 @@ def _export_and_load(
 ) -> str | None:
     deleted: list[LandedFile] = []
     load_mutex = threading.Lock()  # downloads may land in parallel; the loader takes one file at a time
-    # Files handed to the loader in THIS run. Not persisted: `Loader.load_file` returning does not
-    # mean the file's resources are in Medplum (Bundles keep filling across files: writes.py
-    # `drain(partial=True)` only commits the id map), so a file recorded as loaded and then killed
-    # lost its buffered resources for good. A resumed run offers every landed file again; the
-    # loader's content hashes make re-offered resources free (no write when unchanged).
+    # Files handed to the loader in THIS run (a resumed export may announce a file twice).
     offered: set[str] = set()
+    # Files done in an earlier, interrupted attempt of this run are skipped: `Loader.load_file`
+    # returning does not mean its resources are in Medplum (Bundles keep filling across files), so a
+    # file is marked only after `flush()` made everything given so far durable (written, queued, or
+    # held in the id map, which the next finish writes); the mark lives in the same id map, so a
+    # lost id map forgets both. The key names this run's export directory: a later run's identical
+    # file is offered again (cheap: unchanged hashes cost no write) and retries what it quarantined.
+    marks = loader if isinstance(loader, FileMarks) else None
 
     def on_file(landed: LandedFile) -> None:
         if landed.kind == "deleted":
@@ -433,7 +445,14 @@ def _export_and_load(
         with load_mutex:
             if landed.sha256 in offered or stop.is_set():
                 return
+            key = f"{out_dir.parent.name}/{out_dir.name}:{landed.sha256}"
+            if marks is not None and marks.is_loaded(key):
+                offered.add(landed.sha256)
+                return
             loader.load_file(landed.path)
+            if marks is not None:
+                marks.flush()
+                marks.mark_loaded(key)
             offered.add(landed.sha256)
 
     expect = getattr(loader, "expect_types", None)

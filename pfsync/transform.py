@@ -188,20 +188,31 @@ def _blank(value: Any) -> bool:
 
 
 def _scan(node: Json, refs: list[tuple[Json, Ref]], normalize: bool, base: str) -> int:
-    """Collect references (and, if asked, drop what strict Medplum rejects); -> fixes made."""
+    """Collect references (and, if asked, drop what strict Medplum rejects); -> fixes made.
+
+    Runs for every value of every resource on the loader's thread: leaf types are tested inline
+    (most values are strings) rather than through `_blank`, which was a third of its cost."""
     fixes = 0
     dead: list[str] | None = None
     for key, value in node.items():
-        if isinstance(value, dict):
+        if type(value) is str:
+            if not normalize or value.strip():
+                continue
+        elif isinstance(value, dict):
             fixes += _scan(value, refs, normalize, base)
+            if not normalize or value:
+                continue
         elif isinstance(value, list):
             fixes += _scan_list(value, refs, normalize, base, aligned=key[0] == "_" or "_" + key in node)
-        if normalize and _blank(value):
-            # medplum.md "Validation": null values are rejected; empty strings, arrays and objects
-            # are noise real EHR data carries (transcripts 20, 21).
-            if dead is None:
-                dead = []
-            dead.append(key)
+            if not normalize or value:
+                continue
+        elif not normalize or not _blank(value):
+            continue
+        # medplum.md "Validation": null values are rejected; empty strings, arrays and objects
+        # are noise real EHR data carries (transcripts 20, 21).
+        if dead is None:
+            dead = []
+        dead.append(key)
     if dead:
         for key in dead:
             del node[key]
@@ -218,14 +229,21 @@ def _scan_list(
     items: list[Any], refs: list[tuple[Json, Ref]], normalize: bool, base: str, aligned: bool
 ) -> int:
     fixes = 0
+    blank = False
     for item in items:
-        if isinstance(item, dict):
+        if type(item) is str:
+            blank = blank or not item.strip()
+        elif isinstance(item, dict):
             fixes += _scan(item, refs, normalize, base)
+            blank = blank or not item
         elif isinstance(item, list):
             fixes += _scan_list(item, refs, normalize, base, aligned)
+            blank = blank or not item
+        else:
+            blank = blank or _blank(item)
     # A primitive array and its `_name` extension array are aligned by position: nulls there are
     # placeholders FHIR JSON requires, so only unaligned arrays lose their blank items.
-    if normalize and not aligned:
+    if normalize and not aligned and blank:
         before = len(items)
         items[:] = [i for i in items if not _blank(i)]
         fixes += before - len(items)

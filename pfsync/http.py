@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ def make_client(settings: HttpSettings, *, timeout: float | None = None, **kwarg
     """The one place a real httpx.Client is built: TLS verification always on (optionally with a
     CA bundle), our User-Agent, and redirects followed (httpx drops Authorization on a redirect to
     another origin, so a signed-storage redirect never receives the token)."""
-    verify: Any = str(settings.ca_bundle) if settings.ca_bundle else True
+    # An SSLContext rather than a path: httpx deprecates verify=<str>. Verification stays on either way.
+    verify: Any = ssl.create_default_context(cafile=str(settings.ca_bundle)) if settings.ca_bundle else True
     t = timeout if timeout is not None else settings.timeout
     return httpx.Client(
         verify=verify,

@@ -137,8 +137,13 @@ class Writer:
             return
         if first and p.fixes:
             self.fixes[p.type] += p.fixes
-        if self._idmap.get(p.type, p.sid) is None:
+        row = self._idmap.get(p.type, p.sid)
+        if row is None:
             self._idmap.seen(p.type, p.sid)
+        if (row is None or row.mid is None) and p.type not in self._empty and self._probes_needed:
+            # Asked as soon as the type is read, not when its first resource can be written: by
+            # then it would wait behind our Bundles on the critical path of every dependent type.
+            self._probe(p.type)
         if self._probes:
             self._probed(block=False)  # what waits for an answered probe must not wait for a route
         if self._parked:
@@ -279,6 +284,10 @@ class Writer:
         else:
             entry.retarget("PUT", self._conditional_url(entry))
         self._send(entry, create=True)
+
+    @property
+    def _probes_needed(self) -> bool:
+        return self._mode == "direct" or self._idmap.cold or self._dry_run
 
     def _probe(self, rtype: str) -> None:
         """Ask Medplum, on a worker thread, whether it holds any resource of this type with our

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 _PART_RE = re.compile(r'"?([A-Za-z]+)"?\s*;\s*r\s*=\s*(\d+)\s*;\s*t\s*=\s*(\d+(?:\.\d+)?)')
 DEFAULT_WRITE_COST = 140.0  # medplum.md: a conditional PUT create inside a batch costs about 140
 SEARCH_COST = 20.0
+_SLOWER = 2.0  # per-entry latency this much above `inflight` x the best seen: throughput fell
+_LATENCY_MIN_ENTRIES = 50  # Bundles smaller than this are not compared for latency
 
 
 def parse_ratelimit(header: str | None) -> dict[str, tuple[int, float]]:
@@ -135,14 +137,23 @@ class Concurrency:
         return max(1, min(self.maximum, int(self.limit)))
 
     def clean(self, entries: int, elapsed: float, inflight: int) -> None:
-        """A Bundle came back without conflicts or 429s: grow, unless latency grew with it."""
-        if entries <= 0:
+        """A Bundle came back without conflicts or 429s: grow, unless latency grew with it.
+        `inflight`: the most Bundles in flight (this one included) while it was."""
+        if entries < _LATENCY_MIN_ENTRIES:
+            # A small Bundle's time is mostly per-request overhead: its per-entry latency says
+            # nothing about load (a 1-entry nudge looked 100x slower and halved the concurrency).
+            self.limit = (
+                min(float(self.maximum), self.limit + 1.0 / self.limit) if entries > 0 else self.limit
+            )
             return
         per = elapsed / entries
         if self.best_per_entry is None or per < self.best_per_entry:
             self.best_per_entry = per
-        if inflight > 1 and per > self.best_per_entry * inflight * 0.8:
-            # Parallel Bundles did not finish faster per entry than one at a time: back off.
+        if inflight > 1 and per > self.best_per_entry * inflight * _SLOWER:
+            # Parallel Bundles made the server slower than one Bundle at a time would be: back off.
+            # Not when they merely gained nothing (a server that works through Bundles one by one
+            # takes `inflight` times as long for each): Bundles waiting there keep it busy while
+            # we prepare the next one, which is what a full concurrency buys.
             self.limit = max(1.0, self.limit * 0.75)
         else:
             self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)

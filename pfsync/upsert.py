@@ -117,6 +117,7 @@ class BatchSender:
         self._blocked: dict[tuple[str, str], Entry] = {}
         self._inflight: set[tuple[str, str]] = set()
         self._futures: dict[Future[Sent], list[Entry]] = {}
+        self._peak: dict[Future[Sent], int] = {}  # most Bundles in flight during each one's life
         self._groups: list[list[Entry]] = []  # Bundles already cut (halves of a refused one)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="pfsync-bundle")
         self.on_response: Callable[[str | None, int, int, bool], None] | None = None
@@ -225,6 +226,9 @@ class BatchSender:
         self.stats.max_slots = max(self.stats.max_slots, len(self._futures) + 1)
         future = self._pool.submit(self._send, body)
         self._futures[future] = bundle
+        self._peak[future] = len(self._futures)
+        for other in self._futures:  # every Bundle in flight now shares the server with this many
+            self._peak[other] = max(self._peak.get(other, 0), len(self._futures))
 
     def _send(self, body: bytes) -> Sent:
         """On a worker thread: one Bundle, synchronously or as an async batch job."""
@@ -246,7 +250,8 @@ class BatchSender:
         done, _ = wait(list(self._futures), timeout=None if block else 0, return_when=FIRST_COMPLETED)
         for future in done:
             bundle = self._futures.pop(future)
-            self._complete(bundle, future.result(), inflight=len(self._futures) + 1)
+            peak = self._peak.pop(future, 0)
+            self._complete(bundle, future.result(), inflight=max(peak, len(self._futures) + 1))
 
     def _drain_inflight(self) -> None:
         while self._futures:

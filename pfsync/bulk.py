@@ -21,7 +21,7 @@ import orjson
 
 from pfsync.errors import AuthError, ExportError, HTTPError, InterruptedRunError
 from pfsync.events import EventSink
-from pfsync.http import Clock, RetryPolicy, outcome_text, parse_retry_after
+from pfsync.http import Clock, RetryPolicy, http_error, outcome_text, parse_retry_after
 from pfsync.redact import redact
 from pfsync.settings import ExportSettings, SourceSettings
 
@@ -205,19 +205,6 @@ def is_temporary(response: httpx.Response) -> bool:
     return False
 
 
-def _http_error(response: httpx.Response, what: str) -> HTTPError:
-    text = outcome_text(response)
-    req = response.request
-    return HTTPError(
-        f"{what}: {req.method} {redact(str(req.url))} answered {response.status_code}"
-        + (f": {text}" if text else ""),
-        method=req.method,
-        url=str(req.url),
-        status=response.status_code,
-        outcome=text,
-    )
-
-
 def _fail(response: httpx.Response, what: str) -> ExportError | AuthError:
     text = outcome_text(response) or f"HTTP {response.status_code}"
     url = redact(str(response.request.url))
@@ -260,7 +247,7 @@ def _send(
             return response
         attempt += 1
         if attempt > policy.retries:
-            raise _http_error(response, f"{what} still failing after {policy.retries} retries")
+            raise http_error(response, f"{what} still failing after {policy.retries} retries")
         hinted = parse_retry_after(response.headers.get("Retry-After"), clock.now())
         delay = min(max_wait, hinted) if hinted is not None else policy.backoff(attempt)
         if events is not None:

@@ -186,13 +186,11 @@ def request_with_retry(
         clock.sleep(wait)
 
 
-def raise_for_status(response: httpx.Response, what: str) -> None:
-    """Turn an error response into an HTTPError carrying the OperationOutcome text."""
-    if response.is_success:
-        return
+def http_error(response: httpx.Response, what: str) -> HTTPError:
+    """An HTTPError for an error response, carrying its OperationOutcome text (redacted URL)."""
     text = outcome_text(response)
     req = response.request
-    raise HTTPError(
+    return HTTPError(
         f"{what}: {req.method} {redact(str(req.url))} answered {response.status_code}"
         + (f": {text}" if text else ""),
         method=req.method,
@@ -200,3 +198,9 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
         status=response.status_code,
         outcome=text,
     )
+
+
+def raise_for_status(response: httpx.Response, what: str) -> None:
+    """Turn an error response into an HTTPError carrying the OperationOutcome text."""
+    if not response.is_success:
+        raise http_error(response, what)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 import time
@@ -10,7 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any
 
 import orjson
@@ -32,6 +30,7 @@ from pfsync.cli.common import JsonOpt, SourceOpt, build_settings, err_console, o
 from pfsync.errors import UsageError
 from pfsync.events import EventSink, FanoutSink
 from pfsync.log import LogSink
+from pfsync.schedule import stop_on_signals
 
 
 def parse_since(value: str) -> str:
@@ -97,22 +96,6 @@ class ProgressSink:
                 p.update(
                     self.files[d["name"]], description=f"{d['name']} (retrying: {str(d.get('message'))[:40]})"
                 )
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    """Ctrl-C / SIGTERM set `stop`: the export finishes what it can cleanly and stays resumable."""
-    stop = threading.Event()
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
 
 
 @contextmanager
@@ -199,7 +182,7 @@ def export(
             granted = authenticator.granted_types(src.resource_types)[0]
             results = []
             started = time.monotonic()
-            with _stop_on_signals() as stop, _sink(json_out) as sink:
+            with stop_on_signals(threading.Event()) as stop, _sink(json_out) as sink:
                 for req, out_dir in zip(requests, dirs, strict=True):
                     results.append(run_export(src, settings.export, client, auth, out_dir=out_dir, request=req,
                                               events=sink, stop=stop, granted_types=granted, policy=policy))  # fmt: skip

@@ -283,6 +283,39 @@ class TokenProvider(Protocol):
     def invalidate(self, token: str) -> None: ...
 
 
+class CachedToken:
+    """The token cache both authenticators share: reuse until shortly before expiry, renew under a
+    lock so parallel downloads fetch one token, and forget only the token a server refused.
+    Subclasses set `_clock` and implement `_fetch()`."""
+
+    _clock: Clock
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._token: Token | None = None
+        self.last_token: Token | None = None
+        self.token_requests = 0
+
+    def _fetch(self) -> Token:
+        raise NotImplementedError
+
+    def token(self, *, force: bool = False) -> str:
+        """A valid access token: the cached one unless it is about to expire (or `force`)."""
+        with self._lock:
+            current = self._token
+            if current is not None and not force and current.fresh(self._clock.now()):
+                return current.value
+            self._token = self._fetch()
+            self.last_token = self._token
+            return self._token.value
+
+    def invalidate(self, token: str) -> None:
+        """Forget `token` (a server refused it); a newer token fetched by another thread is kept."""
+        with self._lock:
+            if self._token is not None and self._token.value == token:
+                self._token = None
+
+
 def resolve_method(source: SourceSettings) -> Method:
     """The client authentication method from what is configured (bulk-data.md: both supported)."""
     where = f"source {source.name!r}"
@@ -307,7 +340,7 @@ def resolve_method(source: SourceSettings) -> Method:
     return method
 
 
-class SourceAuthenticator:
+class SourceAuthenticator(CachedToken):
     """Tokens for one source: discovery on first use, cached, renewed before expiry; thread-safe."""
 
     def __init__(
@@ -318,6 +351,7 @@ class SourceAuthenticator:
         http: HttpSettings | None = None,
         clock: Clock | None = None,
     ) -> None:
+        super().__init__()
         self.source = source
         self._client = client
         self._http = http or HttpSettings()
@@ -329,11 +363,7 @@ class SourceAuthenticator:
         if self.method == "private_key_jwt":
             assert source.private_key is not None
             self.signing_key = load_signing_key(source.private_key.reveal(), key_id=source.key_id)
-        self._lock = threading.RLock()
         self._discovery: Discovery | None = None
-        self._token: Token | None = None
-        self.last_token: Token | None = None
-        self.token_requests = 0
 
     # -- discovery and scopes
     @property
@@ -371,22 +401,6 @@ class SourceAuthenticator:
         return split_granted(self.granted_scopes, requested)
 
     # -- tokens
-    def token(self, *, force: bool = False) -> str:
-        """A valid access token: the cached one unless it is about to expire (or `force`)."""
-        with self._lock:
-            current = self._token
-            if current is not None and not force and current.fresh(self._clock.now()):
-                return current.value
-            self._token = self._fetch()
-            self.last_token = self._token
-            return self._token.value
-
-    def invalidate(self, token: str) -> None:
-        """Forget `token` (a server refused it); a newer token fetched by another thread is kept."""
-        with self._lock:
-            if self._token is not None and self._token.value == token:
-                self._token = None
-
     def client_assertion(self, audience: str | None = None) -> str:
         """A freshly signed client assertion JWT (bulk-data.md "Auth": header and claims)."""
         key = self.signing_key

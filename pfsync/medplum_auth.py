@@ -11,13 +11,12 @@ call is the fallback (`medplum.auth = "basic"`).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Generator
 
 import httpx
 import orjson
 
-from pfsync.auth import NO_AUTH, BearerAuth, Token, origin_of, parse_token_response
+from pfsync.auth import NO_AUTH, BearerAuth, CachedToken, Token, origin_of, parse_token_response
 from pfsync.errors import AuthError
 from pfsync.http import Clock, RetryPolicy, SystemClock, outcome_text, request_with_retry
 from pfsync.redact import redact
@@ -36,7 +35,7 @@ def medplum_token_hint(description: str) -> str:
     return "check MEDPLUM_BASE_URL, MEDPLUM_CLIENT_ID and MEDPLUM_CLIENT_SECRET"
 
 
-class MedplumAuthenticator:
+class MedplumAuthenticator(CachedToken):
     """The Medplum client_credentials token: fetched once, reused, renewed shortly before it expires."""
 
     def __init__(
@@ -47,34 +46,17 @@ class MedplumAuthenticator:
         http: HttpSettings | None = None,
         clock: Clock | None = None,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.client_id: str = require(settings.client_id, "medplum.client_id", "Medplum auth")
         self._secret = require(settings.client_secret, "medplum.client_secret", "Medplum auth")
         self._client = client
         self._clock = clock or SystemClock()
         self._policy = RetryPolicy.from_settings(http or HttpSettings())
-        self._lock = threading.Lock()
-        self._token: Token | None = None
-        self.last_token: Token | None = None
-        self.token_requests = 0
 
     @property
     def token_endpoint(self) -> str:
         return self.settings.token_url
-
-    def token(self, *, force: bool = False) -> str:
-        with self._lock:
-            current = self._token
-            if current is not None and not force and current.fresh(self._clock.now()):
-                return current.value
-            self._token = self._fetch()
-            self.last_token = self._token
-            return self._token.value
-
-    def invalidate(self, token: str) -> None:
-        with self._lock:
-            if self._token is not None and self._token.value == token:
-                self._token = None
 
     def _fetch(self) -> Token:
         url = self.token_endpoint

@@ -52,12 +52,11 @@ class Searcher:
         TransportError) to `get(..., prefetched=)` on the loader's thread."""
         return self._client.get(url, params=params, headers={"Accept": "application/fhir+json"})
 
-    def get(
-        self,
-        url: str,
-        params: dict[str, Any] | None = None,
-        *,
-        prefetched: Future[httpx.Response] | None = None,
+    def get(self, url: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self.get_prefetched(url, params, None)
+
+    def get_prefetched(
+        self, url: str, params: dict[str, Any] | None, prefetched: Future[httpx.Response] | None
     ) -> dict[str, Any]:
         """A search answer; `prefetched`: the first attempt, already sent by `fetch` on a thread."""
         attempt = 0

@@ -106,6 +106,8 @@ class Writer:
         self._parked: dict[tuple[str, str], _Parked] = {}
         self._unparking = False
         self._settled = self._seen_settled = 0  # outcomes counted / last looked at by _unpark
+        self._waiters: dict[tuple[str, str], list[tuple[str, str]]] = {}  # target -> parked keys
+        self._woken: list[tuple[str, str]] = []  # identities whose write settled (or will not come)
 
     # -- per resource
     def count(self, rtype: str, key: str, n: int = 1) -> None:
@@ -121,6 +123,7 @@ class Writer:
         self.count(rtype, "quarantined")
         if sid is not None:
             self.refs.failed(rtype, sid)
+            self._wake((rtype, sid))
         self._events.emit("load_quarantined", type=rtype, id=sid, file=file, line=line, reason=reason)
         if not self._dry_run:
             self._qlog.add(file=file, line=line, reason=reason, raw=raw, status=status, rtype=rtype, sid=sid)
@@ -156,11 +159,12 @@ class Writer:
                 # later. Targets whose writes are in flight come back within a Bundle or two: wait
                 # for them in memory (bounded); anything else waits on disk.
                 if len(self._parked) < _PARK_MAX and all(self._coming(k) for k in waits):
-                    self._parked[(p.type, p.sid)] = _Parked(p, file, line, raw)
+                    self._park((p.type, p.sid), _Parked(p, file, line, raw), waits[0])
                     if len(self._parked) % _NUDGE_EVERY == 1 and self._sender is not None:
                         self._sender.nudge()  # a partial Bundle of targets must not sit in the buffer
                     return
                 self.refs.defer(p, file, line, raw, waits)
+                self._wake((p.type, p.sid))  # not coming any more: its waiters look again
                 self.refs.fetch_queued(full_only=True)
                 return
         self._emit(p, file, line, raw)
@@ -174,34 +178,65 @@ class Writer:
         probing = self._probing.get(key[0])
         return probing is not None and key[1] in probing
 
+    def _wake(self, key: tuple[str, str]) -> None:
+        """This identity's write settled or will not come: what waits for it looks again."""
+        if key in self._waiters:
+            self._woken.append(key)
+
+    def _park(self, key: tuple[str, str], item: _Parked, target: tuple[str, str]) -> None:
+        """Wait in memory; looked at again when `target` (one it waits for) settles (`_woken`)."""
+        self._parked[key] = item
+        self._waiters.setdefault(target, []).append(key)
+
     def _unpark(self, *, settle_all: bool = False) -> None:
         """Write the parked resources whose targets have ids now; the ones waiting for a target
-        whose write ended without an id (or all of them: `settle_all`) go to the disk hold."""
-        if (
-            self._unparking
-            or self._sender is None
-            or (not settle_all and self._settled == self._seen_settled)
-        ):
+        whose write ended without an id (or all of them: `settle_all`) go to the disk hold.
+
+        Only the resources waiting for an identity that settled are looked at (`_waiters`): looking
+        at every parked one after every Bundle was quadratic (thousands wait at the start of a
+        first load: a third of the main thread)."""
+        if self._unparking or self._sender is None:
+            return
+        if not settle_all and not self._woken:
             return
         self._unparking = True
         try:
-            first = True
-            while self._seen_settled != self._settled or (settle_all and first):
-                self._seen_settled = self._settled
-                settle_all = settle_all and first
-                first = False
-                for key, item in list(self._parked.items()):
-                    waits = self.refs.waits(item.p, queue=False)
-                    # At a drain nothing else moves: waiting for another parked one could be a cycle.
-                    if waits and all(self._coming(k, parked=not settle_all) for k in waits):
-                        continue
-                    del self._parked[key]
-                    if waits:
-                        self.refs.defer(item.p, item.file, item.line, item.raw, waits)
-                    else:
-                        self._emit(item.p, item.file, item.line, item.raw)
+            if settle_all:
+                self._unpark_all()
+            while self._woken:
+                woken, self._woken = self._woken, []
+                for target in woken:
+                    for key in self._waiters.pop(target, ()):
+                        item = self._parked.get(key)
+                        if item is not None:
+                            self._look_again(key, item, parked_ok=True)
         finally:
             self._unparking = False
+
+    def _unpark_all(self) -> None:
+        first = True
+        while self._seen_settled != self._settled or first:
+            self._seen_settled = self._settled
+            first = False
+            for key, item in list(self._parked.items()):
+                # At a drain nothing else moves: waiting for another parked one could be a cycle.
+                self._look_again(key, item, parked_ok=False)
+
+    def _look_again(self, key: tuple[str, str], item: _Parked, *, parked_ok: bool) -> None:
+        waits = self.refs.waits(item.p, queue=False)
+        if waits:
+            for k in waits:
+                if not self._coming(k, parked=parked_ok):
+                    break
+            else:
+                self._waiters.setdefault(waits[0], []).append(key)
+                return
+        del self._parked[key]
+        if waits:
+            self.refs.defer(item.p, item.file, item.line, item.raw, waits)
+            self._wake(key)
+        else:
+            self._emit(item.p, item.file, item.line, item.raw)
 
     def _emit(self, p: Prepared, file: str | None, line: int | None, raw: bytes) -> None:
         self.refs.released(p.type, p.sid)
@@ -211,6 +246,7 @@ class Writer:
                     self.count(p.type, "binary_uploaded")
             except AttachmentError as exc:
                 if exc.retryable:
+                    self._wake((p.type, p.sid))
                     self.count(p.type, "retry_queued")
                     self._retry_queue.add(
                         file=file, line=line, reason=str(exc), raw=raw, rtype=p.type, sid=p.sid
@@ -310,10 +346,12 @@ class Writer:
     def _probed(self, *, block: bool) -> None:
         """Take in the answered probes (all of them: `block`) and route the entries that waited."""
         for rtype, future in list(self._probes.items()):
-            if (not block and not future.done()) or self._probes.pop(rtype, None) is None:
-                continue  # unanswered, or taken in by a nested call (route below comes back here)
+            if not block and not future.done():
+                continue
+            if self._probes.pop(rtype, None) is None:
+                continue  # taken in by a nested call (route below comes back here)
             try:
-                found = self._searcher.get(rtype, self._probe_params(rtype), prefetched=future)
+                found = self._searcher.get_prefetched(rtype, self._probe_params(rtype), future)
             except HTTPError as exc:
                 if exc.temporary:
                     raise
@@ -475,6 +513,7 @@ class Writer:
     # -- outcomes (called by BatchSender on this thread)
     def settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None:
         self._settled += 1
+        self._wake(entry.key)
         if kind is Kind.FAILED:
             reason = result.text or f"HTTP {result.status}"
             self.quarantine(entry.type, entry.sid, entry.file, entry.line, entry.raw, reason, result.status)
@@ -495,6 +534,7 @@ class Writer:
 
     def exhausted(self, entry: Entry, result: EntryResult) -> None:
         self._settled += 1
+        self._wake(entry.key)
         self.count(entry.type, "retry_queued")
         reason = f"retries exhausted: {result.text or f'HTTP {result.status}'}"
         self._retry_queue.add(file=entry.file, line=entry.line, reason=reason, raw=entry.raw,
@@ -502,6 +542,7 @@ class Writer:
 
     def recheck(self, entry: Entry) -> None:
         self._settled += 1
+        self._wake(entry.key)
         if entry.method == "PUT" and "?" not in entry.url:
             self._idmap.forget(entry.type, entry.sid)  # a stale id: Medplum no longer has it
         entry.looked_up = False
@@ -510,9 +551,10 @@ class Writer:
         self._rechecks.append(entry)
 
     def reroute(self, entry: Entry) -> Entry | None:
-        self._settled += 1
         """A queued create whose identity was written meanwhile: an update by id now, nothing if the
         content is the same, or routed again from scratch (the other write failed)."""
+        self._settled += 1
+        self._wake(entry.key)
         row = self._idmap.get(entry.type, entry.sid)
         if row is None or row.mid is None:
             self._rechecks.append(entry)

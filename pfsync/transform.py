@@ -145,7 +145,11 @@ def prepare(resource: Json, ctx: TransformContext) -> Prepared:
         raise TransformError("resource has no id: it cannot be upserted without creating duplicates")
     del resource["id"]
     refs: list[tuple[Json, Ref]] = []
-    fixes = _scan(resource, refs, ctx.normalize, ctx.base)
+    try:
+        fixes = _scan(resource, refs, ctx.normalize, ctx.base)
+    except RecursionError:
+        # Hostile or broken input (no FHIR resource nests this deep): quarantine, never crash.
+        raise TransformError("resource is nested too deeply to be a FHIR resource") from None
     _set_identity(resource, ctx.system(rtype), sid)
     _set_meta(resource, ctx.meta_source)
     return Prepared(rtype, sid, resource, refs, fixes)
@@ -203,7 +207,7 @@ def _scan(node: Json, refs: list[tuple[Json, Ref]], normalize: bool, base: str) 
             if not normalize or value:
                 continue
         elif isinstance(value, list):
-            fixes += _scan_list(value, refs, normalize, base, aligned=key[0] == "_" or "_" + key in node)
+            fixes += _scan_list(value, refs, normalize, base, aligned=_aligned(node, key))
             if not normalize or value:
                 continue
         elif not normalize or not _blank(value):
@@ -223,6 +227,15 @@ def _scan(node: Json, refs: list[tuple[Json, Ref]], normalize: bool, base: str) 
         if target is not None:
             refs.append((node, target))
     return fixes
+
+
+def _aligned(node: Json, key: str) -> bool:
+    """Whether list `key` is position-aligned with its `_key` extension array (or is one).
+
+    A blank `_key` (null, []) is dropped by normalisation, so it must not keep `key`'s nulls:
+    otherwise a second pass over the stored resource would normalise differently and the content
+    hash would change on every run (extra writes)."""
+    return key.startswith("_") or not _blank(node.get("_" + key))
 
 
 def _scan_list(
@@ -271,7 +284,11 @@ def render(prepared: Prepared, resolve: Resolver, ctx: TransformContext) -> Rend
         holder.setdefault("type", target.type)
         out.logical.append(Ref(target.type, ref.id))
     resource = prepared.resource
-    digest = hashlib.blake2b(orjson.dumps(resource, option=orjson.OPT_SORT_KEYS), digest_size=16).hexdigest()
+    try:
+        canonical = orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError as exc:  # e.g. orjson's 255-level nesting limit
+        raise TransformError(f"resource cannot be serialised: {exc}") from None
+    digest = hashlib.blake2b(canonical, digest_size=16).hexdigest()
     meta = resource.setdefault("meta", {})
     tags = meta.get("tag")
     tag = {"system": HASH_TAG_SYSTEM, "code": digest}

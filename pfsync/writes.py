@@ -260,7 +260,11 @@ class Writer:
         self._write(p, file, line, raw)
 
     def _write(self, p: Prepared, file: str | None, line: int | None, raw: bytes) -> None:
-        rendered = render(p, self.refs.target, self.context)
+        try:
+            rendered = render(p, self.refs.target, self.context)
+        except TransformError as exc:
+            self.quarantine(p.type, p.sid, file, line, raw, str(exc))
+            return
         if rendered.unknown:
             self.count(p.type, "unresolved_references", len(rendered.unknown))
         entry = Entry(p.type, p.sid, "PUT", "", rendered.body, rendered.hash, file, line, raw)

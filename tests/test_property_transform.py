@@ -40,9 +40,7 @@ _scalars = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=12),
 )
-# The empty key "" is left out here (text min_size=1): it crashes `prepare` today and has its own
-# strict-xfail test below (EMPTY_KEY_BUG), so these properties keep checking everything else.
-_keys = st.one_of(st.text(min_size=1, max_size=8), st.sampled_from(["_", "_given", "given", "reference", "meta",
+_keys = st.one_of(st.text(max_size=8), st.sampled_from(["_", "_given", "given", "reference", "meta",
                                                          "identifier", "tag", "id", "contained"]))  # fmt: skip
 _json = st.recursive(
     _scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_keys, inner, max_size=4)),
@@ -121,9 +119,6 @@ def test_transform_of_its_own_output_keeps_the_hash(resource: dict[str, Any]) ->
     # (A meta.tag that is not a list is invalid FHIR and is replaced by ours, so it cannot round-trip.)
     if isinstance(resource.get("meta"), dict) and not isinstance(resource["meta"].get("tag", []), list):
         del resource["meta"]["tag"]
-    # Primitive-extension arrays (`_name`) have their own strict-xfail test below (NORMALIZE_BUG).
-    if any(isinstance(k, str) and k.startswith("_") for k in _all_keys(resource)):
-        return
     try:
         first = render(prepare(copy.deepcopy(resource), CTX), _resolve_all, CTX)
     except TransformError:
@@ -133,22 +128,6 @@ def test_transform_of_its_own_output_keeps_the_hash(resource: dict[str, Any]) ->
     assert render(prepare(again, CTX), _resolve_all, CTX).hash == first.hash
 
 
-def _all_keys(node: Any) -> list[str]:
-    if isinstance(node, dict):
-        return [*node, *(k for v in node.values() for k in _all_keys(v))]
-    if isinstance(node, list):
-        return [k for v in node for k in _all_keys(v)]
-    return []
-
-
-NORMALIZE_BUG = (
-    "pfsync/transform.py _scan: normalisation is not idempotent. {'given': [None], '_given': None}: the "
-    "first pass keeps given=[null] (aligned with _given) and drops the blank _given; the second pass sees "
-    "given unaligned and drops it, so a resource read back from Medplum hashes differently (extra writes)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=NORMALIZE_BUG)
 def test_transform_normalisation_is_idempotent() -> None:
     resource = {"resourceType": "Patient", "id": "p", "name": [{"given": [None], "_given": None}]}
     first = render(prepare(copy.deepcopy(resource), CTX), _resolve_all, CTX)
@@ -261,25 +240,15 @@ def _nested(depth: int, kind: str) -> Any:
     return node
 
 
-DEEP_BUG = (
-    "pfsync/transform.py: render() calls orjson.dumps, which raises TypeError 'Recursion limit reached' "
-    "past 255 levels, and _scan/_scan_list recurse past Python's limit (RecursionError) near 1000; "
-    "neither is a TransformError, so pfsync/writes.py (catches TransformError only) crashes the run "
-    "instead of quarantining the resource"
-)
-EMPTY_KEY_BUG = (
-    'pfsync/transform.py:198 _scan: `key[0]` raises IndexError for the empty key "" (valid JSON) '
-    "when its value is a list; not a TransformError, so the loader crashes on that line every run"
-)
-
-
 @pytest.mark.parametrize("kind", ["list", "dict"])
 @pytest.mark.parametrize(
     "depth",
     [
         10,
         200,
-        *(pytest.param(d, marks=pytest.mark.xfail(strict=True, reason=DEEP_BUG)) for d in (300, 600, 1000)),
+        300,
+        600,
+        1000,
     ],
 )
 def test_transform_deep_nesting_is_quarantined_not_a_crash(depth: int, kind: str) -> None:
@@ -297,14 +266,8 @@ def test_transform_deep_nesting_is_quarantined_not_a_crash(depth: int, kind: str
 @pytest.mark.parametrize(
     "resource",
     [
-        pytest.param(
-            {"resourceType": "Patient", "id": "a", "": [1, 2]},
-            marks=pytest.mark.xfail(strict=True, reason=EMPTY_KEY_BUG),
-        ),
-        pytest.param(
-            {"resourceType": "Patient", "id": "a", "name": [{"": ["x"]}]},
-            marks=pytest.mark.xfail(strict=True, reason=EMPTY_KEY_BUG),
-        ),
+        {"resourceType": "Patient", "id": "a", "": [1, 2]},
+        {"resourceType": "Patient", "id": "a", "name": [{"": ["x"]}]},
         {"resourceType": "Patient", "id": "a", "": "empty key, scalar value"},
         {"resourceType": "Patient", "id": "a", "identifier": "not-a-list"},
         {"resourceType": "Patient", "id": "a", "identifier": [None, 3, "x"]},

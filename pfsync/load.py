@@ -33,9 +33,10 @@ import httpx
 
 from pfsync.errors import InterruptedRunError
 from pfsync.events import EventSink, NullSink
+from pfsync.exportjob import export_files
 from pfsync.http import Clock, SystemClock
 from pfsync.idmap import IdMap
-from pfsync.ndjson import BadLine, iter_file, iter_paths
+from pfsync.ndjson import BadLine, is_output_name, iter_file, iter_paths
 from pfsync.order import dependency_order
 from pfsync.quarantine import QUARANTINE, RETRY, WrappedLog, is_wrapped, iter_wrapped, pending, take
 from pfsync.settings import HttpSettings, LoadSettings, SourceSettings
@@ -286,5 +287,15 @@ def load(loader: Loader, paths: Iterable[Path], *, retry_first: bool = False) ->
     """`pfsync load`: the given files or directories, then finish (quarantine files are recognised)."""
     if retry_first:
         loader.retry_pending()
-    loader.load_paths(list(paths))
+    paths = list(paths)
+    # An export directory's `deleted` files are applied after every resource file (as sync does),
+    # and a deleted.<n>.ndjson named on the command line is applied, never loaded as resources.
+    deleted = [
+        p for p in paths if p.is_file() and p.name.startswith("deleted.") and not is_output_name(p.name)
+    ]
+    for directory in (p for p in paths if p.is_dir()):
+        deleted.extend(export_files(directory).deleted)
+    loader.load_paths([p for p in paths if p not in deleted])
+    for path in deleted:
+        loader.apply_deleted(path)
     return loader.finish()

@@ -7,14 +7,11 @@ configured the source is named "default" with the default identifier systems and
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any
 
 import orjson
@@ -30,6 +27,7 @@ from pfsync.http import make_client
 from pfsync.load import Loader, LoadResult, load
 from pfsync.log import LogSink
 from pfsync.medplum_auth import medplum_auth
+from pfsync.schedule import stop_on_signals
 from pfsync.settings import Settings, SourceSettings, require
 
 COLUMNS = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")
@@ -62,21 +60,6 @@ def source_for_load(settings: Settings, name: str | None) -> SourceSettings:
     if not settings.sources and name in (None, "default"):
         return SourceSettings(name="default", base_url="")
     return settings.source(name)
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    stop = threading.Event()
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
 
 
 def render_summary(result: LoadResult, json_out: bool) -> None:
@@ -170,7 +153,7 @@ def load_command(
                 plain = stack.enter_context(make_client(settings.http))
                 _, bearer = source_auth(src, plain, http=settings.http)
                 source_client = stack.enter_context(make_client(settings.http, auth=bearer))
-            stop = stack.enter_context(_stop_on_signals())
+            stop = stack.enter_context(stop_on_signals(threading.Event()))
             sinks: list[EventSink] = [LogSink(quiet_events=frozenset({"load_progress", "load_file_start"}))]
             if err_console().is_terminal and not json_out:
                 progress = stack.enter_context(

@@ -75,6 +75,8 @@ Handler = Callable[[Request], Response]
 
 class _RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the real servers
+    # Small responses (searches, token answers) otherwise wait ~40 ms on Nagle + delayed ACK.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # stdlib signature

@@ -37,6 +37,9 @@ CREATE TABLE IF NOT EXISTS map (type TEXT NOT NULL, sid TEXT NOT NULL, mid TEXT,
 CREATE INDEX IF NOT EXISTS map_sid ON map (sid);
 CREATE TABLE IF NOT EXISTS deferred (type TEXT NOT NULL, sid TEXT NOT NULL, file TEXT, line INTEGER,
     raw BLOB NOT NULL, PRIMARY KEY (type, sid)) WITHOUT ROWID;
+-- writable() joins waits to deferred by source id alone: without this index that join scanned
+-- every held row per wait row, quadratic at finish() of a 100k first sync.
+CREATE INDEX IF NOT EXISTS deferred_sid ON deferred (sid);
 CREATE TABLE IF NOT EXISTS waits (type TEXT NOT NULL, sid TEXT NOT NULL, ttype TEXT NOT NULL,
     tsid TEXT NOT NULL, PRIMARY KEY (type, sid, ttype, tsid)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS waits_target ON waits (ttype, tsid);

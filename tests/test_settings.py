@@ -271,11 +271,14 @@ def test_settings_warn_about_loose_secret_file_permissions(tmp_path: Path) -> No
     s = load_settings(env={"PF_FHIR_BASE_URL": BASE, "PF_PRIVATE_KEY": str(key)}, cwd=tmp_path)
     assert len(s.warnings) == 1 and "chmod 600" in s.warnings[0] and "MIIB" not in s.warnings[0]
     key.chmod(0o600)
-    assert load_settings(env={"PF_FHIR_BASE_URL": BASE, "PF_PRIVATE_KEY": str(key)}, cwd=tmp_path).warnings == ()
+    assert (
+        load_settings(env={"PF_FHIR_BASE_URL": BASE, "PF_PRIVATE_KEY": str(key)}, cwd=tmp_path).warnings == ()
+    )
 
 
 def test_settings_download_allowlist_refuses_plain_http_to_other_hosts(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="plain http"):
         load_settings(
-            env={"PF_FHIR_BASE_URL": BASE, "PFSYNC_DOWNLOAD_ALLOWLIST": "http://storage.example.com"}, cwd=tmp_path
+            env={"PF_FHIR_BASE_URL": BASE, "PFSYNC_DOWNLOAD_ALLOWLIST": "http://storage.example.com"},
+            cwd=tmp_path,
         )

@@ -170,6 +170,13 @@ class MedplumReader:
             )
         return body
 
+    def _next(self, bundle: dict[str, Any]) -> str | None:
+        """The searchset's `next` link (Medplum pages with `_offset`/cursor links), rebased on our URL."""
+        for link in bundle.get("link") or []:
+            if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+                return self._rebase(link["url"])
+        return None
+
     def _rebase(self, link: str) -> str:
         """A `next` link on our own base URL: Medplum writes links with its configured public base,
         which may differ from the URL we reach it by (a proxy); our auth is sent to our origin only."""
@@ -195,14 +202,7 @@ class MedplumReader:
                 for e in bundle.get("entry") or []
                 if isinstance(e, dict) and isinstance(e.get("resource"), dict)
             ]
-            next_url = None
-            for link in bundle.get("link") or []:
-                if (
-                    isinstance(link, dict)
-                    and link.get("relation") == "next"
-                    and isinstance(link.get("url"), str)
-                ):
-                    next_url = self._rebase(link["url"])
+            next_url = self._next(bundle)
             del bundle  # one page in memory at a time: drop it before the next one is fetched
             if resources:
                 yield resources
@@ -239,14 +239,7 @@ class MedplumReader:
                 when = meta.get("lastUpdated") if isinstance(meta, dict) else None
                 if isinstance(when, str) and (earliest is None or when < earliest):
                     earliest = when
-            next_url = None
-            for link in bundle.get("link") or []:
-                if (
-                    isinstance(link, dict)
-                    and link.get("relation") == "next"
-                    and isinstance(link.get("url"), str)
-                ):
-                    next_url = self._rebase(link["url"])
+            next_url = self._next(bundle)
         return earliest
 
     def delete(self, rtype: str, mid: str) -> None:

@@ -92,33 +92,31 @@ def iter_file(path: Path, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> It
 
 
 def _iter_stream(path: Path, fh: IO[bytes], max_line_bytes: int) -> Iterator[Item]:
+    """The first usable line decides: NDJSON (one object per line), or a pretty-printed document."""
     line_no = 0
-    first = True
-    while True:
+    while True:  # blank and over-long lines before the first usable one
         line, too_long = _read_line(fh, max_line_bytes)
         if line is None:
             return
         line_no += 1
         if too_long:
-            yield BadLine(path, line_no, f"line longer than {max_line_bytes} bytes, skipped", line[:1024])
-            continue
-        stripped = line.strip()
-        if not stripped:
-            continue
-        if first:
-            first = False
-            if stripped.startswith(b"{") and not _parses(stripped):
-                # Not one JSON object per line: maybe a pretty-printed document.
-                rest = fh.read(max_line_bytes + 1)
-                document = line + rest
-                if len(document) <= max_line_bytes and _parses(document):
-                    yield from _from_document(path, line_no, orjson.loads(document), document)
-                    return
-                yield _bad_json(path, line_no, stripped)
-                # Not a document either: go on line by line over what was read ahead, then the rest.
-                yield from _iter_lines_after(path, _Chain(rest, fh), line_no, max_line_bytes)
-                return
+            yield _too_long(path, line_no, line, max_line_bytes)
+        elif stripped := line.strip():
+            break
+    rest: IO[bytes] | _Chain = fh
+    if stripped.startswith(b"{") and not _parses(stripped):
+        # Not one JSON object per line: maybe a pretty-printed document.
+        ahead = fh.read(max_line_bytes + 1)
+        document = line + ahead
+        if len(document) <= max_line_bytes and _parses(document):
+            yield from _from_document(path, line_no, orjson.loads(document), document)
+            return
+        yield _bad_json(path, line_no, stripped)
+        # Not a document either: go on line by line over what was read ahead, then the rest.
+        rest = _Chain(ahead, fh)
+    else:
         yield _to_item(path, line_no, stripped)
+    yield from _iter_lines(path, rest, line_no, max_line_bytes)
 
 
 class _Chain:
@@ -137,18 +135,20 @@ class _Chain:
         return line + more
 
 
-def _iter_lines_after(
-    path: Path, fh: IO[bytes] | _Chain, line_no: int, max_line_bytes: int
-) -> Iterator[Item]:
+def _iter_lines(path: Path, fh: IO[bytes] | _Chain, line_no: int, max_line_bytes: int) -> Iterator[Item]:
     while True:
         line, too_long = _read_line(fh, max_line_bytes)
         if line is None:
             return
         line_no += 1
         if too_long:
-            yield BadLine(path, line_no, f"line longer than {max_line_bytes} bytes, skipped", line[:1024])
-        elif line.strip():
-            yield _to_item(path, line_no, line.strip())
+            yield _too_long(path, line_no, line, max_line_bytes)
+        elif stripped := line.strip():
+            yield _to_item(path, line_no, stripped)
+
+
+def _too_long(path: Path, line_no: int, head: bytes, max_line_bytes: int) -> BadLine:
+    return BadLine(path, line_no, f"line longer than {max_line_bytes} bytes, skipped", head[:1024])
 
 
 def _read_line(fh: IO[bytes] | _Chain, max_line_bytes: int) -> tuple[bytes | None, bool]:

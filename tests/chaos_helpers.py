@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from refcheck import check_references
+from refcheck import check_references, references_in
 
 from pfsync.sandbox.run import Sandboxes, start_sandboxes
 from pfsync.settings import DEFAULT_IDENTIFIER_SYSTEM
@@ -239,7 +239,7 @@ def _referenced(rig: Rig) -> set[tuple[str | None, str]]:
     base = rig.sandboxes.source.base_url()
     found: set[tuple[str | None, str]] = set()
     for _, _, resource, _ in source_resources(rig):
-        for ref in _refs(resource):
+        for ref in references_in(resource):
             parsed = parse_reference(ref, base)
             if parsed is not None:
                 found.add((parsed.type, parsed.id))
@@ -272,18 +272,6 @@ def mutate_source(rig: Rig, rng: random.Random, tag: str) -> Counter[str]:
 
 # ------------------------------------------------------------------------------------------------
 # Comparing the target with the source
-
-
-def _refs(node: Any) -> Iterator[str]:
-    if isinstance(node, dict):
-        ref = node.get("reference")
-        if isinstance(ref, str):
-            yield ref
-        for value in node.values():
-            yield from _refs(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _refs(item)
 
 
 def _system(rtype: str) -> str:

@@ -19,16 +19,16 @@ DEFAULT_TYPES = (
 )  # fmt: skip
 
 
-def _references(node: Any) -> Iterator[str]:
+def references_in(node: Any) -> Iterator[str]:
     if isinstance(node, dict):
         ref = node.get("reference")
         if isinstance(ref, str):
             yield ref
         for value in node.values():
-            yield from _references(value)
+            yield from references_in(value)
     elif isinstance(node, list):
         for item in node:
-            yield from _references(item)
+            yield from references_in(item)
 
 
 def check_references(target: TargetSandbox, types: Iterable[str] = DEFAULT_TYPES) -> list[str]:
@@ -39,7 +39,7 @@ def check_references(target: TargetSandbox, types: Iterable[str] = DEFAULT_TYPES
         for resource in target.resources(rtype):
             where = f"{rtype}/{resource.get('id')}"
             contained = {c.get("id") for c in resource.get("contained") or [] if isinstance(c, dict)}
-            for ref in _references(resource):
+            for ref in references_in(resource):
                 if ref.startswith("#"):
                     if ref[1:] not in contained:
                         problems.append(f"{where}: contained reference {ref} has no target")
@@ -55,4 +55,4 @@ def check_references(target: TargetSandbox, types: Iterable[str] = DEFAULT_TYPES
 
 
 def count_references(target: TargetSandbox, types: Iterable[str] = DEFAULT_TYPES) -> int:
-    return sum(1 for t in types for r in target.resources(t) for _ in _references(r))
+    return sum(1 for t in types for r in target.resources(t) for _ in references_in(r))

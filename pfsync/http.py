@@ -129,10 +129,6 @@ class RetryPolicy:
         return float(min(self.max_wait, raw * (0.75 + random.random() / 2)))
 
 
-def is_retryable_exception(exc: BaseException) -> bool:
-    return isinstance(exc, httpx.TransportError)
-
-
 def request_with_retry(
     send: Callable[[], httpx.Response],
     *,

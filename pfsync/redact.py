@@ -59,14 +59,6 @@ def redact(text: str) -> str:
     return _SHAPES.sub(MASK, text)
 
 
-def forget_all() -> None:
-    """Tests only: drop registered values."""
-    global _pattern
-    with _lock:
-        _values.clear()
-        _pattern = None
-
-
 class Secret:
     """A secret string that never shows itself. Call `reveal()` only where the value is sent."""
 

@@ -47,6 +47,7 @@ class Pacer:
     enforced: bool | None = None  # None: not known yet
     not_before: float = 0.0
     used: float = 0.0  # points spent, from header deltas (estimated across window resets)
+    probe_out: bool = False  # a probe past the budget awaits its answer (the sender clears it)
 
     def observe(
         self, header: str | None, *, entries: int, searches: int, now: float, throttled: bool
@@ -95,8 +96,9 @@ class Pacer:
             return float(self.limit) if self.limit else None
         return float(self.remaining)
 
-    def allowance(self, now: float, inflight_entries: int) -> tuple[int | None, float]:
-        """(most write entries to send now, or None for no cap; seconds to wait first)."""
+    def allowance(self, now: float, inflight_entries: int, want: int = 1) -> tuple[int | None, float]:
+        """(most write entries to send now, or None for no cap; seconds to wait first). `want`: the
+        entries of the next Bundle, if nothing holds it back."""
         if now < self.not_before:
             return 0, self.not_before - now
         budget = self.budget(now)
@@ -104,10 +106,19 @@ class Pacer:
             return None, 0.0
         free = budget - inflight_entries * self.cost
         n = int(free // self.cost)
+        if self.enforced is None and n < want:
+            # Not known yet whether the quota is enforced, and the budget looks spent: the next
+            # Bundle is the probe, whole, one at a time. Enforced: its tail answers 429 and those
+            # entries are re-sent after the reset (a refused entry is not run, nothing is spent
+            # twice). Off: it is accepted at r=0 (medplum.md). Shrinking Bundles to fit the budget
+            # first (and probing with one entry after a drain) cost quota-off loads a round trip
+            # per step and gained nothing when the quota is on.
+            if self.probe_out:
+                return 0, 0.0
+            self.probe_out = True
+            return None, 0.0
         if n >= 1:
             return n, 0.0
-        if self.enforced is None:
-            return (1, 0.0) if inflight_entries == 0 else (0, 0.0)  # the probe
         return 0, max(0.05, self.reset_at - now + 0.05)
 
     def search_wait(self, now: float) -> float:

@@ -119,6 +119,7 @@ class BatchSender:
         self._futures: dict[Future[Sent], list[Entry]] = {}
         self._peak: dict[Future[Sent], int] = {}  # most Bundles in flight during each one's life
         self._groups: list[list[Entry]] = []  # Bundles already cut (halves of a refused one)
+        self._probe: Future[Sent] | None = None  # the Bundle that tells whether the quota is enforced
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="pfsync-bundle")
         self.on_response: Callable[[str | None, int, int, bool], None] | None = None
 
@@ -190,17 +191,21 @@ class BatchSender:
             if not full and not final and not self._groups:
                 return 0.0
             inflight_entries = sum(len(b) for b in self._futures.values())
-            cap, wait_s = self.pacer.allowance(self._clock.now(), inflight_entries)
+            want = len(self._groups[0]) if self._groups else min(len(self._buf), self.max_entries)
+            cap, wait_s = self.pacer.allowance(self._clock.now(), inflight_entries, want)
             if cap == 0:
                 return wait_s
+            probe = self.pacer.probe_out and self._probe is None  # allowance just made this the probe
             if self._groups:
                 group = self._groups.pop(0)
                 if cap is not None and cap < len(group):
                     self._groups.insert(0, group[cap:])
                     group = group[:cap]
-                self._start(group)
+                future = self._start(group)
             else:
-                self._start(self._take(cap))
+                future = self._start(self._take(cap))
+            if probe:
+                self._probe = future
         return 0.0
 
     def _take(self, cap: int | None) -> list[Entry]:
@@ -218,7 +223,7 @@ class BatchSender:
             sizes += size
         return bundle
 
-    def _start(self, bundle: list[Entry]) -> None:
+    def _start(self, bundle: list[Entry]) -> Future[Sent]:
         for e in bundle:
             self._inflight.add(e.key)
         body = bundle_bytes(bundle)
@@ -229,6 +234,7 @@ class BatchSender:
         self._peak[future] = len(self._futures)
         for other in self._futures:  # every Bundle in flight now shares the server with this many
             self._peak[other] = max(self._peak.get(other, 0), len(self._futures))
+        return future
 
     def _send(self, body: bytes) -> Sent:
         """On a worker thread: one Bundle, synchronously or as an async batch job."""
@@ -249,6 +255,9 @@ class BatchSender:
             return
         done, _ = wait(list(self._futures), timeout=None if block else 0, return_when=FIRST_COMPLETED)
         for future in done:
+            if future is self._probe:
+                self._probe = None
+                self.pacer.probe_out = False
             bundle = self._futures.pop(future)
             peak = self._peak.pop(future, 0)
             self._complete(bundle, future.result(), inflight=max(peak, len(self._futures) + 1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -220,11 +221,75 @@ def test_pacer_spends_budget_then_waits_for_reset() -> None:
 def test_pacer_probe_detects_quota_off() -> None:
     pacer, now = Pacer(), 0.0
     pacer.observe('"fhirInteractions";r=100;t=50', entries=0, searches=0, now=now, throttled=False)
-    assert pacer.allowance(now, 0) == (1, 0.0)  # the probe
-    assert pacer.allowance(now, 1) == (0, 0.0)
+    assert pacer.allowance(now, 0, want=100) == (None, 0.0)  # the probe: a whole Bundle past the budget
+    assert pacer.allowance(now, 100, want=100) == (0, 0.0)  # one probe at a time
+    pacer.probe_out = False  # (the sender clears it when the probe's answer is in)
     pacer.observe('"fhirInteractions";r=0;t=50', entries=1, searches=0, now=now, throttled=False)
     assert pacer.enforced is False
     assert pacer.allowance(now, 0) == (None, 0.0)  # r=0 alone is not throttling
+
+
+class CountingServer:
+    """A Medplum-like budget: 100 points per write in windows of `window` s (clock-driven), the
+    `RateLimit` header counting down to r=0 (medplum.md "Quotas and 429"); `enforce` refuses the
+    entries past the budget with 429 (the rest of the Bundle too, transcript 28)."""
+
+    def __init__(self, clock: FakeClock, budget: int, *, enforce: bool, window: float = 60.0) -> None:
+        self.clock, self.budget, self.enforce, self.window = clock, budget, enforce, window
+        self.start = clock.now()
+        self.spent = 0
+        self.throttled_answers = 0
+        self.created: list[str] = []
+
+    def __call__(self, entries: list[dict[str, Any]], n: int) -> tuple[int, Any, dict[str, str]]:
+        if self.clock.now() - self.start >= self.window:
+            self.start, self.spent = self.clock.now(), 0
+        statuses: list[dict[str, Any]] = []
+        for e in entries:
+            if self.enforce and self.spent + 100 > self.budget:  # and every later entry
+                statuses.append(throttled(int(1000 * (self.start + self.window - self.clock.now()))))
+                continue
+            self.spent += 100
+            sid = e["request"]["url"].rsplit("|", 1)[-1]
+            self.created.append(sid)
+            statuses.append({"status": "201", "location": f"Patient/m-{sid}"})
+        if any(s["status"] == "429" for s in statuses):
+            self.throttled_answers += 1
+        left = max(0, self.budget - self.spent)
+        reset = math.ceil(self.start + self.window - self.clock.now())  # whole seconds, rounded up
+        return 200, response(statuses), {"RateLimit": f'"fhirInteractions";r={left};t={reset}'}
+
+
+def test_sender_on_a_quota_that_is_off_keeps_bundles_whole() -> None:
+    # medplum.md: a project with the quota off still counts `fhirInteractions` down to r=0 and
+    # refuses nothing. The budget running out must not shrink Bundles (a round trip per step):
+    # one whole Bundle past it is the probe that tells the quota is off.
+    clock = FakeClock()
+    fake = CountingServer(clock, budget=2_500, enforce=False)
+    client, seen = server(fake)
+    sender = make(client, Handler(), clock, max_concurrency=2)
+    for i in range(100):
+        sender.add(entry(i))
+    sender.flush()
+    assert [len(b) for b in seen] == [10] * 10
+    assert sender.pacer.enforced is False
+    assert sorted(fake.created) == sorted(str(i) for i in range(100)) and not clock.slept
+
+
+def test_sender_on_an_enforced_quota_learns_it_from_one_probe() -> None:
+    clock = FakeClock()
+    fake = CountingServer(clock, budget=2_500, enforce=True, window=6.0)
+    client, _ = server(fake)
+    handler = Handler()
+    sender = make(client, handler, clock)  # one Bundle at a time: with more, answers can overtake
+    for i in range(100):
+        sender.add(entry(i))
+    sender.flush()
+    assert sender.pacer.enforced is True
+    assert fake.throttled_answers == 1  # the probe; after it, paced from the header
+    assert sorted(fake.created) == sorted(str(i) for i in range(100))  # each written once
+    assert sorted(sid for sid, kind, _ in handler.done) == sorted(str(i) for i in range(100))
+    assert sum(clock.slept) >= 6.0 * 3  # 100 writes at 25 per window
 
 
 def test_pacer_throttle_holds_everything() -> None:

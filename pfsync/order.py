@@ -36,9 +36,16 @@ _HEAD_RE = re.compile(
 
 
 def dependency_order(
-    files: list[Path], idmap: IdMap, ctx: TransformContext, check_stop: Callable[[], None]
+    files: list[Path],
+    idmap: IdMap,
+    ctx: TransformContext,
+    check_stop: Callable[[], None],
+    unknown: list[str] | None = None,
 ) -> list[Path]:
+    """`files` in load order. `unknown` (if given) receives, in that order, the types that have an
+    identity the id map holds no Medplum id for (the loader asks Medplum about them up front)."""
     types: dict[Path, str] = {}
+    new_types: set[str] = set()
     wants: dict[Path, set[str]] = {}
     urns: dict[Path, set[str]] = {}
     wrapped = [f for f in files if is_wrapped(f)]
@@ -47,10 +54,10 @@ def dependency_order(
     for path in plain:
         seen: Counter[str] = Counter()
         wants[path], urns[path] = set(), set()
-        if not _scan_fast(path, idmap, ref_re, seen, wants[path], urns[path], check_stop):
+        if not _scan_fast(path, idmap, ref_re, seen, wants[path], urns[path], check_stop, new_types):
             seen.clear()
             wants[path], urns[path] = set(), set()
-            _scan_parsed(path, idmap, ref_re, seen, wants[path], urns[path], check_stop)
+            _scan_parsed(path, idmap, ref_re, seen, wants[path], urns[path], check_stop, new_types)
         types[path] = seen.most_common(1)[0][0] if seen else ""
     idmap.commit()
     for path in plain:
@@ -72,6 +79,10 @@ def dependency_order(
         remaining.remove(best)
         if not any(types[p] == types[best] for p in remaining):
             provided.add(types[best])
+    if unknown is not None:
+        for path in ordered:
+            if types[path] in new_types and types[path] not in unknown:
+                unknown.append(types[path])
     return wrapped + ordered
 
 
@@ -98,9 +109,18 @@ def _wants(raw: bytes, ref_re: re.Pattern[bytes], wants: set[str], urns: set[str
             urns.add(urn.decode())
 
 
+def _note(idmap: IdMap, rtype: str, sid: str, new_types: set[str]) -> None:
+    """Note the identity in the id map; its type goes to `new_types` if Medplum's id is not known."""
+    if rtype not in new_types:
+        row = idmap.get(rtype, sid)
+        if row is None or row.mid is None:
+            new_types.add(rtype)
+    idmap.seen(rtype, sid)
+
+
 def _scan_fast(
     path: Path, idmap: IdMap, ref_re: re.Pattern[bytes], seen: Counter[str], wants: set[str],
-    urns: set[str], check_stop: Callable[[], None],
+    urns: set[str], check_stop: Callable[[], None], new_types: set[str],
 ) -> bool:  # fmt: skip
     """NDJSON line by line; False if the file is not NDJSON (a pretty document: parse it whole)."""
     with open_binary(path) as fh:
@@ -135,14 +155,14 @@ def _scan_fast(
                 if not isinstance(rtype, str) or not isinstance(sid, str):
                     continue
             seen[rtype] += 1
-            idmap.seen(rtype, sid)
+            _note(idmap, rtype, sid, new_types)
             if n <= _SAMPLE_LINES:
                 _wants(line, ref_re, wants, urns)
 
 
 def _scan_parsed(
     path: Path, idmap: IdMap, ref_re: re.Pattern[bytes], seen: Counter[str], wants: set[str],
-    urns: set[str], check_stop: Callable[[], None],
+    urns: set[str], check_stop: Callable[[], None], new_types: set[str],
 ) -> None:  # fmt: skip
     for n, item in enumerate(iter_file(path)):
         if n % 1024 == 0:
@@ -153,6 +173,6 @@ def _scan_parsed(
         if not isinstance(rtype, str) or not isinstance(sid, str):
             continue
         seen[rtype] += 1
-        idmap.seen(rtype, sid)
+        _note(idmap, rtype, sid, new_types)
         if n < _SAMPLE_LINES:
             _wants(item.raw, ref_re, wants, urns)

@@ -1,0 +1,48 @@
+"""Load order and the up-front list of types Medplum must be asked about (pfsync.order)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from load_helpers import write_ndjson
+
+from pfsync.idmap import IdMap
+from pfsync.order import dependency_order
+from pfsync.settings import SourceSettings
+from pfsync.transform import TransformContext
+
+CTX = TransformContext(SourceSettings(name="t", base_url="https://ehr.example/fhir"))
+
+
+def _files(tmp_path: Path) -> list[Path]:
+    return [
+        write_ndjson(tmp_path / "Observation.ndjson", [
+            {"resourceType": "Observation", "id": "o1", "subject": {"reference": "Patient/p1"},
+             "encounter": {"reference": "Encounter/e1"}},
+        ]),
+        write_ndjson(tmp_path / "Encounter.ndjson", [
+            {"resourceType": "Encounter", "id": "e1", "subject": {"reference": "Patient/p1"}},
+        ]),
+        write_ndjson(tmp_path / "Patient.ndjson", [{"resourceType": "Patient", "id": "p1"}]),
+    ]  # fmt: skip
+
+
+def test_order_puts_referenced_types_first_and_lists_types_new_to_the_id_map(tmp_path: Path) -> None:
+    files = _files(tmp_path)
+    idmap = IdMap(tmp_path / "idmap.sqlite", target="https://medplum.example/fhir/R4/")
+    unknown: list[str] = []
+    ordered = dependency_order(files, idmap, CTX, lambda: None, unknown)
+    assert [p.name for p in ordered] == ["Patient.ndjson", "Encounter.ndjson", "Observation.ndjson"]
+    assert unknown == ["Patient", "Encounter", "Observation"]  # asked about up front, in load order
+
+    # Once Medplum's ids are known (a re-sync), nothing needs asking, except a type with a new identity.
+    for rtype, sid in (("Patient", "p1"), ("Encounter", "e1"), ("Observation", "o1")):
+        idmap.record(rtype, sid, f"m-{sid}", "1", "h")
+    write_ndjson(tmp_path / "Encounter.ndjson", [
+        {"resourceType": "Encounter", "id": "e1", "subject": {"reference": "Patient/p1"}},
+        {"resourceType": "Encounter", "id": "e2", "subject": {"reference": "Patient/p1"}},
+    ])  # fmt: skip
+    again: list[str] = []
+    dependency_order(files, idmap, CTX, lambda: None, again)
+    assert again == ["Encounter"]
+    idmap.close()

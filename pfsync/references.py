@@ -86,6 +86,14 @@ class References:
         self._tried: set[tuple[str, str]] = set()
         self._queue: dict[str, set[str]] = {}  # type -> source ids to fetch
         self._fetched_types: set[str] = set()
+        # Targets the source did not give us in this run (not there, or refused), and types it
+        # refuses to read (no scope): what references them is written now with logical references
+        # (upgraded by a later run), not held until `finish` with everything that depends on it.
+        self._absent: set[tuple[str, str]] = set()
+        self._refused: set[str] = set()
+        # Type of an id outside the input, learnt from a typed reference to it (queued for a
+        # fetch, absent or refused): a bare `urn:uuid:<id>` naming it then resolves the same way.
+        self._outside: dict[str, str] = {}
         self._fetching = False
         self.expected: set[str] | None = None  # types the rest of the input may still bring
         self.requests = 0
@@ -104,20 +112,28 @@ class References:
         # fixtures README: ids are unique across types, so an id names one resource.
         pick = rows[0] if len(rows) == 1 else (loaded[0] if len(loaded) == 1 else None)
         if pick is None:
-            return None
+            outside = self._outside.get(ref.id)
+            return Target(outside, None) if outside is not None else None
         target = Target(pick[0], pick[1])
         if target.mid is not None:
             self._urns[ref.id] = target
         return target
 
     def unresolved(self, p: Prepared) -> bool:
-        return bool(self.waits(p, queue=False))
+        """Whether some same-source target of `p` still has no Medplum id (even one that will not
+        arrive in this run)."""
+        for _, ref in p.refs:
+            target = self.target(ref)
+            if target is None or (target.mid is None and not (target.type == p.type and ref.id == p.sid)):
+                return True
+        return False
 
     def waits(self, p: Prepared, *, queue: bool = True) -> list[tuple[str, str]]:
         """The targets of `p` without a Medplum id yet; those the input will not bring are queued
         for a fetch from the source (`queue`)."""
         out: list[tuple[str, str]] = []
-        for _, ref in p.refs:
+        # Typed references first: they tell the type of a bare urn:uuid naming the same target.
+        for _, ref in sorted(p.refs, key=lambda item: item[1].type is None):
             target = self.target(ref)
             if target is None:
                 out.append((ANY_TYPE, ref.id))
@@ -125,10 +141,19 @@ class References:
             if target.mid is not None or (target.type == p.type and ref.id == p.sid):
                 continue  # a self-reference cannot wait for itself
             key = (target.type, ref.id)
+            if key in self._absent or (target.type in self._refused and self._will_not_arrive(key)):
+                self._outside.setdefault(ref.id, target.type)
+                continue  # will not arrive in this run: written now with a logical reference
             out.append(key)
             if queue and self._client is not None and key not in self._tried and self._will_not_arrive(key):
                 self._queue.setdefault(target.type, set()).add(ref.id)
+                self._outside.setdefault(ref.id, target.type)
         return out
+
+    def queued(self, key: tuple[str, str]) -> bool:
+        """Whether this target waits in the queue of fetches from the source."""
+        ids = self._queue.get(key[0])
+        return ids is not None and key[1] in ids
 
     def _will_not_arrive(self, key: tuple[str, str]) -> bool:
         if self.expected is None or self._idmap.get(*key) is not None:
@@ -254,10 +279,15 @@ class References:
     def _fetch_and_ingest(self, rtype: str, ids: list[str]) -> None:
         self._tried.update((rtype, i) for i in ids)
         self._fetched_types.add(rtype)
+        missing = set(ids)
         for resource in self._fetch(rtype, ids):
             self._writer.count(rtype, "fetched")
+            missing.discard(resource["id"])
             raw = orjson.dumps(resource)
             self._writer.ingest(resource, f"{self._ctx.base}/{rtype}", 0, raw)
+        for sid in sorted(missing):
+            self._absent.add((rtype, sid))
+            self._writer.not_coming((rtype, sid))  # what waits for it in memory looks again
 
     def _get(self, url: str, params: dict[str, str] | None) -> httpx.Response | None:
         assert self._client is not None
@@ -281,6 +311,9 @@ class References:
         while url:
             response = self._get(url, params)
             if response is None:
+                return out
+            if response.status_code in (401, 403):
+                self._refused.add(rtype)  # no read scope for the type: reads would be refused too
                 return out
             if response.status_code != 200:
                 return out + (self._fetch_each(rtype, ids) if not out else [])

@@ -161,6 +161,10 @@ class Writer:
                 if len(self._parked) < _PARK_MAX and all(self._coming(k) for k in waits):
                     self._park((p.type, p.sid), _Parked(p, file, line, raw), waits[0])
                     if len(self._parked) % _NUDGE_EVERY == 1 and self._sender is not None:
+                        # Targets to fetch from the source are fetched now, not when a full
+                        # request's worth is queued (a Patient-level export names only a few
+                        # Organizations: everything would wait behind them on disk until the end).
+                        self.refs.fetch_queued(full_only=False)
                         self._sender.nudge()  # a partial Bundle of targets must not sit in the buffer
                     return
                 self.refs.defer(p, file, line, raw, waits)
@@ -170,13 +174,18 @@ class Writer:
         self._emit(p, file, line, raw)
 
     def _coming(self, key: tuple[str, str], *, parked: bool = True) -> bool:
-        """Whether a write of this identity is queued, in flight or parked (its id is on its way)."""
+        """Whether a write of this identity is queued, in flight or parked, or the identity is
+        queued for a fetch from the source (its id is on its way)."""
         if self._sender is None or not key[0]:
             return False
-        if self._sender.holds(key) or (parked and key in self._parked):
+        if self._sender.holds(key) or (parked and key in self._parked) or self.refs.queued(key):
             return True
         probing = self._probing.get(key[0])
         return probing is not None and key[1] in probing
+
+    def not_coming(self, key: tuple[str, str]) -> None:
+        """A target queued for a fetch that the source did not have."""
+        self._wake(key)
 
     def _wake(self, key: tuple[str, str]) -> None:
         """This identity's write settled or will not come: what waits for it looks again."""
@@ -417,6 +426,10 @@ class Writer:
             self._idmap.commit()
             return
         while True:
+            if not self._dry_run:
+                # Parked resources may wait for targets queued for a fetch: fetch them now, so
+                # every parked one either gets written or goes to the disk hold below.
+                self.refs.fetch_queued(full_only=False)
             self._probed(block=True)
             for rtype in list(self._lookups):
                 self._flush_lookup(rtype)
@@ -597,7 +610,7 @@ class Writer:
         s = self._sender.stats
         return {"bundles": s.bundles, "retried_entries": s.retried_entries, "conflicts": s.conflicts,
                 "splits": s.splits, "max_concurrency": s.max_slots, "statuses": {str(k): v for k, v in s.statuses.items()},
-                "write_cost": round(self.pacer.cost, 1)}  # fmt: skip
+                "write_cost": round(self.pacer.cost, 1), "held_on_disk": self.refs.held}  # fmt: skip
 
     def close(self) -> None:
         if self._probe_pool is not None:

@@ -122,6 +122,7 @@ class BatchSender:
         self._probe: Future[Sent] | None = None  # the Bundle that tells whether the quota is enforced
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="pfsync-bundle")
         self.on_response: Callable[[str | None, int, int, bool], None] | None = None
+        self.on_reaped: Callable[[], None] | None = None  # after a wait for outcomes ended
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -176,6 +177,8 @@ class BatchSender:
                 return
             if self._futures:
                 self._reap(block=True)
+                if self.on_reaped is not None:
+                    self.on_reaped()  # what waited for these outcomes joins the queue now
             elif wait_s > 0:
                 self._clock.sleep(wait_s)
             elif not self._buf and self._blocked:

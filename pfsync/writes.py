@@ -84,6 +84,11 @@ class Writer:
                 max_concurrency=settings.max_concurrency, clock=clock, pacer=self.pacer, retry=policy,
                 events=events, stop=stop, async_runner=runner,
             )  # fmt: skip
+        if self._sender is not None:
+            # Resources parked for a target are written as soon as its outcome is in, also while
+            # the sender drains (at the end of a load every level of references would otherwise
+            # wait for the whole previous level: a full stop per level).
+            self._sender.on_reaped = self._unpark
         self._attachments = (
             Attachments(medplum, source_client, idmap, settings, self.context, clock=clock, dry_run=dry_run)
             if settings.attachments else None
@@ -223,13 +228,43 @@ class Writer:
             self._unparking = False
 
     def _unpark_all(self) -> None:
-        first = True
-        while self._seen_settled != self._settled or first:
-            self._seen_settled = self._settled
-            first = False
+        """At a drain: write every parked resource whose targets all have ids, keep parked those
+        whose targets are (through other parked ones) on their way in the sender, and hold the rest
+        on disk: a parked cycle, or targets whose writes ended without an id.
+
+        Looking at each one once and holding on disk whatever waited for another parked one sent
+        hundreds of resources to disk at the end of every load (read and parsed twice, written in
+        a late burst) although their targets were about to be written."""
+        moving: set[tuple[str, str]] = set()  # parked, and every target is in the sender or moving
+        changed = True
+        while changed:
+            changed = False
             for key, item in list(self._parked.items()):
-                # At a drain nothing else moves: waiting for another parked one could be a cycle.
-                self._look_again(key, item, parked_ok=False)
+                if key in moving or key not in self._parked:
+                    continue
+                waits = self.refs.waits(item.p, queue=False)
+                if not waits:
+                    del self._parked[key]
+                    self._emit(item.p, item.file, item.line, item.raw)
+                    changed = True
+                elif all(k in moving or self._coming(k, parked=False) for k in waits):
+                    moving.add(key)
+                    self._waiters.setdefault(waits[0], []).append(key)
+                    changed = True
+        self._hold_parked(keep=moving)
+
+    def _hold_parked(self, keep: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset()) -> None:
+        """Parked resources (but `keep`) are written if their targets have ids, else held on disk."""
+        for key, item in list(self._parked.items()):
+            if key in keep:
+                continue
+            del self._parked[key]
+            waits = self.refs.waits(item.p, queue=False)
+            if waits:
+                self.refs.defer(item.p, item.file, item.line, item.raw, waits)
+                self._wake(key)
+            else:
+                self._emit(item.p, item.file, item.line, item.raw)
 
     def _look_again(self, key: tuple[str, str], item: _Parked, *, parked_ok: bool) -> None:
         waits = self.refs.waits(item.p, queue=False)
@@ -437,8 +472,12 @@ class Writer:
                 self._sender.flush()
             if self._parked:
                 self._settled += 1
+                before = len(self._parked)
                 self._unpark(settle_all=True)
-                if self._lookups or (self._sender is not None and self._sender.pending):
+                pending = self._sender is not None and self._sender.pending
+                if self._parked and not pending and not self._lookups and len(self._parked) >= before:
+                    self._hold_parked()  # nothing moved and nothing is on its way: hold them on disk
+                if self._lookups or pending or self._parked:
                     continue
             if self._rechecks:
                 again, self._rechecks = self._rechecks, []

@@ -162,3 +162,38 @@ def test_load_attachment_from_source_becomes_medplum_binary_once(
         ("POST", "Binary"), 0
     )
     assert again == uploads
+
+
+def test_load_with_a_refused_target_type_writes_dependants_as_their_targets_land(
+    source: SourceSandbox, target: TargetSandbox, tmp_path: Path
+) -> None:
+    # The practice did not authorise Organization reads (practice-fusion.md "Scopes": an app gets
+    # what the admin authorised). Encounters name Organizations, and nearly everything else names
+    # an Encounter. The refused type must cost one request, its referrers get logical references
+    # at once, and what waits for those referrers is written as they land: nothing is held on disk
+    # until the end of the run (where it would be parsed twice and written in one late burst).
+    files = _patient_export(source, tmp_path / "export")
+    export_dir = files[0].parent
+    exported = sum(1 for f in files for line in f.read_bytes().splitlines() if line)
+    types = sorted({f.name.split(".")[0] for f in files} | {"Practitioner"})
+    scope = " ".join(f"system/{t}.read" for t in types)  # everything but Organization
+    source.stats.clear()
+    sc = httpx.Client(headers={"Authorization": f"Bearer {source_token(source, scope)}"}, timeout=30)
+    with sc, Loader(_source_settings(source), LoadSettings(), fhir_client(target), state_dir=tmp_path / "state",
+                    source_client=sc) as loader:  # fmt: skip
+        loader.load_paths([export_dir])
+        result = loader.finish()
+
+    assert result.stats["held_on_disk"] == 0
+    assert result.quarantined == 0 and result.retry_queued == 0
+    org_requests = [s for s in source.stats.requests("read") if "/Organization" in s.url]
+    assert len(org_requests) == 1 and org_requests[0].status == 403  # no per-id reads after a refusal
+    assert "Organization" not in result.by_type
+    fetched = result.total("fetched")
+    assert result.by_type["Practitioner"]["fetched"] > 0
+    assert target.count() == exported + fetched == target.stats.writes  # each written once
+    encounters = target.resources("Encounter")
+    assert encounters and all("reference" not in e["serviceProvider"] for e in encounters)
+    assert all(e["serviceProvider"]["identifier"]["system"].endswith("organization-id") for e in encounters)
+    assert result.logical_references > 0
+    assert check_references(target, types) == []  # the rest is literal and resolves

@@ -81,7 +81,10 @@ def test_cli_sync_every_keeps_running_and_stops_on_sigterm(tmp_path: Path) -> No
         assert proc.stdout is not None
         summaries = [orjson.loads(proc.stdout.readline()) for _ in range(3)]  # three runs happened
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
+        # communicate, not wait: the child keeps logging until it stops, and a full pipe that
+        # nobody reads would block it (and this test) forever.
+        proc.communicate(timeout=30)
+        code = proc.returncode
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -8,6 +8,13 @@ uploaded with `POST Binary` (raw bytes, real Content-Type) and rewritten to `Bin
 the SHA-1: the same content is never uploaded twice (id map `binaries`), and an attachment that
 already carries a known `hash` is not even downloaded. Over load.attachment_max_bytes or outside
 load.attachment_content_types, the attachment is left as it is (reported).
+
+Copies run on worker threads (`start` / `finished`), a few resources at a time, so a practice
+with thousands of documents does not copy them one after another on the loader's thread while
+every Bundle waits: the resource is written once its attachments are copied. The id map belongs
+to the loader's thread; workers read earlier runs' Binaries through their own read-only SQLite
+connection and share this run's uploads through `_promises` (the same content is uploaded once
+even when two workers download it at the same time).
 """
 
 from __future__ import annotations
@@ -15,6 +22,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import sqlite3
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -28,6 +39,10 @@ from pfsync.transform import Prepared, TransformContext
 
 if TYPE_CHECKING:
     from pfsync.writes import Writer
+
+
+_COPY_THREADS = 4
+_MAX_COPIES = 8  # resources whose attachments are being copied at once (bounds memory: their bytes)
 
 
 class AttachmentError(Exception):
@@ -55,51 +70,171 @@ class Attachments:
         self._ctx = ctx
         self._dry_run = dry_run
         self._origin = _origin(ctx.base) if ctx.base else None
-        self.requests = 0
+        self._requests = 0
         self.skipped = 0
+        self._owner = threading.current_thread()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._promises: dict[str, Future[str]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: dict[Future[list[Copied | None]], Copying] = {}
+        self._copying: dict[tuple[str, str], Copying] = {}
+
+    @property
+    def requests(self) -> int:
+        return self._requests
+
+    def _count_request(self) -> None:
+        with self._lock:
+            self._requests += 1
+
+    def _count_skip(self) -> None:
+        with self._lock:
+            self.skipped += 1
 
     def close(self) -> None:
-        return None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        for conn in self._readers:
+            conn.close()
 
-    def process(self, p: Prepared) -> int:
-        """Copy the resource's source attachments into Medplum; -> how many were uploaded."""
-        uploaded = 0
+    # -- on the loader's thread
+    def start(self, p: Prepared, file: str | None, line: int | None, raw: bytes) -> bool:
+        """Start copying the resource's attachments on a worker; False: nothing to copy (the
+        attachments that could be rewritten without a copy are). `finished` hands it back."""
+        jobs = self._plan(p)
+        if not jobs:
+            return False
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=_COPY_THREADS, thread_name_prefix="pfsync-attach")
+        copy = Copying(p, file, line, raw)
+        old = self._copying.get((p.type, p.sid))
+        if old is not None:
+            old.superseded = True  # a newer version of the resource arrived: the older is dropped
+        self._copying[(p.type, p.sid)] = copy
+        self._futures[self._pool.submit(self._copy, jobs)] = copy
+        return True
+
+    @property
+    def full(self) -> bool:
+        return len(self._futures) >= _MAX_COPIES
+
+    @property
+    def pending(self) -> int:
+        return len(self._futures)
+
+    def holds(self, key: tuple[str, str]) -> bool:
+        """Whether this resource waits for its attachments (its write is on its way)."""
+        return key in self._copying
+
+    def supersede(self, key: tuple[str, str]) -> None:
+        copy = self._copying.pop(key, None)
+        if copy is not None:
+            copy.superseded = True
+
+    def finished(self, *, block: bool) -> list[Copying]:
+        """Resources whose copies ended (`block`: wait for at least one if any is running), with
+        their attachments rewritten, or `error` set."""
+        if not self._futures:
+            return []
+        done, _ = wait(list(self._futures), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        out: list[Copying] = []
+        for future in done:
+            copy = self._futures.pop(future)
+            if self._copying.get((copy.p.type, copy.p.sid)) is copy:
+                del self._copying[(copy.p.type, copy.p.sid)]
+            try:
+                copy.uploaded = self._apply(future.result())
+            except AttachmentError as exc:
+                copy.error = exc
+            if not copy.superseded:
+                out.append(copy)
+        return out
+
+    def _plan(self, p: Prepared) -> list[tuple[dict[str, Any], str, Any]]:
+        """Rewrite what needs no copy; -> the attachments to copy (attachment, URL, declared type)."""
+        jobs: list[tuple[dict[str, Any], str, Any]] = []
         for att in _attachments(p.resource):
-            uploaded += self._one(att)
+            url = att["url"]
+            source_binary = self._source_binary_id(url)
+            if source_binary is not None:
+                row = self._idmap.get("Binary", source_binary)
+                if row is not None and row.mid is not None:
+                    att["url"] = f"Binary/{row.mid}"
+                    continue
+            if not self._is_source_url(url) and source_binary is None:
+                continue
+            known = att.get("hash")
+            if isinstance(known, str) and (mid := self._idmap.binary(known)) is not None:
+                att["url"] = f"Binary/{mid}"  # same content as before: no download, no upload
+                continue
+            if self._source is None or self._dry_run:
+                continue
+            jobs.append((att, url if "://" in url else f"{self._ctx.base}/{url}", att.get("contentType")))
+        return jobs
+
+    def _apply(self, copied: list[Copied | None]) -> int:
+        uploaded = 0
+        for item in copied:
+            if item is None:
+                continue  # over the size cap or outside the allowed types: left as it is
+            if item.uploaded:
+                self._idmap.record_binary(item.digest, item.mid, item.size)
+                uploaded += 1
+            item.att["url"] = f"Binary/{item.mid}"
+            item.att["size"] = item.size
+            item.att["hash"] = item.digest
         return uploaded
 
-    def _one(self, att: dict[str, Any]) -> int:
-        url = att["url"]
-        source_binary = self._source_binary_id(url)
-        if source_binary is not None:
-            row = self._idmap.get("Binary", source_binary)
-            if row is not None and row.mid is not None:
-                att["url"] = f"Binary/{row.mid}"
-                return 0
-        if not self._is_source_url(url) and source_binary is None:
-            return 0
-        known = att.get("hash")
-        if isinstance(known, str) and (mid := self._idmap.binary(known)) is not None:
-            att["url"] = f"Binary/{mid}"  # same content as before: no download, no upload
-            return 0
-        if self._source is None or self._dry_run:
-            return 0
-        absolute = url if "://" in url else f"{self._ctx.base}/{url}"
-        fetched = self._download(absolute, att.get("contentType"))
-        if fetched is None:
-            return 0
-        data, content_type = fetched
-        digest = base64.b64encode(hashlib.sha1(data).digest()).decode()
-        mid = self._idmap.binary(digest)
-        uploaded = 0
-        if mid is None:
-            mid = self._upload(data, content_type)
-            self._idmap.record_binary(digest, mid, len(data))
-            uploaded = 1
-        att["url"] = f"Binary/{mid}"
-        att["size"] = len(data)
-        att["hash"] = digest
-        return uploaded
+    # -- on a worker
+    def _copy(self, jobs: list[tuple[dict[str, Any], str, Any]]) -> list[Copied | None]:
+        out: list[Copied | None] = []
+        for att, url, declared in jobs:
+            fetched = self._download(url, declared)
+            if fetched is None:
+                out.append(None)
+                continue
+            data, content_type = fetched
+            digest = base64.b64encode(hashlib.sha1(data).digest()).decode()
+            mid, uploaded = self._mid_for(digest, data, content_type)
+            out.append(Copied(att, digest, mid, len(data), uploaded))
+        return out
+
+    def _mid_for(self, digest: str, data: bytes, content_type: str) -> tuple[str, bool]:
+        """The Medplum Binary of this content: known (earlier run, or this one), or uploaded now."""
+        with self._lock:
+            promise = self._promises.get(digest)
+            owner = promise is None
+            if promise is None:
+                promise = self._promises[digest] = Future()
+        if not owner:
+            return promise.result(), False
+        try:
+            mid = self._earlier_binary(digest)
+            uploaded = mid is None
+            if mid is None:
+                mid = self._upload(data, content_type)
+        except BaseException as exc:
+            with self._lock:
+                del self._promises[digest]  # a later copy of the same content tries again
+            promise.set_exception(exc)
+            raise
+        promise.set_result(mid)
+        return mid, uploaded
+
+    def _earlier_binary(self, sha1: str) -> str | None:
+        """A Binary an earlier run uploaded (committed in the id map), read on this thread."""
+        if threading.current_thread() is self._owner:
+            return self._idmap.binary(sha1)
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(f"file:{self._idmap.path}?mode=ro", uri=True, check_same_thread=False)
+            self._local.conn = conn
+            with self._lock:
+                self._readers.append(conn)
+        row = conn.execute("SELECT mid FROM binaries WHERE sha1 = ?", (sha1,)).fetchone()
+        return None if row is None else str(row[0])
 
     def _source_binary_id(self, url: str) -> str | None:
         rel = url
@@ -122,7 +257,7 @@ class Attachments:
         limit = self._settings.attachment_max_bytes
         try:
             with self._source.stream("GET", url, headers={"Accept": "*/*"}) as response:
-                self.requests += 1
+                self._count_request()
                 if response.status_code in (408, 429) or response.status_code >= 500:
                     raise AttachmentError(
                         f"attachment download {url} answered {response.status_code}", retryable=True
@@ -134,7 +269,7 @@ class Attachments:
                 for chunk in response.iter_bytes():
                     size += len(chunk)
                     if size > limit:
-                        self.skipped += 1
+                        self._count_skip()
                         return None
                     chunks.append(chunk)
                 content_type = response.headers.get("content-type") or (
@@ -150,7 +285,7 @@ class Attachments:
         if not content_type:
             content_type = declared if isinstance(declared, str) and declared else "application/octet-stream"
         if not self._allowed(content_type):
-            self.skipped += 1
+            self._count_skip()
             return None
         return data, content_type.split(";")[0].strip() if "fhir+json" not in content_type else content_type
 
@@ -159,7 +294,7 @@ class Attachments:
             response = self._medplum.post("Binary", content=data, headers={"Content-Type": content_type})
         except httpx.TransportError as exc:
             raise AttachmentError(f"Binary upload failed: {exc.__class__.__name__}", retryable=True) from None
-        self.requests += 1
+        self._count_request()
         if response.status_code in (408, 429) or response.status_code >= 500:
             raise AttachmentError(f"Binary upload answered {response.status_code}", retryable=True)
         if response.status_code not in (200, 201):
@@ -188,10 +323,34 @@ class Attachments:
         if self._dry_run:
             writer.count("Binary", "created" if row is None or row.mid is None else "updated")
             return
-        mid = self._idmap.binary(digest) or self._upload(data, str(content_type))
+        mid, _ = self._mid_for(digest, data, str(content_type))
         self._idmap.record_binary(digest, mid, len(data))
         self._idmap.record("Binary", p.sid, mid, None, digest)
         writer.count("Binary", "created" if row is None or row.mid is None else "updated")
+
+
+@dataclass
+class Copied:
+    """One attachment copied (on a worker): applied to `att` on the loader's thread."""
+
+    att: dict[str, Any]
+    digest: str
+    mid: str
+    size: int
+    uploaded: bool
+
+
+@dataclass
+class Copying:
+    """A resource whose attachments are being copied, and how that ended."""
+
+    p: Prepared
+    file: str | None
+    line: int | None
+    raw: bytes
+    uploaded: int = 0
+    error: AttachmentError | None = None
+    superseded: bool = False
 
 
 def _binary_content(data: bytes, declared: Any) -> tuple[bytes, str]:

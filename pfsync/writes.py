@@ -24,7 +24,7 @@ import httpx
 import orjson
 
 from pfsync.asyncbatch import AsyncBatchRunner
-from pfsync.attachments import AttachmentError, Attachments
+from pfsync.attachments import Attachments
 from pfsync.batch import Entry, EntryResult, Kind
 from pfsync.errors import HTTPError
 from pfsync.events import EventSink
@@ -154,6 +154,9 @@ class Writer:
             self._probe(p.type)
         if self._probes:
             self._probed(block=False)  # what waits for an answered probe must not wait for a route
+        if self._attachments is not None and self._attachments.pending:
+            self._attachments.supersede((p.type, p.sid))  # this newer copy replaces one being copied
+            self._copied(block=False)
         if self._parked:
             self._parked.pop((p.type, p.sid), None)  # this newer copy replaces a parked one
             self._unpark()
@@ -184,6 +187,8 @@ class Writer:
         if self._sender is None or not key[0]:
             return False
         if self._sender.holds(key) or (parked and key in self._parked) or self.refs.queued(key):
+            return True
+        if self._attachments is not None and self._attachments.holds(key):
             return True
         probing = self._probing.get(key[0])
         return probing is not None and key[1] in probing
@@ -253,6 +258,9 @@ class Writer:
                     changed = True
         self._hold_parked(keep=moving)
 
+    def _copying(self) -> bool:
+        return self._attachments is not None and self._attachments.pending > 0
+
     def _hold_parked(self, keep: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset()) -> None:
         """Parked resources (but `keep`) are written if their targets have ids, else held on disk."""
         for key, item in list(self._parked.items()):
@@ -285,23 +293,32 @@ class Writer:
     def _emit(self, p: Prepared, file: str | None, line: int | None, raw: bytes) -> None:
         self.refs.released(p.type, p.sid)
         if self._attachments is not None and b'"contentType"' in raw:  # cheap: most resources have none
-            try:
-                if self._attachments.process(p):
-                    self.count(p.type, "binary_uploaded")
-            except AttachmentError as exc:
-                if exc.retryable:
-                    self._wake((p.type, p.sid))
-                    self.count(p.type, "retry_queued")
-                    self._retry_queue.add(
-                        file=file, line=line, reason=str(exc), raw=raw, rtype=p.type, sid=p.sid
-                    )
-                else:
-                    self.quarantine(p.type, p.sid, file, line, raw, str(exc))
-                return
+            while self._attachments.full:
+                self._copied(block=True)
+            if self._attachments.start(p, file, line, raw):
+                return  # written once its attachments are copied (_copied)
         if p.type == "Binary" and self._attachments is not None:
             self._attachments.load_binary(p, file, line, raw, self)
             return
         self._write(p, file, line, raw)
+
+    def _copied(self, *, block: bool) -> None:
+        """Write the resources whose attachment copies ended (`block`: wait for one at least)."""
+        if self._attachments is None or not self._attachments.pending:
+            return
+        for c in self._attachments.finished(block=block):
+            if c.error is None:
+                if c.uploaded:
+                    self.count(c.p.type, "binary_uploaded")
+                self._write(c.p, c.file, c.line, c.raw)
+            elif c.error.retryable:
+                self._wake((c.p.type, c.p.sid))
+                self.count(c.p.type, "retry_queued")
+                self._retry_queue.add(
+                    file=c.file, line=c.line, reason=str(c.error), raw=c.raw, rtype=c.p.type, sid=c.p.sid
+                )
+            else:
+                self.quarantine(c.p.type, c.p.sid, c.file, c.line, c.raw, str(c.error))
 
     def _write(self, p: Prepared, file: str | None, line: int | None, raw: bytes) -> None:
         try:
@@ -461,6 +478,8 @@ class Writer:
             self._idmap.commit()
             return
         while True:
+            while self._attachments is not None and self._attachments.pending:
+                self._copied(block=True)
             if not self._dry_run:
                 # Parked resources may wait for targets queued for a fetch: fetch them now, so
                 # every parked one either gets written or goes to the disk hold below.
@@ -475,16 +494,17 @@ class Writer:
                 before = len(self._parked)
                 self._unpark(settle_all=True)
                 pending = self._sender is not None and self._sender.pending
-                if self._parked and not pending and not self._lookups and len(self._parked) >= before:
+                stuck = not pending and not self._lookups and not self._copying()
+                if self._parked and stuck and len(self._parked) >= before:
                     self._hold_parked()  # nothing moved and nothing is on its way: hold them on disk
-                if self._lookups or pending or self._parked:
+                if self._lookups or pending or self._parked or self._copying():
                     continue
             if self._rechecks:
                 again, self._rechecks = self._rechecks, []
                 for entry in again:
                     self.route(entry)
                 continue
-            if not self._lookups and not self._probing:
+            if not self._lookups and not self._probing and not self._copying():
                 break
         self._idmap.commit()
 
@@ -493,6 +513,7 @@ class Writer:
         resources whose targets have arrived, commit the id map. Bundles keep flowing."""
         if self._probes:
             self._probed(block=False)
+        self._copied(block=False)
         if not self._dry_run:
             self.refs.fetch_queued(full_only=False)
             self.refs.release_ready()

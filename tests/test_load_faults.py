@@ -133,6 +133,48 @@ def test_load_attachment_becomes_medplum_binary_once(target: TargetSandbox, tmp_
     )
 
 
+def test_load_copies_attachments_concurrently_each_content_once(
+    target: TargetSandbox, tmp_path: Path
+) -> None:
+    # Copies run on workers while Bundles flow (a practice has thousands of documents). Three
+    # contents shared by 24 documents, downloads slow enough to overlap: each content is uploaded
+    # once; a 503 goes to the retry queue and a 404 to the quarantine; a document that names
+    # another one being copied waits for it and is written once, with its Medplum id.
+    base_path = "/fhir/r4/v1/practice-1"
+    contents = [f"%PDF-1.4 document {n} ".encode() * 40 for n in range(3)]
+    routes = {f"{base_path}/files/{n}.pdf": (200, c, "application/pdf") for n, c in enumerate(contents)}
+    routes[f"{base_path}/files/busy.pdf"] = (503, b"", "text/plain")
+    seen: list[str] = []
+    inner = _source_client(routes, seen)
+    slow = httpx.Client(transport=httpx.MockTransport(lambda r: (time.sleep(0.02), inner.send(r))[1]))
+
+    def doc(i: int, name: str) -> dict[str, Any]:
+        return {"resourceType": "DocumentReference", "id": f"d{i}", "status": "current",
+                "content": [{"attachment": {"contentType": "application/pdf",
+                                            "url": f"{SOURCE.base_url}/files/{name}"}}]}  # fmt: skip
+
+    docs = [doc(i, f"{i % 3}.pdf") for i in range(24)]
+    docs[5]["relatesTo"] = [{"code": "replaces", "target": {"reference": "DocumentReference/d4"}}]
+    docs += [doc(90, "busy.pdf"), doc(91, "gone.pdf")]
+    data = write_ndjson(tmp_path / "DocumentReference.ndjson", docs)
+    result = load_all(target, tmp_path, [data], source_client=slow)
+
+    assert result.retry_queued == 1 and result.quarantined == 1
+    stored = {d["identifier"][0]["value"]: d for d in target.resources("DocumentReference")}
+    assert sorted(stored) == sorted(f"d{i}" for i in range(24))
+    assert set(identity_counts(target, ["DocumentReference"]).values()) == {1}
+    uploads = target.stats.requests.get(("POST", "binary"), 0) + target.stats.requests.get(
+        ("POST", "Binary"), 0
+    )
+    assert uploads == 3
+    for i in range(24):
+        att = stored[f"d{i}"]["content"][0]["attachment"]
+        assert target.store.get_binary(att["url"].split("/")[1]) == ("application/pdf", contents[i % 3])
+        assert att["hash"] == base64.b64encode(hashlib.sha1(contents[i % 3]).digest()).decode()
+    assert stored["d5"]["relatesTo"][0]["target"]["reference"] == f"DocumentReference/{stored['d4']['id']}"
+    assert result.total("created") == 24 and target.stats.writes == 24 + 3
+
+
 def test_load_fetches_missing_references_from_source(target: TargetSandbox, tmp_path: Path) -> None:
     base_path = "/fhir/r4/v1/practice-1"
     practitioner = {"resourceType": "Practitioner", "id": "dr-9", "name": [{"family": "Who"}]}

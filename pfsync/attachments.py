@@ -9,9 +9,10 @@ the SHA-1: the same content is never uploaded twice (id map `binaries`), and an 
 already carries a known `hash` is not even downloaded. Over load.attachment_max_bytes or outside
 load.attachment_content_types, the attachment is left as it is (reported).
 
-Copies run on worker threads (`start` / `finished`), a few resources at a time, so a practice
-with thousands of documents does not copy them one after another on the loader's thread while
-every Bundle waits: the resource is written once its attachments are copied. The id map belongs
+Copies run on worker threads (`start` / `finished`), a few resources at a time (more wait their
+turn in memory), so a practice with thousands of documents does not copy them one after another
+on the loader's thread while every Bundle waits: the resource is written once its attachments
+are copied. The id map belongs
 to the loader's thread; workers read earlier runs' Binaries through their own read-only SQLite
 connection and share this run's uploads through `_promises` (the same content is uploaded once
 even when two workers download it at the same time).
@@ -24,6 +25,7 @@ import binascii
 import hashlib
 import sqlite3
 import threading
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 
 _COPY_THREADS = 4
 _MAX_COPIES = 8  # resources whose attachments are being copied at once (bounds memory: their bytes)
+_MAX_WAITING = 2000  # resources waiting for a copy slot (their parsed JSON only)
 
 
 class AttachmentError(Exception):
@@ -80,6 +83,7 @@ class Attachments:
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[Future[list[Copied | None]], Copying] = {}
         self._copying: dict[tuple[str, str], Copying] = {}
+        self._waiting: deque[tuple[Copying, list[tuple[dict[str, Any], str, Any]]]] = deque()
 
     @property
     def requests(self) -> int:
@@ -106,23 +110,32 @@ class Attachments:
         jobs = self._plan(p)
         if not jobs:
             return False
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=_COPY_THREADS, thread_name_prefix="pfsync-attach")
         copy = Copying(p, file, line, raw)
         old = self._copying.get((p.type, p.sid))
         if old is not None:
             old.superseded = True  # a newer version of the resource arrived: the older is dropped
         self._copying[(p.type, p.sid)] = copy
-        self._futures[self._pool.submit(self._copy, jobs)] = copy
+        self._waiting.append((copy, jobs))
+        self._launch()
         return True
+
+    def _launch(self) -> None:
+        """Start waiting copies while fewer than _MAX_COPIES run (the loader reads on meanwhile)."""
+        while self._waiting and len(self._futures) < _MAX_COPIES:
+            copy, jobs = self._waiting.popleft()
+            if copy.superseded:
+                continue
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=_COPY_THREADS, thread_name_prefix="pfsync-attach")
+            self._futures[self._pool.submit(self._copy, jobs)] = copy
 
     @property
     def full(self) -> bool:
-        return len(self._futures) >= _MAX_COPIES
+        return len(self._waiting) >= _MAX_WAITING
 
     @property
     def pending(self) -> int:
-        return len(self._futures)
+        return len(self._futures) + len(self._waiting)
 
     def holds(self, key: tuple[str, str]) -> bool:
         """Whether this resource waits for its attachments (its write is on its way)."""
@@ -136,12 +149,15 @@ class Attachments:
     def finished(self, *, block: bool) -> list[Copying]:
         """Resources whose copies ended (`block`: wait for at least one if any is running), with
         their attachments rewritten, or `error` set."""
+        self._launch()
         if not self._futures:
             return []
         done, _ = wait(list(self._futures), timeout=None if block else 0, return_when=FIRST_COMPLETED)
         out: list[Copying] = []
         for future in done:
-            copy = self._futures.pop(future)
+            copy = self._futures.pop(future, None)
+            if copy is None:
+                continue  # taken in by a nested call
             if self._copying.get((copy.p.type, copy.p.sid)) is copy:
                 del self._copying[(copy.p.type, copy.p.sid)]
             try:
@@ -150,6 +166,7 @@ class Attachments:
                 copy.error = exc
             if not copy.superseded:
                 out.append(copy)
+        self._launch()
         return out
 
     def _plan(self, p: Prepared) -> list[tuple[dict[str, Any], str, Any]]:

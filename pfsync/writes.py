@@ -88,7 +88,7 @@ class Writer:
             # Resources parked for a target are written as soon as its outcome is in, also while
             # the sender drains (at the end of a load every level of references would otherwise
             # wait for the whole previous level: a full stop per level).
-            self._sender.on_reaped = self._unpark
+            self._sender.on_reaped = self._reaped
         self._attachments = (
             Attachments(medplum, source_client, idmap, settings, self.context, clock=clock, dry_run=dry_run)
             if settings.attachments else None
@@ -301,6 +301,10 @@ class Writer:
             self._attachments.load_binary(p, file, line, raw, self)
             return
         self._write(p, file, line, raw)
+
+    def _reaped(self) -> None:
+        self._copied(block=False)
+        self._unpark()
 
     def _copied(self, *, block: bool) -> None:
         """Write the resources whose attachment copies ended (`block`: wait for one at least)."""

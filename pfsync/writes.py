@@ -482,6 +482,8 @@ class Writer:
             self._idmap.commit()
             return
         while True:
+            if self._copying() and self._sender is not None:
+                self._sender.nudge()  # what is queued goes out while the copies end, not after
             while self._attachments is not None and self._attachments.pending:
                 self._copied(block=True)
             if not self._dry_run:

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from pfsync.writes import Writer
 
 
-_COPY_THREADS = 4
+_COPY_THREADS = 4  # practice-fusion.md "Other": be polite, at most a few parallel downloads
 _MAX_COPIES = 8  # resources whose attachments are being copied at once (bounds memory: their bytes)
 _MAX_WAITING = 2000  # resources waiting for a copy slot (their parsed JSON only)
 

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 
 _COPY_THREADS = 4  # practice-fusion.md "Other": be polite, at most a few parallel downloads
-_MAX_COPIES = 8  # resources whose attachments are being copied at once (bounds memory: their bytes)
+_MAX_COPIES = 8  # copies handed to the workers at once; only the running ones hold bytes in memory
 _MAX_WAITING = 2000  # resources waiting for a copy slot (their parsed JSON only)
 
 

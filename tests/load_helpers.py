@@ -54,6 +54,11 @@ def write_ndjson(path: Path, resources: list[dict[str, Any]]) -> Path:
     return path
 
 
+def binary_uploads(target: TargetSandbox) -> int:
+    """`POST Binary` requests the target has answered (its stats key the route both ways)."""
+    return target.stats.requests.get(("POST", "binary"), 0) + target.stats.requests.get(("POST", "Binary"), 0)
+
+
 def identity_counts(target: TargetSandbox, types: list[str]) -> Counter[tuple[str, str]]:
     """(type, source id) -> how many Medplum resources carry it: every value must be 1."""
     seen: Counter[tuple[str, str]] = Counter()

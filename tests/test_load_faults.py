@@ -17,6 +17,7 @@ import orjson
 from load_helpers import (
     SOURCE,
     SYNTHEA_SMALL,
+    binary_uploads,
     fixture_types,
     identity_counts,
     load_all,
@@ -117,9 +118,7 @@ def test_load_attachment_becomes_medplum_binary_once(target: TargetSandbox, tmp_
     assert stored["size"] == len(pdf)
     assert stored["hash"] == base64.b64encode(hashlib.sha1(pdf).digest()).decode()
     assert target.store.get_binary(stored["url"].split("/")[1]) == ("application/pdf", pdf)
-    binaries = target.stats.requests.get(("POST", "binary"), 0) + target.stats.requests.get(
-        ("POST", "Binary"), 0
-    )
+    binaries = binary_uploads(target)
     # Same content again under another resource: downloaded, not uploaded again.
     doc2 = {**doc, "id": "d2"}
     load_all(
@@ -127,10 +126,7 @@ def test_load_attachment_becomes_medplum_binary_once(target: TargetSandbox, tmp_
     )
     again = target.resources("DocumentReference")
     assert {d["content"][0]["attachment"]["url"] for d in again} == {stored["url"]}
-    assert (
-        target.stats.requests.get(("POST", "binary"), 0) + target.stats.requests.get(("POST", "Binary"), 0)
-        == binaries
-    )
+    assert binary_uploads(target) == binaries
 
 
 def test_load_copies_attachments_concurrently_each_content_once(
@@ -163,9 +159,7 @@ def test_load_copies_attachments_concurrently_each_content_once(
     stored = {d["identifier"][0]["value"]: d for d in target.resources("DocumentReference")}
     assert sorted(stored) == sorted(f"d{i}" for i in range(24))
     assert set(identity_counts(target, ["DocumentReference"]).values()) == {1}
-    uploads = target.stats.requests.get(("POST", "binary"), 0) + target.stats.requests.get(
-        ("POST", "Binary"), 0
-    )
+    uploads = binary_uploads(target)
     assert uploads == 3
     for i in range(24):
         att = stored[f"d{i}"]["content"][0]["attachment"]

@@ -110,7 +110,6 @@ class Writer:
         self._done = 0
         self._parked: dict[tuple[str, str], _Parked] = {}
         self._unparking = False
-        self._settled = self._seen_settled = 0  # outcomes counted / last looked at by _unpark
         self._waiters: dict[tuple[str, str], list[tuple[str, str]]] = {}  # target -> parked keys
         self._woken: list[tuple[str, str]] = []  # identities whose write settled (or will not come)
 
@@ -209,7 +208,8 @@ class Writer:
 
     def _unpark(self, *, settle_all: bool = False) -> None:
         """Write the parked resources whose targets have ids now; the ones waiting for a target
-        whose write ended without an id (or all of them: `settle_all`) go to the disk hold.
+        whose write ended without an id go to the disk hold (`settle_all`, at a drain: every parked
+        one is looked at, see _unpark_all).
 
         Only the resources waiting for an identity that settled are looked at (`_waiters`): looking
         at every parked one after every Bundle was quadratic (thousands wait at the start of a
@@ -228,7 +228,7 @@ class Writer:
                     for key in self._waiters.pop(target, ()):
                         item = self._parked.get(key)
                         if item is not None:
-                            self._look_again(key, item, parked_ok=True)
+                            self._look_again(key, item)
         finally:
             self._unparking = False
 
@@ -249,8 +249,7 @@ class Writer:
                     continue
                 waits = self.refs.waits(item.p, queue=False)
                 if not waits:
-                    del self._parked[key]
-                    self._emit(item.p, item.file, item.line, item.raw)
+                    self._release_parked(key, item, waits)
                     changed = True
                 elif all(k in moving or self._coming(k, parked=False) for k in waits):
                     moving.add(key)
@@ -264,25 +263,19 @@ class Writer:
     def _hold_parked(self, keep: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset()) -> None:
         """Parked resources (but `keep`) are written if their targets have ids, else held on disk."""
         for key, item in list(self._parked.items()):
-            if key in keep:
-                continue
-            del self._parked[key]
-            waits = self.refs.waits(item.p, queue=False)
-            if waits:
-                self.refs.defer(item.p, item.file, item.line, item.raw, waits)
-                self._wake(key)
-            else:
-                self._emit(item.p, item.file, item.line, item.raw)
+            if key not in keep:
+                self._release_parked(key, item, self.refs.waits(item.p, queue=False))
 
-    def _look_again(self, key: tuple[str, str], item: _Parked, *, parked_ok: bool) -> None:
+    def _look_again(self, key: tuple[str, str], item: _Parked) -> None:
         waits = self.refs.waits(item.p, queue=False)
-        if waits:
-            for k in waits:
-                if not self._coming(k, parked=parked_ok):
-                    break
-            else:
-                self._waiters.setdefault(waits[0], []).append(key)
-                return
+        if waits and all(self._coming(k) for k in waits):
+            self._waiters.setdefault(waits[0], []).append(key)
+        else:
+            self._release_parked(key, item, waits)
+
+    def _release_parked(self, key: tuple[str, str], item: _Parked, waits: list[tuple[str, str]]) -> None:
+        """Out of memory: written if it waits for nothing, else held on disk (and what waits for it
+        looks again)."""
         del self._parked[key]
         if waits:
             self.refs.defer(item.p, item.file, item.line, item.raw, waits)
@@ -484,7 +477,7 @@ class Writer:
         while True:
             if self._copying() and self._sender is not None:
                 self._sender.nudge()  # what is queued goes out while the copies end, not after
-            while self._attachments is not None and self._attachments.pending:
+            while self._copying():
                 self._copied(block=True)
             if not self._dry_run:
                 # Parked resources may wait for targets queued for a fetch: fetch them now, so
@@ -496,7 +489,6 @@ class Writer:
             if self._sender is not None:
                 self._sender.flush()
             if self._parked:
-                self._settled += 1
                 before = len(self._parked)
                 self._unpark(settle_all=True)
                 pending = self._sender is not None and self._sender.pending
@@ -601,7 +593,6 @@ class Writer:
 
     # -- outcomes (called by BatchSender on this thread)
     def settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None:
-        self._settled += 1
         self._wake(entry.key)
         if kind is Kind.FAILED:
             reason = result.text or f"HTTP {result.status}"
@@ -622,7 +613,6 @@ class Writer:
             self.refs.upgraded(entry.type, entry.sid)
 
     def exhausted(self, entry: Entry, result: EntryResult) -> None:
-        self._settled += 1
         self._wake(entry.key)
         self.count(entry.type, "retry_queued")
         reason = f"retries exhausted: {result.text or f'HTTP {result.status}'}"
@@ -630,7 +620,6 @@ class Writer:
                               status=result.status, rtype=entry.type, sid=entry.sid)  # fmt: skip
 
     def recheck(self, entry: Entry) -> None:
-        self._settled += 1
         self._wake(entry.key)
         if entry.method == "PUT" and "?" not in entry.url:
             self._idmap.forget(entry.type, entry.sid)  # a stale id: Medplum no longer has it
@@ -642,7 +631,6 @@ class Writer:
     def reroute(self, entry: Entry) -> Entry | None:
         """A queued create whose identity was written meanwhile: an update by id now, nothing if the
         content is the same, or routed again from scratch (the other write failed)."""
-        self._settled += 1
         self._wake(entry.key)
         row = self._idmap.get(entry.type, entry.sid)
         if row is None or row.mid is None:

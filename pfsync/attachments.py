@@ -12,10 +12,9 @@ load.attachment_content_types, the attachment is left as it is (reported).
 Copies run on worker threads (`start` / `finished`), a few resources at a time (more wait their
 turn in memory), so a practice with thousands of documents does not copy them one after another
 on the loader's thread while every Bundle waits: the resource is written once its attachments
-are copied. The id map belongs
-to the loader's thread; workers read earlier runs' Binaries through their own read-only SQLite
-connection and share this run's uploads through `_promises` (the same content is uploaded once
-even when two workers download it at the same time).
+are copied. The id map belongs to the loader's thread; workers read earlier runs' Binaries
+through their own read-only SQLite connection and share this run's uploads through `_promises`
+(the same content is uploaded once even when two workers download it at the same time).
 """
 
 from __future__ import annotations
@@ -44,7 +43,8 @@ if TYPE_CHECKING:
 
 
 _COPY_THREADS = 4  # practice-fusion.md "Other": be polite, at most a few parallel downloads
-_MAX_COPIES = 8  # copies handed to the workers at once; only the running ones hold bytes in memory
+_MAX_COPIES = 8  # handed to the workers at once (a worker never waits for the loader's thread to
+# hand it the next); only the running ones hold bytes in memory
 _MAX_WAITING = 2000  # resources waiting for a copy slot (their parsed JSON only)
 
 

@@ -25,7 +25,7 @@ import hashlib
 import sqlite3
 import threading
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
+from pfsync.donequeue import DoneQueue
 from pfsync.http import Clock
 from pfsync.idmap import IdMap
 from pfsync.settings import LoadSettings
@@ -82,6 +83,7 @@ class Attachments:
         self._promises: dict[str, Future[str]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[Future[list[Copied | None]], Copying] = {}
+        self._done = DoneQueue()
         self._copying: dict[tuple[str, str], Copying] = {}
         self._waiting: deque[tuple[Copying, list[tuple[dict[str, Any], str, Any]]]] = deque()
 
@@ -127,7 +129,9 @@ class Attachments:
                 continue
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=_COPY_THREADS, thread_name_prefix="pfsync-attach")
-            self._futures[self._pool.submit(self._copy, jobs)] = copy
+            future = self._pool.submit(self._copy, jobs)
+            self._futures[future] = copy
+            self._done.watch(future)
 
     @property
     def full(self) -> bool:
@@ -152,12 +156,9 @@ class Attachments:
         self._launch()
         if not self._futures:
             return []
-        done, _ = wait(list(self._futures), timeout=None if block else 0, return_when=FIRST_COMPLETED)
         out: list[Copying] = []
-        for future in done:
-            copy = self._futures.pop(future, None)
-            if copy is None:
-                continue  # taken in by a nested call
+        for future in self._done.take(block=block):
+            copy = self._futures.pop(future)
             if self._copying.get((copy.p.type, copy.p.sid)) is copy:
                 del self._copying[(copy.p.type, copy.p.sid)]
             try:

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,6 +38,7 @@ from pfsync.batch import (
     parse_batch,
     wait_from_outcome,
 )
+from pfsync.donequeue import DoneQueue
 from pfsync.errors import HTTPError, InterruptedRunError
 from pfsync.events import EventSink, NullSink
 from pfsync.http import Clock, RetryPolicy, outcome_text
@@ -117,6 +118,7 @@ class BatchSender:
         self._blocked: dict[tuple[str, str], Entry] = {}
         self._inflight: set[tuple[str, str]] = set()
         self._futures: dict[Future[Sent], list[Entry]] = {}
+        self._done = DoneQueue()
         self._peak: dict[Future[Sent], int] = {}  # most Bundles in flight during each one's life
         self._groups: list[list[Entry]] = []  # Bundles already cut (halves of a refused one)
         self._probe: Future[Sent] | None = None  # the Bundle that tells whether the quota is enforced
@@ -234,6 +236,7 @@ class BatchSender:
         self.stats.max_slots = max(self.stats.max_slots, len(self._futures) + 1)
         future = self._pool.submit(self._send, body)
         self._futures[future] = bundle
+        self._done.watch(future)
         self._peak[future] = len(self._futures)
         for other in self._futures:  # every Bundle in flight now shares the server with this many
             self._peak[other] = max(self._peak.get(other, 0), len(self._futures))
@@ -256,8 +259,9 @@ class BatchSender:
     def _reap(self, *, block: bool) -> None:
         if not self._futures:
             return
-        done, _ = wait(list(self._futures), timeout=None if block else 0, return_when=FIRST_COMPLETED)
-        for future in done:
+        if not block and not self._done:
+            return  # the common case, after every entry added: nothing came back
+        for future in self._done.take(block=block):
             if future is self._probe:
                 self._probe = None
                 self.pacer.probe_out = False

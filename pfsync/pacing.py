@@ -5,24 +5,27 @@ medplum.md "Quotas and 429": every response carries
 rest of a batch) is 429 with `msBeforeNext` in the OperationOutcome diagnostics and no Retry-After.
 A project with the quota turned off counts `fhirInteractions` down to r=0 and refuses nothing, so
 r=0 alone is not throttling: when the budget looks spent and we do not know yet whether the quota
-is enforced, one small probe decides (a refused probe costs one entry, not a Bundle).
+is enforced, the next Bundle is the probe, one at a time (enforced: its tail answers 429 and is
+re-sent after the reset; off: it is accepted).
 medplum.md "Measured": concurrent creating Bundles conflict (409) and get slower. Concurrency
 starts at load.max_concurrency (a project without an enforced quota is fastest at full concurrency
 from the first Bundle; starting at 1 and growing cost a third of a small load), halves on
-conflicts, 429s or 5xx, backs off when parallel Bundles stop being faster per entry, and grows
-back while Bundles come back clean and fast.
+conflicts, 429s or 5xx, backs off when parallel Bundles (the median of a window of them, not one)
+get slower than one at a time would be, and grows back while Bundles come back clean and fast.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 
 _PART_RE = re.compile(r'"?([A-Za-z]+)"?\s*;\s*r\s*=\s*(\d+)\s*;\s*t\s*=\s*(\d+(?:\.\d+)?)')
 DEFAULT_WRITE_COST = 140.0  # medplum.md: a conditional PUT create inside a batch costs about 140
 SEARCH_COST = 20.0
 _SLOWER = 2.0  # per-entry latency this much above `inflight` x the best seen: throughput fell
 _LATENCY_MIN_ENTRIES = 50  # Bundles smaller than this are not compared for latency
+_LATENCY_WINDOW = 5  # Bundles whose median latency is judged at once
 
 
 def parse_ratelimit(header: str | None) -> dict[str, tuple[int, float]]:
@@ -137,7 +140,8 @@ class Concurrency:
 
     maximum: int
     limit: float = 0.0  # 0: start at `maximum`
-    best_per_entry: float | None = None  # fastest seconds per entry seen
+    best_per_entry: float | None = None  # fastest seconds per entry seen (median of a window)
+    recent: list[tuple[float, int]] = field(default_factory=list)  # (seconds per entry, in flight)
 
     def __post_init__(self) -> None:
         if self.limit <= 0:
@@ -157,7 +161,16 @@ class Concurrency:
                 min(float(self.maximum), self.limit + 1.0 / self.limit) if entries > 0 else self.limit
             )
             return
-        per = elapsed / entries
+        self.recent.append((elapsed / entries, inflight))
+        if len(self.recent) < _LATENCY_WINDOW:
+            return
+        # One Bundle's time says little: on a busy server it moves 5x between neighbours (it waits
+        # behind the others, entries differ in size), and the fastest single Bundle made a
+        # yardstick that an ordinary one crossed now and then, halving concurrency for nothing.
+        # The median of a window is judged against the best median seen.
+        per = statistics.median(p for p, _ in self.recent)
+        inflight = round(statistics.median(n for _, n in self.recent))
+        self.recent.clear()
         if self.best_per_entry is None or per < self.best_per_entry:
             self.best_per_entry = per
         if inflight > 1 and per > self.best_per_entry * inflight * _SLOWER:
@@ -167,8 +180,9 @@ class Concurrency:
             # we prepare the next one, which is what a full concurrency buys.
             self.limit = max(1.0, self.limit * 0.75)
         else:
-            self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
+            self.limit = min(float(self.maximum), self.limit + _LATENCY_WINDOW / self.limit)
 
     def congested(self) -> None:
         """Conflicts, 429s or server errors: halve."""
         self.limit = max(1.0, self.limit / 2.0)
+        self.recent.clear()  # latency measured at the old concurrency

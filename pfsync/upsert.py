@@ -48,6 +48,7 @@ from pfsync.redact import redact
 FHIR_JSON = "application/fhir+json"
 MEDPLUM_BODY_LIMIT = 1_048_576  # medplum.md: 1,048,577 bytes is refused
 _MIN_BUNDLE_BYTES = 16 * 1024
+_READY = 2  # Bundles prepared ahead while every slot is in flight (one per answer arriving at once)
 
 
 class Handler(Protocol):
@@ -139,7 +140,8 @@ class BatchSender:
         return key in self._inflight or key in self._buf or key in self._blocked
 
     def add(self, entry: Entry) -> None:
-        """Queue a write; sends Bundles once a full one can be made (blocks while slots are full)."""
+        """Queue a write; sends Bundles once a full one can be made (blocks while slots are full
+        and the next Bundles are ready)."""
         key = entry.key
         if key in self._inflight:
             self._blocked[key] = entry  # sent after the in-flight write of this identity settles
@@ -149,8 +151,11 @@ class BatchSender:
             self._buf_bytes -= len(old.encoded()) + 1
         self._buf[key] = entry
         self._buf_bytes += len(entry.encoded()) + 1
-        if len(self._buf) >= self.max_entries or self._buf_bytes >= self.max_bytes:
+        if self._full():
             self._pump(final=False)
+
+    def _full(self, bundles: int = 1) -> bool:
+        return len(self._buf) >= bundles * self.max_entries or self._buf_bytes >= bundles * self.max_bytes
 
     def flush(self) -> None:
         """Send everything queued and wait until every entry has an outcome."""
@@ -160,7 +165,7 @@ class BatchSender:
         """Without waiting: take in finished Bundles and send what is queued, even a partial
         Bundle, while slots allow (other resources wait for these ids)."""
         self._reap(block=False)
-        if self._stop is not None and self._stop.is_set():
+        if self._stopping():
             return
         self._launch(final=True)
 
@@ -168,12 +173,14 @@ class BatchSender:
     def _pump(self, final: bool) -> None:
         while True:
             self._reap(block=False)
-            if self._stop is not None and self._stop.is_set():
+            if self._stopping():
                 self._drain_inflight()
                 raise InterruptedRunError("load stopped: the writes in flight have settled; a rerun resumes")
             wait_s = self._launch(final)
-            full = len(self._buf) >= self.max_entries or self._buf_bytes >= self.max_bytes
-            if not final and not full and not self._futures_full():
+            if not final and not self._full(_READY):
+                # The caller goes on preparing entries while Bundles are in flight: waiting here
+                # with less than a Bundle queued left a slot empty at every answer while the next
+                # Bundle was being prepared (a quarter of a quota-off load ran one Bundle short).
                 return
             if final and not self._buf and not self._futures and not self._blocked and not self._groups:
                 return
@@ -186,14 +193,10 @@ class BatchSender:
             elif not self._buf and self._blocked:
                 self._release_blocked(set(self._blocked))
 
-    def _futures_full(self) -> bool:
-        return len(self._futures) >= self.concurrency.slots
-
     def _launch(self, final: bool) -> float:
         """Start Bundles while slots, budget and entries allow; -> seconds to wait, if pacing."""
         while (self._buf or self._groups) and len(self._futures) < self.concurrency.slots:
-            full = len(self._buf) >= self.max_entries or self._buf_bytes >= self.max_bytes
-            if not full and not final and not self._groups:
+            if not final and not self._groups and not self._full():
                 return 0.0
             inflight_entries = sum(len(b) for b in self._futures.values())
             want = len(self._groups[0]) if self._groups else min(len(self._buf), self.max_entries)
@@ -261,13 +264,24 @@ class BatchSender:
             return
         if not block and not self._done:
             return  # the common case, after every entry added: nothing came back
+        finished = []
         for future in self._done.take(block=block):
             if future is self._probe:
                 self._probe = None
                 self.pacer.probe_out = False
             bundle = self._futures.pop(future)
             peak = self._peak.pop(future, 0)
-            self._complete(bundle, future.result(), inflight=max(peak, len(self._futures) + 1))
+            finished.append((bundle, future.result(), max(peak, len(self._futures) + 1)))
+        if finished and self.pacer.budget(self._clock.now()) is None and not self._stopping():
+            # A ready Bundle takes the freed slot before the answers are read (reading 100 outcomes
+            # takes milliseconds the server would sit idle for). Only without a quota budget to
+            # respect: under an enforced quota the answers' RateLimit must be read first.
+            self._launch(final=False)
+        for bundle, sent, inflight in finished:
+            self._complete(bundle, sent, inflight=inflight)
+
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
 
     def _drain_inflight(self) -> None:
         while self._futures:

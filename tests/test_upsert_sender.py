@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -316,6 +317,68 @@ def test_parse_ratelimit(header: str | None, expected: dict[str, tuple[int, floa
     assert parse_ratelimit(header) == expected
 
 
+def _settle_log(handler: Handler, sender: BatchSender) -> dict[str, int]:
+    """sid -> how many Bundles had been sent when that entry's answer was read."""
+    log: dict[str, int] = {}
+    settled = handler.settled
+
+    def record(entry: Entry, kind: Kind, result: EntryResult) -> None:
+        log[entry.sid] = sender.stats.bundles
+        settled(entry, kind, result)
+
+    handler.settled = record  # type: ignore[method-assign]
+    return log
+
+
+def test_sender_sends_the_next_ready_bundle_before_reading_an_answer() -> None:
+    """A freed slot takes the next ready Bundle at once: reading a hundred outcomes takes the
+    loader milliseconds the server would sit idle for."""
+    client, _ = server(lambda entries, n: (200, response(created(entries)), {}))
+    handler, clock = Handler(), FakeClock()
+    sender = make(client, handler, clock, max_entries=1, max_concurrency=1)
+    log = _settle_log(handler, sender)
+    for i in range(3):
+        sender.add(entry(i))
+    sender.flush()
+    assert log == {"0": 2, "1": 3, "2": 3}  # "1" was on its way before the answer of "0" was read
+
+
+def test_sender_lets_the_caller_prepare_entries_while_bundles_are_in_flight() -> None:
+    """add() returns while fewer than two Bundles are ready: waiting for an answer with an empty
+    queue left a slot idle at every answer while the next Bundle was being prepared."""
+    gate = threading.Event()
+    released: list[bool] = []
+
+    def answer(entries: list[dict[str, Any]], n: int) -> tuple[int, Any, dict[str, str]]:
+        released.append(gate.wait(timeout=10))  # the timeout only keeps a regression from hanging
+        return 200, response(created(entries)), {}
+
+    client, _ = server(answer)
+    handler, clock = Handler(), FakeClock()
+    sender = make(client, handler, clock, max_entries=1, max_concurrency=1)
+    sender.add(entry(0))  # in flight, held at the server
+    sender.add(entry(1))  # one Bundle ready: the caller goes on
+    gate.set()
+    sender.add(entry(2))  # two ready, the slot taken: now it waits for an answer
+    sender.flush()
+    assert released == [True, True, True]
+    assert sorted(sid for sid, _, _ in handler.done) == ["0", "1", "2"]
+
+
+def test_sender_reads_the_answer_first_when_a_quota_budget_applies() -> None:
+    """Under a quota the answer's RateLimit decides what may go next."""
+    header = {"RateLimit": '"requests";r=59000;t=60, "fhirInteractions";r=40000;t=60'}
+    client, _ = server(lambda entries, n: (200, response(created(entries)), header))
+    handler, clock = Handler(), FakeClock()
+    sender = make(client, handler, clock, max_entries=1, max_concurrency=1)
+    log = _settle_log(handler, sender)
+    for i in range(4):
+        sender.add(entry(i))
+    sender.flush()
+    # The first answer comes before any budget is known; after it, each answer is read first.
+    assert log == {"0": 2, "1": 2, "2": 3, "3": 4}
+
+
 def test_concurrency_aimd() -> None:
     c = Concurrency(maximum=4)
     for _ in range(20):
@@ -323,8 +386,35 @@ def test_concurrency_aimd() -> None:
     assert c.slots == 4
     c.congested()
     assert c.slots == 2
-    c.clean(entries=100, elapsed=10.0, inflight=4)  # four at once, each 10x slower: no gain
+    for _ in range(5):  # four at once, each 10x slower: worse than one at a time
+        c.clean(entries=100, elapsed=10.0, inflight=4)
     assert c.limit < 2
+
+
+def test_concurrency_one_slow_bundle_among_ordinary_ones_does_not_back_off() -> None:
+    """On a busy server one Bundle's time swings several-fold; the median of a window decides."""
+    c = Concurrency(maximum=4)
+    for elapsed in (1.0, 1.1, 0.9, 1.0, 1.2):
+        c.clean(entries=100, elapsed=elapsed * 4, inflight=4)
+    for elapsed in (1.0, 9.0, 1.1, 0.9, 1.0, 1.2, 1.0, 8.5, 1.0, 1.1):
+        c.clean(entries=100, elapsed=elapsed * 4, inflight=4)
+        assert c.slots == 4
+    for _ in range(5):  # a window that is slow throughout is a slower server
+        c.clean(entries=100, elapsed=40.0, inflight=4)
+    assert c.slots == 3
+
+
+def test_concurrency_not_judged_on_latency_measured_before_a_halving() -> None:
+    c = Concurrency(maximum=4)
+    for _ in range(5):
+        c.clean(entries=100, elapsed=1.0, inflight=1)
+    for _ in range(4):
+        c.clean(entries=100, elapsed=40.0, inflight=4)
+    c.congested()
+    assert c.slots == 2
+    for _ in range(5):  # judged on these alone: the four slow ones were at the old concurrency
+        c.clean(entries=100, elapsed=2.0, inflight=2)
+    assert c.slots == 4
 
 
 def test_sender_create_queued_behind_inflight_write_is_rerouted_not_posted_again() -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from pfsync import gcpace
 from pfsync.errors import InterruptedRunError
 from pfsync.events import EventSink, NullSink
 from pfsync.exportjob import export_files
@@ -114,6 +115,7 @@ class Loader:
         self._consumed: list[Path] = []
         self._started = time.monotonic()
         self._closed = False
+        gcpace.relax()  # pfsync.gcpace: a load makes millions of short-lived acyclic objects
 
     # -- context manager
     def __enter__(self) -> Loader:
@@ -132,6 +134,7 @@ class Loader:
         try:
             self._writer.close()
         finally:
+            gcpace.restore()
             self._idmap.close()
             self.quarantine.close()
             self.retry_queue.close()

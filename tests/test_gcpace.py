@@ -1,0 +1,57 @@
+"""The collector's pace during a load (pfsync.gcpace): raised while any Loader is open, restored after."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pfsync import gcpace
+from pfsync.load import Loader
+from pfsync.settings import LoadSettings, SourceSettings
+
+
+@pytest.fixture(autouse=True)
+def _thresholds() -> Iterator[None]:
+    before = gc.get_threshold()
+    yield
+    gc.set_threshold(*before)
+
+
+def test_gcpace_raises_the_first_threshold_until_the_last_holder_restores() -> None:
+    gc.set_threshold(700, 10, 10)
+    gcpace.relax()
+    gcpace.relax()
+    assert gc.get_threshold() == (50_000, 10, 10)
+    gcpace.restore()
+    assert gc.get_threshold() == (50_000, 10, 10)  # the other holder is still loading
+    gcpace.restore()
+    assert gc.get_threshold() == (700, 10, 10)
+    gcpace.restore()  # one too many: harmless
+    assert gc.get_threshold() == (700, 10, 10)
+
+
+def test_gcpace_keeps_automatic_collection_off_when_the_application_turned_it_off() -> None:
+    gc.set_threshold(0, 10, 10)
+    gcpace.relax()
+    assert gc.get_threshold() == (0, 10, 10)
+    gcpace.restore()
+    assert gc.get_threshold() == (0, 10, 10)
+
+
+def test_loaders_relax_the_collector_while_open_even_when_they_close_out_of_order(tmp_path: Path) -> None:
+    gc.set_threshold(700, 10, 10)
+    source = SourceSettings(name="s", base_url="https://ehr.example/fhir")
+    with httpx.Client(base_url="https://medplum.example/fhir/R4/") as client:
+        first = Loader(source, LoadSettings(), client, state_dir=tmp_path / "a")
+        second = Loader(source, LoadSettings(), client, state_dir=tmp_path / "b")
+        assert gc.get_threshold()[0] == 50_000
+        first.close()
+        assert gc.get_threshold()[0] == 50_000
+        first.close()  # idempotent: does not release the other loader's hold
+        assert gc.get_threshold()[0] == 50_000
+        second.close()
+    assert gc.get_threshold() == (700, 10, 10)

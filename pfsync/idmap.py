@@ -15,8 +15,9 @@ searches, never duplicates. It also keeps, on disk so memory stays flat:
 - `loaded`: keys of input files whose every resource is written or held here (`mark_loaded`).
 
 Speed: the map is read into memory when it fits (`_CACHE_MAX` rows), so a lookup is a dict
-access and a miss is definitive; every change is buffered and written with `executemany` in one
-transaction at `commit` (a batch result, the end of a file), never one statement per resource.
+access and a miss is definitive; every change is buffered and written with `executemany` every
+`_FLUSH_ROWS` rows, in one transaction committed at `commit` (the end of a file), never one
+statement per resource.
 A crash loses at most the uncommitted buffer, which is safe: the map is a cache (see above).
 
 Not thread-safe: the loader uses it from one thread only.
@@ -50,6 +51,8 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOU
 CREATE TABLE IF NOT EXISTS loaded (key TEXT PRIMARY KEY) WITHOUT ROWID;
 """
 _CACHE_MAX = 200_000
+_FLUSH_ROWS = 1000  # buffered rows written (not committed) at once, so no flush stalls the loader
+_FLUSH_SEEN = 50_000  # identities noted by the scan: kept for the load's first flush (memory bound)
 _TABLES = ("deferred", "logical")
 # A waited-for target whose type is unknown (a `urn:uuid:<id>` no input has named yet).
 ANY_TYPE = ""
@@ -216,11 +219,18 @@ class IdMap:
             return
         self._seen.append(key)
         self._remember(key, _SEEN)
+        if len(self._seen) >= _FLUSH_SEEN:
+            self._flush()
 
     def record(self, rtype: str, sid: str, mid: str, vid: str | None, content_hash: str | None) -> None:
         row = MapRow(mid, vid, content_hash)
         self._rows[(rtype, sid)] = row
         self._remember((rtype, sid), row)
+        if len(self._rows) >= _FLUSH_ROWS:
+            # In the open transaction, committed at the next settle point. One flush of a whole
+            # file's rows at its end held the loader's thread for 50-100 ms while Bundles in flight
+            # came back and no new ones went out (the server sat idle).
+            self._flush()
 
     def forget(self, rtype: str, sid: str) -> None:
         """The resource is gone from Medplum (deleted, or a stale id): keep only that it exists."""

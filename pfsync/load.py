@@ -144,12 +144,12 @@ class Loader:
         """Load files and directories, referenced types first (derived from the data)."""
         files = list(iter_paths(list(paths)))
         if len(files) > 1:
-            unknown: list[str] = []
-            files = dependency_order(files, self._idmap, self._writer.context, self._check_stop, unknown)
-            # Whether Medplum holds any of these types is asked now, while the server is idle,
-            # not when each type's first resource is read (then the answer waits behind our own
-            # Bundles, and every resource of the type with it).
-            self._writer.probe_ahead(unknown)
+            # Whether Medplum holds any resource of a type new to the id map is asked as the scan
+            # finds the type, while the server is idle, not when the type's first resource is read
+            # (then the answer waits behind our own Bundles, and every resource of the type with it).
+            files = dependency_order(
+                files, self._idmap, self._writer.context, self._check_stop, self._writer.probe_ahead
+            )
             if not any(is_wrapped(f) for f in files):
                 # The scan noted every identity of the input: a target it did not see will not
                 # arrive, so it is fetched from the source as soon as something names it.

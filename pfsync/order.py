@@ -4,7 +4,9 @@ One streaming pass notes every identity in the id map (the id -> type index that
 `urn:uuid:<id>` references) and which types each file references; files are then ordered so a
 file comes after the files whose types it references (cycles broken by fewest unmet references).
 Loading in this order means few resources wait for their targets (medplum issue: "Load in
-dependency order derived from the data").
+dependency order derived from the data"). Among files that are equally ready, those with
+attachments go first: their copies (download, then upload as Binary) run beside the other files'
+Bundles instead of trailing after the last of them, with the whole load waiting (pfsync.attachments).
 
 The pass is cheap, because the load parses every line again: a line that starts the way Bulk
 Data writers write resources (`{"resourceType":"T","id":"I"`) and ends with `}` gives its identity
@@ -19,6 +21,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -40,26 +43,33 @@ def dependency_order(
     idmap: IdMap,
     ctx: TransformContext,
     check_stop: Callable[[], None],
-    unknown: list[str] | None = None,
+    on_unknown: Callable[[str], None] | None = None,
 ) -> list[Path]:
-    """`files` in load order. `unknown` (if given) receives, in that order, the types that have an
-    identity the id map holds no Medplum id for (the loader asks Medplum about them up front)."""
+    """`files` in load order. `on_unknown` (if given) hears, during the scan, each type that has an
+    identity the id map holds no Medplum id for: the loader asks Medplum about it at once, so the
+    answer is in before the first Bundle instead of holding it back."""
     types: dict[Path, str] = {}
-    new_types: set[str] = set()
+    new_types = _Unknown(on_unknown)
     wants: dict[Path, set[str]] = {}
     urns: dict[Path, set[str]] = {}
+    attached: set[Path] = set()
     wrapped = [f for f in files if is_wrapped(f)]
     plain = [f for f in files if f not in wrapped]
     ref_re = _reference_re(ctx.base)
     for path in plain:
         seen: Counter[str] = Counter()
         wants[path], urns[path] = set(), set()
-        if not _scan_fast(path, idmap, ref_re, seen, wants[path], urns[path], check_stop, new_types):
+        sample = _Sample()
+        if not _scan_fast(path, idmap, ref_re, seen, sample, check_stop, new_types):
             seen.clear()
-            wants[path], urns[path] = set(), set()
-            _scan_parsed(path, idmap, ref_re, seen, wants[path], urns[path], check_stop, new_types)
+            sample = _Sample()
+            _scan_parsed(path, idmap, ref_re, seen, sample, check_stop, new_types)
+        wants[path], urns[path] = sample.wants(), sample.urns()
+        if sample.attachments:
+            attached.add(path)
         types[path] = seen.most_common(1)[0][0] if seen else ""
-    idmap.commit()
+    # No commit here: the noted identities reach the disk with the load's first writes (the map
+    # is a cache), not while Medplum waits for the first Bundle.
     for path in plain:
         for sid in urns[path]:
             for rtype, _ in idmap.types_of(sid):
@@ -72,17 +82,14 @@ def dependency_order(
         pending_types = {types[p] for p in remaining}
 
         scored = [
-            ((_unmet(p, wants, types, pending_types, provided), p.stat().st_size), p) for p in remaining
+            ((_unmet(p, wants, types, pending_types, provided), p not in attached, p.stat().st_size), p)
+            for p in remaining
         ]
         best = min(scored, key=lambda s: s[0])[1]
         ordered.append(best)
         remaining.remove(best)
         if not any(types[p] == types[best] for p in remaining):
             provided.add(types[best])
-    if unknown is not None:
-        for path in ordered:
-            if types[path] in new_types and types[path] not in unknown:
-                unknown.append(types[path])
     return wrapped + ordered
 
 
@@ -101,17 +108,45 @@ def _reference_re(base: str) -> re.Pattern[bytes]:
     )
 
 
-def _wants(raw: bytes, ref_re: re.Pattern[bytes], wants: set[str], urns: set[str]) -> None:
-    for rtype, urn in ref_re.findall(raw):
-        if rtype:
-            wants.add(rtype.decode())
-        elif len(urns) < _MAX_URNS:
-            urns.add(urn.decode())
+@dataclass
+class _Sample:
+    """What the first lines of a file tell: types referenced, bare urn:uuid ids, attachments.
+    Matches are kept as bytes and decoded once at the end (decoding each one cost half the scan)."""
+
+    found: set[tuple[bytes, bytes]] = field(default_factory=set)
+    attachments: bool = False
+
+    def add(self, raw: bytes, ref_re: re.Pattern[bytes]) -> None:
+        if len(self.found) < _MAX_URNS:
+            self.found.update(ref_re.findall(raw))
+        else:
+            self.found.update(m for m in ref_re.findall(raw) if m[0])
+        if not self.attachments and b'"contentType"' in raw and b'"url"' in raw:
+            self.attachments = True  # an Attachment (pfsync.attachments) that may need a copy
+
+    def wants(self) -> set[str]:
+        return {rtype.decode() for rtype, _ in self.found if rtype}
+
+    def urns(self) -> set[str]:
+        return {urn.decode() for rtype, urn in self.found if not rtype}
 
 
-def _note(idmap: IdMap, rtype: str, sid: str, new_types: set[str]) -> None:
+@dataclass
+class _Unknown:
+    """Types with an identity the id map holds no Medplum id for; `announce` hears each once."""
+
+    announce: Callable[[str], None] | None
+    types: set[str] = field(default_factory=set)
+
+    def add(self, rtype: str) -> None:
+        self.types.add(rtype)
+        if self.announce is not None:
+            self.announce(rtype)
+
+
+def _note(idmap: IdMap, rtype: str, sid: str, new_types: _Unknown) -> None:
     """Note the identity in the id map; its type goes to `new_types` if Medplum's id is not known."""
-    if rtype not in new_types:
+    if rtype not in new_types.types:
         row = idmap.get(rtype, sid)
         if row is None or row.mid is None:
             new_types.add(rtype)
@@ -119,8 +154,8 @@ def _note(idmap: IdMap, rtype: str, sid: str, new_types: set[str]) -> None:
 
 
 def _scan_fast(
-    path: Path, idmap: IdMap, ref_re: re.Pattern[bytes], seen: Counter[str], wants: set[str],
-    urns: set[str], check_stop: Callable[[], None], new_types: set[str],
+    path: Path, idmap: IdMap, ref_re: re.Pattern[bytes], seen: Counter[str], sample: _Sample,
+    check_stop: Callable[[], None], new_types: _Unknown,
 ) -> bool:  # fmt: skip
     """NDJSON line by line; False if the file is not NDJSON (a pretty document: parse it whole)."""
     with open_binary(path) as fh:
@@ -157,12 +192,12 @@ def _scan_fast(
             seen[rtype] += 1
             _note(idmap, rtype, sid, new_types)
             if n <= _SAMPLE_LINES:
-                _wants(line, ref_re, wants, urns)
+                sample.add(line, ref_re)
 
 
 def _scan_parsed(
-    path: Path, idmap: IdMap, ref_re: re.Pattern[bytes], seen: Counter[str], wants: set[str],
-    urns: set[str], check_stop: Callable[[], None], new_types: set[str],
+    path: Path, idmap: IdMap, ref_re: re.Pattern[bytes], seen: Counter[str], sample: _Sample,
+    check_stop: Callable[[], None], new_types: _Unknown,
 ) -> None:  # fmt: skip
     for n, item in enumerate(iter_file(path)):
         if n % 1024 == 0:
@@ -175,4 +210,4 @@ def _scan_parsed(
         seen[rtype] += 1
         _note(idmap, rtype, sid, new_types)
         if n < _SAMPLE_LINES:
-            _wants(item.raw, ref_re, wants, urns)
+            sample.add(item.raw, ref_re)

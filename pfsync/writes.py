@@ -383,11 +383,10 @@ class Writer:
             entry.retarget("PUT", self._conditional_url(entry))
         self._send(entry, create=True)
 
-    def probe_ahead(self, types: list[str]) -> None:
-        """Start the probes of these types now (in this order), if probes are needed at all."""
+    def probe_ahead(self, rtype: str) -> None:
+        """Start the probe of this type now, if probes are needed at all."""
         if self._probes_needed:
-            for rtype in types:
-                self._probe(rtype)
+            self._probe(rtype)
 
     @property
     def _probes_needed(self) -> bool:

@@ -12,7 +12,9 @@ load.attachment_content_types, the attachment is left as it is (reported).
 Copies run on worker threads (`start` / `finished`), a few resources at a time (more wait their
 turn in memory), so a practice with thousands of documents does not copy them one after another
 on the loader's thread while every Bundle waits: the resource is written once its attachments
-are copied. The id map belongs to the loader's thread; workers read earlier runs' Binaries
+are copied. At most `_DOWNLOADS` downloads run at once (the EHR's politeness rule); uploads, which
+wait behind our Bundles at Medplum, run beside them on the other workers, so at most
+`_COPY_THREADS` attachments' bytes are in memory (each under load.attachment_max_bytes). The id map belongs to the loader's thread; workers read earlier runs' Binaries
 through their own read-only SQLite connection and share this run's uploads through `_promises`
 (the same content is uploaded once even when two workers download it at the same time).
 """
@@ -43,8 +45,11 @@ if TYPE_CHECKING:
     from pfsync.writes import Writer
 
 
-_COPY_THREADS = 4  # practice-fusion.md "Other": be polite, at most a few parallel downloads
-_MAX_COPIES = 8  # handed to the workers at once (a worker never waits for the loader's thread to
+_DOWNLOADS = 4  # practice-fusion.md "Other": be polite, at most a few parallel downloads
+_COPY_THREADS = 8  # workers: each downloads (at most _DOWNLOADS at once), then uploads; an upload
+# waits behind our Bundles at Medplum, so with one pool of four the copies fell behind the Bundles
+# and the load ended waiting for them
+_MAX_COPIES = 12  # handed to the workers at once (a worker never waits for the loader's thread to
 # hand it the next); only the running ones hold bytes in memory
 _MAX_WAITING = 2000  # resources waiting for a copy slot (their parsed JSON only)
 
@@ -79,6 +84,7 @@ class Attachments:
         self._owner = threading.current_thread()
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._downloads = threading.Semaphore(_DOWNLOADS)
         self._readers: list[sqlite3.Connection] = []
         self._promises: dict[str, Future[str]] = {}
         self._pool: ThreadPoolExecutor | None = None
@@ -209,7 +215,8 @@ class Attachments:
     def _copy(self, jobs: list[tuple[dict[str, Any], str, Any]]) -> list[Copied | None]:
         out: list[Copied | None] = []
         for att, url, declared in jobs:
-            fetched = self._download(url, declared)
+            with self._downloads:
+                fetched = self._download(url, declared)
             if fetched is None:
                 out.append(None)
                 continue

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,20 @@ def test_load_copies_attachments_concurrently_each_content_once(
     routes[f"{base_path}/files/busy.pdf"] = (503, b"", "text/plain")
     seen: list[str] = []
     inner = _source_client(routes, seen)
-    slow = httpx.Client(transport=httpx.MockTransport(lambda r: (time.sleep(0.02), inner.send(r))[1]))
+    lock, active, most = threading.Lock(), [0], [0]
+
+    def download(request: httpx.Request) -> httpx.Response:
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            time.sleep(0.02)
+            return inner.send(request)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    slow = httpx.Client(transport=httpx.MockTransport(download))
 
     def doc(i: int, name: str) -> dict[str, Any]:
         return {"resourceType": "DocumentReference", "id": f"d{i}", "status": "current",
@@ -167,6 +181,7 @@ def test_load_copies_attachments_concurrently_each_content_once(
         assert att["hash"] == base64.b64encode(hashlib.sha1(contents[i % 3]).digest()).decode()
     assert stored["d5"]["relatesTo"][0]["target"]["reference"] == f"DocumentReference/{stored['d4']['id']}"
     assert result.total("created") == 24 and target.stats.writes == 24 + 3
+    assert most[0] <= 4  # practice-fusion.md: at most a few parallel downloads, however many copy
 
 
 def test_load_fetches_missing_references_from_source(target: TargetSandbox, tmp_path: Path) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
+import pytest
+
+from pfsync import idmap as idmap_module
 from pfsync.idmap import Held, IdMap, MapRow
 
 
@@ -72,3 +76,27 @@ def test_idmap_binaries(tmp_path: Path) -> None:
     m.record_binary("abc=", "bin-1", 10)
     assert m.binary("abc=") == "bin-1"
     m.close()
+
+
+def test_idmap_noted_identities_stay_in_memory_until_the_map_outgrows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(idmap_module, "_CACHE_MAX", 3)
+    path = tmp_path / "i.sqlite"
+    m = IdMap(path, target="t")
+    m.seen("Encounter", "u1")
+    m.commit()
+    assert _rows_on_disk(path) == 0  # nothing to write yet: the whole map is in memory
+    m.seen("Encounter", "u2")
+    m.record("Patient", "p1", "m-p1", None, None)
+    m.seen("Encounter", "u3")  # the fourth identity: the map no longer fits, everything goes to disk
+    m.commit()
+    assert _rows_on_disk(path) == 4
+    assert m.types_of("u1") == [("Encounter", None)] and m.types_of("u3") == [("Encounter", None)]
+    assert m.get("Patient", "p1") == MapRow("m-p1", None, None)
+    m.close()
+
+
+def _rows_on_disk(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("SELECT count(*) FROM map").fetchone()[0])

@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from pfsync import gcpace
+from pfsync import tuning
 from pfsync.errors import InterruptedRunError
 from pfsync.events import EventSink, NullSink
 from pfsync.exportjob import export_files
@@ -115,7 +115,7 @@ class Loader:
         self._consumed: list[Path] = []
         self._started = time.monotonic()
         self._closed = False
-        gcpace.relax()  # pfsync.gcpace: a load makes millions of short-lived acyclic objects
+        tuning.relax()  # pfsync.tuning: the collector's pace and thread switching during a load
 
     # -- context manager
     def __enter__(self) -> Loader:
@@ -134,7 +134,7 @@ class Loader:
         try:
             self._writer.close()
         finally:
-            gcpace.restore()
+            tuning.restore()
             self._idmap.close()
             self.quarantine.close()
             self.retry_queue.close()

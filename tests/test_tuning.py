@@ -1,49 +1,55 @@
-"""The collector's pace during a load (pfsync.gcpace): raised while any Loader is open, restored after."""
+"""Interpreter settings during a load (pfsync.tuning): applied while any Loader is open, restored after."""
 
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from pfsync import gcpace
+from pfsync import tuning
 from pfsync.load import Loader
 from pfsync.settings import LoadSettings, SourceSettings
 
 
 @pytest.fixture(autouse=True)
-def _thresholds() -> Iterator[None]:
-    before = gc.get_threshold()
+def _settings() -> Iterator[None]:
+    before = gc.get_threshold(), sys.getswitchinterval()
     yield
-    gc.set_threshold(*before)
+    gc.set_threshold(*before[0])
+    sys.setswitchinterval(before[1])
 
 
-def test_gcpace_raises_the_first_threshold_until_the_last_holder_restores() -> None:
+def test_tuning_applies_until_the_last_holder_restores() -> None:
     gc.set_threshold(700, 10, 10)
-    gcpace.relax()
-    gcpace.relax()
+    sys.setswitchinterval(0.005)
+    tuning.relax()
+    tuning.relax()
     assert gc.get_threshold() == (50_000, 10, 10)
-    gcpace.restore()
+    assert sys.getswitchinterval() == pytest.approx(0.001)
+    tuning.restore()
     assert gc.get_threshold() == (50_000, 10, 10)  # the other holder is still loading
-    gcpace.restore()
+    tuning.restore()
     assert gc.get_threshold() == (700, 10, 10)
-    gcpace.restore()  # one too many: harmless
+    assert sys.getswitchinterval() == pytest.approx(0.005)
+    tuning.restore()  # one too many: harmless
     assert gc.get_threshold() == (700, 10, 10)
 
 
-def test_gcpace_keeps_automatic_collection_off_when_the_application_turned_it_off() -> None:
+def test_tuning_keeps_automatic_collection_off_when_the_application_turned_it_off() -> None:
     gc.set_threshold(0, 10, 10)
-    gcpace.relax()
+    tuning.relax()
     assert gc.get_threshold() == (0, 10, 10)
-    gcpace.restore()
+    tuning.restore()
     assert gc.get_threshold() == (0, 10, 10)
 
 
-def test_loaders_relax_the_collector_while_open_even_when_they_close_out_of_order(tmp_path: Path) -> None:
+def test_loaders_apply_the_settings_while_open_even_when_they_close_out_of_order(tmp_path: Path) -> None:
     gc.set_threshold(700, 10, 10)
+    sys.setswitchinterval(0.005)
     source = SourceSettings(name="s", base_url="https://ehr.example/fhir")
     with httpx.Client(base_url="https://medplum.example/fhir/R4/") as client:
         first = Loader(source, LoadSettings(), client, state_dir=tmp_path / "a")
@@ -53,5 +59,7 @@ def test_loaders_relax_the_collector_while_open_even_when_they_close_out_of_orde
         assert gc.get_threshold()[0] == 50_000
         first.close()  # idempotent: does not release the other loader's hold
         assert gc.get_threshold()[0] == 50_000
+        assert sys.getswitchinterval() == pytest.approx(0.001)
         second.close()
     assert gc.get_threshold() == (700, 10, 10)
+    assert sys.getswitchinterval() == pytest.approx(0.005)

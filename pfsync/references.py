@@ -85,6 +85,7 @@ class References:
         self._has_logical = idmap.held_count("logical") > 0
         self._tried: set[tuple[str, str]] = set()
         self._queue: dict[str, set[str]] = {}  # type -> source ids to fetch
+        self._in_fetch: set[tuple[str, str]] = set()  # fetched, not ingested yet
         self._fetched_types: set[str] = set()
         # Targets the source did not give us in this run (not there, or refused), and types it
         # refuses to read (no scope): what references them is written now with logical references
@@ -151,9 +152,11 @@ class References:
         return out
 
     def queued(self, key: tuple[str, str]) -> bool:
-        """Whether this target waits in the queue of fetches from the source."""
+        """Whether this target waits in the queue of fetches from the source, or is being fetched
+        (a fetched chunk is ingested one resource at a time: answers taken in meanwhile wake
+        resources waiting for a later one of the chunk, which is still on its way)."""
         ids = self._queue.get(key[0])
-        return ids is not None and key[1] in ids
+        return (ids is not None and key[1] in ids) or key in self._in_fetch
 
     def _will_not_arrive(self, key: tuple[str, str]) -> bool:
         if self.expected is None or self._idmap.get(*key) is not None:
@@ -280,11 +283,17 @@ class References:
         self._tried.update((rtype, i) for i in ids)
         self._fetched_types.add(rtype)
         missing = set(ids)
-        for resource in self._fetch(rtype, ids):
-            self._writer.count(rtype, "fetched")
-            missing.discard(resource["id"])
-            raw = orjson.dumps(resource)
-            self._writer.ingest(resource, f"{self._ctx.base}/{rtype}", 0, raw)
+        self._in_fetch = {(rtype, i) for i in ids}
+        try:
+            for resource in self._fetch(rtype, ids):
+                self._writer.count(rtype, "fetched")
+                sid = resource["id"]
+                missing.discard(sid)
+                raw = orjson.dumps(resource)
+                self._writer.ingest(resource, f"{self._ctx.base}/{rtype}", 0, raw)
+                self._in_fetch.discard((rtype, sid))  # written, parked or held by now
+        finally:
+            self._in_fetch = set()
         for sid in sorted(missing):
             self._absent.add((rtype, sid))
             self._writer.not_coming((rtype, sid))  # what waits for it in memory looks again

@@ -161,6 +161,14 @@ class BatchSender:
         """Send everything queued and wait until every entry has an outcome."""
         self._pump(final=True)
 
+    def poll(self) -> None:
+        """Take in answered Bundles, if any came back (a queue check when none did): the caller
+        reads on while its resources wait for these ids, and the freed slots take ready Bundles."""
+        if self._done:
+            self._reap(block=False)
+            if self.on_reaped is not None:
+                self.on_reaped()
+
     def nudge(self) -> None:
         """Without waiting: take in finished Bundles and send what is queued, even a partial
         Bundle, while slots allow (other resources wait for these ids)."""

@@ -153,6 +153,11 @@ class Writer:
             self._probe(p.type)
         if self._probes:
             self._probed(block=False)  # what waits for an answered probe must not wait for a route
+        if self._sender is not None:
+            # Answers are read as they come, not only when a Bundle fills: while a file of
+            # dependants is read (and parked) the targets' ids arrive and the server gets the next
+            # Bundle (a Patient Bundle's answer sat unread for 54 ms of an Encounter file).
+            self._sender.poll()
         if self._attachments is not None and self._attachments.pending:
             self._attachments.supersede((p.type, p.sid))  # this newer copy replaces one being copied
             self._copied(block=False)

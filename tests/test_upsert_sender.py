@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -363,6 +364,27 @@ def test_sender_lets_the_caller_prepare_entries_while_bundles_are_in_flight() ->
     sender.flush()
     assert released == [True, True, True]
     assert sorted(sid for sid, _, _ in handler.done) == ["0", "1", "2"]
+
+
+def test_sender_poll_takes_in_answers_without_sending_a_partial_bundle() -> None:
+    client, _ = server(lambda entries, n: (200, response(created(entries)), {}))
+    handler, clock = Handler(), FakeClock()
+    sender = make(client, handler, clock, max_entries=2, max_concurrency=2)
+    reaped: list[int] = []
+    sender.on_reaped = lambda: reaped.append(len(handler.done))
+    sender.add(entry(0))
+    sender.add(entry(1))  # a full Bundle: sent
+    sender.add(entry(2))  # a partial one: stays queued
+    for _ in range(10_000):  # until the worker has the answer; poll must take it in
+        sender.poll()
+        if handler.done:
+            break
+        time.sleep(0.001)
+    assert sorted(sid for sid, _, _ in handler.done) == ["0", "1"]
+    assert reaped == [2]  # the Writer hears of it (parked resources look again)
+    assert sender.stats.bundles == 1  # the partial Bundle was not sent by a poll
+    sender.flush()
+    assert sender.stats.bundles == 2
 
 
 def test_sender_reads_the_answer_first_when_a_quota_budget_applies() -> None:

@@ -41,7 +41,7 @@ class Entry:
     known_vid: str | None = None  # version in the id map before this write: tells a no-op apart
     looked_up: bool = False  # Medplum was searched for this identity since the last ambiguity
     ambiguous: bool = False  # an earlier write of it may have committed unseen: always search first
-    logical: bool = False  # the body holds logical references (upgrade later)
+    logical: tuple[tuple[str, str], ...] = ()  # targets the body names logically (upgrade later)
     purpose: str = "upsert"  # upsert | delete | delete-tag
     _encoded: bytes | None = None
 

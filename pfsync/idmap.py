@@ -49,6 +49,12 @@ CREATE TABLE IF NOT EXISTS waits (type TEXT NOT NULL, sid TEXT NOT NULL, ttype T
 CREATE INDEX IF NOT EXISTS waits_target ON waits (ttype, tsid);
 CREATE TABLE IF NOT EXISTS logical (type TEXT NOT NULL, sid TEXT NOT NULL, file TEXT, line INTEGER,
     raw BLOB NOT NULL, PRIMARY KEY (type, sid)) WITHOUT ROWID;
+-- The targets each logical row names logically: only rows with a target that has arrived are
+-- looked at again (re-preparing every logical row cost every later run, and most never resolve:
+-- a type the source refuses stays logical for good). Rows from before this table have none.
+CREATE TABLE IF NOT EXISTS logical_waits (type TEXT NOT NULL, sid TEXT NOT NULL, ttype TEXT NOT NULL,
+    tsid TEXT NOT NULL, PRIMARY KEY (type, sid, ttype, tsid)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS logical_waits_target ON logical_waits (ttype, tsid);
 CREATE TABLE IF NOT EXISTS binaries (sha1 TEXT PRIMARY KEY, mid TEXT NOT NULL, size INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS loaded (key TEXT PRIMARY KEY) WITHOUT ROWID;
@@ -56,6 +62,7 @@ CREATE TABLE IF NOT EXISTS loaded (key TEXT PRIMARY KEY) WITHOUT ROWID;
 _CACHE_MAX = 200_000
 _FLUSH_ROWS = 1000  # buffered rows written (not committed) at once, so no flush stalls the loader
 _TABLES = ("deferred", "logical")
+_WAITS = {"deferred": "waits", "logical": "logical_waits"}  # the targets each held row waits for
 # A waited-for target whose type is unknown (a `urn:uuid:<id>` no input has named yet).
 ANY_TYPE = ""
 
@@ -157,19 +164,17 @@ class IdMap:
                 if not keys:
                     continue
                 db.executemany(f"DELETE FROM {table} WHERE type = ? AND sid = ?", keys)
-                if table == "deferred":
-                    db.executemany("DELETE FROM waits WHERE type = ? AND sid = ?", keys)
+                db.executemany(f"DELETE FROM {_WAITS[table]} WHERE type = ? AND sid = ?", keys)
                 items = [(item, waits) for (tb, _, _), (item, waits) in self._held.items()
                          if tb == table and item is not None]  # fmt: skip
                 db.executemany(
                     f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?)",
                     [(i.type, i.sid, i.file, i.line, i.raw) for i, _ in items],
                 )
-                if table == "deferred":
-                    db.executemany(
-                        "INSERT OR IGNORE INTO waits VALUES (?, ?, ?, ?)",
-                        [(i.type, i.sid, tt, ts) for i, waits in items for tt, ts in waits],
-                    )
+                db.executemany(
+                    f"INSERT OR IGNORE INTO {_WAITS[table]} VALUES (?, ?, ?, ?)",
+                    [(i.type, i.sid, tt, ts) for i, waits in items for tt, ts in waits],
+                )
             self._held = {}
 
     def close(self) -> None:
@@ -245,8 +250,8 @@ class IdMap:
 
     # -- held resources
     def hold(self, table: str, item: Held, waits: Iterable[tuple[str, str]] = ()) -> None:
-        """Keep a resource on disk; `waits` (deferred only): the (type, sid) targets it waits for,
-        type ANY_TYPE when only the id is known."""
+        """Keep a resource on disk; `waits`: the (type, sid) targets it waits for (deferred: type
+        ANY_TYPE when only the id is known; logical: the targets named logically)."""
         assert table in _TABLES
         self._held[(table, item.type, item.sid)] = (item, tuple(waits))
 
@@ -263,6 +268,26 @@ class IdMap:
             page = self._db.execute(
                 f"SELECT type, sid, file, line, raw FROM {table} WHERE (type, sid) > (?, ?) "
                 "ORDER BY type, sid LIMIT 500",
+                last,
+            ).fetchall()
+            if not page:
+                return
+            for t, s, f, line, raw in page:
+                yield Held(t, s, f, line, bytes(raw))
+            last = (page[-1][0], page[-1][1])
+
+    def upgradable(self) -> Iterator[Held]:
+        """Logical rows that may resolve now: one of their logical targets has a Medplum id (or
+        the row predates `logical_waits`), read in pages like `held`."""
+        self._flush()
+        last: tuple[str, str] = ("", "")
+        while True:
+            page = self._db.execute(
+                "SELECT l.type, l.sid, l.file, l.line, l.raw FROM logical l WHERE (l.type, l.sid) > (?, ?) AND ("
+                "EXISTS (SELECT 1 FROM logical_waits w JOIN map m ON m.type = w.ttype AND m.sid = w.tsid "
+                "AND m.mid IS NOT NULL WHERE w.type = l.type AND w.sid = l.sid) "
+                "OR NOT EXISTS (SELECT 1 FROM logical_waits w WHERE w.type = l.type AND w.sid = l.sid)) "
+                "ORDER BY l.type, l.sid LIMIT 500",
                 last,
             ).fetchall()
             if not page:

@@ -176,7 +176,9 @@ class References:
             self._idmap.release("deferred", rtype, sid)
 
     def hold_logical(self, entry: Entry) -> None:
-        self._idmap.hold("logical", Held(entry.type, entry.sid, entry.file, entry.line, entry.raw))
+        self._idmap.hold(
+            "logical", Held(entry.type, entry.sid, entry.file, entry.line, entry.raw), entry.logical
+        )
         self._has_logical = True
 
     def upgraded(self, rtype: str, sid: str) -> None:
@@ -269,7 +271,7 @@ class References:
     def _upgrade(self) -> None:
         if not self._has_logical:
             return
-        for held in self._idmap.held("logical"):
+        for held in self._idmap.upgradable():
             try:
                 p = prepare(orjson.loads(held.raw), self._ctx)
             except TransformError:

@@ -331,7 +331,7 @@ class Writer:
         if rendered.unknown:
             self.count(p.type, "unresolved_references", len(rendered.unknown))
         entry = Entry(p.type, p.sid, "PUT", "", rendered.body, rendered.hash, file, line, raw)
-        entry.logical = bool(rendered.logical)
+        entry.logical = tuple((r.type, r.id) for r in rendered.logical if r.type is not None)
         self.route(entry)
         self._done += 1
         if self._done % _PROGRESS_EVERY == 0:

@@ -100,3 +100,25 @@ def test_idmap_noted_identities_stay_in_memory_until_the_map_outgrows_it(
 def _rows_on_disk(path: Path) -> int:
     with sqlite3.connect(path) as db:
         return int(db.execute("SELECT count(*) FROM map").fetchone()[0])
+
+
+def test_idmap_upgradable_lists_logical_rows_whose_targets_arrived(tmp_path: Path) -> None:
+    path = tmp_path / "i.sqlite"
+    m = IdMap(path, target="t")
+    m.hold("logical", Held("Encounter", "e1", "f", 1, b"{}"), [("Organization", "o1")])  # refused type
+    m.hold(
+        "logical", Held("Encounter", "e2", "f", 2, b"{}"), [("Practitioner", "dr"), ("Organization", "o1")]
+    )
+    m.hold("logical", Held("Encounter", "e3", "f", 3, b"{}"))  # held before targets were recorded
+    assert [h.sid for h in m.upgradable()] == ["e3"]
+    m.record("Practitioner", "dr", "m-dr", None, None)  # one of e2's targets arrived
+    assert [h.sid for h in m.upgradable()] == ["e2", "e3"]
+    m.release("logical", "Encounter", "e2")
+    m.hold("logical", Held("Encounter", "e2", "f", 2, b"{}"), [("Organization", "o1")])  # written again
+    assert [h.sid for h in m.upgradable()] == ["e3"]
+    m.close()
+    with sqlite3.connect(path) as db:  # the released row's targets went with it
+        assert db.execute("SELECT type, sid, ttype, tsid FROM logical_waits ORDER BY sid").fetchall() == [
+            ("Encounter", "e1", "Organization", "o1"),
+            ("Encounter", "e2", "Organization", "o1"),
+        ]

@@ -387,7 +387,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("load.upsert_mode", ("PFSYNC_UPSERT_MODE",), _choice("direct", "conditional"), "direct", "direct: search identities, then POST new / PUT-by-id known (~100 quota points per write); conditional: PUT Type?identifier=... (~140, no search)."),
     Spec("load.fetch_missing_references", ("PFSYNC_FETCH_MISSING_REFERENCES",), _bool, True, "Fetch referenced resources the export left out (Practitioner, Organization...)."),
     Spec("load.attachments", ("PFSYNC_ATTACHMENTS",), _bool, True, "Copy attachments that point at the source into Medplum Binary."),
-    Spec("load.attachment_max_bytes", ("PFSYNC_ATTACHMENT_MAX_BYTES",), _positive_int, 50 * 1024 * 1024, "Largest attachment copied."),
+    Spec("load.attachment_max_bytes", ("PFSYNC_ATTACHMENT_MAX_BYTES",), _positive_int, 50 * 1024 * 1024, "Largest attachment copied (up to eight are in memory at once while copies run)."),
     Spec("load.attachment_content_types", ("PFSYNC_ATTACHMENT_CONTENT_TYPES",), _list, (), "Allowed attachment content types (empty: any)."),
     # --- sync & scheduling
     Spec("sync.interval_ms", ("PF_SYNC_INTERVAL_MS",), _positive_int, 86_400_000, "Interval of `pfsync sync --every` when no --every is given, in ms."),

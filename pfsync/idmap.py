@@ -262,34 +262,25 @@ class IdMap:
     def held(self, table: str) -> Iterator[Held]:
         """A snapshot of a held table, read in pages so memory stays flat."""
         assert table in _TABLES
-        self._flush()
-        last: tuple[str, str] = ("", "")
-        while True:
-            page = self._db.execute(
-                f"SELECT type, sid, file, line, raw FROM {table} WHERE (type, sid) > (?, ?) "
-                "ORDER BY type, sid LIMIT 500",
-                last,
-            ).fetchall()
-            if not page:
-                return
-            for t, s, f, line, raw in page:
-                yield Held(t, s, f, line, bytes(raw))
-            last = (page[-1][0], page[-1][1])
+        return self._pages(f"SELECT type, sid, file, line, raw FROM {table} WHERE (type, sid) > (?, ?)")
 
     def upgradable(self) -> Iterator[Held]:
         """Logical rows that may resolve now: one of their logical targets has a Medplum id (or
         the row predates `logical_waits`), read in pages like `held`."""
+        return self._pages(
+            "SELECT type, sid, file, line, raw FROM logical l WHERE (type, sid) > (?, ?) AND ("
+            "EXISTS (SELECT 1 FROM logical_waits w JOIN map m ON m.type = w.ttype AND m.sid = w.tsid "
+            "AND m.mid IS NOT NULL WHERE w.type = l.type AND w.sid = l.sid) "
+            "OR NOT EXISTS (SELECT 1 FROM logical_waits w WHERE w.type = l.type AND w.sid = l.sid))"
+        )
+
+    def _pages(self, query: str) -> Iterator[Held]:
+        """The rows of `query` (type, sid, file, line, raw, bounded by `(type, sid) > (?, ?)`), 500
+        at a time, each page asked after the previous one is used (rows may change meanwhile)."""
         self._flush()
         last: tuple[str, str] = ("", "")
         while True:
-            page = self._db.execute(
-                "SELECT l.type, l.sid, l.file, l.line, l.raw FROM logical l WHERE (l.type, l.sid) > (?, ?) AND ("
-                "EXISTS (SELECT 1 FROM logical_waits w JOIN map m ON m.type = w.ttype AND m.sid = w.tsid "
-                "AND m.mid IS NOT NULL WHERE w.type = l.type AND w.sid = l.sid) "
-                "OR NOT EXISTS (SELECT 1 FROM logical_waits w WHERE w.type = l.type AND w.sid = l.sid)) "
-                "ORDER BY l.type, l.sid LIMIT 500",
-                last,
-            ).fetchall()
+            page = self._db.execute(query + " ORDER BY type, sid LIMIT 500", last).fetchall()
             if not page:
                 return
             for t, s, f, line, raw in page:

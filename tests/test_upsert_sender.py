@@ -331,17 +331,29 @@ def _settle_log(handler: Handler, sender: BatchSender) -> dict[str, int]:
     return log
 
 
-def test_sender_sends_the_next_ready_bundle_before_reading_an_answer() -> None:
-    """A freed slot takes the next ready Bundle at once: reading a hundred outcomes takes the
-    loader milliseconds the server would sit idle for."""
-    client, _ = server(lambda entries, n: (200, response(created(entries)), {}))
+@pytest.mark.parametrize(
+    ("headers", "count", "expected"),
+    [
+        # A freed slot takes the next ready Bundle at once: reading a hundred outcomes takes the
+        # loader milliseconds the server would sit idle for ("1" goes before "0"'s answer is read).
+        ({}, 3, {"0": 2, "1": 3, "2": 3}),
+        # Under a quota the answer's RateLimit decides what may go next: after the first answer
+        # (before it no budget is known), each answer is read first.
+        ({"RateLimit": '"requests";r=59000;t=60, "fhirInteractions";r=40000;t=60'}, 4,
+         {"0": 2, "1": 2, "2": 3, "3": 4}),
+    ],
+)  # fmt: skip
+def test_sender_sends_the_next_ready_bundle_before_reading_an_answer_unless_a_quota_applies(
+    headers: dict[str, str], count: int, expected: dict[str, int]
+) -> None:
+    client, _ = server(lambda entries, n: (200, response(created(entries)), headers))
     handler, clock = Handler(), FakeClock()
     sender = make(client, handler, clock, max_entries=1, max_concurrency=1)
     log = _settle_log(handler, sender)
-    for i in range(3):
+    for i in range(count):
         sender.add(entry(i))
     sender.flush()
-    assert log == {"0": 2, "1": 3, "2": 3}  # "1" was on its way before the answer of "0" was read
+    assert log == expected
 
 
 def test_sender_lets_the_caller_prepare_entries_while_bundles_are_in_flight() -> None:
@@ -385,20 +397,6 @@ def test_sender_poll_takes_in_answers_without_sending_a_partial_bundle() -> None
     assert sender.stats.bundles == 1  # the partial Bundle was not sent by a poll
     sender.flush()
     assert sender.stats.bundles == 2
-
-
-def test_sender_reads_the_answer_first_when_a_quota_budget_applies() -> None:
-    """Under a quota the answer's RateLimit decides what may go next."""
-    header = {"RateLimit": '"requests";r=59000;t=60, "fhirInteractions";r=40000;t=60'}
-    client, _ = server(lambda entries, n: (200, response(created(entries)), header))
-    handler, clock = Handler(), FakeClock()
-    sender = make(client, handler, clock, max_entries=1, max_concurrency=1)
-    log = _settle_log(handler, sender)
-    for i in range(4):
-        sender.add(entry(i))
-    sender.flush()
-    # The first answer comes before any budget is known; after it, each answer is read first.
-    assert log == {"0": 2, "1": 2, "2": 3, "3": 4}
 
 
 def test_concurrency_aimd() -> None:

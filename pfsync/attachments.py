@@ -14,9 +14,10 @@ turn in memory), so a practice with thousands of documents does not copy them on
 on the loader's thread while every Bundle waits: the resource is written once its attachments
 are copied. At most `_DOWNLOADS` downloads run at once (the EHR's politeness rule); uploads, which
 wait behind our Bundles at Medplum, run beside them on the other workers, so at most
-`_COPY_THREADS` attachments' bytes are in memory (each under load.attachment_max_bytes). The id map belongs to the loader's thread; workers read earlier runs' Binaries
-through their own read-only SQLite connection and share this run's uploads through `_promises`
-(the same content is uploaded once even when two workers download it at the same time).
+`_COPY_THREADS` attachments' bytes are in memory (each under load.attachment_max_bytes).
+The id map belongs to the loader's thread; workers read earlier runs' Binaries through their own
+read-only SQLite connection and share this run's uploads through `_promises` (the same content
+is uploaded once even when two workers download it at the same time).
 """
 
 from __future__ import annotations

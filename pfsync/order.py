@@ -58,7 +58,6 @@ def dependency_order(
     ref_re = _reference_re(ctx.base)
     for path in plain:
         seen: Counter[str] = Counter()
-        wants[path], urns[path] = set(), set()
         sample = _Sample()
         if not _scan_fast(path, idmap, ref_re, seen, sample, check_stop, new_types):
             seen.clear()

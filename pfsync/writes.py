@@ -306,7 +306,7 @@ class Writer:
 
     def _copied(self, *, block: bool) -> None:
         """Write the resources whose attachment copies ended (`block`: wait for one at least)."""
-        if self._attachments is None or not self._attachments.pending:
+        if self._attachments is None or not self._copying():
             return
         for c in self._attachments.finished(block=block):
             if c.error is None:

@@ -52,6 +52,14 @@ class Entry:
     def retarget(self, method: str, url: str) -> None:
         self.method, self.url, self._encoded = method, url, None
 
+    @property
+    def update_id(self) -> str | None:
+        """The Medplum id of an update by id (`PUT Type/<id>`), else None."""
+        if self.method != "PUT" or "?" in self.url:
+            return None
+        _, _, rid = self.url.rpartition("/")
+        return rid or None
+
     def encoded(self) -> bytes:
         """This entry as Bundle JSON bytes (built once: Bundles are sized by these lengths)."""
         if self._encoded is None:
@@ -59,8 +67,27 @@ class Entry:
             if self.body is None:
                 self._encoded = b'{"request":' + request + b"}"
             else:
-                self._encoded = b'{"resource":' + self.body + b',"request":' + request + b"}"
+                self._encoded = b'{"resource":' + self.request_body() + b',"request":' + request + b"}"
         return self._encoded
+
+    def request_body(self) -> bytes:
+        """The body as sent. An update by id carries that id in the body, since Medplum refuses one
+        whose body id differs from the URL's, a missing id included (docs/medplum.md, "Updates by
+        id"); every other request sends the body without an id (a conditional PUT with an id that
+        matches nothing is refused too)."""
+        assert self.body is not None
+        rid = self.update_id
+        if rid is None:
+            return self.body
+        return with_id(self.body, rid)
+
+
+def with_id(body: bytes, rid: str) -> bytes:
+    """`body` (a JSON resource) with `id` set to `rid`, placed after `resourceType`."""
+    resource = orjson.loads(body)
+    resource.pop("id", None)
+    rtype = resource.pop("resourceType", None)
+    return orjson.dumps({"resourceType": rtype, "id": rid, **resource})
 
 
 def bundle_bytes(entries: list[Entry]) -> bytes:

@@ -171,3 +171,34 @@ def test_target_check_references_on_write_rejects_dangling(target: TargetSandbox
         assert (
             c.post("Condition", json={**cond, "subject": {"reference": f"Patient/{pid}"}}).status_code == 201
         )
+
+
+def test_target_put_by_id_needs_the_body_to_carry_that_id(target: TargetSandbox) -> None:
+    with fhir_client(target) as c:
+        rid = c.post("Patient", json=patient("putid-1")).json()["id"]
+        no_id = c.put(f"Patient/{rid}", json=patient("putid-1", given="NoId"))
+        other_id = c.put(
+            f"Patient/{rid}", json={**patient("putid-1", given="Other"), "id": str(uuid.uuid4())}
+        )
+        other_type = c.put(f"Patient/{rid}", json={"resourceType": "Practitioner", "id": rid})
+        same_id = c.put(f"Patient/{rid}", json={**patient("putid-1", given="Same"), "id": rid})
+        stored = c.get(f"Patient/{rid}").json()
+    # transcript 44: type first, then id; only the matching body is written
+    assert no_id.status_code == other_id.status_code == other_type.status_code == 400
+    assert no_id.json()["issue"][0]["details"]["text"] == "Incorrect resource ID"
+    assert other_id.json()["issue"][0]["details"]["text"] == "Incorrect resource ID"
+    assert other_type.json()["issue"][0]["details"]["text"] == "Incorrect resource type"
+    assert same_id.status_code == 200 and stored["name"][0]["given"] == ["Same"]
+
+
+def test_target_post_if_none_exist_creates_once(target: TargetSandbox) -> None:
+    headers = {"If-None-Exist": f"identifier={MRN}|ifne-1"}
+    with fhir_client(target) as c:
+        first = c.post("Patient", json=patient("ifne-1"), headers=headers)
+        again = c.post("Patient", json=patient("ifne-1", given="Again"), headers=headers)
+        found = c.get(f"Patient?identifier={MRN}|ifne-1").json()
+    # transcript 49: 201, then 200 with the existing resource and no second copy
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"] and again.json()["name"] == first.json()["name"]
+    assert "location" not in again.headers
+    assert len(found["entry"]) == 1

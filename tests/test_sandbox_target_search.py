@@ -89,3 +89,48 @@ def test_target_search_by_id(target: TargetSandbox) -> None:
 def test_target_search_unknown_parameter_is_400(target: TargetSandbox) -> None:
     with fhir_client(target) as c:
         assert c.get("Patient", params={"nonsense": "1"}).status_code == 400
+
+
+def test_target_search_escaped_pipe_dollar_and_backslash_are_literal(target: TargetSandbox) -> None:
+    values = ("p|q", "p$q", "p\\q", "p,q")
+    with fhir_client(target) as c:
+        for v in values:
+            c.post("Patient", json=patient(v))
+        escaped = {v: v.replace("\\", "\\\\").replace(",", "\\,").replace("|", "\\|").replace("$", "\\$")
+                   for v in values}  # fmt: skip
+        singles = {v: _values(c.get("Patient", params={"identifier": f"{MRN}|{e}"}).json())
+                   for v, e in escaped.items()}  # fmt: skip
+        together = c.get("Patient", params={"identifier": ",".join(f"{MRN}|{e}" for e in escaped.values())})
+    # transcript 48: each escaped value finds its own resource, singly and OR-ed
+    assert singles == {v: {v} for v in values}
+    assert _values(together.json()) == set(values)
+
+
+def test_target_search_tag_and_sort_by_last_updated_page_in_order(target: TargetSandbox) -> None:
+    tag = {"system": "urn:example:group", "code": "sorted"}
+    with fhir_client(target) as c:
+        for i in range(5):
+            c.post("Patient", json=patient(f"s{i}", meta={"tag": [tag]}))
+        c.post("Patient", json=patient("untagged"))
+        params = {"_tag": "urn:example:group|sorted", "_sort": "_lastUpdated", "_count": "2"}
+        pages, url = [], None
+        page = c.get("Patient", params=params).json()
+        while True:
+            pages.append([e["resource"]["identifier"][0]["value"] for e in page["entry"]])
+            url = next((link["url"] for link in page["link"] if link["relation"] == "next"), None)
+            if url is None:
+                break
+            page = c.get(url).json()
+        newest_first = c.get("Patient", params={**params, "_sort": "-_lastUpdated", "_count": "5"}).json()
+    # transcript 51: pages in creation order through _offset links
+    assert pages == [["s0", "s1"], ["s2", "s3"], ["s4"]]
+    assert [e["resource"]["identifier"][0]["value"] for e in newest_first["entry"]] == [
+        f"s{i}" for i in range(4, -1, -1)
+    ]
+
+
+def test_target_search_fields_link_keeps_commas(target: TargetSandbox) -> None:
+    with fhir_client(target) as c:
+        c.post("Patient", json=patient("fl"))
+        r = c.get("Patient", params={"identifier": f"{MRN}|fl", "_elements": "identifier,meta"}).json()
+    assert "_fields=identifier,meta&" in r["link"][0]["url"]  # transcript 47

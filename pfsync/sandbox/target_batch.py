@@ -168,10 +168,14 @@ class BatchProcessor:
         e = self.engine
         if plan.kind == "create":
             if plan.if_none_exist:
-                charge(ctx, COST_SEARCH)
-                found = matching_ids(e.store, parse_query(plan.rtype, parse_qs(plan.if_none_exist)))
-                if len(found) == 1:
-                    return e.read(ctx, plan.rtype, found[0])
+                return e.create_if_none_exist(
+                    ctx,
+                    plan.rtype,
+                    plan.resource,
+                    plan.if_none_exist,
+                    plan.rid,
+                    conflict=self.faults.conflict(),
+                )
             return e.create(ctx, plan.rtype, plan.resource, plan.rid, conflict=self.faults.conflict())
         if plan.kind == "cond_create":
             # Run as a conditional update pinned to the first-pass id: a second entry for the same

@@ -191,7 +191,34 @@ class Engine:
         stored, _ = self.write_version(resource, assigned_id or new_id(), None)  # POST ignores a body id
         return Outcome(201, stored, created_outcome(), f"{rtype}/{stored['id']}")
 
+    def create_if_none_exist(
+        self,
+        ctx: Ctx,
+        rtype: str,
+        body: Any,
+        condition: str,
+        assigned_id: str | None = None,
+        conflict: bool = False,
+    ) -> Outcome:
+        """POST with If-None-Exist (transcript 49): 201 when nothing matches, else 200 with the existing
+        resource and no write; several matches are 412, as for a conditional update."""
+        charge(ctx, COST_SEARCH)
+        ids = matching_ids(self.store, parse_query(rtype, parse_qs(condition, keep_blank_values=True)))
+        if len(ids) > 1:
+            raise multiple_matches()
+        if ids:
+            return self.read(ctx, rtype, ids[0])
+        return self.create(ctx, rtype, body, assigned_id, conflict=conflict)
+
     def update(self, ctx: Ctx, rtype: str, rid: str, body: Any, if_match: str | None = None) -> Outcome:
+        # Recorded cases 44/45: an update by id must name its own type and carry the URL's id in the
+        # body; both are checked before anything else (no quota charged: the 400 has no
+        # fhirInteractions part), so a body without `id` is refused even for an existing resource.
+        if isinstance(body, dict):
+            if body.get("resourceType") != rtype:
+                raise invalid("Incorrect resource type")
+            if body.get("id") != rid:
+                raise invalid("Incorrect resource ID")
         charge(ctx, COST_WRITE)  # transcripts 11/12: 404 and "Invalid id" cost the write too
         if not is_uuid(rid):
             raise invalid("Invalid id")
@@ -203,8 +230,6 @@ class Engine:
         expected = parse_if_match(if_match)
         if expected is not None and expected != existing.vid:
             raise precondition_failed()  # transcript 35
-        if isinstance(body, dict) and body.get("id") not in (None, rid):
-            raise invalid("Resource ID did not match resolved ID", [f"{rtype}.id"])
         resource = self.prepare(ctx, rtype, body)
         stored, _ = self.write_version(resource, rid, existing)
         return Outcome(200, stored, ok_outcome(), f"{rtype}/{rid}")

@@ -180,6 +180,9 @@ class TargetApp:
             if m == "GET":
                 return self._fhir_json(200, e.search(ctx, rtype, req.query).resource or {})
             if m == "POST":
+                condition = req.header("if-none-exist")
+                if condition:
+                    return self._single(ctx, e.create_if_none_exist(ctx, rtype, _body(req), condition))
                 return self._single(ctx, e.create(ctx, rtype, _body(req)))
             if m == "PUT" and req.query:
                 return self._single(ctx, e.conditional_update(ctx, rtype, req.query, _body(req)))

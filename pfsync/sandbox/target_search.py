@@ -1,10 +1,12 @@
 """Search in the target sandbox: the parameters the loader needs, with Medplum's Bundle shape.
 
-Supported: identifier (token; commas OR, `\\,` escapes a literal comma, case-sensitive: medplum.md
-"Ids and identity"), _id, _count (default 20), _offset, _elements (shown as _fields, SUBSETTED tag:
-transcript 32), _summary=count (transcript 34), _total. Links are normalised as transcripts 12/31-34
-show: _count added, parameters sorted and percent-encoded, next/previous by _offset, an empty result
-has only a self link. No total unless _summary=count.
+Supported: identifier and _tag (tokens; commas OR; `\\,` `\\|` `\\$` `\\\\` escape a literal character
+inside a system or value, transcript 48; case-sensitive: medplum.md "Ids and identity"), _id, _count
+(default 20), _offset, _sort=_lastUpdated / -_lastUpdated (transcript 51), _elements (shown as
+_fields, SUBSETTED tag: transcript 32), _summary=count (transcript 34), _total. Links are normalised
+as transcripts 12/31-34/47 show: _count added, parameters sorted and percent-encoded (but the
+_fields list keeps its commas), next/previous by _offset, an empty result has only a self link. No
+total unless _summary=count.
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ from pfsync.sandbox.target_store import Store
 DEFAULT_COUNT = 20
 MAX_COUNT = 1000
 SUBSETTED = {"system": "http://hl7.org/fhir/v3/ObservationValue", "code": "SUBSETTED"}
-_CONTROL = {"_count", "_offset", "_elements", "_fields", "_summary", "_total", "_sort"}
+_CONTROL = {"_count", "_offset", "_elements", "_fields", "_summary", "_total"}
+_ESCAPABLE = ",|$\\"
+SORTS = {"_lastUpdated": False, "-_lastUpdated": True}  # sort key -> descending
 
 
 @dataclass
 class Query:
     rtype: str
     identifier: list[list[tuple[str | None, str | None]]] = field(default_factory=list)  # AND of ORs
+    tags: list[list[tuple[str | None, str | None]]] = field(default_factory=list)  # AND of ORs
+    sort_desc: bool | None = None  # None: storage order (Medplum adds no default ORDER BY)
     ids: list[list[str]] = field(default_factory=list)
     count: int = DEFAULT_COUNT
     offset: int = 0
@@ -33,16 +39,18 @@ class Query:
     extra: dict[str, list[str]] = field(default_factory=dict)
 
 
-def split_or(value: str) -> list[str]:
-    """Split a search value on unescaped commas; `\\,` is a literal comma."""
-    parts, cur, i = [], [], 0
+def _split(value: str, sep: str, maxsplit: int = -1) -> list[str]:
+    """Split on unescaped `sep`, keeping escapes (a backslash and the next character) as they are."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
     while i < len(value):
         ch = value[i]
-        if ch == "\\" and i + 1 < len(value) and value[i + 1] in ",|$\\":
-            cur.append(value[i + 1])
+        if ch == "\\" and i + 1 < len(value):
+            cur.append(value[i : i + 2])
             i += 2
             continue
-        if ch == ",":
+        if ch == sep and (maxsplit < 0 or len(parts) < maxsplit):
             parts.append("".join(cur))
             cur = []
         else:
@@ -52,13 +60,33 @@ def split_or(value: str) -> list[str]:
     return parts
 
 
-def _token(text: str) -> tuple[str | None, str | None]:
-    # Escaped pipes were already turned into literal characters by split_or only for commas;
-    # a token splits on its first unescaped "|".
-    if "|" not in text:
-        return None, text
-    system, _, value = text.partition("|")
-    return system, (value or None)
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPABLE:
+            out.append(text[i + 1])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def split_or(value: str) -> list[str]:
+    """Split a search value on unescaped commas; escaped characters become literal (transcript 48)."""
+    return [_unescape(p) for p in _split(value, ",")]
+
+
+def _tokens(value: str) -> list[tuple[str | None, str | None]]:
+    """OR-ed `system|value` tokens: split on unescaped commas, then on the first unescaped `|`."""
+    out: list[tuple[str | None, str | None]] = []
+    for part in _split(value, ","):
+        pieces = _split(part, "|", maxsplit=1)
+        if len(pieces) == 1:
+            out.append((None, _unescape(pieces[0])))
+        else:
+            out.append((_unescape(pieces[0]), _unescape(pieces[1]) or None))
+    return out
 
 
 def parse_query(rtype: str, params: dict[str, list[str]]) -> Query:
@@ -66,7 +94,13 @@ def parse_query(rtype: str, params: dict[str, list[str]]) -> Query:
     for name, values in params.items():
         for value in values:
             if name == "identifier":
-                q.identifier.append([_token(v) for v in _split_tokens(value)])
+                q.identifier.append(_tokens(value))
+            elif name == "_tag":
+                q.tags.append(_tokens(value))
+            elif name == "_sort":
+                if value not in SORTS:
+                    raise invalid(f"Unknown sort parameter: {value}")
+                q.sort_desc = SORTS[value]
             elif name == "_id":
                 q.ids.append(split_or(value))
             elif name == "_count":
@@ -83,25 +117,6 @@ def parse_query(rtype: str, params: dict[str, list[str]]) -> Query:
             else:
                 raise invalid(f"Unknown search parameter: {name}")
     return q
-
-
-def _split_tokens(value: str) -> list[str]:
-    """Split on unescaped commas keeping `\\|` escapes for the token split."""
-    out, cur, i = [], [], 0
-    while i < len(value):
-        ch = value[i]
-        if ch == "\\" and i + 1 < len(value):
-            cur.append(value[i + 1] if value[i + 1] == "," else value[i : i + 2])
-            i += 2
-            continue
-        if ch == ",":
-            out.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    out.append("".join(cur))
-    return out
 
 
 def _int(name: str, value: str, lo: int, hi: int) -> int:
@@ -132,7 +147,24 @@ def matching_ids(store: Store, q: Query) -> list[str]:
             result = [i for i in result if i in wanted]
     if result is None:
         result = store.ids_of_type(q.rtype)
+    for tokens in q.tags:
+        result = [i for i in result if _has_tag(store, q.rtype, i, tokens)]
+    if q.sort_desc is not None:
+        stamps = store.last_updated(q.rtype, result)
+        result = sorted(result, key=lambda i: stamps.get(i, ""), reverse=q.sort_desc)
     return result
+
+
+def _has_tag(store: Store, rtype: str, rid: str, tokens: list[tuple[str | None, str | None]]) -> bool:
+    row = store.read(rtype, rid)
+    tags = ((row.resource or {}).get("meta") or {}).get("tag") or [] if row is not None else []
+    return any(
+        isinstance(t, dict)
+        and (system is None or t.get("system") == system)
+        and (code is None or t.get("code") == code)
+        for t in tags
+        for system, code in tokens
+    )
 
 
 def _link_params(params: dict[str, list[str]], count: int, offset: int | None, summary_count: bool) -> str:
@@ -149,7 +181,8 @@ def _link_params(params: dict[str, list[str]], count: int, offset: int | None, s
         if offset:
             pairs.append(("_offset", str(offset)))
     pairs.sort()
-    return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in pairs)
+    # Transcript 47: Medplum rebuilds _fields from its parsed list, so its commas stay unencoded.
+    return "&".join(f"{quote(k, safe='')}={quote(v, safe=',' if k == '_fields' else '')}" for k, v in pairs)
 
 
 def subset(resource: Json, elements: list[str]) -> Json:

@@ -183,6 +183,13 @@ class Store:
                 ).fetchall()
         return [r[0] for r in rows]
 
+    def last_updated(self, rtype: str, ids: list[str]) -> dict[str, str]:
+        """id -> meta.lastUpdated of the current versions (ISO instants sort as text)."""
+        with self.lock:
+            rows = self._db.execute("SELECT id, ts FROM resources WHERE type=?", (rtype,)).fetchall()
+        wanted = set(ids)
+        return {r[0]: r[1] for r in rows if r[0] in wanted}
+
     def read_many(self, rtype: str, ids: list[str]) -> list[Json]:
         out: list[Json] = []
         for rid in ids:

@@ -7,7 +7,8 @@ or, from another process, through the control API under `{server}/_sandbox/`:
 
     GET    /_sandbox/config                      practices, base and token URLs, foreign storage URL
     POST   /_sandbox/config                      {"token_lifetime", "system_export", "resources_per_file",
-                                                 "max_assertion_lifetime", "track_jti", "smart_v2", "job_ttl"}
+                                                 "max_assertion_lifetime", "track_jti", "smart_v2", "job_ttl",
+                                                 "rate_limit", "rate_block", "unknown_group"}
     POST   /_sandbox/reset                       data, faults, jobs, tokens and counters back to the start
     GET    /_sandbox/faults | DELETE             armed faults | disarm all
     POST   /_sandbox/faults                      {"name": "rate_limit", "times": 2, "where": "status", ...}
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ import orjson
 from pfsync.sandbox.httpbase import LoopbackServer, Request, Response, json_response
 from pfsync.sandbox.source_auth import PF_SCOPE_TYPES, Auth, AuthConfig, Client
 from pfsync.sandbox.source_export import Jobs
-from pfsync.sandbox.source_faults import Faults, Seen, Stats
+from pfsync.sandbox.source_faults import Faults, RateLimiter, Seen, Stats
 from pfsync.sandbox.source_fhir import EXTRA_TYPES, State, handle, outcome, record, serve_file
 from pfsync.sandbox.source_store import Clock, Store
 
@@ -194,9 +197,20 @@ class SourceSandbox:
         return self.state.auth.config
 
     def configure(self, **knobs: Any) -> None:
-        """Set knobs at runtime: those of `auth_config`, system_export, resources_per_file, job_ttl."""
+        """Set knobs at runtime: those of `auth_config`, system_export, resources_per_file, job_ttl,
+        rate_limit (requests a minute per rate-limited route, None: off) with rate_block (seconds of
+        429 once past it; 300 like the reference server), unknown_group ("not-found" or "empty")."""
         for name, value in knobs.items():
-            if hasattr(self.state.auth.config, name):
+            if name == "rate_limit":
+                block = float(knobs.get("rate_block", 300.0))
+                self.state.limiter = None if value is None else RateLimiter(int(value), block)
+            elif name == "rate_block":
+                continue
+            elif name == "unknown_group":
+                if value not in ("not-found", "empty"):
+                    raise ValueError(f"unknown_group must be 'not-found' or 'empty', not {value!r}")
+                self.state.unknown_group = value
+            elif hasattr(self.state.auth.config, name):
                 setattr(self.state.auth.config, name, value)
             elif name in ("system_export", "resources_per_file"):
                 setattr(self.state, name, value)
@@ -231,6 +245,10 @@ class SourceSandbox:
         """(id, name, member count) of the practice's groups."""
         return self.state.store.groups(self._practice(practice))
 
+    def use_clock(self, now: Callable[[], float]) -> None:
+        """Time of busy_export and the rate limiter (default time.time; `reset()` restores it)."""
+        self.state.now = now
+
     def revoke_tokens(self) -> None:
         self.state.auth.revoke_all()
 
@@ -245,6 +263,7 @@ class SourceSandbox:
         state.auth.config = replace(self._defaults[0])
         state.system_export, state.resources_per_file = self._defaults[1], self._defaults[2]
         state.jobs.ttl = 3600
+        state.now, state.limiter, state.unknown_group = time.time, None, "not-found"
         self._extra_clients.clear()
         state.auth.clients.clear()
         self._register_defaults()

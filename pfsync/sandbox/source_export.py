@@ -71,6 +71,13 @@ class Job:
     fail_status: int | None = None
     foreign: bool = False
     extra_type: str | None = None
+    created_at: float = 0.0  # on the sandbox clock (State.now)
+    busy_until: float | None = None
+    transient: bool = False
+    count_delta: tuple[str | None, int] | None = None
+    failing: set[str] = field(default_factory=set)
+    files_expired: bool = False
+    errors: list[dict[str, Any]] = field(default_factory=list)
 
 
 def parse_kickoff(
@@ -176,7 +183,11 @@ def run_job(job: Job, store: Store, per_file: int, base: str) -> None:
             lines = (r for r in rows if not filters or any(_matches(orjson.loads(r), c) for c in filters))
             if rtype == job.extra_type:
                 lines = _with_fallback(lines, rtype)
-            job.outputs += _write_files(job, rtype, rtype, lines, per_file, base)
+            entries = _write_files(job, rtype, rtype, lines, per_file, base)
+            if rtype in job.failing:
+                job.errors += _fail_files(job, entries, base)
+            else:
+                job.outputs += entries
         if req.since is not None:  # deletions only make sense relative to a _since (transcript 54)
             gone = store.deleted_rows(
                 req.practice,
@@ -201,6 +212,23 @@ def run_job(job: Job, store: Store, per_file: int, base: str) -> None:
         job.failure = f"Export failed: {exc!r}"
     finally:
         job.done.set()
+
+
+def _fail_files(job: Job, entries: list[dict[str, Any]], base: str) -> list[dict[str, Any]]:
+    """Replace output files by error files, as the reference server's some_file_generation_failed
+    does (transcript 52): the entry keeps the would-be count, the file is one OperationOutcome with
+    no trailing newline."""
+    errors: list[dict[str, Any]] = []
+    for entry in entries:
+        n = len(job.errors) + len(errors) + 1
+        folder = job.directory / "error"
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{entry['url'].rsplit('/', 2)[-2]}.{entry['url'].rsplit('/', 1)[-1]}"
+        (folder / str(n)).write_bytes(orjson.dumps({"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "processing", "diagnostics": f"Failed to export {name}.ndjson"}]}))  # fmt: skip
+        errors.append({"type": "OperationOutcome", "url": f"{base}/Binary/export/{job.guid}/error/{n}",
+                       "count": entry["count"]})  # fmt: skip
+    return errors
 
 
 def _with_fallback(lines: Any, rtype: str) -> Any:
@@ -253,9 +281,11 @@ class Jobs:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
-    def start(self, req: ExportRequest, store: Store, per_file: int, base: str, client_id: str) -> Job:
+    def start(
+        self, req: ExportRequest, store: Store, per_file: int, base: str, client_id: str, now: float
+    ) -> Job:
         guid = str(uuid.uuid4())
-        job = Job(guid, req, self.root / guid, store.clock.tick(), time.time(), client_id)
+        job = Job(guid, req, self.root / guid, store.clock.tick(), time.time(), client_id, created_at=now)
         with self._lock:
             self._jobs[guid] = job
         return job
@@ -302,12 +332,16 @@ def manifest(job: Job, smart_v2: bool, foreign_base: str | None) -> dict[str, An
             for e in entries
         ]
 
+    outputs = job.outputs
+    if job.count_delta is not None:  # the wrong_count fault: announce more lines than served
+        rtype, delta = job.count_delta
+        outputs = [{**e, "count": e["count"] + delta} if rtype in (None, e["type"]) else e for e in outputs]
     body: dict[str, Any] = {
         "transactionTime": ms_to_instant(job.transaction_ms),
         "request": job.req.request_url,
         "requiresAccessToken": True,
-        "output": relocate(job.outputs),
-        "error": [],
+        "output": relocate(outputs),
+        "error": relocate(job.errors),
     }
     if smart_v2:  # Bulk Data v2 `deleted[]` (transcript 54); PF does not document it
         body["deleted"] = relocate(job.deleted)

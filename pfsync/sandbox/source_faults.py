@@ -9,6 +9,7 @@ origin, and tokens that die mid-export.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -41,6 +42,16 @@ class Faults:
     - `expired_status(times=1)`: the status URL (and files) answer 404, as an expired job
     - `foreign_storage(times=1)`: file URLs point at another origin (see `SourceSandbox.foreign_url`)
     - `revoke_tokens_after_kickoff(times=1)`: every token is revoked right after the kick-off
+    - `busy_export(seconds=15, retry_after=1, transient=False)`: the job takes `seconds` on the
+      sandbox clock; until then polls answer 202 with X-Progress (and Retry-After unless None), or,
+      with `transient`, 500 with an OperationOutcome of code `transient` (the reference server's
+      `transient_error` simulation: on every poll until the job completes)
+    - `wrong_count(times=1, type=None, delta=1000)`: the manifest announces `delta` more lines than
+      the file holds (the reference server's offset bug in a deleted-data file)
+    - `failed_files(times=1, types=("Condition",))`: those types' files become `error[]` entries
+      carrying the would-be `count`, each one OperationOutcome without a trailing newline
+      (`some_file_generation_failed`, transcript 52)
+    - `file_expired(times=1)`: a kick-off whose files all answer 410 (`file_expired`, transcript 53)
     """
 
     def __init__(self) -> None:
@@ -118,6 +129,54 @@ class Faults:
 
     def revoke_tokens_after_kickoff(self, times: int | None = 1) -> None:
         self.arm("revoke_tokens_after_kickoff", times)
+
+    def busy_export(
+        self,
+        seconds: float = 15.0,
+        retry_after: int | None = 1,
+        transient: bool = False,
+        times: int | None = 1,
+    ) -> None:
+        self.arm("busy_export", times, seconds=seconds, retry_after=retry_after, transient=transient)
+
+    def wrong_count(self, times: int | None = 1, type: str | None = None, delta: int = 1000) -> None:
+        self.arm("wrong_count", times, type=type, delta=delta)
+
+    def file_expired(self, times: int | None = 1) -> None:
+        self.arm("file_expired", times)
+
+    def failed_files(self, times: int | None = 1, types: tuple[str, ...] = ("Condition",)) -> None:
+        self.arm("failed_files", times, types=list(types))
+
+
+class RateLimiter:
+    """The SMART reference server's limiter (transcripts/bulk-data-server README): each route allows
+    `limit` requests a minute; past that it answers 429 for `block` seconds, with a Retry-After that
+    is an absolute time, in epoch milliseconds on the first 429 and epoch seconds after that. Keyed
+    by route only: every client of the sandbox has the same (loopback) address."""
+
+    def __init__(self, limit: int, block: float = 300.0, window: float = 60.0) -> None:
+        self.limit, self.block, self.window = limit, block, window
+        self._lock = threading.Lock()
+        self._hits: dict[str, deque[float]] = {}
+        self._blocked: dict[str, tuple[float, bool]] = {}  # route -> (until, first 429 sent)
+
+    def check(self, route: str, now: float) -> str | None:
+        """None when the request may pass, else the Retry-After value of the 429."""
+        with self._lock:
+            until, told = self._blocked.get(route, (0.0, False))
+            if now < until:
+                self._blocked[route] = (until, True)
+                return str(math.ceil(until)) if told else str(math.ceil(until * 1000))
+            hits = self._hits.setdefault(route, deque())
+            while hits and hits[0] <= now - self.window:
+                hits.popleft()
+            if len(hits) >= self.limit:
+                hits.clear()
+                self._blocked[route] = (now + self.block, True)
+                return str(math.ceil((now + self.block) * 1000))
+            hits.append(now)
+            return None
 
 
 @dataclass(frozen=True)

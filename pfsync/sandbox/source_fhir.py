@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
@@ -16,7 +16,7 @@ import orjson
 from pfsync.sandbox.httpbase import Request, Response, json_response
 from pfsync.sandbox.source_auth import PF_SCOPE_TYPES, SIGNING_ALGS, Auth, Token
 from pfsync.sandbox.source_export import Job, Jobs, KickoffError, manifest, parse_kickoff
-from pfsync.sandbox.source_faults import Faults, Seen, Stats
+from pfsync.sandbox.source_faults import Faults, RateLimiter, Seen, Stats
 from pfsync.sandbox.source_store import Store
 
 NDJSON = "application/fhir+ndjson"
@@ -50,6 +50,13 @@ class State:
     resources_per_file: int = 10_000
     attachments_dir: Path | None = None
     practices: list[str] = field(default_factory=list)
+    # The sandbox clock of the time-based behaviours (busy_export, the rate limiter); tests share
+    # theirs with pfsync's Clock so that minutes of polling take no real time.
+    now: Callable[[], float] = time.time
+    limiter: RateLimiter | None = None
+    # A Group export of an id the practice does not have: "not-found" (404, our reading of PF) or
+    # "empty" (202 and an empty manifest, as the SMART reference server does: transcript 23).
+    unknown_group: str = "not-found"
 
     def base(self, practice: str) -> str:
         return f"{self.server_url}/fhir/r4/v1/{practice}"
@@ -86,6 +93,14 @@ def handle(state: State, req: Request, practice: str, rest: str) -> tuple[str, R
         return "token", _fault_response(state, "token") or state.auth.token_endpoint(
             req, practice, f"{base}/token"
         )
+    if state.limiter is not None and (route := _limited_route(req, rest)) is not None:
+        retry_at = state.limiter.check(route, state.now())
+        if retry_at is not None:
+            kind = "status" if route == "status" else "kickoff"
+            body = b"Too Many Requests. Try again later."
+            return kind, Response(
+                429, {"Content-Type": "text/html; charset=utf-8", "Retry-After": retry_at}, body
+            )
     token = state.auth.check(req, practice)
     if isinstance(token, str):  # transcripts 20, 80: 401 OperationOutcome, no WWW-Authenticate
         return "unauthorized", outcome(401, token, "login")
@@ -108,6 +123,18 @@ def handle(state: State, req: Request, practice: str, rest: str) -> tuple[str, R
             return "read", outcome(405, "This server is read-only", "not-supported")
         return "read", _read(state, req, practice, base, token, m.group(1), m.group(2))
     return "read", outcome(404, f"Unknown route {rest}", "not-found")
+
+
+def _limited_route(req: Request, rest: str) -> str | None:
+    """The rate-limited routes of the reference server: the system kick-off, the Patient/Group
+    kick-off and the status GET (DELETE and downloads are not limited)."""
+    if rest == "/$export":
+        return "kickoff-system"
+    if re.fullmatch(r"(?:/Patient|/Group/[^/]+)/\$export", rest):
+        return "kickoff-patient"
+    if req.method == "GET" and re.fullmatch(r"/Export/[0-9a-f-]+", rest):
+        return "status"
+    return None
 
 
 def smart_configuration(state: State, base: str) -> dict[str, Any]:
@@ -173,7 +200,7 @@ def _kickoff(state: State, req: Request, practice: str, base: str, token: Token,
     if level == "system" and not state.system_export:
         # practice-fusion.md: no system-level $export is documented
         return outcome(404, "System-level export is not supported by this server", "not-supported")
-    if group is not None and not state.store.has_group(practice, group):
+    if group is not None and not state.store.has_group(practice, group) and state.unknown_group != "empty":
         return outcome(404, f'Group "{group}" was not found', "not-found")
     if (fault := _fault_response(state, "kickoff")) is not None:
         return fault
@@ -185,7 +212,7 @@ def _kickoff(state: State, req: Request, practice: str, base: str, token: Token,
     if not export.types:
         export.types = [t for t in state.store.types(practice)
                         if t != "Group" and ("*" in token.types or t in token.types)]  # fmt: skip
-    job = state.jobs.start(export, state.store, state.resources_per_file, base, token.client_id)
+    job = state.jobs.start(export, state.store, state.resources_per_file, base, token.client_id, state.now())
     if (params := state.faults.take("slow_export")) is not None:
         job.slow_polls, job.retry_after = int(params["polls"]), params.get("retry_after")
     if (params := state.faults.take("export_fails")) is not None:
@@ -193,6 +220,14 @@ def _kickoff(state: State, req: Request, practice: str, base: str, token: Token,
     if (params := state.faults.take("unrequested_type")) is not None:
         job.extra_type = str(params.get("type") or "Location")
     job.foreign = state.faults.take("foreign_storage") is not None
+    if (params := state.faults.take("busy_export")) is not None:
+        job.busy_until = state.now() + float(params.get("seconds") or 0)
+        job.retry_after, job.transient = params.get("retry_after"), bool(params.get("transient"))
+    if (params := state.faults.take("wrong_count")) is not None:
+        job.count_delta = (params.get("type"), int(params.get("delta") or 1000))
+    job.files_expired = state.faults.take("file_expired") is not None
+    if (params := state.faults.take("failed_files")) is not None:
+        job.failing = set(params.get("types") or ())
     state.jobs.launch(job, state.store, state.resources_per_file, base)
     if state.faults.take("revoke_tokens_after_kickoff") is not None:
         state.auth.revoke_all()
@@ -212,6 +247,14 @@ def _status(state: State, practice: str, guid: str) -> Response:
         return fault
     if job.fail_status is not None:
         return outcome(job.fail_status, "Export failed: simulated failure", "exception")
+    if job.busy_until is not None and state.now() < job.busy_until:
+        if job.transient:  # transcript 50: the reference server's transient_error, on every poll
+            return outcome(500, "An unknown error occurred", "transient")
+        done = 1 - (job.busy_until - state.now()) / max(job.busy_until - job.created_at, 1e-9)
+        headers = {"X-Progress": f"{int(done * 100)}% complete, Please wait..."}
+        if job.retry_after is not None:
+            headers["Retry-After"] = str(job.retry_after)
+        return Response(202, headers)
     if job.slow_polls > 0:
         job.slow_polls -= 1
         headers = {"X-Progress": f"{90 // (job.slow_polls + 1)}% complete, Please wait..."}
@@ -243,6 +286,9 @@ def serve_file(state: State, req: Request, job: Job | None, folder: str, n: str)
         return outcome(404, "No such export file", "not-found")
     if (fault := _fault_response(state, "download")) is not None:
         return fault
+    if job.files_expired:  # transcript 53
+        return outcome(410, "Access to the target resource is no longer available at the server and this "
+                       "condition is likely to be permanent because the file expired")  # fmt: skip
     headers = {"Content-Type": NDJSON, "Accept-Ranges": "bytes"}
     if (params := state.faults.take("pretty_json", type=folder)) is not None:
         resources = [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
@@ -317,6 +363,10 @@ def _read(state: State, req: Request, practice: str, base: str, token: Token, rt
         return outcome(403, f"The access token does not grant access to {rtype}", "forbidden")
     if rid is not None:
         blob = state.store.get(practice, rtype, rid)
+        if blob is None and rtype == "Group" and state.store.has_group(practice, rid):
+            name = next(g[1] for g in state.store.groups(practice) if g[0] == rid)
+            blob = orjson.dumps({"resourceType": "Group", "id": rid, "active": True, "type": "person",
+                                 "actual": True, "name": name})  # fmt: skip
         if blob is None:
             return outcome(404, f"{rtype}/{rid} was not found", "not-found")
         return Response(200, {"Content-Type": "application/fhir+json"}, blob)

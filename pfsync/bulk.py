@@ -11,17 +11,27 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 import orjson
 
-from pfsync.errors import AuthError, ExportError, HTTPError, InterruptedRunError
+from pfsync.errors import AuthError, ConfigError, ExportError, HTTPError, InterruptedRunError
 from pfsync.events import EventSink
-from pfsync.http import Clock, RetryPolicy, http_error, outcome_text, parse_retry_after
+from pfsync.http import (
+    BULK_RULES,
+    STATUS_POLL_RULES,
+    Clock,
+    RetryPolicy,
+    RetryRule,
+    classify,
+    outcome_text,
+    parse_retry_after,
+    request_with_retry,
+)
 from pfsync.redact import redact
 from pfsync.settings import ExportSettings, SourceSettings
 
@@ -163,7 +173,10 @@ class Origins:
 
 
 class JobExpired(ExportError):
-    """The saved status URL answered 404/410: the server forgot the job; start a new one."""
+    """The saved status URL answered 404/410: the server forgot the job; start a new one.
+    `files_only`: the status URL answered, but a file of the manifest is gone (transcript 53)."""
+
+    files_only: bool = False
 
 
 def export_id(status_url: str) -> str:
@@ -182,27 +195,9 @@ def wait(clock: Clock, seconds: float, stop: threading.Event | None) -> None:
         clock.sleep(min(left, 0.5))
 
 
-def _outcome_codes(response: httpx.Response) -> tuple[bool, set[str]]:
-    """(is the body an OperationOutcome, its issue codes)."""
-    try:
-        body = orjson.loads(response.content) if response.content else None
-    except orjson.JSONDecodeError:
-        return False, set()
-    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
-        return False, set()
-    return True, {str(i.get("code")) for i in body.get("issue") or [] if isinstance(i, dict)}
-
-
 def is_temporary(response: httpx.Response) -> bool:
-    """bulk-data.md: a 4xx/5xx OperationOutcome means failed, except 429, gateway errors and a
-    500 whose issue code is `transient` (transcript 50), or a 5xx that is not FHIR at all (a proxy)."""
-    status = response.status_code
-    if status in (408, 429, 502, 503, 504):
-        return True
-    if status >= 500:
-        is_outcome, codes = _outcome_codes(response)
-        return "transient" in codes or not is_outcome
-    return False
+    """Worth retrying within the retry budget (pfsync.http.BULK_RULES)."""
+    return classify(response, BULK_RULES) == "retry"
 
 
 def _fail(response: httpx.Response, what: str) -> ExportError | AuthError:
@@ -213,6 +208,20 @@ def _fail(response: httpx.Response, what: str) -> ExportError | AuthError:
     return ExportError(f"{what} failed ({response.status_code}) at {url}: {text}")
 
 
+@dataclass(frozen=True)
+class _StopClock:
+    """A Clock whose sleeps end early (InterruptedRunError) when `stop` is set."""
+
+    clock: Clock
+    stop: threading.Event | None
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    def sleep(self, seconds: float) -> None:
+        wait(self.clock, seconds, self.stop)
+
+
 def _send(
     client: httpx.Client,
     request: httpx.Request,
@@ -221,45 +230,43 @@ def _send(
     policy: RetryPolicy,
     clock: Clock,
     stop: threading.Event | None,
-    what: str,
-    max_wait: float,
-    events: EventSink | None = None,
-    event_detail: dict[str, Any] | None = None,
+    rules: tuple[RetryRule, ...] = BULK_RULES,
+    on_retry: Callable[[int, float, str], None] | None = None,
 ) -> httpx.Response:
-    """Send with bounded retries of network errors and temporary statuses (Retry-After honoured,
-    clamped to `max_wait`). Returns the final response, which may be a non-temporary error."""
-    attempt = 0
-    while True:
-        try:
-            response = client.send(request, auth=auth)
-        except httpx.TransportError as exc:
-            attempt += 1
-            if attempt > policy.retries:
-                raise HTTPError(
-                    f"{what}: {request.method} {redact(str(request.url))} failed after {policy.retries} "
-                    f"retries: {exc.__class__.__name__}",
-                    method=request.method,
-                    url=str(request.url),
-                ) from None
-            wait(clock, policy.backoff(attempt), stop)
-            continue
-        if not is_temporary(response):
-            return response
-        attempt += 1
-        if attempt > policy.retries:
-            raise http_error(response, f"{what} still failing after {policy.retries} retries")
-        hinted = parse_retry_after(response.headers.get("Retry-After"), clock.now())
-        delay = min(max_wait, hinted) if hinted is not None else policy.backoff(attempt)
-        if events is not None:
-            events.emit(
-                "status_error",
-                **(event_detail or {}),
-                status=response.status_code,
-                message=outcome_text(response) or "",
-                retryIn=round(delay, 3),
-            )
-        log.info("%s answered %s; retrying in %.1fs", what, response.status_code, delay)
-        wait(clock, delay, stop)
+    """`request` through the generic retry path (pfsync.http.request_with_retry), with the Bulk
+    Data classifier `rules`. Returns the final response, which may be an error to interpret."""
+    return request_with_retry(
+        lambda: client.send(request, auth=auth),
+        method=request.method,
+        url=str(request.url),
+        policy=policy,
+        clock=_StopClock(clock, stop),
+        on_retry=on_retry,
+        retry_if=lambda response: classify(response, rules) == "retry",
+    )
+
+
+# Status polling schedule (docs/export-decisions.md "Polling"), used when the server's Retry-After
+# does not ask for longer: 0.5 s growing to 1 s within the first second, 1 s until POLL_YOUNG
+# seconds after the kick-off (a short job completes within a second of the server finishing), then
+# (elapsed / POLL_YOUNG)**2 but never more than POLL_SHARE of the elapsed time. That is about 27
+# polls in the first minute and 5 in the second, so two clients behind one address stay under the
+# SMART reference server's 60 a minute per route, and a long job waits at most a fifth longer.
+POLL_FIRST = 0.5
+POLL_STEADY = 1.0
+POLL_YOUNG = 15.0
+POLL_SHARE = 0.2
+
+
+def poll_wait(elapsed: float, hinted: float | None, cap: float) -> float:
+    """Seconds until the next status poll, `elapsed` seconds after the kick-off; `hinted` is the
+    server's Retry-After (a minimum), `cap` is export.poll_max_wait."""
+    pause = min(POLL_STEADY, POLL_FIRST + max(elapsed, 0.0) / 2)
+    if elapsed > POLL_YOUNG:
+        pause = max(POLL_STEADY, min((elapsed / POLL_YOUNG) ** 2, elapsed * POLL_SHARE))
+    if hinted is not None:
+        pause = max(pause, hinted)
+    return min(cap, pause)
 
 
 def build_kickoff(base_url: str, request: ExportRequest) -> tuple[str, str, dict[str, Any]]:
@@ -300,19 +307,59 @@ def kickoff(
     ExportError (AuthError for 401/403) with the server's OperationOutcome text."""
     method, url, kwargs = build_kickoff(base_url, request)
     req = client.build_request(method, url, **kwargs)
-    response = _send(client, req, auth, policy=policy, clock=clock, stop=stop, what="export kick-off",
-                     max_wait=policy.max_wait)  # fmt: skip
+    response = _send(client, req, auth, policy=policy, clock=clock, stop=stop)
     if response.status_code != 202:
         if response.is_success:
             raise ExportError(
                 f"export kick-off at {redact(url)} answered {response.status_code} instead of 202 Accepted",
                 hint="the server may not support asynchronous Bulk Data export at this level",
             )
+        if response.status_code == 404 and request.group_id is not None:
+            raise unknown_group(request.group_id, base_url, outcome_text(response) or "404 Not Found")
         raise _fail(response, "export kick-off")
     location = response.headers.get("Content-Location")
     if not location:
         raise ExportError(f"export kick-off at {redact(url)} answered 202 without a Content-Location")
     return urljoin(str(response.request.url), str(location))
+
+
+def unknown_group(group_id: str, base_url: str, reason: str) -> ConfigError:
+    """docs/export-decisions.md "Unknown group": a group id the source does not know is a
+    configuration mistake (exit 3), whether the server says 404 or exports nothing."""
+    return ConfigError(
+        f"group {group_id!r} does not exist at {redact(base_url)} ({reason})",
+        setting="source.groups",
+        hint=f"check PFSYNC_GROUPS / --group: GET {redact(base_url.rstrip('/'))}/Group lists the groups",
+    )
+
+
+def group_exists(
+    client: httpx.Client,
+    auth: httpx.Auth | None,
+    base_url: str,
+    group_id: str,
+    *,
+    policy: RetryPolicy,
+    clock: Clock,
+) -> bool | None:
+    """Whether the source's Group search (`GET Group`: every group, without members, transcript 23)
+    lists `group_id`; None when it cannot tell (refused, not a Bundle, or paged past the first page).
+    A search rather than a read: Practice Fusion grants no Group read scope (practice-fusion.md)."""
+    req = client.build_request(
+        "GET", f"{base_url.rstrip('/')}/Group", headers={"Accept": "application/fhir+json"}
+    )
+    try:
+        response = _send(client, req, auth, policy=policy, clock=clock, stop=None)
+        body = orjson.loads(response.content) if response.status_code == 200 else None
+    except (HTTPError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+        return None
+    ids = {(e.get("resource") or {}).get("id") for e in body.get("entry") or [] if isinstance(e, dict)}
+    if group_id in ids:
+        return True
+    paged = any(isinstance(link, dict) and link.get("relation") == "next" for link in body.get("link") or [])
+    return None if paged else False
 
 
 @dataclass
@@ -326,20 +373,31 @@ class Poller:
     clock: Clock
     events: EventSink
     stop: threading.Event | None = None
-    first_wait: float = 1.0
-    growth: float = 1.5
 
-    def poll(self, url: str, *, deadline_at: float) -> Manifest:
-        """The manifest page at `url`. Raises JobExpired on 404/410, ExportError when the export
+    def poll(self, url: str, *, deadline_at: float, started_at: float | None = None) -> Manifest:
+        """The manifest page at `url`, polled on the `poll_wait` schedule counted from `started_at`
+        (the kick-off; default: now). Raises JobExpired on 404/410, ExportError when the export
         failed or the deadline passed (the job stays saved), TemporaryError past retries."""
         eid = export_id(url)
-        delay = self.first_wait
+        started = self.clock.now() if started_at is None else started_at
         polls = 0
+        # Retry-After on a 429 may be minutes (the reference server blocks a route for 5 minutes).
+        policy = replace(self.policy, max_wait=self.settings.poll_max_wait)
+
+        def on_retry(attempt: int, delay: float, reason: str) -> None:
+            self.events.emit(
+                "status_error", exportId=eid, message=reason, attempt=attempt, retryIn=round(delay, 3)
+            )
+            log.info("export status answered %s; retrying in %.1fs", reason, delay)
+
         while True:
             req = self.client.build_request("GET", url, headers={"Accept": "application/json"})
-            response = _send(self.client, req, self.auth, policy=self.policy, clock=self.clock,
-                             stop=self.stop, what="export status", max_wait=self.settings.poll_max_wait,
-                             events=self.events, event_detail={"exportId": eid})  # fmt: skip
+            try:
+                response = _send(self.client, req, self.auth, policy=policy, clock=self.clock, stop=self.stop,
+                                 rules=STATUS_POLL_RULES, on_retry=on_retry)  # fmt: skip
+            except HTTPError as exc:
+                exc.hint = exc.hint or "the job is saved: run the same command again to resume it"
+                raise
             polls += 1
             status = response.status_code
             if status == 200:
@@ -352,18 +410,19 @@ class Poller:
                 raise JobExpired(
                     f"the export job at {redact(url)} is gone ({status}): it expired or was deleted"
                 )
-            if status != 202:
+            still_running = classify(response, STATUS_POLL_RULES) == "keep-polling"
+            if status != 202 and not still_running:
                 self.events.emit("status_error", exportId=eid, status=status,
                                  message=outcome_text(response) or "")  # fmt: skip
                 raise _fail(response, "bulk export")
             hinted = parse_retry_after(response.headers.get("Retry-After"), self.clock.now())
-            if hinted is not None:
-                pause = min(self.settings.poll_max_wait, max(hinted, 0.1))
-            else:  # practice-fusion.md: PF sends no Retry-After, so back off progressively
-                pause = min(self.settings.poll_max_wait, delay)
-                delay *= self.growth
-            self.events.emit("status_progress", exportId=eid, progress=response.headers.get("X-Progress", ""),
-                             polls=polls, retryIn=round(pause, 3))  # fmt: skip
+            pause = poll_wait(self.clock.now() - started, hinted, self.settings.poll_max_wait)
+            if still_running:
+                self.events.emit("status_error", exportId=eid, status=status, message=outcome_text(response) or "",
+                                 polls=polls, retryIn=round(pause, 3))  # fmt: skip
+            else:
+                self.events.emit("status_progress", exportId=eid, progress=response.headers.get("X-Progress", ""),
+                                 polls=polls, retryIn=round(pause, 3))  # fmt: skip
             if self.clock.now() + pause > deadline_at:
                 raise ExportError(
                     f"the export at {redact(url)} did not complete before the deadline "
@@ -379,8 +438,7 @@ def delete_job(
     """DELETE the job (cancel, or clean up after download). True if the server accepted it;
     404/410 (already gone) is False, not an error."""
     req = client.build_request("DELETE", status_url, headers={"Accept": "application/json"})
-    response = _send(client, req, auth, policy=policy, clock=clock, stop=None, what="export delete",
-                     max_wait=policy.max_wait)  # fmt: skip
+    response = _send(client, req, auth, policy=policy, clock=clock, stop=None)
     if response.status_code in (404, 410):
         return False
     if not response.is_success:

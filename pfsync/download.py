@@ -7,8 +7,9 @@ is checked as it arrives (framing and resourceType, or full JSON with export.val
 see the comment above Validator), its length capped, and counted against the manifest `count`.
 A pretty-printed JSON resource or Bundle (practice-fusion.md: PF's docs show one served as
 application/json) is converted to NDJSON, so the export directory only ever holds NDJSON.
-A file whose content looks damaged (bad lines, cut short) is downloaded again a couple of times;
-if the damage persists it lands as received, with every problem reported (the loader quarantines
+A file whose content looks damaged (bad lines, cut short, fewer lines than announced) is downloaded
+again; when a second download is byte-identical to the first, or the damage persists after
+CONTENT_RETRIES, it lands as received, with every problem reported once (the loader quarantines
 the bad lines).
 """
 
@@ -358,20 +359,30 @@ class Downloader:
                          type=entry.type, kind=entry.kind, count=entry.count)  # fmt: skip
         started = self.clock.now()
         part = self.export_dir.part_path(name)
+        # bulk-data.md: an error file's `count` is not its line count (the reference server copies
+        # the failed output's count onto it, transcript 52), so only output and deleted files are checked.
+        count = entry.count if entry.kind != "error" else None
         try:
+            previous: str | None = None
             for content_try in range(CONTENT_RETRIES + 1):
                 validator = self._fetch(entry, name, part, auth)
-                if not validator.damaged(entry.count) or content_try == CONTENT_RETRIES:
+                if not validator.damaged(count) or content_try == CONTENT_RETRIES:
                     break
-                self.events.emit("download_error", exportId=self.export_id, fileUrl=url, name=name,
-                                 message="; ".join(validator.summary_problems(entry.count)[:3]),
-                                 willRetry=True)  # fmt: skip
+                if validator.sha256 == previous:
+                    # The same bytes twice: this is what the server has (e.g. a wrong `count` in its
+                    # manifest); a third download would only cost time. Kept, and reported once below.
+                    break
+                if previous is None:
+                    self.events.emit("download_error", exportId=self.export_id, fileUrl=url, name=name,
+                                     message="; ".join(validator.summary_problems(count)[:3]),
+                                     willRetry=True)  # fmt: skip
+                previous = validator.sha256
             final = self.export_dir.path / name
             os.replace(part, final)
             fsync_dir(final.parent)
         finally:
             part.unlink(missing_ok=True)
-        problems = tuple(f"{name}: {p}" for p in validator.summary_problems(entry.count))
+        problems = tuple(f"{name}: {p}" for p in validator.summary_problems(count))
         for problem in problems:
             log.warning("%s", problem)
         landed = LandedFile(type=entry.type, path=final, sha256=validator.sha256, lines=validator.lines,

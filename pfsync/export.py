@@ -36,8 +36,10 @@ from pfsync.bulk import (
     build_kickoff,
     delete_job,
     export_id,
+    group_exists,
     issues_of,
     kickoff,
+    unknown_group,
 )
 from pfsync.download import Downloaded, Downloader
 from pfsync.errors import AuthError, ExportError, InterruptedRunError, PfsyncError, UsageError
@@ -189,12 +191,16 @@ class _Run:
             try:
                 job = self._collect(job)
             except JobExpired as exc:
+                # Files that answer 410 while the status URL still works: the job is of no use, but
+                # it is DELETEd so the server can free it (a gone job answers 404, which is fine).
+                if exc.files_only:
+                    self._cleanup(job)
+                self.dir.set_state(job, "failed")
                 if restarted:
                     raise ExportError(
                         f"{exc}; a new export expired as well", hint="try again later"
                     ) from None
                 self.warn(f"{exc}: starting a new export")
-                self.dir.set_state(job, "failed")
                 job, restarted = None, True
                 continue
             return self._finish(job, resumed=resumed, replay=False)
@@ -245,13 +251,15 @@ class _Run:
             downloader: Downloader | None = None
             first = True
             while page_url is not None:
-                manifest = poller.poll(page_url, deadline_at=deadline_at)
+                manifest = poller.poll(page_url, deadline_at=deadline_at, started_at=job.kicked_off_at)
                 if first:
                     first = False
                     self.dir.manifest.export_id = eid
                     self.dir.manifest.transaction_time = manifest.transaction_time
                     self.dir.manifest.request = without_query(manifest.request)
                     job = self.dir.save_job(replace(job, transaction_time=manifest.transaction_time))
+                    if not manifest.files and manifest.next_url is None:
+                        self._check_empty(job)
                     downloader = Downloader(self.client, self.auth, self.origins, self.dir, self.policy,
                                             self.clock, self.events, eid, manifest.requires_access_token,
                                             self.settings.max_line_bytes, halt,
@@ -282,6 +290,9 @@ class _Run:
             self._keep_finished(pending)
             raise
         pool.shutdown(wait=True)
+        self.dir.manifest.issues, self.dir.manifest.problems = issues, problems
+        self.dir.manifest.warnings = self.warnings
+        self.dir.save_manifest()  # also when the export failed: the saved manifest names its issues
         fatal = [i for i in issues if i.fatal]
         if fatal:
             self.dir.set_state(job, "failed")
@@ -289,10 +300,22 @@ class _Run:
             texts = "; ".join(dict.fromkeys(i.text or i.code for i in fatal))
             raise ExportError(f"the export reported {len(fatal)} error(s): {texts[:1000]}",
                               hint="the files that did export are in the directory; the next run starts a new export")  # fmt: skip
-        self.dir.manifest.issues, self.dir.manifest.problems = issues, problems
-        self.dir.manifest.warnings = self.warnings
-        self.dir.save_manifest()
         return self.dir.set_state(job, "downloaded")
+
+    def _check_empty(self, job: ExportJob) -> None:
+        """An empty manifest for a whole group (no `_since`) most likely means a wrong group id: the
+        SMART reference server exports an unknown group as nothing (docs/export-decisions.md)."""
+        request = job.request
+        if request.group_id is None or request.since is not None:
+            return
+        base = self.source.base_url
+        exists = group_exists(self.client, self.origins.auth_for(base, self.auth), base, request.group_id,
+                              policy=self.policy, clock=self.clock)  # fmt: skip
+        if exists is False:
+            self._cleanup(job)
+            self.dir.set_state(job, "failed")
+            raise unknown_group(request.group_id, base, "the server exported nothing and has no such Group")
+        self.warn(f"group {request.group_id!r} exported nothing: check that it is the intended group")
 
     def _keep_finished(self, pending: dict[Future[Downloaded], str]) -> None:
         """On the way out (stop, error): record the files that did land, so the next run skips them."""
@@ -318,7 +341,12 @@ class _Run:
             done, _ = wait_futures(list(pending), timeout=0.2 if block else 0, return_when=FIRST_COMPLETED)
             for future in done:
                 del pending[future]
-                self._landed(future.result(), issues, problems, fresh=True)
+                try:
+                    downloaded = future.result()
+                except JobExpired as exc:
+                    exc.files_only = True
+                    raise
+                self._landed(downloaded, issues, problems, fresh=True)
             if self.stop is not None and self.stop.is_set():
                 halt.set()
                 raise InterruptedRunError(

@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 import orjson
@@ -26,6 +26,71 @@ from pfsync.settings import HttpSettings
 
 USER_AGENT = f"pfsync/{__version__}"
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+# What an error answer means for the caller: "final" (interpret it), "retry" (within the retry
+# budget, http.retries), "keep-polling" (an export still running: poll again on the poll schedule,
+# until the export deadline rather than for a number of tries).
+Verdict = Literal["final", "retry", "keep-polling"]
+
+
+@dataclass(frozen=True)
+class RetryRule:
+    """One row of a classifier table: the statuses it covers and, optionally, the OperationOutcome
+    issue code it needs (`code`), or that the body is not FHIR at all (`not_fhir`: a proxy's page)."""
+
+    statuses: frozenset[int]
+    verdict: Verdict
+    code: str | None = None
+    not_fhir: bool = False
+
+
+_SERVER_ERRORS = frozenset(range(500, 600))
+# bulk-data.md "Status polling" and "Download": an error OperationOutcome means the export failed,
+# except 408, 429, gateway errors, a 5xx whose issue code is `transient`, and a 5xx that is not FHIR.
+BULK_RULES: tuple[RetryRule, ...] = (
+    RetryRule(frozenset({408, 429, 502, 503, 504}), "retry"),
+    RetryRule(_SERVER_ERRORS, "retry", code="transient"),
+    RetryRule(_SERVER_ERRORS, "retry", not_fhir=True),
+)
+# While polling a status URL, a 500 `transient` OperationOutcome says the job is still running (the
+# SMART reference server answers it on every poll until the job completes: docs/bulk-data.md
+# "Status polling"), so it is polled again until the export deadline, not retried a few times. A
+# 429 there is the same job, polled later: its Retry-After is a minimum wait (the reference server
+# blocks the route for 5 minutes and then names an absolute time that may already have passed).
+STATUS_POLL_RULES: tuple[RetryRule, ...] = (
+    RetryRule(frozenset({500}), "keep-polling", code="transient"),
+    RetryRule(frozenset({429}), "keep-polling"),
+    *BULK_RULES,
+)
+
+
+def outcome_codes(response: httpx.Response) -> set[str] | None:
+    """The issue codes of an OperationOutcome body; None when the body is not one."""
+    try:
+        body = orjson.loads(response.content) if response.content else None
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return None
+    return {str(i.get("code")) for i in body.get("issue") or [] if isinstance(i, dict)}
+
+
+def classify(response: httpx.Response, rules: tuple[RetryRule, ...]) -> Verdict:
+    """The verdict of the first rule that matches `response` ("final" when none does)."""
+    codes: set[str] | None = None
+    parsed = False
+    for rule in rules:
+        if response.status_code not in rule.statuses:
+            continue
+        if rule.code is not None or rule.not_fhir:
+            if not parsed:
+                codes, parsed = outcome_codes(response), True
+            if rule.not_fhir and codes is not None:
+                continue
+            if rule.code is not None and (codes is None or rule.code not in codes):
+                continue
+        return rule.verdict
+    return "final"
 
 
 class Clock(Protocol):
@@ -138,8 +203,11 @@ def request_with_retry(
     clock: Clock,
     retry_status: frozenset[int] = RETRYABLE_STATUS,
     on_retry: Callable[[int, float, str], None] | None = None,
+    retry_if: Callable[[httpx.Response], bool] | None = None,
 ) -> httpx.Response:
     """Call `send` until it answers with a non-retryable status, retrying transient failures.
+
+    `retry_if` replaces the `retry_status` test, e.g. `lambda r: classify(r, BULK_RULES) == "retry"`.
 
     Returns the final response (which may be an error status the caller interprets); raises
     HTTPError (temporary) when retries are exhausted on a network error or retryable status.
@@ -162,7 +230,7 @@ def request_with_retry(
                 on_retry(attempt, wait, exc.__class__.__name__)
             clock.sleep(wait)
             continue
-        if response.status_code not in retry_status:
+        if not (retry_if(response) if retry_if is not None else response.status_code in retry_status):
             return response
         attempt += 1
         if attempt > policy.retries:

@@ -21,6 +21,7 @@ from pfsync.bulk import (
     issues_of,
     kickoff,
     parse_manifest,
+    poll_wait,
     requests_for,
 )
 from pfsync.errors import AuthError, ExportError, HTTPError, InterruptedRunError
@@ -161,14 +162,31 @@ def test_poll_clamps_retry_after_to_poll_max_wait(httpx_mock: HTTPXMock) -> None
 
 def test_poll_without_retry_after_backs_off_progressively(httpx_mock: HTTPXMock) -> None:
     clock, sink = FakeClock(), ListSink()
-    for _ in range(6):
+    for _ in range(40):
         httpx_mock.add_response(status_code=202)
     httpx_mock.add_response(json=manifest_body())
     with httpx.Client() as client:
         make_poller(client, clock, sink, poll_max_wait=4).poll(STATUS, deadline_at=clock.now() + 1e6)
     waits = [e["retryIn"] for e in sink.of("status_progress")]
     assert waits == sorted(waits) and waits[0] < waits[-1]
-    assert max(waits) == 4  # capped by export.poll_max_wait
+    assert waits[0] == 0.5 and max(waits) == 4  # starts small, capped by export.poll_max_wait
+
+
+def test_poll_schedule_is_quick_while_young_then_stays_under_half_the_rate_limit() -> None:
+    """Issue 20: within a second of the server finishing for a ~15 s job, yet two clients behind
+    one address stay under the reference server's 60 polls a minute per route."""
+    elapsed, polls_at = 0.0, [0.0]
+    while elapsed < 3600:
+        pause = poll_wait(elapsed, None, 300)
+        if elapsed < 15:
+            assert pause <= 1.0
+        assert pause <= max(1.0, elapsed * 0.2)  # a long job waits at most a fifth longer
+        elapsed += pause
+        polls_at.append(elapsed)
+    for minute in range(60):
+        assert sum(minute * 60 <= t < (minute + 1) * 60 for t in polls_at) < 30, minute
+    # The reference server's Retry-After: 1 on every 202 is a minimum, not a rate to keep up forever.
+    assert poll_wait(120, 1.0, 300) > 5 and poll_wait(3, 7.0, 300) == 7.0 and poll_wait(3, 900, 60) == 60
 
 
 def test_poll_deadline_raises_export_error(httpx_mock: HTTPXMock) -> None:
@@ -180,14 +198,33 @@ def test_poll_deadline_raises_export_error(httpx_mock: HTTPXMock) -> None:
     assert clock.slept <= 250
 
 
-def test_poll_retries_transient_500_then_completes(httpx_mock: HTTPXMock) -> None:
+def test_poll_keeps_polling_through_transient_500s_past_the_retry_budget(httpx_mock: HTTPXMock) -> None:
+    """Issue 20, transcript 50: the reference server answers 500 `transient` on every poll until the
+    job completes: the export deadline is the limit, not http.retries."""
     clock, sink = FakeClock(), ListSink()
-    # transcript 50: the first poll is a 500 whose issue code is "transient"
-    httpx_mock.add_response(status_code=500, json=outcome("An unknown error occurred", "transient"))
+    for _ in range(POLICY.retries * 3):
+        httpx_mock.add_response(status_code=500, json=outcome("An unknown error occurred", "transient"))
     httpx_mock.add_response(json=manifest_body())
     with httpx.Client() as client:
-        make_poller(client, clock, sink).poll(STATUS, deadline_at=clock.now() + 3600)
-    assert sink.of("status_error")[0]["status"] == 500
+        manifest = make_poller(client, clock, sink).poll(STATUS, deadline_at=clock.now() + 3600)
+    assert manifest.transaction_time == "2026-01-02T03:04:05Z"
+    errors = sink.of("status_error")
+    assert len(errors) == POLICY.retries * 3 and {e["status"] for e in errors} == {500}
+
+
+def test_poll_transient_500s_stop_at_the_export_deadline(httpx_mock: HTTPXMock) -> None:
+    clock, sink = FakeClock(), ListSink()
+    httpx_mock.add_response(status_code=500, json=outcome("busy", "transient"), is_reusable=True)
+    with httpx.Client() as client, pytest.raises(ExportError, match="deadline") as info:
+        make_poller(client, clock, sink, deadline=120).poll(STATUS, deadline_at=clock.now() + 120)
+    assert "run the same command again" in (info.value.hint or "")
+
+
+def test_poll_past_retries_says_that_a_rerun_resumes_the_job(httpx_mock: HTTPXMock) -> None:
+    httpx_mock.add_response(status_code=503, json=outcome("busy", "exception"), is_reusable=True)
+    with httpx.Client() as client, pytest.raises(HTTPError) as info:
+        make_poller(client, FakeClock(), ListSink()).poll(STATUS, deadline_at=1e12)
+    assert info.value.exit_code == 75 and "run the same command again" in (info.value.hint or "")
 
 
 @pytest.mark.parametrize("status", [500, 400])

@@ -1,0 +1,191 @@
+"""Integration tests of issue 20: what the SMART reference Bulk Data server does that Practice
+Fusion's documentation does not mention, imitated by the source sandbox, against run_export over
+real HTTP. The sandbox and pfsync share one FakeClock, so minutes of polling take no real time.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from test_export_fakes import FakeClock
+
+from pfsync.auth import source_auth
+from pfsync.bulk import ExportRequest
+from pfsync.errors import ConfigError, ExportError
+from pfsync.events import ListSink
+from pfsync.export import ExportResult, run_export
+from pfsync.http import RetryPolicy
+from pfsync.redact import Secret
+from pfsync.sandbox.source import SourceSandbox
+from pfsync.settings import ExportSettings, SourceSettings
+
+pytestmark = pytest.mark.integration
+
+TYPES = ("Patient", "Condition", "Encounter")
+SMALL = {"Patient": 17, "Condition": 86, "Encounter": 431}  # fixtures/README.md synthea-small
+POLICY = RetryPolicy(retries=4, base=0.01)
+
+
+def run(
+    sandbox: SourceSandbox,
+    out: Path,
+    request: ExportRequest | None = None,
+    *,
+    clock: FakeClock | None = None,
+    events: ListSink | None = None,
+    settings: ExportSettings | None = None,
+) -> ExportResult:
+    clock = clock or FakeClock(start=time.time())
+    sandbox.use_clock(clock.now)
+    src = SourceSettings(name="sandbox", base_url=sandbox.base_url(), client_id="pfsync-sandbox",
+                         client_secret=Secret("sandbox-secret"))  # fmt: skip
+    with httpx.Client(timeout=30) as client:
+        _, auth = source_auth(src, client, clock=clock)
+        return run_export(src, settings or ExportSettings(), client, auth, out_dir=out,
+                          request=request or ExportRequest(level="patient", types=TYPES), clock=clock,
+                          events=events, policy=POLICY)  # fmt: skip
+
+
+def status_polls(sandbox: SourceSandbox) -> list[int]:
+    return [s.status for s in sandbox.stats.requests("status")]
+
+
+def test_transient_500_on_every_poll_keeps_polling_until_the_job_completes(
+    source: SourceSandbox, tmp_path: Path
+) -> None:
+    """Issue 20, transcript 50: 500 `transient` on every poll for two minutes; the export completes."""
+    source.faults.busy_export(seconds=120, transient=True)
+    events = ListSink()
+    result = run(source, tmp_path / "out", events=events)
+    polls = status_polls(source)
+    assert polls[-1] == 200 and set(polls[:-1]) == {500}
+    assert len(polls) - 1 > POLICY.retries * 3  # far past the retry budget
+    assert {f.type: f.lines for f in result.files} == SMALL
+    assert events.of("status_error")[0]["status"] == 500
+
+
+def test_polling_stays_under_half_the_reference_servers_rate_limit(
+    source: SourceSandbox, tmp_path: Path
+) -> None:
+    """Issue 20: 60 polls a minute per route, then 429 for 5 minutes with an epoch-ms Retry-After.
+    With `Retry-After: 1` on every 202 (the reference server's), a 4-minute job is polled less than
+    30 times in any minute, so a second client behind the same address fits too: no 429 at all."""
+    clock = FakeClock(start=time.time())
+    source.configure(rate_limit=60)
+    source.faults.busy_export(seconds=240, retry_after=1)
+    run(source, tmp_path / "out", clock=clock)
+    polls = source.stats.requests("status")
+    assert 429 not in {s.status for s in polls}
+    assert len(polls) < 60  # 4 minutes at the server's Retry-After: 1 would be ~240 polls
+
+
+def test_a_blocked_route_is_waited_out_with_the_epoch_millisecond_retry_after(
+    source: SourceSandbox, tmp_path: Path
+) -> None:
+    """The sandbox's limiter: past the limit, 429 with Retry-After in epoch ms (then epoch s) for
+    the block; pfsync waits it out (export.poll_max_wait >= the block) and completes."""
+    clock = FakeClock(start=time.time())
+    source.configure(rate_limit=10, rate_block=200)
+    source.faults.busy_export(seconds=12, retry_after=1)
+    events = ListSink()
+    run(source, tmp_path / "out", clock=clock, events=events)
+    limited = [s for s in source.stats.requests("status") if s.status == 429]
+    assert len(limited) == 1 and source.stats.requests("status")[-1].status == 200
+    waits = [e["retryIn"] for e in events.of("status_error") if e["status"] == 429]
+    assert len(waits) == 1 and 199 <= waits[0] <= 201  # the epoch-ms value read as an absolute time
+
+
+def test_rate_limiter_answers_like_the_reference_server(source: SourceSandbox) -> None:
+    now = [1_800_000_000.0]
+    source.use_clock(lambda: now[0])
+    source.configure(rate_limit=2)
+    url = source.base_url() + "/Patient/$export"
+    answers = [httpx.get(url) for _ in range(4)]
+    assert [a.status_code for a in answers] == [401, 401, 429, 429]  # limited before auth
+    assert answers[2].text == "Too Many Requests. Try again later."
+    assert int(answers[2].headers["retry-after"]) == (now[0] + 300) * 1000  # epoch ms first
+    assert int(answers[3].headers["retry-after"]) == now[0] + 300  # then epoch seconds
+    now[0] += 301
+    assert httpx.get(url).status_code == 401
+
+
+def test_export_completes_within_a_second_of_the_server_finishing(
+    source: SourceSandbox, tmp_path: Path
+) -> None:
+    """Issue 20 criterion 3: a 15 s job with no Retry-After (Practice Fusion's 202s have none)."""
+    clock = FakeClock(start=time.time())
+    source.faults.busy_export(seconds=15, retry_after=None)
+    started = clock.now()
+    run(source, tmp_path / "out", clock=clock)
+    finished_polling = sum(clock.sleeps)  # every sleep of this run was a poll wait
+    assert 15 <= clock.now() - started == pytest.approx(finished_polling)
+    assert finished_polling <= 16
+
+
+def test_count_mismatch_costs_one_re_download_and_one_warning(source: SourceSandbox, tmp_path: Path) -> None:
+    """Issue 20: the manifest announces 1,000 more Conditions than the file holds. An identical
+    second download proves the file is what the server has: kept, reported once."""
+    source.faults.wrong_count(type="Condition")
+    events = ListSink()
+    result = run(source, tmp_path / "out", events=events)
+    downloads = [s.url for s in source.stats.requests("download") if "/Condition/" in s.url]
+    assert len(downloads) == 2
+    assert [f.lines for f in result.files if f.type == "Condition"] == [SMALL["Condition"]]
+    assert result.problems == (f"Condition.1.ndjson: {SMALL['Condition']} lines but the manifest announced "
+                               f"{SMALL['Condition'] + 1000}",)  # fmt: skip
+    assert len([e for e in events.of("download_error") if e["name"] == "Condition.1.ndjson"]) == 1
+
+
+def test_error_entries_with_counts_are_not_count_checked_and_their_issues_are_saved(
+    source: SourceSandbox, tmp_path: Path
+) -> None:
+    """Issue 20, transcript 52: error[] entries carry the failed file's count; the error file is one
+    OperationOutcome. Downloaded once, no count warning; the export fails (exit 5) and the saved
+    manifest lists the fatal issues."""
+    source.faults.failed_files(types=("Condition", "Encounter"))
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="Failed to export") as info:
+        run(source, out)
+    assert info.value.exit_code == 5
+    errors = [s for s in source.stats.requests("download") if "/error/" in s.url]
+    assert len(errors) == 2  # one download each, despite count 86 / 431 against one line
+    saved = orjson.loads((out / "manifest.json").read_bytes())
+    assert len(saved["issues"]) == 2 and {i["severity"] for i in saved["issues"]} == {"error"}
+    assert not [p for p in saved["problems"] if "announced" in p]
+    assert orjson.loads((out / "job.json").read_bytes())["state"] == "failed"
+
+
+def test_expired_files_delete_both_jobs_and_mark_the_export_failed(
+    source: SourceSandbox, tmp_path: Path
+) -> None:
+    """Issue 20, transcript 53: every download answers 410; pfsync starts one new export, which
+    expires as well: both jobs are DELETEd and job.json says failed."""
+    source.faults.file_expired(times=2)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="expired as well"):
+        run(source, out)
+    assert [s.status for s in source.stats.requests("delete")] == [202, 202]
+    assert orjson.loads((out / "job.json").read_bytes())["state"] == "failed"
+
+
+@pytest.mark.parametrize("mode", ["not-found", "empty"])
+def test_unknown_group_is_a_configuration_error(source: SourceSandbox, tmp_path: Path, mode: str) -> None:
+    """Issue 20, transcript 23: the reference server exports an unknown group as nothing ("empty");
+    our reading of Practice Fusion answers 404. Either way: exit 3 naming the group, job DELETEd."""
+    source.configure(unknown_group=mode)
+    with pytest.raises(ConfigError, match="'NoSuchGroup' does not exist") as info:
+        run(source, tmp_path / "out", ExportRequest(level="group", group_id="NoSuchGroup", types=TYPES))
+    assert info.value.exit_code == 3
+    kicked = [s.status for s in source.stats.requests("kickoff")]
+    assert kicked == ([202] if mode == "empty" else [404])
+    assert [s.status for s in source.stats.requests("delete")] == ([202] if mode == "empty" else [])
+
+
+def test_empty_group_that_exists_is_a_warning_only(source: SourceSandbox, tmp_path: Path) -> None:
+    source.add_to_group("empty-group", [])
+    result = run(source, tmp_path / "out", ExportRequest(level="group", group_id="empty-group", types=TYPES))
+    assert result.files == () and any("exported nothing" in w for w in result.warnings)

@@ -10,7 +10,9 @@ Every token and assertion is registered with pfsync.redact, so no log line can s
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Generator, Iterable, Sequence
@@ -82,6 +84,19 @@ def _token_from_capability(doc: Any) -> str | None:
                     if isinstance(sub, dict) and sub.get("url") == "token" and sub.get("valueUri"):
                         return str(sub["valueUri"])
     return None
+
+
+def capability_resource_types(doc: Any) -> frozenset[str]:
+    """rest[].resource[].type of a CapabilityStatement."""
+    if not isinstance(doc, dict) or doc.get("resourceType") != "CapabilityStatement":
+        return frozenset()
+    return frozenset(
+        str(r["type"])
+        for rest in doc.get("rest") or []
+        if isinstance(rest, dict)
+        for r in rest.get("resource") or []
+        if isinstance(r, dict) and isinstance(r.get("type"), str)
+    )
 
 
 def discover(
@@ -350,6 +365,7 @@ class SourceAuthenticator(CachedToken):
         *,
         http: HttpSettings | None = None,
         clock: Clock | None = None,
+        negotiate: bool = True,
     ) -> None:
         super().__init__()
         self.source = source
@@ -364,6 +380,15 @@ class SourceAuthenticator(CachedToken):
             assert source.private_key is not None
             self.signing_key = load_signing_key(source.private_key.reveal(), key_id=source.key_id)
         self._discovery: Discovery | None = None
+        # The types requested in the scope: the configured ones, plus Group for a system-level
+        # export (it is part of the system's data), minus the types the server says it does not
+        # have (`negotiate`, off with export.strict_scopes: then such a refusal stays fatal).
+        self.types: list[str] = list(dict.fromkeys(source.resource_types))
+        if source.export_level == "system" and "Group" not in self.types:
+            self.types.append("Group")
+        self.unsupported_types: list[str] = []
+        self.negotiate = negotiate
+        self._capability_types: frozenset[str] | None = None
 
     # -- discovery and scopes
     @property
@@ -388,7 +413,7 @@ class SourceAuthenticator(CachedToken):
 
     @property
     def requested_scopes(self) -> tuple[str, ...]:
-        return build_scopes(self.source.resource_types, self.scope_version)
+        return build_scopes(self.types, self.scope_version)
 
     @property
     def granted_scopes(self) -> frozenset[str]:
@@ -397,8 +422,9 @@ class SourceAuthenticator(CachedToken):
         return token.scopes if token else frozenset()
 
     def granted_types(self, requested: Sequence[str]) -> tuple[list[str], list[str]]:
-        """(granted, not granted) among `requested` types, from the latest token's scope."""
-        return split_granted(self.granted_scopes, requested)
+        """(granted, not granted) among `requested` types and the ones added to the scope (Group at
+        system level), from the latest token's scope."""
+        return split_granted(self.granted_scopes, list(dict.fromkeys([*requested, *self.types])))
 
     # -- tokens
     def client_assertion(self, audience: str | None = None) -> str:
@@ -418,9 +444,32 @@ class SourceAuthenticator(CachedToken):
         return assertion
 
     def _fetch(self) -> Token:
-        endpoint = self.token_endpoint
-        scopes = self.requested_scopes
         what = f"source {self.source.name!r}"
+        while True:
+            scopes = self.requested_scopes
+            started = self._clock.now()
+            response = self._request_token(scopes)
+            if response.status_code == 200:
+                break
+            dropped = self._unsupported(response) if self.negotiate else []
+            if not dropped:
+                raise token_error(response, what, self.method)
+            self.types = [t for t in self.types if t not in dropped]
+            self.unsupported_types += dropped
+            log.warning(
+                "source %s does not have %s: not requested (PFSYNC_STRICT_SCOPES=true refuses instead)",
+                self.source.name, ", ".join(dropped),
+            )  # fmt: skip
+        token = parse_token_response(response, scopes, started, what)
+        granted, missing = split_granted(token.scopes, self.source.resource_types)
+        log.info(
+            "auth_token source=%s expires_in=%ds granted_types=%d missing=%s",
+            self.source.name, int(token.lifetime), len(granted), ",".join(missing) or "none",
+        )  # fmt: skip
+        return token
+
+    def _request_token(self, scopes: Sequence[str]) -> httpx.Response:
+        endpoint = self.token_endpoint
 
         def send() -> httpx.Response:
             self.token_requests += 1
@@ -435,19 +484,36 @@ class SourceAuthenticator(CachedToken):
                 auth = httpx.BasicAuth(self.client_id, self.source.client_secret.reveal())
             return self._client.post(endpoint, data=form, auth=auth, headers={"Accept": "application/json"})
 
-        started = self._clock.now()
-        response = request_with_retry(
-            send, method="POST", url=endpoint, policy=self._policy, clock=self._clock
-        )
-        if response.status_code != 200:
-            raise token_error(response, what, self.method)
-        token = parse_token_response(response, scopes, started, what)
-        granted, missing = split_granted(token.scopes, self.source.resource_types)
-        log.info(
-            "auth_token source=%s expires_in=%ds granted_types=%d missing=%s",
-            self.source.name, int(token.lifetime), len(granted), ",".join(missing) or "none",
-        )  # fmt: skip
-        return token
+        return request_with_retry(send, method="POST", url=endpoint, policy=self._policy, clock=self._clock)
+
+    def _unsupported(self, response: httpx.Response) -> list[str]:
+        """The requested types a 400 `invalid_scope` refuses because the server does not have them:
+        those its text names (the SMART reference server: 'Resources of type "X" do not exist on
+        this server'), else those its CapabilityStatement does not list. Empty: not that kind of
+        refusal, or nothing would be left to request."""
+        try:
+            body = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            return []
+        if response.status_code != 400 or not isinstance(body, dict) or body.get("error") != "invalid_scope":
+            return []
+        text = str(body.get("error_description") or "")
+        named = [t for t in self.types if re.search(rf"(?<![A-Za-z]){re.escape(t)}(?![A-Za-z])", text)]
+        if not named:
+            listed = self.capability_types()
+            named = [t for t in self.types if listed and t not in listed]
+        return named if len(named) < len(self.types) else []
+
+    def capability_types(self) -> frozenset[str]:
+        """The resource types the source's CapabilityStatement lists (empty when it lists none).
+        Only a hint: the SMART reference server leaves out types it does export (transcript 02)."""
+        if self._capability_types is None:
+            doc = None
+            with contextlib.suppress(HTTPError, httpx.HTTPError):
+                doc = _get_json(self._client, f"{self.source.base_url.rstrip('/')}/metadata",
+                                "application/fhir+json", self._policy, self._clock)  # fmt: skip
+            self._capability_types = capability_resource_types(doc)
+        return self._capability_types
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,9 +561,11 @@ def source_auth(
     http: HttpSettings | None = None,
     clock: Clock | None = None,
     extra_origins: Iterable[str] = (),
+    negotiate: bool = True,
 ) -> tuple[SourceAuthenticator, BearerAuth]:
-    """The authenticator of a source and the httpx.Auth that applies it to the source's own origins."""
-    authenticator = SourceAuthenticator(source, client, http=http, clock=clock)
+    """The authenticator of a source and the httpx.Auth that applies it to the source's own origins.
+    `negotiate`: drop requested types the server does not have (pass not export.strict_scopes)."""
+    authenticator = SourceAuthenticator(source, client, http=http, clock=clock, negotiate=negotiate)
     origins = [source.base_url, *source.download_allowlist, *extra_origins]
     allow_http = (http or HttpSettings()).allow_insecure_http
     for origin in origins[1:]:  # the token must not travel in clear text to an extra origin either

@@ -203,7 +203,13 @@ class _SourceProbe:
 
     def _authenticator(self) -> SourceAuthenticator | None:
         try:
-            authn = SourceAuthenticator(self.source, self.client, http=self.http, clock=self.clock)
+            authn = SourceAuthenticator(
+                self.source,
+                self.client,
+                http=self.http,
+                clock=self.clock,
+                negotiate=not self.settings.export.strict_scopes,
+            )
         except ConfigError as exc:
             self.add("credentials", "fail", exc.message, hint=exc.hint, code=ExitCode.CONFIG)
             return None
@@ -261,6 +267,13 @@ class _SourceProbe:
                           scopesGranted=sorted(authn.granted_scopes), missingTypes=missing)  # fmt: skip
         self.add("scopes_requested", "ok", " ".join(requested))
         self.add("scopes_granted", "ok", " ".join(sorted(authn.granted_scopes)) or "(none)")
+        if authn.unsupported_types:
+            self.facts["unsupportedTypes"] = list(authn.unsupported_types)
+            self.add("types_unsupported", "warn",
+                     f"the server does not have {', '.join(authn.unsupported_types)}: not requested",
+                     hint="drop them from PF_RESOURCE_TYPES to silence this; PFSYNC_STRICT_SCOPES=true "
+                     "refuses the whole token instead")  # fmt: skip
+        missing = [t for t in missing if t not in authn.unsupported_types]
         if not missing:
             self.add("scopes", "ok", f"all {len(granted)} types granted")
             return

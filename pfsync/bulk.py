@@ -95,6 +95,10 @@ def requests_for(
         "type_filters": tuple(source.type_filter),
         "method": settings.kickoff_method,
     }
+    if level == "system" and common["types"] and "Group" not in common["types"]:
+        # A system export is all the server holds, Groups included (issue 20: without this a
+        # type list that names no Group left out the server's 8 Groups).
+        common["types"] += ("Group",)
     if level == "group":
         if not source.groups:
             raise ExportError(f"source {source.name!r}: export level 'group' needs at least one group id")

@@ -61,7 +61,8 @@ class LiveEngines:
         self.policy = RetryPolicy.from_settings(settings.http)
         self.source_client = make_client(settings.http)
         self.authenticator, self.source_auth = source_auth(source, self.source_client, http=settings.http,
-                                                           clock=self.clock)  # fmt: skip
+                                                           clock=self.clock,
+                                                           negotiate=not settings.export.strict_scopes)  # fmt: skip
         # The loader fetches missing references and attachments from the source with this client;
         # a separate one so the authenticator's own token requests never pass through BearerAuth.
         self.source_fetch_client = make_client(settings.http, auth=self.source_auth)

@@ -115,7 +115,9 @@ def fresh_export(
     root = settings.state_dir / source.name / "exports" / f"verify-{stamp}"
     out: list[Path] = []
     with make_client(settings.http) as client:
-        authenticator, auth = source_auth(source, client, http=settings.http, clock=clock)
+        authenticator, auth = source_auth(
+            source, client, http=settings.http, clock=clock, negotiate=not settings.export.strict_scopes
+        )
         authenticator.token()
         granted = list(authenticator.granted_types(source.resource_types)[0])
         for request in requests_for(source, settings.export, since=None):

@@ -376,6 +376,9 @@ def test_token_refusal_is_auth_error_with_hint_and_no_retry(
     httpx_mock: HTTPXMock, status: int, body: dict[str, Any], hint_word: str
 ) -> None:
     _mock_discovery(httpx_mock)
+    # An invalid_scope naming no type makes pfsync read the CapabilityStatement (issue 20): it lists none.
+    httpx_mock.add_response(url=SMART_URL.replace("/.well-known/smart-configuration", "/metadata"),
+                            status_code=404, is_optional=True)  # fmt: skip
     httpx_mock.add_response(url=TOKEN_URL, method="POST", status_code=status, json=body)
     with pytest.raises(AuthError) as info:
         _auth(jwt_source()).token()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -14,14 +15,15 @@ import pytest
 from test_export_fakes import FakeClock
 
 from pfsync.auth import source_auth
-from pfsync.bulk import ExportRequest
-from pfsync.errors import ConfigError, ExportError
+from pfsync.authcheck import run_auth_test
+from pfsync.bulk import ExportRequest, requests_for
+from pfsync.errors import AuthError, ConfigError, ExportError
 from pfsync.events import ListSink
 from pfsync.export import ExportResult, run_export
 from pfsync.http import RetryPolicy
 from pfsync.redact import Secret
 from pfsync.sandbox.source import SourceSandbox
-from pfsync.settings import ExportSettings, SourceSettings
+from pfsync.settings import ExportSettings, Settings, SourceSettings
 
 pytestmark = pytest.mark.integration
 
@@ -189,3 +191,106 @@ def test_empty_group_that_exists_is_a_warning_only(source: SourceSandbox, tmp_pa
     source.add_to_group("empty-group", [])
     result = run(source, tmp_path / "out", ExportRequest(level="group", group_id="empty-group", types=TYPES))
     assert result.files == () and any("exported nothing" in w for w in result.warnings)
+
+
+DEFAULT_TYPES = SourceSettings(name="x", base_url="https://x").resource_types
+NOT_IN_SMALL = ["AllergyIntolerance", "Medication", "MedicationStatement", "DocumentReference", "ServiceRequest",
+                "Binary"]  # fmt: skip
+
+
+def _settings(sandbox: SourceSandbox, **kw: Any) -> SourceSettings:
+    return SourceSettings(name="sandbox", base_url=sandbox.base_url(), client_id="pfsync-sandbox",
+                          client_secret=Secret("sandbox-secret"), **kw)  # fmt: skip
+
+
+def test_types_the_server_does_not_have_are_dropped_from_the_scope(source: SourceSandbox) -> None:
+    """Issue 20: like the reference server, the sandbox refuses the whole token for a type it does
+    not hold (400 invalid_scope 'Resources of type "Medication" do not exist on this server').
+    pfsync drops the types the refusal names, says which, and gets a token for the rest."""
+    source.configure(scope_types="data")
+    with httpx.Client(timeout=30) as client:
+        authn, _ = source_auth(_settings(source), client)
+        authn.token()
+    assert sorted(authn.unsupported_types) == sorted(NOT_IN_SMALL)
+    assert authn.types == [t for t in DEFAULT_TYPES if t not in NOT_IN_SMALL]
+    granted, missing = authn.granted_types(DEFAULT_TYPES)
+    assert sorted(missing) == sorted(NOT_IN_SMALL) and "Patient" in granted
+
+
+def test_strict_scopes_keeps_the_refusal(source: SourceSandbox) -> None:
+    source.configure(scope_types="data")
+    with httpx.Client(timeout=30) as client, pytest.raises(AuthError, match="Medication") as info:
+        source_auth(_settings(source), client, negotiate=False)[0].token()
+    assert info.value.exit_code == 4
+
+
+def test_types_missing_from_the_capability_statement_are_dropped_when_the_refusal_names_none(
+    source: SourceSandbox,
+) -> None:
+    """A server whose invalid_scope text names no type: the CapabilityStatement says what it has."""
+    source.configure(scope_types="data")
+    with httpx.Client(timeout=30) as client:
+        authn, _ = source_auth(
+            _settings(source, resource_types=("Patient", "Medication", "Condition")), client
+        )
+        real = authn._request_token
+
+        def anonymous(scopes: Any) -> httpx.Response:
+            response = real(scopes)
+            if response.status_code != 400:
+                return response
+            return httpx.Response(400, json={"error": "invalid_scope", "error_description": "bad scope"},
+                                  request=response.request)  # fmt: skip
+
+        authn._request_token = anonymous  # type: ignore[method-assign]
+        authn.token()
+    assert authn.unsupported_types == ["Medication"] and authn.types == ["Patient", "Condition"]
+
+
+def test_export_with_the_default_types_against_a_server_that_lacks_some(
+    source: SourceSandbox, tmp_path: Path
+) -> None:
+    source.configure(scope_types="data")
+    src = _settings(source)
+    clock = FakeClock(start=time.time())
+    with httpx.Client(timeout=30) as client:
+        authn, auth = source_auth(src, client, clock=clock)
+        authn.token()
+        granted = authn.granted_types(src.resource_types)[0]
+        result = run_export(src, ExportSettings(), client, auth, out_dir=tmp_path / "out",
+                            request=requests_for(src, ExportSettings())[0], clock=clock, policy=POLICY,
+                            granted_types=granted)  # fmt: skip
+    assert {f.type for f in result.files} >= set(SMALL)
+    assert any("Medication" in w for w in result.warnings)
+
+
+def test_system_level_export_includes_the_groups(source: SourceSandbox, tmp_path: Path) -> None:
+    """Issue 20: a system-level export with a type list that names no Group left the server's
+    Groups out. Group is added to the scope and to _type at system level."""
+    source.configure(system_export=True)
+    src = _settings(source, export_level="system", resource_types=TYPES)
+    clock = FakeClock(start=time.time())
+    with httpx.Client(timeout=30) as client:
+        authn, auth = source_auth(src, client, clock=clock)
+        authn.token()
+        request = requests_for(src, ExportSettings())[0]
+        result = run_export(src, ExportSettings(), client, auth, out_dir=tmp_path / "out", request=request,
+                            clock=clock, policy=POLICY, granted_types=authn.granted_types(src.resource_types)[0])  # fmt: skip
+    assert "system/Group.rs" in authn.requested_scopes and request.types == (*TYPES, "Group")
+    groups = [f for f in result.files if f.type == "Group"]
+    assert sum(f.lines for f in groups) == len(source.groups()) > 0
+    assert not result.warnings
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_auth_test_names_the_types_the_server_does_not_have(source: SourceSandbox, strict: bool) -> None:
+    source.configure(scope_types="data")
+    settings = Settings(sources=(_settings(source),), export=ExportSettings(strict_scopes=strict))
+    with httpx.Client(timeout=30) as client:
+        report = run_auth_test(settings, client, include_medplum=False)
+    checks = {c.name: c for c in report.targets[0].checks}
+    if strict:  # today's refusal, kept
+        assert checks["token"].status == "fail" and "Medication" in checks["token"].detail
+    else:
+        assert checks["token"].status == "ok" and checks["types_unsupported"].status == "warn"
+        assert all(t in checks["types_unsupported"].detail for t in NOT_IN_SMALL)

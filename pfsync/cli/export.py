@@ -169,7 +169,9 @@ def export(
         dirs = [out if len(requests) == 1 else out / str(r.group_id) for r in requests]
         policy = RetryPolicy.from_settings(settings.http)
         with make_client(settings.http) as client:
-            authenticator, auth = source_auth(src, client, http=settings.http)
+            authenticator, auth = source_auth(
+                src, client, http=settings.http, negotiate=not settings.export.strict_scopes
+            )
             if cancel:
                 cancelled = [str(d) for d in dirs if cancel_export(d, client, auth, policy=policy)]
                 _print(

@@ -8,7 +8,7 @@ or, from another process, through the control API under `{server}/_sandbox/`:
     GET    /_sandbox/config                      practices, base and token URLs, foreign storage URL
     POST   /_sandbox/config                      {"token_lifetime", "system_export", "resources_per_file",
                                                  "max_assertion_lifetime", "track_jti", "smart_v2", "job_ttl",
-                                                 "rate_limit", "rate_block", "unknown_group"}
+                                                 "rate_limit", "rate_block", "unknown_group", "scope_types"}
     POST   /_sandbox/reset                       data, faults, jobs, tokens and counters back to the start
     GET    /_sandbox/faults | DELETE             armed faults | disarm all
     POST   /_sandbox/faults                      {"name": "rate_limit", "times": 2, "where": "status", ...}
@@ -83,6 +83,7 @@ class SourceSandbox:
         self._foreign: LoopbackServer | None = None
         self._state: State | None = None
         self._extra_clients: list[tuple[str, Client]] = []
+        self._known_types: set[str] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> SourceSandbox:
@@ -100,6 +101,7 @@ class SourceSandbox:
         self._state.server_url = self._server.base_url
         self._state.foreign_url = f"{self._foreign.base_url}/storage"
         self._load()
+        self._known_types = set(self._state.auth.known_types)
         self._register_defaults()
         return self
 
@@ -199,13 +201,22 @@ class SourceSandbox:
     def configure(self, **knobs: Any) -> None:
         """Set knobs at runtime: those of `auth_config`, system_export, resources_per_file, job_ttl,
         rate_limit (requests a minute per rate-limited route, None: off) with rate_block (seconds of
-        429 once past it; 300 like the reference server), unknown_group ("not-found" or "empty")."""
+        429 once past it; 300 like the reference server), unknown_group ("not-found" or "empty"),
+        scope_types ("known" or "data")."""
         for name, value in knobs.items():
             if name == "rate_limit":
                 block = float(knobs.get("rate_block", 300.0))
                 self.state.limiter = None if value is None else RateLimiter(int(value), block)
             elif name == "rate_block":
                 continue
+            elif name == "scope_types":
+                # "data": like the reference server, a scope for a type the data lacks is refused
+                # (400 invalid_scope "Resources of type X do not exist on this server"); "known": any
+                # type Practice Fusion has a scope for is accepted.
+                if value not in ("known", "data"):
+                    raise ValueError(f"scope_types must be 'known' or 'data', not {value!r}")
+                held = {t for p in self.practices for t in self.state.store.types(p)} | {"Group"}
+                self.state.auth.known_types = held if value == "data" else set(self._known_types)
             elif name == "unknown_group":
                 if value not in ("not-found", "empty"):
                     raise ValueError(f"unknown_group must be 'not-found' or 'empty', not {value!r}")
@@ -264,6 +275,7 @@ class SourceSandbox:
         state.system_export, state.resources_per_file = self._defaults[1], self._defaults[2]
         state.jobs.ttl = 3600
         state.now, state.limiter, state.unknown_group = time.time, None, "not-found"
+        state.auth.known_types = set(self._known_types)
         self._extra_clients.clear()
         state.auth.clients.clear()
         self._register_defaults()

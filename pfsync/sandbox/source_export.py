@@ -6,6 +6,7 @@ at `{Base}/Binary/export/{guid}/{type}/{n}`. Validation follows the reference se
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import threading
 import time
@@ -179,6 +180,8 @@ def run_job(job: Job, store: Store, per_file: int, base: str) -> None:
                 group=req.group,
                 patient_level=req.level != "system" and rtype != job.extra_type,
             )
+            if rtype == "Group" and req.level == "system" and req.since is None:
+                rows = itertools.chain(rows, store.group_resources(req.practice))
             filters = req.type_filters.get(rtype)
             lines = (r for r in rows if not filters or any(_matches(orjson.loads(r), c) for c in filters))
             if rtype == job.extra_type:

@@ -238,6 +238,18 @@ class Store:
         ).fetchall()
         return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
 
+    def group_resources(self, practice: str) -> Iterator[bytes]:
+        """The practice's groups that the data did not bring as resources (the default ones), as
+        Group resources with their members: what a system-level export of Group holds."""
+        for gid, name, _ in self.groups(practice):
+            if self.get(practice, "Group", gid) is not None:
+                continue
+            rows = self.db.execute("SELECT patient FROM members WHERE practice=? AND group_id=? ORDER BY patient",
+                                   (practice, gid)).fetchall()  # fmt: skip
+            yield orjson.dumps({"resourceType": "Group", "id": gid, "type": "person", "actual": True, "name": name,
+                                "quantity": len(rows),
+                                "member": [{"entity": {"reference": f"Patient/{r[0]}"}} for r in rows]})  # fmt: skip
+
     def has_group(self, practice: str, group_id: str) -> bool:
         sql = "SELECT 1 FROM groups WHERE practice=? AND group_id=?"
         return self.db.execute(sql, (practice, group_id)).fetchone() is not None

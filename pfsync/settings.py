@@ -372,7 +372,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("export.parallel_downloads", ("PFSYNC_PARALLEL_DOWNLOADS",), _positive_int, 3, "Files downloaded at once."),
     Spec("export.delete_after_download", ("PFSYNC_DELETE_AFTER_DOWNLOAD",), _bool, True, "DELETE the export job once every file is safely on disk."),
     Spec("export.max_line_bytes", ("PFSYNC_MAX_LINE_BYTES",), _positive_int, 64 * 1024 * 1024, "Longest NDJSON line accepted."),
-    Spec("export.strict_scopes", ("PFSYNC_STRICT_SCOPES",), _bool, False, "Fail instead of warning when a requested type was not granted."),
+    Spec("export.strict_scopes", ("PFSYNC_STRICT_SCOPES",), _bool, False, "Fail instead of warning when a requested type was not granted or the server does not have it."),
     Spec("export.kickoff_method", ("PFSYNC_KICKOFF_METHOD",), _choice("get", "post"), "get", "Kick-off with GET query parameters or POST Parameters."),
     Spec("export.since_overlap", ("PFSYNC_SINCE_OVERLAP",), parse_duration, 300.0, "Re-export this much history before the checkpoint (safe: loading is idempotent)."),
     Spec("export.validate", ("PFSYNC_EXPORT_VALIDATE",), _choice("structure", "full"), "structure", "structure: cheap per-line check while downloading (JSON validity left to the loader); full: parse every line."),

@@ -329,3 +329,11 @@ def test_issues_of_classifies_severity() -> None:
     found = issues_of(outcome("boom", severity="fatal")) + issues_of(outcome("meh", severity="warning"))
     assert [(i.severity, i.fatal) for i in found] == [("fatal", True), ("warning", False)]
     assert issues_of({"resourceType": "Patient"})[0].fatal
+
+
+def test_poll_413_too_many_files_is_a_failed_export_with_its_text(httpx_mock: HTTPXMock) -> None:
+    """Transcript 57: the reference server's "Too many files" is a 413 text/html at the status URL."""
+    httpx_mock.add_response(status_code=413, text="Too many files", headers={"Content-Type": "text/html"})
+    with httpx.Client() as client, pytest.raises(ExportError, match="Too many files") as info:
+        make_poller(client, FakeClock(), ListSink()).poll(STATUS, deadline_at=1e12)
+    assert info.value.exit_code == 5

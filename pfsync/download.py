@@ -359,8 +359,9 @@ class Downloader:
                          type=entry.type, kind=entry.kind, count=entry.count)  # fmt: skip
         started = self.clock.now()
         part = self.export_dir.part_path(name)
-        # bulk-data.md: an error file's `count` is not its line count (the reference server copies
-        # the failed output's count onto it, transcript 52), so only output and deleted files are checked.
+        # An error file's `count` is not its line count (the reference server copies the failed
+        # output's count onto it): only output and deleted files are checked (docs/export-decisions.md
+        # "Downloads that do not match the manifest").
         count = entry.count if entry.kind != "error" else None
         try:
             previous: str | None = None

@@ -389,6 +389,7 @@ class SourceAuthenticator(CachedToken):
         self.unsupported_types: list[str] = []
         self.negotiate = negotiate
         self._capability_types: frozenset[str] | None = None
+        self._told = False
 
     # -- discovery and scopes
     @property
@@ -456,9 +457,16 @@ class SourceAuthenticator(CachedToken):
                 raise token_error(response, what, self.method)
             self.types = [t for t in self.types if t not in dropped]
             self.unsupported_types += dropped
+            log.info(
+                "source %s refused the scope of %s: asking again without",
+                self.source.name,
+                ", ".join(dropped),
+            )
+        if self.unsupported_types and not self._told:
+            self._told = True
             log.warning(
                 "source %s does not have %s: not requested (PFSYNC_STRICT_SCOPES=true refuses instead)",
-                self.source.name, ", ".join(dropped),
+                self.source.name, ", ".join(self.unsupported_types),
             )  # fmt: skip
         token = parse_token_response(response, scopes, started, what)
         granted, missing = split_granted(token.scopes, self.source.resource_types)

@@ -30,11 +30,12 @@ OUTSIDE = [
     (re.compile(r"\bSTYLE\.md\b"), "the shared style guide"),
 ]
 DOC_NAME = re.compile(r"\b(medplum|practice-fusion|bulk-data)\.md\b")
+# `docs/X.md "Title"`, also `docs/X.md, "A", "B"`; a title may be wrapped across two docstring lines.
 SECTION = re.compile(
-    r'\bdocs/(medplum|practice-fusion|bulk-data)\.md[,:]?\s*((?:"[^"\n]+"(?:\s*(?:,|/|and)\s*)?)+)'
+    r'\bdocs/(medplum|practice-fusion|bulk-data)\.md(,|:)?\s*((?:"[^"]{1,80}"(?:\s*(?:,|/|and)\s*)?)+)'
 )
 NUM = r"\d{2}(?!\d)"
-CASES = re.compile(rf"\brecorded cases?\s+({NUM}(?:(?:\s*[-/]\s*|,\s*|\s+and\s+){NUM}(?![\d,]\d))*)")
+CASES = re.compile(rf"\b[Rr]ecorded cases?\s+({NUM}(?:(?:\s*[-/]\s*|,\s*|\s+and\s+){NUM}(?![\d,]\d))*)")
 
 
 def source_files() -> Iterator[tuple[Path, str]]:
@@ -84,13 +85,23 @@ def all_prose() -> Iterator[tuple[str, int, str]]:
 
 
 def outside_citations(text: str) -> list[str]:
-    """What in one comment or docstring cites something outside the repository."""
+    """What in one comment or docstring cites something outside the repository, or a recorded case
+    without saying which page's."""
     found = [f"{m.group(0)!r} ({why})" for pattern, why in OUTSIDE for m in pattern.finditer(text)]
+    for m in CASES.finditer(text):
+        if case_page(text, m) is None:
+            found.append(f"{m.group(0)!r} (name the page: docs/X.md, recorded case NN)")
     for m in DOC_NAME.finditer(text):
         before = text[: m.start()]
         if not before.endswith("docs/") or before.endswith("shared/docs/"):
             found.append(f"{m.group(0)!r} (cite docs/{m.group(0)})")
     return found
+
+
+def case_page(text: str, case: re.Match[str]) -> str | None:
+    """The page whose recorded case `case` cites: the last one named before it in the comment."""
+    pages = re.findall(r"\bdocs/(medplum|bulk-data)\.md\b", text[: case.start()])
+    return pages[-1] if pages else None
 
 
 def doc_sections() -> dict[str, set[str]]:
@@ -121,19 +132,16 @@ def test_cited_doc_sections_and_recorded_cases_exist() -> None:
     problems = []
     for where, line, text in all_prose():
         for m in SECTION.finditer(text):
-            for title in re.findall(r'"([^"\n]+)"', m.group(2)):
-                if title not in sections[m.group(1)] and not text[m.start() : m.end()].startswith(
-                    f"docs/{m.group(1)}.md:"
-                ):
+            if m.group(2) == ":":  # `docs/X.md: "..."` quotes the page rather than naming a section
+                continue
+            for title in re.findall(r'"([^"]+)"', m.group(3)):
+                if " ".join(title.split()) not in sections[m.group(1)]:
                     problems.append(f"{where}:{line}: docs/{m.group(1)}.md has no section {title!r}")
         for m in CASES.finditer(text):
-            pages = re.findall(r"\bdocs/(medplum|bulk-data)\.md\b", text[: m.start()])
-            if not pages:
-                problems.append(f"{where}:{line}: {m.group(0)!r} does not say which page's cases")
-                continue
-            for number in re.findall(r"\d{2}", m.group(1)):
-                if number not in cases[pages[-1]]:
-                    problems.append(f"{where}:{line}: docs/{pages[-1]}.md has no recorded case {number}")
+            page = case_page(text, m)
+            for number in re.findall(r"\d{2}", m.group(1)) if page else []:
+                if number not in cases[page]:
+                    problems.append(f"{where}:{line}: docs/{page}.md has no recorded case {number}")
     assert not problems, "\n".join(problems)
 
 
@@ -143,11 +151,13 @@ def test_cited_doc_sections_and_recorded_cases_exist() -> None:
         ('# medplum.md "Batch Bundles": responses in request order', True),
         ("# transcript 44: the body id must match", True),
         ("# transcripts 03-05", True),
+        ("# Recorded cases 44/45: the body id", True),
         ("# transcripts/bulk-data-server 30", True),
         ("# spec: ../shared/docs/medplum.md", True),
         ("# README finding 12", True),
         ('# docs/medplum.md "Batch Bundles"; docs/medplum.md, recorded case 44', False),
         ("# docs/bulk-data.md, recorded cases 25-31", False),
+        ('# docs/medplum.md "Batch Bundles", recorded cases 14-19', False),
         ("# a transcript of 2 lines, 50,040 points", False),
     ],
 )

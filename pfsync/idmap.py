@@ -187,6 +187,15 @@ class IdMap:
         row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
+    def note(self, key: str) -> str | None:
+        """A value kept with the map (e.g. when referenced resources were last all re-read)."""
+        return self._kv(key)
+
+    def set_note(self, key: str, value: str) -> None:
+        self._flush()
+        self.begin()
+        self._db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, value))
+
     # -- the map
     def get(self, rtype: str, sid: str) -> MapRow | None:
         key = (rtype, sid)
@@ -241,6 +250,16 @@ class IdMap:
         """The resource is gone from Medplum (deleted, or a stale id): keep only that it exists."""
         self._rows[(rtype, sid)] = _SEEN
         self._remember((rtype, sid), _SEEN)
+
+    def loaded_ids(self, rtype: str, after: str = "", limit: int = 500) -> list[str]:
+        """Source ids of this type that have a Medplum id, in order, the first `limit` after `after`
+        (paged by the caller, so memory stays flat)."""
+        self._flush()
+        rows = self._db.execute(
+            "SELECT sid FROM map WHERE type = ? AND sid > ? AND mid IS NOT NULL ORDER BY sid LIMIT ?",
+            (rtype, after, limit),
+        )
+        return [str(r[0]) for r in rows]
 
     def counts(self) -> dict[str, int]:
         """Loaded identities per type."""

@@ -197,6 +197,15 @@ class Loader:
         else:
             refs.expected = (refs.expected or set()) | set(types)
 
+    def refresh_referenced(self, delivered: Iterable[str] | None) -> None:
+        """Hint from `pfsync sync`: the export delivers only these types (None: cannot tell). Reference
+        targets of other types that Medplum already holds are re-read from the source when a
+        resource of this run names them, and all of them once `refresh_referenced_after` has passed
+        since the last such pass (pfsync.references, "Refresh"); unchanged ones cost no write."""
+        if delivered is None or not self.settings.fetch_missing_references or self.dry_run:
+            return
+        self._writer.refs.refresh_outside(delivered, self.settings.refresh_referenced_after)
+
     def flush(self) -> None:
         """Make everything given so far durable; returns when every resource of every `load_file`,
         `retry_pending` and `apply_deleted` call so far is one of:

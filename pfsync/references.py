@@ -17,6 +17,13 @@ double the quota a first sync costs: medplum.md "Quotas": on a stock project quo
   id, display kept) and remembered (`logical`); a reference cycle is broken by writing one member
   with logical references. Remembered resources are rewritten with literal references once their
   targets exist (this run or a later one).
+- Refresh (`refresh_outside`, set by `pfsync sync`): a target of a type the export cannot deliver
+  (Practitioner, Organization... of a Patient-level export) never comes again through the export,
+  so a change at the source would never reach Medplum. Each such target that Medplum already holds
+  is re-read from the source once per run when a resource of the run names it (the same batched
+  `_id` searches), and every one of them that the id map knows is re-read when the last such
+  whole-set pass is older than `refresh_referenced_after`. What comes back goes through the normal
+  write path: unchanged content is skipped by its hash (no write, no quota), a change is an update.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ if TYPE_CHECKING:
 _FETCH_CHUNK = 50
 _FETCH_ROUNDS = 5
 _CYCLE_BATCH = 50
+# Id map note: when every known target of a type the export cannot deliver was last re-read (epoch s).
+WHOLE_REFRESH_NOTE = "referenced_refreshed_at"
 
 # FHIR R4 Patient compartment (CompartmentDefinition/patient): what a Patient or Group level export
 # can deliver. Anything else it references (Practitioner, Organization, Location, Medication...)
@@ -97,8 +106,12 @@ class References:
         self._outside: dict[str, str] = {}
         self._fetching = False
         self.expected: set[str] | None = None  # types the rest of the input may still bring
+        self._delivered: frozenset[str] | None = None  # refresh targets of other types (None: never)
+        self._whole_due = False  # every known target of those types is re-read at finish
+        self._fetch_failed = False
         self.requests = 0
         self.held = 0
+        self.refreshed = 0  # known targets re-read from the source in this run
 
     def target(self, ref: Ref) -> Target | None:
         """What the id map knows of a reference target (None: its type cannot be known)."""
@@ -139,7 +152,11 @@ class References:
             if target is None:
                 out.append((ANY_TYPE, ref.id))
                 continue
-            if target.mid is not None or (target.type == p.type and ref.id == p.sid):
+            if target.mid is not None:
+                if queue and self._delivered is not None:
+                    self._refresh(target.type, ref.id)
+                continue
+            if target.type == p.type and ref.id == p.sid:
                 continue  # a self-reference cannot wait for itself
             key = (target.type, ref.id)
             if key in self._absent or (target.type in self._refused and self._will_not_arrive(key)):
@@ -150,6 +167,58 @@ class References:
                 self._queue.setdefault(target.type, set()).add(ref.id)
                 self._outside.setdefault(ref.id, target.type)
         return out
+
+    def refresh_outside(self, delivered: Iterable[str], whole_after: float | None) -> None:
+        """Keep targets of types not in `delivered` current (module docstring, "Refresh");
+        `whole_after`: seconds between two re-reads of every known one (None: only those named)."""
+        self._delivered = frozenset(delivered)
+        self._whole_due = False
+        if whole_after is None:
+            return
+        last = self._idmap.note(WHOLE_REFRESH_NOTE)
+        try:
+            self._whole_due = last is None or self._clock.now() - float(last) >= whole_after
+        except ValueError:
+            self._whole_due = True  # an unreadable note: re-read now, the note is written again
+
+    def _refresh(self, rtype: str, sid: str) -> None:
+        """Queue a target Medplum holds for a re-read, if the export cannot bring its type."""
+        if (
+            self._client is None
+            or self._delivered is None
+            or self._whole_due  # every known one is re-read at finish: not twice
+            or rtype in self._delivered
+            or rtype in self._refused
+            or (rtype, sid) in self._tried
+        ):
+            return
+        self._queue.setdefault(rtype, set()).add(sid)
+        self.refreshed += 1
+        self._tried.add((rtype, sid))  # once per run
+
+    def _refresh_whole_set(self) -> None:
+        """Re-read every known target of a type the export cannot deliver, when the last such pass
+        is older than `whole_after` (or never ran on this id map); paged, so memory stays flat."""
+        if self._client is None or self._delivered is None or not self._whole_due:
+            return
+        self._whole_due = False
+        now = self._clock.now()
+        self._fetch_failed = False
+        for rtype in sorted(self._idmap.counts()):
+            if rtype in self._delivered or rtype in self._refused:
+                continue
+            after = ""
+            while rtype not in self._refused:
+                page = self._idmap.loaded_ids(rtype, after, _FETCH_CHUNK)
+                if not page:
+                    break
+                after = page[-1]
+                chunk = [sid for sid in page if (rtype, sid) not in self._tried]
+                if chunk:
+                    self.refreshed += len(chunk)
+                    self._fetch_and_ingest(rtype, chunk)
+        if not self._fetch_failed:
+            self._idmap.set_note(WHOLE_REFRESH_NOTE, repr(now))
 
     def queued(self, key: tuple[str, str]) -> bool:
         """Whether this target waits in the queue of fetches from the source, or is being fetched
@@ -234,6 +303,7 @@ class References:
     def finish(self) -> None:
         """Everything held gets written (see the module docstring for the order)."""
         rounds = 0
+        self._refresh_whole_set()
         while True:
             self._writer.drain()
             if self._client is not None and rounds < _FETCH_ROUNDS:
@@ -309,6 +379,7 @@ class References:
                 method="GET", url=url, policy=self._retry, clock=self._clock,
             )  # fmt: skip
         except HTTPError:
+            self._fetch_failed = True
             return None  # the source is unwell: these targets stay logical until a later run
         self.requests += 1
         return response

@@ -460,6 +460,11 @@ def _export_and_load(
         # Lets the loader fetch targets this export cannot deliver (Practitioner, Organization... of
         # a Patient-level export) as soon as a resource names them, instead of at finish.
         expect(export_types(req.level, req.types))
+    refresh = getattr(loader, "refresh_referenced", None)
+    if callable(refresh):
+        # What the export cannot deliver never changes through it: re-read the ones named (and now
+        # and then all of them) so a changed Practitioner or Organization reaches Medplum too.
+        refresh(export_types(req.level, req.types))
     tt = engines.run_export(req, out_dir, on_file)
     _check_stop(stop)
     # A resumed export may not announce files that landed before the kill: sweep the manifest.

@@ -668,7 +668,8 @@ class Writer:
         s = self._sender.stats
         return {"bundles": s.bundles, "retried_entries": s.retried_entries, "conflicts": s.conflicts,
                 "splits": s.splits, "max_concurrency": s.max_slots, "statuses": {str(k): v for k, v in s.statuses.items()},
-                "write_cost": round(self.pacer.cost, 1), "held_on_disk": self.refs.held}  # fmt: skip
+                "write_cost": round(self.pacer.cost, 1), "held_on_disk": self.refs.held,
+                "referenced_refreshed": self.refs.refreshed}  # fmt: skip
 
     def close(self) -> None:
         if self._probe_pool is not None:

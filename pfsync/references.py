@@ -220,6 +220,20 @@ class References:
         if not self._fetch_failed:
             self._idmap.set_note(WHOLE_REFRESH_NOTE, repr(now))
 
+    def _find_lost_logical(self) -> None:
+        """A new id map (a stateless pod, a lost state directory) has lost the `logical` rows of
+        earlier runs: find those resources in Medplum by their tag and re-read them from the
+        source, so they are upgraded like remembered ones (one still unresolved is written as it
+        was: same hash, no write)."""
+        if not self._idmap.cold or self._client is None:
+            return
+        types = set(self._ctx.source.resource_types) | self._fetched_types
+        for rtype in sorted(types - {"Binary"}):  # Binary carries no references of ours
+            ids = [sid for sid in self._writer.logical_in_medplum(rtype)
+                   if self._idmap.get(rtype, sid) is None and (rtype, sid) not in self._tried]  # fmt: skip
+            for i in range(0, len(ids), _FETCH_CHUNK):
+                self._fetch_and_ingest(rtype, ids[i : i + _FETCH_CHUNK])
+
     def queued(self, key: tuple[str, str]) -> bool:
         """Whether this target waits in the queue of fetches from the source, or is being fetched
         (a fetched chunk is ingested one resource at a time: answers taken in meanwhile wake
@@ -304,6 +318,7 @@ class References:
         """Everything held gets written (see the module docstring for the order)."""
         rounds = 0
         self._refresh_whole_set()
+        self._find_lost_logical()
         while True:
             self._writer.drain()
             if self._client is not None and rounds < _FETCH_ROUNDS:

@@ -36,7 +36,15 @@ from pfsync.pacing import Pacer
 from pfsync.quarantine import WrappedLog
 from pfsync.references import References
 from pfsync.settings import HttpSettings, LoadSettings, SourceSettings
-from pfsync.transform import Prepared, TransformContext, TransformError, identifier_query, prepare, render
+from pfsync.transform import (
+    LOGICAL_TAG,
+    Prepared,
+    TransformContext,
+    TransformError,
+    identifier_query,
+    prepare,
+    render,
+)
 from pfsync.upsert import BatchSender
 
 _LOOKUP_FLUSH = 100
@@ -435,6 +443,28 @@ class Writer:
             while queue:
                 self.route(queue.pop(next(iter(queue))))
             self._probing.pop(rtype, None)
+
+    def logical_in_medplum(self, rtype: str) -> list[str]:
+        """Source ids of the resources of this type that Medplum holds with logical references
+        (the tag pfsync.transform.render puts on them), for a run whose id map has lost them.
+        Searched only if Medplum held this type before the run (what this run wrote is remembered)."""
+        if self._empty.get(rtype) or self._dry_run:
+            return []
+        system = self.context.system(rtype)
+        params = {"_tag": f"{LOGICAL_TAG['system']}|{LOGICAL_TAG['code']}", "_elements": "identifier",
+                  "_count": "1000"}  # fmt: skip
+        try:
+            found = self._searcher.search_all(rtype, params)
+        except HTTPError:
+            return []  # they stay logical in Medplum; the next run looks again
+        return [
+            str(ident["value"])
+            for resource in found
+            for ident in resource.get("identifier") or []
+            if isinstance(ident, dict)
+            and ident.get("system") == system
+            and isinstance(ident.get("value"), str)
+        ]
 
     def _send(self, entry: Entry, *, create: bool) -> None:
         if self._dry_run or self._sender is None:

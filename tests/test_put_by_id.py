@@ -17,6 +17,7 @@ from target_fixtures import fhir_client
 
 from pfsync.sandbox.target import TargetSandbox
 from pfsync.settings import LoadSettings
+from pfsync.transform import LOGICAL_TAG
 
 
 class Recorder:
@@ -84,6 +85,9 @@ def test_the_upgrade_pass_puts_the_id_in_the_body(target: TargetSandbox, tmp_pat
             "code": {"text": "x"}}  # fmt: skip
     first = load_all(target, tmp_path, [write_ndjson(tmp_path / "Condition.1.ndjson", [cond])])
     assert first.logical_references == 1
+    # Tagged while it holds a logical reference, so a run without the id map finds it too.
+    (stored,) = target.resources("Condition")
+    assert LOGICAL_TAG in stored["meta"]["tag"]
     client, recorder = _recording_client(target)
     second = load_all(
         target, tmp_path, [write_ndjson(tmp_path / "Patient.1.ndjson", [patient])], client=client
@@ -92,6 +96,7 @@ def test_the_upgrade_pass_puts_the_id_in_the_body(target: TargetSandbox, tmp_pat
     assert_bodies_carry_ids(recorder)
     (stored,) = target.resources("Condition")
     assert stored["subject"]["reference"].startswith("Patient/")
+    assert LOGICAL_TAG not in stored["meta"]["tag"]  # an update replaces meta.tag (transcript 47)
 
 
 def test_tagging_a_deletion_puts_the_id_in_the_body(target: TargetSandbox, tmp_path: Path) -> None:

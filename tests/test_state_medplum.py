@@ -165,6 +165,19 @@ def test_medplum_store_two_savers_creating_at_once_make_one_record(target: Targe
     assert record["id"]
 
 
+def test_medplum_store_source_names_with_token_characters(target: TargetSandbox) -> None:
+    """A source name holding `,` `|` `$` or `\\` is escaped in the search and in If-None-Exist
+    (transcript 48): each name gets its own record, found again by another pod."""
+    names = ["a,b", "a|b", "a$b", "a\\b", "a"]
+    store = _store(target)
+    for n, name in enumerate(names):
+        store.save(SyncState(source=name, transaction_time=f"2026-01-0{n + 1}T00:00:00.000Z"))
+    other = _store(target)
+    for n, name in enumerate(names):
+        assert other.load(name).transaction_time == f"2026-01-0{n + 1}T00:00:00.000Z"
+        assert len(target.find_by_identifier("Basic", STATE_SYSTEM, name)) == 1
+
+
 def _recording_store(seen: list[httpx.Request]) -> MedplumStateStore:
     """A store over httpx.MockTransport that answers like Medplum and records every request."""
     stored: dict[str, object] = {}

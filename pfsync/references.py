@@ -48,6 +48,9 @@ _FETCH_ROUNDS = 5
 _CYCLE_BATCH = 50
 # Id map note: when every known target of a type the export cannot deliver was last re-read (epoch s).
 WHOLE_REFRESH_NOTE = "referenced_refreshed_at"
+# Never re-read: a Binary is its content (kept by its hash, pfsync.attachments); re-reading would
+# download every one again.
+_NO_REFRESH = frozenset({"Binary"})
 
 # FHIR R4 Patient compartment (CompartmentDefinition/patient): what a Patient or Group level export
 # can deliver. Anything else it references (Practitioner, Organization, Location, Medication...)
@@ -189,6 +192,7 @@ class References:
             or self._whole_due  # every known one is re-read at finish: not twice
             or rtype in self._delivered
             or rtype in self._refused
+            or rtype in _NO_REFRESH
             or (rtype, sid) in self._tried
         ):
             return
@@ -205,7 +209,7 @@ class References:
         now = self._clock.now()
         self._fetch_failed = False
         for rtype in sorted(self._idmap.counts()):
-            if rtype in self._delivered or rtype in self._refused:
+            if rtype in self._delivered or rtype in self._refused or rtype in _NO_REFRESH:
                 continue
             after = ""
             while rtype not in self._refused:
@@ -228,7 +232,7 @@ class References:
         if not self._idmap.cold or self._client is None:
             return
         types = set(self._ctx.source.resource_types) | self._fetched_types
-        for rtype in sorted(types - {"Binary"}):  # Binary carries no references of ours
+        for rtype in sorted(types - _NO_REFRESH):  # a Binary holds no references
             ids = [sid for sid in self._writer.logical_in_medplum(rtype)
                    if self._idmap.get(rtype, sid) is None and (rtype, sid) not in self._tried]  # fmt: skip
             for i in range(0, len(ids), _FETCH_CHUNK):

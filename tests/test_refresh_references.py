@@ -54,11 +54,13 @@ def _ref_id(ref: dict[str, Any]) -> str:
     return str(ref["reference"]).split("/")[-1]
 
 
-def _first_run(source: SourceSandbox, target: TargetSandbox, state: Path) -> tuple[dict[str, Any], str, str]:
+def _first_run(
+    source: SourceSandbox, target: TargetSandbox, state: Path, extra: list[dict[str, Any]] | None = None
+) -> tuple[dict[str, Any], str, str]:
     """Patients and Encounters loaded (their Practitioners and Organizations fetched by reference);
     -> (an Encounter, its Practitioner's id, its Organization's id)."""
     encounters = _lines("Encounter")
-    first = _load(source, target, state, _lines("Patient") + encounters, "first")
+    first = _load(source, target, state, _lines("Patient") + encounters + (extra or []), "first")
     assert first.quarantined == 0 and first.retry_queued == 0
     assert first.by_type["Practitioner"]["created"] > 1 and first.by_type["Organization"]["created"] > 1
     enc = encounters[0]
@@ -107,7 +109,9 @@ def test_the_whole_set_is_re_read_when_the_last_pass_is_older_than_the_setting(
     source: SourceSandbox, target: TargetSandbox, tmp_path: Path
 ) -> None:
     state = tmp_path / "state"
-    enc, pid, _ = _first_run(source, target, state)
+    # A Binary (outside the Patient compartment too) is never re-read: it is its content.
+    binary = {"resourceType": "Binary", "id": "binary-1", "contentType": "text/plain", "data": "aGVsbG8="}
+    enc, pid, _ = _first_run(source, target, state, [binary])
     loaded = len(target.resources("Practitioner")), len(target.resources("Organization"))
     other = next(
         p for p in _lines("Practitioner") if p["id"] != pid and target.find_by_identifier(

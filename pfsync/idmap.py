@@ -187,15 +187,6 @@ class IdMap:
         row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def note(self, key: str) -> str | None:
-        """A value kept with the map (e.g. when referenced resources were last all re-read)."""
-        return self._kv(key)
-
-    def set_note(self, key: str, value: str) -> None:
-        self._flush()
-        self.begin()
-        self._db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, value))
-
     # -- the map
     def get(self, rtype: str, sid: str) -> MapRow | None:
         key = (rtype, sid)

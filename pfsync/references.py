@@ -21,14 +21,14 @@ double the quota a first sync costs: medplum.md "Quotas": on a stock project quo
   (Practitioner, Organization... of a Patient-level export) never comes again through the export,
   so a change at the source would never reach Medplum. Each such target that Medplum already holds
   is re-read from the source once per run when a resource of the run names it (the same batched
-  `_id` searches), and every one of them that the id map knows is re-read when the last such
-  whole-set pass is older than `refresh_referenced_after`. What comes back goes through the normal
+  `_id` searches), and every one of them Medplum holds is re-read when the last such whole-set
+  pass (its time is kept in the sync state) is older than `refresh_referenced_after`. What comes back goes through the normal
   write path: unchanged content is skipped by its hash (no write, no quota), a change is an update.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -46,8 +46,6 @@ if TYPE_CHECKING:
 _FETCH_CHUNK = 50
 _FETCH_ROUNDS = 5
 _CYCLE_BATCH = 50
-# Id map note: when every known target of a type the export cannot deliver was last re-read (epoch s).
-WHOLE_REFRESH_NOTE = "referenced_refreshed_at"
 # Never re-read: a Binary is its content (kept by its hash, pfsync.attachments); re-reading would
 # download every one again.
 _NO_REFRESH = frozenset({"Binary"})
@@ -115,6 +113,7 @@ class References:
         self.requests = 0
         self.held = 0
         self.refreshed = 0  # known targets re-read from the source in this run
+        self.whole_refreshed_at: float | None = None  # when this run's whole-set pass started
 
     def target(self, ref: Ref) -> Target | None:
         """What the id map knows of a reference target (None: its type cannot be known)."""
@@ -171,18 +170,16 @@ class References:
                 self._outside.setdefault(ref.id, target.type)
         return out
 
-    def refresh_outside(self, delivered: Iterable[str], whole_after: float | None) -> None:
-        """Keep targets of types not in `delivered` current (module docstring, "Refresh");
-        `whole_after`: seconds between two re-reads of every known one (None: only those named)."""
+    def refresh_outside(
+        self, delivered: Iterable[str], whole_after: float | None, last: float | None
+    ) -> None:
+        """Keep targets of types not in `delivered` current (module docstring, "Refresh"); `last`:
+        when every known one was last re-read (epoch seconds, None: never), due again once
+        `whole_after` seconds have passed (None: only those named are re-read)."""
         self._delivered = frozenset(delivered)
-        self._whole_due = False
-        if whole_after is None:
-            return
-        last = self._idmap.note(WHOLE_REFRESH_NOTE)
-        try:
-            self._whole_due = last is None or self._clock.now() - float(last) >= whole_after
-        except ValueError:
-            self._whole_due = True  # an unreadable note: re-read now, the note is written again
+        self._whole_due = whole_after is not None and (
+            last is None or self._clock.now() - last >= whole_after
+        )
 
     def _refresh(self, rtype: str, sid: str) -> None:
         """Queue a target Medplum holds for a re-read, if the export cannot bring its type."""
@@ -201,28 +198,42 @@ class References:
         self._tried.add((rtype, sid))  # once per run
 
     def _refresh_whole_set(self) -> None:
-        """Re-read every known target of a type the export cannot deliver, when the last such pass
-        is older than `whole_after` (or never ran on this id map); paged, so memory stays flat."""
+        """Re-read every known target of a type the export cannot deliver, paged so memory stays
+        flat: the id map knows them, or, when it is new (a stateless pod), a search of Medplum for
+        our identifier system per such type does. `whole_refreshed_at` is set when it went well."""
         if self._client is None or self._delivered is None or not self._whole_due:
             return
         self._whole_due = False
         now = self._clock.now()
         self._fetch_failed = False
-        for rtype in sorted(self._idmap.counts()):
-            if rtype in self._delivered or rtype in self._refused or rtype in _NO_REFRESH:
-                continue
-            after = ""
-            while rtype not in self._refused:
-                page = self._idmap.loaded_ids(rtype, after, _FETCH_CHUNK)
-                if not page:
+        types = set(self._idmap.counts())
+        if self._idmap.cold:
+            types |= set(self._ctx.source.resource_types) | self._fetched_types
+        for rtype in sorted(types - self._delivered - _NO_REFRESH):
+            for chunk in self._known_chunks(rtype):
+                if rtype in self._refused:
                     break
-                after = page[-1]
-                chunk = [sid for sid in page if (rtype, sid) not in self._tried]
-                if chunk:
-                    self.refreshed += len(chunk)
-                    self._fetch_and_ingest(rtype, chunk)
+                self.refreshed += len(chunk)
+                self._fetch_and_ingest(rtype, chunk)
         if not self._fetch_failed:
-            self._idmap.set_note(WHOLE_REFRESH_NOTE, repr(now))
+            self.whole_refreshed_at = now
+
+    def _known_chunks(self, rtype: str) -> Iterator[list[str]]:
+        """The source ids of `rtype` Medplum holds, not re-read in this run yet, `_FETCH_CHUNK` at once."""
+        if self._idmap.cold:
+            ids = [sid for sid in self._writer.known_in_medplum(rtype) if (rtype, sid) not in self._tried]
+            for i in range(0, len(ids), _FETCH_CHUNK):
+                yield ids[i : i + _FETCH_CHUNK]
+            return
+        after = ""
+        while True:
+            page = self._idmap.loaded_ids(rtype, after, _FETCH_CHUNK)
+            if not page:
+                return
+            after = page[-1]
+            chunk = [sid for sid in page if (rtype, sid) not in self._tried]
+            if chunk:
+                yield chunk
 
     def _find_lost_logical(self) -> None:
         """A new id map (a stateless pod, a lost state directory) has lost the `logical` rows of

@@ -444,27 +444,36 @@ class Writer:
                 self.route(queue.pop(next(iter(queue))))
             self._probing.pop(rtype, None)
 
-    def logical_in_medplum(self, rtype: str) -> list[str]:
-        """Source ids of the resources of this type that Medplum holds with logical references
-        (the tag pfsync.transform.render puts on them), for a run whose id map has lost them.
-        Searched only if Medplum held this type before the run (what this run wrote is remembered)."""
-        if self._empty.get(rtype) or self._dry_run:
-            return []
+    def known_in_medplum(self, rtype: str) -> list[str]:
+        """Source ids of every resource of this type Medplum holds with our identifier system
+        (`identifier=<system>|`: any value), for a run whose id map is new."""
         system = self.context.system(rtype)
-        params = {"_tag": f"{LOGICAL_TAG['system']}|{LOGICAL_TAG['code']}", "_elements": "identifier",
-                  "_count": "1000"}  # fmt: skip
+        return self._source_ids(
+            rtype, {"identifier": f"{system}|", "_elements": "identifier", "_count": "1000"}
+        )
+
+    def _source_ids(self, rtype: str, params: dict[str, str]) -> list[str]:
+        if self._empty.get(rtype) or self._dry_run:
+            return []  # Medplum held none of this type before this run (what it wrote is known)
+        system = self.context.system(rtype)
         try:
             found = self._searcher.search_all(rtype, params)
         except HTTPError:
-            return []  # they stay logical in Medplum; the next run looks again
-        return [
+            return []  # nothing is lost: the next run looks again
+        return sorted(
             str(ident["value"])
             for resource in found
             for ident in resource.get("identifier") or []
             if isinstance(ident, dict)
             and ident.get("system") == system
             and isinstance(ident.get("value"), str)
-        ]
+        )
+
+    def logical_in_medplum(self, rtype: str) -> list[str]:
+        """Source ids of the resources of this type that Medplum holds with logical references
+        (the tag pfsync.transform.render puts on them), for a run whose id map has lost them."""
+        return self._source_ids(rtype, {"_tag": f"{LOGICAL_TAG['system']}|{LOGICAL_TAG['code']}",
+                                        "_elements": "identifier", "_count": "1000"})  # fmt: skip
 
     def _send(self, entry: Entry, *, create: bool) -> None:
         if self._dry_run or self._sender is None:

@@ -3,6 +3,7 @@ against both sandboxes: the loader with the hints `pfsync sync` gives it for a P
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,18 @@ import httpx
 import orjson
 from load_helpers import SYNTHEA_SMALL, write_ndjson
 from source_fixtures import source_token
+from sync_helpers import summary, sync_env
 from target_fixtures import fhir_client
+from typer.testing import CliRunner
 
+from pfsync.cli import app
 from pfsync.load import Loader, LoadResult
 from pfsync.references import export_types
 from pfsync.sandbox.source import SourceSandbox
 from pfsync.sandbox.target import TargetSandbox
 from pfsync.settings import LoadSettings, SourceSettings
+from pfsync.state import iso
+from pfsync.state_medplum import MedplumStateStore
 
 PF = "https://practicefusion.com/fhir/"
 WEEK = 7 * 86400.0
@@ -28,8 +34,10 @@ def _lines(name: str) -> list[dict[str, Any]]:
 
 def _load(source: SourceSandbox, target: TargetSandbox, state: Path, resources: list[dict[str, Any]],
           name: str, *, after: float = WEEK, refresh: bool = True) -> LoadResult:  # fmt: skip
-    """One run over `resources` (as an export delivered them), hinted like `pfsync sync` does."""
+    """One run over `resources` (as an export delivered them), hinted like `pfsync sync` does; the
+    time of the last whole-set pass is kept beside the state directory, as the sync state keeps it."""
     path = write_ndjson(state.parent / f"{name}.ndjson", resources)
+    stamp = state.parent / "referenced-refreshed-at"
     settings = LoadSettings(refresh_referenced_after=after)
     client = httpx.Client(headers={"Authorization": f"Bearer {source_token(source)}"}, timeout=30)
     with (
@@ -40,9 +48,12 @@ def _load(source: SourceSandbox, target: TargetSandbox, state: Path, resources: 
         delivered = export_types("patient", ())
         loader.expect_types(delivered)
         if refresh:
-            loader.refresh_referenced(delivered)
+            loader.refresh_referenced(delivered, stamp.read_text() if stamp.exists() else None)
         loader.load_file(path)
-        return loader.finish()
+        result = loader.finish()
+        if loader.referenced_refreshed_at is not None:
+            stamp.write_text(iso(loader.referenced_refreshed_at))
+        return result
 
 
 def _stored(target: TargetSandbox, rtype: str, sid: str) -> dict[str, Any]:
@@ -149,3 +160,41 @@ def test_plain_load_does_not_re_read_what_it_already_holds(
     again = _load(source, target, state, [enc], "again", refresh=False)
     assert source.stats.count("read") == 0
     assert again.total("unchanged") == 1
+
+
+def test_stateless_pods_re_read_the_whole_set_as_often_as_the_setting_says(
+    source: SourceSandbox, target: TargetSandbox, tmp_path: Path
+) -> None:
+    """State in Medplum, a new state directory every run: the time of the last whole-set pass is in
+    the sync state, and the set itself is found in Medplum (the id map is empty)."""
+    state = tmp_path / "state"
+    env = sync_env(source, target, state, PFSYNC_STATE_BACKEND="medplum", PFSYNC_SINCE_OVERLAP="0")
+
+    def sync(**extra: str) -> dict[str, Any]:
+        shutil.rmtree(state, ignore_errors=True)
+        result = CliRunner().invoke(app, ["sync", "--json"], env={**env, **extra})
+        doc = summary(result.stdout)
+        assert result.exit_code == 0, doc
+        return dict(doc["sources"][0]["counts"])
+
+    sync()
+    store = MedplumStateStore(httpx.Client(auth=("pfsync-target", "target-secret")), target.fhir_url)
+    first_pass = store.load("pf").referenced_refreshed_at
+    assert first_pass is not None
+    held = [
+        p
+        for p in _lines("Practitioner")
+        if target.find_by_identifier("Practitioner", f"{PF}practitioner-id", p["id"])
+    ]
+    changed = held[0]
+    changed["name"][0]["family"] = "Changed-unnamed"
+    source.upsert(changed)
+
+    assert "Practitioner" not in sync()  # nothing names it and the pass is not due: not re-read
+    assert _stored(target, "Practitioner", changed["id"])["name"][0]["family"] != "Changed-unnamed"
+    assert store.load("pf").referenced_refreshed_at == first_pass
+
+    counts = sync(PFSYNC_REFRESH_REFERENCED_AFTER="0")
+    assert counts["Practitioner"]["updated"] == 1 and counts["Practitioner"]["unchanged"] == len(held) - 1
+    assert _stored(target, "Practitioner", changed["id"])["name"][0]["family"] == "Changed-unnamed"
+    assert store.load("pf").referenced_refreshed_at != first_pass

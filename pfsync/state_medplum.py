@@ -109,6 +109,10 @@ class MedplumStateStore:
         resp = self._send("POST", f"{self.fhir_url}Basic", content=orjson.dumps(self._resource(state.source, state)),
                           headers={"Content-Type": FHIR_JSON,
                                    "If-None-Exist": identifier_query(STATE_SYSTEM, state.source)})  # fmt: skip
+        if resp.status_code == 409:
+            # medplum.md "Measured": concurrent creates collide in serializable transactions (409
+            # conflict). The other create won: look at it, as after a 200.
+            return False
         raise_for_status(resp, f"creating the sync state of {state.source!r}")
         self._remember(state.source, resp.json(), resp)
         return resp.status_code == 201

@@ -11,6 +11,7 @@ import pytest
 from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 
 from pfsync.errors import LockedError, StateError
+from pfsync.lock import new_lease
 from pfsync.sandbox.target import TargetSandbox
 from pfsync.state import Holder, InFlight, SyncState
 from pfsync.state_medplum import STATE_SYSTEM, MedplumStateStore, find_seed_checkpoint
@@ -202,6 +203,32 @@ def _recording_store(seen: list[httpx.Request]) -> MedplumStateStore:
 
     client = httpx.Client(transport=httpx.MockTransport(handler))
     return MedplumStateStore(client, "https://medplum.example/fhir/R4/", clock=FakeClock(), lease_ttl=600)
+
+
+def test_medplum_store_create_conflict_is_a_lost_race() -> None:
+    """The real server may answer a create that collides with another one 409 (docs/medplum.md,
+    "Measured": serializable transactions): the other pod won, so this one looks at its record
+    and stops at its live lease, not with a state error."""
+    clock = FakeClock()
+    theirs: dict[str, object] = {}
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        if request.method == "GET":
+            entries = [{"resource": theirs}] if theirs else []
+            return httpx.Response(200, json={"resourceType": "Bundle", "type": "searchset", "entry": entries})
+        # Created by the other pod between our search and our create.
+        theirs.update(store._resource("a", SyncState(source="a", lease=new_lease(OTHER, clock.now(), 600))),
+                      id="5d3e0b24-74e4-46d3-afdb-9b8c6b7be9c6", meta={"versionId": "v1"})  # fmt: skip
+        return httpx.Response(409, json={"resourceType": "OperationOutcome", "issue": [{"severity": "error",
+                              "code": "conflict", "details": {"coding": [{"code": "40001"}]}}]})  # fmt: skip
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    store = MedplumStateStore(client, "https://medplum.example/fhir/R4/", clock=clock, lease_ttl=600)
+    with pytest.raises(LockedError, match="pod-b"):
+        store.acquire("a", ME)
+    assert seen == ["GET", "POST", "GET"]
 
 
 def test_medplum_store_request_shapes() -> None:

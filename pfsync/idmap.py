@@ -242,6 +242,16 @@ class IdMap:
         self._rows[(rtype, sid)] = _SEEN
         self._remember((rtype, sid), _SEEN)
 
+    def loaded_ids(self, rtype: str, after: str = "", limit: int = 500) -> list[str]:
+        """Source ids of this type that have a Medplum id, in order, the first `limit` after `after`
+        (paged by the caller, so memory stays flat)."""
+        self._flush()
+        rows = self._db.execute(
+            "SELECT sid FROM map WHERE type = ? AND sid > ? AND mid IS NOT NULL ORDER BY sid LIMIT ?",
+            (rtype, after, limit),
+        )
+        return [str(r[0]) for r in rows]
+
     def counts(self) -> dict[str, int]:
         """Loaded identities per type."""
         self._flush()

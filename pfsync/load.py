@@ -41,6 +41,7 @@ from pfsync.ndjson import BadLine, is_output_name, iter_file, iter_paths
 from pfsync.order import dependency_order
 from pfsync.quarantine import QUARANTINE, RETRY, WrappedLog, is_wrapped, iter_wrapped, pending, take
 from pfsync.settings import HttpSettings, LoadSettings, SourceSettings
+from pfsync.state import parse_iso
 from pfsync.writes import Writer
 
 UNREADABLE = "(unreadable)"
@@ -196,6 +197,22 @@ class Loader:
             refs.expected = None
         else:
             refs.expected = (refs.expected or set()) | set(types)
+
+    def refresh_referenced(self, delivered: Iterable[str] | None, last_whole: str | None = None) -> None:
+        """Hint from `pfsync sync`: the export delivers only these types (None: cannot tell). Reference
+        targets of other types that Medplum already holds are re-read from the source when a
+        resource of this run names them, and all of them when `last_whole` (the time of the last
+        such whole-set pass, kept in the sync state) is older than `refresh_referenced_after`
+        (pfsync.references, "Refresh"); unchanged ones cost no write. After `finish`,
+        `referenced_refreshed_at` tells when this run's whole-set pass started (None: none ran)."""
+        if delivered is None or not self.settings.fetch_missing_references or self.dry_run:
+            return
+        last = parse_iso(last_whole) if last_whole else None
+        self._writer.refs.refresh_outside(delivered, self.settings.refresh_referenced_after, last)
+
+    @property
+    def referenced_refreshed_at(self) -> float | None:
+        return self._writer.refs.whole_refreshed_at
 
     def flush(self) -> None:
         """Make everything given so far durable; returns when every resource of every `load_file`,

@@ -17,11 +17,18 @@ double the quota a first sync costs: medplum.md "Quotas": on a stock project quo
   id, display kept) and remembered (`logical`); a reference cycle is broken by writing one member
   with logical references. Remembered resources are rewritten with literal references once their
   targets exist (this run or a later one).
+- Refresh (`refresh_outside`, set by `pfsync sync`): a target of a type the export cannot deliver
+  (Practitioner, Organization... of a Patient-level export) never comes again through the export,
+  so a change at the source would never reach Medplum. Each such target that Medplum already holds
+  is re-read from the source once per run when a resource of the run names it (the same batched
+  `_id` searches), and every one of them Medplum holds is re-read when the last such whole-set
+  pass (its time is kept in the sync state) is older than `refresh_referenced_after`. What comes back goes through the normal
+  write path: unchanged content is skipped by its hash (no write, no quota), a change is an update.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -39,6 +46,9 @@ if TYPE_CHECKING:
 _FETCH_CHUNK = 50
 _FETCH_ROUNDS = 5
 _CYCLE_BATCH = 50
+# Never re-read: a Binary is its content (kept by its hash, pfsync.attachments); re-reading would
+# download every one again.
+_NO_REFRESH = frozenset({"Binary"})
 
 # FHIR R4 Patient compartment (CompartmentDefinition/patient): what a Patient or Group level export
 # can deliver. Anything else it references (Practitioner, Organization, Location, Medication...)
@@ -97,8 +107,13 @@ class References:
         self._outside: dict[str, str] = {}
         self._fetching = False
         self.expected: set[str] | None = None  # types the rest of the input may still bring
+        self._delivered: frozenset[str] | None = None  # refresh targets of other types (None: never)
+        self._whole_due = False  # every known target of those types is re-read at finish
+        self._fetch_failed = False
         self.requests = 0
         self.held = 0
+        self.refreshed = 0  # known targets re-read from the source in this run
+        self.whole_refreshed_at: float | None = None  # when this run's whole-set pass started
 
     def target(self, ref: Ref) -> Target | None:
         """What the id map knows of a reference target (None: its type cannot be known)."""
@@ -139,7 +154,11 @@ class References:
             if target is None:
                 out.append((ANY_TYPE, ref.id))
                 continue
-            if target.mid is not None or (target.type == p.type and ref.id == p.sid):
+            if target.mid is not None:
+                if queue and self._delivered is not None:
+                    self._refresh(target.type, ref.id)
+                continue
+            if target.type == p.type and ref.id == p.sid:
                 continue  # a self-reference cannot wait for itself
             key = (target.type, ref.id)
             if key in self._absent or (target.type in self._refused and self._will_not_arrive(key)):
@@ -150,6 +169,85 @@ class References:
                 self._queue.setdefault(target.type, set()).add(ref.id)
                 self._outside.setdefault(ref.id, target.type)
         return out
+
+    def refresh_outside(
+        self, delivered: Iterable[str], whole_after: float | None, last: float | None
+    ) -> None:
+        """Keep targets of types not in `delivered` current (module docstring, "Refresh"); `last`:
+        when every known one was last re-read (epoch seconds, None: never), due again once
+        `whole_after` seconds have passed (None: only those named are re-read)."""
+        self._delivered = frozenset(delivered)
+        self._whole_due = whole_after is not None and (
+            last is None or self._clock.now() - last >= whole_after
+        )
+
+    def _refresh(self, rtype: str, sid: str) -> None:
+        """Queue a target Medplum holds for a re-read, if the export cannot bring its type."""
+        if (
+            self._client is None
+            or self._delivered is None
+            or self._whole_due  # every known one is re-read at finish: not twice
+            or rtype in self._delivered
+            or rtype in self._refused
+            or rtype in _NO_REFRESH
+            or (rtype, sid) in self._tried
+        ):
+            return
+        self._queue.setdefault(rtype, set()).add(sid)
+        self.refreshed += 1
+        self._tried.add((rtype, sid))  # once per run
+
+    def _refresh_whole_set(self) -> None:
+        """Re-read every known target of a type the export cannot deliver, paged so memory stays
+        flat: the id map knows them, or, when it is new (a stateless pod), a search of Medplum for
+        our identifier system per such type does. `whole_refreshed_at` is set when it went well."""
+        if self._client is None or self._delivered is None or not self._whole_due:
+            return
+        self._whole_due = False
+        now = self._clock.now()
+        self._fetch_failed = False
+        types = set(self._idmap.counts())
+        if self._idmap.cold:
+            types |= set(self._ctx.source.resource_types) | self._fetched_types
+        for rtype in sorted(types - self._delivered - _NO_REFRESH):
+            for chunk in self._known_chunks(rtype):
+                if rtype in self._refused:
+                    break
+                self.refreshed += len(chunk)
+                self._fetch_and_ingest(rtype, chunk)
+        if not self._fetch_failed:
+            self.whole_refreshed_at = now
+
+    def _known_chunks(self, rtype: str) -> Iterator[list[str]]:
+        """The source ids of `rtype` Medplum holds, not re-read in this run yet, `_FETCH_CHUNK` at once."""
+        if self._idmap.cold:
+            ids = [sid for sid in self._writer.known_in_medplum(rtype) if (rtype, sid) not in self._tried]
+            for i in range(0, len(ids), _FETCH_CHUNK):
+                yield ids[i : i + _FETCH_CHUNK]
+            return
+        after = ""
+        while True:
+            page = self._idmap.loaded_ids(rtype, after, _FETCH_CHUNK)
+            if not page:
+                return
+            after = page[-1]
+            chunk = [sid for sid in page if (rtype, sid) not in self._tried]
+            if chunk:
+                yield chunk
+
+    def _find_lost_logical(self) -> None:
+        """A new id map (a stateless pod, a lost state directory) has lost the `logical` rows of
+        earlier runs: find those resources in Medplum by their tag and re-read them from the
+        source, so they are upgraded like remembered ones (one still unresolved is written as it
+        was: same hash, no write)."""
+        if not self._idmap.cold or self._client is None:
+            return
+        types = set(self._ctx.source.resource_types) | self._fetched_types
+        for rtype in sorted(types - _NO_REFRESH):  # a Binary holds no references
+            ids = [sid for sid in self._writer.logical_in_medplum(rtype)
+                   if self._idmap.get(rtype, sid) is None and (rtype, sid) not in self._tried]  # fmt: skip
+            for i in range(0, len(ids), _FETCH_CHUNK):
+                self._fetch_and_ingest(rtype, ids[i : i + _FETCH_CHUNK])
 
     def queued(self, key: tuple[str, str]) -> bool:
         """Whether this target waits in the queue of fetches from the source, or is being fetched
@@ -234,6 +332,8 @@ class References:
     def finish(self) -> None:
         """Everything held gets written (see the module docstring for the order)."""
         rounds = 0
+        self._refresh_whole_set()
+        self._find_lost_logical()
         while True:
             self._writer.drain()
             if self._client is not None and rounds < _FETCH_ROUNDS:
@@ -309,6 +409,7 @@ class References:
                 method="GET", url=url, policy=self._retry, clock=self._clock,
             )  # fmt: skip
         except HTTPError:
+            self._fetch_failed = True
             return None  # the source is unwell: these targets stay logical until a later run
         self.requests += 1
         return response

@@ -115,6 +115,8 @@ class LoadSettings:
     normalize: bool = True
     deletes: DeleteMode = "apply"
     fetch_missing_references: bool = True
+    # pfsync.references "Refresh": every known target the export cannot deliver is re-read this often.
+    refresh_referenced_after: float = 7 * 86400.0
     # medplum.md "Measured ... Quota costs": search + POST/PUT-by-id ~100 points, conditional PUT ~140.
     upsert_mode: UpsertMode = "direct"
     attachments: bool = True
@@ -386,6 +388,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("load.deletes", ("PFSYNC_DELETES",), _choice("apply", "ignore", "tag"), "apply", "What to do with the export's deleted entries."),
     Spec("load.upsert_mode", ("PFSYNC_UPSERT_MODE",), _choice("direct", "conditional"), "direct", "direct: search identities, then POST new / PUT-by-id known (~100 quota points per write); conditional: PUT Type?identifier=... (~140, no search)."),
     Spec("load.fetch_missing_references", ("PFSYNC_FETCH_MISSING_REFERENCES",), _bool, True, "Fetch referenced resources the export left out (Practitioner, Organization...)."),
+    Spec("load.refresh_referenced_after", ("PFSYNC_REFRESH_REFERENCED_AFTER",), parse_duration, 604_800.0, "sync: referenced resources the export leaves out are re-read when a synced resource names them, and all of them once this long has passed since they last were (0: every run)."),
     Spec("load.attachments", ("PFSYNC_ATTACHMENTS",), _bool, True, "Copy attachments that point at the source into Medplum Binary."),
     Spec("load.attachment_max_bytes", ("PFSYNC_ATTACHMENT_MAX_BYTES",), _positive_int, 50 * 1024 * 1024, "Largest attachment copied (up to eight are in memory at once while copies run)."),
     Spec("load.attachment_content_types", ("PFSYNC_ATTACHMENT_CONTENT_TYPES",), _list, (), "Allowed attachment content types (empty: any)."),

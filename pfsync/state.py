@@ -113,6 +113,8 @@ class SyncState:
     lease: Lease | None = None
     # Counts summed over every completed run: Prometheus counters must only go up (`_total`).
     totals: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    # When every referenced resource the export leaves out was last re-read (pfsync.references).
+    referenced_refreshed_at: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -129,6 +131,7 @@ class SyncState:
             "retryQueue": self.retry_queue,
             "lease": None,
             "totals": {t: dict(c) for t, c in sorted(self.totals.items())},
+            "referencedRefreshedAt": self.referenced_refreshed_at,
         }
         if self.last_run is not None:
             r = self.last_run
@@ -181,6 +184,7 @@ class SyncState:
                 retry_queue=str(doc.get("retryQueue") or RETRY_FILE),
                 lease=None if lease is None else Lease(str(lease["holder"]), str(lease["token"]), str(lease["expires"])),
                 totals={str(t): {str(k): int(v) for k, v in c.items()} for t, c in (doc.get("totals") or {}).items()},
+                referenced_refreshed_at=_opt_str(doc.get("referencedRefreshedAt")),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StateError(

@@ -3,17 +3,18 @@
 medplum.md "Where to keep a checkpoint in Medplum": `Parameters` has no identifier, `Basic` has.
 The resource carries identifier `https://pfsync.dev/state|<source>` and the state document (the
 same JSON as the local backend, pfsync.state) as a JSON string in one extension. It is found by
-identifier search, created by conditional PUT on that identifier, and every later write is
-`PUT Basic/<id>` with `If-Match: W/"<versionId>"` (medplum.md "Optimistic locking": only the
-quoted form is honoured), so two pods can never overwrite each other's state unseen. The run
-lease lives in the same document and is renewed on every save.
+identifier search, created by `POST Basic` with `If-None-Exist: identifier=...` (docs/medplum.md
+"Ids and identity", conditional create: two pods starting at once get one record, the second is
+answered 200 with the first one's), and every later write is `PUT Basic/<id>` with the id in the
+body and `If-Match: W/"<versionId>"` (medplum.md "Optimistic locking": only the quoted form is
+honoured), so two pods can never overwrite each other's state unseen. The run lease lives in the
+same document and is renewed on every save.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import orjson
@@ -22,6 +23,7 @@ from pfsync.errors import LockedError, StateError
 from pfsync.http import Clock, RetryPolicy, SystemClock, outcome_text, raise_for_status, request_with_retry
 from pfsync.lock import LEASE_TTL, LeaseLock, check_lease, lease_expired, new_lease
 from pfsync.state import Holder, Lease, SyncState, iso, parse_iso
+from pfsync.transform import identifier_query
 
 STATE_SYSTEM = "https://pfsync.dev/state"
 STATE_EXTENSION = "https://pfsync.dev/StructureDefinition/sync-state"
@@ -84,8 +86,7 @@ class MedplumStateStore:
         self._ids[source] = (str(res["id"]), vid)
 
     def _fetch(self, source: str) -> tuple[dict[str, Any] | None, SyncState]:
-        ident = quote(f"{STATE_SYSTEM}|{source}", safe="")
-        url = f"{self.fhir_url}Basic?identifier={ident}"
+        url = f"{self.fhir_url}Basic?{identifier_query(STATE_SYSTEM, source)}"
         resp = self._send("GET", url)
         raise_for_status(resp, f"reading the sync state of {source!r}")
         entries = [e.get("resource") for e in resp.json().get("entry") or []]
@@ -100,14 +101,21 @@ class MedplumStateStore:
         self._remember(source, entries[0])
         return entries[0], self._parse(source, entries[0])
 
-    def _create(self, state: SyncState) -> None:
-        """medplum.md: find-or-create by conditional PUT on the identifier (no id in the body)."""
-        ident = quote(f"{STATE_SYSTEM}|{state.source}", safe="")
-        url = f"{self.fhir_url}Basic?identifier={ident}"
-        resp = self._send("PUT", url, content=orjson.dumps(self._resource(state.source, state)),
-                          headers={"Content-Type": FHIR_JSON})  # fmt: skip
+    def _create(self, state: SyncState) -> bool:
+        """Conditional create (medplum.md "Ids and identity", transcript 49): `POST Basic` with
+        `If-None-Exist: identifier=...`. True when ours was created (201); False when another writer
+        created the record first (200 with theirs, nothing of ours written): it is remembered, so
+        the caller goes on as after a lost If-Match race (look at it, then `PUT` by id)."""
+        resp = self._send("POST", f"{self.fhir_url}Basic", content=orjson.dumps(self._resource(state.source, state)),
+                          headers={"Content-Type": FHIR_JSON,
+                                   "If-None-Exist": identifier_query(STATE_SYSTEM, state.source)})  # fmt: skip
+        if resp.status_code == 409:
+            # medplum.md "Measured": concurrent creates collide in serializable transactions (409
+            # conflict). The other create won: look at it, as after a 200.
+            return False
         raise_for_status(resp, f"creating the sync state of {state.source!r}")
         self._remember(state.source, resp.json(), resp)
+        return resp.status_code == 201
 
     def _put(self, state: SyncState) -> bool:
         """PUT Basic/<id> with If-Match; False on 412 (someone else wrote since we read)."""
@@ -154,10 +162,15 @@ class MedplumStateStore:
             if state.source not in self._ids:
                 res, current = self._fetch(state.source)
                 if res is None:
-                    self._create(state)
-                    return
-                self._check_mine(current)
-            if self._put(state):
+                    if self._create(state):
+                        return
+                    # Another writer created it between our search and our create: as on a 412,
+                    # look at theirs before writing over it.
+                else:
+                    self._check_mine(current)
+                    if self._put(state):
+                        return
+            elif self._put(state):
                 return
             # 412: re-read. We may go on only while the lease is still ours (or nobody's).
             _, current = self._fetch(state.source)
@@ -175,7 +188,8 @@ class MedplumStateStore:
             )
             state = _with_lease(current, lock)
             if res is None:
-                self._create(state)
+                if not self._create(state):
+                    continue  # another pod created it first: look again (it may hold the lease now)
             elif not self._put(state):
                 continue  # someone else wrote in between: look again (they may have taken it)
             self._held[source] = lock

@@ -392,6 +392,7 @@ def _run_locked(
                 transaction_times.append(tt)
         _check_stop(stop)
         load_result = loader.finish()
+        refreshed_at = getattr(loader, "referenced_refreshed_at", None)
     counts, quota = counts_of(load_result)
     duration = clock.now() - started
     queued, quarantined = _total(counts, "retry_queued"), _total(counts, "quarantined")
@@ -412,6 +413,8 @@ def _run_locked(
         "last_run": LastRun(counts, duration, quota, code, new_tt),
     }  # fmt: skip
     changes["totals"] = add_counts(run.state.totals, counts)
+    if isinstance(refreshed_at, int | float):
+        changes["referenced_refreshed_at"] = iso(refreshed_at)
     if advance:
         changes.update(transaction_time=new_tt, last_success=iso(clock.now()))
         if group_level:
@@ -460,6 +463,11 @@ def _export_and_load(
         # Lets the loader fetch targets this export cannot deliver (Practitioner, Organization... of
         # a Patient-level export) as soon as a resource names them, instead of at finish.
         expect(export_types(req.level, req.types))
+    refresh = getattr(loader, "refresh_referenced", None)
+    if callable(refresh):
+        # What the export cannot deliver never changes through it: re-read the ones named (and now
+        # and then all of them) so a changed Practitioner or Organization reaches Medplum too.
+        refresh(export_types(req.level, req.types), run.state.referenced_refreshed_at)
     tt = engines.run_export(req, out_dir, on_file)
     _check_stop(stop)
     # A resumed export may not announce files that landed before the kill: sweep the manifest.

@@ -34,6 +34,10 @@ Json = dict[str, Any]
 # no-op detection works (medplum.md "Conditional update": any field that changes every run defeats
 # it), and a lost id map can be rebuilt with hashes from a search (meta.tag is kept as sent).
 HASH_TAG_SYSTEM = "https://pfsync.dev/content-hash"
+# Marks a resource written with logical references (not part of the hash: the references are),
+# so a run whose id map is lost (a stateless pod) finds it by `_tag` search and upgrades it.
+LOGICAL_TAG = {"system": "https://pfsync.dev/references", "code": "logical"}
+OUR_TAG_SYSTEMS = frozenset({HASH_TAG_SYSTEM, LOGICAL_TAG["system"]})
 # medplum.md "Validation": server-owned meta from the client is overwritten; drop it so the body
 # (and our hash) does not depend on the source's versioning.
 _FOREIGN_META = frozenset({"versionId", "lastUpdated", "author", "project", "compartment", "account",
@@ -175,7 +179,7 @@ def _set_meta(resource: Json, meta_source: str) -> None:
             if key in _FOREIGN_META or key == "source":
                 continue
             if key == "tag" and isinstance(value, list):
-                value = [t for t in value if not (isinstance(t, dict) and t.get("system") == HASH_TAG_SYSTEM)]
+                value = [t for t in value if not (isinstance(t, dict) and t.get("system") in OUR_TAG_SYSTEMS)]
                 if not value:
                     continue
             meta[key] = value
@@ -292,7 +296,8 @@ def render(prepared: Prepared, resolve: Resolver, ctx: TransformContext) -> Rend
     meta = resource.setdefault("meta", {})
     tags = meta.get("tag")
     tag = {"system": HASH_TAG_SYSTEM, "code": digest}
-    meta["tag"] = [*tags, tag] if isinstance(tags, list) else [tag]
+    ours = [tag, dict(LOGICAL_TAG)] if out.logical else [tag]
+    meta["tag"] = [*tags, *ours] if isinstance(tags, list) else ours
     out.body = orjson.dumps(resource)
     out.hash = digest
     return out

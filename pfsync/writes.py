@@ -36,7 +36,15 @@ from pfsync.pacing import Pacer
 from pfsync.quarantine import WrappedLog
 from pfsync.references import References
 from pfsync.settings import HttpSettings, LoadSettings, SourceSettings
-from pfsync.transform import Prepared, TransformContext, TransformError, identifier_query, prepare, render
+from pfsync.transform import (
+    LOGICAL_TAG,
+    Prepared,
+    TransformContext,
+    TransformError,
+    identifier_query,
+    prepare,
+    render,
+)
 from pfsync.upsert import BatchSender
 
 _LOOKUP_FLUSH = 100
@@ -436,6 +444,37 @@ class Writer:
                 self.route(queue.pop(next(iter(queue))))
             self._probing.pop(rtype, None)
 
+    def known_in_medplum(self, rtype: str) -> list[str]:
+        """Source ids of every resource of this type Medplum holds with our identifier system
+        (`identifier=<system>|`: any value), for a run whose id map is new."""
+        system = self.context.system(rtype)
+        return self._source_ids(
+            rtype, {"identifier": f"{system}|", "_elements": "identifier", "_count": "1000"}
+        )
+
+    def _source_ids(self, rtype: str, params: dict[str, str]) -> list[str]:
+        if self._empty.get(rtype) or self._dry_run:
+            return []  # Medplum held none of this type before this run (what it wrote is known)
+        system = self.context.system(rtype)
+        try:
+            found = self._searcher.search_all(rtype, params)
+        except HTTPError:
+            return []  # nothing is lost: the next run looks again
+        return sorted(
+            str(ident["value"])
+            for resource in found
+            for ident in resource.get("identifier") or []
+            if isinstance(ident, dict)
+            and ident.get("system") == system
+            and isinstance(ident.get("value"), str)
+        )
+
+    def logical_in_medplum(self, rtype: str) -> list[str]:
+        """Source ids of the resources of this type that Medplum holds with logical references
+        (the tag pfsync.transform.render puts on them), for a run whose id map has lost them."""
+        return self._source_ids(rtype, {"_tag": f"{LOGICAL_TAG['system']}|{LOGICAL_TAG['code']}",
+                                        "_elements": "identifier", "_count": "1000"})  # fmt: skip
+
     def _send(self, entry: Entry, *, create: bool) -> None:
         if self._dry_run or self._sender is None:
             key = "deleted" if entry.purpose != "upsert" else ("created" if create else "updated")
@@ -668,7 +707,8 @@ class Writer:
         s = self._sender.stats
         return {"bundles": s.bundles, "retried_entries": s.retried_entries, "conflicts": s.conflicts,
                 "splits": s.splits, "max_concurrency": s.max_slots, "statuses": {str(k): v for k, v in s.statuses.items()},
-                "write_cost": round(self.pacer.cost, 1), "held_on_disk": self.refs.held}  # fmt: skip
+                "write_cost": round(self.pacer.cost, 1), "held_on_disk": self.refs.held,
+                "referenced_refreshed": self.refs.refreshed}  # fmt: skip
 
     def close(self) -> None:
         if self._probe_pool is not None:

@@ -3,11 +3,15 @@ If-Match writes, the lease, and adopting the seed integration's Parameters check
 
 from __future__ import annotations
 
+import json
+import threading
+
 import httpx
 import pytest
 from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 
 from pfsync.errors import LockedError, StateError
+from pfsync.lock import new_lease
 from pfsync.sandbox.target import TargetSandbox
 from pfsync.state import Holder, InFlight, SyncState
 from pfsync.state_medplum import STATE_SYSTEM, MedplumStateStore, find_seed_checkpoint
@@ -94,6 +98,155 @@ def test_medplum_store_stale_version_is_refused_by_if_match(target: TargetSandbo
     with pytest.raises(LockedError, match="pod-b"):
         pod_a.save(SyncState(source="a", transaction_time="2030-01-01T00:00:00.000Z"))
     assert pod_b.load("a").transaction_time is None
+
+
+class _RacingStore(MedplumStateStore):
+    """Every creator waits at the barrier after its search found nothing: all create at once."""
+
+    def __init__(self, target: TargetSandbox, barrier: threading.Barrier) -> None:
+        client = httpx.Client(auth=httpx.BasicAuth(TARGET_CLIENT, TARGET_SECRET), timeout=30)
+        super().__init__(client, target.fhir_url, clock=FakeClock(), lease_ttl=600)
+        self.barrier = barrier
+
+    def _create(self, state: SyncState) -> bool:
+        self.barrier.wait(timeout=30)
+        return super()._create(state)
+
+
+def test_medplum_store_two_pods_creating_at_once_make_one_record(target: TargetSandbox) -> None:
+    """Criterion 5 of issue 14: both searches find nothing, both create at once; If-None-Exist
+    (transcript 49) lets one create the record and shows the other that one, with its lease."""
+    barrier = threading.Barrier(2)
+    pods = [_RacingStore(target, barrier) for _ in range(2)]
+    holders = [Holder(n, f"pod-{n}", "2026-01-01T00:00:00.000Z") for n in range(2)]
+    outcomes: list[object] = [None, None]
+
+    def take(n: int) -> None:
+        try:
+            outcomes[n] = pods[n].acquire("a", holders[n])
+        except LockedError as exc:
+            outcomes[n] = exc
+
+    threads = [threading.Thread(target=take, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    locks = [o for o in outcomes if not isinstance(o, LockedError)]
+    refused = [o for o in outcomes if isinstance(o, LockedError)]
+    assert len(locks) == 1 and len(refused) == 1, outcomes
+    assert len(target.find_by_identifier("Basic", STATE_SYSTEM, "a")) == 1
+    winner = outcomes.index(locks[0])
+    assert f"pod-{winner}" in str(refused[0])
+    assert pods[1 - winner].lease_of("a") is not None
+
+
+def test_medplum_store_two_savers_creating_at_once_make_one_record(target: TargetSandbox) -> None:
+    barrier = threading.Barrier(2)
+    pods = [_RacingStore(target, barrier) for _ in range(2)]
+    times = ["2026-01-01T00:00:00.000Z", "2026-02-01T00:00:00.000Z"]
+    errors: list[BaseException] = []
+
+    def save(n: int) -> None:
+        try:
+            pods[n].save(SyncState(source="a", transaction_time=times[n]))
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    (record,) = target.find_by_identifier("Basic", STATE_SYSTEM, "a")
+    # The loser of the create saw the winner's record and wrote over it by id (If-Match): the
+    # record holds one of the two states, whole.
+    assert _store(target).load("a").transaction_time in times
+    assert record["id"]
+
+
+def test_medplum_store_source_names_with_token_characters(target: TargetSandbox) -> None:
+    """A source name holding `,` `|` `$` or `\\` is escaped in the search and in If-None-Exist
+    (transcript 48): each name gets its own record, found again by another pod."""
+    names = ["a,b", "a|b", "a$b", "a\\b", "a"]
+    store = _store(target)
+    for n, name in enumerate(names):
+        store.save(SyncState(source=name, transaction_time=f"2026-01-0{n + 1}T00:00:00.000Z"))
+    other = _store(target)
+    for n, name in enumerate(names):
+        assert other.load(name).transaction_time == f"2026-01-0{n + 1}T00:00:00.000Z"
+        assert len(target.find_by_identifier("Basic", STATE_SYSTEM, name)) == 1
+
+
+def _recording_store(seen: list[httpx.Request]) -> MedplumStateStore:
+    """A store over httpx.MockTransport that answers like Medplum and records every request."""
+    stored: dict[str, object] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.method == "GET":
+            entries = [{"resource": stored}] if stored else []
+            return httpx.Response(200, json={"resourceType": "Bundle", "type": "searchset", "entry": entries})
+        body = json.loads(request.content)
+        if request.method == "POST":
+            body.update(id="5d3e0b24-74e4-46d3-afdb-9b8c6b7be9c6", meta={"versionId": "v1"})
+            stored.clear()
+            stored.update(body)
+            return httpx.Response(201, json=body)
+        if body.get("id") != request.url.path.rsplit("/", 1)[-1]:
+            return httpx.Response(400, json={"resourceType": "OperationOutcome", "issue": [
+                {"severity": "error", "code": "invalid", "details": {"text": "Incorrect resource ID"}}]})  # fmt: skip
+        body["meta"] = {"versionId": "v2"}
+        stored.update(body)
+        return httpx.Response(200, json=body)
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    return MedplumStateStore(client, "https://medplum.example/fhir/R4/", clock=FakeClock(), lease_ttl=600)
+
+
+def test_medplum_store_create_conflict_is_a_lost_race() -> None:
+    """The real server may answer a create that collides with another one 409 (docs/medplum.md,
+    "Measured": serializable transactions): the other pod won, so this one looks at its record
+    and stops at its live lease, not with a state error."""
+    clock = FakeClock()
+    theirs: dict[str, object] = {}
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        if request.method == "GET":
+            entries = [{"resource": theirs}] if theirs else []
+            return httpx.Response(200, json={"resourceType": "Bundle", "type": "searchset", "entry": entries})
+        # Created by the other pod between our search and our create.
+        theirs.update(store._resource("a", SyncState(source="a", lease=new_lease(OTHER, clock.now(), 600))),
+                      id="5d3e0b24-74e4-46d3-afdb-9b8c6b7be9c6", meta={"versionId": "v1"})  # fmt: skip
+        return httpx.Response(409, json={"resourceType": "OperationOutcome", "issue": [{"severity": "error",
+                              "code": "conflict", "details": {"coding": [{"code": "40001"}]}}]})  # fmt: skip
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    store = MedplumStateStore(client, "https://medplum.example/fhir/R4/", clock=clock, lease_ttl=600)
+    with pytest.raises(LockedError, match="pod-b"):
+        store.acquire("a", ME)
+    assert seen == ["GET", "POST", "GET"]
+
+
+def test_medplum_store_request_shapes() -> None:
+    """POST Basic + If-None-Exist to create (transcript 49); PUT Basic/<id> with that id in the
+    body and a quoted If-Match to update (transcripts 35, 44)."""
+    seen: list[httpx.Request] = []
+    store = _recording_store(seen)
+    store.save(SyncState(source="a"))
+    store.save(SyncState(source="a", transaction_time="2026-01-01T00:00:00.000Z"))
+    methods = [(r.method, r.url.path) for r in seen]
+    assert methods == [("GET", "/fhir/R4/Basic"), ("POST", "/fhir/R4/Basic"),
+                       ("PUT", "/fhir/R4/Basic/5d3e0b24-74e4-46d3-afdb-9b8c6b7be9c6")]  # fmt: skip
+    search, create, update = seen
+    assert search.url.params["identifier"] == f"{STATE_SYSTEM}|a"
+    assert create.headers["If-None-Exist"] == f"identifier={STATE_SYSTEM}|a"
+    assert "id" not in json.loads(create.content)
+    assert json.loads(update.content)["id"] == "5d3e0b24-74e4-46d3-afdb-9b8c6b7be9c6"
+    assert update.headers["If-Match"] == 'W/"v1"'
 
 
 def test_medplum_store_corrupt_extension_is_state_error(target: TargetSandbox) -> None:

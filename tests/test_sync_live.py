@@ -60,9 +60,9 @@ def test_sync_concurrent_runs_second_refused_exit_8_naming_holder(
 
 
 def test_medplum_lease_creation_race_has_one_winner(target: TargetSandbox) -> None:
-    """Both pods find no state and create it at once: the conditional PUT of the second overwrites
-    the first's fresh lease, so the first fails with LockedError at its first save (before any
-    work), and only the second goes on."""
+    """Both pods find no state and create it at once: the state record is created with
+    If-None-Exist (transcript 49), so the second create is answered with the first one's record;
+    that pod looks at it, sees the live lease and stops before any work; only the first goes on."""
     a, b = _medplum_store(target), _medplum_store(target)
     fetch = a._fetch
     raced = threading.Event()
@@ -78,14 +78,13 @@ def test_medplum_lease_creation_race_has_one_winner(target: TargetSandbox) -> No
 
     b_held: list[Any] = []
     a._fetch = racing_fetch  # type: ignore[method-assign]
-    a_lock = a.acquire("pf", Holder(1, "pod-a", "t"))  # created after b: a overwrote b's lease
+    with pytest.raises(LockedError, match="pod-b"):
+        a.acquire("pf", Holder(1, "pod-a", "t"))  # its create found b's record: b holds the lease
     a._fetch = fetch  # type: ignore[method-assign]
-    with pytest.raises(LockedError, match="pod-a"):
-        b.save(b.load("pf"))
-    a.save(a.load("pf"))  # the winner goes on
-    assert b.holder("pf") is not None and "pod-a" in b.holder("pf").describe()  # type: ignore[union-attr]
-    a_lock.release()
-    assert b_held
+    b.save(b.load("pf"))  # the winner goes on
+    assert a.holder("pf") is not None and "pod-b" in a.holder("pf").describe()  # type: ignore[union-attr]
+    assert len(target.resources("Basic")) == 1
+    b_held[0].release()
 
 
 def test_sync_medplum_lease_renewed_during_one_long_load(

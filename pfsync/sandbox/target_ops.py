@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +90,9 @@ class Engine:
         self.store = store
         self.stats = stats
         self.check_references = check_references
+        # A conditional create runs its search and its create as one step (Medplum: one serializable
+        # transaction), so two at once for the same identity make one resource (transcript 49).
+        self._create_once = threading.Lock()
         key = store.get_setting("presign_key")
         if key is None:
             key = base64.b64encode(hashlib.sha256(new_id().encode()).digest()).decode()
@@ -203,12 +207,13 @@ class Engine:
         """POST with If-None-Exist (transcript 49): 201 when nothing matches, else 200 with the existing
         resource and no write; several matches are 412, as for a conditional update."""
         charge(ctx, COST_SEARCH)
-        ids = matching_ids(self.store, parse_query(rtype, parse_qs(condition, keep_blank_values=True)))
-        if len(ids) > 1:
-            raise multiple_matches()
-        if ids:
-            return self.read(ctx, rtype, ids[0])
-        return self.create(ctx, rtype, body, assigned_id, conflict=conflict)
+        with self._create_once:
+            ids = matching_ids(self.store, parse_query(rtype, parse_qs(condition, keep_blank_values=True)))
+            if len(ids) > 1:
+                raise multiple_matches()
+            if ids:
+                return self.read(ctx, rtype, ids[0])
+            return self.create(ctx, rtype, body, assigned_id, conflict=conflict)
 
     def update(self, ctx: Ctx, rtype: str, rid: str, body: Any, if_match: str | None = None) -> Outcome:
         # Recorded cases 44/45: an update by id must name its own type and carry the URL's id in the

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from pfsync.transform import HASH_TAG_SYSTEM
+from pfsync.transform import HASH_TAG_SYSTEM, OWNER_TAG_SYSTEM
 from pfsync.verify_store import RefKind
 
 Json = dict[str, Any]
@@ -117,7 +117,9 @@ def content_hash(resource: Json, medplum_base: str) -> str:
         tags = [
             t
             for t in meta.get("tag") or []
-            if not (isinstance(t, dict) and t.get("system") in (HASH_TAG_SYSTEM, _SUBSETTED))
+            if not (
+                isinstance(t, dict) and t.get("system") in (HASH_TAG_SYSTEM, OWNER_TAG_SYSTEM, _SUBSETTED)
+            )
         ]
         if tags:
             meta["tag"] = tags

@@ -30,13 +30,21 @@ from pfsync.errors import HTTPError
 from pfsync.events import EventSink
 from pfsync.http import Clock, RetryPolicy
 from pfsync.idmap import Held, IdMap
-from pfsync.lookup import Searcher, find_identities
+from pfsync.lookup import Found, Searcher, find_identities
 from pfsync.ndjson import BadLine
 from pfsync.pacing import Pacer
 from pfsync.quarantine import WrappedLog
 from pfsync.references import References
 from pfsync.settings import HttpSettings, LoadSettings, SourceSettings
-from pfsync.transform import Prepared, TransformContext, TransformError, identifier_query, prepare, render
+from pfsync.transform import (
+    Prepared,
+    TransformContext,
+    TransformError,
+    identifier_query,
+    owned,
+    prepare,
+    render,
+)
 from pfsync.upsert import BatchSender
 
 _LOOKUP_FLUSH = 100
@@ -447,10 +455,16 @@ class Writer:
         queue = self._lookups.pop(rtype, None)
         if not queue:
             return
-        found = find_identities(self._searcher, rtype, self.context.system(rtype), list(queue))
+        found = find_identities(self._searcher, rtype, self.context.system(rtype), list(queue), self._owns)
         for sid, entry in queue.items():
-            matches = found.get(sid, [])
+            matches = self._own_matches(rtype, sid, found.get(sid, []))
             entry.looked_up = True
+            if self._mode == "conditional" and len(matches) < len(found.get(sid, [])):
+                # `PUT Type?identifier=` would land on the stranger: never send it.
+                text = (f"a Medplum {rtype} that is not this source's carries identifier "
+                        f"{self.context.system(rtype)}|{sid}; upsert_mode=direct writes beside it")  # fmt: skip
+                self.quarantine(rtype, sid, entry.file, entry.line, entry.raw, text, 412)
+                continue
             if len(matches) > 1:
                 text = f"{len(matches)} Medplum resources carry identifier {self.context.system(rtype)}|{sid}"
                 self.quarantine(rtype, sid, entry.file, entry.line, entry.raw, text, 412)
@@ -469,6 +483,20 @@ class Writer:
                 self.count(rtype, "deleted")  # nothing to delete: already absent
                 continue
             self.route(entry)
+
+    def _owns(self, resource: dict[str, Any]) -> bool:
+        return owned(resource, self.context)
+
+    def _own_matches(self, rtype: str, sid: str, matches: list[Found]) -> list[Found]:
+        """Only the matches that are provably this source's: a resource of another source (or of
+        another writer) that carries our identifier is never updated, adopted or deleted; ours is
+        created beside it, and the stranger is reported."""
+        mine = [m for m in matches if m.owned]
+        if len(mine) < len(matches):
+            self.count(rtype, "foreign_matches", len(matches) - len(mine))
+            self._events.emit("load_foreign_match", type=rtype, sid=sid,
+                              ids=[f"{rtype}/{m.mid}" for m in matches if not m.owned])  # fmt: skip
+        return mine
 
     def drain(self, *, partial: bool = False) -> None:
         """Search what waits for a lookup, send every queued entry, settle every outcome.
@@ -577,8 +605,10 @@ class Writer:
         """load.deletes = tag: keep the resource, mark it with a stable tag (hash cleared)."""
         row = self._idmap.get(entry.type, entry.sid)
         if row is None or row.mid is None:
-            found = find_identities(self._searcher, entry.type, self.context.system(entry.type), [entry.sid])
-            matches = found.get(entry.sid, [])
+            found = find_identities(
+                self._searcher, entry.type, self.context.system(entry.type), [entry.sid], self._owns
+            )
+            matches = self._own_matches(entry.type, entry.sid, found.get(entry.sid, []))
             if len(matches) != 1:
                 self.count(entry.type, "deleted")
                 return

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import threading
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +31,7 @@ import orjson
 from pfsync.bulk import ExportRequest, Issue, Kind
 from pfsync.errors import StateError, UsageError
 from pfsync.ndjson import is_output_name, walk_files
+from pfsync.private import private_dir
 
 JOB_FILE = "job.json"
 MANIFEST_FILE = "manifest.json"
@@ -41,12 +42,18 @@ _VERSION = 1
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` so that `path` holds either its old or its new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    # mkstemp: an unpredictable name opened with O_EXCL, 0600 (pfsync.private)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     fsync_dir(path.parent)
 
 
@@ -193,9 +200,11 @@ class ExportDir:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create the export directory {path}: {exc.strerror}") from None
+            private_dir(path)  # made 0700; an existing one must be ours (its files are patient data)
+        except StateError as exc:
+            if path.is_dir():
+                raise  # there, but not ours
+            raise UsageError(f"cannot create the export directory {path}: {exc.message}") from None
         self.manifest = self._read_manifest()
 
     # ---- job.json --------------------------------------------------------------------------

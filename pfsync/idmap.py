@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pfsync.errors import StateError
+from pfsync.private import private_dir, private_sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS map (type TEXT NOT NULL, sid TEXT NOT NULL, mid TEXT, vid TEXT, hash TEXT,
@@ -95,8 +96,9 @@ class IdMap:
     def __init__(self, path: Path, *, target: str) -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent)
             existed = path.exists() and path.stat().st_size > 0
+            private_sqlite(path)  # it holds raw resources waiting for their targets: 0600, no links
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")

@@ -22,6 +22,7 @@ from pathlib import Path
 from pfsync.errors import HTTPError
 from pfsync.idmap import IdMap
 from pfsync.ndjson import iter_file, iter_paths
+from pfsync.private import create_exclusive
 from pfsync.verify import Verifier, VerifyOptions
 from pfsync.verify_report import Action
 from pfsync.verify_store import Scratch
@@ -148,7 +149,7 @@ def _resend(verifier: Verifier, export_dirs: Sequence[Path], scratch: Scratch) -
 
     path = verifier.work_dir / f".verify-resend-{os.getpid()}.ndjson"
     try:
-        with open(path, "wb") as out:
+        with os.fdopen(create_exclusive(path), "wb") as out:
             for file in iter_paths(list(export_dirs)):
                 if file.name.startswith(_NOT_RESOURCES):
                     continue

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+from pfsync.private import private_dir, private_sqlite
+
 RefKind = Literal["literal", "logical", "unresolved"]
 
 _SCHEMA = """
@@ -43,9 +45,10 @@ class Scratch:
     """A throw-away SQLite file; `close()` removes it."""
 
     def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         self.path = directory / f".verify-{os.getpid()}-{id(self):x}.sqlite"
         self.path.unlink(missing_ok=True)
+        private_sqlite(self.path)
         self.db = sqlite3.connect(self.path, isolation_level=None)
         self.db.executescript(_SCHEMA)
         self.db.execute("BEGIN")

@@ -5,6 +5,7 @@ per-group subdirectories; `export_files` sorts a directory's files by kind):
 
     job.json              the job: status URL, request, state; written BEFORE the first poll
     manifest.json         every landed file with kind, type, lines, bytes, sha256; issues, problems
+    manifest.journal      files landed since manifest.json was last written, one JSON line each
     <Type>.<n>.ndjson     output files, n = 1.. per type in manifest order
     deleted.<n>.ndjson    `deleted` files (Bundles of DELETE requests, Bulk Data v2)
     error.<n>.ndjson      `error` files (OperationOutcomes)
@@ -13,6 +14,11 @@ per-group subdirectories; `export_files` sorts a directory's files by kind):
 Both JSON files are written atomically (temp file, fsync, os.replace, fsync of the directory:
 STYLE.md smart_fetch/lifecycle.py), so a kill -9 at any moment leaves either the old or the new
 version, and a landed file is only listed once its bytes are on disk under their final name.
+A landed file costs one appended, fsynced journal line, not a rewrite of manifest.json (which
+grew with every file: quadratic over 100,000 outputs); manifest.json is rewritten, and the
+journal removed, once the journal holds as many lines as manifest.json lists files, so the
+bytes written stay proportional to the files landed. Reading takes manifest.json, then the
+journal's complete lines (a line torn by a kill is ignored: its file is downloaded again).
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ import orjson
 from pfsync.bulk import ExportRequest, Issue, Kind
 from pfsync.errors import StateError, UsageError
 from pfsync.ndjson import is_output_name, walk_files
-from pfsync.private import private_dir
+from pfsync.private import open_private, private_dir
 
 JOB_FILE = "job.json"
 MANIFEST_FILE = "manifest.json"
+JOURNAL_FILE = "manifest.journal"
+_COMPACT_MIN = 64  # journal lines before manifest.json is worth rewriting at all
 PART_SUFFIX = ".part"
 JobState = Literal["kicked_off", "downloaded", "complete", "failed", "cancelled"]
 _VERSION = 1
@@ -205,7 +213,11 @@ class ExportDir:
             if path.is_dir():
                 raise  # there, but not ours
             raise UsageError(f"cannot create the export directory {path}: {exc.message}") from None
+        self._journal = path / JOURNAL_FILE
+        self._journaled = 0  # journal lines not in manifest.json yet
         self.manifest = self._read_manifest()
+        self._saved = len(self.manifest.files)  # files manifest.json lists
+        self._replay_journal()
 
     # ---- job.json --------------------------------------------------------------------------
     def load_job(self) -> ExportJob | None:
@@ -233,19 +245,7 @@ class ExportDir:
         if data is None:
             return LocalManifest()
         try:
-            files = {
-                f["name"]: LandedFile(
-                    type=f["type"],
-                    path=self.path / f["name"],
-                    sha256=f["sha256"],
-                    lines=int(f["lines"]),
-                    kind=f["kind"],
-                    bytes=int(f.get("bytes", 0)),
-                    count=f.get("count"),
-                    url=f.get("url", ""),
-                )
-                for f in data.get("files", [])
-            }
+            files = {f["name"]: self._landed(f) for f in data.get("files", [])}
             return LocalManifest(
                 export_id=data.get("exportId", ""),
                 transaction_time=data.get("transactionTime"),
@@ -262,13 +262,55 @@ class ExportDir:
             ) from None
 
     def save_manifest(self) -> None:
+        """manifest.json rewritten whole; the journal it now contains is removed."""
         atomic_write(
             self.path / MANIFEST_FILE, orjson.dumps(self.manifest.to_json(), option=orjson.OPT_INDENT_2)
         )
+        # After the rename: a kill in between leaves lines manifest.json already has (harmless).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._journal)
+        self._journaled = 0
+        self._saved = len(self.manifest.files)
 
     def record(self, landed: LandedFile) -> None:
+        """Note a landed file durably: one journal line (pfsync.exportjob module docstring)."""
         self.manifest.files[landed.path.name] = landed
-        self.save_manifest()
+        self._append(orjson.dumps(landed.to_json()) + b"\n")
+        self._journaled += 1
+        # The first file also writes manifest.json: a directory with landed files always has one.
+        if self._journaled >= max(_COMPACT_MIN, self._saved) or not self._saved:
+            self.save_manifest()
+
+    def _append(self, data: bytes) -> None:
+        fd = open_private(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _replay_journal(self) -> None:
+        try:
+            data = (self.path / JOURNAL_FILE).read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StateError(f"{self.path / JOURNAL_FILE} is unreadable ({exc.strerror})") from None
+        lines = data.split(b"\n")
+        for n, line in enumerate(lines[:-1], 1):  # the part after the last newline is torn
+            try:
+                landed = self._landed(orjson.loads(line))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise StateError(
+                    f"{self.path / JOURNAL_FILE} line {n} is corrupt ({exc.__class__.__name__})",
+                    hint="remove the export directory (or pick another --out) to start over",
+                ) from None
+            self.manifest.files[landed.path.name] = landed
+            self._journaled += 1
+
+    def _landed(self, f: dict[str, Any]) -> LandedFile:
+        return LandedFile(type=f["type"], path=self.path / f["name"], sha256=f["sha256"], lines=int(f["lines"]),
+                          kind=f["kind"], bytes=int(f.get("bytes", 0)), count=f.get("count"), url=f.get("url", ""))  # fmt: skip
 
     def complete(self, name: str) -> LandedFile | None:
         """The recorded file `name` if it is on disk with the recorded sha256 (a resumed run skips it)."""

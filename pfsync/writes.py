@@ -141,8 +141,9 @@ class Writer:
             self._qlog.add(file=file, line=line, reason=reason, raw=raw, status=status, rtype=rtype, sid=sid)
 
     def ingest(self, resource: dict[str, Any], file: str | None, line: int | None, raw: bytes,
-               *, final: bool = False, first: bool = True) -> None:  # fmt: skip
-        """One source resource, as read. `final`: write now even if targets lack ids (logical refs)."""
+               *, final: bool = False, first: bool = True, fetched: bool = False) -> None:  # fmt: skip
+        """One source resource, as read. `final`: write now even if targets lack ids (logical refs);
+        `fetched`: fetched by reference (noted in the id map for `pfsync verify`)."""
         rtype = str(resource.get("resourceType"))
         sid = resource.get("id")
         try:
@@ -152,6 +153,8 @@ class Writer:
             return
         if first and p.fixes:
             self.fixes[p.type] += p.fixes
+        if fetched and not self._dry_run:
+            self._idmap.note_fetched(p.type, p.sid)
         row = self._idmap.get(p.type, p.sid)
         if row is None:
             self._idmap.seen(p.type, p.sid)

@@ -371,7 +371,11 @@ class Writer:
                 entry.retarget("PUT", self._conditional_url(entry))
             self._send(entry, create=False)
             return
-        needs_search = self._mode == "direct" or self._idmap.cold or self._dry_run
+        # A delete of an identity the map does not know is always searched first, in both modes:
+        # `DELETE Type?identifier=` cannot tell our resource from a stranger carrying our identifier.
+        needs_search = (
+            self._mode == "direct" or self._idmap.cold or self._dry_run or entry.purpose == "delete"
+        )
         if needs_search and not entry.looked_up and not entry.ambiguous:
             if self._probes:
                 self._probed(block=False)

@@ -169,3 +169,24 @@ def test_conditional_mode_quarantines_rather_than_overwrite_a_stranger(
     (stranger,) = _by_identifier(target, B_SYSTEM, "victim")
     assert stranger["meta"]["versionId"] == version
     assert len(_by_identifier(target, B_SYSTEM, "b-2")) == 1
+
+
+def test_a_deletion_never_lands_on_a_stranger(
+    practices: SourceSandbox, target: TargetSandbox, tmp_path: Path
+) -> None:
+    """The source deletes an identity the id map never saw; Medplum holds only a stranger carrying
+    that identifier: in neither mode does `DELETE Type?identifier=` (or any delete) reach it."""
+    for mode in ("conditional", "direct"):
+        (tmp_path / mode).mkdir()
+        env = {**_env(practices, target, tmp_path / mode), "PFSYNC_UPSERT_MODE": mode}
+        assert runner.invoke(app, ["sync", "--json", "--source", "b"], env=env).exit_code == 0
+        ghost = f"ghost-{mode}"
+        planted = {"resourceType": "Patient", "identifier": [{"system": B_SYSTEM, "value": ghost}],
+                   "meta": {"tag": [{"system": OWNER_TAG_SYSTEM, "code": "a"}]}}  # fmt: skip
+        _, version = _plant(target, planted)
+        practices.upsert(_patient(ghost, "Ghost"), PRACTICE_B)
+        practices.delete("Patient", ghost, PRACTICE_B)
+        result = runner.invoke(app, ["sync", "--json", "--source", "b"], env=env)
+        assert result.exit_code in (0, 6), result.output
+        (stranger,) = _by_identifier(target, B_SYSTEM, ghost)
+        assert stranger["meta"]["versionId"] == version

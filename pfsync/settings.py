@@ -63,6 +63,9 @@ class SourceSettings:
     identifier_system: str = DEFAULT_IDENTIFIER_SYSTEM
     download_allowlist: tuple[str, ...] = ()
     enabled: bool = True
+    # The other configured sources' identifier_system templates (not a setting: filled in when
+    # the [[sources]] list is read): identifiers in their systems are never this source's.
+    peer_systems: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -567,7 +570,13 @@ def _resolve_sources(
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"config file {used_path}: duplicate source name(s): {', '.join(dupes)}")
-    return tuple(result)
+    peers = [o.identifier_system.replace("{source}", o.name) for o in result]
+    return tuple(
+        replace(
+            s, peer_systems=tuple(dict.fromkeys(p for p, o in zip(peers, result, strict=True) if o is not s))
+        )
+        for s in result
+    )
 
 
 def _make_source(values: dict[str, Any]) -> SourceSettings:

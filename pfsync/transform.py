@@ -99,9 +99,9 @@ class TransformContext:
 
     @property
     def reserved_systems(self) -> re.Pattern[str]:
-        """Identifier systems pfsync writes: this source's template and the default one, with
-        {type}, {type_lower} and {source} standing for any value (so any source's system)."""
-        return _reserved_pattern(self.source.identifier_system)
+        """Identifier systems pfsync writes: this source's template, the other configured sources'
+        and the default one, with {type}, {type_lower} and {source} standing for any value."""
+        return _reserved_pattern((self.source.identifier_system, *self.source.peer_systems))
 
 
 @dataclass
@@ -203,9 +203,9 @@ def _set_identity(resource: Json, system: str, sid: str, reserved: re.Pattern[st
 
 
 @functools.lru_cache(maxsize=64)
-def _reserved_pattern(template: str) -> re.Pattern[str]:
+def _reserved_pattern(templates: tuple[str, ...]) -> re.Pattern[str]:
     alternatives = []
-    for tmpl in dict.fromkeys((template, DEFAULT_IDENTIFIER_SYSTEM)):
+    for tmpl in dict.fromkeys((*templates, DEFAULT_IDENTIFIER_SYSTEM)):
         parts = re.split(r"(\{type\}|\{type_lower\}|\{source\})", tmpl)
         alternatives.append("".join(
             "[^|]+" if part in ("{type}", "{type_lower}", "{source}") else re.escape(part) for part in parts

@@ -122,3 +122,14 @@ def test_per_source_template_and_one_default_are_accepted(tmp_path: Path) -> Non
     assert [s.name for s in settings.sources] == ["a", "b"]
     settings = load_settings(config_path=_two_sources(tmp_path, TEMPLATE, TEMPLATE))
     assert len(settings.sources) == 2
+
+
+def test_identifiers_in_another_configured_sources_system_are_dropped(tmp_path: Path) -> None:
+    cfg = tmp_path / "pfsync.toml"
+    cfg.write_text('[[sources]]\nname = "a"\nbase_url = "https://ehr.example/a"\nidentifier_system = "urn:a:{type}"\n'
+                   '[[sources]]\nname = "b"\nbase_url = "https://ehr.example/b"\nidentifier_system = "https://b.example/ids/{type_lower}"\n')  # fmt: skip
+    a, b = load_settings(config_path=cfg).sources
+    assert a.peer_systems == ("https://b.example/ids/{type_lower}",) and b.peer_systems == ("urn:a:{type}",)
+    body, _ = _loaded({"resourceType": "Patient", "id": "p1", "identifier": [
+        {"system": "https://b.example/ids/patient", "value": "victim"}]}, TransformContext(a))  # fmt: skip
+    assert body["identifier"] == [{"system": "urn:a:Patient", "value": "p1"}]

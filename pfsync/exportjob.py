@@ -284,10 +284,15 @@ class ExportDir:
     def _append(self, data: bytes) -> None:
         fd = open_private(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
-            os.write(fd, data)
+            new = os.fstat(fd).st_size == 0
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
+        if new:
+            fsync_dir(self.path)  # the journal's own name must survive a crash too
 
     def _replay_journal(self) -> None:
         try:

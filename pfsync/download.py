@@ -35,6 +35,7 @@ from pfsync.errors import AuthError, ExportError, HTTPError, InterruptedRunError
 from pfsync.events import EventSink
 from pfsync.exportjob import ExportDir, LandedFile, fsync_dir, without_query
 from pfsync.http import Clock, RetryPolicy, outcome_text, parse_retry_after
+from pfsync.private import create_exclusive
 from pfsync.redact import redact
 from pfsync.settings import ExportValidate
 
@@ -397,7 +398,7 @@ class Downloader:
         """One complete pass over the file into `part` (with Range resumes), validated."""
         attempt = 0
         while True:  # each pass starts from byte 0 with a fresh validator
-            with open(part, "wb") as out:
+            with os.fdopen(create_exclusive(part), "wb") as out:  # O_EXCL, 0600, never a link
                 validator = Validator(out, entry.type, self.max_line_bytes,
                                       unpack_bundles=entry.type != "Bundle", mode=self.validate,
                                       collect_issues=entry.kind == "error")  # fmt: skip

@@ -5,6 +5,7 @@ per-group subdirectories; `export_files` sorts a directory's files by kind):
 
     job.json              the job: status URL, request, state; written BEFORE the first poll
     manifest.json         every landed file with kind, type, lines, bytes, sha256; issues, problems
+    manifest.journal      files landed since manifest.json was last written, one JSON line each
     <Type>.<n>.ndjson     output files, n = 1.. per type in manifest order
     deleted.<n>.ndjson    `deleted` files (Bundles of DELETE requests, Bulk Data v2)
     error.<n>.ndjson      `error` files (OperationOutcomes)
@@ -13,6 +14,11 @@ per-group subdirectories; `export_files` sorts a directory's files by kind):
 Both JSON files are written atomically (temp file, fsync, os.replace, fsync of the directory:
 STYLE.md smart_fetch/lifecycle.py), so a kill -9 at any moment leaves either the old or the new
 version, and a landed file is only listed once its bytes are on disk under their final name.
+A landed file costs one appended, fsynced journal line, not a rewrite of manifest.json (which
+grew with every file: quadratic over 100,000 outputs); manifest.json is rewritten, and the
+journal removed, once the journal holds as many lines as manifest.json lists files, so the
+bytes written stay proportional to the files landed. Reading takes manifest.json, then the
+journal's complete lines (a line torn by a kill is ignored: its file is downloaded again).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import threading
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -31,9 +37,12 @@ import orjson
 from pfsync.bulk import ExportRequest, Issue, Kind
 from pfsync.errors import StateError, UsageError
 from pfsync.ndjson import is_output_name, walk_files
+from pfsync.private import open_private, private_dir
 
 JOB_FILE = "job.json"
 MANIFEST_FILE = "manifest.json"
+JOURNAL_FILE = "manifest.journal"
+_COMPACT_MIN = 64  # journal lines before manifest.json is worth rewriting at all
 PART_SUFFIX = ".part"
 JobState = Literal["kicked_off", "downloaded", "complete", "failed", "cancelled"]
 _VERSION = 1
@@ -41,12 +50,18 @@ _VERSION = 1
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` so that `path` holds either its old or its new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    # mkstemp: an unpredictable name opened with O_EXCL, 0600 (pfsync.private)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     fsync_dir(path.parent)
 
 
@@ -193,10 +208,16 @@ class ExportDir:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create the export directory {path}: {exc.strerror}") from None
+            private_dir(path)  # made 0700; an existing one must be ours (its files are patient data)
+        except StateError as exc:
+            if path.is_dir():
+                raise  # there, but not ours
+            raise UsageError(f"cannot create the export directory {path}: {exc.message}") from None
+        self._journal = path / JOURNAL_FILE
+        self._journaled = 0  # journal lines not in manifest.json yet
         self.manifest = self._read_manifest()
+        self._saved = len(self.manifest.files)  # files manifest.json lists
+        self._replay_journal()
 
     # ---- job.json --------------------------------------------------------------------------
     def load_job(self) -> ExportJob | None:
@@ -224,19 +245,7 @@ class ExportDir:
         if data is None:
             return LocalManifest()
         try:
-            files = {
-                f["name"]: LandedFile(
-                    type=f["type"],
-                    path=self.path / f["name"],
-                    sha256=f["sha256"],
-                    lines=int(f["lines"]),
-                    kind=f["kind"],
-                    bytes=int(f.get("bytes", 0)),
-                    count=f.get("count"),
-                    url=f.get("url", ""),
-                )
-                for f in data.get("files", [])
-            }
+            files = {f["name"]: self._landed(f) for f in data.get("files", [])}
             return LocalManifest(
                 export_id=data.get("exportId", ""),
                 transaction_time=data.get("transactionTime"),
@@ -253,13 +262,60 @@ class ExportDir:
             ) from None
 
     def save_manifest(self) -> None:
+        """manifest.json rewritten whole; the journal it now contains is removed."""
         atomic_write(
             self.path / MANIFEST_FILE, orjson.dumps(self.manifest.to_json(), option=orjson.OPT_INDENT_2)
         )
+        # After the rename: a kill in between leaves lines manifest.json already has (harmless).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._journal)
+        self._journaled = 0
+        self._saved = len(self.manifest.files)
 
     def record(self, landed: LandedFile) -> None:
+        """Note a landed file durably: one journal line (pfsync.exportjob module docstring)."""
         self.manifest.files[landed.path.name] = landed
-        self.save_manifest()
+        self._append(orjson.dumps(landed.to_json()) + b"\n")
+        self._journaled += 1
+        # The first file also writes manifest.json: a directory with landed files always has one.
+        if self._journaled >= max(_COMPACT_MIN, self._saved) or not self._saved:
+            self.save_manifest()
+
+    def _append(self, data: bytes) -> None:
+        fd = open_private(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            new = os.fstat(fd).st_size == 0
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if new:
+            fsync_dir(self.path)  # the journal's own name must survive a crash too
+
+    def _replay_journal(self) -> None:
+        try:
+            data = (self.path / JOURNAL_FILE).read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StateError(f"{self.path / JOURNAL_FILE} is unreadable ({exc.strerror})") from None
+        lines = data.split(b"\n")
+        for n, line in enumerate(lines[:-1], 1):  # the part after the last newline is torn
+            try:
+                landed = self._landed(orjson.loads(line))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise StateError(
+                    f"{self.path / JOURNAL_FILE} line {n} is corrupt ({exc.__class__.__name__})",
+                    hint="remove the export directory (or pick another --out) to start over",
+                ) from None
+            self.manifest.files[landed.path.name] = landed
+            self._journaled += 1
+
+    def _landed(self, f: dict[str, Any]) -> LandedFile:
+        return LandedFile(type=f["type"], path=self.path / f["name"], sha256=f["sha256"], lines=int(f["lines"]),
+                          kind=f["kind"], bytes=int(f.get("bytes", 0)), count=f.get("count"), url=f.get("url", ""))  # fmt: skip
 
     def complete(self, name: str) -> LandedFile | None:
         """The recorded file `name` if it is on disk with the recorded sha256 (a resumed run skips it)."""

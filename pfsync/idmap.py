@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pfsync.errors import StateError
+from pfsync.private import private_dir, private_sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS map (type TEXT NOT NULL, sid TEXT NOT NULL, mid TEXT, vid TEXT, hash TEXT,
@@ -58,6 +59,9 @@ CREATE INDEX IF NOT EXISTS logical_waits_target ON logical_waits (ttype, tsid);
 CREATE TABLE IF NOT EXISTS binaries (sha1 TEXT PRIMARY KEY, mid TEXT NOT NULL, size INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS loaded (key TEXT PRIMARY KEY) WITHOUT ROWID;
+-- Identities fetched from the source by reference (the export left them out): `pfsync verify`
+-- counts them as the source's, not as extras.
+CREATE TABLE IF NOT EXISTS fetched (type TEXT NOT NULL, sid TEXT NOT NULL, PRIMARY KEY (type, sid)) WITHOUT ROWID;
 """
 _CACHE_MAX = 200_000
 _FLUSH_ROWS = 1000  # buffered rows written (not committed) at once, so no flush stalls the loader
@@ -88,6 +92,24 @@ class Held:
     raw: bytes
 
 
+def fetched_identities(path: Path) -> Iterator[tuple[str, str]]:
+    """(type, sid) of every identity the loader fetched by reference, read-only (none without a map)."""
+    if not path.is_file():
+        return
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StateError(f"cannot open the id map {path}: {exc}") from None
+    try:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'fetched'").fetchone() is None:
+            return  # a map from before the table
+        yield from db.execute("SELECT type, sid FROM fetched ORDER BY type, sid")
+    except sqlite3.Error as exc:
+        raise StateError(f"cannot read the id map {path}: {exc}") from None
+    finally:
+        db.close()
+
+
 class IdMap:
     """Source (type, id) -> Medplum id. `cold` is True when the file was new or belonged to another
     Medplum server: then every identity is looked up in Medplum before anything is created."""
@@ -95,8 +117,9 @@ class IdMap:
     def __init__(self, path: Path, *, target: str) -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent)
             existed = path.exists() and path.stat().st_size > 0
+            private_sqlite(path)  # it holds raw resources waiting for their targets: 0600, no links
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -236,6 +259,11 @@ class IdMap:
             # file's rows at its end held the loader's thread for 50-100 ms while Bundles in flight
             # came back and no new ones went out (the server sat idle).
             self._flush()
+
+    def note_fetched(self, rtype: str, sid: str) -> None:
+        """This identity was fetched from the source by reference (committed with the next commit)."""
+        self.begin()
+        self._db.execute("INSERT OR IGNORE INTO fetched VALUES (?, ?)", (rtype, sid))
 
     def forget(self, rtype: str, sid: str) -> None:
         """The resource is gone from Medplum (deleted, or a stale id): keep only that it exists."""

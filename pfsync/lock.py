@@ -17,10 +17,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 
 from pfsync.errors import LockedError, StateError
+from pfsync.private import open_private, private_dir
 from pfsync.state import Holder, Lease, SyncState, iso, parse_iso
 
 LEASE_TTL = (
@@ -49,11 +51,8 @@ class FileLock:
     def acquire(cls, path: os.PathLike[str] | str, holder: Holder) -> FileLock:
         """Lock at once or raise LockedError naming the current holder."""
         p = os.fspath(path)
-        try:
-            os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
-            fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise StateError(f"cannot open lock file {p}: {exc.strerror}") from None
+        private_dir(Path(os.path.dirname(p) or "."))
+        fd = open_private(Path(p), os.O_RDWR | os.O_CREAT)  # a link planted as the lock: refused
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -75,7 +74,7 @@ class FileLock:
     def holder(path: os.PathLike[str] | str) -> Holder | None:
         """The current holder, or None when nobody holds the lock (a stale file is ignored)."""
         try:
-            fd = os.open(os.fspath(path), os.O_RDONLY)
+            fd = os.open(os.fspath(path), os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return None
         try:

@@ -31,6 +31,7 @@ class Found:
     mid: str
     vid: str | None
     hash: str | None
+    owned: bool = True  # provably the searching source's (pfsync.transform.owned)
 
 
 class Searcher:
@@ -133,9 +134,11 @@ def identifier_groups(system: str, sids: Sequence[str]) -> list[list[str]]:
 
 
 def find_identities(
-    searcher: Searcher, rtype: str, system: str, sids: Sequence[str]
-) -> dict[str, list[Found]]:
-    """sid -> the Medplum resources carrying identifier system|sid (normally zero or one)."""
+    searcher: Searcher, rtype: str, system: str, sids: Sequence[str],
+    owns: Callable[[dict[str, Any]], bool] | None = None,
+) -> dict[str, list[Found]]:  # fmt: skip
+    """sid -> the Medplum resources carrying identifier system|sid (normally zero or one); each
+    marked `owned` as `owns` judges it from its meta (all of them without `owns`)."""
     result: dict[str, list[Found]] = {sid: [] for sid in sids}
     for group in identifier_groups(system, sids):
         value = ",".join(f"{system}|{escape_token(sid)}" for sid in group)
@@ -150,7 +153,8 @@ def find_identities(
                 continue
             meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
             vid = meta.get("versionId") if isinstance(meta, dict) else None
-            found = Found(mid, vid if isinstance(vid, str) else None, resource_hash_from_meta(resource))
+            found = Found(mid, vid if isinstance(vid, str) else None, resource_hash_from_meta(resource),
+                          owns is None or owns(resource))  # fmt: skip
             for ident in resource.get("identifier") or []:
                 if isinstance(ident, dict) and ident.get("system") == system and ident.get("value") in result:
                     bucket = result[ident["value"]]

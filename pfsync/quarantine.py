@@ -20,6 +20,7 @@ from typing import IO, Any
 import orjson
 
 from pfsync.ndjson import BadLine, Item, Record, check_resource, open_binary
+from pfsync.private import open_private, private_dir
 
 QUARANTINE = "quarantine"
 RETRY = "retry"
@@ -45,8 +46,9 @@ class WrappedLog:
         except orjson.JSONDecodeError:
             record["raw"] = raw.decode("utf-8", errors="replace")
         if self._fh is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "ab")  # noqa: SIM115 - kept open for the run
+            private_dir(self.path.parent)
+            fd = open_private(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            self._fh = os.fdopen(fd, "ab")  # kept open for the run
         self._fh.write(orjson.dumps(record) + b"\n")
         self._fh.flush()
         self.count += 1

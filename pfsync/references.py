@@ -392,7 +392,7 @@ class References:
                 sid = resource["id"]
                 missing.discard(sid)
                 raw = orjson.dumps(resource)
-                self._writer.ingest(resource, f"{self._ctx.base}/{rtype}", 0, raw)
+                self._writer.ingest(resource, f"{self._ctx.base}/{rtype}", 0, raw, fetched=True)
                 self._in_fetch.discard((rtype, sid))  # written, parked or held by now
         finally:
             self._in_fetch = set()

@@ -63,6 +63,9 @@ class SourceSettings:
     identifier_system: str = DEFAULT_IDENTIFIER_SYSTEM
     download_allowlist: tuple[str, ...] = ()
     enabled: bool = True
+    # The other configured sources' identifier_system templates (not a setting: filled in when
+    # the [[sources]] list is read): identifiers in their systems are never this source's.
+    peer_systems: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -570,7 +573,13 @@ def _resolve_sources(
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"config file {used_path}: duplicate source name(s): {', '.join(dupes)}")
-    return tuple(result)
+    peers = [o.identifier_system.replace("{source}", o.name) for o in result]
+    return tuple(
+        replace(
+            s, peer_systems=tuple(dict.fromkeys(p for p, o in zip(peers, result, strict=True) if o is not s))
+        )
+        for s in result
+    )
 
 
 def _make_source(values: dict[str, Any]) -> SourceSettings:
@@ -621,10 +630,40 @@ def _validate(settings: Settings) -> None:
                 setting="source.groups",
                 hint="set PFSYNC_GROUPS or --group, or use --level patient",
             )
+    _check_namespaces(settings.sources)
     if settings.http.ca_bundle is not None and not settings.http.ca_bundle.is_file():
         raise ConfigError(
             f"http.ca_bundle: {settings.http.ca_bundle} is not a file", setting="http.ca_bundle"
         )
+
+
+def _check_namespaces(sources: tuple[SourceSettings, ...]) -> None:
+    """Two sources must never share an identifier system: ids that collide would merge their
+    resources (one practice's data overwriting, or deleting, the other's)."""
+    types = [
+        "Patient",
+        *sorted({"Organization", "Location"}.union(*(s.resource_types for s in sources)) - {"Patient"}),
+    ]
+    seen: dict[str, str] = {}
+    for src in sources:
+        for rtype in types:
+            try:
+                system = identifier_system(src, rtype)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ConfigError(
+                    f"source {src.name!r}: identifier_system {src.identifier_system!r} is not a valid template ({exc!r})",
+                    setting="source.identifier_system",
+                    hint="use only the placeholders {type}, {type_lower} and {source}",
+                ) from None
+            other = seen.setdefault(system, src.name)
+            if other != src.name:
+                raise ConfigError(
+                    f"sources {other!r} and {src.name!r} both use identifier system {system} ({rtype})",
+                    setting="source.identifier_system",
+                    hint="give each source its own: identifier_system = "
+                    '"https://practicefusion.com/fhir/{source}/{type_lower}-id" in its [[sources]] '
+                    "table (at most one source, the one already in Medplum, may keep the default)",
+                )
 
 
 def require(value: Any, key: str, context: str) -> Any:

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import orjson
 
 from pfsync.errors import StateError
+from pfsync.private import private_dir
 
 FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.json"
@@ -257,8 +258,11 @@ def source_dir(state_dir: Path, source: str) -> Path:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory: never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Temp file in the same directory, fsync, rename, fsync the directory: never a torn file.
+
+    A private file (the default mode) lives in a directory of ours (pfsync.private); a file meant
+    for other readers (metrics for node_exporter) may live in a directory someone else owns."""
+    private_dir(path.parent, check_owner=not mode & 0o077)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
@@ -316,10 +320,15 @@ class LocalStateStore:
             write_atomic(path, orjson.dumps(state.to_json(), option=orjson.OPT_INDENT_2))
         except OSError as exc:
             raise StateError(f"cannot write checkpoint {path}: {exc.strerror}") from None
+        except StateError as exc:  # pfsync.private: not ours, or not a directory
+            raise StateError(f"cannot write checkpoint {path}: {exc.message}", hint=exc.hint) from None
 
     def acquire(self, source: str, holder: Holder) -> RunLock:
         from pfsync.lock import FileLock
 
+        # Every run of a source starts here: the state directory must be ours and private.
+        private_dir(self.state_dir, tighten=True)
+        private_dir(source_dir(self.state_dir, source), tighten=True)
         return FileLock.acquire(source_dir(self.state_dir, source) / "lock", holder)
 
     def holder(self, source: str) -> Holder | None:

@@ -260,6 +260,9 @@ def sync_source(
             ready = cast(Engines, engines)
         else:  # a factory: build the engines now that the lock is ours (a failure is recorded)
             ready = built = engines()
+        prove = getattr(ready, "prove_credentials", None)
+        if callable(prove):
+            prove()  # pfsync.sync_live.LiveEngines.prove_credentials: every run, before any work
         interval = renew_every if renew_every is not None else getattr(lock, "renew_every", None)
         if interval:
             heartbeat = _Heartbeat(run, float(interval), name)

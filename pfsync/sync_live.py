@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pfsync.bulk import ExportRequest
+from pfsync.errors import AuthError
 from pfsync.events import EventSink, NullSink
 from pfsync.exportjob import LandedFile
 from pfsync.http import Clock, RetryPolicy, SystemClock, make_client, request_with_retry
@@ -72,6 +73,29 @@ class LiveEngines:
         self.medplum_client.auth = medplum_auth(settings.medplum, self.medplum_client, clock=self.clock,
                                                 http=settings.http)  # fmt: skip
         self._granted: list[str] | None = None
+
+    def prove_credentials(self) -> None:
+        """One token request to the source and one to Medplum on every run, even when nothing
+        changed: a wrong or revoked secret must fail the run (exit 4, status unhealthy), not hide
+        until there is something to load. The tokens are the ones the run then uses. With
+        medplum.auth = basic there is no token: one `_summary=count` search proves the secret."""
+        from pfsync.auth import BearerAuth
+
+        self._granted_types()
+        auth = self.medplum_client.auth
+        if isinstance(auth, BearerAuth):
+            auth.provider.token()
+            return
+        url = "Patient"
+        resp = request_with_retry(
+            lambda: self.medplum_client.get(url, params={"_summary": "count"}, headers={"Accept": "application/fhir+json"}),
+            method="GET", url=url, policy=self.policy, clock=self.clock,
+        )  # fmt: skip
+        if resp.status_code in (401, 403):
+            raise AuthError(
+                f"Medplum refused the client credentials (HTTP {resp.status_code})",
+                hint="check MEDPLUM_CLIENT_ID / MEDPLUM_CLIENT_SECRET (`pfsync auth test` shows more)",
+            )
 
     def _granted_types(self) -> list[str]:
         if self._granted is None:

@@ -17,6 +17,7 @@ foreign absolute URLs are left as they are.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from urllib.parse import quote
 
 import orjson
 
-from pfsync.settings import SourceSettings, identifier_system
+from pfsync.settings import DEFAULT_IDENTIFIER_SYSTEM, SourceSettings, identifier_system
 
 Json = dict[str, Any]
 
@@ -37,7 +38,12 @@ HASH_TAG_SYSTEM = "https://pfsync.dev/content-hash"
 # Marks a resource written with logical references (not part of the hash: the references are),
 # so a run whose id map is lost (a stateless pod) finds it by `_tag` search and upgrades it.
 LOGICAL_TAG = {"system": "https://pfsync.dev/references", "code": "logical"}
-OUR_TAG_SYSTEMS = frozenset({HASH_TAG_SYSTEM, LOGICAL_TAG["system"]})
+# The owner mark: every resource the loader writes carries {system: OWNER_TAG_SYSTEM, code: source
+# name}, and a Medplum resource found by identifier counts as this source's only when it carries it
+# (`owned`). Like the hash tag it is added after hashing, so it never changes the content hash and
+# resources written before it existed are not rewritten just to gain it (see `owned` for those).
+OWNER_TAG_SYSTEM = "https://pfsync.dev/source"
+OUR_TAG_SYSTEMS = frozenset({HASH_TAG_SYSTEM, LOGICAL_TAG["system"], OWNER_TAG_SYSTEM})
 # medplum.md "Validation": server-owned meta from the client is overwritten; drop it so the body
 # (and our hash) does not depend on the source's versioning.
 _FOREIGN_META = frozenset({"versionId", "lastUpdated", "author", "project", "compartment", "account",
@@ -89,6 +95,16 @@ class TransformContext:
 
     def system(self, rtype: str) -> str:
         return identifier_system(self.source, rtype)
+
+    @property
+    def owner_tag(self) -> Json:
+        return {"system": OWNER_TAG_SYSTEM, "code": self.source.name}
+
+    @property
+    def reserved_systems(self) -> re.Pattern[str]:
+        """Identifier systems pfsync writes: this source's template, the other configured sources'
+        and the default one, with {type}, {type_lower} and {source} standing for any value."""
+        return _reserved_pattern((self.source.identifier_system, *self.source.peer_systems))
 
 
 @dataclass
@@ -154,21 +170,69 @@ def prepare(resource: Json, ctx: TransformContext) -> Prepared:
     except RecursionError:
         # Hostile or broken input (no FHIR resource nests this deep): quarantine, never crash.
         raise TransformError("resource is nested too deeply to be a FHIR resource") from None
-    _set_identity(resource, ctx.system(rtype), sid)
+    _set_identity(resource, ctx.system(rtype), sid, ctx.reserved_systems)
     _set_meta(resource, ctx.meta_source)
     return Prepared(rtype, sid, resource, refs, fixes)
 
 
-def _set_identity(resource: Json, system: str, sid: str) -> None:
+def _set_identity(resource: Json, system: str, sid: str, reserved: re.Pattern[str]) -> None:
+    """Carry the source id in `system`; drop every other identifier in a pfsync system.
+
+    An incoming identifier in a system pfsync writes would make the resource findable as another
+    resource (another source's, or another id of this source's): a source could then take over a
+    resource that is not its own. One in this very system with another value contradicts the
+    resource's id: quarantined rather than guessed at."""
     idents = resource.get("identifier")
     if not isinstance(idents, list):
         idents = [] if idents is None else [idents]
+    kept: list[Any] = []
+    own = False
     for ident in idents:
-        if isinstance(ident, dict) and ident.get("system") == system and ident.get("value") == sid:
-            break
-    else:
-        idents.append({"system": system, "value": sid})
-    resource["identifier"] = idents
+        isys = ident.get("system") if isinstance(ident, dict) else None
+        if isinstance(isys, str) and reserved.fullmatch(isys):
+            if isys != system:
+                continue
+            if ident.get("value") != sid:
+                raise TransformError(
+                    f"identifier {isys}|{ident.get('value')} contradicts the resource's own id {sid!r}"
+                )
+            if own:
+                continue
+            own = True  # kept where it is: the body (and its hash) stays what earlier runs sent
+        kept.append(ident)
+    if not own:
+        kept.append({"system": system, "value": sid})
+    resource["identifier"] = kept
+
+
+@functools.lru_cache(maxsize=64)
+def _reserved_pattern(templates: tuple[str, ...]) -> re.Pattern[str]:
+    alternatives = []
+    for tmpl in dict.fromkeys((*templates, DEFAULT_IDENTIFIER_SYSTEM)):
+        parts = re.split(r"(\{type\}|\{type_lower\}|\{source\})", tmpl)
+        alternatives.append("".join(
+            "[^|]+" if part in ("{type}", "{type_lower}", "{source}") else re.escape(part) for part in parts
+        ))  # fmt: skip
+    return re.compile("|".join(f"(?:{alt})" for alt in alternatives))
+
+
+def owned(resource: Json, ctx: TransformContext) -> bool:
+    """Whether a Medplum resource is provably this source's, from its meta.
+
+    It carries this source's owner tag; or, written before the owner tag existed, it carries no
+    owner tag and the `meta.source` this source's loader has always set (another source's loader
+    set its own base URL there, and a source cannot choose its meta.source: `_set_meta`)."""
+    meta = resource.get("meta")
+    if not isinstance(meta, dict):
+        return False
+    marks = [
+        t.get("code")
+        for t in meta.get("tag") or []
+        if isinstance(t, dict) and t.get("system") == OWNER_TAG_SYSTEM
+    ]
+    if marks:
+        return marks == [ctx.source.name]
+    return meta.get("source") == ctx.meta_source
 
 
 def _set_meta(resource: Json, meta_source: str) -> None:
@@ -297,6 +361,7 @@ def render(prepared: Prepared, resolve: Resolver, ctx: TransformContext) -> Rend
     tags = meta.get("tag")
     tag = {"system": HASH_TAG_SYSTEM, "code": digest}
     ours = [tag, dict(LOGICAL_TAG)] if out.logical else [tag]
+    ours.append(ctx.owner_tag)
     meta["tag"] = [*tags, *ours] if isinstance(tags, list) else ours
     out.body = orjson.dumps(resource)
     out.hash = digest

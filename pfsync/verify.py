@@ -13,7 +13,9 @@ and only reference targets we did not see are checked with batched `_id` searche
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +27,7 @@ from pfsync.errors import HTTPError, UsageError
 from pfsync.events import EventSink, NullSink
 from pfsync.exportjob import JOB_FILE, MANIFEST_FILE, ExportDir
 from pfsync.http import Clock, SystemClock
+from pfsync.idmap import fetched_identities
 from pfsync.ndjson import Record, iter_file, iter_paths
 from pfsync.settings import Settings, SourceSettings, identifier_system
 from pfsync.transform import (
@@ -32,6 +35,7 @@ from pfsync.transform import (
     Target,
     TransformContext,
     TransformError,
+    owned,
     prepare,
     render,
     resource_hash_from_meta,
@@ -74,7 +78,16 @@ def latest_export(state_dir: Path, source: str) -> list[Path]:
     """The newest finished export under `{state_dir}/{source}/exports/`: either one export directory
     (`pfsync export`) or one sync run directory holding an export per request (`run-*/<fingerprint>/`,
     pfsync.sync); a run's directories are returned together (one per group)."""
-    root = state_dir / source / "exports"
+    best = _newest(state_dir / source / "exports")
+    if best is None:
+        raise UsageError(
+            f"no finished export under {state_dir / source / 'exports'}",
+            hint="run `pfsync export` first, or give a directory with --from DIR, or use --export",
+        )
+    return best[1]
+
+
+def _newest(root: Path) -> tuple[float, list[Path]] | None:
     best: tuple[float, list[Path]] | None = None
     for path in sorted(root.iterdir()) if root.is_dir() else ():
         if not path.is_dir():
@@ -83,12 +96,36 @@ def latest_export(state_dir: Path, source: str) -> list[Path]:
         times = [(t, d) for d in dirs if (t := _finished(d)) is not None]
         if times and (best is None or max(t for t, _ in times) > best[0]):
             best = (max(t for t, _ in times), [d for _, d in times])
-    if best is None:
-        raise UsageError(
-            f"no finished export under {root}",
-            hint="run `pfsync export` first, or give a directory with --from DIR, or use --export",
-        )
-    return best[1]
+    return best
+
+
+def default_export(
+    settings: Settings, source: SourceSettings, *, clock: Clock | None = None, events: EventSink | None = None
+) -> list[Path]:
+    """What a bare `pfsync verify` compares against.
+
+    `pfsync sync` deletes its exports once loaded, and they are incremental anyway. So: the newest
+    finished export under the state directory, if it is newer than the last successful sync (an
+    older one no longer describes the source: what the sync loaded since would show as extras);
+    else a fresh full export, kept for the next verify (older `verify-*` exports are removed)."""
+    root = settings.state_dir / source.name / "exports"
+    best = _newest(root)
+    synced: float | None = None
+    if settings.state_backend == "local":
+        from pfsync.state import LocalStateStore, parse_iso
+
+        last = LocalStateStore(settings.state_dir).load(source.name).last_success
+        synced = parse_iso(last) if last else None
+    if best is not None and (synced is None or best[0] >= synced):
+        return best[1]
+    (events or NullSink()).emit("verify_fresh_export", source=source.name,
+                                reason="no export newer than the last sync" if best else "no finished export")  # fmt: skip
+    dirs = fresh_export(settings, source, clock=clock, events=events)
+    keep = {d.parent for d in dirs}
+    for old in sorted(root.glob("verify-*")):
+        if old.is_dir() and old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+    return dirs
 
 
 def is_incremental(export_dir: Path) -> bool:
@@ -112,7 +149,8 @@ def fresh_export(
     from pfsync.http import RetryPolicy, make_client
 
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    root = settings.state_dir / source.name / "exports" / f"verify-{stamp}"
+    # Unique per run: two verifies within one second must not resume each other's export.
+    root = settings.state_dir / source.name / "exports" / f"verify-{stamp}-{uuid.uuid4().hex[:6]}"
     out: list[Path] = []
     with make_client(settings.http) as client:
         authenticator, auth = source_auth(
@@ -159,9 +197,13 @@ class Verifier:
         self.reader = reader or MedplumReader(client, self.fhir_url, http=settings.http, clock=self.clock)
         self.ctx = TransformContext(source, normalize=settings.load.normalize)
         self.work_dir = settings.state_dir / source.name
+        self.strangers = 0
 
     def system(self, rtype: str) -> str:
         return identifier_system(self.source, rtype)
+
+    def _owns(self, resource: dict[str, Any]) -> bool:
+        return owned(resource, self.ctx)
 
     def check(self, export_dirs: Sequence[Path], options: VerifyOptions, scratch: Scratch) -> VerifyReport:
         """Fill `scratch` and compare; no writes to Medplum."""
@@ -171,6 +213,9 @@ class Verifier:
         systems = {self.system(t): t for t in types}
         for rtype in types:
             self._scan_type(rtype, systems, scratch, options.content)
+        fetched = sum(
+            scratch.add_fetched(t, s) for t, s in fetched_identities(self.work_dir / "idmap.sqlite")
+        )
         scratch.analyze()
         confirmed = self._confirm_missing(scratch, options.content, systems)
         self._check_targets(scratch)
@@ -179,6 +224,13 @@ class Verifier:
         scratch.analyze()
         incremental = any(is_incremental(d) for d in export_dirs)
         notes = []
+        if self.strangers:
+            notes.append(f"{self.strangers} Medplum resources carry this source's identifiers but are not "
+                         "this source's (pfsync.transform.owned): left out of the comparison")  # fmt: skip
+        if fetched:
+            notes.append(
+                f"{fetched} resources the loader fetched by reference (not in the export) count as the source's"
+            )
         if incremental:
             notes.append("incremental (_since) export: extras are not checked")
         if confirmed is False:
@@ -255,6 +307,9 @@ class Verifier:
         sids = source_ids(resource, system)
         if not isinstance(mid, str) or not sids:
             return
+        if not owned(resource, self.ctx):
+            self.strangers += 1  # carries our identifier, but not ours: never counted, fixed or deleted
+            return
         meta = resource.get("meta")
         updated = meta.get("lastUpdated") if isinstance(meta, dict) else None
         vid = meta.get("versionId") if isinstance(meta, dict) else None
@@ -282,7 +337,7 @@ class Verifier:
             todo.setdefault(rtype, []).append(sid)
         for rtype, sids in todo.items():
             system = self.system(rtype)
-            for sid, found in self.reader.find(rtype, system, sids).items():
+            for sid, found in self.reader.find(rtype, system, sids, self._owns).items():
                 for f in found:
                     scratch.add_medplum(rtype, f.mid, sid, None, f.vid, f.hash, None)
         return True

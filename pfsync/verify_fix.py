@@ -3,7 +3,9 @@
 Order matters:
 1. Duplicates first: a conditional write on an identity Medplum holds twice fails (medplum.md
    "Conditional update": 412), so every copy but the oldest (earliest `_history` version; the
-   issue) is deleted. Extras are deleted only with `--fix-extras`.
+   issue) is deleted. Extras are deleted only with `--fix-extras`, and never one that another
+   resource in Medplum refers to (`keep_extra`: reported, left alone). Resources the loader
+   fetched by reference are the source's, not extras (pfsync.verify).
 2. The id map is brought in line with what the scan saw (it is a cache: pfsync.idmap), so the
    loader renders references to the copies that remain; resources to re-send lose their stored
    hash, otherwise the loader would skip them as unchanged (pfsync.writes "skip").
@@ -22,6 +24,7 @@ from pathlib import Path
 from pfsync.errors import HTTPError
 from pfsync.idmap import IdMap
 from pfsync.ndjson import iter_file, iter_paths
+from pfsync.private import create_exclusive
 from pfsync.verify import Verifier, VerifyOptions
 from pfsync.verify_report import Action
 from pfsync.verify_store import Scratch
@@ -44,6 +47,11 @@ def plan(verifier: Verifier, options: VerifyOptions, scratch: Scratch, extras_ch
                 scratch.add_gone(rtype, mid)
     if options.fix_extras and extras_checked:
         for rtype, sid, mid in list(scratch.extra()):
+            referrer = scratch.referrer(rtype, mid, sid)
+            if referrer is not None:  # deleting it would leave what refers to it dangling
+                actions.append(Action("keep_extra", rtype, sid, mid, reason=f"not in the source export, "
+                                      f"but {referrer} refers to it: not deleted"))  # fmt: skip
+                continue
             actions.append(Action("delete_extra", rtype, sid, mid, reason="not in the source export"))
             scratch.add_gone(rtype, mid)
     scratch.fix_missing()
@@ -90,6 +98,9 @@ def apply_fixes(
         return actions
     done: list[Action] = []
     for action in actions:
+        if action.kind == "keep_extra":
+            done.append(action)  # reported, nothing to do
+            continue
         if action.kind == "resend":
             continue
         assert action.mid is not None
@@ -148,7 +159,7 @@ def _resend(verifier: Verifier, export_dirs: Sequence[Path], scratch: Scratch) -
 
     path = verifier.work_dir / f".verify-resend-{os.getpid()}.ndjson"
     try:
-        with open(path, "wb") as out:
+        with os.fdopen(create_exclusive(path), "wb") as out:
             for file in iter_paths(list(export_dirs)):
                 if file.name.startswith(_NOT_RESOURCES):
                     continue

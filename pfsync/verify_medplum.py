@@ -13,7 +13,7 @@ failure. `_sort=_lastUpdated` makes Medplum page by cursor (offset paging stops 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
@@ -250,9 +250,17 @@ class MedplumReader:
             return
         raise_for_status(response, f"deleting {rtype}/{mid}")
 
-    def find(self, rtype: str, system: str, sids: Sequence[str]) -> dict[str, list[Found]]:
-        """sid -> Medplum resources with identifier `system|sid` (the loader's batched lookup)."""
-        return find_identities(_ReaderSearcher(self), rtype, system, sids)
+    def find(
+        self,
+        rtype: str,
+        system: str,
+        sids: Sequence[str],
+        owns: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> dict[str, list[Found]]:
+        """sid -> Medplum resources with identifier `system|sid` (the loader's batched lookup);
+        with `owns`, only those it accepts (pfsync.transform.owned)."""
+        found = find_identities(_ReaderSearcher(self), rtype, system, sids, owns)
+        return {sid: [f for f in matches if f.owned] for sid, matches in found.items()}
 
 
 class _ReaderSearcher(Searcher):

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 Category = Literal["missing", "duplicated", "extra", "dangling", "drift"]
 CATEGORIES: tuple[Category, ...] = ("missing", "duplicated", "extra", "dangling", "drift")
-ActionKind = Literal["resend", "delete_duplicate", "delete_extra"]
+ActionKind = Literal["resend", "delete_duplicate", "delete_extra", "keep_extra"]
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 The issue: memory stays flat for 1M resources, so source ids, Medplum ids and references live in a
 temporary SQLite file (deleted after the run), never in Python sets. Tables:
 
-    src(type, sid, hash)                   every resource of the source export
+    src(type, sid, hash, fetched)          every resource of the source export, and (fetched = 1) the
+                                           ones the loader fetched by reference that Medplum holds
     mp(type, mid, sid, updated, vid, tag, body)  every Medplum resource with our identifier system
     ref(type, mid, kind, ttype, tid)       references found in those Medplum resources
     seen(type, mid)                        reference targets outside `mp` that Medplum confirmed
@@ -19,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+from pfsync.private import private_dir, private_sqlite
+
 RefKind = Literal["literal", "logical", "unresolved"]
 
 _SCHEMA = """
@@ -26,12 +29,14 @@ PRAGMA journal_mode=OFF;
 PRAGMA synchronous=OFF;
 PRAGMA temp_store=FILE;
 PRAGMA cache_size=-16000;
-CREATE TABLE src (type TEXT NOT NULL, sid TEXT NOT NULL, hash TEXT, PRIMARY KEY (type, sid)) WITHOUT ROWID;
+CREATE TABLE src (type TEXT NOT NULL, sid TEXT NOT NULL, hash TEXT, fetched INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (type, sid)) WITHOUT ROWID;
 CREATE INDEX src_sid ON src (sid);
 CREATE TABLE mp (type TEXT NOT NULL, mid TEXT NOT NULL, sid TEXT NOT NULL, updated TEXT, vid TEXT, tag TEXT,
     body TEXT, PRIMARY KEY (type, sid, mid)) WITHOUT ROWID;
 CREATE INDEX mp_mid ON mp (type, mid);
 CREATE TABLE ref (type TEXT NOT NULL, mid TEXT NOT NULL, kind TEXT NOT NULL, ttype TEXT, tid TEXT NOT NULL);
+CREATE INDEX ref_target ON ref (ttype, tid);
 CREATE TABLE seen (type TEXT NOT NULL, mid TEXT NOT NULL, PRIMARY KEY (type, mid)) WITHOUT ROWID;
 CREATE TABLE fix (type TEXT NOT NULL, sid TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (type, sid)) WITHOUT ROWID;
 CREATE TABLE gone (type TEXT NOT NULL, mid TEXT NOT NULL, PRIMARY KEY (type, mid)) WITHOUT ROWID;
@@ -43,9 +48,10 @@ class Scratch:
     """A throw-away SQLite file; `close()` removes it."""
 
     def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         self.path = directory / f".verify-{os.getpid()}-{id(self):x}.sqlite"
         self.path.unlink(missing_ok=True)
+        private_sqlite(self.path)
         self.db = sqlite3.connect(self.path, isolation_level=None)
         self.db.executescript(_SCHEMA)
         self.db.execute("BEGIN")
@@ -67,6 +73,15 @@ class Scratch:
     # ------------------------------------------------------------------ filling
     def add_source(self, rtype: str, sid: str) -> None:
         self.db.execute("INSERT OR IGNORE INTO src (type, sid) VALUES (?, ?)", (rtype, sid))
+
+    def add_fetched(self, rtype: str, sid: str) -> bool:
+        """A resource the loader fetched by reference counts as the source's where Medplum holds it."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO src (type, sid, fetched) SELECT ?, ?, 1 "
+            "WHERE EXISTS (SELECT 1 FROM mp WHERE type = ? AND sid = ?)",
+            (rtype, sid, rtype, sid),
+        )
+        return cur.rowcount == 1
 
     def set_source_hash(self, rtype: str, sid: str, content_hash: str) -> None:
         self.db.execute("UPDATE src SET hash = ? WHERE type = ? AND sid = ?", (content_hash, rtype, sid))
@@ -112,10 +127,23 @@ class Scratch:
         return [r[0] for r in self.db.execute("SELECT type FROM src WHERE sid = ?", (sid,))]
 
     def in_source(self, rtype: str, sid: str) -> bool:
+        """Whether the export holds this identity (fetched ones are not in it: nothing to re-send)."""
         return (
-            self.db.execute("SELECT 1 FROM src WHERE type = ? AND sid = ?", (rtype, sid)).fetchone()
+            self.db.execute(
+                "SELECT 1 FROM src WHERE type = ? AND sid = ? AND fetched = 0", (rtype, sid)
+            ).fetchone()
             is not None
         )
+
+    def referrer(self, rtype: str, mid: str, sid: str) -> str | None:
+        """`Type/id` of one other Medplum resource that refers to this one (literally by its Medplum
+        id, or logically by its source id), if any."""
+        row = self.db.execute(
+            "SELECT r.type, r.mid FROM ref r WHERE r.ttype = ? AND ((r.kind = 'literal' AND r.tid = ?) "
+            "OR (r.kind != 'literal' AND r.tid = ?)) AND NOT (r.type = ? AND r.mid = ?) LIMIT 1",
+            (rtype, mid, sid, rtype, mid),
+        ).fetchone()
+        return None if row is None else f"{row[0]}/{row[1]}"
 
     def unknown_targets(self) -> Iterator[tuple[str, list[str]]]:
         """Literal reference targets neither in `mp` nor in `seen`, grouped by type, in pages."""

@@ -30,7 +30,7 @@ from pfsync.errors import HTTPError
 from pfsync.events import EventSink
 from pfsync.http import Clock, RetryPolicy
 from pfsync.idmap import Held, IdMap
-from pfsync.lookup import Searcher, find_identities
+from pfsync.lookup import Found, Searcher, find_identities
 from pfsync.ndjson import BadLine
 from pfsync.pacing import Pacer
 from pfsync.quarantine import WrappedLog
@@ -42,6 +42,7 @@ from pfsync.transform import (
     TransformContext,
     TransformError,
     identifier_query,
+    owned,
     prepare,
     render,
 )
@@ -141,8 +142,9 @@ class Writer:
             self._qlog.add(file=file, line=line, reason=reason, raw=raw, status=status, rtype=rtype, sid=sid)
 
     def ingest(self, resource: dict[str, Any], file: str | None, line: int | None, raw: bytes,
-               *, final: bool = False, first: bool = True) -> None:  # fmt: skip
-        """One source resource, as read. `final`: write now even if targets lack ids (logical refs)."""
+               *, final: bool = False, first: bool = True, fetched: bool = False) -> None:  # fmt: skip
+        """One source resource, as read. `final`: write now even if targets lack ids (logical refs);
+        `fetched`: fetched by reference (noted in the id map for `pfsync verify`)."""
         rtype = str(resource.get("resourceType"))
         sid = resource.get("id")
         try:
@@ -152,6 +154,8 @@ class Writer:
             return
         if first and p.fixes:
             self.fixes[p.type] += p.fixes
+        if fetched and not self._dry_run:
+            self._idmap.note_fetched(p.type, p.sid)
         row = self._idmap.get(p.type, p.sid)
         if row is None:
             self._idmap.seen(p.type, p.sid)
@@ -368,7 +372,11 @@ class Writer:
                 entry.retarget("PUT", self._conditional_url(entry))
             self._send(entry, create=False)
             return
-        needs_search = self._mode == "direct" or self._idmap.cold or self._dry_run
+        # A delete of an identity the map does not know is always searched first, in both modes:
+        # `DELETE Type?identifier=` cannot tell our resource from a stranger carrying our identifier.
+        needs_search = (
+            self._mode == "direct" or self._idmap.cold or self._dry_run or entry.purpose == "delete"
+        )
         if needs_search and not entry.looked_up and not entry.ambiguous:
             if self._probes:
                 self._probed(block=False)
@@ -486,10 +494,16 @@ class Writer:
         queue = self._lookups.pop(rtype, None)
         if not queue:
             return
-        found = find_identities(self._searcher, rtype, self.context.system(rtype), list(queue))
+        found = find_identities(self._searcher, rtype, self.context.system(rtype), list(queue), self._owns)
         for sid, entry in queue.items():
-            matches = found.get(sid, [])
+            matches = self._own_matches(rtype, sid, found.get(sid, []))
             entry.looked_up = True
+            if self._mode == "conditional" and len(matches) < len(found.get(sid, [])):
+                # `PUT Type?identifier=` would land on the stranger: never send it.
+                text = (f"a Medplum {rtype} that is not this source's carries identifier "
+                        f"{self.context.system(rtype)}|{sid}; upsert_mode=direct writes beside it")  # fmt: skip
+                self.quarantine(rtype, sid, entry.file, entry.line, entry.raw, text, 412)
+                continue
             if len(matches) > 1:
                 text = f"{len(matches)} Medplum resources carry identifier {self.context.system(rtype)}|{sid}"
                 self.quarantine(rtype, sid, entry.file, entry.line, entry.raw, text, 412)
@@ -508,6 +522,20 @@ class Writer:
                 self.count(rtype, "deleted")  # nothing to delete: already absent
                 continue
             self.route(entry)
+
+    def _owns(self, resource: dict[str, Any]) -> bool:
+        return owned(resource, self.context)
+
+    def _own_matches(self, rtype: str, sid: str, matches: list[Found]) -> list[Found]:
+        """Only the matches that are provably this source's: a resource of another source (or of
+        another writer) that carries our identifier is never updated, adopted or deleted; ours is
+        created beside it, and the stranger is reported."""
+        mine = [m for m in matches if m.owned]
+        if len(mine) < len(matches):
+            self.count(rtype, "foreign_matches", len(matches) - len(mine))
+            self._events.emit("load_foreign_match", type=rtype, sid=sid,
+                              ids=[f"{rtype}/{m.mid}" for m in matches if not m.owned])  # fmt: skip
+        return mine
 
     def drain(self, *, partial: bool = False) -> None:
         """Search what waits for a lookup, send every queued entry, settle every outcome.
@@ -616,8 +644,10 @@ class Writer:
         """load.deletes = tag: keep the resource, mark it with a stable tag (hash cleared)."""
         row = self._idmap.get(entry.type, entry.sid)
         if row is None or row.mid is None:
-            found = find_identities(self._searcher, entry.type, self.context.system(entry.type), [entry.sid])
-            matches = found.get(entry.sid, [])
+            found = find_identities(
+                self._searcher, entry.type, self.context.system(entry.type), [entry.sid], self._owns
+            )
+            matches = self._own_matches(entry.type, entry.sid, found.get(entry.sid, []))
             if len(matches) != 1:
                 self.count(entry.type, "deleted")
                 return

@@ -207,7 +207,7 @@ def test_cli_auth_test_several_sources_from_toml(tmp_path: Path, source: SourceS
         f'[[sources]]\nname = "jwt"\nbase_url = "{source.base_url()}"\nclient_id = "{APP}"\n'
         f'private_key = "{keys["privateKeyFile"]}"\nkey_id = "{keys["kid"]}"\n'
         f'[[sources]]\nname = "basic"\nbase_url = "{source.base_url()}"\nclient_id = "pfsync-sandbox"\n'
-        f'client_secret = "sandbox-secret"\n'
+        f'client_secret = "sandbox-secret"\nidentifier_system = "urn:basic:{{type}}"\n'
     )
     env = {"PF_RESOURCE_TYPES": "Patient"}
     result = runner.invoke(app, ["--config", str(config), "auth", "test", "--json", "--no-medplum"], env=env)

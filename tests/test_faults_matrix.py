@@ -82,8 +82,10 @@ def _invalid_resource(rig: Rig) -> None:
 
 def _duplicate_in_target(rig: Rig) -> None:
     # Two Medplum resources already carry the identity of one source Patient: the conditional PUT
-    # answers 412 "multiple matches" (medplum.md "Conditional update").
+    # answers 412 "multiple matches" (medplum.md "Conditional update"). Both carry the source's own
+    # mark (meta.source, as pfsync wrote it before owner tags): a stranger would be left alone.
     pid = _a_patient(rig)
+    mark = {"source": rig.sandboxes.source.base_url()}
     system = "https://practicefusion.com/fhir/patient-id"
     target = rig.sandboxes.target
     with httpx.Client(timeout=30) as client:
@@ -91,7 +93,7 @@ def _duplicate_in_target(rig: Rig) -> None:
                             auth=(target.client_id, target.client_secret)).json()["access_token"]  # fmt: skip
         for _ in range(2):
             resp = client.post(target.fhir_url + "Patient", headers={"Authorization": f"Bearer {token}"},
-                               json={"resourceType": "Patient", "identifier": [{"system": system, "value": pid}]})  # fmt: skip
+                               json={"resourceType": "Patient", "identifier": [{"system": system, "value": pid}], "meta": mark})  # fmt: skip
             assert resp.status_code == 201, resp.text
 
 

@@ -158,7 +158,12 @@ def test_load_validation_and_multiple_matches_are_quarantined(target: TargetSand
         for _ in range(2):
             r = client.post(
                 "Patient",
-                json={"resourceType": "Patient", "identifier": [{"system": system, "value": "dup"}]},
+                json={
+                    "resourceType": "Patient",
+                    "identifier": [{"system": system, "value": "dup"}],
+                    # two copies that are both this source's (a stranger would be left alone)
+                    "meta": {"tag": [{"system": "https://pfsync.dev/source", "code": "default"}]},
+                },
             )
             assert r.status_code == 201
     data = write_ndjson(

@@ -103,6 +103,7 @@ def plant_faults(target: TargetSandbox, settings: Settings, data: Path) -> dict[
     dup_sid = orjson.loads(conditions[1])["id"]
     [dup] = target.find_by_identifier("Condition", identifier_system(source, "Condition"), dup_sid)
     copy = {k: v for k, v in dup.items() if k not in ("id", "meta")}
+    copy["meta"] = {"tag": dup["meta"]["tag"]}  # a second copy pfsync made (its owner tag kept)
     assert c.post("Condition", content=orjson.dumps(copy)).status_code == 201
 
     drift_sid = orjson.loads(conditions[2])["id"]
@@ -119,7 +120,7 @@ def plant_faults(target: TargetSandbox, settings: Settings, data: Path) -> dict[
     enc["serviceProvider"] = {"reference": "Organization/00000000-0000-4000-8000-000000000000"}
     assert c.put(f"Encounter/{enc['id']}", content=orjson.dumps(enc)).status_code == 200
 
-    extra = {"resourceType": "Organization", "name": "Gone from the EHR",
+    extra = {"resourceType": "Organization", "name": "Gone from the EHR", "meta": {"source": source.base_url},
              "identifier": [{"system": identifier_system(source, "Organization"), "value": "no-such-org"}]}  # fmt: skip
     r = c.post("Organization", content=orjson.dumps(extra))
     assert r.status_code == 201

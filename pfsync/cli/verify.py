@@ -30,7 +30,7 @@ def _verify(
 ) -> VerifyReport:
     from pfsync.http import make_client
     from pfsync.medplum_auth import medplum_auth
-    from pfsync.verify import fresh_export, latest_export, verify
+    from pfsync.verify import default_export, fresh_export, verify
 
     settings = build_settings(ctx)
     source = settings.source(source_name)
@@ -43,7 +43,7 @@ def _verify(
     elif export:
         dirs = fresh_export(settings, source)
     else:
-        dirs = latest_export(settings.state_dir, source.name)
+        dirs = default_export(settings, source)
     # base_url = the FHIR base: the loader keys its id map by it (pfsync.load.Loader).
     with make_client(
         settings.http, timeout=settings.http.load_timeout, base_url=settings.medplum.fhir_url
@@ -81,7 +81,11 @@ def render_table(report: VerifyReport, limit: int) -> None:
         verb = "would" if report.dry_run else "did"
         console.print(f"--fix {verb}:")
         for a in report.actions:
-            mark = "" if report.dry_run else (" ok" if a.done else f" FAILED: {a.error}")
+            mark = (
+                ""
+                if report.dry_run or a.kind == "keep_extra"
+                else (" ok" if a.done else f" FAILED: {a.error}")
+            )
             ident = " ".join(x for x in (a.sid, a.mid) if x)
             console.print(f"  {a.kind} {a.type} {ident}: {a.reason}{mark}", markup=False, highlight=False)
     for note in report.notes:
@@ -116,7 +120,9 @@ def verify(
 ) -> None:
     """Report missing, duplicated, extra and dangling resources between the source and Medplum.
 
-    Without --from or --export, the newest finished export under the state directory is used.
+    Without --from or --export, the newest finished export under the state directory is used if
+    it is newer than the last sync; otherwise (right after `pfsync sync`, which deletes its
+    exports) a fresh full export is run and kept for the next verify.
     Exit 0 only when nothing is missing, duplicated or dangling; else 11.
 
     Examples:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -21,7 +21,7 @@ import httpx
 import jwt
 import orjson
 
-from pfsync.errors import AuthError, ConfigError, HTTPError
+from pfsync.errors import AuthError, ConfigError, HTTPError, ProtocolError
 from pfsync.http import Clock, RetryPolicy, SystemClock, outcome_text, request_with_retry
 from pfsync.keys import SigningKey, load_signing_key
 from pfsync.redact import redact, register
@@ -278,6 +278,20 @@ def token_error(response: httpx.Response, what: str, method: str) -> AuthError:
     )
 
 
+def token_request(
+    send: Callable[[], httpx.Response], what: str, endpoint: str, policy: RetryPolicy, clock: Clock
+) -> httpx.Response:
+    """A token POST through the one retry path: 429 (an auth rate limit) and 5xx waited out; a
+    redirect is never followed (the form carries the credentials: pfsync.http.RequestGuard) and
+    is an auth failure naming where it pointed."""
+    try:
+        return request_with_retry(send, method="POST", url=endpoint, policy=policy, clock=clock)
+    except ProtocolError as exc:
+        raise AuthError(f"{what}: token request refused: {exc.message}",
+                        hint="set the token URL to the final endpoint (PFSYNC_TOKEN_URL, or MEDPLUM_BASE_URL "
+                        "for Medplum); credentials are never re-sent to a redirect's target") from None  # fmt: skip
+
+
 class TokenProvider(Protocol):
     def token(self, *, force: bool = False) -> str: ...
     def invalidate(self, token: str) -> None: ...
@@ -436,9 +450,7 @@ class SourceAuthenticator(CachedToken):
             return self._client.post(endpoint, data=form, auth=auth, headers={"Accept": "application/json"})
 
         started = self._clock.now()
-        response = request_with_retry(
-            send, method="POST", url=endpoint, policy=self._policy, clock=self._clock
-        )
+        response = token_request(send, what, endpoint, self._policy, self._clock)
         if response.status_code != 200:
             raise token_error(response, what, self.method)
         token = parse_token_response(response, scopes, started, what)

@@ -9,10 +9,13 @@ errors are temporary; Retry-After is honoured in both forms (seconds and HTTP-da
 from __future__ import annotations
 
 import email.utils
+import os
 import random
+import re
 import ssl
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,7 +23,8 @@ import httpx
 import orjson
 
 from pfsync import __version__
-from pfsync.errors import HTTPError
+from pfsync.errors import ConfigError, HTTPError, PfsyncError, ProtocolError
+from pfsync.netpolicy import Network, origin, parse_networks, shown_url, url_problem
 from pfsync.redact import redact
 from pfsync.settings import HttpSettings
 
@@ -44,21 +48,116 @@ class SystemClock:
             time.sleep(seconds)
 
 
+MAX_REDIRECTS = 5
+# Request extension naming the origin a request and all its redirects must stay on (attachments).
+PIN_ORIGIN = "pfsync_pin_origin"
+_SAFE_METHODS = frozenset({"GET", "HEAD"})
+
+
+@dataclass(frozen=True)
+class RequestGuard:
+    """pfsync.netpolicy on every hop of every request, and the redirect rules, as httpx event hooks
+    (httpx calls request hooks for each hop of a redirect chain, response hooks for each answer).
+
+    A redirect is followed only for a GET or HEAD without a body and without Basic credentials:
+    a token POST, a Bundle or an upload answered with 307/308 would otherwise re-send its secrets
+    or data to wherever the Location points. A bearer token never follows a redirect to another
+    origin (httpx drops Authorization there; pfsync.auth.BearerAuth adds it only for allowed
+    origins). A request carrying PIN_ORIGIN may not be redirected off that origin."""
+
+    allow_insecure_http: bool = False
+    allow_networks: tuple[Network, ...] = ()
+
+    def check_url(self, url: str, what: str) -> None:
+        problem = url_problem(
+            url, allow_insecure_http=self.allow_insecure_http, allow_networks=self.allow_networks
+        )
+        if problem is not None:
+            raise ProtocolError(
+                f"{what} {shown_url(url)} refused: {problem}",
+                hint="a server handed pfsync this URL; if the address is really meant, add its range to "
+                "PFSYNC_ALLOW_NETWORKS (or use https)",
+            )
+
+    def on_request(self, request: httpx.Request) -> None:
+        self.check_url(str(request.url), "request to")
+
+    def on_response(self, response: httpx.Response) -> None:
+        if not response.has_redirect_location:
+            return
+        request = response.request
+        target = str(request.url.join(response.headers["Location"]))
+        where = f"{request.method} {shown_url(str(request.url))} answered {response.status_code}, a redirect to {shown_url(target)}"
+        basic = request.headers.get("Authorization", "").lower().startswith("basic ")
+        has_body = bool(
+            request.headers.get("Content-Length", "0") not in ("", "0")
+            or request.headers.get("Transfer-Encoding")
+        )
+        if request.method not in _SAFE_METHODS or has_body or basic:
+            raise ProtocolError(
+                f"{where}: not followed, pfsync never re-sends a request carrying a body or credentials",
+                hint="configure the final URL itself (the redirect's target without its query)",
+            )
+        pinned = request.extensions.get(PIN_ORIGIN)
+        if isinstance(pinned, str) and origin(target) != origin(pinned):
+            raise ProtocolError(f"{where}: not followed, it leaves {shown_url(pinned)}'s origin")
+        self.check_url(target, f"{where}:")
+
+
+def _ssl_context(settings: HttpSettings) -> Any:
+    """The CA trust: pfsync's own setting, else the environment's when trusted, else certifi."""
+    try:
+        if settings.ca_bundle:
+            # An SSLContext rather than a path: httpx deprecates verify=<str>. Verification stays on.
+            return ssl.create_default_context(cafile=str(settings.ca_bundle))
+        if settings.trust_env and (os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")):
+            return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or None,
+                                              capath=os.environ.get("SSL_CERT_DIR") or None)  # fmt: skip
+    except (OSError, ssl.SSLError) as exc:
+        name = "http.ca_bundle" if settings.ca_bundle else "http.trust_env (SSL_CERT_FILE / SSL_CERT_DIR)"
+        raise ConfigError(f"{name}: the CA certificates cannot be loaded: {exc.__class__.__name__}: {exc}",
+                          setting="http.ca_bundle" if settings.ca_bundle else "http.trust_env") from None  # fmt: skip
+    return True
+
+
 def make_client(settings: HttpSettings, *, timeout: float | None = None, **kwargs: Any) -> httpx.Client:
-    """The one place a real httpx.Client is built: TLS verification always on (optionally with a
-    CA bundle), our User-Agent, and redirects followed (httpx drops Authorization on a redirect to
-    another origin, so a signed-storage redirect never receives the token)."""
-    # An SSLContext rather than a path: httpx deprecates verify=<str>. Verification stays on either way.
-    verify: Any = ssl.create_default_context(cafile=str(settings.ca_bundle)) if settings.ca_bundle else True
+    """The one place a real httpx.Client is built: TLS verification always on (CA from pfsync's
+    settings), our User-Agent, proxy from pfsync's settings (the environment only with
+    http.trust_env), and RequestGuard on every hop. Redirects of GETs are followed (signed
+    storage), within RequestGuard's rules, at most MAX_REDIRECTS deep."""
     t = timeout if timeout is not None else settings.timeout
+    guard = RequestGuard(settings.allow_insecure_http, parse_networks(settings.allow_networks))
     return httpx.Client(
-        verify=verify,
+        verify=_ssl_context(settings),
         timeout=httpx.Timeout(t, connect=min(t, 30.0)),
         headers={"User-Agent": USER_AGENT},
         follow_redirects=True,
+        max_redirects=MAX_REDIRECTS,
+        trust_env=settings.trust_env,
+        proxy=settings.proxy,
+        event_hooks={"request": [guard.on_request], "response": [guard.on_response]},
         limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
         **kwargs,
     )
+
+
+def protocol_error(exc: httpx.HTTPError) -> PfsyncError:
+    """A clear, documented error for an httpx failure that escaped the code that handles it:
+    network failures are temporary (75), a redirect loop or an undecodable body is a refused
+    answer (5). The URL is shown without its query; the exception text is redacted."""
+    try:
+        url = shown_url(str(exc.request.url))
+        method = exc.request.method
+    except RuntimeError:  # no request attached
+        url, method = "(unknown URL)", "?"
+    if isinstance(exc, httpx.TooManyRedirects):
+        return ProtocolError(f"{method} {url}: more than {MAX_REDIRECTS} redirects (a redirect loop?)")
+    if isinstance(exc, httpx.DecodingError):
+        return ProtocolError(f"{method} {url}: the answer could not be decoded (its Content-Encoding does not "
+                             "match its body)")  # fmt: skip
+    if isinstance(exc, httpx.TransportError):
+        return HTTPError(f"{method} {url} failed: {exc.__class__.__name__}", method=method, url=url)
+    return ProtocolError(f"{method} {url}: {exc.__class__.__name__}: {server_text(str(exc))}")
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -85,13 +184,30 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, number)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+SERVER_TEXT_MAX = 500
+
+
+def server_text(text: str) -> str:
+    """Text a server sent, made fit for a message: secrets masked, control characters (terminal
+    escapes) dropped, at most SERVER_TEXT_MAX characters."""
+    text = _CONTROL.sub("", text).strip()
+    if len(text) > SERVER_TEXT_MAX:
+        text = text[:SERVER_TEXT_MAX] + "..."
+    return redact(text)
+
+
 def outcome_text(response: httpx.Response) -> str | None:
     """The human text of an OperationOutcome body (details.text, diagnostics), or of an OAuth error."""
     try:
-        body = orjson.loads(response.content) if response.content else None
+        content = response.content
+    except httpx.HTTPError:  # unreadable or undecodable body: nothing to show
+        return None
+    try:
+        body = orjson.loads(content) if content else None
     except orjson.JSONDecodeError:
-        text = response.text.strip()
-        return redact(text[:300]) if text else None
+        text = content[:2000].decode("utf-8", "replace").strip()
+        return server_text(text) if text else None
     return outcome_from_json(body)
 
 
@@ -106,10 +222,10 @@ def outcome_from_json(body: Any) -> str | None:
             text = (issue.get("details") or {}).get("text") or issue.get("diagnostics") or issue.get("code")
             if text:
                 parts.append(str(text))
-        return redact("; ".join(parts)) if parts else None
+        return server_text("; ".join(parts)) if parts else None
     if "error" in body:  # OAuth2 error response (RFC 6749 5.2)
         desc = body.get("error_description")
-        return redact(f"{body['error']}: {desc}" if desc else str(body["error"]))
+        return server_text(f"{body['error']}: {desc}" if desc else str(body["error"]))
     return None
 
 
@@ -148,12 +264,14 @@ def request_with_retry(
     while True:
         try:
             response = send()
+        except (httpx.TooManyRedirects, httpx.DecodingError) as exc:
+            raise protocol_error(exc) from None
         except httpx.TransportError as exc:
             attempt += 1
             if attempt > policy.retries:
                 raise HTTPError(
-                    f"{method} {redact(url)} failed after {policy.retries} retries: {exc.__class__.__name__}: "
-                    f"{redact(str(exc))}",
+                    f"{method} {shown_url(url)} failed after {policy.retries} retries: {exc.__class__.__name__}: "
+                    f"{server_text(str(exc))}",
                     method=method,
                     url=url,
                 ) from None
@@ -167,7 +285,7 @@ def request_with_retry(
         attempt += 1
         if attempt > policy.retries:
             raise HTTPError(
-                f"{method} {redact(url)} answered {response.status_code} after {policy.retries} retries"
+                f"{method} {shown_url(url)} answered {response.status_code} after {policy.retries} retries"
                 + (f": {text}" if (text := outcome_text(response)) else ""),
                 method=method,
                 url=url,
@@ -187,7 +305,7 @@ def http_error(response: httpx.Response, what: str) -> HTTPError:
     text = outcome_text(response)
     req = response.request
     return HTTPError(
-        f"{what}: {req.method} {redact(str(req.url))} answered {response.status_code}"
+        f"{what}: {req.method} {shown_url(str(req.url))} answered {response.status_code}"
         + (f": {text}" if text else ""),
         method=req.method,
         url=str(req.url),
@@ -200,3 +318,51 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
     """Turn an error response into an HTTPError carrying the OperationOutcome text."""
     if not response.is_success:
         raise http_error(response, what)
+
+
+# Largest piece one decompression step may produce: a gzip bomb (1000:1) is inflated in pieces of
+# this size, never whole, so memory stays bounded whatever the ratio.
+DECODE_CHUNK = 256 * 1024
+ACCEPT_ENCODING = "gzip, deflate"
+
+
+def iter_decoded(response: httpx.Response) -> Iterator[bytes]:
+    """The body of a streamed response, its Content-Encoding (identity, gzip, deflate) undone in
+    pieces of at most DECODE_CHUNK bytes (httpx's own decoder inflates a whole network read at
+    once). Send `Accept-Encoding: ACCEPT_ENCODING` with the request. ProtocolError for another
+    encoding or a body that does not decode."""
+    if response.is_stream_consumed:  # already read (httpx.MockTransport's answers are): decoded
+        yield response.content
+        return
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    where = f"GET {shown_url(str(response.request.url))}"
+    if encoding in ("", "identity"):
+        yield from response.iter_raw()
+        return
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise ProtocolError(f"{where}: unsupported Content-Encoding {server_text(encoding)!r}")
+    decoder: Any = None
+    for raw in response.iter_raw():
+        if decoder is None:
+            if encoding == "deflate":  # RFC 9110 says zlib framing; some servers send raw deflate
+                decoder = zlib.decompressobj(zlib.MAX_WBITS if raw[:1] == b"\x78" else -zlib.MAX_WBITS)
+            else:
+                decoder = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        data = raw
+        while data:
+            try:
+                out = decoder.decompress(data, DECODE_CHUNK)
+            except zlib.error:
+                raise ProtocolError(
+                    f"{where}: the body is not valid {encoding} although its Content-Encoding says so"
+                ) from None
+            if out:
+                yield out
+            data = decoder.unconsumed_tail
+            if decoder.eof:
+                break
+    if decoder is not None and not decoder.eof:
+        # A body cut short: the caller sees fewer bytes (and decides, as for a dropped connection).
+        tail = decoder.flush()
+        if tail:
+            yield tail

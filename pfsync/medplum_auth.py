@@ -16,9 +16,18 @@ from collections.abc import Generator
 import httpx
 import orjson
 
-from pfsync.auth import NO_AUTH, BearerAuth, CachedToken, Token, origin_of, parse_token_response
+from pfsync.auth import (
+    NO_AUTH,
+    BearerAuth,
+    CachedToken,
+    Token,
+    origin_of,
+    parse_token_response,
+    token_request,
+)
 from pfsync.errors import AuthError
-from pfsync.http import Clock, RetryPolicy, SystemClock, outcome_text, request_with_retry
+from pfsync.http import Clock, RetryPolicy, SystemClock, outcome_text
+from pfsync.netpolicy import shown_url
 from pfsync.redact import redact
 from pfsync.settings import HttpSettings, MedplumSettings, require
 
@@ -69,7 +78,7 @@ class MedplumAuthenticator(CachedToken):
 
         started = self._clock.now()
         # 429 (the 160/min auth limit) and 5xx are retried with backoff; 400 is final.
-        response = request_with_retry(send, method="POST", url=url, policy=self._policy, clock=self._clock)
+        response = token_request(send, "Medplum", url, self._policy, self._clock)
         if response.status_code != 200:
             try:
                 body = orjson.loads(response.content)
@@ -78,7 +87,7 @@ class MedplumAuthenticator(CachedToken):
             description = str(body.get("error_description") or "") if isinstance(body, dict) else ""
             text = outcome_text(response)
             raise AuthError(
-                redact(f"Medplum token request to {url} refused with HTTP {response.status_code}"
+                redact(f"Medplum token request to {shown_url(url)} refused with HTTP {response.status_code}"
                        + (f": {text}" if text else "")),
                 hint=medplum_token_hint(description),
             )  # fmt: skip

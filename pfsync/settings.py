@@ -101,6 +101,9 @@ class ExportSettings:
     parallel_downloads: int = 3  # bulk-data.md: about 5 at most; practice-fusion.md: be polite
     delete_after_download: bool = True
     max_line_bytes: int = 64 * 1024 * 1024
+    # Decoded bytes: a 1,000,000-resource practice exports about 2 GB in all (docs/BENCHMARKS.md).
+    max_file_bytes: int = 16 * 1024**3
+    max_export_bytes: int = 128 * 1024**3
     strict_scopes: bool = False
     kickoff_method: Literal["get", "post"] = "get"
     since_overlap: float = 300.0
@@ -390,6 +393,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("export.parallel_downloads", ("PFSYNC_PARALLEL_DOWNLOADS",), _positive_int, 3, "Files downloaded at once."),
     Spec("export.delete_after_download", ("PFSYNC_DELETE_AFTER_DOWNLOAD",), _bool, True, "DELETE the export job once every file is safely on disk."),
     Spec("export.max_line_bytes", ("PFSYNC_MAX_LINE_BYTES",), _positive_int, 64 * 1024 * 1024, "Longest NDJSON line accepted."),
+    Spec("export.max_file_bytes", ("PFSYNC_MAX_FILE_BYTES",), _positive_int, 16 * 1024**3, "Largest export file (decompressed); a larger one fails the export (a hostile or broken server)."),
+    Spec("export.max_export_bytes", ("PFSYNC_MAX_EXPORT_BYTES",), _positive_int, 128 * 1024**3, "Most bytes (decompressed) one export may download in all."),
     Spec("export.strict_scopes", ("PFSYNC_STRICT_SCOPES",), _bool, False, "Fail instead of warning when a requested type was not granted."),
     Spec("export.kickoff_method", ("PFSYNC_KICKOFF_METHOD",), _choice("get", "post"), "get", "Kick-off with GET query parameters or POST Parameters."),
     Spec("export.since_overlap", ("PFSYNC_SINCE_OVERLAP",), parse_duration, 300.0, "Re-export this much history before the checkpoint (safe: loading is idempotent)."),

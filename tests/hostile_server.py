@@ -5,17 +5,16 @@ test can play a source or Medplum that misbehaves in one precise way, and a seco
 stand in for a foreign origin (a test asserts it received nothing). `bulk_source` scripts the
 minimum of a SMART Backend Services + Bulk Data server (bulk-data.md: discovery, token, kick-off,
 status, files) whose every answer a test may replace. `run_pfsync` runs the real CLI in a child
-process and reports its exit code, output and peak RSS (from wait4: the child's own high-water
-mark, measured by this process).
+process and reports its exit code, output and peak RSS (the child's own high-water mark).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -183,12 +182,29 @@ def source_env(server: Hostile, tmp: Path, **extra: str) -> dict[str, str]:
     }
 
 
+# The child reports its own peak RSS (VmHWM of its own address space) as it exits. ru_maxrss from
+# wait4 would not do: Linux carries the pre-exec high-water mark over exec, so a child forked from
+# a large pytest process would report the parent's size.
+_WRAPPER = """
+import atexit, runpy, sys
+out = sys.argv[1]
+def report():
+    with open("/proc/self/status") as status:
+        hwm = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(out, "w") as fh:
+        fh.write(hwm)
+atexit.register(report)
+sys.argv = ["pfsync", *sys.argv[2:]]
+runpy.run_module("pfsync", run_name="__main__", alter_sys=True)
+"""
+
+
 @dataclass(frozen=True)
 class Run:
     code: int
     stdout: str
     stderr: str
-    max_rss_mib: float  # the child's peak resident set (ru_maxrss of wait4)
+    max_rss_mib: float  # the child's peak resident set (its VmHWM)
 
     @property
     def output(self) -> str:
@@ -196,25 +212,14 @@ class Run:
 
 
 def run_pfsync(env: dict[str, str], *args: str, timeout: float = 60) -> Run:
-    """`python -m pfsync ARGS` in a child; killed (and the test failed) after `timeout` seconds."""
-    proc = subprocess.Popen([sys.executable, "-m", "pfsync", *args], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    out: dict[str, bytes] = {}
-    readers = [
-        threading.Thread(target=lambda: out.__setitem__("stdout", proc.stdout.read()), daemon=True),  # type: ignore[union-attr]
-        threading.Thread(target=lambda: out.__setitem__("stderr", proc.stderr.read()), daemon=True),  # type: ignore[union-attr]
-    ]
-    for reader in readers:
-        reader.start()
-    killer = threading.Timer(timeout, lambda: os.kill(proc.pid, signal.SIGKILL))
-    killer.start()
-    try:
-        _, status, usage = os.wait4(proc.pid, 0)
-    finally:
-        killer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    for reader in readers:
-        reader.join(5)
-    assert proc.returncode != -signal.SIGKILL, f"pfsync {' '.join(args)} did not end within {timeout} s"
-    return Run(proc.returncode, out.get("stdout", b"").decode(errors="replace"),
-               out.get("stderr", b"").decode(errors="replace"), usage.ru_maxrss / 1024)  # fmt: skip
+    """`python -m pfsync ARGS` in a child; the test fails if it has not ended after `timeout` seconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        hwm = Path(tmp) / "vmhwm"
+        try:
+            done = subprocess.run([sys.executable, "-c", _WRAPPER, str(hwm), *args], env=env, cwd=REPO,
+                                  capture_output=True, timeout=timeout)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"pfsync {' '.join(args)} did not end within {timeout} s") from None
+        peak_kib = int(hwm.read_text()) if hwm.is_file() else 0
+    return Run(done.returncode, done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace"),
+               peak_kib / 1024)  # fmt: skip

@@ -120,6 +120,16 @@ def _short_source_tokens(rig: Rig) -> None:
     rig.sandboxes.source.faults.slow_export(polls=3, retry_after=1)
 
 
+def _env(**values: str) -> Arm:
+    return lambda rig: rig.extra_env.update(values)
+
+
+# The environment must not steer pfsync (issue 15): a proxy there would receive every request,
+# a CA file there would replace the trusted CAs. Both point nowhere; the run must not notice.
+_HOSTILE_ENVIRONMENT = _env(HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
+                            ALL_PROXY="http://127.0.0.1:9", SSL_CERT_FILE="/nonexistent/ca.pem")  # fmt: skip
+
+
 ROWS: dict[str, Row] = {
     # --- source: retried and succeeded
     "source 429 on token": Row(_src("rate_limit", where="token"), 0),
@@ -142,6 +152,8 @@ ROWS: dict[str, Row] = {
     "source malformed line": Row(_src("malformed_line"), 0),  # validated, downloaded again
     "source export fails (OperationOutcome)": Row(_src("export_fails"), 5),
     "source expired status URL": Row(_src("expired_status"), 0),
+    "source file over export.max_file_bytes": Row(_env(PFSYNC_MAX_FILE_BYTES="2000"), 5, then_ok=False),
+    "environment proxy and CA file": Row(_HOSTILE_ENVIRONMENT, 0),
     # --- target: retried and succeeded
     "target outer 429": Row(_outer_429, 0),
     "target in-batch 429 (quota)": Row(_quota(5_000, 1.0), 0),

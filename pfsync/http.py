@@ -366,3 +366,30 @@ def iter_decoded(response: httpx.Response) -> Iterator[bytes]:
         tail = decoder.flush()
         if tail:
             yield tail
+
+
+def json_object(response: httpx.Response, what: str) -> dict[str, Any]:
+    """The body of a 2xx answer that must be a JSON object (a Bundle, a resource, a manifest);
+    ProtocolError (exit 5) naming `what` and the URL (without its query) when it is not."""
+    try:
+        body = orjson.loads(response.content)
+    except (orjson.JSONDecodeError, httpx.HTTPError):
+        body = None
+    if not isinstance(body, dict):
+        kind = "a JSON " + type(body).__name__.replace("list", "array") if body is not None else "not JSON"
+        raise ProtocolError(f"{what}: {response.request.method} {shown_url(str(response.request.url))} answered "
+                            f"{response.status_code} with a body that is {kind}, not a JSON object")  # fmt: skip
+    return body
+
+
+def next_link(bundle: dict[str, Any], current: str, what: str) -> str | None:
+    """The Bundle's `next` link, resolved against `current`, which it must not leave: a server may
+    page, not send pfsync (and what it reads next, taken as data) to another origin."""
+    links = bundle.get("link")
+    for link in links if isinstance(links, list) else []:
+        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+            url = str(httpx.URL(current).join(link["url"]))
+            if origin(url) != origin(current):
+                raise ProtocolError(f"{what}: the next page {shown_url(url)} is not on {origin(current)}")
+            return url
+    return None

@@ -12,11 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 from cryptography.hazmat.primitives import serialization
 from hostile_server import Answer, Hostile, bulk_source, manifest, run_pfsync, source_env
+from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 
 from pfsync.sandbox.source_auth import generate_test_keys
+from pfsync.sandbox.target import TargetSandbox
 
 pytestmark = pytest.mark.integration
 
@@ -160,3 +163,24 @@ def test_hostile_environment_trusted_only_on_request(source: Hostile, tmp_path: 
     code, output = _export(env, tmp_path)
     assert code == 3, output
     assert "SSL_CERT_FILE" in output
+
+
+def test_hostile_attachment_redirect_off_the_source_origin_is_not_followed(
+    source: Hostile, foreign: Hostile, target: TargetSandbox, tmp_path: Path
+) -> None:
+    # The attachment lives on the source's origin, which answers 302 to another origin: following
+    # it would upload the foreign bytes into Medplum as a Binary.
+    source.routes["/fhir/Binary/att-1"] = lambda _: Answer.redirect(f"{foreign.url}/evil.pdf", 302)
+    doc = {"resourceType": "DocumentReference", "id": "doc-1", "status": "current",
+           "content": [{"attachment": {"contentType": "application/pdf", "url": f"{source.url}/fhir/Binary/att-1"}}]}  # fmt: skip
+    data = tmp_path / "DocumentReference.ndjson"
+    data.write_bytes(orjson.dumps(doc) + b"\n")
+    env = source_env(source, tmp_path, PF_RESOURCE_TYPES="DocumentReference,Binary", MEDPLUM_BASE_URL=target.base_url,
+                     MEDPLUM_CLIENT_ID=TARGET_CLIENT, MEDPLUM_CLIENT_SECRET=TARGET_SECRET)  # fmt: skip
+    run = run_pfsync(env, "load", str(data))
+    assert source.requests("/fhir/Binary/att-1"), "the attachment was never asked for"
+    assert foreign.seen == [], "the attachment redirect was followed to another origin"
+    assert target.resources("Binary") == []
+    assert run.code == 6, run.output  # quarantined, with the reason
+    quarantine = (tmp_path / "state" / "default" / "quarantine.ndjson").read_text()
+    assert "leaves" in quarantine and "doc-1" in quarantine

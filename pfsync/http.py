@@ -13,6 +13,7 @@ import os
 import random
 import re
 import ssl
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -23,13 +24,13 @@ import httpx
 import orjson
 
 from pfsync import __version__
-from pfsync.errors import ConfigError, HTTPError, PfsyncError, ProtocolError
+from pfsync.errors import ConfigError, HTTPError, InterruptedRunError, PfsyncError, ProtocolError
 from pfsync.netpolicy import Network, origin, parse_networks, shown_url, url_problem
+from pfsync.pacing import parse_ratelimit
 from pfsync.redact import redact
 from pfsync.settings import HttpSettings
 
 USER_AGENT = f"pfsync/{__version__}"
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class Clock(Protocol):
@@ -245,6 +246,82 @@ class RetryPolicy:
         return float(min(self.max_wait, raw * (0.75 + random.random() / 2)))
 
 
+@dataclass(frozen=True)
+class Temporary:
+    """One rule of the classifier: an answer with one of `statuses` is temporary (worth a retry),
+    for requests of `kind` only when set, and only when its OperationOutcome carries one of
+    `issue_codes` when set ("" stands for a body that is not an OperationOutcome: a proxy's page)."""
+
+    statuses: frozenset[int]
+    kind: str | None = None
+    issue_codes: frozenset[str] | None = None
+
+
+# The one statement of which answers are temporary (bulk-data.md "Download" and "Kick-off":
+# 408, 429, 5xx and network errors; medplum.md "Quotas and 429"). A rule a part of the spec needs
+# is one more entry, e.g. Temporary(frozenset({500}), kind="export-poll", issue_codes={"transient"}).
+TEMPORARY_RULES: tuple[Temporary, ...] = (Temporary(frozenset({408, 429, 500, 502, 503, 504})),)
+RETRYABLE_STATUS = frozenset().union(
+    *(r.statuses for r in TEMPORARY_RULES if r.kind is None and r.issue_codes is None)
+)
+
+
+def _issue_codes(response: httpx.Response) -> frozenset[str]:
+    try:
+        body = orjson.loads(response.content) if response.content else None
+    except (orjson.JSONDecodeError, httpx.HTTPError):
+        return frozenset({""})
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return frozenset({""})
+    issues = body.get("issue")
+    return (
+        frozenset(str(i.get("code")) for i in issues if isinstance(i, dict))
+        if isinstance(issues, list)
+        else frozenset()
+    )
+
+
+def is_temporary(
+    response: httpx.Response, kind: str | None = None, rules: tuple[Temporary, ...] = TEMPORARY_RULES
+) -> bool:
+    """Whether an answer to a request of `kind` is temporary, by the first matching rule."""
+    for rule in rules:
+        if response.status_code not in rule.statuses or (rule.kind is not None and rule.kind != kind):
+            continue
+        if rule.issue_codes is None or rule.issue_codes & _issue_codes(response):
+            return True
+    return False
+
+
+def ratelimit_reset(response: httpx.Response) -> float | None:
+    """Seconds until a spent request window resets, from Medplum's `RateLimit: "requests";r=0;t=N`
+    (medplum.md "Quotas and 429": a 429 carries no Retry-After). Only for a 429: a project with
+    its quota off counts down to r=0 without refusing anything."""
+    if response.status_code != 429:
+        return None
+    parts = parse_ratelimit(response.headers.get("RateLimit"))
+    spent = [t for remaining, t in parts.values() if remaining <= 0]
+    return max(spent) if spent else None
+
+
+def hinted_wait(response: httpx.Response, now: float) -> float | None:
+    """What the server asks us to wait: Retry-After (either form), else a spent RateLimit window."""
+    hinted = parse_retry_after(response.headers.get("Retry-After"), now)
+    return hinted if hinted is not None else ratelimit_reset(response)
+
+
+def wait(clock: Clock, seconds: float, stop: threading.Event | None, what: str = "the run") -> None:
+    """Sleep in short slices so that SIGTERM / Ctrl-C (the `stop` event) cuts a long wait short."""
+    deadline = clock.now() + seconds
+    while True:
+        if stop is not None and stop.is_set():
+            raise InterruptedRunError(f"{what} interrupted while waiting to retry; the next run resumes")
+        left = deadline - clock.now()
+        if left <= 0:
+            return
+        clock.sleep(min(left, 0.5) if stop is not None else left)
+
+
 def request_with_retry(
     send: Callable[[], httpx.Response],
     *,
@@ -252,13 +329,19 @@ def request_with_retry(
     url: str,
     policy: RetryPolicy,
     clock: Clock,
-    retry_status: frozenset[int] = RETRYABLE_STATUS,
+    retry_status: frozenset[int] | None = None,
+    kind: str | None = None,
+    stop: threading.Event | None = None,
     on_retry: Callable[[int, float, str], None] | None = None,
 ) -> httpx.Response:
-    """Call `send` until it answers with a non-retryable status, retrying transient failures.
+    """Call `send` until it answers with a non-temporary status, retrying temporary failures.
 
-    Returns the final response (which may be an error status the caller interprets); raises
-    HTTPError (temporary) when retries are exhausted on a network error or retryable status.
+    Temporary: network errors, and answers `is_temporary` says are (for requests of `kind`), or
+    whose status is in `retry_status` when a caller narrows the set. The wait is what the server
+    asks for (Retry-After, a spent RateLimit window), capped at policy.max_wait, else exponential
+    backoff; `stop` cuts it short (InterruptedRunError). Redirect loops and undecodable bodies are
+    ProtocolError. Returns the final response (which may be an error status the caller interprets);
+    raises HTTPError (temporary) when retries are exhausted on a network error or temporary answer.
     """
     attempt = 0
     while True:
@@ -275,12 +358,15 @@ def request_with_retry(
                     method=method,
                     url=url,
                 ) from None
-            wait = policy.backoff(attempt)
+            delay = policy.backoff(attempt)
             if on_retry:
-                on_retry(attempt, wait, exc.__class__.__name__)
-            clock.sleep(wait)
+                on_retry(attempt, delay, exc.__class__.__name__)
+            wait(clock, delay, stop)
             continue
-        if response.status_code not in retry_status:
+        temporary = (
+            response.status_code in retry_status if retry_status is not None else is_temporary(response, kind)
+        )
+        if not temporary:
             return response
         attempt += 1
         if attempt > policy.retries:
@@ -292,12 +378,12 @@ def request_with_retry(
                 status=response.status_code,
                 outcome=outcome_text(response),
             )
-        hinted = parse_retry_after(response.headers.get("Retry-After"), clock.now())
-        wait = min(policy.max_wait, hinted) if hinted is not None else policy.backoff(attempt)
+        hinted = hinted_wait(response, clock.now())
+        delay = min(policy.max_wait, hinted) if hinted is not None else policy.backoff(attempt)
         if on_retry:
-            on_retry(attempt, wait, f"HTTP {response.status_code}")
+            on_retry(attempt, delay, f"HTTP {response.status_code}")
         response.close()
-        clock.sleep(wait)
+        wait(clock, delay, stop)
 
 
 def http_error(response: httpx.Response, what: str) -> HTTPError:

@@ -32,7 +32,7 @@ def open_store(settings: Settings, *, clock: Clock | None = None) -> tuple[State
     from pfsync.medplum_auth import medplum_auth
 
     client = make_client(settings.http)
-    client.auth = medplum_auth(settings.medplum, client, clock=clock, http=settings.http)
+    client.auth = medplum_auth(settings.medplum, clock=clock, http=settings.http)  # the process's token
     store = MedplumStateStore(client, settings.medplum.fhir_url, clock=clock,
                               policy=RetryPolicy.from_settings(settings.http))  # fmt: skip
     return store, client.close
@@ -68,8 +68,8 @@ class LiveEngines:
         self.medplum_client = make_client(
             settings.http, timeout=settings.http.load_timeout, base_url=settings.medplum.fhir_url
         )  # pfsync.load: base_url required
-        self.medplum_client.auth = medplum_auth(settings.medplum, self.medplum_client, clock=self.clock,
-                                                http=settings.http)  # fmt: skip
+        # One Medplum token for the whole process, shared by every source (medplum_auth).
+        self.medplum_client.auth = medplum_auth(settings.medplum, clock=clock, http=settings.http)
         self._granted: list[str] | None = None
 
     def _granted_types(self) -> list[str]:

@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -468,14 +469,25 @@ def json_object(response: httpx.Response, what: str) -> dict[str, Any]:
     return body
 
 
-def next_link(bundle: dict[str, Any], current: str, what: str) -> str | None:
-    """The Bundle's `next` link, resolved against `current`, which it must not leave: a server may
-    page, not send pfsync (and what it reads next, taken as data) to another origin."""
+def next_link(bundle: dict[str, Any], current: str, what: str, *, rebase_on: str | None = None) -> str | None:
+    """The one reading of a Bundle's `next` link, resolved against `current`. A server may page,
+    not send pfsync (and what it reads next, taken as data) elsewhere: the link must stay on the
+    origin of `current`, or, with `rebase_on` (a FHIR base URL), is moved onto it when it names
+    the same FHIR path under another base (Medplum writes links with its configured public base,
+    which may differ from the URL pfsync reaches it by); anything else is ProtocolError."""
     links = bundle.get("link")
     for link in links if isinstance(links, list) else []:
         if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
             url = str(httpx.URL(current).join(link["url"]))
-            if origin(url) != origin(current):
-                raise ProtocolError(f"{what}: the next page {shown_url(url)} is not on {origin(current)}")
+            if rebase_on is not None and not url.startswith(rebase_on):
+                marker = urlsplit(rebase_on).path
+                parts = urlsplit(url)
+                tail = parts.path + ("?" + parts.query if parts.query else "")
+                at = tail.find(marker)
+                if at >= 0:
+                    url = rebase_on + tail[at + len(marker) :]
+            home = rebase_on if rebase_on is not None else current
+            if origin(url) != origin(home):
+                raise ProtocolError(f"{what}: the next page {shown_url(url)} is not on {origin(home)}")
             return url
     return None

@@ -101,10 +101,16 @@ class Searcher:
             # create duplicates, so the run stops (exit 5) and the next one retries.
             return json_object(response, "a Medplum search")
 
+    @property
+    def fhir_base(self) -> str:
+        """The FHIR base URL searches are relative to, and `next` links are kept on."""
+        return str(self._client.base_url)
+
     def search_all(self, url: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """Every resource of a search, following `next` links."""
         out: list[dict[str, Any]] = []
-        current = str(self._client.base_url.join(url)) if not url.startswith(("http://", "https://")) else url
+        base = self.fhir_base
+        current = str(httpx.URL(base).join(url)) if base else url
         doc = self.get(url, params)
         while True:
             entries = doc.get("entry")
@@ -112,7 +118,7 @@ class Searcher:
                 resource = entry.get("resource") if isinstance(entry, dict) else None
                 if isinstance(resource, dict):
                     out.append(resource)
-            nxt = next_link(doc, current, "a Medplum search")
+            nxt = next_link(doc, current, "a Medplum search", rebase_on=base or None)
             if nxt is None or not entries:
                 return out
             doc, current = self.get(nxt), nxt

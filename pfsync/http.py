@@ -26,7 +26,7 @@ import orjson
 
 from pfsync import __version__
 from pfsync.errors import ConfigError, HTTPError, InterruptedRunError, PfsyncError, ProtocolError
-from pfsync.netpolicy import Network, origin, parse_networks, shown_url, url_problem
+from pfsync.netpolicy import Network, origin, parse_networks, resolved_problem, shown_url, url_problem
 from pfsync.pacing import parse_ratelimit
 from pfsync.redact import redact
 from pfsync.settings import HttpSettings
@@ -82,7 +82,12 @@ class RequestGuard:
             )
 
     def on_request(self, request: httpx.Request) -> None:
-        self.check_url(str(request.url), "request to")
+        url = str(request.url)
+        self.check_url(url, "request to")
+        problem = resolved_problem(url, allow_networks=self.allow_networks)
+        if problem is not None:
+            raise ProtocolError(f"request to {shown_url(url)} refused: {problem}",
+                                hint="if the address is really meant, add its range to PFSYNC_ALLOW_NETWORKS")  # fmt: skip
 
     def on_response(self, response: httpx.Response) -> None:
         if not response.has_redirect_location:

@@ -9,14 +9,18 @@ an export's status URL, manifest file URLs, `next` links, attachment URLs):
   169.254.169.254, unspecified, multicast, reserved, shared address space, benchmarking, IETF
   protocol assignments, NAT64) is refused unless a network in `http.allow_networks` holds it.
   Private ranges (10/8, 172.16/12, 192.168/16, fc00::/7) stay allowed: a self-hosted Medplum
-  lives there. Host names are not resolved here (the rules are checked before DNS).
+  lives there. A host name is checked by what it resolves to (`resolved_problem`, once per
+  name and process); the connection itself may resolve it again, so a name whose answers
+  change between the two (DNS rebinding) is not covered.
 
 Kept free of settings and httpx so that settings validation and the client factory share it.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -121,3 +125,30 @@ def shown_url(url: str) -> str:
     if parts.port:
         netloc += f":{parts.port}"
     return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(host: str) -> tuple[str, ...]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return ()  # unresolvable here (or only through a proxy): the connection will tell
+    return tuple(sorted({str(info[4][0]) for info in infos}))
+
+
+def resolved_problem(url: str, *, allow_networks: Iterable[Network] = ()) -> str | None:
+    """Why a request to `url` is refused for what its host name resolves to (a special-purpose
+    address), or None. Literal addresses and localhost are url_problem's."""
+    host = urlsplit(url).hostname or ""
+    if not host or _address(host) is not None or is_loopback_host(host):
+        return None
+    allowed = tuple(allow_networks)
+    for text in _resolve(host.lower()):
+        address = _address(text.split("%", 1)[0])
+        if (
+            address is not None
+            and any(address in n for n in SPECIAL_NETWORKS)
+            and not any(address in n for n in allowed if n.version == address.version)
+        ):
+            return f"its host {host} resolves to {address}, in a special-purpose address range"
+    return None

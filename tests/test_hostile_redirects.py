@@ -184,3 +184,30 @@ def test_hostile_attachment_redirect_off_the_source_origin_is_not_followed(
     assert run.code == 6, run.output  # quarantined, with the reason
     quarantine = (tmp_path / "state" / "default" / "quarantine.ndjson").read_text()
     assert "leaves" in quarantine and "doc-1" in quarantine
+
+
+def test_hostile_medplum_bundle_redirect_is_not_followed(foreign: Hostile, tmp_path: Path) -> None:
+    # The Bundle (patient data) and its bearer token must not be re-sent to the Location.
+    medplum = Hostile()
+    medplum.routes["/oauth2/token"] = lambda _: Answer.json(
+        {"access_token": "medplum-token-0123456789", "token_type": "Bearer", "expires_in": 3600}
+    )
+    medplum.routes["/fhir/R4/Patient"] = lambda _: Answer.json(
+        {"resourceType": "Bundle", "type": "searchset"}
+    )
+    medplum.routes["/fhir/R4/"] = lambda _: Answer.redirect(f"{foreign.url}/fhir/R4/", 307)
+    try:
+        data = tmp_path / "in.ndjson"
+        data.write_bytes(PATIENT)
+        env = source_env(medplum, tmp_path, MEDPLUM_BASE_URL=f"{medplum.url}/", MEDPLUM_CLIENT_ID="mp-client",
+                         MEDPLUM_CLIENT_SECRET="medplum-secret-value")  # fmt: skip
+        for key in ("PF_FHIR_BASE_URL", "PF_CLIENT_ID", "PF_CLIENT_SECRET"):
+            del env[key]
+        run = run_pfsync(env, "load", str(data))
+        assert [s.method for s in medplum.requests("/fhir/R4/")] == ["POST"], "no Bundle was sent"
+    finally:
+        medplum.close()
+    assert foreign.seen == [], "the Bundle was re-sent to the redirect's target"
+    assert run.code == 5, run.output
+    assert "answered 307, a redirect to" in run.output and "not followed" in run.output
+    assert "Traceback" not in run.output

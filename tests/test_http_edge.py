@@ -144,3 +144,27 @@ def test_async_batch_status_on_another_origin_is_not_followed() -> None:
     status, _, _, error = AsyncBatchRunner(client, FakeClock(), max_bytes=1 << 20).run(b"{}")
     assert status == 502 and error is not None and "not on Medplum's origin" in error
     assert seen == ["https://medplum.example/fhir/R4/"]
+
+
+def test_a_host_name_resolving_to_a_special_purpose_address_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    from pfsync import netpolicy
+    from pfsync.http import make_client
+    from pfsync.settings import HttpSettings
+
+    def fake(host: str, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        address = {"metadata.example": "169.254.169.254", "ehr.example": "93.184.216.34"}[host]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, 0))]
+
+    monkeypatch.setattr(netpolicy.socket, "getaddrinfo", fake)
+    netpolicy._resolve.cache_clear()
+    assert netpolicy.resolved_problem("https://ehr.example/fhir") is None
+    assert "resolves to 169.254.169.254" in (netpolicy.resolved_problem("https://metadata.example/x") or "")
+    allowed = netpolicy.parse_networks(["169.254.0.0/16"])
+    assert netpolicy.resolved_problem("https://metadata.example/x", allow_networks=allowed) is None
+    with make_client(HttpSettings()) as client, pytest.raises(ProtocolError, match="special-purpose"):
+        client.get("https://metadata.example/latest/meta-data/")
+    netpolicy._resolve.cache_clear()

@@ -17,7 +17,7 @@ from typing import Any
 from pfsync.bulk import ExportRequest
 from pfsync.events import EventSink, NullSink
 from pfsync.exportjob import LandedFile
-from pfsync.http import Clock, RetryPolicy, SystemClock, make_client, request_with_retry
+from pfsync.http import Clock, RetryPolicy, SystemClock, json_object, make_client, request_with_retry
 from pfsync.ndjson import Record, iter_file
 from pfsync.settings import Settings, SourceSettings
 from pfsync.state import LocalStateStore, StateStore
@@ -111,7 +111,7 @@ class LiveEngines:
             method="GET", url=url, policy=self.policy, clock=self.clock,
         )  # fmt: skip
         if resp.status_code == 200:
-            body: Any = resp.json()
+            body: Any = json_object(resp, f"reading Group/{group_id}")
             members = body.get("member") if isinstance(body, dict) else None
             if isinstance(members, list) and members:
                 return frozenset(

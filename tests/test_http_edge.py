@@ -168,3 +168,20 @@ def test_a_host_name_resolving_to_a_special_purpose_address_is_refused(
     with make_client(HttpSettings()) as client, pytest.raises(ProtocolError, match="special-purpose"):
         client.get("https://metadata.example/latest/meta-data/")
     netpolicy._resolve.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "body", [b"<html>a proxy's page</html>", b"[]", b'{"entry":[{"resource":{"resourceType":"Basic"}}]}']
+)
+def test_medplum_state_store_refuses_a_malformed_answer(body: bytes) -> None:
+    from pfsync.state_medplum import MedplumStateStore
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"Content-Type": "application/fhir+json"})
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    store = MedplumStateStore(
+        client, "https://medplum.example/fhir/R4/", clock=FakeClock(), policy=RetryPolicy(retries=0)
+    )
+    with pytest.raises(ProtocolError):
+        store.load("practice-a")

@@ -316,16 +316,25 @@ def hinted_wait(response: httpx.Response, now: float) -> float | None:
     return hinted if hinted is not None else ratelimit_reset(response)
 
 
+# Set while the process is asked to stop (pfsync.schedule.stop_on_signals: SIGTERM, SIGINT), so
+# every retry wait ends early even where no stop event was handed down (token requests, reads).
+RUN_STOP = threading.Event()
+
+
 def wait(clock: Clock, seconds: float, stop: threading.Event | None, what: str = "the run") -> None:
-    """Sleep in short slices so that SIGTERM / Ctrl-C (the `stop` event) cuts a long wait short."""
+    """Sleep `seconds` unless the run is asked to stop (`stop`, or RUN_STOP): then
+    InterruptedRunError, at once on the real clock, after a slice of at most 0.5 s on another."""
     deadline = clock.now() + seconds
     while True:
-        if stop is not None and stop.is_set():
+        if (stop is not None and stop.is_set()) or RUN_STOP.is_set():
             raise InterruptedRunError(f"{what} interrupted while waiting to retry; the next run resumes")
         left = deadline - clock.now()
         if left <= 0:
             return
-        clock.sleep(min(left, 0.5) if stop is not None else left)
+        if isinstance(clock, SystemClock) and stop is None:
+            RUN_STOP.wait(left)  # wakes when a signal sets it
+        else:
+            clock.sleep(min(left, 0.5) if stop is not None else left)
 
 
 def request_with_retry(

@@ -185,3 +185,15 @@ def test_medplum_state_store_refuses_a_malformed_answer(body: bytes) -> None:
     )
     with pytest.raises(ProtocolError):
         store.load("practice-a")
+
+
+def test_a_retry_wait_on_the_real_clock_ends_when_the_process_is_asked_to_stop() -> None:
+    from pfsync.http import RUN_STOP, SystemClock
+
+    threading.Timer(0.2, RUN_STOP.set).start()
+    try:
+        with pytest.raises(InterruptedRunError):  # not HTTPError after one 5 s wait and one more 503
+            request_with_retry(lambda: _response(503, **{"Retry-After": "3600"}), method="GET", url="https://h/t",
+                               policy=RetryPolicy(retries=1, max_wait=5), clock=SystemClock())  # fmt: skip
+    finally:
+        RUN_STOP.clear()

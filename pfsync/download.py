@@ -29,7 +29,7 @@ from typing import IO, Any
 import httpx
 import orjson
 
-from pfsync.bulk import Issue, JobExpired, ManifestFile, Origins, is_temporary, issues_of, wait
+from pfsync.bulk import Issue, JobExpired, ManifestFile, Origins, is_temporary, issues_of
 from pfsync.errors import AuthError, ExportError, HTTPError, InterruptedRunError, ProtocolError
 from pfsync.events import EventSink
 from pfsync.exportjob import ExportDir, LandedFile, fsync_dir, without_query
@@ -38,9 +38,10 @@ from pfsync.http import (
     DECODE_CHUNK,
     Clock,
     RetryPolicy,
+    hinted_wait,
     iter_decoded,
     outcome_text,
-    parse_retry_after,
+    wait,
 )
 from pfsync.redact import redact
 from pfsync.settings import ExportValidate
@@ -493,11 +494,9 @@ class Downloader:
                 url=without_query(entry.url),
                 status=response.status_code if response is not None else None,
             )
-        hinted = (
-            parse_retry_after(response.headers.get("Retry-After"), self.clock.now()) if response else None
-        )
+        hinted = hinted_wait(response, self.clock.now()) if response is not None else None
         delay = min(self.policy.max_wait, hinted) if hinted is not None else self.policy.backoff(attempt)
-        wait(self.clock, delay, self.stop)
+        wait(self.clock, delay, self.stop, "export")
 
     def _stream(
         self, entry: ManifestFile, name: str, auth: httpx.Auth | None, validator: Validator, offset: int

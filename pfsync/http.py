@@ -9,6 +9,7 @@ errors are temporary; Retry-After is honoured in both forms (seconds and HTTP-da
 from __future__ import annotations
 
 import email.utils
+import logging
 import os
 import random
 import re
@@ -32,6 +33,7 @@ from pfsync.redact import redact
 from pfsync.settings import HttpSettings
 
 USER_AGENT = f"pfsync/{__version__}"
+log = logging.getLogger("pfsync.http")
 
 
 class Clock(Protocol):
@@ -374,8 +376,7 @@ def request_with_retry(
                     url=url,
                 ) from None
             delay = policy.backoff(attempt)
-            if on_retry:
-                on_retry(attempt, delay, exc.__class__.__name__)
+            _retrying(method, url, attempt, delay, exc.__class__.__name__, on_retry)
             wait(clock, delay, stop)
             continue
         temporary = (
@@ -395,10 +396,25 @@ def request_with_retry(
             )
         hinted = hinted_wait(response, clock.now())
         delay = min(policy.max_wait, hinted) if hinted is not None else policy.backoff(attempt)
-        if on_retry:
-            on_retry(attempt, delay, f"HTTP {response.status_code}")
+        _retrying(method, url, attempt, delay, f"HTTP {response.status_code}", on_retry)
         response.close()
         wait(clock, delay, stop)
+
+
+def _retrying(
+    method: str,
+    url: str,
+    attempt: int,
+    delay: float,
+    reason: str,
+    on_retry: Callable[[int, float, str], None] | None,
+) -> None:
+    """The event of a retry: a log line (url without its query) and the caller's callback."""
+    log.info(
+        "http_retry %s %s attempt=%d wait=%.1fs reason=%s", method, shown_url(url), attempt, delay, reason
+    )
+    if on_retry:
+        on_retry(attempt, delay, reason)
 
 
 def http_error(response: httpx.Response, what: str) -> HTTPError:

@@ -80,3 +80,29 @@ def test_hostile_error_text_and_urls_are_redacted_everywhere(
         assert "\x1b[" not in text
         assert "x" * 1000 not in text  # server text is capped
     assert "Traceback" not in run.output
+
+
+@pytest.mark.parametrize("body", [b"<html>maintenance</html>", b'["not", "a", "bundle"]'])
+def test_hostile_source_id_search_answer_that_is_not_a_bundle(
+    server: Hostile, target: TargetSandbox, tmp_path: Path, body: bytes
+) -> None:
+    # The export leaves out the Practitioner a Patient refers to; pfsync fetches it with a `_id`
+    # search (README "How pfsync sync works" step 3), which answers 200 with something else.
+    patient = (
+        b'{"resourceType":"Patient","id":"p1","generalPractitioner":[{"reference":"Practitioner/dr1"}]}\n'
+    )
+    bulk_source(server, {"p1": Answer(200, {"Content-Type": "application/fhir+ndjson"}, patient)})
+    server.routes["/token"] = lambda _: Answer.json({"access_token": TOKEN, "token_type": "bearer", "expires_in": 300,
+                                                     "scope": "system/Patient.read system/Practitioner.read"})  # fmt: skip
+    server.routes["/fhir/Practitioner"] = lambda _: Answer(
+        200, {"Content-Type": "application/fhir+json"}, body
+    )
+    env = source_env(server, tmp_path, PF_RESOURCE_TYPES="Patient,Practitioner", MEDPLUM_BASE_URL=target.base_url,
+                     MEDPLUM_CLIENT_ID=TARGET_CLIENT, MEDPLUM_CLIENT_SECRET=TARGET_SECRET)  # fmt: skip
+    run = run_pfsync(env, "sync")
+    assert server.requests("/fhir/Practitioner"), "the missing reference target was never fetched"
+    assert run.code == 5, run.output
+    assert "the source's Practitioner search by _id" in run.output and "not a JSON object" in run.output
+    assert "Traceback" not in run.output
+    state = orjson.loads((tmp_path / "state" / "default" / "checkpoint.json").read_bytes())
+    assert not state["transactionTime"]  # the checkpoint did not move past what did not land

@@ -29,7 +29,7 @@ from pfsync import __version__
 from pfsync.errors import ConfigError, HTTPError, InterruptedRunError, PfsyncError, ProtocolError
 from pfsync.netpolicy import Network, origin, parse_networks, resolved_problem, shown_url, url_problem
 from pfsync.pacing import parse_ratelimit
-from pfsync.redact import redact
+from pfsync.redact import redact, register
 from pfsync.settings import HttpSettings
 
 USER_AGENT = f"pfsync/{__version__}"
@@ -135,6 +135,8 @@ def make_client(settings: HttpSettings, *, timeout: float | None = None, **kwarg
     http.trust_env), and RequestGuard on every hop. Redirects of GETs are followed (signed
     storage), within RequestGuard's rules, at most MAX_REDIRECTS deep."""
     t = timeout if timeout is not None else settings.timeout
+    if settings.proxy:  # a proxy URL may carry credentials: never shown
+        register(urlsplit(settings.proxy).password)
     guard = RequestGuard(settings.allow_insecure_http, parse_networks(settings.allow_networks))
     return httpx.Client(
         verify=_ssl_context(settings),

@@ -211,3 +211,14 @@ def test_hostile_medplum_bundle_redirect_is_not_followed(foreign: Hostile, tmp_p
     assert run.code == 5, run.output
     assert "answered 307, a redirect to" in run.output and "not followed" in run.output
     assert "Traceback" not in run.output
+
+
+def test_proxy_comes_from_pfsync_settings(source: Hostile, tmp_path: Path) -> None:
+    # The "source" listens nowhere (port 9); only the configured proxy (answering by path, like the
+    # source would) can make the export succeed. Its credentials never show.
+    env = source_env(source, tmp_path, PF_FHIR_BASE_URL="http://127.0.0.1:9/fhir",
+                     PFSYNC_PROXY=source.url.replace("http://", "http://user:proxy-password-value@"))  # fmt: skip
+    code, output = _export(env, tmp_path)
+    assert code == 0, output
+    assert source.requests("/fhir/.well-known/smart-configuration"), "the proxy was not used"
+    assert "proxy-password-value" not in output

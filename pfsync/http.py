@@ -1,9 +1,18 @@
-"""The HTTP layer: one client factory, explicit bounded retries, and error text from OperationOutcomes.
+"""The HTTP layer: one client factory, one retry path, and error text from OperationOutcomes.
 
 Library classes take an `httpx.Client` (STYLE.md: the network is injected); only `make_client`
-builds a real one. Sleeping and the clock are injected too (`Clock`), so retry tests run
-instantly. Retries follow bulk-data.md / cumulus-fhir-support: 408, 429 and 5xx and network
-errors are temporary; Retry-After is honoured in both forms (seconds and HTTP-date), clamped.
+builds a real one, and every client it builds applies RequestGuard on every hop: the URL rules
+of pfsync.netpolicy, no redirect for a request carrying a body or credentials, attachments
+pinned to their origin; proxy and CAs from pfsync's settings, not the environment. Sleeping and
+the clock are injected too (`Clock`), so retry tests run instantly.
+
+Retries (`request_with_retry`) follow bulk-data.md / cumulus-fhir-support: network errors and
+the answers TEMPORARY_RULES names (408, 429, 5xx) are temporary; the wait is Retry-After in
+both forms (seconds and HTTP-date) or Medplum's spent RateLimit window, capped, else backoff;
+waits end on SIGTERM. What a server sends reaches a message only through `server_text`
+(redacted, capped, no control characters), URLs through `shown_url` (no query). Answers that
+must be JSON objects go through `json_object`, Bundle paging through `next_link`, streamed
+bodies through `iter_decoded` (bounded inflation).
 """
 
 from __future__ import annotations

@@ -324,9 +324,19 @@ def ratelimit_reset(response: httpx.Response) -> float | None:
 
 
 def hinted_wait(response: httpx.Response, now: float) -> float | None:
-    """What the server asks us to wait: Retry-After (either form), else a spent RateLimit window."""
+    """What the server asks us to wait: Retry-After (either form), else on a 429 Medplum's
+    throttled OperationOutcome (`msBeforeNext`) or its spent RateLimit window."""
     hinted = parse_retry_after(response.headers.get("Retry-After"), now)
-    return hinted if hinted is not None else ratelimit_reset(response)
+    if hinted is not None or response.status_code != 429:
+        return hinted
+    from pfsync.batch import wait_from_outcome  # batch imports this module
+
+    try:
+        body = orjson.loads(response.content) if response.content else None
+    except (orjson.JSONDecodeError, httpx.HTTPError):
+        body = None
+    throttled = wait_from_outcome(body)
+    return throttled if throttled is not None else ratelimit_reset(response)
 
 
 # Set while the process is asked to stop (pfsync.schedule.stop_on_signals: SIGTERM, SIGINT), so

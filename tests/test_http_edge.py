@@ -88,6 +88,8 @@ def test_waits_come_from_retry_after_or_a_spent_ratelimit_window() -> None:
     assert hinted_wait(_response(503, **{"Retry-After": "7"}), 0) == 7
     assert hinted_wait(_response(429, **{"Retry-After": "Thu, 01 Jan 1970 00:00:30 GMT"}), 10) == 20
     assert hinted_wait(_response(429, RateLimit='"requests";r=0;t=42, "fhirInteractions";r=9;t=5'), 0) == 42
+    throttled = b'{"resourceType":"OperationOutcome","issue":[{"code":"throttled","diagnostics":"{\\"msBeforeNext\\":2500}"}]}'
+    assert hinted_wait(_response(429, throttled, RateLimit='"fhirInteractions";r=0;t=42'), 0) == 2.5
     # A quota-off project counts down to r=0 without refusing: not a reason to wait on a 200/503.
     assert hinted_wait(_response(503, RateLimit='"fhirInteractions";r=0;t=42'), 0) is None
 

@@ -38,7 +38,7 @@ import orjson
 
 from pfsync.donequeue import DoneQueue
 from pfsync.errors import ProtocolError
-from pfsync.http import ACCEPT_ENCODING, PIN_ORIGIN, Clock, iter_decoded, protocol_error
+from pfsync.http import ACCEPT_ENCODING, PIN_ORIGIN, STREAMED, Clock, iter_decoded, protocol_error
 from pfsync.idmap import IdMap
 from pfsync.netpolicy import shown_url
 from pfsync.settings import LoadSettings
@@ -287,7 +287,7 @@ class Attachments:
             # Pinned to the URL's origin (the source's): a redirect elsewhere is refused, so foreign
             # bytes never become a Binary in Medplum (pfsync.http.RequestGuard).
             with self._source.stream("GET", url, headers={"Accept": "*/*", "Accept-Encoding": ACCEPT_ENCODING},
-                                     extensions={PIN_ORIGIN: url}) as response:  # fmt: skip
+                                     extensions={PIN_ORIGIN: url, STREAMED: True}) as response:  # fmt: skip
                 self._count_request()
                 if response.status_code in (408, 429) or response.status_code >= 500:
                     raise AttachmentError(

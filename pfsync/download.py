@@ -36,6 +36,7 @@ from pfsync.exportjob import ExportDir, LandedFile, fsync_dir, without_query
 from pfsync.http import (
     ACCEPT_ENCODING,
     DECODE_CHUNK,
+    STREAMED,
     Clock,
     RetryPolicy,
     hinted_wait,
@@ -505,7 +506,7 @@ class Downloader:
         headers = {"Accept": "application/fhir+ndjson", "Accept-Encoding": ACCEPT_ENCODING}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        request = self.client.build_request("GET", entry.url, headers=headers)
+        request = self.client.build_request("GET", entry.url, headers=headers, extensions={STREAMED: True})
         response = self.client.send(request, auth=auth, stream=True)
         url = redact(without_query(entry.url))
         try:

@@ -26,7 +26,7 @@ import ssl
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -64,6 +64,9 @@ class SystemClock:
 MAX_REDIRECTS = 5
 # Request extension naming the origin a request and all its redirects must stay on (attachments).
 PIN_ORIGIN = "pfsync_pin_origin"
+# Request extension: the caller streams and bounds the body itself (iter_decoded; export files,
+# attachments), so http.max_response_bytes does not apply.
+STREAMED = "pfsync_streamed"
 _SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 
@@ -80,6 +83,7 @@ class RequestGuard:
 
     allow_insecure_http: bool = False
     allow_networks: tuple[Network, ...] = ()
+    max_response_bytes: int | None = None
 
     def check_url(self, url: str, what: str) -> None:
         problem = url_problem(
@@ -102,6 +106,7 @@ class RequestGuard:
 
     def on_response(self, response: httpx.Response) -> None:
         if not response.has_redirect_location:
+            self._bound(response)
             return
         request = response.request
         target = str(request.url.join(response.headers["Location"]))
@@ -120,6 +125,23 @@ class RequestGuard:
         if isinstance(pinned, str) and origin(target) != origin(pinned):
             raise ProtocolError(f"{where}: not followed, it leaves {shown_url(pinned)}'s origin")
         self.check_url(target, f"{where}:")
+
+    def _bound(self, response: httpx.Response) -> None:
+        """An answer read whole (not STREAMED by its caller): decoded in bounded pieces here, and
+        refused past max_response_bytes, so a hostile body or gzip bomb cannot fill memory."""
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if (
+            self.max_response_bytes is None
+            or response.request.extensions.get(STREAMED)
+            or encoding not in _DECODABLE
+        ):
+            return
+        where = f"{response.request.method} {shown_url(str(response.request.url))}"
+        if not isinstance(response.stream, httpx.SyncByteStream):
+            return  # an async stream: not ours
+        response.stream = _BoundedBody(response.stream, encoding, self.max_response_bytes, where)
+        if encoding not in ("", "identity"):
+            del response.headers["Content-Encoding"]  # decoded above: httpx must not decode again
 
 
 def _ssl_context(settings: HttpSettings) -> Any:
@@ -146,7 +168,8 @@ def make_client(settings: HttpSettings, *, timeout: float | None = None, **kwarg
     t = timeout if timeout is not None else settings.timeout
     if settings.proxy:  # a proxy URL may carry credentials: never shown
         register(urlsplit(settings.proxy).password)
-    guard = RequestGuard(settings.allow_insecure_http, parse_networks(settings.allow_networks))
+    guard = RequestGuard(settings.allow_insecure_http, parse_networks(settings.allow_networks),
+                         settings.max_response_bytes)  # fmt: skip
     return httpx.Client(
         verify=_ssl_context(settings),
         timeout=httpx.Timeout(t, connect=min(t, 30.0)),
@@ -346,18 +369,30 @@ RUN_STOP = threading.Event()
 
 def wait(clock: Clock, seconds: float, stop: threading.Event | None, what: str = "the run") -> None:
     """Sleep `seconds` unless the run is asked to stop (`stop`, or RUN_STOP): then
-    InterruptedRunError, at once on the real clock, after a slice of at most 0.5 s on another."""
+    InterruptedRunError. Without `stop`: one sleep (on the real clock one that wakes on RUN_STOP);
+    with it: slices of at most 0.5 s, checking it between them."""
+
+    def stopped() -> bool:
+        return (stop is not None and stop.is_set()) or RUN_STOP.is_set()
+
+    def interrupted() -> InterruptedRunError:
+        return InterruptedRunError(f"{what} interrupted while waiting to retry; the next run resumes")
+
+    if stopped():
+        raise interrupted()
+    if stop is None:
+        if type(clock) is SystemClock:
+            RUN_STOP.wait(seconds)
+        elif seconds > 0:
+            clock.sleep(seconds)
+        if stopped():
+            raise interrupted()
+        return
     deadline = clock.now() + seconds
-    while True:
-        if (stop is not None and stop.is_set()) or RUN_STOP.is_set():
-            raise InterruptedRunError(f"{what} interrupted while waiting to retry; the next run resumes")
-        left = deadline - clock.now()
-        if left <= 0:
-            return
-        if isinstance(clock, SystemClock) and stop is None:
-            RUN_STOP.wait(left)  # wakes when a signal sets it
-        else:
-            clock.sleep(min(left, 0.5) if stop is not None else left)
+    while (left := deadline - clock.now()) > 0:
+        clock.sleep(min(left, 0.5))
+        if stopped():
+            raise interrupted()
 
 
 def request_with_retry(
@@ -467,20 +502,28 @@ ACCEPT_ENCODING = "gzip, deflate"
 def iter_decoded(response: httpx.Response) -> Iterator[bytes]:
     """The body of a streamed response, its Content-Encoding (identity, gzip, deflate) undone in
     pieces of at most DECODE_CHUNK bytes (httpx's own decoder inflates a whole network read at
-    once). Send `Accept-Encoding: ACCEPT_ENCODING` with the request. ProtocolError for another
-    encoding or a body that does not decode."""
+    once). Send `Accept-Encoding: ACCEPT_ENCODING` and the STREAMED extension with the request.
+    ProtocolError for another encoding or a body that does not decode."""
     if response.is_stream_consumed:  # already read (httpx.MockTransport's answers are): decoded
         yield response.content
         return
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-    where = f"GET {shown_url(str(response.request.url))}"
-    if encoding in ("", "identity"):
-        yield from response.iter_raw()
-        return
-    if encoding not in ("gzip", "x-gzip", "deflate"):
+    where = f"{response.request.method} {shown_url(str(response.request.url))}"
+    if encoding not in _DECODABLE:
         raise ProtocolError(f"{where}: unsupported Content-Encoding {server_text(encoding)!r}")
+    yield from _decode(response.iter_raw(), encoding, where)
+
+
+_DECODABLE = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+
+
+def _decode(raws: Iterable[bytes], encoding: str, where: str) -> Iterator[bytes]:
+    """Undo `encoding` over raw pieces, yielding at most DECODE_CHUNK bytes at a time."""
+    if encoding in ("", "identity"):
+        yield from raws
+        return
     decoder: Any = None
-    for raw in response.iter_raw():
+    for raw in raws:
         if decoder is None:
             if encoding == "deflate":  # RFC 9110 says zlib framing; some servers send raw deflate
                 decoder = zlib.decompressobj(zlib.MAX_WBITS if raw[:1] == b"\x78" else -zlib.MAX_WBITS)
@@ -504,6 +547,25 @@ def iter_decoded(response: httpx.Response) -> Iterator[bytes]:
         tail = decoder.flush()
         if tail:
             yield tail
+
+
+class _BoundedBody(httpx.SyncByteStream):
+    """A response body decoded in bounded pieces and refused past `limit` decoded bytes."""
+
+    def __init__(self, raw: httpx.SyncByteStream, encoding: str, limit: int, where: str) -> None:
+        self._raw, self._encoding, self._limit, self._where = raw, encoding, limit, where
+
+    def __iter__(self) -> Iterator[bytes]:
+        total = 0
+        for piece in _decode(self._raw, self._encoding, self._where):
+            total += len(piece)
+            if total > self._limit:
+                raise ProtocolError(f"{self._where}: the answer is larger than {self._limit} bytes "
+                                    "(http.max_response_bytes)")  # fmt: skip
+            yield piece
+
+    def close(self) -> None:
+        self._raw.close()
 
 
 def json_object(response: httpx.Response, what: str) -> dict[str, Any]:

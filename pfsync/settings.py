@@ -92,6 +92,7 @@ class HttpSettings:
     allow_networks: tuple[str, ...] = ()  # pfsync.netpolicy: special-purpose ranges let through
     proxy: str | None = None
     trust_env: bool = False  # HTTP(S)_PROXY, NO_PROXY, SSL_CERT_FILE/DIR are ignored unless set
+    max_response_bytes: int = 128 * 1024 * 1024  # answers read whole: searches, Bundles, manifests
 
 
 @dataclass(frozen=True)
@@ -386,6 +387,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("http.ca_bundle", ("PFSYNC_CA_BUNDLE",), _path, None, "CA bundle for TLS verification (verification itself cannot be turned off)."),
     Spec("http.allow_networks", ("PFSYNC_ALLOW_NETWORKS",), _networks, (), "Special-purpose address ranges (CIDR, comma-separated) requests may go to; link-local, metadata and other such addresses are refused otherwise."),
     Spec("http.proxy", ("PFSYNC_PROXY",), _str, None, "Proxy for every request (http:// or https:// URL); HTTP_PROXY and friends are ignored unless http.trust_env."),
+    Spec("http.max_response_bytes", ("PFSYNC_MAX_RESPONSE_BYTES",), _positive_int, 128 * 1024 * 1024, "Largest answer read whole (decompressed: searches, Bundle responses, manifests); export files and attachments have their own limits."),
     Spec("http.trust_env", ("PFSYNC_TRUST_ENV",), _bool, False, "Take the proxy (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY) and CA (SSL_CERT_FILE, SSL_CERT_DIR) from the environment."),
     # --- export
     Spec("export.poll_max_wait", ("PFSYNC_POLL_MAX_WAIT",), parse_duration, 300.0, "Cap on one wait between status polls."),

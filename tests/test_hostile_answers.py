@@ -4,6 +4,7 @@ state's lastError or a log line unredacted (issue 15)."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,3 +107,24 @@ def test_hostile_source_id_search_answer_that_is_not_a_bundle(
     assert "Traceback" not in run.output
     state = orjson.loads((tmp_path / "state" / "default" / "checkpoint.json").read_bytes())
     assert not state["transactionTime"]  # the checkpoint did not move past what did not land
+
+
+def test_hostile_answer_read_whole_is_bounded(server: Hostile, tmp_path: Path) -> None:
+    # A search answer that inflates to 160 MiB (Content-Encoding: gzip): decoded in bounded pieces
+    # and refused past http.max_response_bytes, never held whole.
+    packer = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    bomb = b"".join(packer.compress(bytes(1 << 20)) for _ in range(160)) + packer.flush()
+    _medplum(server)
+    server.routes["/fhir/R4/Patient"] = lambda _: Answer(
+        200, {"Content-Type": "application/fhir+json", "Content-Encoding": "gzip"}, bomb
+    )
+    data = tmp_path / "Patient.ndjson"
+    data.write_bytes(PATIENT)
+    env = source_env(server, tmp_path, MEDPLUM_BASE_URL=f"{server.url}/", MEDPLUM_CLIENT_ID="mp",
+                     MEDPLUM_CLIENT_SECRET="mp-secret-value", PFSYNC_MAX_RESPONSE_BYTES=str(16 << 20))  # fmt: skip
+    for key in ("PF_FHIR_BASE_URL", "PF_CLIENT_ID", "PF_CLIENT_SECRET"):
+        del env[key]
+    run = run_pfsync(env, "load", str(data))
+    assert run.code == 5, run.output
+    assert f"the answer is larger than {16 << 20} bytes (http.max_response_bytes)" in run.output
+    assert run.max_rss_mib < 150, f"peak RSS {run.max_rss_mib:.0f} MiB"

@@ -38,7 +38,15 @@ import orjson
 
 from pfsync.donequeue import DoneQueue
 from pfsync.errors import ProtocolError
-from pfsync.http import ACCEPT_ENCODING, PIN_ORIGIN, STREAMED, Clock, iter_decoded, protocol_error
+from pfsync.http import (
+    ACCEPT_ENCODING,
+    PIN_ORIGIN,
+    STREAMED,
+    Clock,
+    is_temporary,
+    iter_decoded,
+    protocol_error,
+)
 from pfsync.idmap import IdMap
 from pfsync.netpolicy import shown_url
 from pfsync.settings import LoadSettings
@@ -289,7 +297,7 @@ class Attachments:
             with self._source.stream("GET", url, headers={"Accept": "*/*", "Accept-Encoding": ACCEPT_ENCODING},
                                      extensions={PIN_ORIGIN: url, STREAMED: True}) as response:  # fmt: skip
                 self._count_request()
-                if response.status_code in (408, 429) or response.status_code >= 500:
+                if is_temporary(response):
                     raise AttachmentError(
                         f"attachment download {shown_url(url)} answered {response.status_code}",
                         retryable=True,
@@ -333,7 +341,7 @@ class Attachments:
         except httpx.TransportError as exc:
             raise AttachmentError(f"Binary upload failed: {exc.__class__.__name__}", retryable=True) from None
         self._count_request()
-        if response.status_code in (408, 429) or response.status_code >= 500:
+        if is_temporary(response):
             raise AttachmentError(f"Binary upload answered {response.status_code}", retryable=True)
         if response.status_code not in (200, 201):
             raise AttachmentError(f"Binary upload answered {response.status_code}")

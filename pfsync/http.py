@@ -290,21 +290,26 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Temporary:
-    """One rule of the classifier: an answer with one of `statuses` is temporary (worth a retry),
-    for requests of `kind` only when set, and only when its OperationOutcome carries one of
-    `issue_codes` when set ("" stands for a body that is not an OperationOutcome: a proxy's page)."""
+    """One rule of the classifier: an answer with one of `statuses`, to a request of `kind` (any
+    when None), whose OperationOutcome carries one of `issue_codes` (any body when None; "" stands
+    for a body that is not an OperationOutcome, such as a proxy's page), is temporary (worth a
+    retry) or, with `temporary=False`, final. The first matching rule decides."""
 
     statuses: frozenset[int]
     kind: str | None = None
     issue_codes: frozenset[str] | None = None
+    temporary: bool = True
 
 
 # The one statement of which answers are temporary (bulk-data.md "Download" and "Kick-off":
 # 408, 429, 5xx and network errors; medplum.md "Quotas and 429"). A rule a part of the spec needs
-# is one more entry, e.g. Temporary(frozenset({500}), kind="export-poll", issue_codes={"transient"}).
+# is one more entry ahead of the general one, e.g. for export polling (bulk-data.md: a 5xx
+# OperationOutcome means failed unless its code is `transient`):
+#     Temporary(frozenset({500}), kind="export-poll", issue_codes=frozenset({"transient", ""})),
+#     Temporary(frozenset({500}), kind="export-poll", temporary=False),
 TEMPORARY_RULES: tuple[Temporary, ...] = (Temporary(frozenset({408, 429, 500, 502, 503, 504})),)
 RETRYABLE_STATUS = frozenset().union(
-    *(r.statuses for r in TEMPORARY_RULES if r.kind is None and r.issue_codes is None)
+    *(r.statuses for r in TEMPORARY_RULES if r.kind is None and r.issue_codes is None and r.temporary)
 )
 
 
@@ -326,12 +331,12 @@ def _issue_codes(response: httpx.Response) -> frozenset[str]:
 def is_temporary(
     response: httpx.Response, kind: str | None = None, rules: tuple[Temporary, ...] = TEMPORARY_RULES
 ) -> bool:
-    """Whether an answer to a request of `kind` is temporary, by the first matching rule."""
+    """Whether an answer to a request of `kind` is temporary: the first matching rule decides."""
     for rule in rules:
         if response.status_code not in rule.statuses or (rule.kind is not None and rule.kind != kind):
             continue
         if rule.issue_codes is None or rule.issue_codes & _issue_codes(response):
-            return True
+            return rule.temporary
     return False
 
 

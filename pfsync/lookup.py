@@ -17,7 +17,7 @@ import orjson
 
 from pfsync.batch import wait_from_outcome
 from pfsync.errors import HTTPError
-from pfsync.http import Clock, RetryPolicy, json_object, next_link, outcome_text
+from pfsync.http import Clock, RetryPolicy, is_temporary, json_object, next_link, outcome_text
 from pfsync.netpolicy import shown_url
 from pfsync.pacing import Pacer
 from pfsync.transform import escape_token, resource_hash_from_meta
@@ -82,7 +82,7 @@ class Searcher:
                                 throttled=throttled)  # fmt: skip
             if self._on_response is not None:
                 self._on_response(response.headers.get("ratelimit"), 0, 1, throttled)
-            if response.status_code in (408, 429) or response.status_code >= 500:
+            if is_temporary(response):
                 attempt += 1
                 if attempt > self._retry.retries:
                     raise HTTPError(f"GET {shown_url(url)} answered {response.status_code}", method="GET", url=url,

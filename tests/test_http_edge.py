@@ -74,13 +74,15 @@ def test_classifier_is_data_and_a_kind_rule_is_one_entry() -> None:
     transient = b'{"resourceType":"OperationOutcome","issue":[{"code":"transient"}]}'
     fatal = b'{"resourceType":"OperationOutcome","issue":[{"code":"exception"}]}'
     rules = (
-        Temporary(frozenset({503})),
-        Temporary(frozenset({500}), kind="export-poll", issue_codes=frozenset({"transient"})),
+        Temporary(frozenset({500}), kind="export-poll", issue_codes=frozenset({"transient", ""})),
+        Temporary(frozenset({500}), kind="export-poll", temporary=False),
+        Temporary(frozenset({500, 503})),
     )
     assert is_temporary(_response(503), rules=rules)
     assert is_temporary(_response(500, transient), "export-poll", rules)
+    assert is_temporary(_response(500, b"<html>bad gateway</html>"), "export-poll", rules)
     assert not is_temporary(_response(500, fatal), "export-poll", rules)
-    assert not is_temporary(_response(500, transient), "kickoff", rules)
+    assert is_temporary(_response(500, fatal), "kickoff", rules)
     assert is_temporary(_response(429)) and not is_temporary(_response(404))
 
 

@@ -13,7 +13,8 @@ import httpx
 import orjson
 
 from pfsync.batch import wait_from_outcome
-from pfsync.http import Clock, outcome_text
+from pfsync.http import Clock, outcome_text, server_text
+from pfsync.netpolicy import origin, shown_url
 
 Result = tuple[int | None, bytes, str | None, str | None]  # status, content, RateLimit, error text
 
@@ -38,7 +39,7 @@ class AsyncBatchRunner:
                 "", content=body, headers={"Content-Type": "application/fhir+json", "Prefer": "respond-async"}
             )
         except httpx.TransportError as exc:
-            return None, b"", None, f"{exc.__class__.__name__}: {exc}"
+            return None, b"", None, f"{exc.__class__.__name__}: {server_text(str(exc))}"
         ratelimit = response.headers.get("ratelimit")
         if response.status_code != 202:
             # The server ran it synchronously (or refused it): the same shapes as a sync POST.
@@ -47,7 +48,19 @@ class AsyncBatchRunner:
         status_url = response.headers.get("content-location") or _diagnostics(response.content)
         if not status_url:
             return 502, b"", ratelimit, "async batch accepted without a status URL"
+        status_url = str(self._client.base_url.join(status_url))
+        if not self._on_medplum(status_url):
+            # The job's status and results are read as our data: never from another origin.
+            return (
+                502,
+                b"",
+                ratelimit,
+                f"async batch status URL {shown_url(status_url)} is not on Medplum's origin",
+            )
         return self._poll_job(status_url, ratelimit)
+
+    def _on_medplum(self, url: str) -> bool:
+        return origin(url) == origin(str(self._client.base_url))
 
     def _poll_job(self, status_url: str, ratelimit: str | None) -> Result:
         started = self._clock.now()
@@ -77,10 +90,18 @@ class AsyncBatchRunner:
             binary = _results_reference(job)
             if binary is None:
                 return 500, b"", ratelimit, "async batch job completed without results"
+            binary = str(self._client.base_url.join(binary))
+            if not self._on_medplum(binary):
+                return (
+                    502,
+                    b"",
+                    ratelimit,
+                    f"async batch results {shown_url(binary)} are not on Medplum's origin",
+                )
             try:
                 result = self._client.get(binary, headers={"Accept": "*/*"})
             except httpx.TransportError as exc:
-                return None, b"", ratelimit, f"{exc.__class__.__name__}: {exc}"
+                return None, b"", ratelimit, f"{exc.__class__.__name__}: {server_text(str(exc))}"
             if result.status_code != 200:
                 return None, b"", ratelimit, f"async batch results answered {result.status_code}"
             return 200, result.content, ratelimit, None

@@ -37,8 +37,18 @@ import httpx
 import orjson
 
 from pfsync.donequeue import DoneQueue
-from pfsync.http import Clock
+from pfsync.errors import ProtocolError
+from pfsync.http import (
+    ACCEPT_ENCODING,
+    PIN_ORIGIN,
+    STREAMED,
+    Clock,
+    is_temporary,
+    iter_decoded,
+    protocol_error,
+)
 from pfsync.idmap import IdMap
+from pfsync.netpolicy import shown_url
 from pfsync.settings import LoadSettings
 from pfsync.transform import Prepared, TransformContext
 
@@ -282,17 +292,23 @@ class Attachments:
         assert self._source is not None
         limit = self._settings.attachment_max_bytes
         try:
-            with self._source.stream("GET", url, headers={"Accept": "*/*"}) as response:
+            # Pinned to the URL's origin (the source's): a redirect elsewhere is refused, so foreign
+            # bytes never become a Binary in Medplum (pfsync.http.RequestGuard).
+            with self._source.stream("GET", url, headers={"Accept": "*/*", "Accept-Encoding": ACCEPT_ENCODING},
+                                     extensions={PIN_ORIGIN: url, STREAMED: True}) as response:  # fmt: skip
                 self._count_request()
-                if response.status_code in (408, 429) or response.status_code >= 500:
+                if is_temporary(response):
                     raise AttachmentError(
-                        f"attachment download {url} answered {response.status_code}", retryable=True
+                        f"attachment download {shown_url(url)} answered {response.status_code}",
+                        retryable=True,
                     )
                 if response.status_code != 200:
-                    raise AttachmentError(f"attachment download {url} answered {response.status_code}")
+                    raise AttachmentError(
+                        f"attachment download {shown_url(url)} answered {response.status_code}"
+                    )
                 chunks: list[bytes] = []
                 size = 0
-                for chunk in response.iter_bytes():
+                for chunk in iter_decoded(response):
                     size += len(chunk)
                     if size > limit:
                         self._count_skip()
@@ -303,8 +319,12 @@ class Attachments:
                 )
         except httpx.TransportError as exc:
             raise AttachmentError(
-                f"attachment download {url} failed: {exc.__class__.__name__}", retryable=True
+                f"attachment download {shown_url(url)} failed: {exc.__class__.__name__}", retryable=True
             ) from None
+        except (httpx.TooManyRedirects, httpx.DecodingError) as exc:
+            raise AttachmentError(f"attachment download refused: {protocol_error(exc).message}") from None
+        except ProtocolError as exc:  # an unsafe redirect or encoding: quarantined with the reason
+            raise AttachmentError(f"attachment download refused: {exc.message}") from None
         data = b"".join(chunks)
         if "fhir+json" in content_type:
             data, content_type = _binary_content(data, declared)
@@ -321,11 +341,15 @@ class Attachments:
         except httpx.TransportError as exc:
             raise AttachmentError(f"Binary upload failed: {exc.__class__.__name__}", retryable=True) from None
         self._count_request()
-        if response.status_code in (408, 429) or response.status_code >= 500:
+        if is_temporary(response):
             raise AttachmentError(f"Binary upload answered {response.status_code}", retryable=True)
         if response.status_code not in (200, 201):
             raise AttachmentError(f"Binary upload answered {response.status_code}")
-        mid = orjson.loads(response.content).get("id")
+        try:
+            body = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            body = None
+        mid = body.get("id") if isinstance(body, dict) else None
         if not isinstance(mid, str):
             raise AttachmentError("Binary upload answered without an id", retryable=True)
         return mid

@@ -15,7 +15,7 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -23,7 +23,7 @@ import httpx
 import jwt
 import orjson
 
-from pfsync.errors import AuthError, ConfigError, HTTPError
+from pfsync.errors import AuthError, ConfigError, HTTPError, ProtocolError
 from pfsync.http import Clock, RetryPolicy, SystemClock, outcome_text, request_with_retry
 from pfsync.keys import SigningKey, load_signing_key
 from pfsync.redact import redact, register
@@ -293,6 +293,20 @@ def token_error(response: httpx.Response, what: str, method: str) -> AuthError:
     )
 
 
+def token_request(
+    send: Callable[[], httpx.Response], what: str, endpoint: str, policy: RetryPolicy, clock: Clock
+) -> httpx.Response:
+    """A token POST through the one retry path: 429 (an auth rate limit) and 5xx waited out; a
+    redirect is never followed (the form carries the credentials: pfsync.http.RequestGuard) and
+    is an auth failure naming where it pointed."""
+    try:
+        return request_with_retry(send, method="POST", url=endpoint, policy=policy, clock=clock)
+    except ProtocolError as exc:
+        raise AuthError(f"{what}: token request refused: {exc.message}",
+                        hint="set the token URL to the final endpoint (PFSYNC_TOKEN_URL, or MEDPLUM_BASE_URL "
+                        "for Medplum); credentials are never re-sent to a redirect's target") from None  # fmt: skip
+
+
 class TokenProvider(Protocol):
     def token(self, *, force: bool = False) -> str: ...
     def invalidate(self, token: str) -> None: ...
@@ -492,7 +506,7 @@ class SourceAuthenticator(CachedToken):
                 auth = httpx.BasicAuth(self.client_id, self.source.client_secret.reveal())
             return self._client.post(endpoint, data=form, auth=auth, headers={"Accept": "application/json"})
 
-        return request_with_retry(send, method="POST", url=endpoint, policy=self._policy, clock=self._clock)
+        return token_request(send, f"source {self.source.name!r}", endpoint, self._policy, self._clock)
 
     def _unsupported(self, response: httpx.Response) -> list[str]:
         """The requested types a 400 `invalid_scope` refuses because the server does not have them:

@@ -30,11 +30,21 @@ from typing import IO, Any
 import httpx
 import orjson
 
-from pfsync.bulk import Issue, JobExpired, ManifestFile, Origins, is_temporary, issues_of, wait
-from pfsync.errors import AuthError, ExportError, HTTPError, InterruptedRunError
+from pfsync.bulk import Issue, JobExpired, ManifestFile, Origins, is_temporary, issues_of
+from pfsync.errors import AuthError, ExportError, HTTPError, InterruptedRunError, ProtocolError
 from pfsync.events import EventSink
 from pfsync.exportjob import ExportDir, LandedFile, fsync_dir, without_query
-from pfsync.http import Clock, RetryPolicy, outcome_text, parse_retry_after
+from pfsync.http import (
+    ACCEPT_ENCODING,
+    DECODE_CHUNK,
+    STREAMED,
+    Clock,
+    RetryPolicy,
+    hinted_wait,
+    iter_decoded,
+    outcome_text,
+    wait,
+)
 from pfsync.private import create_exclusive
 from pfsync.redact import redact
 from pfsync.settings import ExportValidate
@@ -81,9 +91,13 @@ class Validator:
     issues: list[Issue] = field(default_factory=list)
     collect_issues: bool = False
     truncated: bool = False
+    max_bytes: int | None = None  # export.max_file_bytes: decoded bytes one file may have
+    name: str = "the file"
+    fed: int = 0  # decoded bytes taken so far
+    long_lines: int = 0  # lines over max_line_bytes: dropped, and no reason to fetch the file again
     _digest: Any = field(default_factory=hashlib.sha256)
     _buffer: bytearray = field(default_factory=bytearray)  # sniff/document modes only
-    _pending: list[bytes] = field(default_factory=list)  # the start of a line still arriving
+    _pending: list[bytes | bytearray] = field(default_factory=list)  # the start of a line still arriving
     _pending_bytes: int = 0
     _line_no: int = 0
     _skipping: bool = False
@@ -112,14 +126,27 @@ class Validator:
             data, self._head = self._head, None  # type: ignore[assignment]
             # Gzip sniffed by magic bytes, not by name or header (a server may gzip without saying so).
             self._gunzip = zlib.decompressobj(wbits=31) if data[:2] == _GZIP_MAGIC else False
-        if self._gunzip:
+        if not self._gunzip:
+            self._take(data)
+            return
+        while data:  # inflated in bounded pieces: a gzip bomb never sits in memory whole
             try:
-                data = self._gunzip.decompress(data)
+                piece = self._gunzip.decompress(data, DECODE_CHUNK)
             except zlib.error as exc:
-                raise ExportError(f"the file is not valid gzip: {exc}") from None
-        self._take(data)
+                raise ExportError(f"{self.name} is not valid gzip: {exc}") from None
+            self._take(piece)
+            data = self._gunzip.unconsumed_tail
+            if self._gunzip.eof:
+                break
 
     def _take(self, data: bytes | bytearray) -> None:
+        self.fed += len(data)
+        if self.max_bytes is not None and self.fed > self.max_bytes:
+            raise ProtocolError(
+                f"{self.name} is larger than {self.max_bytes} bytes (export.max_file_bytes); the export "
+                "is refused",
+                hint="if a file this large is real, raise PFSYNC_MAX_FILE_BYTES",
+            )
         if self._mode != "lines":
             self._buffer += data
             if self._mode == "sniff" and not self._sniff(final=False):
@@ -129,11 +156,12 @@ class Validator:
                     return
                 self._problem(f"document larger than {self.max_line_bytes} bytes")
                 self._mode = "lines"
-            data = bytes(self._buffer)
-            self._buffer = bytearray()
+            data, self._buffer = self._buffer, bytearray()
+            self._lines(data, owned=True)  # handed over, not copied: it may be max_line_bytes long
+            return
         self._lines(data)
 
-    def _lines(self, data: bytes | bytearray) -> None:
+    def _lines(self, data: bytes | bytearray, *, owned: bool = False) -> None:
         """NDJSON mode: hand every complete line on to _block; keep the unfinished last one.
         Blocks are passed as offsets into `data`: no slice of the whole chunk is copied."""
         start = 0
@@ -145,11 +173,12 @@ class Validator:
             start = end + 1
         cut = data.rfind(b"\n", start) + 1
         if cut == 0:  # `data` may be the caller's reused buffer: what is kept is copied
-            self._pending.append(bytes(data[start:]) if start else bytes(data))
+            self._pending.append(data if owned and not start else bytes(data[start:]))
             self._pending_bytes += len(data) - start
             if self._pending_bytes > self.max_line_bytes:
                 self._line_no += 1
                 self.bad_lines += 1
+                self.long_lines += 1
                 self._problem(f"line {self._line_no} is longer than {self.max_line_bytes} bytes; dropped")
                 self._pending, self._pending_bytes, self._skipping = [], 0, True
             return
@@ -192,7 +221,13 @@ class Validator:
         if start == len(self._buffer) and not final:
             return False
         newline = self._buffer.find(b"\n", start)
-        if newline < 0 and not final and len(self._buffer) <= self.max_line_bytes:
+        # Only a first line that starts with "{" can open a document: anything else is decided at once.
+        if (
+            newline < 0
+            and not final
+            and len(self._buffer) <= self.max_line_bytes
+            and self._buffer[start] == 0x7B
+        ):
             return False
         first = bytes(self._buffer[start : newline if newline >= 0 else len(self._buffer)]).strip()
         # practice-fusion.md: a pretty-printed resource's first line is "{" alone, which is not JSON.
@@ -211,6 +246,7 @@ class Validator:
             self._line_no += 1
             if len(line) > self.max_line_bytes:
                 self.bad_lines += 1
+                self.long_lines += 1
                 self._problem(f"line {self._line_no} is longer than {self.max_line_bytes} bytes; dropped")
                 continue
             kept.append(line)
@@ -314,8 +350,11 @@ class Validator:
         return found
 
     def damaged(self, count: int | None) -> bool:
-        """Worth downloading again: bad lines, a cut-short end, or fewer lines than announced."""
-        return self.bad_lines > 0 or self.truncated or (count is not None and self.lines < count)
+        """Worth downloading again: bad lines, a cut-short end, or fewer lines than announced. A line
+        over the length cap is not: the same server sends the same line again."""
+        return (
+            self.bad_lines > self.long_lines or self.truncated or (count is not None and self.lines < count)
+        )
 
 
 def _parses(line: bytes) -> bool:
@@ -351,6 +390,31 @@ class Downloader:
     max_line_bytes: int = 64 * 1024 * 1024
     stop: threading.Event | None = None
     validate: ExportValidate = "structure"
+    max_file_bytes: int | None = None  # export.max_file_bytes
+    max_export_bytes: int | None = None  # export.max_export_bytes, over every file of this Downloader
+    deadline_at: float | None = None  # clock time the export (downloads included) must end by
+    _received: int = 0
+    _received_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _account(self, more: int) -> None:
+        """Count decoded bytes against the per-export limit (every thread's downloads together)."""
+        with self._received_lock:
+            self._received += more
+            total = self._received
+        if self.max_export_bytes is not None and total > self.max_export_bytes:
+            raise ProtocolError(
+                f"the export's files add up to more than {self.max_export_bytes} bytes "
+                "(export.max_export_bytes); the export is refused",
+                hint="if an export this large is real, raise PFSYNC_MAX_EXPORT_BYTES",
+            )
+
+    def _check_deadline(self, url: str) -> None:
+        if self.deadline_at is not None and self.clock.now() > self.deadline_at:
+            raise ExportError(
+                f"the export did not complete before the deadline (export.deadline) while downloading "
+                f"{url}; complete files are kept and the next run resumes",
+                hint="raise PFSYNC_EXPORT_DEADLINE if the source is just slow",
+            )
 
     def download(self, entry: ManifestFile, name: str) -> Downloaded:
         """Download `entry` to `name` in the export directory; returns it once landed (renamed)."""
@@ -401,7 +465,8 @@ class Downloader:
             with os.fdopen(create_exclusive(part), "wb") as out:  # O_EXCL, 0600, never a link
                 validator = Validator(out, entry.type, self.max_line_bytes,
                                       unpack_bundles=entry.type != "Bundle", mode=self.validate,
-                                      collect_issues=entry.kind == "error")  # fmt: skip
+                                      collect_issues=entry.kind == "error", max_bytes=self.max_file_bytes,
+                                      name=name)  # fmt: skip
                 offset = 0
                 while True:
                     try:
@@ -432,6 +497,7 @@ class Downloader:
             if response is not None
             else f"{exc.__class__.__name__}: {redact(str(exc))}"
         )
+        self._check_deadline(without_query(entry.url))
         will_retry = attempt <= self.policy.retries
         self.events.emit("download_error", exportId=self.export_id, fileUrl=without_query(entry.url),
                          name=name, message=message, attempt=attempt, willRetry=will_retry)  # fmt: skip
@@ -442,20 +508,18 @@ class Downloader:
                 url=without_query(entry.url),
                 status=response.status_code if response is not None else None,
             )
-        hinted = (
-            parse_retry_after(response.headers.get("Retry-After"), self.clock.now()) if response else None
-        )
+        hinted = hinted_wait(response, self.clock.now()) if response is not None else None
         delay = min(self.policy.max_wait, hinted) if hinted is not None else self.policy.backoff(attempt)
-        wait(self.clock, delay, self.stop)
+        wait(self.clock, delay, self.stop, "export")
 
     def _stream(
         self, entry: ManifestFile, name: str, auth: httpx.Auth | None, validator: Validator, offset: int
     ) -> int:
         """Stream from byte `offset` on; returns the offset when the body ended."""
-        headers = {"Accept": "application/fhir+ndjson"}
+        headers = {"Accept": "application/fhir+ndjson", "Accept-Encoding": ACCEPT_ENCODING}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        request = self.client.build_request("GET", entry.url, headers=headers)
+        request = self.client.build_request("GET", entry.url, headers=headers, extensions={STREAMED: True})
         response = self.client.send(request, auth=auth, stream=True)
         url = redact(without_query(entry.url))
         try:
@@ -486,7 +550,13 @@ class Downloader:
             # as much in page faults as the whole structural check (py-spy, scripts/bench_export).
             buf, size = bytearray(FEED_BYTES), 0
             try:
-                for chunk in response.iter_bytes():
+                for chunk in iter_decoded(response):
+                    # Per network read: a trickle cannot outlast the deadline or a SIGTERM.
+                    self._check_deadline(url)
+                    if self.stop is not None and self.stop.is_set():
+                        raise InterruptedRunError(
+                            "export interrupted; complete files are kept and the next run resumes"
+                        )
                     view = memoryview(chunk)
                     while view:
                         take = min(len(view), FEED_BYTES - size)
@@ -495,11 +565,9 @@ class Downloader:
                         view = view[take:]
                         if size < FEED_BYTES:
                             break
-                        if self.stop is not None and self.stop.is_set():
-                            raise InterruptedRunError(
-                                "export interrupted; complete files are kept and the next run resumes"
-                            )
+                        fed = validator.fed
                         validator.feed(buf)  # borrowed: the validator copies what it keeps
+                        self._account(validator.fed - fed)
                         offset, size = offset + size, 0
                         if offset >= next_progress:
                             next_progress = offset + _PROGRESS_EVERY
@@ -518,7 +586,9 @@ class Downloader:
                     "export interrupted; complete files are kept and the next run resumes"
                 )
             if size:
+                fed = validator.fed
                 validator.feed(bytes(buf[:size]))
+                self._account(validator.fed - fed)
             return offset + size
         finally:
             response.close()

@@ -5,6 +5,8 @@
     ├── ConfigError                  3  missing, invalid or conflicting settings
     ├── AuthError                    4  credentials refused, token or scope problems
     ├── ExportError                  5  the source's bulk export failed (OperationOutcome text kept)
+    │   └── ProtocolError                a server's answer was refused: unsafe redirect or URL,
+    │                                    malformed, or over a size or time limit
     ├── PartialLoadError             6  the run finished but some resources were quarantined
     ├── StateError                   7  checkpoint / id map unreadable, corrupt or not writable
     ├── LockedError                  8  another run holds the lock or lease
@@ -76,6 +78,12 @@ class AuthError(PfsyncError):
 
 class ExportError(PfsyncError):
     exit_code = ExitCode.EXPORT_FAILED
+
+
+class ProtocolError(ExportError):
+    """A server answered in a way pfsync refuses to act on: a redirect of a request carrying a body
+    or credentials, a URL outside pfsync.netpolicy's rules, a malformed answer, an answer over a
+    size or time limit. Retrying soon would meet the same answer."""
 
 
 class PartialLoadError(PfsyncError):

@@ -263,7 +263,10 @@ class _Run:
                     downloader = Downloader(self.client, self.auth, self.origins, self.dir, self.policy,
                                             self.clock, self.events, eid, manifest.requires_access_token,
                                             self.settings.max_line_bytes, halt,
-                                            validate=self.settings.validate)  # fmt: skip
+                                            validate=self.settings.validate,
+                                            max_file_bytes=self.settings.max_file_bytes,
+                                            max_export_bytes=self.settings.max_export_bytes,
+                                            deadline_at=deadline_at)  # fmt: skip
                 self.events.emit("status_complete", exportId=eid, transactionTime=manifest.transaction_time,
                                  outputFiles=sum(f.kind == "output" for f in manifest.files),
                                  errorFiles=sum(f.kind == "error" for f in manifest.files),

@@ -17,9 +17,9 @@ import orjson
 
 from pfsync.batch import wait_from_outcome
 from pfsync.errors import HTTPError
-from pfsync.http import Clock, RetryPolicy, outcome_text
+from pfsync.http import Clock, RetryPolicy, is_temporary, json_object, next_link, outcome_text
+from pfsync.netpolicy import shown_url
 from pfsync.pacing import Pacer
-from pfsync.redact import redact
 from pfsync.transform import escape_token, resource_hash_from_meta
 
 LOOKUP_BATCH = 100
@@ -73,7 +73,7 @@ class Searcher:
                 attempt += 1
                 if attempt > self._retry.retries:
                     raise HTTPError(
-                        f"GET {redact(url)} failed: {exc.__class__.__name__}", method="GET", url=url
+                        f"GET {shown_url(url)} failed: {exc.__class__.__name__}", method="GET", url=url
                     ) from None
                 self._clock.sleep(self._retry.backoff(attempt))
                 continue
@@ -83,10 +83,10 @@ class Searcher:
                                 throttled=throttled)  # fmt: skip
             if self._on_response is not None:
                 self._on_response(response.headers.get("ratelimit"), 0, 1, throttled)
-            if response.status_code in (408, 429) or response.status_code >= 500:
+            if is_temporary(response):
                 attempt += 1
                 if attempt > self._retry.retries:
-                    raise HTTPError(f"GET {redact(url)} answered {response.status_code}", method="GET", url=url,
+                    raise HTTPError(f"GET {shown_url(url)} answered {response.status_code}", method="GET", url=url,
                                     status=response.status_code, outcome=outcome_text(response))  # fmt: skip
                 wait = wait_from_outcome(_json(response.content)) if throttled else None
                 self._pacer.throttle(
@@ -95,25 +95,34 @@ class Searcher:
                 continue
             if response.status_code != 200:
                 raise HTTPError(
-                    f"GET {redact(url)} answered {response.status_code}: {outcome_text(response) or ''}",
+                    f"GET {shown_url(url)} answered {response.status_code}: {outcome_text(response) or ''}",
                     method="GET", url=url, status=response.status_code, outcome=outcome_text(response),
                 )  # fmt: skip
-            doc = _json(response.content)
-            return doc if isinstance(doc, dict) else {}
+            # Not a JSON object: a proxy's page, a broken server. Taking it as "no match" would
+            # create duplicates, so the run stops (exit 5) and the next one retries.
+            return json_object(response, "a Medplum search")
+
+    @property
+    def fhir_base(self) -> str:
+        """The FHIR base URL searches are relative to, and `next` links are kept on."""
+        return str(self._client.base_url)
 
     def search_all(self, url: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """Every resource of a search, following `next` links."""
         out: list[dict[str, Any]] = []
+        base = self.fhir_base
+        current = str(httpx.URL(base).join(url)) if base else url
         doc = self.get(url, params)
         while True:
-            for entry in doc.get("entry") or []:
+            entries = doc.get("entry")
+            for entry in entries if isinstance(entries, list) else []:
                 resource = entry.get("resource") if isinstance(entry, dict) else None
                 if isinstance(resource, dict):
                     out.append(resource)
-            nxt = next((ln.get("url") for ln in doc.get("link") or [] if ln.get("relation") == "next"), None)
-            if not isinstance(nxt, str) or not doc.get("entry"):
+            nxt = next_link(doc, current, "a Medplum search", rebase_on=base or None)
+            if nxt is None or not entries:
                 return out
-            doc = self.get(nxt)
+            doc, current = self.get(nxt), nxt
 
 
 def identifier_groups(system: str, sids: Sequence[str]) -> list[list[str]]:

@@ -10,15 +10,27 @@ call is the fallback (`medplum.auth = "basic"`).
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import logging
+import threading
 from collections.abc import Generator
 
 import httpx
 import orjson
 
-from pfsync.auth import NO_AUTH, BearerAuth, CachedToken, Token, origin_of, parse_token_response
+from pfsync.auth import (
+    NO_AUTH,
+    BearerAuth,
+    CachedToken,
+    Token,
+    origin_of,
+    parse_token_response,
+    token_request,
+)
 from pfsync.errors import AuthError
-from pfsync.http import Clock, RetryPolicy, SystemClock, outcome_text, request_with_retry
+from pfsync.http import Clock, RetryPolicy, SystemClock, outcome_text
+from pfsync.netpolicy import shown_url
 from pfsync.redact import redact
 from pfsync.settings import HttpSettings, MedplumSettings, require
 
@@ -69,7 +81,7 @@ class MedplumAuthenticator(CachedToken):
 
         started = self._clock.now()
         # 429 (the 160/min auth limit) and 5xx are retried with backoff; 400 is final.
-        response = request_with_retry(send, method="POST", url=url, policy=self._policy, clock=self._clock)
+        response = token_request(send, "Medplum", url, self._policy, self._clock)
         if response.status_code != 200:
             try:
                 body = orjson.loads(response.content)
@@ -78,7 +90,7 @@ class MedplumAuthenticator(CachedToken):
             description = str(body.get("error_description") or "") if isinstance(body, dict) else ""
             text = outcome_text(response)
             raise AuthError(
-                redact(f"Medplum token request to {url} refused with HTTP {response.status_code}"
+                redact(f"Medplum token request to {shown_url(url)} refused with HTTP {response.status_code}"
                        + (f": {text}" if text else "")),
                 hint=medplum_token_hint(description),
             )  # fmt: skip
@@ -101,17 +113,59 @@ class OriginBasicAuth(httpx.Auth):
             yield request
 
 
+_shared: dict[tuple[str, str, str, int], MedplumAuthenticator] = {}
+_shared_lock = threading.Lock()
+_owned_clients: list[httpx.Client] = []
+
+
+def shared_authenticator(
+    settings: MedplumSettings, *, http: HttpSettings | None = None, clock: Clock | None = None
+) -> MedplumAuthenticator:
+    """The process's one authenticator for this Medplum server and client: every source, the state
+    store and every thread share its token, renewed only near expiry (medplum.md: 160 token
+    requests a minute per client address, shared by every process behind it). It owns its own
+    HTTP client, so no caller's closing can break a later renewal."""
+    http = http or HttpSettings()
+    client_id = str(require(settings.client_id, "medplum.client_id", "Medplum auth"))
+    secret = require(settings.client_secret, "medplum.client_secret", "Medplum auth")
+    digest = hashlib.sha256(secret.reveal().encode()).hexdigest()
+    key = (settings.token_url, client_id, digest, id(clock) if clock is not None else 0)
+    with _shared_lock:
+        found = _shared.get(key)
+        if found is None:
+            from pfsync.http import make_client
+
+            client = make_client(http)
+            if not _owned_clients:
+                atexit.register(_close_owned)
+            _owned_clients.append(client)
+            found = _shared[key] = MedplumAuthenticator(settings, client, http=http, clock=clock)
+        return found
+
+
+def _close_owned() -> None:
+    for client in _owned_clients:
+        client.close()
+
+
 def medplum_auth(
     settings: MedplumSettings,
-    client: httpx.Client,
+    client: httpx.Client | None = None,
     *,
     clock: Clock | None = None,
     http: HttpSettings | None = None,
 ) -> httpx.Auth:
-    """The httpx.Auth for Medplum FHIR calls: a cached bearer token, or Basic when configured."""
+    """The httpx.Auth for Medplum FHIR calls: a bearer token, or Basic when configured. Without a
+    `client`, the token is the process's shared one (`shared_authenticator`); with one (tests),
+    a private authenticator requests its tokens through it."""
     origins = [settings.base_url]
     if settings.auth == "basic":
         client_id = require(settings.client_id, "medplum.client_id", "Medplum Basic auth")
         secret = require(settings.client_secret, "medplum.client_secret", "Medplum Basic auth")
         return OriginBasicAuth(client_id, secret.reveal(), origins=origins)
-    return BearerAuth(MedplumAuthenticator(settings, client, http=http, clock=clock), origins=origins)
+    authenticator = (
+        shared_authenticator(settings, http=http, clock=clock)
+        if client is None
+        else MedplumAuthenticator(settings, client, http=http, clock=clock)
+    )
+    return BearerAuth(authenticator, origins=origins)

@@ -4,7 +4,8 @@ Two lines of defence. First, secrets travel as `Secret` objects whose repr/str n
 value, so an f-string or a traceback's locals cannot leak them. Second, every secret value (and
 every token we obtain at run time) is registered here, and `redact()` scrubs registered values
 plus anything shaped like a bearer token, a JWT, an Authorization header or a PEM private key
-from any text before it reaches a log line, an error message or a file.
+from any text before it reaches a log line, an error message or a file, and drops the query of
+every absolute URL in it.
 """
 
 from __future__ import annotations
@@ -51,11 +52,24 @@ def register(value: str | None) -> None:
         _pattern = re.compile("|".join(re.escape(v) for v in ordered))
 
 
+# The query of an absolute URL: signed storage URLs and status URLs carry signatures and tokens
+# there, so no URL is ever shown with its query (a JSON string's escapes are left intact).
+_URL_QUERY: Final = re.compile(r"""(https?://[^\s"'<>?#\\]+)(\?[^\s"'<>\\]*)""", re.IGNORECASE)
+
+
+def _drop_query(match: re.Match[str]) -> str:
+    query = match.group(2)
+    return match.group(1) + query[len(query.rstrip(":.,;)")) :]  # punctuation after the URL stays
+
+
 def redact(text: str) -> str:
-    """Return `text` with every registered secret and every secret-shaped string masked."""
+    """Return `text` with every registered secret and every secret-shaped string masked, and every
+    absolute URL without its query."""
     pattern = _pattern
     if pattern is not None:
         text = pattern.sub(MASK, text)
+    if "://" in text:
+        text = _URL_QUERY.sub(_drop_query, text)
     return _SHAPES.sub(MASK, text)
 
 

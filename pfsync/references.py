@@ -36,7 +36,7 @@ import orjson
 
 from pfsync.batch import Entry
 from pfsync.errors import HTTPError
-from pfsync.http import Clock, RetryPolicy, request_with_retry
+from pfsync.http import Clock, RetryPolicy, json_object, next_link, request_with_retry
 from pfsync.idmap import ANY_TYPE, Held, IdMap
 from pfsync.transform import Prepared, Ref, Target, TransformContext, TransformError, prepare
 
@@ -429,8 +429,9 @@ class References:
                 return out
             if response.status_code != 200:
                 return out + (self._fetch_each(rtype, ids) if not out else [])
-            doc = orjson.loads(response.content)
-            for entry in doc.get("entry") or []:
+            doc = json_object(response, f"the source's {rtype} search by _id")
+            entries = doc.get("entry")
+            for entry in entries if isinstance(entries, list) else []:
                 resource = entry.get("resource") if isinstance(entry, dict) else None
                 if (
                     isinstance(resource, dict)
@@ -439,8 +440,8 @@ class References:
                 ):
                     wanted.discard(resource["id"])
                     out.append(resource)
-            nxt = next((ln.get("url") for ln in doc.get("link") or [] if ln.get("relation") == "next"), None)
-            url = nxt if wanted and doc.get("entry") else None
+            nxt = next_link(doc, str(response.request.url), f"the source's {rtype} search by _id")
+            url = nxt if wanted and entries else None
             params = None
         return out
 

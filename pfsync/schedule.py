@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from types import FrameType
 
 from pfsync.errors import ExitCode
+from pfsync.http import RUN_STOP
 
 log = logging.getLogger("pfsync.schedule")
 
@@ -33,11 +34,13 @@ def stop_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
         log.warning("%s received: finishing the current Bundle, saving progress, then stopping",
                     signal.Signals(signum).name)  # fmt: skip
         stop.set()
+        RUN_STOP.set()  # retry waits of every request end too (pfsync.http.wait)
 
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield stop
     finally:
+        RUN_STOP.clear()
         for sig, previous in old.items():
             signal.signal(sig, previous)
 

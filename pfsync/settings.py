@@ -8,7 +8,6 @@ The seed design's environment names (PF_*, MEDPLUM_*) are accepted so deployment
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
@@ -93,6 +92,10 @@ class HttpSettings:
     retry_max_wait: float = 120.0
     allow_insecure_http: bool = False
     ca_bundle: Path | None = None
+    allow_networks: tuple[str, ...] = ()  # pfsync.netpolicy: special-purpose ranges let through
+    proxy: str | None = None
+    trust_env: bool = False  # HTTP(S)_PROXY, NO_PROXY, SSL_CERT_FILE/DIR are ignored unless set
+    max_response_bytes: int = 128 * 1024 * 1024  # answers read whole: searches, Bundles, manifests
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,9 @@ class ExportSettings:
     parallel_downloads: int = 3  # bulk-data.md: about 5 at most; practice-fusion.md: be polite
     delete_after_download: bool = True
     max_line_bytes: int = 64 * 1024 * 1024
+    # Decoded bytes: a 1,000,000-resource practice exports about 2 GB in all (docs/BENCHMARKS.md).
+    max_file_bytes: int = 16 * 1024**3
+    max_export_bytes: int = 128 * 1024**3
     strict_scopes: bool = False
     kickoff_method: Literal["get", "post"] = "get"
     since_overlap: float = 300.0
@@ -261,6 +267,19 @@ def _list(value: Any, key: str) -> tuple[str, ...]:
     return tuple(v for v in items if v)
 
 
+def _networks(value: Any, key: str) -> tuple[str, ...]:
+    from pfsync.netpolicy import parse_networks
+
+    items = _list(value, key)
+    for item in items:
+        try:
+            parse_networks([item])
+        except ValueError:
+            raise ConfigError(f"{key}: {item!r} is not an address range (CIDR, e.g. 169.254.0.0/16)",
+                              setting=key) from None  # fmt: skip
+    return items
+
+
 def _types(value: Any, key: str) -> tuple[str, ...]:
     types = _list(value, key)
     for t in types:
@@ -371,12 +390,18 @@ SPECS: tuple[Spec, ...] = (
     Spec("http.retry_max_wait", ("PFSYNC_RETRY_MAX_WAIT",), parse_duration, 120.0, "Cap on one wait between retries (Retry-After is clamped to it)."),
     Spec("http.allow_insecure_http", ("PFSYNC_ALLOW_INSECURE_HTTP",), _bool, False, "Allow plain http:// to non-loopback hosts (never needed in production)."),
     Spec("http.ca_bundle", ("PFSYNC_CA_BUNDLE",), _path, None, "CA bundle for TLS verification (verification itself cannot be turned off)."),
+    Spec("http.allow_networks", ("PFSYNC_ALLOW_NETWORKS",), _networks, (), "Special-purpose address ranges (CIDR, comma-separated) requests may go to; link-local, metadata and other such addresses are refused otherwise."),
+    Spec("http.proxy", ("PFSYNC_PROXY",), _str, None, "Proxy for every request (http:// or https:// URL); HTTP_PROXY and friends are ignored unless http.trust_env."),
+    Spec("http.max_response_bytes", ("PFSYNC_MAX_RESPONSE_BYTES",), _positive_int, 128 * 1024 * 1024, "Largest answer read whole (decompressed: searches, Bundle responses, manifests); export files and attachments have their own limits."),
+    Spec("http.trust_env", ("PFSYNC_TRUST_ENV",), _bool, False, "Take the proxy (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY) and CA (SSL_CERT_FILE, SSL_CERT_DIR) from the environment."),
     # --- export
     Spec("export.poll_max_wait", ("PFSYNC_POLL_MAX_WAIT",), parse_duration, 300.0, "Cap on one wait between status polls."),
     Spec("export.deadline", ("PFSYNC_EXPORT_DEADLINE",), parse_duration, 21600.0, "Give up on an export that is not complete after this long."),
     Spec("export.parallel_downloads", ("PFSYNC_PARALLEL_DOWNLOADS",), _positive_int, 3, "Files downloaded at once."),
     Spec("export.delete_after_download", ("PFSYNC_DELETE_AFTER_DOWNLOAD",), _bool, True, "DELETE the export job once every file is safely on disk."),
     Spec("export.max_line_bytes", ("PFSYNC_MAX_LINE_BYTES",), _positive_int, 64 * 1024 * 1024, "Longest NDJSON line accepted."),
+    Spec("export.max_file_bytes", ("PFSYNC_MAX_FILE_BYTES",), _positive_int, 16 * 1024**3, "Largest export file (decompressed); a larger one fails the export (a hostile or broken server)."),
+    Spec("export.max_export_bytes", ("PFSYNC_MAX_EXPORT_BYTES",), _positive_int, 128 * 1024**3, "Most bytes (decompressed) one export may download in all."),
     Spec("export.strict_scopes", ("PFSYNC_STRICT_SCOPES",), _bool, False, "Fail instead of warning when a requested type was not granted or the server does not have it."),
     Spec("export.kickoff_method", ("PFSYNC_KICKOFF_METHOD",), _choice("get", "post"), "get", "Kick-off with GET query parameters or POST Parameters."),
     Spec("export.since_overlap", ("PFSYNC_SINCE_OVERLAP",), parse_duration, 300.0, "Re-export this much history before the checkpoint (safe: loading is idempotent)."),
@@ -588,36 +613,46 @@ def _make_source(values: dict[str, Any]) -> SourceSettings:
 
 
 def is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    from pfsync.netpolicy import is_loopback_host
+
+    return is_loopback_host(urlsplit(url).hostname or "")
 
 
-def check_transport_url(url: str, setting: str, allow_insecure_http: bool) -> None:
-    """TLS everywhere but loopback: plain http to another host needs an explicit opt-in."""
-    if urlsplit(url).scheme == "http" and not is_loopback(url) and not allow_insecure_http:
-        raise ConfigError(
-            f"{setting} uses plain http to a non-loopback host: {url}",
-            setting=setting,
-            hint="use https (http is only allowed for 127.0.0.1/localhost), or set "
-            "PFSYNC_ALLOW_INSECURE_HTTP=true if you really mean it",
-        )
+def check_transport_url(
+    url: str, setting: str, allow_insecure_http: bool, allow_networks: tuple[str, ...] = ()
+) -> None:
+    """The rules of pfsync.netpolicy for a configured URL: TLS everywhere but loopback (plain http
+    to another host needs an explicit opt-in), no special-purpose address unless allowed."""
+    from pfsync.netpolicy import parse_networks, shown_url, url_problem
+
+    problem = url_problem(
+        url, allow_insecure_http=allow_insecure_http, allow_networks=parse_networks(allow_networks)
+    )
+    if problem is None:
+        return
+    if "plain http" in problem:
+        hint = ("use https (http is only allowed for 127.0.0.1/localhost), or set "
+                "PFSYNC_ALLOW_INSECURE_HTTP=true if you really mean it")  # fmt: skip
+    elif "special-purpose" in problem:
+        hint = "if this address is really meant, add its range to PFSYNC_ALLOW_NETWORKS"
+    else:
+        hint = "use an https:// URL"
+    raise ConfigError(f"{setting} {problem}: {shown_url(url)}" if "plain http" in problem
+                      else f"{setting}: {shown_url(url)} is refused: {problem}", setting=setting, hint=hint)  # fmt: skip
 
 
 def _validate(settings: Settings) -> None:
-    allow = settings.http.allow_insecure_http
-    check_transport_url(settings.medplum.base_url, "medplum.base_url", allow)
+    allow, nets = settings.http.allow_insecure_http, settings.http.allow_networks
+    check_transport_url(settings.medplum.base_url, "medplum.base_url", allow, nets)
+    if settings.http.proxy:
+        check_transport_url(settings.http.proxy, "http.proxy", allow, nets)
     for src in settings.sources:
-        check_transport_url(src.base_url, f"source {src.name!r} base_url", allow)
+        check_transport_url(src.base_url, f"source {src.name!r} base_url", allow, nets)
         if src.token_url:
-            check_transport_url(src.token_url, f"source {src.name!r} token_url", allow)
+            check_transport_url(src.token_url, f"source {src.name!r} token_url", allow, nets)
         for origin in src.download_allowlist:
             # The bearer token goes to these origins: never over plain http to another host.
-            check_transport_url(origin, f"source {src.name!r} download_allowlist", allow)
+            check_transport_url(origin, f"source {src.name!r} download_allowlist", allow, nets)
         if src.auth_method == "auto" and src.client_secret and src.private_key:
             raise ConfigError(
                 f"source {src.name!r}: both a client secret and a private key are configured",

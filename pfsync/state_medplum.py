@@ -19,8 +19,16 @@ from typing import Any
 import httpx
 import orjson
 
-from pfsync.errors import LockedError, StateError
-from pfsync.http import Clock, RetryPolicy, SystemClock, outcome_text, raise_for_status, request_with_retry
+from pfsync.errors import LockedError, ProtocolError, StateError
+from pfsync.http import (
+    Clock,
+    RetryPolicy,
+    SystemClock,
+    json_object,
+    outcome_text,
+    raise_for_status,
+    request_with_retry,
+)
 from pfsync.lock import LEASE_TTL, LeaseLock, check_lease, lease_expired, new_lease
 from pfsync.state import Holder, Lease, SyncState, iso, parse_iso
 from pfsync.transform import identifier_query
@@ -83,14 +91,22 @@ class MedplumStateStore:
         vid = str((res.get("meta") or {}).get("versionId") or "")
         if not vid and response is not None:
             vid = response.headers.get("ETag", "").removeprefix("W/").strip('"')
-        self._ids[source] = (str(res["id"]), vid)
+        rid = res.get("id")
+        if not isinstance(rid, str) or not rid:
+            raise ProtocolError(f"Medplum answered the sync state of {source!r} without an id")
+        self._ids[source] = (rid, vid)
 
     def _fetch(self, source: str) -> tuple[dict[str, Any] | None, SyncState]:
         url = f"{self.fhir_url}Basic?{identifier_query(STATE_SYSTEM, source)}"
         resp = self._send("GET", url)
         raise_for_status(resp, f"reading the sync state of {source!r}")
-        entries = [e.get("resource") for e in resp.json().get("entry") or []]
-        entries = [r for r in entries if isinstance(r, dict) and r.get("resourceType") == "Basic"]
+        found = json_object(resp, f"reading the sync state of {source!r}").get("entry")
+        resources = (
+            [e.get("resource") for e in found if isinstance(e, dict)] if isinstance(found, list) else []
+        )
+        entries: list[dict[str, Any]] = [
+            r for r in resources if isinstance(r, dict) and r.get("resourceType") == "Basic"
+        ]
         if len(entries) > 1:
             ids = ", ".join(str(r.get("id")) for r in entries)
             raise StateError(f"several Basic resources hold the state of {source!r}: {ids}",
@@ -114,7 +130,7 @@ class MedplumStateStore:
             # conflict). The other create won: look at it, as after a 200.
             return False
         raise_for_status(resp, f"creating the sync state of {state.source!r}")
-        self._remember(state.source, resp.json(), resp)
+        self._remember(state.source, json_object(resp, f"creating the sync state of {state.source!r}"), resp)
         return resp.status_code == 201
 
     def _put(self, state: SyncState) -> bool:
@@ -126,7 +142,7 @@ class MedplumStateStore:
         if resp.status_code == 412:
             return False
         raise_for_status(resp, f"saving the sync state of {state.source!r}")
-        self._remember(state.source, resp.json(), resp)
+        self._remember(state.source, json_object(resp, f"saving the sync state of {state.source!r}"), resp)
         return True
 
     # ---- StateStore ------------------------------------------------------------------------------
@@ -249,9 +265,11 @@ def find_seed_checkpoint(client: httpx.Client, fhir_url: str, *, clock: Clock | 
             f"cannot search Medplum for the seed checkpoint: {resp.status_code} {outcome_text(resp) or ''}"
         )
     found: list[str] = []
-    for entry in resp.json().get("entry") or []:
-        res = entry.get("resource") or {}
-        for param in res.get("parameter") or []:
+    entries = json_object(resp, "searching Medplum for the seed checkpoint").get("entry")
+    for entry in entries if isinstance(entries, list) else []:
+        res = entry.get("resource") if isinstance(entry, dict) else None
+        params = res.get("parameter") if isinstance(res, dict) else None
+        for param in params if isinstance(params, list) else []:
             if isinstance(param, dict) and param.get("name") == "lastSyncTime":
                 value = param.get("valueDateTime") or param.get("valueInstant") or param.get("valueString")
                 if isinstance(value, str) and value:

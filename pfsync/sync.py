@@ -41,6 +41,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
 
+import httpx
+
 from pfsync.bulk import ExportRequest, requests_for
 from pfsync.errors import (
     ExitCode,
@@ -53,7 +55,8 @@ from pfsync.errors import (
 )
 from pfsync.events import EventSink, NullSink
 from pfsync.exportjob import ExportDir, LandedFile
-from pfsync.http import Clock, SystemClock
+from pfsync.http import Clock, SystemClock, protocol_error, server_text
+from pfsync.redact import redact
 from pfsync.references import export_types
 from pfsync.settings import Settings, SourceSettings
 from pfsync.state import (
@@ -269,19 +272,27 @@ def sync_source(
         result = _run_locked(
             settings, source, run, ready, stop=stop, clock=clock, events=events, started=started
         )
-    except PfsyncError as exc:
-        outcome = "interrupted" if isinstance(exc, InterruptedRunError) else "failed"
+    except (PfsyncError, httpx.HTTPError) as caught:
+        # An httpx failure no layer below turned into a PfsyncError still gets a documented code.
+        failure = caught if isinstance(caught, PfsyncError) else protocol_error(caught)
+        outcome = "interrupted" if isinstance(failure, InterruptedRunError) else "failed"
         result = SourceResult(
-            name, outcome, int(exc.exit_code), duration=clock.now() - started, error=exc.message
+            name,
+            outcome,
+            int(failure.exit_code),
+            duration=clock.now() - started,
+            error=redact(failure.message),
         )
         if run is not None:
             _record_failure(
-                run, result, drop_flight=isinstance(exc, ExportError) and not isinstance(exc, TemporaryError)
+                run,
+                result,
+                drop_flight=isinstance(failure, ExportError) and not isinstance(failure, TemporaryError),
             )
     except Exception as exc:  # a bug must not stop the other sources; logged with its traceback
         log.exception("unexpected error while syncing %s", name)
         result = SourceResult(name, "failed", int(ExitCode.UNEXPECTED), duration=clock.now() - started,
-                              error=f"{exc.__class__.__name__}: {exc}")  # fmt: skip
+                              error=f"{exc.__class__.__name__}: {server_text(str(exc))}")  # fmt: skip
         if run is not None:
             _record_failure(run, result, drop_flight=False)
     finally:

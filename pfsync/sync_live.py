@@ -18,7 +18,7 @@ from pfsync.bulk import ExportRequest
 from pfsync.errors import AuthError
 from pfsync.events import EventSink, NullSink
 from pfsync.exportjob import LandedFile
-from pfsync.http import Clock, RetryPolicy, SystemClock, make_client, request_with_retry
+from pfsync.http import Clock, RetryPolicy, SystemClock, json_object, make_client, request_with_retry
 from pfsync.ndjson import Record, iter_file
 from pfsync.settings import Settings, SourceSettings
 from pfsync.state import LocalStateStore, StateStore
@@ -33,7 +33,7 @@ def open_store(settings: Settings, *, clock: Clock | None = None) -> tuple[State
     from pfsync.medplum_auth import medplum_auth
 
     client = make_client(settings.http)
-    client.auth = medplum_auth(settings.medplum, client, clock=clock, http=settings.http)
+    client.auth = medplum_auth(settings.medplum, clock=clock, http=settings.http)  # the process's token
     store = MedplumStateStore(client, settings.medplum.fhir_url, clock=clock,
                               policy=RetryPolicy.from_settings(settings.http))  # fmt: skip
     return store, client.close
@@ -70,8 +70,8 @@ class LiveEngines:
         self.medplum_client = make_client(
             settings.http, timeout=settings.http.load_timeout, base_url=settings.medplum.fhir_url
         )  # pfsync.load: base_url required
-        self.medplum_client.auth = medplum_auth(settings.medplum, self.medplum_client, clock=self.clock,
-                                                http=settings.http)  # fmt: skip
+        # One Medplum token for the whole process, shared by every source (medplum_auth).
+        self.medplum_client.auth = medplum_auth(settings.medplum, clock=clock, http=settings.http)
         self._granted: list[str] | None = None
 
     def prove_credentials(self) -> None:
@@ -136,7 +136,7 @@ class LiveEngines:
             method="GET", url=url, policy=self.policy, clock=self.clock,
         )  # fmt: skip
         if resp.status_code == 200:
-            body: Any = resp.json()
+            body: Any = json_object(resp, f"reading Group/{group_id}")
             members = body.get("member") if isinstance(body, dict) else None
             if isinstance(members, list) and members:
                 return frozenset(

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -28,6 +28,7 @@ from pfsync.http import (
     Clock,
     RetryPolicy,
     SystemClock,
+    next_link,
     raise_for_status,
     request_with_retry,
 )
@@ -44,7 +45,6 @@ Cost = Literal["search", "read", "history", "write"]
 COSTS: dict[Cost, int] = {"search": 20, "read": 1, "history": 10, "write": 100}
 MAX_PAGE = 1000  # Medplum's largest _count
 IDS_PER_SEARCH = 100  # ids OR-ed per `_id` search: 20 points in total
-_FHIR_PATH = "/fhir/R4/"
 
 
 @dataclass
@@ -171,23 +171,8 @@ class MedplumReader:
         return body
 
     def _next(self, bundle: dict[str, Any]) -> str | None:
-        """The searchset's `next` link (Medplum pages with `_offset`/cursor links), rebased on our URL."""
-        for link in bundle.get("link") or []:
-            if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-                return self._rebase(link["url"])
-        return None
-
-    def _rebase(self, link: str) -> str:
-        """A `next` link on our own base URL: Medplum writes links with its configured public base,
-        which may differ from the URL we reach it by (a proxy); our auth is sent to our origin only."""
-        if link.startswith(self.fhir_url):
-            return link
-        path = urlsplit(link)
-        i = (path.path + ("?" + path.query if path.query else "")).find(_FHIR_PATH)
-        if i < 0:
-            return link
-        tail = (path.path + ("?" + path.query if path.query else ""))[i + len(_FHIR_PATH) :]
-        return self.fhir_url + tail
+        """The searchset's `next` link (Medplum pages with `_offset`/cursor links), on our base URL."""
+        return next_link(bundle, self.fhir_url, "a Medplum search", rebase_on=self.fhir_url)
 
     # ------------------------------------------------------------------ searches
     def pages(self, url: str, what: str) -> Iterator[list[Json]]:
@@ -273,5 +258,9 @@ class _ReaderSearcher(Searcher):
 
     def get(self, url: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         absolute = url if "://" in url else self._reader.fhir_url + url
-        full = str(httpx.URL(absolute, params=params)) if params else self._reader._rebase(absolute)
+        full = str(httpx.URL(absolute, params=params)) if params else absolute  # next links: already rebased
         return self._reader.get_json(full, "search", "looking identities up in Medplum")
+
+    @property
+    def fhir_base(self) -> str:
+        return self._reader.fhir_url

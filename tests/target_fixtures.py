@@ -54,6 +54,7 @@ def target_sandbox() -> Iterator[TargetSandbox]:
 @pytest.fixture
 def target(target_sandbox: TargetSandbox) -> TargetSandbox:
     target_sandbox.reset()
+    target_sandbox.set_auth_limit(None)  # tests of the auth rate limit set their own
     target_sandbox.check_references_on_write = False
     target_sandbox.max_json_size = 1_048_576
     return target_sandbox

@@ -23,6 +23,7 @@ from chaos_helpers import Rig, compare, queue_lines, run_sync, source_resources
 
 from pfsync.sandbox.datagen import generate
 from pfsync.sandbox.run import TARGET_CLIENT_ID
+from pfsync.sandbox.target_quota import AUTH_REQUESTS_PER_MINUTE
 
 Arm = Callable[[Rig], None]
 
@@ -122,6 +123,30 @@ def _short_source_tokens(rig: Rig) -> None:
     rig.sandboxes.source.faults.slow_export(polls=3, retry_after=1)
 
 
+def _env(**values: str) -> Arm:
+    return lambda rig: rig.extra_env.update(values)
+
+
+# The environment must not steer pfsync (issue 15): a proxy there would receive every request,
+# a CA file there would replace the trusted CAs. Both point nowhere; the run must not notice.
+_HOSTILE_ENVIRONMENT = _env(HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
+                            ALL_PROXY="http://127.0.0.1:9", SSL_CERT_FILE="/nonexistent/ca.pem")  # fmt: skip
+
+
+def _spent_auth_window(rig: Rig) -> None:
+    # medplum.md "Quotas and 429": other processes behind the same address spent the 160 token
+    # requests of this minute (a 2 s window here); pfsync's token request is refused until it resets.
+    target = rig.sandboxes.target
+    target.set_auth_limit(1, seconds=2.0)
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": TARGET_CLIENT_ID,
+        "client_secret": target.client_secret,
+    }
+    while httpx.post(target.base_url + "oauth2/token", data=form).status_code != 429:
+        pass
+
+
 ROWS: dict[str, Row] = {
     # --- source: retried and succeeded
     "source 429 on token": Row(_src("rate_limit", where="token"), 0),
@@ -144,6 +169,8 @@ ROWS: dict[str, Row] = {
     "source malformed line": Row(_src("malformed_line"), 0),  # validated, downloaded again
     "source export fails (OperationOutcome)": Row(_src("export_fails"), 5),
     "source expired status URL": Row(_src("expired_status"), 0),
+    "source file over export.max_file_bytes": Row(_env(PFSYNC_MAX_FILE_BYTES="2000"), 5, then_ok=False),
+    "environment proxy and CA file": Row(_HOSTILE_ENVIRONMENT, 0),
     # --- target: retried and succeeded
     "target outer 429": Row(_outer_429, 0),
     "target in-batch 429 (quota)": Row(_quota(5_000, 1.0), 0),
@@ -153,6 +180,7 @@ ROWS: dict[str, Row] = {
     "target connection reset": Row(_tgt("reset_next", 2), 0),
     "target in-batch 409 conflicts": Row(_tgt("set_conflicts", 0.2, seed=1), 0),
     "target token expiry mid-load": Row(lambda rig: None, 0, during=_expire_target_tokens),
+    "target token endpoint 429 (auth rate limit)": Row(_spent_auth_window, 0),
     # --- target: quarantined with a reason
     "target validation failure": Row(_invalid_resource, 6, check=_quarantined_with_reason("notanobservationfield")),
     "target multiple matches": Row(_duplicate_in_target, 6, then_ok=False, preexisting_duplicates=True,
@@ -179,6 +207,7 @@ def fresh(rig: Rig, tmp_path: Path) -> Iterator[Rig]:
     rig.sandboxes.target.reset()
     target = rig.sandboxes.target
     target.add_client(TARGET_CLIENT_ID, target.client_secret)  # quota off again
+    target.set_auth_limit(AUTH_REQUESTS_PER_MINUTE)  # Medplum's stock auth limit again
     target.max_json_size = 1_048_576
     (tmp_path / "last-stderr.txt").touch()
     yield rig

@@ -45,8 +45,14 @@ def test_redact_masks_registered_values_anywhere() -> None:
 
 
 def test_redact_leaves_ordinary_text_alone() -> None:
-    text = "GET https://api.example/fhir/Patient?_count=1 answered 404: Not found"
+    text = "GET https://api.example/fhir/Patient answered 404: Not found (Patient?_count=1)"
     assert redact(text) == text
+
+
+def test_redact_shows_urls_without_their_query() -> None:
+    # Issue 15: signed storage and status URLs carry signatures in the query; no URL is shown with one.
+    text = 'GET https://s3.example/f.ndjson?X-Amz-Signature=abc&x=1: 403 {"u":"http://h/s?t=z\\"q"}'
+    assert redact(text) == 'GET https://s3.example/f.ndjson: 403 {"u":"http://h/s\\"q"}'
 
 
 def _capture(fmt: str) -> tuple[logging.Logger, io.StringIO]:

@@ -68,6 +68,12 @@ def build_settings(ctx: typer.Context, flags: dict[str, Any] | None = None) -> S
 def fail(exc: BaseException, verbosity: int = 0) -> NoReturn:
     """Render an error on stderr (redacted) and exit with its code."""
     console = err_console()
+    import httpx
+
+    if isinstance(exc, httpx.HTTPError):  # escaped the layer that should have handled it
+        from pfsync.http import protocol_error
+
+        exc = protocol_error(exc)
     if isinstance(exc, PfsyncError):
         console.print(f"error: {redact(exc.message)}", style="bold red", markup=False, highlight=False)
         if exc.hint:

@@ -139,8 +139,7 @@ def load_command(
         require(mp.client_id, "medplum.client_id", "pfsync load")
         require(mp.client_secret, "medplum.client_secret", "pfsync load")
         with ExitStack() as stack:
-            auth_client = stack.enter_context(make_client(settings.http))
-            auth = medplum_auth(mp, auth_client, http=settings.http)
+            auth = medplum_auth(mp, http=settings.http)  # the process's shared token
             medplum = stack.enter_context(
                 make_client(
                     settings.http, timeout=settings.http.load_timeout, base_url=mp.fhir_url, auth=auth

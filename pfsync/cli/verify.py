@@ -48,7 +48,7 @@ def _verify(
     with make_client(
         settings.http, timeout=settings.http.load_timeout, base_url=settings.medplum.fhir_url
     ) as client:
-        client.auth = medplum_auth(settings.medplum, client, http=settings.http)
+        client.auth = medplum_auth(settings.medplum, http=settings.http)  # the process's shared token
         return verify(settings, source, client, dirs, options)
 
 

@@ -17,6 +17,8 @@ Control routes (no auth) for tests that run pfsync as a subprocess:
     POST /_sandbox/faults/conflicts           {"rate": 0.25, "only_concurrent": false, "seed": 0}
     POST /_sandbox/faults/expire-tokens       every issued token now gets 401
     POST /_sandbox/faults/clear
+    POST /_sandbox/auth-limit                 {"limit": 160|null, "seconds": 60} token requests per window
+                                              (default: Medplum's 160 a minute, enforced; reset starts a new window)
     GET  /_sandbox/faults                     what is armed
 """
 
@@ -161,6 +163,10 @@ class TargetSandbox:
     def check_references_on_write(self, value: bool) -> None:
         self.engine.check_references = value
 
+    def set_auth_limit(self, limit: int | None, seconds: float = 60.0) -> None:
+        """Token requests allowed per window on /oauth2/* (default: Medplum's 160 a minute; None: no limit)."""
+        self.app.limits.set_auth_limit(limit, seconds)
+
     # ------------------------------------------------------------------ inspection
     def reset(self) -> None:
         """Wipe data, faults, counters and quota windows (clients stay)."""
@@ -168,6 +174,7 @@ class TargetSandbox:
         self.store.wipe()
         self.faults.clear()
         self.stats.reset()
+        self.app.limits.reset()
         self.auth.not_before = 0.0
         for client in self.auth.clients.values():
             client.quota = Quota(
@@ -209,6 +216,9 @@ class TargetSandbox:
             ),
             ("POST", "faults", "expire-tokens"): f.expire_tokens,
             ("POST", "faults", "clear"): f.clear,
+            ("POST", "auth-limit"): lambda: self.set_auth_limit(
+                None if body.get("limit") is None else int(body["limit"]), float(body.get("seconds", 60.0))
+            ),
             ("POST", "clients"): lambda: self.add_client(
                 str(body["client_id"]),
                 str(body["secret"]),

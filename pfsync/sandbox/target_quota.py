@@ -101,14 +101,30 @@ class Quota:
 
 
 class RequestLimit:
-    """The per-IP request counters (never enforced here; the header part is all that shows)."""
+    """The per-IP request counters. The general one only shows in the header; the auth endpoints'
+    limit (medplum.md "Quotas and 429": 160 a minute per client address, defaultAuthRateLimit) is
+    enforced like the real server's: over it a token request gets 429 `throttled`, and refused
+    requests count too. `set_auth_limit` changes it (None: not enforced); `reset` starts a new window."""
 
     def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
         self.fhir = Window(REQUESTS_PER_MINUTE, 60.0, clock)
         self.auth = Window(AUTH_REQUESTS_PER_MINUTE, 60.0, clock)
+        self.enforce_auth = True
+
+    def set_auth_limit(self, limit: int | None, seconds: float = 60.0) -> None:
+        self.enforce_auth = limit is not None
+        self.auth = Window(limit if limit is not None else AUTH_REQUESTS_PER_MINUTE, seconds, self._clock)
+
+    def reset(self) -> None:
+        self.set_auth_limit(self.auth.limit if self.enforce_auth else None, self.auth.seconds)
 
     def hit(self, auth: bool) -> str:
         window = self.auth if auth else self.fhir
         window.add(1)
         remaining, reset = window.state()
         return f'"requests";r={remaining};t={reset}'
+
+    def auth_refused(self) -> bool:
+        """After `hit(True)`: is this auth request over the limit?"""
+        return self.enforce_auth and self.auth.consumed > self.auth.limit

@@ -90,6 +90,11 @@ class TargetApp:
     def _token(self, req: Request, base: str) -> Response:
         self.stats.request("POST", "token")
         headers = {"RateLimit": self.limits.hit(True)}
+        if self.limits.auth_refused():
+            return _oo_response(
+                FhirError(429, outcome("error", "throttled", "Too Many Requests", oo_id="too-many-requests")),
+                headers,
+            )
         try:
             client, token = self.auth.token(req.body, req.header("authorization"))
         except TokenError as err:  # transcripts 03-05: always 400 invalid_request

@@ -1,0 +1,203 @@
+"""Unit tests of the one request path (pfsync.http) and the URL rules (pfsync.netpolicy): the
+classifier, waits, paging and decoding helpers in isolation. The same rules over real HTTP are in
+tests/test_hostile_*.py."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+
+import httpx
+import pytest
+
+from pfsync.asyncbatch import AsyncBatchRunner
+from pfsync.errors import InterruptedRunError, ProtocolError
+from pfsync.http import (
+    DECODE_CHUNK,
+    RetryPolicy,
+    Temporary,
+    hinted_wait,
+    is_temporary,
+    iter_decoded,
+    next_link,
+    request_with_retry,
+)
+from pfsync.netpolicy import parse_networks, shown_url, url_problem
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1_000.0
+        self.slept: list[float] = []
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.t += seconds
+
+
+def _response(status: int, body: bytes = b"", **headers: str) -> httpx.Response:
+    return httpx.Response(
+        status, headers=headers, content=body, request=httpx.Request("GET", "https://h.example/x")
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed", "refused"),
+    [
+        ("https://ehr.example/fhir", (), None),
+        ("http://127.0.0.1:8080/x", (), None),
+        ("http://localhost/x", (), None),
+        ("http://ehr.example/x", (), "plain http"),
+        ("https://169.254.169.254/latest", (), "special-purpose"),
+        ("https://169.254.169.254/latest", ("169.254.0.0/16",), None),
+        ("https://[::ffff:a9fe:a9fe]/x", (), "special-purpose"),
+        ("https://[fd00:ec2::254]/x", (), "special-purpose"),
+        ("https://10.1.2.3/fhir", (), None),  # private ranges stay allowed (self-hosted Medplum)
+        ("https://0.0.0.0/x", (), "special-purpose"),
+        ("ftp://ehr.example/x", (), "scheme"),
+        ("https:///nohost", (), "no host"),
+    ],
+)
+def test_url_rules(url: str, allowed: tuple[str, ...], refused: str | None) -> None:
+    problem = url_problem(url, allow_networks=parse_networks(allowed))
+    assert (problem is None) if refused is None else (problem is not None and refused in problem), problem
+
+
+def test_shown_url_drops_user_info_query_and_fragment() -> None:
+    assert shown_url("https://u:p@h.example:8443/a/b?sig=1#f") == "https://h.example:8443/a/b"
+
+
+def test_classifier_is_data_and_a_kind_rule_is_one_entry() -> None:
+    transient = b'{"resourceType":"OperationOutcome","issue":[{"code":"transient"}]}'
+    fatal = b'{"resourceType":"OperationOutcome","issue":[{"code":"exception"}]}'
+    rules = (
+        Temporary(frozenset({500}), kind="export-poll", issue_codes=frozenset({"transient", ""})),
+        Temporary(frozenset({500}), kind="export-poll", temporary=False),
+        Temporary(frozenset({500, 503})),
+    )
+    assert is_temporary(_response(503), rules=rules)
+    assert is_temporary(_response(500, transient), "export-poll", rules)
+    assert is_temporary(_response(500, b"<html>bad gateway</html>"), "export-poll", rules)
+    assert not is_temporary(_response(500, fatal), "export-poll", rules)
+    assert is_temporary(_response(500, fatal), "kickoff", rules)
+    assert is_temporary(_response(429)) and not is_temporary(_response(404))
+
+
+def test_waits_come_from_retry_after_or_a_spent_ratelimit_window() -> None:
+    assert hinted_wait(_response(503, **{"Retry-After": "7"}), 0) == 7
+    assert hinted_wait(_response(429, **{"Retry-After": "Thu, 01 Jan 1970 00:00:30 GMT"}), 10) == 20
+    assert hinted_wait(_response(429, RateLimit='"requests";r=0;t=42, "fhirInteractions";r=9;t=5'), 0) == 42
+    throttled = b'{"resourceType":"OperationOutcome","issue":[{"code":"throttled","diagnostics":"{\\"msBeforeNext\\":2500}"}]}'
+    assert hinted_wait(_response(429, throttled, RateLimit='"fhirInteractions";r=0;t=42'), 0) == 2.5
+    # A quota-off project counts down to r=0 without refusing: not a reason to wait on a 200/503.
+    assert hinted_wait(_response(503, RateLimit='"fhirInteractions";r=0;t=42'), 0) is None
+
+
+def test_request_with_retry_waits_out_a_429_capped_and_stops_on_sigterm() -> None:
+    clock = FakeClock()
+    answers = iter([_response(429, RateLimit='"requests";r=0;t=500'), _response(200)])
+    response = request_with_retry(lambda: next(answers), method="POST", url="https://h/t",
+                                  policy=RetryPolicy(retries=3, max_wait=30), clock=clock)  # fmt: skip
+    assert response.status_code == 200 and clock.slept == [30]
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(InterruptedRunError):
+        request_with_retry(lambda: _response(503), method="GET", url="https://h/t", policy=RetryPolicy(retries=3),
+                           clock=FakeClock(), stop=stop)  # fmt: skip
+
+
+def test_next_link_stays_on_its_origin_or_is_rebased() -> None:
+    page = {"link": [{"relation": "next", "url": "https://public.example/fhir/R4/Patient?_offset=20"}]}
+    assert next_link(
+        page, "https://h.example/fhir/R4/Patient", "s", rebase_on="https://h.example/fhir/R4/"
+    ) == ("https://h.example/fhir/R4/Patient?_offset=20")
+    with pytest.raises(ProtocolError, match="is not on"):
+        next_link(page, "https://h.example/fhir/R4/Patient", "s")
+    foreign = {"link": [{"relation": "next", "url": "https://evil.example/elsewhere"}]}
+    with pytest.raises(ProtocolError):
+        next_link(foreign, "https://h.example/fhir/R4/x", "s", rebase_on="https://h.example/fhir/R4/")
+    assert next_link({"link": "not a list"}, "https://h.example/x", "s") is None
+
+
+def test_iter_decoded_inflates_in_bounded_pieces() -> None:
+    body = gzip.compress(bytes(8 * DECODE_CHUNK))
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(body))
+
+    with (
+        httpx.Client(transport=httpx.MockTransport(handler)) as client,
+        client.stream("GET", "https://h/f") as r,
+    ):
+        pieces = list(iter_decoded(r))
+    assert sum(map(len, pieces)) == 8 * DECODE_CHUNK
+    assert max(map(len, pieces)) <= DECODE_CHUNK
+
+
+def test_async_batch_status_on_another_origin_is_not_followed() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(202, headers={"Content-Location": "https://evil.example/job/1"})
+
+    client = httpx.Client(transport=httpx.MockTransport(handler), base_url="https://medplum.example/fhir/R4/")
+    status, _, _, error = AsyncBatchRunner(client, FakeClock(), max_bytes=1 << 20).run(b"{}")
+    assert status == 502 and error is not None and "not on Medplum's origin" in error
+    assert seen == ["https://medplum.example/fhir/R4/"]
+
+
+def test_a_host_name_resolving_to_a_special_purpose_address_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    from pfsync import netpolicy
+    from pfsync.http import make_client
+    from pfsync.settings import HttpSettings
+
+    def fake(host: str, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        address = {"metadata.example": "169.254.169.254", "ehr.example": "93.184.216.34"}[host]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, 0))]
+
+    monkeypatch.setattr(netpolicy.socket, "getaddrinfo", fake)
+    netpolicy._resolve.cache_clear()
+    assert netpolicy.resolved_problem("https://ehr.example/fhir") is None
+    assert "resolves to 169.254.169.254" in (netpolicy.resolved_problem("https://metadata.example/x") or "")
+    allowed = netpolicy.parse_networks(["169.254.0.0/16"])
+    assert netpolicy.resolved_problem("https://metadata.example/x", allow_networks=allowed) is None
+    with make_client(HttpSettings()) as client, pytest.raises(ProtocolError, match="special-purpose"):
+        client.get("https://metadata.example/latest/meta-data/")
+    netpolicy._resolve.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "body", [b"<html>a proxy's page</html>", b"[]", b'{"entry":[{"resource":{"resourceType":"Basic"}}]}']
+)
+def test_medplum_state_store_refuses_a_malformed_answer(body: bytes) -> None:
+    from pfsync.state_medplum import MedplumStateStore
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"Content-Type": "application/fhir+json"})
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    store = MedplumStateStore(
+        client, "https://medplum.example/fhir/R4/", clock=FakeClock(), policy=RetryPolicy(retries=0)
+    )
+    with pytest.raises(ProtocolError):
+        store.load("practice-a")
+
+
+def test_a_retry_wait_on_the_real_clock_ends_when_the_process_is_asked_to_stop() -> None:
+    from pfsync.http import RUN_STOP, SystemClock
+
+    threading.Timer(0.2, RUN_STOP.set).start()
+    try:
+        with pytest.raises(InterruptedRunError):  # not HTTPError after one 5 s wait and one more 503
+            request_with_retry(lambda: _response(503, **{"Retry-After": "3600"}), method="GET", url="https://h/t",
+                               policy=RetryPolicy(retries=1, max_wait=5), clock=SystemClock())  # fmt: skip
+    finally:
+        RUN_STOP.clear()

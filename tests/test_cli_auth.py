@@ -159,7 +159,7 @@ def test_cli_auth_test_missing_scopes_warn_then_fail_when_strict(
     strict = runner.invoke(app, ["auth", "test", "--no-medplum"],
                            env=_env(source, target, keys, PFSYNC_STRICT_SCOPES="true"))  # fmt: skip
     assert strict.exit_code == 4
-    assert "practice admin" in strict.stdout and "error: auth test" in strict.stderr
+    assert "practice admin" in strict.stdout and "auth test: 1 check(s) failed" in strict.stderr
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import orjson
 import typer
 from rich.console import Console
 
 from pfsync.errors import ExitCode, PfsyncError, exit_code_for
-from pfsync.log import make_console, setup_logging
+from pfsync.log import current_format, make_console, setup_logging
 from pfsync.redact import redact
-from pfsync.settings import Settings, load_settings
+from pfsync.settings import SPEC_BY_KEY, Settings, load_settings
 
 T = TypeVar("T")
 
@@ -34,6 +36,7 @@ class GlobalOptions:
     config: Path | None = None
     verbosity: int = 0
     log_format: str | None = None
+    resolved_format: str | None = None  # human or json, once logging is set up
 
 
 def state(ctx: typer.Context) -> GlobalOptions:
@@ -52,42 +55,121 @@ def out_console() -> Console:
     return make_console(sys.stdout, stderr=False)
 
 
+# Flags every command that reads settings accepts (README's settings table); build_settings picks
+# them up from the command's parameters by these names.
+_COMMON_FLAGS = {"source_url": "source.base_url", "medplum_url": "medplum.base_url", "state_dir": "state.dir"}
+
+
+def from_environment(ctx: typer.Context, name: str) -> bool:
+    """Whether the parameter `name` took its value from its environment variable."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "ENVIRONMENT"
+
+
+def _from_command_line(ctx: typer.Context, flag: str | None) -> bool:
+    """False when the option behind `flag` took its value from its environment variable: settings
+    read the variable themselves, so an error then names the variable, not the flag."""
+    if flag is None:
+        return True
+    for param in ctx.command.params:
+        if flag in getattr(param, "opts", ()) and param.name is not None:
+            return not from_environment(ctx, param.name)
+    return True
+
+
 def build_settings(ctx: typer.Context, flags: dict[str, Any] | None = None) -> Settings:
     """Resolve settings once: flags > environment > TOML file > defaults; set up logging."""
     opts = state(ctx)
-    all_flags = dict(flags or {})
+    all_flags = {
+        key: value
+        for key, value in (flags or {}).items()
+        if _from_command_line(ctx, SPEC_BY_KEY[key].flag if key in SPEC_BY_KEY else None)
+    }
+    for name, key in _COMMON_FLAGS.items():
+        if ctx.params.get(name) is not None and _from_command_line(ctx, SPEC_BY_KEY[key].flag):
+            all_flags[key] = str(ctx.params[name])
     if opts.log_format:
         all_flags["log.format"] = opts.log_format
     settings = load_settings(flags=all_flags, env=dict(os.environ), config_path=opts.config)
     logger = setup_logging(settings.log_format, opts.verbosity)
+    opts.resolved_format = current_format()
     for warning in settings.warnings:
-        logger.warning(warning)
+        logger.warning(warning, extra={"event": "config_warning"})
     return settings
 
 
-def fail(exc: BaseException, verbosity: int = 0) -> NoReturn:
-    """Render an error on stderr (redacted) and exit with its code."""
-    console = err_console()
+def wants_json(json_out: bool = False) -> bool:
+    """The output policy: JSON on stdout with --json or when stdout is not a terminal."""
+    return json_out or not sys.stdout.isatty()
+
+
+def error_format(opts: GlobalOptions | None) -> str:
+    """human or json, for the final error lines: the log's format once logging is set up, else
+    what the flag or PFSYNC_LOG_FORMAT asks for (auto: json off a terminal)."""
+    if opts is not None and opts.resolved_format:
+        return opts.resolved_format
+    wanted = ((opts.log_format if opts else None) or os.environ.get("PFSYNC_LOG_FORMAT", "")).strip().lower()
+    return wanted if wanted in ("human", "json") else "human" if sys.stderr.isatty() else "json"
+
+
+def fail(exc: BaseException, verbosity: int = 0, opts: GlobalOptions | None = None) -> NoReturn:
+    """Render an error on stderr (redacted) and exit with its code.
+
+    Printed whatever -q says: a failure must never pass unseen. With JSON logs (and in auto mode
+    off a terminal) it is one JSON object, so a log pipeline keeps the reason."""
+    code = exit_code_for(exc)
     if isinstance(exc, PfsyncError):
-        console.print(f"error: {redact(exc.message)}", style="bold red", markup=False, highlight=False)
-        if exc.hint:
-            console.print(f"hint: {redact(exc.hint)}", style="yellow", markup=False, highlight=False)
-        if verbosity > 1:
-            console.print(redact("".join(traceback.format_exception(exc))), markup=False, highlight=False)
+        message, hint = exc.message, exc.hint
     elif isinstance(exc, KeyboardInterrupt):
-        console.print("interrupted", markup=False)
+        message, hint = "interrupted", None
     else:
-        console.print(
-            f"unexpected error: {exc.__class__.__name__}: {redact(str(exc))}",
-            style="bold red",
-            markup=False,
-            highlight=False,
-        )
-        if verbosity > 0:
-            console.print(redact("".join(traceback.format_exception(exc))), markup=False, highlight=False)
-        else:
-            console.print("hint: run again with -v to see where it happened", markup=False)
-    raise typer.Exit(exit_code_for(exc))
+        message = f"unexpected error: {exc.__class__.__name__}: {exc}"
+        hint = None if verbosity > 0 else "run again with -v to see where it happened"
+    show_trace = verbosity > 1 if isinstance(exc, PfsyncError) else verbosity > 0
+    trace = redact("".join(traceback.format_exception(exc))) if show_trace else None
+    report_error(message, hint, code, error_type=exc.__class__.__name__, trace=trace,
+                 fmt=error_format(opts))  # fmt: skip
+    raise typer.Exit(code)
+
+
+def report_error(
+    message: str,
+    hint: str | None,
+    code: int,
+    *,
+    error_type: str | None = None,
+    trace: str | None = None,
+    fmt: str | None = None,
+    source: str | None = None,
+) -> None:
+    """One `error:`/`hint:` pair on stderr (or one JSON object with event "error"), redacted."""
+    fmt = fmt or error_format(None)
+    if fmt == "json":
+        doc: dict[str, Any] = {
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+            "level": "error",
+            "logger": "pfsync",
+            "event": "error",
+            "message": redact(message),
+            "hint": redact(hint) if hint else None,
+            "exitCode": code,
+        }
+        if source is not None:
+            doc["source"] = source
+        if error_type is not None:
+            doc["errorType"] = error_type
+        if trace:
+            doc["exception"] = trace
+        sys.stderr.write(orjson.dumps(doc).decode() + "\n")
+        sys.stderr.flush()
+        return
+    console = err_console()
+    prefix = f"{source}: " if source else ""
+    console.print(f"error: {prefix}{redact(message)}", style="bold red", markup=False, highlight=False)
+    if hint:
+        console.print(f"hint: {redact(hint)}", style="yellow", markup=False, highlight=False)
+    if trace:
+        console.print(trace, markup=False, highlight=False)
 
 
 @contextmanager
@@ -98,10 +180,12 @@ def errors_handled(ctx: typer.Context) -> Iterator[None]:
     except typer.Exit:
         raise
     except (PfsyncError, KeyboardInterrupt) as exc:
-        fail(exc, state(ctx).verbosity)
+        fail(exc, state(ctx).verbosity, state(ctx))
     except Exception as exc:
-        logging.getLogger("pfsync").debug("unexpected error", exc_info=True)
-        fail(exc, state(ctx).verbosity)
+        logging.getLogger("pfsync").debug(
+            "unexpected error", exc_info=True, extra={"event": "unexpected_error"}
+        )
+        fail(exc, state(ctx).verbosity, state(ctx))
 
 
 def run(ctx: typer.Context, fn: Callable[[], T]) -> T:
@@ -120,6 +204,21 @@ SourceOpt = Annotated[
     typer.Option("--source", envvar="PFSYNC_SOURCE", show_envvar=True, help="Only this source (by name)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+SourceUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--source-url",
+        envvar="PF_FHIR_BASE_URL",
+        show_envvar=True,
+        help="FHIR base URL of the EHR (one source; overrides PF_FHIR_BASE_URL).",
+    ),
+]
+MedplumUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--medplum-url", envvar="MEDPLUM_BASE_URL", show_envvar=True, help="Medplum server root URL."
+    ),
+]
 StateDirOpt = Annotated[
     Path | None,
     typer.Option(
@@ -129,18 +228,3 @@ StateDirOpt = Annotated[
         help="Directory of checkpoints, id maps, exports, quarantine and retry queue [default: .pfsync].",
     ),
 ]
-
-
-def not_implemented(ctx: typer.Context, command: str) -> NoReturn:
-    """Commands whose engine has not landed fail loudly, never pretend to succeed.
-
-    Settings are still resolved first, so a broken config is reported as such (exit 3)."""
-    from pfsync.errors import NotImplementedYetError
-
-    with errors_handled(ctx):
-        build_settings(ctx)
-        raise NotImplementedYetError(
-            f"`pfsync {command}` is not implemented yet",
-            hint="see the README's status section for what works today",
-        )
-    raise AssertionError("unreachable")  # pragma: no cover

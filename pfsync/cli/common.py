@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import orjson
 import typer
@@ -132,6 +134,25 @@ def fail(exc: BaseException, verbosity: int = 0, opts: GlobalOptions | None = No
     raise typer.Exit(code)
 
 
+_URL = re.compile(r"https?://[^\s)\]>\"']+")
+LONG_URL = 100
+
+
+def shorten_urls(text: str, limit: int = LONG_URL) -> str:
+    """Long URLs (a kick-off URL with its _type list runs to hundreds of characters) cut down to
+    their origin and last path segment, so the reason around them stays readable."""
+
+    def short(match: re.Match[str]) -> str:
+        url = match.group(0)
+        if len(url) <= limit:
+            return url
+        parts = urlsplit(url)
+        last = parts.path.rstrip("/").rsplit("/", 1)[-1]
+        return f"{parts.scheme}://{parts.netloc}/…/{last}" + ("?…" if parts.query else "")
+
+    return _URL.sub(short, text)
+
+
 def report_error(
     message: str,
     hint: str | None,
@@ -150,7 +171,7 @@ def report_error(
             "level": "error",
             "logger": "pfsync",
             "event": "error",
-            "message": redact(message),
+            "message": shorten_urls(redact(message)),
             "hint": redact(hint) if hint else None,
             "exitCode": code,
         }
@@ -165,7 +186,8 @@ def report_error(
         return
     console = err_console()
     prefix = f"{source}: " if source else ""
-    console.print(f"error: {prefix}{redact(message)}", style="bold red", markup=False, highlight=False)
+    text = shorten_urls(redact(message))
+    console.print(f"error: {prefix}{text}", style="bold red", markup=False, highlight=False)
     if hint:
         console.print(f"hint: {redact(hint)}", style="yellow", markup=False, highlight=False)
     if trace:

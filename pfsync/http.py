@@ -9,6 +9,7 @@ errors are temporary; Retry-After is honoured in both forms (seconds and HTTP-da
 from __future__ import annotations
 
 import email.utils
+import logging
 import random
 import ssl
 import time
@@ -23,6 +24,8 @@ from pfsync import __version__
 from pfsync.errors import HTTPError
 from pfsync.redact import redact
 from pfsync.settings import HttpSettings
+
+_log = logging.getLogger("pfsync.http")
 
 USER_AGENT = f"pfsync/{__version__}"
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -144,6 +147,13 @@ def request_with_retry(
     Returns the final response (which may be an error status the caller interprets); raises
     HTTPError (temporary) when retries are exhausted on a network error or retryable status.
     """
+
+    def log_retry(attempt: int, wait: float, reason: str) -> None:
+        # A wait is never silent: an unreachable host would look like a hang.
+        _log.warning("http_retry %s %s: %s; retry %d of %d in %.1f s", method, redact(url), reason, attempt,
+                     policy.retries, wait, extra={"event": "http_retry"})  # fmt: skip
+
+    on_retry = on_retry or log_retry
     attempt = 0
     while True:
         try:
@@ -158,8 +168,7 @@ def request_with_retry(
                     url=url,
                 ) from None
             wait = policy.backoff(attempt)
-            if on_retry:
-                on_retry(attempt, wait, exc.__class__.__name__)
+            on_retry(attempt, wait, exc.__class__.__name__)
             clock.sleep(wait)
             continue
         if response.status_code not in retry_status:
@@ -176,8 +185,7 @@ def request_with_retry(
             )
         hinted = parse_retry_after(response.headers.get("Retry-After"), clock.now())
         wait = min(policy.max_wait, hinted) if hinted is not None else policy.backoff(attempt)
-        if on_retry:
-            on_retry(attempt, wait, f"HTTP {response.status_code}")
+        on_retry(attempt, wait, f"HTTP {response.status_code}")
         response.close()
         clock.sleep(wait)
 

@@ -168,3 +168,16 @@ def test_a_secret_that_is_not_path_like_is_used_as_it_is(tmp_path: Path) -> None
     settings = load_settings(env={**NOWHERE, "PF_CLIENT_SECRET": "a/b+c=="}, cwd=tmp_path)
     secret = settings.source().client_secret
     assert secret is not None and secret.reveal() == "a/b+c=="
+
+
+def test_retries_against_an_unreachable_port_are_logged_while_waiting(tmp_path: Path) -> None:
+    env = {**os.environ, **NOWHERE, "PFSYNC_LOG_FORMAT": "json", "PFSYNC_HTTP_RETRIES": "2",
+           "PFSYNC_RETRY_MAX_WAIT": "0.05", "PFSYNC_STATE_DIR": str(tmp_path)}  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "pfsync", "sync"], env=env, capture_output=True, text=True)
+    assert out.returncode == 75
+    lines = _json_lines(out.stderr)
+    retries = [line for line in lines if line["event"] == "http_retry"]
+    assert len(retries) == 2 and all(line["level"] == "warning" for line in retries)
+    assert "retry 1 of 2" in str(retries[0]["message"])
+    (error,) = [line for line in lines if line["event"] == "error"]
+    assert error["exitCode"] == 75 and "unreachable" in str(error["hint"])

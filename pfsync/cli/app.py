@@ -48,7 +48,7 @@ def root(
         ),
     ] = None,
     verbose: Annotated[
-        int, typer.Option("--verbose", "-v", count=True, help="More detail (-vv: debug).")
+        int, typer.Option("--verbose", "-v", count=True, show_default=False, help="More detail (-vv: debug).")
     ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False,
     log_format: Annotated[

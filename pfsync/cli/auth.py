@@ -42,8 +42,10 @@ def auth_test(
 
     Examples:
 
+    \b
       pfsync auth test
 
+    \b
       pfsync auth test --source practice-a --json
     """
 
@@ -97,8 +99,10 @@ def auth_keygen(
 
     Examples:
 
+    \b
       pfsync auth keygen --out keys/ --alg ES384
 
+    \b
       pfsync auth keygen --out keys/ --alg RS384 --kid pfsync-2025
     """
 

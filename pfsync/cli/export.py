@@ -135,7 +135,9 @@ def export(
     ] = None,
     group: Annotated[
         list[str] | None,
-        typer.Option("--group", envvar="PFSYNC_GROUPS", show_envvar=True, help="Group id (repeat)."),
+        typer.Option(
+            "--group", metavar="<id>", envvar="PFSYNC_GROUPS", show_envvar=True, help="Group id (repeat)."
+        ),
     ] = None,
     level: Annotated[
         str | None,
@@ -163,8 +165,10 @@ def export(
 
     Examples:
 
+    \b
       pfsync export --full --out exports/2026-11-25
 
+    \b
       pfsync export --since 2026-01-01T00:00:00Z --types Patient,Condition --out backfill/
     """
 

@@ -103,7 +103,12 @@ def outcome_error(result: LoadResult) -> TemporaryError | PartialLoadError | Non
 @app.command("load")
 def load_command(
     ctx: typer.Context,
-    paths: Annotated[list[Path], typer.Argument(help="NDJSON files (.ndjson, .ndjson.gz) or directories.")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="PATH", help="NDJSON files (.ndjson, .ndjson.gz) or directories.", show_default=False
+        ),
+    ],
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Report what would change; write nothing.")
     ] = False,
@@ -125,10 +130,13 @@ def load_command(
 
     Examples:
 
+    \b
       pfsync load exports/2026-11-25/
 
+    \b
       pfsync load Patient.ndjson.gz --dry-run
 
+    \b
       pfsync load .pfsync/default/quarantine.ndjson
     """
 

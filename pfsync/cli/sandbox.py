@@ -42,15 +42,24 @@ def sandbox(
 
     Prints the environment (PF_FHIR_BASE_URL, PF_CLIENT_ID, MEDPLUM_BASE_URL, ...) that points
     pfsync at them; the sandboxes' client secrets are written to files in the state directory
-    and the environment names those files, so nothing secret is printed. Stop with Ctrl-C.
+    and the environment names those files, so nothing secret is printed. Stop with Ctrl-C or
+    SIGTERM; a temporary state directory (no --state) is removed then.
 
     Examples:
 
+    \b
       pfsync sandbox
 
+    \b
       pfsync sandbox --data ../shared/fixtures/synthea-small --state /tmp/pfsync-sandbox
 
-      eval "$(pfsync sandbox --env-file /tmp/sb.env & sleep 3; cat /tmp/sb.env)"
+    In the background, then use it from the same shell (the env file appears once both serve):
+
+    \b
+      pfsync sandbox --env-file /tmp/sb.env >/dev/null 2>&1 &
+
+    \b
+      until [ -s /tmp/sb.env ]; do sleep 0.2; done; . /tmp/sb.env
     """
     from pfsync.sandbox.run import env_lines, start_sandboxes
 

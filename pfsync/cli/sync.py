@@ -70,7 +70,11 @@ def _problem_hint(settings: Settings, result: SourceResult) -> str | None:
         path = settings.state_dir / result.source / QUARANTINE_FILE
         return f"see {path} for each resource's reason; fix the cause, then replay it: pfsync load {path}"
     if result.exit_code == ExitCode.TEMPORARY:
-        return "the next run retries them first and re-exports the same window"
+        if any(c.get("retry_queued") for c in result.counts.values()):
+            return "the next run retries them first and re-exports the same window"
+        return (
+            "the source or Medplum was unreachable or overloaded; the next run tries again (nothing was lost)"
+        )
     return None
 
 
@@ -176,12 +180,16 @@ def sync(
 
     Examples:
 
+    \b
       pfsync sync
 
+    \b
       pfsync sync --source practice-a --metrics /var/lib/node_exporter/pfsync.prom
 
+    \b
       pfsync sync --every 24h
 
+    \b
       pfsync sync --shard $JOB_COMPLETION_INDEX/4
     """
     settings = run(ctx, lambda: build_settings(ctx))
@@ -243,8 +251,10 @@ def status(
 
     Examples:
 
+    \b
       pfsync status
 
+    \b
       pfsync status --json
     """
     settings = run(ctx, lambda: build_settings(ctx))

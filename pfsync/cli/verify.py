@@ -112,7 +112,9 @@ def verify(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --fix: list actions only.")] = False,
     source: SourceOpt = None,
     json_out: JsonOpt = False,
-    limit: Annotated[int, typer.Option("--limit", min=0, help="Ids listed per category in the table.")] = 20,
+    limit: Annotated[
+        int, typer.Option("--limit", min=0, metavar="<int>", help="Ids listed per category in the table.")
+    ] = 20,
 ) -> None:
     """Report missing, duplicated, extra and dangling resources between the source and Medplum.
 
@@ -121,8 +123,10 @@ def verify(
 
     Examples:
 
+    \b
       pfsync verify --from exports/2026-11-25 --json
 
+    \b
       pfsync verify --content --fix --dry-run
     """
     from pfsync.verify import VerifyOptions

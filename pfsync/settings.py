@@ -3,7 +3,8 @@
 Precedence, highest first: command-line flags, environment, the TOML config file (`--config`,
 default `pfsync.toml` in the working directory if present), defaults. Every setting is one row
 of `SPECS`; the README's configuration table and `--help` are checked against it by the tests.
-The seed design's environment names (PF_*, MEDPLUM_*) are accepted so deployments carry over.
+The environment names of the Medplum Practice Fusion bot integration (PF_*, MEDPLUM_*) are accepted
+so its deployments carry over.
 """
 
 from __future__ import annotations
@@ -423,7 +424,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("sync.enabled", ("PF_SYNC_ENABLED",), _bool, True, "Master switch: false makes `pfsync sync` do nothing (and status report it)."),
     Spec("sync.parallel_sources", ("PFSYNC_PARALLEL_SOURCES",), _positive_int, 1, "Sources synced at once."),
     Spec("sync.stale_after", ("PFSYNC_STALE_AFTER",), parse_duration, 172_800.0, "status: unhealthy when the last success is older than this."),
-    Spec("sync.adopt_seed_checkpoint", ("PFSYNC_ADOPT_SEED_CHECKPOINT",), _bool, False, "Start from the seed integration's Parameters lastSyncTime in Medplum."),
+    Spec("sync.adopt_seed_checkpoint", ("PFSYNC_ADOPT_SEED_CHECKPOINT",), _bool, False, "Start from the lastSyncTime of the Medplum Practice Fusion bot integration (its Parameters resource in Medplum)."),
     # --- state & output
     Spec("state.backend", ("PFSYNC_STATE_BACKEND",), _choice("local", "medplum"), "local", "Where checkpoints live: local JSON files or a Basic resource in Medplum."),
     Spec("state.dir", ("PFSYNC_STATE_DIR",), _path, Path(".pfsync"), "Directory of checkpoints, id maps, exports, quarantine and retry queue.", flag="--state-dir"),

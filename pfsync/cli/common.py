@@ -101,8 +101,9 @@ def build_settings(ctx: typer.Context, flags: dict[str, Any] | None = None) -> S
 
 
 def wants_json(json_out: bool = False) -> bool:
-    """The output policy: JSON on stdout with --json or when stdout is not a terminal."""
-    return json_out or not sys.stdout.isatty()
+    """The output policy (README "Output"): results as one JSON object on stdout with --json or
+    when stdout is not a terminal (rich's TTY_COMPATIBLE=1 asks for the tables anyway)."""
+    return json_out or not out_console().is_terminal
 
 
 def error_format(opts: GlobalOptions | None) -> str:

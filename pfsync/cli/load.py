@@ -20,7 +20,17 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from pfsync.cli.app import app
-from pfsync.cli.common import JsonOpt, SourceOpt, build_settings, err_console, out_console, run
+from pfsync.cli.common import (
+    JsonOpt,
+    MedplumUrlOpt,
+    SourceOpt,
+    StateDirOpt,
+    build_settings,
+    err_console,
+    out_console,
+    run,
+    wants_json,
+)
 from pfsync.errors import PartialLoadError, TemporaryError
 from pfsync.events import EventSink, FanoutSink
 from pfsync.http import make_client
@@ -29,6 +39,7 @@ from pfsync.log import LogSink
 from pfsync.medplum_auth import medplum_auth
 from pfsync.schedule import stop_on_signals
 from pfsync.settings import Settings, SourceSettings, require
+from pfsync.state import QUARANTINE_FILE, source_dir
 
 COLUMNS = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")
 
@@ -46,6 +57,11 @@ class LoadProgress:
         with self._lock:
             if event == "load_file_start":
                 self.progress.update(self.task, description=f"reading {Path(str(d['file'])).name}")
+            elif event == "load_file_complete":
+                name = Path(str(d["file"])).name
+                self.progress.update(
+                    self.task, description=f"read {name}: {plural(d.get('resources', 0), 'resource')}"
+                )
             elif event == "load_progress":
                 rate = d["done"] / max(0.001, time.monotonic() - self.started)
                 quota = d.get("quota_remaining")
@@ -62,8 +78,12 @@ def source_for_load(settings: Settings, name: str | None) -> SourceSettings:
     return settings.source(name)
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def render_summary(result: LoadResult, json_out: bool) -> None:
-    if json_out:
+    if wants_json(json_out):
         doc = {"byType": result.by_type, "normalized": result.normalized, "quotaUsed": result.quota_used,
                "requests": result.requests, "durationSeconds": round(result.duration, 3), "dryRun": result.dry_run,
                "logicalReferences": result.logical_references, "stats": result.stats}  # fmt: skip
@@ -79,24 +99,34 @@ def render_summary(result: LoadResult, json_out: bool) -> None:
     table.add_row("total", *(str(result.total(c)) for c in COLUMNS), str(sum(result.normalized.values())))
     console = out_console()
     console.print(table)
-    console.print(
-        f"{result.requests} requests, about {result.quota_used:,} quota points, {result.duration:.1f} s"
-        + (
-            f", {result.logical_references} resources keep logical references"
-            if result.logical_references
-            else ""
+    if result.dry_run:
+        # A dry run sends only the identity searches: its quota says nothing about the writes.
+        cost = f"{plural(result.requests, 'read request')} ({result.quota_used:,} quota points; writes not counted)"
+    else:
+        cost = f"{plural(result.requests, 'request')}, about {result.quota_used:,} quota points"
+    console.print(f"{cost}, {result.duration:.1f} s", markup=False)
+    if result.logical_references:
+        console.print(
+            f"{plural(result.logical_references, 'resource')} in the id map still hold logical references "
+            "(their targets are not in Medplum yet; a later run upgrades them)",
+            markup=False,
         )
-    )
 
 
-def outcome_error(result: LoadResult) -> TemporaryError | PartialLoadError | None:
+def outcome_error(
+    result: LoadResult, quarantine: Path | None = None
+) -> TemporaryError | PartialLoadError | None:
     """Exit 75 when the retry queue is not empty, 6 when some resources were quarantined."""
     if result.retry_queued:
-        return TemporaryError(f"{result.retry_queued} resources wait in the retry queue",
+        n = result.retry_queued
+        return TemporaryError(f"{plural(n, 'resource')} {'waits' if n == 1 else 'wait'} in the retry queue",
                               hint="run pfsync load or pfsync sync again later; they are retried first")  # fmt: skip
     if result.quarantined:
-        return PartialLoadError(f"{result.quarantined} resources were quarantined",
-                                hint="see quarantine.ndjson in the state directory; fix and replay it with pfsync load")  # fmt: skip
+        n = result.quarantined
+        where = str(quarantine) if quarantine else "quarantine.ndjson in the state directory"
+        return PartialLoadError(f"{plural(n, 'resource')} {'was' if n == 1 else 'were'} quarantined",
+                                hint=f"each reason is in {where}; fix the cause, then replay it: pfsync load {where}"
+                                if quarantine else f"see {where}; fix and replay it with pfsync load")  # fmt: skip
     return None
 
 
@@ -123,6 +153,8 @@ def load_command(
     ] = False,
     source: SourceOpt = None,
     json_out: JsonOpt = False,
+    medplum_url: MedplumUrlOpt = None,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Upsert NDJSON into Medplum: one resource per source id, references rewritten to Medplum ids.
 
@@ -163,7 +195,7 @@ def load_command(
                 source_client = stack.enter_context(make_client(settings.http, auth=bearer))
             stop = stack.enter_context(stop_on_signals(threading.Event()))
             sinks: list[EventSink] = [LogSink(quiet_events=frozenset({"load_progress", "load_file_start"}))]
-            if err_console().is_terminal and not json_out:
+            if err_console().is_terminal and not wants_json(json_out):
                 progress = stack.enter_context(
                     Progress(
                         SpinnerColumn(),
@@ -190,7 +222,7 @@ def load_command(
             )
             result = load(loader, paths)
         render_summary(result, json_out)
-        error = outcome_error(result)
+        error = outcome_error(result, source_dir(settings.state_dir, src.name) / QUARANTINE_FILE)
         if error is not None and not dry_run:
             raise error
 

@@ -142,13 +142,16 @@ def sync(
     source: SourceOpt = None,
     every: Annotated[
         str | None,
-        typer.Option("--every", help="Run forever at this interval (e.g. 24h), like the seed design."),
+        typer.Option(
+            "--every",
+            help="Run forever at this interval (e.g. 24h), like the Medplum Practice Fusion bot integration.",
+        ),
     ] = None,
     daemon: Annotated[
         bool,
         typer.Option(
             "--daemon",
-            help="Run forever at sync.interval_ms (PF_SYNC_INTERVAL_MS), like the seed design.",
+            help="Run forever at sync.interval_ms (PF_SYNC_INTERVAL_MS), like the Medplum Practice Fusion bot integration.",
         ),
     ] = False,
     run_on_startup: Annotated[

@@ -1,0 +1,43 @@
+"""`pfsync load` as an operator reads it (issue 17): one quarantined resource is "1 resource",
+the hint names the quarantine file to replay, and --medplum-url / --state-dir work as the README says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+from load_helpers import write_ndjson
+from target_fixtures import TARGET_CLIENT, TARGET_SECRET
+from typer.testing import CliRunner
+
+from pfsync.cli import app
+from pfsync.sandbox.target import TargetSandbox
+
+pytestmark = pytest.mark.integration
+
+
+def test_load_quarantine_error_names_the_file_to_replay(target: TargetSandbox, tmp_path: Path) -> None:
+    data = write_ndjson(tmp_path / "p.ndjson", [{"resourceType": "Patient", "id": "a", "foo": 1},
+                                                {"resourceType": "Patient", "id": "b"}])  # fmt: skip
+    state = tmp_path / "elsewhere"
+    # Only flags for the URL and the state directory (README settings table), no environment for them.
+    env = {"MEDPLUM_CLIENT_ID": TARGET_CLIENT, "MEDPLUM_CLIENT_SECRET": TARGET_SECRET}
+    args = [
+        "--log-format",
+        "human",
+        "load",
+        str(data),
+        "--medplum-url",
+        target.base_url,
+        "--state-dir",
+        str(state),
+    ]
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 6, result.output
+    quarantine = state / "default" / "quarantine.ndjson"
+    assert quarantine.is_file()
+    assert "error: 1 resource was quarantined" in result.stderr
+    assert f"pfsync load {quarantine}" in result.stderr
+    doc = orjson.loads(result.stdout)  # not a terminal: the result is one JSON object
+    assert doc["byType"]["Patient"]["quarantined"] == 1 and doc["byType"]["Patient"]["created"] == 1

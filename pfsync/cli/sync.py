@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -206,7 +207,7 @@ def sync(
 
     def once() -> int:
         def go() -> int:
-            from pfsync.log import LogSink
+            from pfsync.log import LOGGER_NAME, LogSink
 
             # On a terminal: one live line per source, and the log keeps only warnings and errors
             # (-v shows every event). Elsewhere every event is a log line (JSON off a terminal).
@@ -214,6 +215,8 @@ def sync(
             live = console.is_terminal and state(ctx).resolved_format == "human" and state(ctx).verbosity >= 0
             with ExitStack() as stack:
                 sinks: list[EventSink] = [LogSink(quiet_events=QUIET_EVENTS, info_as_debug=live)]
+                if live and state(ctx).verbosity == 0:
+                    logging.getLogger(LOGGER_NAME).setLevel(logging.WARNING)  # the live lines say the rest
                 if live:
                     sinks.append(SyncProgress(stack.enter_context(make_progress(console))))
                 events = FanoutSink(sinks)

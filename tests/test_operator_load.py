@@ -41,3 +41,29 @@ def test_load_quarantine_error_names_the_file_to_replay(target: TargetSandbox, t
     assert f"pfsync load {quarantine}" in result.stderr
     doc = orjson.loads(result.stdout)  # not a terminal: the result is one JSON object
     assert doc["byType"]["Patient"]["quarantined"] == 1 and doc["byType"]["Patient"]["created"] == 1
+
+
+NOWHERE = {"MEDPLUM_BASE_URL": "http://127.0.0.1:9/", "MEDPLUM_CLIENT_ID": "m", "MEDPLUM_CLIENT_SECRET": "s",
+           "PFSYNC_HTTP_RETRIES": "0", "PFSYNC_LOG_FORMAT": "human"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("content", "code", "fragment"),
+    [
+        (bytes(range(256)) * 16, 2, "not NDJSON (line 1 does not start a JSON object)"),
+        (b"Patient,id\n1,a\n", 2, "not NDJSON"),
+        (b"", 0, "is empty: nothing to load from it"),
+        (b"\n\n", 0, "is empty"),
+    ],
+)
+def test_load_refuses_what_is_not_ndjson_before_any_request(
+    tmp_path: Path, content: bytes, code: int, fragment: str
+) -> None:
+    path = tmp_path / "input.ndjson"
+    path.write_bytes(content)
+    # Medplum is unreachable (port 9): reaching the network would be exit 75.
+    result = CliRunner().invoke(
+        app, ["load", str(path)], env={**NOWHERE, "PFSYNC_STATE_DIR": str(tmp_path / "s")}
+    )
+    assert result.exit_code == code, result.output
+    assert fragment in result.stderr

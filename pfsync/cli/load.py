@@ -7,6 +7,7 @@ configured the source is named "default" with the default identifier systems and
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -31,12 +32,13 @@ from pfsync.cli.common import (
     run,
     wants_json,
 )
-from pfsync.errors import PartialLoadError, TemporaryError
+from pfsync.errors import PartialLoadError, TemporaryError, UsageError
 from pfsync.events import EventSink, FanoutSink
 from pfsync.http import make_client
 from pfsync.load import Loader, LoadResult, load
 from pfsync.log import LogSink
 from pfsync.medplum_auth import medplum_auth
+from pfsync.ndjson import iter_paths, open_binary
 from pfsync.schedule import stop_on_signals
 from pfsync.settings import Settings, SourceSettings, require
 from pfsync.state import QUARANTINE_FILE, source_dir
@@ -76,6 +78,35 @@ def source_for_load(settings: Settings, name: str | None) -> SourceSettings:
     if not settings.sources and name in (None, "default"):
         return SourceSettings(name="default", base_url="")
     return settings.source(name)
+
+
+def check_inputs(paths: list[Path]) -> int:
+    """Refuse what is not NDJSON before any request (a binary file would otherwise be quarantined
+    line by line as "(unreadable)" resources, exit 6); say so when a file holds nothing. Returns
+    how many files hold something."""
+    files = list(iter_paths(paths))
+    loadable = 0
+    if not files:
+        raise UsageError(f"no NDJSON files in {', '.join(str(p) for p in paths)}",
+                         hint="pfsync load reads .ndjson, .ndjson.gz and .json files")  # fmt: skip
+    for path in files:
+        try:
+            with open_binary(path) as fh:
+                head = fh.read(4096)
+        except (OSError, EOFError) as exc:
+            raise UsageError(f"{path}: not readable ({exc.__class__.__name__}: {exc})") from None
+        start = head.lstrip(b" \t\r\n\xef\xbb\xbf")
+        if not start:
+            logging.getLogger("pfsync.load").warning("%s is empty: nothing to load from it", path,
+                                                     extra={"event": "load_empty_file"})  # fmt: skip
+        elif not start.startswith(b"{") or b"\x00" in head:
+            raise UsageError(
+                f"{path}: not NDJSON (line 1 does not start a JSON object)",
+                hint="pfsync load reads NDJSON: one FHIR resource (a JSON object) per line, optionally gzipped",
+            )
+        else:
+            loadable += 1
+    return loadable
 
 
 def plural(n: int, noun: str) -> str:
@@ -174,6 +205,8 @@ def load_command(
 
     def go() -> None:
         settings = build_settings(ctx, {"load.async_batch": True if async_batch else None})
+        if not check_inputs(paths):
+            return  # every file is empty: each one was reported, nothing to send
         src = source_for_load(settings, source)
         mp = settings.medplum
         require(mp.client_id, "medplum.client_id", "pfsync load")

@@ -67,3 +67,18 @@ def test_load_refuses_what_is_not_ndjson_before_any_request(
     )
     assert result.exit_code == code, result.output
     assert fragment in result.stderr
+
+
+def test_load_a_resource_too_large_for_a_bundle_hints_at_async_batch(
+    target: TargetSandbox, tmp_path: Path
+) -> None:
+    div = '<div xmlns="http://www.w3.org/1999/xhtml">' + "x" * 1_200_000 + "</div>"
+    big = {"resourceType": "Patient", "id": "big", "text": {"status": "generated", "div": div}}
+    data = write_ndjson(tmp_path / "big.ndjson", [big])
+    env = {"MEDPLUM_BASE_URL": target.base_url, "MEDPLUM_CLIENT_ID": TARGET_CLIENT,
+           "MEDPLUM_CLIENT_SECRET": TARGET_SECRET, "PFSYNC_STATE_DIR": str(tmp_path / "s"),
+           "PFSYNC_LOG_FORMAT": "human"}  # fmt: skip
+    result = CliRunner().invoke(app, ["load", str(data)], env=env)
+    assert result.exit_code == 6, result.output
+    assert "hint: 1 resource too large for a synchronous Bundle load with --async-batch" in result.stderr
+    assert "pfsync load --async-batch " in result.stderr

@@ -181,3 +181,29 @@ def test_retries_against_an_unreachable_port_are_logged_while_waiting(tmp_path: 
     assert "retry 1 of 2" in str(retries[0]["message"])
     (error,) = [line for line in lines if line["event"] == "error"]
     assert error["exitCode"] == 75 and "unreachable" in str(error["hint"])
+
+
+# ---- status ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "since", "text"),
+    [
+        ("full", None, "full export in exports/run-1, started 2026-12-05T07:10:22Z"),
+        ("incremental", "2026-12-04T00:00:00Z",
+         "incremental export of changes since 2026-12-04T00:00:00Z in exports/run-1, started 2026-12-05T07:10:22Z"),
+    ],
+)  # fmt: skip
+def test_status_in_flight_reads_without_contradiction(
+    tmp_path: Path, kind: str, since: str | None, text: str
+) -> None:
+    from pfsync.state import InFlight, LocalStateStore, SyncState
+
+    store = LocalStateStore(tmp_path / "state")
+    store.save(
+        SyncState(source="a", in_flight=InFlight(kind, "exports/run-1", since, "2026-12-05T07:10:22Z"))
+    )
+    env = {"PF_FHIR_BASE_URL": "http://127.0.0.1:9/fhir", "PFSYNC_SOURCE_NAME": "a"}
+    result = runner.invoke(app, ["status", "--state-dir", str(tmp_path / "state")], env=env)
+    row = orjson.loads(result.stdout)["sources"][0]
+    assert row["inFlight"] == text

@@ -73,6 +73,17 @@ class LoadProgress:
                 self.progress.update(self.task, description=text, completed=d["done"])
 
 
+class QuarantineReasons:
+    """Notes whether a resource was quarantined for its size (it would load with --async-batch)."""
+
+    def __init__(self) -> None:
+        self.too_large = 0
+
+    def emit(self, event: str, /, **d: Any) -> None:
+        if event == "load_quarantined" and "too large" in str(d.get("reason", "")).lower():
+            self.too_large += 1
+
+
 def source_for_load(settings: Settings, name: str | None) -> SourceSettings:
     """The configured source, or a "default" one with identifier defaults for a pure replay."""
     if not settings.sources and name in (None, "default"):
@@ -145,7 +156,7 @@ def render_summary(result: LoadResult, json_out: bool) -> None:
 
 
 def outcome_error(
-    result: LoadResult, quarantine: Path | None = None
+    result: LoadResult, quarantine: Path | None = None, too_large: int = 0
 ) -> TemporaryError | PartialLoadError | None:
     """Exit 75 when the retry queue is not empty, 6 when some resources were quarantined."""
     if result.retry_queued:
@@ -155,9 +166,15 @@ def outcome_error(
     if result.quarantined:
         n = result.quarantined
         where = str(quarantine) if quarantine else "quarantine.ndjson in the state directory"
-        return PartialLoadError(f"{plural(n, 'resource')} {'was' if n == 1 else 'were'} quarantined",
-                                hint=f"each reason is in {where}; fix the cause, then replay it: pfsync load {where}"
-                                if quarantine else f"see {where}; fix and replay it with pfsync load")  # fmt: skip
+        hint = (f"each reason is in {where}; fix the cause, then replay it: pfsync load {where}" if quarantine
+                else f"see {where}; fix and replay it with pfsync load")  # fmt: skip
+        if too_large:
+            # medplum.md "Size limits": a synchronous Bundle is refused over 1 MiB; async takes more.
+            hint = (f"{plural(too_large, 'resource')} too large for a synchronous Bundle load with --async-batch "
+                    f"(PFSYNC_ASYNC_BATCH=true): pfsync load --async-batch {where}; " + hint)  # fmt: skip
+        return PartialLoadError(
+            f"{plural(n, 'resource')} {'was' if n == 1 else 'were'} quarantined", hint=hint
+        )
     return None
 
 
@@ -227,7 +244,11 @@ def load_command(
                 _, bearer = source_auth(src, plain, http=settings.http)
                 source_client = stack.enter_context(make_client(settings.http, auth=bearer))
             stop = stack.enter_context(stop_on_signals(threading.Event()))
-            sinks: list[EventSink] = [LogSink(quiet_events=frozenset({"load_progress", "load_file_start"}))]
+            reasons = QuarantineReasons()
+            sinks: list[EventSink] = [
+                LogSink(quiet_events=frozenset({"load_progress", "load_file_start"})),
+                reasons,
+            ]
             if err_console().is_terminal and not wants_json(json_out):
                 progress = stack.enter_context(
                     Progress(
@@ -255,7 +276,9 @@ def load_command(
             )
             result = load(loader, paths)
         render_summary(result, json_out)
-        error = outcome_error(result, source_dir(settings.state_dir, src.name) / QUARANTINE_FILE)
+        error = outcome_error(
+            result, source_dir(settings.state_dir, src.name) / QUARANTINE_FILE, reasons.too_large
+        )
         if error is not None and not dry_run:
             raise error
 

@@ -207,3 +207,20 @@ def test_status_in_flight_reads_without_contradiction(
     result = runner.invoke(app, ["status", "--state-dir", str(tmp_path / "state")], env=env)
     row = orjson.loads(result.stdout)["sources"][0]
     assert row["inFlight"] == text
+
+
+@pytest.mark.parametrize("fmt", ["human", "json"])
+def test_command_line_mistakes_are_one_error_and_hint_too(fmt: str) -> None:
+    env = {**os.environ, "PFSYNC_LOG_FORMAT": fmt}
+    out = subprocess.run([sys.executable, "-m", "pfsync", "sync", "--no-such-flag"], env=env, capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 2
+    if fmt == "human":
+        error, hint = out.stderr.splitlines()
+        assert error == "error: No such option: --no-such-flag"
+        assert hint.startswith("hint: see `") and hint.endswith(
+            "pfsync sync --help`"
+        )  # python -m pfsync here
+    else:
+        (line,) = _json_lines(out.stderr)
+        assert line["event"] == "error" and line["exitCode"] == 2 and "--no-such-flag" in str(line["message"])

@@ -124,11 +124,25 @@ def plural(n: int, noun: str) -> str:
     return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
-def render_summary(result: LoadResult, json_out: bool) -> None:
+# medplum.md "Quota costs" (measured): about 100 points per write in direct mode (identity search
+# included), about 140 per conditional PUT. A dry run sends only the searches, so its own quota
+# says nothing about the load; this is what the writes it counted will cost.
+QUOTA_PER_WRITE = {"direct": 100, "conditional": 140}
+
+
+def quota_estimate(result: LoadResult, upsert_mode: str) -> int:
+    writes = result.total("created") + result.total("updated") + result.total("deleted")
+    return writes * QUOTA_PER_WRITE.get(upsert_mode, 100)
+
+
+def render_summary(result: LoadResult, json_out: bool, upsert_mode: str = "direct") -> None:
+    estimate = quota_estimate(result, upsert_mode) if result.dry_run else None
     if wants_json(json_out):
         doc = {"byType": result.by_type, "normalized": result.normalized, "quotaUsed": result.quota_used,
                "requests": result.requests, "durationSeconds": round(result.duration, 3), "dryRun": result.dry_run,
                "logicalReferences": result.logical_references, "stats": result.stats}  # fmt: skip
+        if estimate is not None:
+            doc["quotaEstimate"] = estimate
         sys.stdout.write(orjson.dumps(doc).decode() + "\n")
         return
     title = "pfsync load (dry run: nothing written)" if result.dry_run else "pfsync load"
@@ -141,9 +155,10 @@ def render_summary(result: LoadResult, json_out: bool) -> None:
     table.add_row("total", *(str(result.total(c)) for c in COLUMNS), str(sum(result.normalized.values())))
     console = out_console()
     console.print(table)
-    if result.dry_run:
-        # A dry run sends only the identity searches: its quota says nothing about the writes.
-        cost = f"{plural(result.requests, 'read request')} ({result.quota_used:,} quota points; writes not counted)"
+    if estimate is not None:
+        per = QUOTA_PER_WRITE.get(upsert_mode, 100)
+        cost = (f"the load would cost about {estimate:,} quota points (~{per} per write, {upsert_mode} mode); "
+                f"this dry run: {plural(result.requests, 'read request')}, {result.quota_used:,} points")  # fmt: skip
     else:
         cost = f"{plural(result.requests, 'request')}, about {result.quota_used:,} quota points"
     console.print(f"{cost}, {result.duration:.1f} s", markup=False)
@@ -275,7 +290,7 @@ def load_command(
                 )
             )
             result = load(loader, paths)
-        render_summary(result, json_out)
+        render_summary(result, json_out, settings.load.upsert_mode)
         error = outcome_error(
             result, source_dir(settings.state_dir, src.name) / QUARANTINE_FILE, reasons.too_large
         )

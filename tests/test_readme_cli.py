@@ -134,7 +134,11 @@ NOWHERE = {"PF_FHIR_BASE_URL": "http://127.0.0.1:9/fhir", "PF_CLIENT_ID": "c", "
     ("args", "env", "code"),
     [
         (["--version"], {}, 0),
-        (["sync", "--no-such-flag"], {}, 2),
+        (
+            ["export", "--since", "yesterday", "--out", "d"],
+            {},
+            2,
+        ),  # click's own: test_command_line_mistakes_*
         (["status"], {"PF_SYNC_ENABLED": "maybe"}, 3),
         (["status"], {}, 9),  # never ran: unhealthy
         (["sync"], {}, 75),  # nothing listens on port 9
@@ -148,8 +152,13 @@ def test_documented_exit_codes_are_reachable_from_the_cli(
     # test_load_quarantine_error_names_the_file_to_replay, 7 test_status_corrupt_checkpoint_is_exit_7,
     # 8 test_sync_concurrent_runs_second_refused_exit_8_naming_holder, 11
     # test_verify_cli_json_exit_codes_and_fix, 130 test_cli_export_sigterm_stops_cleanly_and_resumes.
-    result = runner.invoke(app, args, env={**NOWHERE, "PFSYNC_STATE_DIR": str(tmp_path), **env})
+    env = {**NOWHERE, "PFSYNC_STATE_DIR": str(tmp_path), "PFSYNC_LOG_FORMAT": "human", **env}
+    result = runner.invoke(app, args, env=env)
     assert result.exit_code == code, result.output
+    if code:  # every failure ends with one error:/hint: pair
+        lines = result.stderr.splitlines()
+        assert sum(line.startswith("error: ") for line in lines) == 1, result.stderr
+        assert sum(line.startswith("hint: ") for line in lines) == 1, result.stderr
 
 
 # ---- examples ----------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def fail(exc: BaseException, verbosity: int = 0, opts: GlobalOptions | None = No
         message, hint = "interrupted", None
     else:
         message = f"unexpected error: {exc.__class__.__name__}: {exc}"
-        hint = None if verbosity > 0 else "run again with -v to see where it happened"
+        hint = "this is a bug: please report it with the traceback" if verbosity > 0 else None
     show_trace = verbosity > 1 if isinstance(exc, PfsyncError) else verbosity > 0
     trace = redact("".join(traceback.format_exception(exc))) if show_trace else None
     report_error(message, hint, code, error_type=exc.__class__.__name__, trace=trace,
@@ -154,6 +154,23 @@ def shorten_urls(text: str, limit: int = LONG_URL) -> str:
     return _URL.sub(short, text)
 
 
+# When an error brings no hint of its own: what to do about its exit code (README "Exit codes").
+DEFAULT_HINTS: dict[int, str] = {
+    ExitCode.UNEXPECTED: "run again with -v to see where it happened, and please report it",
+    ExitCode.USAGE: "see pfsync --help and the command's --help",
+    ExitCode.CONFIG: "fix the setting named above (README: Configuration); retrying will not help",
+    ExitCode.AUTH: "check the credentials and the app's authorisation: pfsync auth test shows each step",
+    ExitCode.EXPORT_FAILED: "the source's export failed: retry later, and tell the EHR if it persists",
+    ExitCode.PARTIAL: "the quarantine file in the state directory has each resource's reason; fix, then pfsync load it",
+    ExitCode.STATE: "inspect the state directory (PFSYNC_STATE_DIR): it is never overwritten silently",
+    ExitCode.LOCKED: "another run is working: nothing to do",
+    ExitCode.UNHEALTHY: "pfsync status shows each source's reasons",
+    ExitCode.VERIFY_MISMATCH: "run pfsync verify --fix --dry-run to see the repairs",
+    ExitCode.TEMPORARY: "the next scheduled run tries again; nothing was lost",
+    ExitCode.INTERRUPTED: "progress is saved: the next run resumes",
+}
+
+
 def report_error(
     message: str,
     hint: str | None,
@@ -166,6 +183,7 @@ def report_error(
 ) -> None:
     """One `error:`/`hint:` pair on stderr (or one JSON object with event "error"), redacted."""
     fmt = fmt or error_format(None)
+    hint = hint or DEFAULT_HINTS.get(code)
     if fmt == "json":
         doc: dict[str, Any] = {
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",

@@ -296,9 +296,10 @@ def status(
                     str(s.retry_queue_size), s.lock_holder or "-",
                 )  # fmt: skip
             out_console().print(table)
-        unhealthy = [s.source for s in statuses if not s.healthy]
+        unhealthy = [s for s in statuses if not s.healthy]
         if unhealthy:
-            raise UnhealthyError(f"unhealthy: {', '.join(unhealthy)}")
+            raise UnhealthyError(f"unhealthy: {', '.join(s.source for s in unhealthy)}",
+                                 hint="; ".join(f"{s.source}: {', '.join(s.reasons)}" for s in unhealthy))  # fmt: skip
         return 0
 
     exit_with(run(ctx, go))

@@ -148,6 +148,7 @@ def test_misspelt_toml_keys_are_configuration_errors(tmp_path: Path, toml: str, 
         (["export", "--level", "grup"], {}, 2, "(did you mean group?)"),
         (["export"], {"PF_CLIENT_SECRET": "/no/such/dir/secret"}, 3, "secret file /no/such/dir/secret does not exist"),
         (["export"], {"PF_CLIENT_SECRET": "./nosuch-secret"}, 3, "does not exist"),
+        (["export"], {"MEDPLUM_CLIENT_SECRET": "/"}, 3, "MEDPLUM_CLIENT_SECRET: secret file / is a directory"),
     ],
 )  # fmt: skip
 def test_bad_settings_stop_before_any_request(

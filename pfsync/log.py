@@ -141,7 +141,7 @@ def setup_logging(fmt: str, verbosity: int, *, stream: IO[str] | None = None) ->
 
 
 # Events that report a problem, at warning level; the rest are info (or debug when quiet).
-WARNING_EVENTS = frozenset({"load_quarantined", "sync_locked", "load_retry_queued"})
+WARNING_EVENTS = frozenset({"load_quarantined", "sync_locked"})
 _OUTCOME_LEVEL = {"failed": logging.ERROR, "interrupted": logging.WARNING, "locked": logging.WARNING,
                   "partial": logging.WARNING}  # fmt: skip
 
@@ -155,7 +155,13 @@ def level_of(event: str, detail: dict[str, Any], default: int = logging.INFO) ->
         return _OUTCOME_LEVEL.get(str(detail.get("outcome")), default)
     if event == "sync_summary":
         code = detail.get("exitCode")
-        return default if code in (0, None) else logging.WARNING if code in (6, 8) else logging.ERROR
+        return default if code in (0, None) else logging.WARNING if code in (6, 8, 130) else logging.ERROR
+    if event == "load_complete" and (detail.get("quarantined") or detail.get("retry_queued")):
+        return logging.WARNING
+    if event == "export_complete" and detail.get("problems"):
+        return logging.WARNING
+    if event == "verify_complete" and detail.get("ok") is False:
+        return logging.WARNING
     return default
 
 

@@ -45,6 +45,10 @@ def _json_lines(text: str) -> list[dict[str, object]]:
         ("sync_source_complete", {"source": "a", "outcome": "ok", "exitCode": 0}, logging.INFO),
         ("sync_summary", {"exitCode": 75}, logging.ERROR),
         ("download_error", {"name": "x"}, logging.WARNING),
+        ("load_complete", {"created": 3, "quarantined": 0, "retry_queued": 2}, logging.WARNING),
+        ("load_complete", {"created": 3, "quarantined": 0, "retry_queued": 0}, logging.INFO),
+        ("export_complete", {"files": 3, "problems": 1}, logging.WARNING),
+        ("verify_complete", {"ok": False}, logging.WARNING),
     ],
 )
 def test_failures_are_logged_at_warning_or_error(event: str, detail: dict[str, object], level: int) -> None:

@@ -249,7 +249,10 @@ def _send(
                     method=request.method,
                     url=str(request.url),
                 ) from None
-            wait(clock, policy.backoff(attempt), stop)
+            delay = policy.backoff(attempt)
+            log.warning("http_retry %s: %s; retry %d of %d in %.1f s", what, exc.__class__.__name__, attempt,
+                        policy.retries, delay, extra={"event": "http_retry"})  # fmt: skip
+            wait(clock, delay, stop)
             continue
         if not is_temporary(response):
             return response
@@ -266,7 +269,8 @@ def _send(
                 message=outcome_text(response) or "",
                 retryIn=round(delay, 3),
             )
-        log.info("%s answered %s; retrying in %.1fs", what, response.status_code, delay)
+        log.warning("http_retry %s answered %s; retry %d of %d in %.1f s", what, response.status_code, attempt,
+                    policy.retries, delay, extra={"event": "http_retry"})  # fmt: skip
         wait(clock, delay, stop)
 
 

@@ -229,3 +229,40 @@ def test_command_line_mistakes_are_one_error_and_hint_too(fmt: str) -> None:
     else:
         (line,) = _json_lines(out.stderr)
         assert line["event"] == "error" and line["exitCode"] == 2 and "--no-such-flag" in str(line["message"])
+
+
+def test_export_requests_log_each_retry_as_a_warning() -> None:
+    import httpx
+    from test_auth_support import FakeClock
+
+    from pfsync.bulk import _send
+    from pfsync.http import RetryPolicy
+
+    answers = iter([httpx.ConnectError("refused"), httpx.Response(503), httpx.Response(200)])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("pfsync.export")
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+            request = client.build_request("GET", "http://127.0.0.1:9/fhir/Patient/$export")
+            response = _send(client, request, None, policy=RetryPolicy(retries=3, max_wait=0.1), clock=FakeClock(),
+                             stop=None, what="export kick-off", max_wait=0.1)  # fmt: skip
+    finally:
+        logger.removeHandler(keep)
+    assert response.status_code == 200
+    retries = [r for r in records if getattr(r, "event", None) == "http_retry"]
+    assert [r.levelno for r in retries] == [logging.WARNING, logging.WARNING]
+    assert "ConnectError" in retries[0].getMessage() and "503" in retries[1].getMessage()

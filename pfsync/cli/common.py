@@ -100,6 +100,11 @@ def build_settings(ctx: typer.Context, flags: dict[str, Any] | None = None) -> S
     return settings
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 resource', '2 resources'."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def wants_json(json_out: bool = False) -> bool:
     """The output policy (README "Output"): results as one JSON object on stdout with --json or
     when stdout is not a terminal (rich's TTY_COMPATIBLE=1 asks for the tables anyway)."""

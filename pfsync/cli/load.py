@@ -29,6 +29,7 @@ from pfsync.cli.common import (
     build_settings,
     err_console,
     out_console,
+    plural,
     run,
     wants_json,
 )
@@ -118,10 +119,6 @@ def check_inputs(paths: list[Path]) -> int:
         else:
             loadable += 1
     return loadable
-
-
-def plural(n: int, noun: str) -> str:
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 # medplum.md "Quota costs" (measured): about 100 points per write in direct mode (identity search

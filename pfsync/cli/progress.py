@@ -1,8 +1,8 @@
 """Live progress on a terminal: one rich line per source (export, download, load) for `pfsync sync`.
 
 Fed by the same events as the log (pfsync.events). Events other than `sync_source_*` carry no
-source name; they belong to the source whose run is on the emitting thread, or to the only source
-running (download workers run on their own threads).
+source name; they belong to the source whose export id they carry (noted at its kick-off), else
+to the source whose run is on the emitting thread, else to the only source running.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import time
 from typing import Any
 
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+
+from pfsync.cli.common import plural
 
 
 def make_progress(console: Any) -> Progress:
@@ -27,14 +29,17 @@ class SyncProgress:
         self._lock = threading.Lock()
         self._tasks: dict[str, TaskID] = {}
         self._by_thread: dict[int, str] = {}
+        self._by_export: dict[str, str] = {}  # export id -> source: download workers have their own threads
         self._active: list[str] = []
         self._files: dict[str, int] = {}
         self._bytes: dict[str, int] = {}
         self._loaded: dict[str, int] = {}
         self._started: dict[str, float] = {}
 
-    def _source(self) -> str | None:
-        name = self._by_thread.get(threading.get_ident())
+    def _source(self, detail: dict[str, Any]) -> str | None:
+        name = self._by_export.get(str(detail.get("exportId")))
+        if name is None:
+            name = self._by_thread.get(threading.get_ident())
         if name is None and len(self._active) == 1:
             name = self._active[0]
         return name
@@ -64,7 +69,9 @@ class SyncProgress:
                     self._show(name, f"{outcome} ({written} written)")
                     self.progress.update(self._tasks[name], total=1, completed=1)
                 return
-            current = self._source()
+            current = self._source(d)
+            if event == "kickoff" and current is not None and d.get("exportId"):
+                self._by_export[str(d["exportId"])] = current
             if current is not None and current in self._tasks:
                 self._describe(current, event, d)
 
@@ -78,7 +85,9 @@ class SyncProgress:
         elif event == "download_complete":
             self._files[name] = self._files.get(name, 0) + 1
             self._bytes[name] = self._bytes.get(name, 0) + int(d.get("bytes") or 0)
-            self._show(name, f"downloaded {self._files[name]} files, {self._bytes[name] / 1e6:.1f} MB")
+            self._show(
+                name, f"downloaded {plural(self._files[name], 'file')}, {self._bytes[name] / 1e6:.1f} MB"
+            )
         elif event == "load_progress":
             done = int(d.get("done") or 0)
             self._loaded[name] = done

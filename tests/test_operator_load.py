@@ -52,6 +52,11 @@ NOWHERE = {"MEDPLUM_BASE_URL": "http://127.0.0.1:9/", "MEDPLUM_CLIENT_ID": "m", 
     [
         (bytes(range(256)) * 16, 2, "not NDJSON (line 1 does not start a JSON object)"),
         (b"Patient,id\n1,a\n", 2, "not NDJSON"),
+        (
+            b'{"id": "a", "name": "no type"}\n{"id": "b"}\n',
+            2,
+            "JSON, but not FHIR resources (no resourceType",
+        ),
         (b"", 0, "is empty: nothing to load from it"),
         (b"\n\n", 0, "is empty"),
     ],
@@ -82,3 +87,15 @@ def test_load_a_resource_too_large_for_a_bundle_hints_at_async_batch(
     assert result.exit_code == 6, result.output
     assert "hint: 1 resource too large for a synchronous Bundle load with --async-batch" in result.stderr
     assert "pfsync load --async-batch " in result.stderr
+
+
+def test_load_one_bad_first_line_among_resources_is_left_to_quarantine(
+    target: TargetSandbox, tmp_path: Path
+) -> None:
+    path = tmp_path / "mixed.ndjson"
+    path.write_bytes(b'{"id": "x"}\n{"resourceType": "Patient", "id": "p1"}\n')
+    env = {"MEDPLUM_BASE_URL": target.base_url, "MEDPLUM_CLIENT_ID": TARGET_CLIENT,
+           "MEDPLUM_CLIENT_SECRET": TARGET_SECRET, "PFSYNC_STATE_DIR": str(tmp_path / "s")}  # fmt: skip
+    result = CliRunner().invoke(app, ["load", str(path)], env=env)
+    assert result.exit_code == 6, result.output  # the bad line quarantined, the Patient loaded
+    assert target.count("Patient") == 1

@@ -40,6 +40,7 @@ from pfsync.load import Loader, LoadResult, load
 from pfsync.log import LogSink
 from pfsync.medplum_auth import medplum_auth
 from pfsync.ndjson import iter_paths, open_binary
+from pfsync.quarantine import is_wrapped
 from pfsync.schedule import stop_on_signals
 from pfsync.settings import Settings, SourceSettings, require
 from pfsync.state import QUARANTINE_FILE, source_dir
@@ -92,6 +93,23 @@ def source_for_load(settings: Settings, name: str | None) -> SourceSettings:
     return settings.source(name)
 
 
+def _not_a_resource(head: bytes) -> bool:
+    """True when every whole line in `head` is a JSON object without resourceType: JSON, but not
+    FHIR. One bad line among resources is the loader's to quarantine; a pretty-printed document's
+    first line does not parse, so the loader reads it as a document."""
+    lines = [line for line in head.split(b"\n")[:-1] if line.strip()]  # the last one may be cut off
+    if not lines:
+        return False
+    for line in lines:
+        try:
+            doc = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(doc, dict) or "resourceType" in doc:
+            return False
+    return True
+
+
 def check_inputs(paths: list[Path]) -> int:
     """Refuse what is not NDJSON before any request (a binary file would otherwise be quarantined
     line by line as "(unreadable)" resources, exit 6); say so when a file holds nothing. Returns
@@ -115,6 +133,11 @@ def check_inputs(paths: list[Path]) -> int:
             raise UsageError(
                 f"{path}: not NDJSON (line 1 does not start a JSON object)",
                 hint="pfsync load reads NDJSON: one FHIR resource (a JSON object) per line, optionally gzipped",
+            )
+        elif _not_a_resource(start) and not is_wrapped(path):
+            raise UsageError(
+                f"{path}: JSON, but not FHIR resources (no resourceType on its first lines)",
+                hint="pfsync load reads FHIR resources (each with its resourceType), or a quarantine file",
             )
         else:
             loadable += 1

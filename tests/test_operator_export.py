@@ -69,3 +69,11 @@ def test_long_urls_are_shortened_in_error_lines() -> None:
     text = shorten_urls(f"refused (401): Invalid token (at {url})")
     assert text == "refused (401): Invalid token (at https://ehr.example.com/…/$export?…)"
     assert shorten_urls("at https://short.example/x") == "at https://short.example/x"
+
+
+def test_export_takes_the_source_url_as_a_flag(source: SourceSandbox, tmp_path: Path) -> None:
+    env = {k: v for k, v in _env(source).items() if k != "PF_FHIR_BASE_URL"}
+    args = ["--log-format", "json", "export", "--source-url", source.base_url(), "--out", str(tmp_path / "x")]
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert _summary(result.stdout)["files"] == 2

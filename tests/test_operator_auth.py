@@ -6,6 +6,7 @@ from __future__ import annotations
 import email.utils
 
 import httpx
+import orjson
 import pytest
 from pytest_httpx import HTTPXMock
 from test_auth_support import (
@@ -22,6 +23,7 @@ from test_auth_support import (
 from pfsync.auth import token_failure_hint
 from pfsync.authcheck import AuthTestReport, Check, run_auth_test
 from pfsync.errors import AuthError, ConfigError, ExitCode
+from pfsync.sandbox.source import SourceSandbox
 from pfsync.settings import HttpSettings, Settings
 
 # Texts the SMART reference bulk-data-server sends (bulk-data.md, its simulated registration errors).
@@ -106,3 +108,24 @@ def test_auth_test_clock_shows_no_minus_zero(httpx_mock: HTTPXMock) -> None:
     clock = FakeClock(t=1_700_000_000.4)  # the Date header has whole seconds: 0.4 s behind
     response = httpx.Response(200, headers={"Date": email.utils.formatdate(clock.now(), usegmt=True)})
     assert _clock_check(response, clock, {}).detail == "0 s from the server's Date header"
+
+
+@pytest.mark.integration
+def test_auth_test_cli_fhir_side_401_is_exit_4_against_the_sandbox(source: SourceSandbox) -> None:
+    from typer.testing import CliRunner
+
+    from pfsync.cli import app
+
+    source.faults.server_error("kickoff", times=None, status=401)  # the token works, the FHIR API refuses it
+    env = {"PF_FHIR_BASE_URL": source.base_url(), "PF_CLIENT_ID": "pfsync-sandbox",
+           "PF_CLIENT_SECRET": "sandbox-secret", "PFSYNC_LOG_FORMAT": "human"}  # fmt: skip
+    result = CliRunner().invoke(app, ["auth", "test", "--no-medplum", "--json"], env=env)
+    assert result.exit_code == 4, result.output
+    (target,) = orjson.loads(result.stdout)["targets"]
+    checks = {c["name"]: c for c in target["checks"]}
+    assert checks["token"]["status"] == "ok"
+    assert (
+        checks["export_patient"]["status"] == "fail"
+        and "refuses the access token" in checks["export_patient"]["hint"]
+    )
+    assert "hint: the FHIR server refuses the access token" in result.stderr

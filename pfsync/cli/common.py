@@ -26,7 +26,7 @@ import typer
 from rich.console import Console
 
 from pfsync.errors import ExitCode, PfsyncError, exit_code_for
-from pfsync.log import current_format, make_console, setup_logging
+from pfsync.log import LOGGER_NAME, current_format, make_console, setup_logging
 from pfsync.redact import redact
 from pfsync.settings import SPEC_BY_KEY, Settings, load_settings
 
@@ -98,6 +98,16 @@ def build_settings(ctx: typer.Context, flags: dict[str, Any] | None = None) -> S
     for warning in settings.warnings:
         logger.warning(warning, extra={"event": "config_warning"})
     return settings
+
+
+def live_display(ctx: typer.Context) -> bool:
+    """Whether to show live progress on stderr (README "Output"): a terminal with human logs and
+    no -q. Then the log keeps to warnings and errors, unless -v asks for every event."""
+    opts = state(ctx)
+    live = err_console().is_terminal and opts.resolved_format == "human" and opts.verbosity >= 0
+    if live and opts.verbosity == 0:
+        logging.getLogger(LOGGER_NAME).setLevel(logging.WARNING)  # the live lines say the rest
+    return live
 
 
 def plural(n: int, noun: str) -> str:

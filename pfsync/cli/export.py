@@ -32,6 +32,7 @@ from pfsync.cli.common import (
     SourceUrlOpt,
     build_settings,
     err_console,
+    live_display,
     out_console,
     run,
     wants_json,
@@ -108,15 +109,16 @@ class ProgressSink:
 
 
 @contextmanager
-def _sink(json_out: bool) -> Iterator[EventSink]:
-    log_sink = LogSink(quiet_events=frozenset({"download_progress", "status_progress"}))
-    if json_out or not sys.stderr.isatty():
+def _sink(live: bool) -> Iterator[EventSink]:
+    """Events to the log; on a terminal also to a live display (the log then keeps to problems)."""
+    log_sink = LogSink(quiet_events=frozenset({"download_progress", "status_progress"}), info_as_debug=live)
+    if not live:
         yield log_sink
         return
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=err_console(), transient=False) as progress:
-        yield FanoutSink([ProgressSink(progress)])
+        yield FanoutSink([ProgressSink(progress), log_sink])
 
 
 @app.command("export")
@@ -203,7 +205,7 @@ def export(
             granted = authenticator.granted_types(src.resource_types)[0]
             results = []
             started = time.monotonic()
-            with stop_on_signals(threading.Event()) as stop, _sink(json_out) as sink:
+            with stop_on_signals(threading.Event()) as stop, _sink(live_display(ctx)) as sink:
                 for req, out_dir in zip(requests, dirs, strict=True):
                     results.append(run_export(src, settings.export, client, auth, out_dir=out_dir, request=req,
                                               events=sink, stop=stop, granted_types=granted, policy=policy))  # fmt: skip

@@ -28,6 +28,7 @@ from pfsync.cli.common import (
     StateDirOpt,
     build_settings,
     err_console,
+    live_display,
     out_console,
     plural,
     run,
@@ -280,11 +281,12 @@ def load_command(
                 source_client = stack.enter_context(make_client(settings.http, auth=bearer))
             stop = stack.enter_context(stop_on_signals(threading.Event()))
             reasons = QuarantineReasons()
+            live = live_display(ctx)
             sinks: list[EventSink] = [
-                LogSink(quiet_events=frozenset({"load_progress", "load_file_start"})),
+                LogSink(quiet_events=frozenset({"load_progress", "load_file_start"}), info_as_debug=live),
                 reasons,
             ]
-            if err_console().is_terminal and not wants_json(json_out):
+            if live:
                 progress = stack.enter_context(
                     Progress(
                         SpinnerColumn(),

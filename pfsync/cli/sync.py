@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ from pfsync.cli.common import (
     err_console,
     error_format,
     exit_with,
+    live_display,
     out_console,
     report_error,
     run,
@@ -207,18 +207,15 @@ def sync(
 
     def once() -> int:
         def go() -> int:
-            from pfsync.log import LOGGER_NAME, LogSink
+            from pfsync.log import LogSink
 
             # On a terminal: one live line per source, and the log keeps only warnings and errors
             # (-v shows every event). Elsewhere every event is a log line (JSON off a terminal).
-            console = err_console()
-            live = console.is_terminal and state(ctx).resolved_format == "human" and state(ctx).verbosity >= 0
+            live = live_display(ctx)
             with ExitStack() as stack:
                 sinks: list[EventSink] = [LogSink(quiet_events=QUIET_EVENTS, info_as_debug=live)]
-                if live and state(ctx).verbosity == 0:
-                    logging.getLogger(LOGGER_NAME).setLevel(logging.WARNING)  # the live lines say the rest
                 if live:
-                    sinks.append(SyncProgress(stack.enter_context(make_progress(console))))
+                    sinks.append(SyncProgress(stack.enter_context(make_progress(err_console()))))
                 events = FanoutSink(sinks)
                 store, close = open_store(settings)
                 stack.callback(close)

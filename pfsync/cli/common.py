@@ -259,7 +259,12 @@ SourceOpt = Annotated[
     str | None,
     typer.Option("--source", envvar="PFSYNC_SOURCE", show_envvar=True, help="Only this source (by name)."),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print the result as one JSON object on stdout (the default off a terminal)."
+    ),
+]
 SourceUrlOpt = Annotated[
     str | None,
     typer.Option(

@@ -193,3 +193,18 @@ def test_help_examples_parse_with_the_cli(command: list[str]) -> None:
     assert lines
     for line in lines:
         _parse(_args(line))
+
+
+def test_readme_toml_example_is_a_valid_config(tmp_path: Path) -> None:
+    from pfsync.settings import load_settings
+
+    (toml,) = re.findall(r"```toml\n(.*?)```", README.read_text(), re.S)
+    for path in sorted(set(re.findall(r'"(/run/secrets/[^"]+)"', toml))):
+        local = tmp_path / Path(path).name
+        local.write_text("not-a-real-secret\n")
+        local.chmod(0o600)
+        toml = toml.replace(path, str(local))
+    (tmp_path / "pfsync.toml").write_text(toml)
+    settings = load_settings(env={}, config_path=tmp_path / "pfsync.toml")
+    assert [s.name for s in settings.sources] == ["practice-a", "practice-b"]
+    assert settings.medplum.client_secret is not None

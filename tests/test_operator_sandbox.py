@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import orjson
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -61,6 +62,9 @@ def test_sandbox_without_state_leaves_nothing_and_prints_no_traceback(tmp_path: 
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "ConnectionResetError" not in err, err
     assert not state_dir.exists()
+    # stderr is not a terminal: one JSON object per line (README "Output"), the ready and stop events.
+    events = [orjson.loads(line)["event"] for line in err.splitlines()]
+    assert events == ["sandbox_ready", "sandbox_stopped"]
 
 
 def test_sandbox_help_background_example_does_not_hang(tmp_path: Path) -> None:

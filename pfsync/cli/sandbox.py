@@ -11,8 +11,10 @@ from typing import Annotated
 import typer
 
 from pfsync.cli.app import app
-from pfsync.cli.common import err_console, errors_handled
+from pfsync.cli.common import err_console, error_format, errors_handled
+from pfsync.cli.common import state as global_options
 from pfsync.errors import UsageError
+from pfsync.log import setup_logging
 
 
 @app.command("sandbox")
@@ -75,15 +77,23 @@ def sandbox(
     typer.echo("# pfsync sandboxes on 127.0.0.1; paste these lines into your shell:")
     for line in lines:
         typer.echo(line)
+    # stdout is the result (shell lines to paste or source); stderr follows the output policy.
+    opts = global_options(ctx)
+    fmt = error_format(opts)
+    log = setup_logging(fmt, opts.verbosity)
     console = err_console()
-    console.print(
-        f"source (Practice Fusion-like): {boxes.source.base_url()}\n"
-        f"target (Medplum-like):         {boxes.target.base_url}\n"
-        f"state:                         {boxes.state_dir}\n"
-        "serving until Ctrl-C / SIGTERM",
-        markup=False,
-        highlight=False,
-    )
+    if fmt == "json":
+        log.info("sandbox_ready", extra={"event": "sandbox_ready", "eventDetail": {
+            "source": boxes.source.base_url(), "target": boxes.target.base_url, "stateDir": str(boxes.state_dir)}})  # fmt: skip
+    elif opts.verbosity >= 0:
+        console.print(
+            f"source (Practice Fusion-like): {boxes.source.base_url()}\n"
+            f"target (Medplum-like):         {boxes.target.base_url}\n"
+            f"state:                         {boxes.state_dir}\n"
+            "serving until Ctrl-C / SIGTERM",
+            markup=False,
+            highlight=False,
+        )
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     try:
@@ -93,4 +103,7 @@ def sandbox(
         pass
     finally:
         boxes.stop()
-        console.print("sandboxes stopped", markup=False)
+        if fmt == "json":
+            log.info("sandboxes stopped", extra={"event": "sandbox_stopped"})
+        elif opts.verbosity >= 0:
+            console.print("sandboxes stopped", markup=False)

@@ -450,7 +450,10 @@ def _medplum(settings: Settings, client: httpx.Client, clock: Clock) -> TargetRe
                      "and MEDPLUM_BASE_URL",
                 403: "the ClientApplication's access policy does not allow reading Patient"}.get(
             response.status_code, "check MEDPLUM_BASE_URL (the server root, FHIR lives under fhir/R4/)")  # fmt: skip
-        code = ExitCode.AUTH if response.status_code in (401, 403) else ExitCode.TEMPORARY
+        status = response.status_code
+        # 404 and other 4xx: the URL is wrong (exit 3); 429 and 5xx: try later (exit 75).
+        code = (ExitCode.AUTH if status in (401, 403) else
+                ExitCode.TEMPORARY if status == 429 or status >= 500 else ExitCode.CONFIG)  # fmt: skip
         checks.append(Check("fhir_read", "fail", f"HTTP {response.status_code}: {outcome_text(response) or ''}",
                             hint=hint, code=code))  # fmt: skip
     quota = response.headers.get("RateLimit")

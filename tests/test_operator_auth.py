@@ -129,3 +129,30 @@ def test_auth_test_cli_fhir_side_401_is_exit_4_against_the_sandbox(source: Sourc
         and "refuses the access token" in checks["export_patient"]["hint"]
     )
     assert "hint: the FHIR server refuses the access token" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(404, ExitCode.CONFIG), (503, ExitCode.TEMPORARY), (401, ExitCode.AUTH)]
+)
+def test_auth_test_medplum_fhir_read_failure_codes(
+    httpx_mock: HTTPXMock, status: int, code: ExitCode
+) -> None:
+    from dataclasses import replace
+
+    from pfsync.redact import Secret
+    from pfsync.settings import MedplumSettings
+
+    medplum = MedplumSettings(
+        base_url="https://mp.example.com/", client_id="c", client_secret=Secret("mp-s3cret")
+    )
+    httpx_mock.add_response(  # reusable: a 401 renews the token once
+        url="https://mp.example.com/oauth2/token", method="POST", json=token_body("mp-tok"), is_reusable=True
+    )
+    httpx_mock.add_response(url="https://mp.example.com/fhir/R4/Patient?_summary=count", status_code=status,
+                            is_reusable=True)  # fmt: skip
+    settings = replace(
+        Settings(sources=()), medplum=medplum, http=HttpSettings(retries=0, retry_max_wait=0.1)
+    )
+    report = run_auth_test(settings, httpx.Client(), clock=FakeClock())
+    (check,) = [c for c in report.targets[-1].checks if c.name == "fhir_read"]
+    assert check.status == "fail" and check.code == code

@@ -208,3 +208,10 @@ def test_readme_toml_example_is_a_valid_config(tmp_path: Path) -> None:
     settings = load_settings(env={}, config_path=tmp_path / "pfsync.toml")
     assert [s.name for s in settings.sources] == ["practice-a", "practice-b"]
     assert settings.medplum.client_secret is not None
+
+
+def test_help_has_no_python_type_names() -> None:
+    for command in [[], *COMMANDS]:
+        text = _help(command)
+        assert "<list[" not in text and "range>" not in text and "{" not in text, (command, text)
+        assert "[default: 0]" not in text

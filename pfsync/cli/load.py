@@ -19,6 +19,7 @@ import orjson
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
 from pfsync.cli.app import app
 from pfsync.cli.common import (
@@ -214,7 +215,18 @@ def outcome_error(
     return None
 
 
-@app.command("load")
+class _LoadCommand(TyperCommand):
+    """`pfsync load`'s help says PATH... where Typer prints "{PATH}..." and "<list[Path]>"."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        super().format_help(ctx, formatter)
+        formatter.buffer[:] = [
+            piece.replace("{PATH}...", "PATH...").replace("PATH <list[Path]>", "PATH...          ")
+            for piece in formatter.buffer
+        ]
+
+
+@app.command("load", cls=_LoadCommand)
 def load_command(
     ctx: typer.Context,
     paths: Annotated[

@@ -266,3 +266,27 @@ def test_export_requests_log_each_retry_as_a_warning() -> None:
     retries = [r for r in records if getattr(r, "event", None) == "http_retry"]
     assert [r.levelno for r in retries] == [logging.WARNING, logging.WARNING]
     assert "ConnectError" in retries[0].getMessage() and "503" in retries[1].getMessage()
+
+
+def test_sigterm_while_the_stop_event_is_locked_does_not_deadlock() -> None:
+    """`sync --every` sits in stop.wait(), which holds the Event's own lock at moments: a handler
+    that set the Event right there deadlocked (seen as a 30 s hang after SIGTERM)."""
+    import signal
+    import threading
+
+    from pfsync.schedule import stop_on_signals
+
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+
+        def signal_arrives_inside_wait() -> None:
+            with stop._cond:  # type: ignore[attr-defined]  # as inside Event.wait()
+                handler(signal.SIGTERM, None)
+
+        worker = threading.Thread(target=signal_arrives_inside_wait, daemon=True)
+        worker.start()
+        worker.join(5)
+        assert not worker.is_alive(), "the signal handler deadlocked on the stop event's lock"
+        assert stop.wait(5)

@@ -95,7 +95,8 @@ def sandbox(
             highlight=False,
         )
     stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    # Set from a thread: the handler may run while stopped.wait() holds the Event's own lock.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=stopped.set, daemon=True).start())
     try:
         while not stopped.wait(0.5):
             pass

@@ -248,6 +248,16 @@ def token_failure_hint(status: int, error: str, description: str, method: str) -
     if error == "invalid_scope":
         return ("scope not authorised: ask the practice admin to authorise the app for these resource "
                 "types, or narrow PF_RESOURCE_TYPES")  # fmt: skip
+    if "registration" in text:
+        # bulk-data.md: "Registration token expired" is about the client's registration, not the clock.
+        return ("the client registration has expired or is no longer valid: register the app again with "
+                "the EHR and configure the new client id (PF_CLIENT_ID)")  # fmt: skip
+    if "jti" in text:
+        return ("the server refused the assertion's jti: pfsync sends a fresh random jti on every request, "
+                "so the server or the app's registration refuses it; check the registration with the EHR")  # fmt: skip
+    if "jwt expired" in text:
+        return ("clock skew: the assertion had expired by the server's clock; sync this machine's clock "
+                "(NTP)")  # fmt: skip
     if "kid" in text or "public key" in text or "jwks" in text:
         return ("the public key is not registered with the EHR, or PF_KEY_ID (kid) does not match a kid "
                 "in the registered JWKS")  # fmt: skip

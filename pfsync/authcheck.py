@@ -83,11 +83,14 @@ class AuthTestReport:
             return None
         names = ", ".join(f"{t.name}: {c.name}" for t, c in self.failures)
         message = f"auth test: {len(self.failures)} check(s) failed ({names})"
+        # The failing checks' own hints: the error line must stand alone (a JSON log has no "above").
+        hints = list(dict.fromkeys(c.hint for _, c in self.failures if c.hint))
+        hint = "; ".join(hints) if hints else "see the checks above"
         if self.exit_code == ExitCode.CONFIG:
-            return ConfigError(message, hint="see the hints above")
+            return ConfigError(message, hint=hint)
         if self.exit_code == ExitCode.AUTH:
-            return AuthError(message, hint="see the hints above")
-        err = TemporaryError(message, hint="see the hints above")
+            return AuthError(message, hint=hint)
+        err = TemporaryError(message, hint=hint)
         err.exit_code = self.exit_code
         return err
 
@@ -140,7 +143,9 @@ def _clock_check(response: httpx.Response, clock: Clock, facts: dict[str, Any]) 
         return Check("clock", "warn", f"server clock is {skew:+.0f} s from ours",
                      hint="clock skew: sync this machine's clock (NTP); assertions are refused when "
                           "their exp is more than 300 s ahead of the server's clock")  # fmt: skip
-    return Check("clock", "ok", f"{skew:+.0f} s from the server's Date header")
+    # The Date header has whole seconds: below one second there is no sign to show ("-0 s").
+    shown = "0 s" if abs(skew) < 1 else f"{skew:+.0f} s"
+    return Check("clock", "ok", f"{shown} from the server's Date header")
 
 
 def _probe_settings(http: HttpSettings) -> HttpSettings:
@@ -195,7 +200,15 @@ class _SourceProbe:
             self.add(name, "fail", exc.message, hint=hint, code=ExitCode.TEMPORARY)
             return False
         status = response.status_code
-        self.add("reachable", "ok" if status < 500 else "warn", f"GET /metadata answered {status}")
+        if status in (404, 410) or (400 <= status < 500 and status not in (401, 403, 406, 429)):
+            # A FHIR base URL serves its CapabilityStatement at /metadata: a 404 means a wrong base URL.
+            self.add("reachable", "fail", f"GET /metadata answered {status}", code=ExitCode.CONFIG,
+                     hint="this is not a FHIR base URL: check PF_FHIR_BASE_URL (for Practice Fusion, "
+                          "one URL per practice, ending in the practice id)")  # fmt: skip
+        elif status >= 300:
+            self.add("reachable", "warn", f"GET /metadata answered {status}")
+        else:
+            self.add("reachable", "ok", f"GET /metadata answered {status}")
         tls = "certificate verified" if response.url.scheme == "https" else "not used (http)"
         self.add("tls", "ok" if response.url.scheme == "https" else "skip", tls)
         self.checks.append(_clock_check(response, self.clock, self.facts))
@@ -347,6 +360,12 @@ class _SourceProbe:
             answers[name] = works
             if works:
                 self.add(f"export_{name}", "ok", text)
+            elif name == needed and status in (401, 403):
+                # The token endpoint issued a token the FHIR API refuses: authorisation, not the level.
+                self.add(f"export_{name}", "fail", f"HTTP {status}: {text}", code=ExitCode.AUTH,
+                         hint="the FHIR server refuses the access token the token endpoint issued (revoked, "
+                              "expired or not authorised for bulk export): check the app's registration "
+                              "and authorisation with the EHR / practice admin")  # fmt: skip
             elif name == needed:
                 self.add(f"export_{name}", "fail", f"HTTP {status}: {text}", code=ExitCode.CONFIG,
                          hint="the server refuses the configured export level: pick another with --level "
@@ -444,7 +463,10 @@ def _medplum(settings: Settings, client: httpx.Client, clock: Clock) -> TargetRe
                      "and MEDPLUM_BASE_URL",
                 403: "the ClientApplication's access policy does not allow reading Patient"}.get(
             response.status_code, "check MEDPLUM_BASE_URL (the server root, FHIR lives under fhir/R4/)")  # fmt: skip
-        code = ExitCode.AUTH if response.status_code in (401, 403) else ExitCode.TEMPORARY
+        status = response.status_code
+        # 404 and other 4xx: the URL is wrong (exit 3); 429 and 5xx: try later (exit 75).
+        code = (ExitCode.AUTH if status in (401, 403) else
+                ExitCode.TEMPORARY if status == 429 or status >= 500 else ExitCode.CONFIG)  # fmt: skip
         checks.append(Check("fhir_read", "fail", f"HTTP {response.status_code}: {outcome_text(response) or ''}",
                             hint=hint, code=code))  # fmt: skip
     quota = response.headers.get("RateLimit")

@@ -207,9 +207,17 @@ def is_temporary(response: httpx.Response) -> bool:
 def _fail(response: httpx.Response, what: str) -> ExportError | AuthError:
     text = outcome_text(response) or f"HTTP {response.status_code}"
     url = redact(str(response.request.url))
-    if response.status_code in (401, 403):
-        return AuthError(f"{what} refused ({response.status_code}) at {url}: {text}")
-    return ExportError(f"{what} failed ({response.status_code}) at {url}: {text}")
+    # The reason first: the URL (a kick-off URL can run to hundreds of characters) only after it.
+    if response.status_code == 401:
+        return AuthError(f"{what} refused ({response.status_code}): {text} (at {url})",
+                         hint="the FHIR server refuses the access token its token endpoint issued (revoked, "
+                              "expired or not authorised): check the app's registration with the EHR; "
+                              "`pfsync auth test` shows each step")  # fmt: skip
+    if response.status_code == 403:
+        return AuthError(f"{what} refused ({response.status_code}): {text} (at {url})",
+                         hint="the token does not allow this export: ask the practice admin to authorise "
+                              "the app for bulk export of these resource types")  # fmt: skip
+    return ExportError(f"{what} failed ({response.status_code}): {text} (at {url})")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@
     ├── StateError                   7  checkpoint / id map unreadable, corrupt or not writable
     ├── LockedError                  8  another run holds the lock or lease
     ├── UnhealthyError               9  `pfsync status`: a source is not healthy
-    ├── NotImplementedYetError      10  a command whose engine is not built yet
+    │                               10  retired (was "not implemented yet"): never reused
     ├── VerifyMismatchError         11  `pfsync verify`: target does not match the source
     ├── TemporaryError              75  network / 429 / 5xx still failing after retries (EX_TEMPFAIL)
     │   └── HTTPError                   carries method, URL, status and OperationOutcome text
@@ -38,7 +38,7 @@ class ExitCode(IntEnum):
     STATE = 7
     LOCKED = 8
     UNHEALTHY = 9
-    NOT_IMPLEMENTED = 10
+    # 10 was "not implemented yet" until every command had landed: retired, never reused.
     VERIFY_MISMATCH = 11
     TEMPORARY = 75
     INTERRUPTED = 130
@@ -104,10 +104,6 @@ class LockedError(PfsyncError):
 
 class UnhealthyError(PfsyncError):
     exit_code = ExitCode.UNHEALTHY
-
-
-class NotImplementedYetError(PfsyncError):
-    exit_code = ExitCode.NOT_IMPLEMENTED
 
 
 class VerifyMismatchError(PfsyncError):

@@ -487,6 +487,7 @@ def request_with_retry(
     ProtocolError. Returns the final response (which may be an error status the caller interprets);
     raises HTTPError (temporary) when retries are exhausted on a network error or temporary answer.
     """
+
     attempt = 0
     while True:
         try:
@@ -539,10 +540,10 @@ def _retrying(
     reason: str,
     on_retry: Callable[[int, float, str], None] | None,
 ) -> None:
-    """The event of a retry: a log line (url without its query) and the caller's callback."""
-    log.info(
-        "http_retry %s %s attempt=%d wait=%.1fs reason=%s", method, shown_url(url), attempt, delay, reason
-    )
+    """The event of a retry: a warning (a wait is never silent: an unreachable host would look like a
+    hang; the url without its query) and the caller's callback."""
+    log.warning("http_retry %s %s: %s; retry %d in %.1f s", method, shown_url(url), reason, attempt, delay,
+                extra={"event": "http_retry"})  # fmt: skip
     if on_retry:
         on_retry(attempt, delay, reason)
 

@@ -28,13 +28,19 @@ def stop_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
         yield stop
         return
 
+    def note_and_stop(name: str) -> None:
+        log.warning("%s received: finishing the current Bundle, saving progress, then stopping", name,
+                    extra={"event": "stop_requested"})  # fmt: skip
+        stop.set()
+        RUN_STOP.set()  # retry waits of every request end too (pfsync.http.wait)
+
     def handler(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
-        log.warning("%s received: finishing the current Bundle, saving progress, then stopping",
-                    signal.Signals(signum).name)  # fmt: skip
-        stop.set()
-        RUN_STOP.set()  # retry waits of every request end too (pfsync.http.wait)
+        # Not here: the handler runs on the main thread between two bytecodes, possibly while it
+        # holds `stop`'s own (non-reentrant) lock inside stop.wait(), or is writing to stderr;
+        # Event.set() or a log line from here could then deadlock. A thread waits its turn.
+        threading.Thread(target=note_and_stop, args=(signal.Signals(signum).name,), daemon=True).start()
 
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

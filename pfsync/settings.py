@@ -3,7 +3,8 @@
 Precedence, highest first: command-line flags, environment, the TOML config file (`--config`,
 default `pfsync.toml` in the working directory if present), defaults. Every setting is one row
 of `SPECS`; the README's configuration table and `--help` are checked against it by the tests.
-The seed design's environment names (PF_*, MEDPLUM_*) are accepted so deployments carry over.
+The environment names of the Medplum Practice Fusion bot integration (PF_*, MEDPLUM_*) are accepted
+so its deployments carry over.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pfsync.errors import ConfigError
+from pfsync.errors import ConfigError, UsageError
+from pfsync.fhir_types import R4_RESOURCE_TYPES, did_you_mean
 from pfsync.redact import Secret
 
 # practice-fusion.md, "Other": the types the seed design syncs by default.
@@ -283,8 +285,14 @@ def _networks(value: Any, key: str) -> tuple[str, ...]:
 def _types(value: Any, key: str) -> tuple[str, ...]:
     types = _list(value, key)
     for t in types:
-        if not re.fullmatch(r"[A-Z][A-Za-z]+", t):
-            raise ConfigError(f"{key}: {t!r} is not a FHIR resource type name", setting=key)
+        if t not in R4_RESOURCE_TYPES:
+            guess = did_you_mean(t, R4_RESOURCE_TYPES)
+            raise ConfigError(
+                f"{key}: {t!r} is not a FHIR resource type (R4)"
+                + (f" (did you mean {guess}?)" if guess else ""),
+                setting=key,
+                hint="resource type names are case-sensitive, e.g. Patient,Condition,Observation",
+            )
     if not types:
         raise ConfigError(f"{key} must name at least one resource type", setting=key)
     return types
@@ -294,7 +302,12 @@ def _choice(*choices: str) -> Parser:
     def parse(value: Any, key: str) -> str:
         text = str(value).strip().lower()
         if text not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}", setting=key)
+            guess = did_you_mean(text, list(choices))
+            raise ConfigError(
+                f"{key} must be one of {', '.join(choices)}; got {value!r}"
+                + (f" (did you mean {guess}?)" if guess else ""),
+                setting=key,
+            )
         return text
 
     return parse
@@ -329,9 +342,15 @@ def _warn_if_loose(path: Path, key: str) -> None:
         )
 
 
+# A secret value that starts like a path is a path: sending a mistyped file name to the server as
+# the secret would come back as "wrong client id or secret" and hide the typo.
+_PATH_PREFIXES = ("/", "./", "../", "~/")
+
+
 def _secret(value: Any, key: str) -> Secret:
     """A secret given as its value or as a path to a file holding it ("Secrets can be given as
-    file paths"). A value that names an existing file is read from that file."""
+    file paths"). A value that names an existing file is read from that file; a value that starts
+    like a path (/, ./, ../, ~/) must name a readable file."""
     text = value if isinstance(value, str) else str(value)
     stripped = text.strip()
     if not stripped:
@@ -343,6 +362,14 @@ def _secret(value: Any, key: str) -> Secret:
                 return Secret(_read_secret_file(candidate, key))
         except OSError:
             pass
+        if stripped.startswith(_PATH_PREFIXES) and " " not in stripped:
+            problem = "is a directory" if candidate.is_dir() else "does not exist"
+            raise ConfigError(
+                f"{key}: secret file {candidate} {problem}",
+                setting=key,
+                hint="a value that starts with /, ./, ../ or ~/ is read as the path of a file holding "
+                "the secret; check the path (a secret that itself starts with / belongs in a file)",
+            )
     return Secret(stripped)
 
 
@@ -350,6 +377,8 @@ def _read_secret_file(path: Path, key: str) -> str:
     _warn_if_loose(path, key)
     try:
         data = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: secret file {path} does not exist", setting=key) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{key}: cannot read {path}: {exc.__class__.__name__}", setting=key) from None
     if not data:
@@ -426,7 +455,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("sync.enabled", ("PF_SYNC_ENABLED",), _bool, True, "Master switch: false makes `pfsync sync` do nothing (and status report it)."),
     Spec("sync.parallel_sources", ("PFSYNC_PARALLEL_SOURCES",), _positive_int, 1, "Sources synced at once."),
     Spec("sync.stale_after", ("PFSYNC_STALE_AFTER",), parse_duration, 172_800.0, "status: unhealthy when the last success is older than this."),
-    Spec("sync.adopt_seed_checkpoint", ("PFSYNC_ADOPT_SEED_CHECKPOINT",), _bool, False, "Start from the seed integration's Parameters lastSyncTime in Medplum."),
+    Spec("sync.adopt_seed_checkpoint", ("PFSYNC_ADOPT_SEED_CHECKPOINT",), _bool, False, "Start from the lastSyncTime of the Medplum Practice Fusion bot integration (its Parameters resource in Medplum)."),
     # --- state & output
     Spec("state.backend", ("PFSYNC_STATE_BACKEND",), _choice("local", "medplum"), "local", "Where checkpoints live: local JSON files or a Basic resource in Medplum."),
     Spec("state.dir", ("PFSYNC_STATE_DIR",), _path, Path(".pfsync"), "Directory of checkpoints, id maps, exports, quarantine and retry queue.", flag="--state-dir"),
@@ -479,6 +508,27 @@ def read_config_file(path: Path | None, *, cwd: Path | None = None) -> tuple[dic
 _KNOWN_SECTIONS = {s.section for s in SPECS} | {"sources"}
 
 
+def _known_keys(section: str) -> set[str]:
+    """The keys a TOML table may hold: each setting's name, and `<name>_file` for secrets."""
+    specs = [s for s in SPECS if s.section == section]
+    return {s.name for s in specs} | {s.name + _SECRET_FILE_SUFFIX for s in specs if s.secret}
+
+
+def _check_keys(table: Mapping[str, Any], section: str, where: str, used_path: Path | None) -> None:
+    """A misspelt key would silently leave its setting at the default: refuse it, with a guess."""
+    known = _known_keys(section)
+    for key in table:
+        if key in known:
+            continue
+        guess = did_you_mean(key, known)
+        raise ConfigError(
+            f"config file {used_path}: unknown key {key!r} in [{where}]"
+            + (f" (did you mean {guess!r}?)" if guess else ""),
+            setting=f"{where}.{key}",
+            hint=f"the keys of [{section}] are listed in the README's configuration table",
+        )
+
+
 def load_settings(
     *,
     flags: Mapping[str, Any] | None = None,
@@ -493,15 +543,31 @@ def load_settings(
     doc, used_path = read_config_file(config_path, cwd=cwd)
     unknown = set(doc) - _KNOWN_SECTIONS
     if unknown:
+        guesses = [g for g in (did_you_mean(u, _KNOWN_SECTIONS) for u in sorted(unknown)) if g]
         raise ConfigError(
-            f"config file {used_path}: unknown table(s) {', '.join(sorted(unknown))}",
+            f"config file {used_path}: unknown table(s) {', '.join(sorted(unknown))}"
+            + (f" (did you mean {', '.join(guesses)}?)" if guesses else ""),
             setting="--config",
             hint=f"known tables: {', '.join(sorted(_KNOWN_SECTIONS))}",
         )
+    for section, table in doc.items():
+        if section == "sources" and isinstance(table, list):
+            for i, item in enumerate(table):
+                if isinstance(item, dict):
+                    _check_keys(item, "source", f"sources[{i}]", used_path)
+        elif isinstance(table, dict):
+            _check_keys(table, section, section, used_path)
+
+    def from_flag(spec: Spec, value: Any) -> Any:
+        # A flag comes from the command line: a bad value there is a usage error (exit 2).
+        try:
+            return spec.parse(value, spec.flag or spec.key)
+        except ConfigError as exc:
+            raise UsageError(exc.message, hint=exc.hint) from None
 
     def resolve(spec: Spec, toml_table: Mapping[str, Any], where: str, use_env: bool = True) -> Any:
         if spec.key in flags:
-            return spec.parse(flags[spec.key], spec.flag or spec.key)
+            return from_flag(spec, flags[spec.key])
         if use_env:
             for name in spec.env:
                 if env.get(name, "").strip():
@@ -588,7 +654,7 @@ def _resolve_sources(
                 raise ConfigError(f"config file {used_path}: {where} needs a name", setting=f"{where}.name")
             values[spec.name] = resolve(spec, table, where, not per_source)
             if per_source and spec.key in flags and spec.name != "groups":
-                values[spec.name] = spec.parse(flags[spec.key], spec.flag or spec.key)
+                values[spec.name] = resolve(spec, table, where, False)
         if values["base_url"] is None:
             raise ConfigError(
                 f"config file {used_path}: {where} needs a base_url", setting=f"{where}.base_url"

@@ -15,7 +15,7 @@ from typing import Any
 
 from pfsync.errors import StateError
 from pfsync.settings import Settings
-from pfsync.state import QUARANTINE_FILE, StateStore, SyncState, parse_iso, source_dir
+from pfsync.state import QUARANTINE_FILE, InFlight, StateStore, SyncState, parse_iso, source_dir
 
 SUCCESS_OUTCOMES = ("ok", "partial")
 
@@ -77,11 +77,18 @@ def count_lines(path: Path) -> int:
     return count + (0 if last == b"\n" else 1)
 
 
+def _in_flight_text(flight: InFlight) -> str:
+    """ "full export in exports/run-1, started ..." ("since" is kept for the export's _since)."""
+    window = f" of changes since {flight.since}" if flight.since else ""
+    return f"{flight.kind} export{window} in {flight.export_dir}, started {flight.started_at}"
+
+
 def _age(when: str | None, now: float) -> float | None:
+    """Whole seconds since `when` (a status is read by people and probes, not timed)."""
     if not when:
         return None
     try:
-        return max(0.0, now - parse_iso(when))
+        return float(round(max(0.0, now - parse_iso(when))))
     except StateError:
         return None
 
@@ -117,8 +124,7 @@ def source_status(settings: Settings, store: StateStore, name: str, now: float) 
         transaction_time=state.transaction_time, last_attempt=state.last_attempt,
         last_success=state.last_success, last_attempt_age=_age(state.last_attempt, now),
         last_success_age=success_age, last_outcome=state.last_outcome, last_error=state.last_error,
-        in_flight=None if state.in_flight is None else f"{state.in_flight.kind} {state.in_flight.export_dir}"
-        f" (since {state.in_flight.started_at})",
+        in_flight=None if state.in_flight is None else _in_flight_text(state.in_flight),
         counts={t: dict(c) for t, c in run.counts.items()} if run else {},
         duration_seconds=run.duration_seconds if run else None, quota_used=run.quota_used if run else None,
         quarantine_size=count_lines(directory / QUARANTINE_FILE),

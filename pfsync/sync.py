@@ -138,12 +138,13 @@ class SourceResult:
     transaction_time: str | None = None
     checkpoint_advanced: bool = False
     error: str | None = None
+    hint: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "outcome": self.outcome, "exitCode": self.exit_code, "counts": self.counts,
                 "durationSeconds": round(self.duration, 3), "quotaUsed": self.quota_used,
                 "transactionTime": self.transaction_time, "checkpointAdvanced": self.checkpoint_advanced,
-                "error": self.error}  # fmt: skip
+                "error": self.error, "hint": self.hint}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -250,9 +251,9 @@ def sync_source(
         lock = store.acquire(name, Holder.me(started))
     except LockedError as exc:
         events.emit("sync_locked", source=name, holder=exc.holder)
-        return SourceResult(name, "locked", int(exc.exit_code), error=exc.message)
+        return SourceResult(name, "locked", int(exc.exit_code), error=exc.message, hint=exc.hint)
     except PfsyncError as exc:
-        return SourceResult(name, "failed", int(exc.exit_code), error=exc.message)
+        return SourceResult(name, "failed", int(exc.exit_code), error=exc.message, hint=exc.hint)
     run: _Run | None = None
     built: Engines | None = None
     heartbeat: _Heartbeat | None = None
@@ -282,6 +283,7 @@ def sync_source(
             int(failure.exit_code),
             duration=clock.now() - started,
             error=redact(failure.message),
+            hint=failure.hint,
         )
         if run is not None:
             _record_failure(

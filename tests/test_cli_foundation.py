@@ -11,9 +11,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+import pfsync.cli.common as cli_common
 from pfsync import __version__
 from pfsync.cli import app
-from pfsync.cli.common import errors_handled, not_implemented
+from pfsync.cli.common import errors_handled
 from pfsync.errors import ConfigError
 
 runner = CliRunner()
@@ -80,8 +81,6 @@ def _tiny_app() -> typer.Typer:
         with errors_handled(ctx):
             if kind == "config":
                 raise ConfigError("source.base_url is missing", hint="set PF_FHIR_BASE_URL")
-            if kind == "stub":
-                not_implemented(ctx, "boom")
             raise ValueError("a bug")
 
     @tiny.command()
@@ -92,21 +91,20 @@ def _tiny_app() -> typer.Typer:
 
 
 def test_cli_config_error_is_one_message_with_hint_and_exit_3() -> None:
-    result = runner.invoke(_tiny_app(), ["boom", "config"])
+    result = runner.invoke(_tiny_app(), ["boom", "config"], env={"PFSYNC_LOG_FORMAT": "human"})
     assert result.exit_code == 3
     assert "error: source.base_url is missing" in result.output
     assert "hint: set PF_FHIR_BASE_URL" in result.output
     assert "Traceback" not in result.output
 
 
-def test_cli_not_implemented_commands_fail_loudly_with_exit_10() -> None:
-    result = runner.invoke(_tiny_app(), ["boom", "stub"])
-    assert result.exit_code == 10
-    assert "not implemented yet" in result.output
+def test_cli_has_no_not_implemented_stub_left() -> None:
+    # Every command is implemented: exit code 10 is retired and its helper is gone.
+    assert not hasattr(cli_common, "not_implemented")
 
 
 def test_cli_unexpected_error_is_exit_1_without_traceback() -> None:
-    result = runner.invoke(_tiny_app(), ["boom", "bug"])
+    result = runner.invoke(_tiny_app(), ["boom", "bug"], env={"PFSYNC_LOG_FORMAT": "human"})
     assert result.exit_code == 1
     assert "unexpected error: ValueError: a bug" in result.output
     assert "Traceback" not in result.output

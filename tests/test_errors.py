@@ -17,7 +17,6 @@ EXPECTED = {
     errors.StateError: 7,
     errors.LockedError: 8,
     errors.UnhealthyError: 9,
-    errors.NotImplementedYetError: 10,
     errors.VerifyMismatchError: 11,
     errors.TemporaryError: 75,
     errors.InterruptedRunError: 130,
@@ -33,6 +32,11 @@ def test_exit_codes_are_unique_and_stable() -> None:
     values = [c.value for c in ExitCode]
     assert len(values) == len(set(values))
     assert ExitCode.TEMPORARY == 75 and ExitCode.INTERRUPTED == 130
+
+
+def test_retired_exit_code_10_is_not_reused() -> None:
+    assert 10 not in {c.value for c in ExitCode}
+    assert not hasattr(errors, "NotImplementedYetError")
 
 
 @pytest.mark.parametrize(

@@ -45,9 +45,13 @@ def test_cli_load_directory_then_unchanged(
 
 
 def test_cli_load_dry_run_writes_nothing(target: TargetSandbox, env: dict[str, str]) -> None:
-    result = CliRunner().invoke(app, ["load", str(SYNTHEA_SMALL / "Patient.ndjson"), "--dry-run"], env=env)
+    # Tables are for terminals (README "Output"); TTY_COMPATIBLE=1 asks for them off one.
+    result = CliRunner().invoke(app, ["load", str(SYNTHEA_SMALL / "Patient.ndjson"), "--dry-run"],
+                                env={**env, "TTY_COMPATIBLE": "1"})  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "dry run" in result.stdout and "17" in result.stdout
+    # 17 creates at ~100 points each (medplum.md quota costs), not the dry run's own searches.
+    assert "the load would cost about 1,700 quota points" in result.stdout
     assert target.count() == 0
 
 

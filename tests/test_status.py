@@ -79,10 +79,13 @@ def test_status_table_names_lock_holder(tmp_path: Path) -> None:
     finally:
         lock.release()
     assert result.exit_code == 0, result.output
-    # Not a TTY: a plain layout, every value whole on its own line (no 80-column wrapping).
+    # Not a TTY: one JSON object (README "Output"), every value whole (no 80-column wrapping).
     lines = result.stdout.splitlines()
-    assert lines[0] == "source: a" and "  healthy: yes" in lines
-    assert "  lock: pid 777 on host-x since 2026-01-01T00:00:00.000Z" in lines
+    assert len(lines) == 1
+    row = orjson.loads(lines[0])["sources"][0]
+    assert row["healthy"] is True
+    assert row["lockHolder"] == "pid 777 on host-x since 2026-01-01T00:00:00.000Z"
+    assert isinstance(row["lastSuccessAgeSeconds"], float) and row["lastSuccessAgeSeconds"].is_integer()
 
 
 def test_status_corrupt_checkpoint_is_exit_7(tmp_path: Path) -> None:

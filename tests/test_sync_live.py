@@ -172,11 +172,11 @@ def test_status_after_real_syncs_healthy_failed_corrupt(
     state_dir = tmp_path / "state"
     env = sync_env(source, target, state_dir, PF_RESOURCE_TYPES="Patient")
     assert run(env, "sync", "--json")[0] == 0
-    code, out, _ = run(env, "status")  # stdout is a pipe: the plain layout
+    code, out, _ = run(env, "status")  # stdout is a pipe: one JSON object (README "Output")
     assert code == 0, out
-    lines = out.splitlines()
-    assert lines[0] == "source: pf" and "  healthy: yes" in lines
-    assert any(ln.startswith("  last run: ok (") for ln in lines)
+    (line,) = out.splitlines()
+    row = orjson.loads(line)["sources"][0]
+    assert row["source"] == "pf" and row["healthy"] is True and row["lastOutcome"] == "ok"
     code, out, _ = run(env, "status", "--json")
     doc = orjson.loads(out)
     assert code == 0 and doc["healthy"] is True

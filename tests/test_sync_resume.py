@@ -127,7 +127,7 @@ def test_sync_sigterm_mid_load_exits_130_then_resume_matches_uninterrupted(
     import orjson
 
     st = orjson.loads(status_out)["sources"][0]
-    assert st["lastOutcome"] == "interrupted" and st["inFlight"].startswith("full exports/run-")
+    assert st["lastOutcome"] == "interrupted" and st["inFlight"].startswith("full export in exports/run-")
     _resume_and_compare(env, target, expected)
 
 

@@ -220,7 +220,9 @@ def test_verify_cli_json_exit_codes_and_fix(
     assert doc["findings"]["missing"] == [{"type": "Patient", "sid": patient["id"]}]
     assert "1 missing" in bad.stderr
 
-    table = runner.invoke(app, ["verify", "--from", str(data), "--dry-run", "--limit", "1"], env=env)
+    # Tables are for terminals (README "Output"); TTY_COMPATIBLE=1 asks for them off one.
+    table = runner.invoke(app, ["verify", "--from", str(data), "--dry-run", "--limit", "1"],
+                          env={**env, "TTY_COMPATIBLE": "1"})  # fmt: skip
     assert table.exit_code == 11
     assert "missing (1)" in table.stdout and f"Patient {patient['id']}" in table.stdout
     assert "--fix would:" in table.stdout and "resend " in table.stdout
@@ -231,7 +233,7 @@ def test_verify_cli_json_exit_codes_and_fix(
         == []
     )
 
-    fixed = runner.invoke(app, ["verify", "--from", str(data), "--fix"], env=env)
+    fixed = runner.invoke(app, ["verify", "--from", str(data), "--fix"], env={**env, "TTY_COMPATIBLE": "1"})
     assert fixed.exit_code == 0, fixed.output
     assert "after --fix" in fixed.stdout
     assert (

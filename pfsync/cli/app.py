@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from pfsync import __version__
-from pfsync.cli.common import GlobalOptions
+from pfsync.cli.common import GlobalOptions, from_environment
 
 app = typer.Typer(
     name="pfsync",
@@ -17,8 +17,8 @@ app = typer.Typer(
         "Services + Bulk Data server): export what changed, upsert it without duplicates, "
         "rewrite every reference to Medplum ids.\n\n"
         "Exit codes: 0 ok, 1 unexpected, 2 usage, 3 config, 4 auth, 5 export failed, 6 partial "
-        "(some resources quarantined), 7 state, 8 locked, 9 unhealthy, 10 not implemented, "
-        "11 verify mismatch, 75 temporary failure (retry later), 130 interrupted (resumable)."
+        "(some resources quarantined), 7 state, 8 locked, 9 unhealthy, 11 verify mismatch, "
+        "75 temporary failure (retry later), 130 interrupted (resumable); 10 is retired."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -48,7 +48,7 @@ def root(
         ),
     ] = None,
     verbose: Annotated[
-        int, typer.Option("--verbose", "-v", count=True, help="More detail (-vv: debug).")
+        int, typer.Option("--verbose", "-v", count=True, show_default=False, help="More detail (-vv: debug).")
     ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False,
     log_format: Annotated[
@@ -65,4 +65,6 @@ def root(
     ] = False,
 ) -> None:
     """pfsync: EHR (SMART Backend Services + FHIR Bulk Data) to Medplum, incrementally."""
+    if from_environment(ctx, "log_format"):
+        log_format = None  # settings read PFSYNC_LOG_FORMAT themselves, so an error names the variable
     ctx.obj = GlobalOptions(config=config, verbosity=-1 if quiet else verbose, log_format=log_format)

@@ -11,7 +11,16 @@ from rich import box
 from rich.table import Table
 
 from pfsync.cli.app import app
-from pfsync.cli.common import JsonOpt, SourceOpt, build_settings, out_console, run
+from pfsync.cli.common import (
+    JsonOpt,
+    MedplumUrlOpt,
+    SourceOpt,
+    SourceUrlOpt,
+    build_settings,
+    out_console,
+    run,
+    wants_json,
+)
 from pfsync.redact import redact
 
 auth_app = typer.Typer(
@@ -31,6 +40,8 @@ def auth_test(
     no_medplum: Annotated[
         bool, typer.Option("--no-medplum", help="Check only the source(s), not Medplum.")
     ] = False,
+    source_url: SourceUrlOpt = None,
+    medplum_url: MedplumUrlOpt = None,
 ) -> None:
     """Check every configured source and Medplum: reachability, TLS, discovery, token, scopes, export levels.
 
@@ -42,8 +53,10 @@ def auth_test(
 
     Examples:
 
+    \b
       pfsync auth test
 
+    \b
       pfsync auth test --source practice-a --json
     """
 
@@ -55,8 +68,8 @@ def auth_test(
         with make_client(settings.http) as client:
             report = run_auth_test(settings, client, source_name=source, include_medplum=not no_medplum)
         console = out_console()
-        if json_out:
-            typer.echo(redact(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode()))
+        if wants_json(json_out):
+            typer.echo(redact(orjson.dumps(report.to_json()).decode()))
         else:
             for target in report.targets:
                 title = f"{target.kind} {target.name}" + (f"  {target.url}" if target.url else "")
@@ -97,8 +110,10 @@ def auth_keygen(
 
     Examples:
 
+    \b
       pfsync auth keygen --out keys/ --alg ES384
 
+    \b
       pfsync auth keygen --out keys/ --alg RS384 --kid pfsync-2025
     """
 
@@ -107,10 +122,10 @@ def auth_keygen(
 
         pair = generate_key_pair(alg, kid=kid)
         private_path, jwks_path = write_key_pair(pair, out)
-        if json_out:
+        if wants_json(json_out):
             doc = {"kid": pair.kid, "alg": pair.alg, "privateKeyFile": str(private_path.resolve()),
                    "jwksFile": str(jwks_path.resolve()), "jwks": pair.jwks}  # fmt: skip
-            typer.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+            typer.echo(orjson.dumps(doc).decode())
             return
         private_abs = private_path.resolve()
         lines = [

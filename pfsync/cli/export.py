@@ -26,7 +26,17 @@ from rich.progress import (
 from rich.table import Table
 
 from pfsync.cli.app import app
-from pfsync.cli.common import JsonOpt, SourceOpt, build_settings, err_console, out_console, run
+from pfsync.cli.common import (
+    JsonOpt,
+    SourceOpt,
+    SourceUrlOpt,
+    build_settings,
+    err_console,
+    live_display,
+    out_console,
+    run,
+    wants_json,
+)
 from pfsync.errors import UsageError
 from pfsync.events import EventSink, FanoutSink
 from pfsync.log import LogSink
@@ -99,15 +109,16 @@ class ProgressSink:
 
 
 @contextmanager
-def _sink(json_out: bool) -> Iterator[EventSink]:
-    log_sink = LogSink(quiet_events=frozenset({"download_progress", "status_progress"}))
-    if json_out or not sys.stderr.isatty():
+def _sink(live: bool) -> Iterator[EventSink]:
+    """Events to the log; on a terminal also to a live display (the log then keeps to problems)."""
+    log_sink = LogSink(quiet_events=frozenset({"download_progress", "status_progress"}), info_as_debug=live)
+    if not live:
         yield log_sink
         return
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=err_console(), transient=False) as progress:
-        yield FanoutSink([ProgressSink(progress)])
+        yield FanoutSink([ProgressSink(progress), log_sink])
 
 
 @app.command("export")
@@ -126,7 +137,9 @@ def export(
     ] = None,
     group: Annotated[
         list[str] | None,
-        typer.Option("--group", envvar="PFSYNC_GROUPS", show_envvar=True, help="Group id (repeat)."),
+        typer.Option(
+            "--group", metavar="<id>", envvar="PFSYNC_GROUPS", show_envvar=True, help="Group id (repeat)."
+        ),
     ] = None,
     level: Annotated[
         str | None,
@@ -137,19 +150,27 @@ def export(
     cancel: Annotated[
         bool, typer.Option("--cancel", help="Cancel the saved in-flight export (DELETE).")
     ] = False,
+    replace: Annotated[
+        bool,
+        typer.Option("--replace", help="Start a new export in a directory that holds a complete one."),
+    ] = False,
     source: SourceOpt = None,
     json_out: JsonOpt = False,
+    source_url: SourceUrlOpt = None,
 ) -> None:
     """Run a Bulk Data export into a directory (resumable; files checked and checksummed).
 
     The directory holds <Type>.<n>.ndjson, deleted.<n>.ndjson, error.<n>.ndjson, manifest.json and
     job.json: exactly what `pfsync load DIR` reads. With several groups, each group gets its own
-    sub-directory DIR/<group-id>/. Run the same command again to resume an interrupted export.
+    sub-directory DIR/<group-id>/. Run the same command again to resume an interrupted export; a
+    directory that holds a complete export is refused (exit 2) unless --replace starts a new one.
 
     Examples:
 
+    \b
       pfsync export --full --out exports/2026-11-25
 
+    \b
       pfsync export --since 2026-01-01T00:00:00Z --types Patient,Condition --out backfill/
     """
 
@@ -168,6 +189,8 @@ def export(
         requests = requests_for(src, settings.export, since=parse_since(since) if since else None)
         dirs = [out if len(requests) == 1 else out / str(r.group_id) for r in requests]
         policy = RetryPolicy.from_settings(settings.http)
+        if not cancel:
+            _refuse_or_replace_complete(dirs, replace)
         with make_client(settings.http) as client:
             authenticator, auth = source_auth(
                 src, client, http=settings.http, negotiate=not settings.export.strict_scopes
@@ -184,7 +207,7 @@ def export(
             granted = authenticator.granted_types(src.resource_types)[0]
             results = []
             started = time.monotonic()
-            with stop_on_signals(threading.Event()) as stop, _sink(json_out) as sink:
+            with stop_on_signals(threading.Event()) as stop, _sink(live_display(ctx)) as sink:
                 for req, out_dir in zip(requests, dirs, strict=True):
                     results.append(run_export(src, settings.export, client, auth, out_dir=out_dir, request=req,
                                               events=sink, stop=stop, granted_types=granted, policy=policy))  # fmt: skip
@@ -193,8 +216,30 @@ def export(
     run(ctx, go)
 
 
+def _refuse_or_replace_complete(dirs: list[Path], replace: bool) -> None:
+    """A complete export is never returned again as if it were new (a daily export into one
+    directory would stay stale forever): refuse it, or with --replace let a new export replace it."""
+    from pfsync.exportjob import JOB_FILE, ExportDir
+
+    for directory in dirs:
+        if not (directory / JOB_FILE).is_file():
+            continue
+        export_dir = ExportDir(directory)
+        job = export_dir.load_job()
+        if job is None or job.state != "complete":
+            continue  # in progress: the same command resumes it
+        if replace:
+            export_dir.set_state(job, "cancelled")  # the export starts afresh and replaces the files
+            continue
+        raise UsageError(
+            f"{directory} already holds a complete export (transactionTime {job.transaction_time})",
+            hint="pick a new --out directory for a new export (e.g. exports/$(date +%F)), or add --replace "
+            "to export again into this one",
+        )
+
+
 def _print(doc: dict[str, Any], json_out: bool, text: str) -> None:
-    if json_out or not sys.stdout.isatty():
+    if wants_json(json_out):
         sys.stdout.write(orjson.dumps(doc).decode() + "\n")
     else:
         out_console().print(text, markup=False)
@@ -211,7 +256,7 @@ def _render(results: list[Any], seconds: float, json_out: bool) -> None:
                      "lines": r.lines, "bytes": r.bytes, "resumed": r.resumed, "problems": list(r.problems),
                      "warnings": list(r.warnings),
                      "types": {f.type: sum(g.lines for g in r.files if g.type == f.type) for f in r.files}})  # fmt: skip
-    if json_out or not sys.stdout.isatty():
+    if wants_json(json_out):
         sys.stdout.write(
             orjson.dumps({"event": "export_summary", "seconds": round(seconds, 3), "exports": docs}).decode()
             + "\n"

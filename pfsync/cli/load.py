@@ -7,6 +7,7 @@ configured the source is named "default" with the default identifier systems and
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -18,17 +19,33 @@ import orjson
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
 from pfsync.cli.app import app
-from pfsync.cli.common import JsonOpt, SourceOpt, build_settings, err_console, out_console, run
-from pfsync.errors import PartialLoadError, TemporaryError
+from pfsync.cli.common import (
+    JsonOpt,
+    MedplumUrlOpt,
+    SourceOpt,
+    StateDirOpt,
+    build_settings,
+    err_console,
+    live_display,
+    out_console,
+    plural,
+    run,
+    wants_json,
+)
+from pfsync.errors import PartialLoadError, TemporaryError, UsageError
 from pfsync.events import EventSink, FanoutSink
 from pfsync.http import make_client
 from pfsync.load import Loader, LoadResult, load
 from pfsync.log import LogSink
 from pfsync.medplum_auth import medplum_auth
+from pfsync.ndjson import iter_paths, open_binary
+from pfsync.quarantine import is_wrapped
 from pfsync.schedule import stop_on_signals
 from pfsync.settings import Settings, SourceSettings, require
+from pfsync.state import QUARANTINE_FILE, source_dir
 
 COLUMNS = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")
 
@@ -46,6 +63,11 @@ class LoadProgress:
         with self._lock:
             if event == "load_file_start":
                 self.progress.update(self.task, description=f"reading {Path(str(d['file'])).name}")
+            elif event == "load_file_complete":
+                name = Path(str(d["file"])).name
+                self.progress.update(
+                    self.task, description=f"read {name}: {plural(d.get('resources', 0), 'resource')}"
+                )
             elif event == "load_progress":
                 rate = d["done"] / max(0.001, time.monotonic() - self.started)
                 quota = d.get("quota_remaining")
@@ -55,6 +77,17 @@ class LoadProgress:
                 self.progress.update(self.task, description=text, completed=d["done"])
 
 
+class QuarantineReasons:
+    """Notes whether a resource was quarantined for its size (it would load with --async-batch)."""
+
+    def __init__(self) -> None:
+        self.too_large = 0
+
+    def emit(self, event: str, /, **d: Any) -> None:
+        if event == "load_quarantined" and "too large" in str(d.get("reason", "")).lower():
+            self.too_large += 1
+
+
 def source_for_load(settings: Settings, name: str | None) -> SourceSettings:
     """The configured source, or a "default" one with identifier defaults for a pure replay."""
     if not settings.sources and name in (None, "default"):
@@ -62,11 +95,76 @@ def source_for_load(settings: Settings, name: str | None) -> SourceSettings:
     return settings.source(name)
 
 
-def render_summary(result: LoadResult, json_out: bool) -> None:
-    if json_out:
+def _not_a_resource(head: bytes) -> bool:
+    """True when every whole line in `head` is a JSON object without resourceType: JSON, but not
+    FHIR. One bad line among resources is the loader's to quarantine; a pretty-printed document's
+    first line does not parse, so the loader reads it as a document."""
+    lines = [line for line in head.split(b"\n")[:-1] if line.strip()]  # the last one may be cut off
+    if not lines:
+        return False
+    for line in lines:
+        try:
+            doc = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(doc, dict) or "resourceType" in doc:
+            return False
+    return True
+
+
+def check_inputs(paths: list[Path]) -> int:
+    """Refuse what is not NDJSON before any request (a binary file would otherwise be quarantined
+    line by line as "(unreadable)" resources, exit 6); say so when a file holds nothing. Returns
+    how many files hold something."""
+    files = list(iter_paths(paths))
+    loadable = 0
+    if not files:
+        raise UsageError(f"no NDJSON files in {', '.join(str(p) for p in paths)}",
+                         hint="pfsync load reads .ndjson, .ndjson.gz and .json files")  # fmt: skip
+    for path in files:
+        try:
+            with open_binary(path) as fh:
+                head = fh.read(4096)
+        except (OSError, EOFError) as exc:
+            raise UsageError(f"{path}: not readable ({exc.__class__.__name__}: {exc})") from None
+        start = head.lstrip(b" \t\r\n\xef\xbb\xbf")
+        if not start:
+            logging.getLogger("pfsync.load").warning("%s is empty: nothing to load from it", path,
+                                                     extra={"event": "load_empty_file"})  # fmt: skip
+        elif not start.startswith(b"{") or b"\x00" in head:
+            raise UsageError(
+                f"{path}: not NDJSON (line 1 does not start a JSON object)",
+                hint="pfsync load reads NDJSON: one FHIR resource (a JSON object) per line, optionally gzipped",
+            )
+        elif _not_a_resource(start) and not is_wrapped(path):
+            raise UsageError(
+                f"{path}: JSON, but not FHIR resources (no resourceType on its first lines)",
+                hint="pfsync load reads FHIR resources (each with its resourceType), or a quarantine file",
+            )
+        else:
+            loadable += 1
+    return loadable
+
+
+# medplum.md "Quota costs" (measured): about 100 points per write in direct mode (identity search
+# included), about 140 per conditional PUT. A dry run sends only the searches, so its own quota
+# says nothing about the load; this is what the writes it counted will cost.
+QUOTA_PER_WRITE = {"direct": 100, "conditional": 140}
+
+
+def quota_estimate(result: LoadResult, upsert_mode: str) -> int:
+    writes = result.total("created") + result.total("updated") + result.total("deleted")
+    return writes * QUOTA_PER_WRITE.get(upsert_mode, 100)
+
+
+def render_summary(result: LoadResult, json_out: bool, upsert_mode: str = "direct") -> None:
+    estimate = quota_estimate(result, upsert_mode) if result.dry_run else None
+    if wants_json(json_out):
         doc = {"byType": result.by_type, "normalized": result.normalized, "quotaUsed": result.quota_used,
                "requests": result.requests, "durationSeconds": round(result.duration, 3), "dryRun": result.dry_run,
                "logicalReferences": result.logical_references, "stats": result.stats}  # fmt: skip
+        if estimate is not None:
+            doc["quotaEstimate"] = estimate
         sys.stdout.write(orjson.dumps(doc).decode() + "\n")
         return
     title = "pfsync load (dry run: nothing written)" if result.dry_run else "pfsync load"
@@ -79,31 +177,64 @@ def render_summary(result: LoadResult, json_out: bool) -> None:
     table.add_row("total", *(str(result.total(c)) for c in COLUMNS), str(sum(result.normalized.values())))
     console = out_console()
     console.print(table)
-    console.print(
-        f"{result.requests} requests, about {result.quota_used:,} quota points, {result.duration:.1f} s"
-        + (
-            f", {result.logical_references} resources keep logical references"
-            if result.logical_references
-            else ""
+    if estimate is not None:
+        per = QUOTA_PER_WRITE.get(upsert_mode, 100)
+        cost = (f"the load would cost about {estimate:,} quota points (~{per} per write, {upsert_mode} mode); "
+                f"this dry run: {plural(result.requests, 'read request')}, {result.quota_used:,} points")  # fmt: skip
+    else:
+        cost = f"{plural(result.requests, 'request')}, about {result.quota_used:,} quota points"
+    console.print(f"{cost}, {result.duration:.1f} s", markup=False)
+    if result.logical_references:
+        console.print(
+            f"{plural(result.logical_references, 'resource')} in the id map still hold logical references "
+            "(their targets are not in Medplum yet; a later run upgrades them)",
+            markup=False,
         )
-    )
 
 
-def outcome_error(result: LoadResult) -> TemporaryError | PartialLoadError | None:
+def outcome_error(
+    result: LoadResult, quarantine: Path | None = None, too_large: int = 0
+) -> TemporaryError | PartialLoadError | None:
     """Exit 75 when the retry queue is not empty, 6 when some resources were quarantined."""
     if result.retry_queued:
-        return TemporaryError(f"{result.retry_queued} resources wait in the retry queue",
+        n = result.retry_queued
+        return TemporaryError(f"{plural(n, 'resource')} {'waits' if n == 1 else 'wait'} in the retry queue",
                               hint="run pfsync load or pfsync sync again later; they are retried first")  # fmt: skip
     if result.quarantined:
-        return PartialLoadError(f"{result.quarantined} resources were quarantined",
-                                hint="see quarantine.ndjson in the state directory; fix and replay it with pfsync load")  # fmt: skip
+        n = result.quarantined
+        where = str(quarantine) if quarantine else "quarantine.ndjson in the state directory"
+        hint = (f"each reason is in {where}; fix the cause, then replay it: pfsync load {where}" if quarantine
+                else f"see {where}; fix and replay it with pfsync load")  # fmt: skip
+        if too_large:
+            # medplum.md "Size limits": a synchronous Bundle is refused over 1 MiB; async takes more.
+            hint = (f"{plural(too_large, 'resource')} too large for a synchronous Bundle load with --async-batch "
+                    f"(PFSYNC_ASYNC_BATCH=true): pfsync load --async-batch {where}; " + hint)  # fmt: skip
+        return PartialLoadError(
+            f"{plural(n, 'resource')} {'was' if n == 1 else 'were'} quarantined", hint=hint
+        )
     return None
 
 
-@app.command("load")
+class _LoadCommand(TyperCommand):
+    """`pfsync load`'s help says PATH... where Typer prints "{PATH}..." and "<list[Path]>"."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        super().format_help(ctx, formatter)
+        formatter.buffer[:] = [
+            piece.replace("{PATH}...", "PATH...").replace("PATH <list[Path]>", "PATH...          ")
+            for piece in formatter.buffer
+        ]
+
+
+@app.command("load", cls=_LoadCommand)
 def load_command(
     ctx: typer.Context,
-    paths: Annotated[list[Path], typer.Argument(help="NDJSON files (.ndjson, .ndjson.gz) or directories.")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="PATH", help="NDJSON files (.ndjson, .ndjson.gz) or directories.", show_default=False
+        ),
+    ],
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Report what would change; write nothing.")
     ] = False,
@@ -118,6 +249,8 @@ def load_command(
     ] = False,
     source: SourceOpt = None,
     json_out: JsonOpt = False,
+    medplum_url: MedplumUrlOpt = None,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Upsert NDJSON into Medplum: one resource per source id, references rewritten to Medplum ids.
 
@@ -125,15 +258,20 @@ def load_command(
 
     Examples:
 
+    \b
       pfsync load exports/2026-11-25/
 
+    \b
       pfsync load Patient.ndjson.gz --dry-run
 
+    \b
       pfsync load .pfsync/default/quarantine.ndjson
     """
 
     def go() -> None:
         settings = build_settings(ctx, {"load.async_batch": True if async_batch else None})
+        if not check_inputs(paths):
+            return  # every file is empty: each one was reported, nothing to send
         src = source_for_load(settings, source)
         mp = settings.medplum
         require(mp.client_id, "medplum.client_id", "pfsync load")
@@ -153,8 +291,13 @@ def load_command(
                 _, bearer = source_auth(src, plain, http=settings.http)
                 source_client = stack.enter_context(make_client(settings.http, auth=bearer))
             stop = stack.enter_context(stop_on_signals(threading.Event()))
-            sinks: list[EventSink] = [LogSink(quiet_events=frozenset({"load_progress", "load_file_start"}))]
-            if err_console().is_terminal and not json_out:
+            reasons = QuarantineReasons()
+            live = live_display(ctx)
+            sinks: list[EventSink] = [
+                LogSink(quiet_events=frozenset({"load_progress", "load_file_start"}), info_as_debug=live),
+                reasons,
+            ]
+            if live:
                 progress = stack.enter_context(
                     Progress(
                         SpinnerColumn(),
@@ -180,8 +323,10 @@ def load_command(
                 )
             )
             result = load(loader, paths)
-        render_summary(result, json_out)
-        error = outcome_error(result)
+        render_summary(result, json_out, settings.load.upsert_mode)
+        error = outcome_error(
+            result, source_dir(settings.state_dir, src.name) / QUARANTINE_FILE, reasons.too_large
+        )
         if error is not None and not dry_run:
             raise error
 

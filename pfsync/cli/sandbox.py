@@ -11,8 +11,10 @@ from typing import Annotated
 import typer
 
 from pfsync.cli.app import app
-from pfsync.cli.common import err_console, errors_handled
+from pfsync.cli.common import err_console, error_format, errors_handled
+from pfsync.cli.common import state as global_options
 from pfsync.errors import UsageError
+from pfsync.log import setup_logging
 
 
 @app.command("sandbox")
@@ -42,15 +44,24 @@ def sandbox(
 
     Prints the environment (PF_FHIR_BASE_URL, PF_CLIENT_ID, MEDPLUM_BASE_URL, ...) that points
     pfsync at them; the sandboxes' client secrets are written to files in the state directory
-    and the environment names those files, so nothing secret is printed. Stop with Ctrl-C.
+    and the environment names those files, so nothing secret is printed. Stop with Ctrl-C or
+    SIGTERM; a temporary state directory (no --state) is removed then.
 
     Examples:
 
+    \b
       pfsync sandbox
 
+    \b
       pfsync sandbox --data ../shared/fixtures/synthea-small --state /tmp/pfsync-sandbox
 
-      eval "$(pfsync sandbox --env-file /tmp/sb.env & sleep 3; cat /tmp/sb.env)"
+    In the background, then use it from the same shell (the env file appears once both serve):
+
+    \b
+      pfsync sandbox --env-file /tmp/sb.env >/dev/null 2>&1 &
+
+    \b
+      until [ -s /tmp/sb.env ]; do sleep 0.2; done; . /tmp/sb.env
     """
     from pfsync.sandbox.run import env_lines, start_sandboxes
 
@@ -66,17 +77,26 @@ def sandbox(
     typer.echo("# pfsync sandboxes on 127.0.0.1; paste these lines into your shell:")
     for line in lines:
         typer.echo(line)
+    # stdout is the result (shell lines to paste or source); stderr follows the output policy.
+    opts = global_options(ctx)
+    fmt = error_format(opts)
+    log = setup_logging(fmt, opts.verbosity)
     console = err_console()
-    console.print(
-        f"source (Practice Fusion-like): {boxes.source.base_url()}\n"
-        f"target (Medplum-like):         {boxes.target.base_url}\n"
-        f"state:                         {boxes.state_dir}\n"
-        "serving until Ctrl-C / SIGTERM",
-        markup=False,
-        highlight=False,
-    )
+    if fmt == "json":
+        log.info("sandbox_ready", extra={"event": "sandbox_ready", "eventDetail": {
+            "source": boxes.source.base_url(), "target": boxes.target.base_url, "stateDir": str(boxes.state_dir)}})  # fmt: skip
+    elif opts.verbosity >= 0:
+        console.print(
+            f"source (Practice Fusion-like): {boxes.source.base_url()}\n"
+            f"target (Medplum-like):         {boxes.target.base_url}\n"
+            f"state:                         {boxes.state_dir}\n"
+            "serving until Ctrl-C / SIGTERM",
+            markup=False,
+            highlight=False,
+        )
     stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    # Set from a thread: the handler may run while stopped.wait() holds the Event's own lock.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=stopped.set, daemon=True).start())
     try:
         while not stopped.wait(0.5):
             pass
@@ -84,4 +104,7 @@ def sandbox(
         pass
     finally:
         boxes.stop()
-        console.print("sandboxes stopped", markup=False)
+        if fmt == "json":
+            log.info("sandboxes stopped", extra={"event": "sandbox_stopped"})
+        elif opts.verbosity >= 0:
+            console.print("sandboxes stopped", markup=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -13,12 +15,31 @@ import typer
 from rich.table import Table
 
 from pfsync.cli.app import app
-from pfsync.cli.common import JsonOpt, SourceOpt, build_settings, exit_with, out_console, run
-from pfsync.errors import UnhealthyError
+from pfsync.cli.common import (
+    JsonOpt,
+    MedplumUrlOpt,
+    SourceOpt,
+    SourceUrlOpt,
+    StateDirOpt,
+    build_settings,
+    err_console,
+    error_format,
+    exit_with,
+    live_display,
+    out_console,
+    report_error,
+    run,
+    state,
+    wants_json,
+)
+from pfsync.cli.progress import SyncProgress, make_progress
+from pfsync.errors import ExitCode, UnhealthyError
+from pfsync.events import EventSink, FanoutSink
 from pfsync.settings import Settings, parse_duration
+from pfsync.state import QUARANTINE_FILE
 
 if TYPE_CHECKING:
-    from pfsync.status import SourceStatus
+    from pfsync.sync import SourceResult
 
 QUIET_EVENTS = frozenset({"download_progress", "status_progress", "load_progress", "load_file_start"})
 
@@ -42,24 +63,30 @@ def _age(seconds: float | None) -> str:
     return f"{seconds:.0f}s ago"
 
 
-def _plain_status(statuses: list[SourceStatus]) -> str:
-    lines: list[str] = []
-    for s in statuses:
-        written = sum(c.get("created", 0) + c.get("updated", 0) for c in s.counts.values())
-        lines += [
-            f"source: {s.source}",
-            f"  healthy: {'yes' if s.healthy else 'NO: ' + '; '.join(s.reasons)}",
-            f"  last success: {s.last_success or '-'} ({_age(s.last_success_age)})",
-            f"  last attempt: {s.last_attempt or '-'} ({_age(s.last_attempt_age)})",
-            f"  checkpoint: {s.transaction_time or '-'}",
-            f"  last run: {s.last_outcome or '-'} ({written} written"
-            + (f", {s.duration_seconds:.1f}s" if s.duration_seconds is not None else "") + ")",
-            f"  in flight: {s.in_flight or '-'}",
-            f"  quarantine: {s.quarantine_size}",
-            f"  retry queue: {s.retry_queue_size}",
-            f"  lock: {s.lock_holder or '-'}",
-        ]  # fmt: skip
-    return "\n".join(lines) + "\n"
+def _problem_hint(settings: Settings, result: SourceResult) -> str | None:
+    """What to do about a source's outcome: the error's own hint, else one for queues."""
+    if result.hint:
+        return result.hint
+    if result.outcome == "partial":
+        path = settings.state_dir / result.source / QUARANTINE_FILE
+        return f"see {path} for each resource's reason; fix the cause, then replay it: pfsync load {path}"
+    if result.exit_code == ExitCode.TEMPORARY:
+        if any(c.get("retry_queued") for c in result.counts.values()):
+            return "the next run retries them first and re-exports the same window"
+        return (
+            "the source or Medplum was unreachable or overloaded; the next run tries again (nothing was lost)"
+        )
+    return None
+
+
+def report_outcomes(ctx: typer.Context, settings: Settings, results: Sequence[SourceResult]) -> None:
+    """One error:/hint: pair per source that did not end ok (printed even with -q)."""
+    fmt = error_format(state(ctx))
+    for r in results:
+        if r.exit_code != ExitCode.OK:
+            report_error(
+                r.error or r.outcome, _problem_hint(settings, r), r.exit_code, fmt=fmt, source=r.source
+            )
 
 
 def _write_metrics(settings: Settings, names: list[str], path: Path) -> None:
@@ -79,7 +106,7 @@ def _render_summary(result: object, json_out: bool) -> None:
 
     assert isinstance(result, SyncResult)
     console = out_console()
-    if json_out or not sys.stdout.isatty():
+    if wants_json(json_out):
         doc = {"event": "sync_summary", "exitCode": result.exit_code, "durationSeconds": round(result.duration, 3),
                "sources": [r.to_json() for r in result.results]}  # fmt: skip
         sys.stdout.write(orjson.dumps(doc).decode() + "\n")
@@ -116,13 +143,16 @@ def sync(
     source: SourceOpt = None,
     every: Annotated[
         str | None,
-        typer.Option("--every", help="Run forever at this interval (e.g. 24h), like the seed design."),
+        typer.Option(
+            "--every",
+            help="Run forever at this interval (e.g. 24h), like the Medplum Practice Fusion bot integration.",
+        ),
     ] = None,
     daemon: Annotated[
         bool,
         typer.Option(
             "--daemon",
-            help="Run forever at sync.interval_ms (PF_SYNC_INTERVAL_MS), like the seed design.",
+            help="Run forever at sync.interval_ms (PF_SYNC_INTERVAL_MS), like the Medplum Practice Fusion bot integration.",
         ),
     ] = False,
     run_on_startup: Annotated[
@@ -143,6 +173,9 @@ def sync(
     ] = None,
     json_out: JsonOpt = False,
     metrics: MetricsOpt = None,
+    source_url: SourceUrlOpt = None,
+    medplum_url: MedplumUrlOpt = None,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Export what changed since the last checkpoint, load it, and only then advance the checkpoint.
 
@@ -151,12 +184,16 @@ def sync(
 
     Examples:
 
+    \b
       pfsync sync
 
+    \b
       pfsync sync --source practice-a --metrics /var/lib/node_exporter/pfsync.prom
 
+    \b
       pfsync sync --every 24h
 
+    \b
       pfsync sync --shard $JOB_COMPLETION_INDEX/4
     """
     settings = run(ctx, lambda: build_settings(ctx))
@@ -172,15 +209,20 @@ def sync(
         def go() -> int:
             from pfsync.log import LogSink
 
-            # Events go to the log (stderr: JSON lines under PFSYNC_LOG_FORMAT=json), progress at DEBUG.
-            events = LogSink(quiet_events=QUIET_EVENTS)
-            store, close = open_store(settings)
-            try:
+            # On a terminal: one live line per source, and the log keeps only warnings and errors
+            # (-v shows every event). Elsewhere every event is a log line (JSON off a terminal).
+            live = live_display(ctx)
+            with ExitStack() as stack:
+                sinks: list[EventSink] = [LogSink(quiet_events=QUIET_EVENTS, info_as_debug=live)]
+                if live:
+                    sinks.append(SyncProgress(stack.enter_context(make_progress(err_console()))))
+                events = FanoutSink(sinks)
+                store, close = open_store(settings)
+                stack.callback(close)
                 result = sync_all(settings, sources, store, live_engines(settings, events=events), stop=stop,
                                   events=events)  # fmt: skip
-            finally:
-                close()
             _render_summary(result, json_out)
+            report_outcomes(ctx, settings, result.results)
             if metrics is not None:
                 _write_metrics(settings, names, metrics)
             return result.exit_code
@@ -199,7 +241,11 @@ def sync(
 
 @app.command("status")
 def status(
-    ctx: typer.Context, source: SourceOpt = None, json_out: JsonOpt = False, metrics: MetricsOpt = None
+    ctx: typer.Context,
+    source: SourceOpt = None,
+    json_out: JsonOpt = False,
+    metrics: MetricsOpt = None,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Per source: last success, checkpoint, in-flight export, last counts, queues, lock, health.
 
@@ -208,8 +254,10 @@ def status(
 
     Examples:
 
+    \b
       pfsync status
 
+    \b
       pfsync status --json
     """
     settings = run(ctx, lambda: build_settings(ctx))
@@ -228,13 +276,9 @@ def status(
             close()
         if metrics is not None:
             write_metrics(metrics, statuses)
-        if json_out:
+        if wants_json(json_out):
             doc = {"healthy": all(s.healthy for s in statuses), "sources": [s.to_json() for s in statuses]}
-            sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
-        elif not sys.stdout.isatty():
-            # Cron mail and `kubectl logs` are not terminals: a rich table squeezed into 80 columns
-            # wraps every cell; one "key: value" line per fact reads (and greps) well anywhere.
-            sys.stdout.write(_plain_status(statuses))
+            sys.stdout.write(orjson.dumps(doc).decode() + "\n")
         else:
             table = Table(title="pfsync status")
             for col in ("source", "healthy", "last success", "last attempt", "checkpoint", "last run",
@@ -249,9 +293,10 @@ def status(
                     str(s.retry_queue_size), s.lock_holder or "-",
                 )  # fmt: skip
             out_console().print(table)
-        unhealthy = [s.source for s in statuses if not s.healthy]
+        unhealthy = [s for s in statuses if not s.healthy]
         if unhealthy:
-            raise UnhealthyError(f"unhealthy: {', '.join(unhealthy)}")
+            raise UnhealthyError(f"unhealthy: {', '.join(s.source for s in unhealthy)}",
+                                 hint="; ".join(f"{s.source}: {', '.join(s.reasons)}" for s in unhealthy))  # fmt: skip
         return 0
 
     exit_with(run(ctx, go))

@@ -11,7 +11,19 @@ import typer
 from rich.table import Table
 
 from pfsync.cli.app import app
-from pfsync.cli.common import JsonOpt, SourceOpt, build_settings, fail, out_console, run, state
+from pfsync.cli.common import (
+    JsonOpt,
+    MedplumUrlOpt,
+    SourceOpt,
+    SourceUrlOpt,
+    StateDirOpt,
+    build_settings,
+    fail,
+    out_console,
+    run,
+    state,
+    wants_json,
+)
 from pfsync.errors import UsageError, VerifyMismatchError
 from pfsync.verify_report import CATEGORIES, VerifyReport
 
@@ -116,7 +128,12 @@ def verify(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --fix: list actions only.")] = False,
     source: SourceOpt = None,
     json_out: JsonOpt = False,
-    limit: Annotated[int, typer.Option("--limit", min=0, help="Ids listed per category in the table.")] = 20,
+    limit: Annotated[
+        int, typer.Option("--limit", min=0, metavar="<int>", help="Ids listed per category in the table.")
+    ] = 20,
+    source_url: SourceUrlOpt = None,
+    medplum_url: MedplumUrlOpt = None,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Report missing, duplicated, extra and dangling resources between the source and Medplum.
 
@@ -127,8 +144,10 @@ def verify(
 
     Examples:
 
+    \b
       pfsync verify --from exports/2026-11-25 --json
 
+    \b
       pfsync verify --content --fix --dry-run
     """
     from pfsync.verify import VerifyOptions
@@ -138,10 +157,10 @@ def verify(
         fix=fix or dry_run,  # --dry-run alone: list what --fix would do, write nothing
         fix_extras=fix_extras,
         dry_run=dry_run,
-        limit=None if json_out else limit,
+        limit=None if wants_json(json_out) else limit,
     )
     report = run(ctx, lambda: _verify(ctx, from_dir, export, source, options))
-    if json_out:
+    if wants_json(json_out):
         sys.stdout.write(orjson.dumps(report.to_json()).decode() + "\n")
         sys.stdout.flush()
     else:
@@ -155,4 +174,5 @@ def verify(
                 hint="run `pfsync verify --fix --dry-run` to see the repairs",
             ),
             state(ctx).verbosity,
+            state(ctx),
         )

@@ -8,6 +8,7 @@ web framework among the runtime dependencies. Handlers get a parsed `Request` an
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -171,6 +172,12 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, port: int, app: Handler) -> None:
         self.app = app
         super().__init__((LOOPBACK, port), _RequestHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-answer (a killed run, a reset test) is normal, not a traceback.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class LoopbackServer:

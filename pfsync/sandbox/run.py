@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import shlex
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,13 @@ class Sandboxes:
     target: TargetSandbox
     state_dir: Path
     env: dict[str, str]
+    temporary: bool = False  # state_dir was made for this run: removed by stop()
 
     def stop(self) -> None:
         self.source.stop()
         self.target.stop()
+        if self.temporary:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 def _write_secret(path: Path, value: str) -> Path:
@@ -85,7 +89,7 @@ def start_sandboxes(
         "MEDPLUM_CLIENT_ID": TARGET_CLIENT_ID,
         "MEDPLUM_CLIENT_SECRET": str(target_secret_file),
     }
-    return Sandboxes(source=source, target=target, state_dir=root, env=env)
+    return Sandboxes(source=source, target=target, state_dir=root, env=env, temporary=state_dir is None)
 
 
 def env_lines(env: dict[str, str]) -> list[str]:

@@ -317,8 +317,22 @@ def token_request(
                         "for Medplum); credentials are never re-sent to a redirect's target") from None  # fmt: skip
 
 
+_current_run = 0
+_run_lock = threading.Lock()
+
+
+def begin_run() -> None:
+    """Start a new run (one `pfsync sync` invocation, or one cycle of `--every`): the next `prove()`
+    of every token cache requests a fresh token, so each run proves its credentials once even
+    when the process keeps one shared token between runs."""
+    global _current_run
+    with _run_lock:
+        _current_run += 1
+
+
 class TokenProvider(Protocol):
     def token(self, *, force: bool = False) -> str: ...
+    def prove(self) -> str: ...
     def invalidate(self, token: str) -> None: ...
 
 
@@ -334,9 +348,20 @@ class CachedToken:
         self._token: Token | None = None
         self.last_token: Token | None = None
         self.token_requests = 0
+        self._proven_run = -1
 
     def _fetch(self) -> Token:
         raise NotImplementedError
+
+    def prove(self) -> str:
+        """The token, requested anew the first time in each run (`begin_run`): a revoked secret
+        fails the run even while a cached token would still be accepted; shared after that."""
+        with self._lock:
+            if self._proven_run != _current_run:
+                token = self.token(force=True)
+                self._proven_run = _current_run
+                return token
+            return self.token()
 
     def token(self, *, force: bool = False) -> str:
         """A valid access token: the cached one unless it is about to expire (or `force`)."""

@@ -504,7 +504,7 @@ def request_with_retry(
                     url=url,
                 ) from None
             delay = policy.backoff(attempt)
-            _retrying(method, url, attempt, delay, exc.__class__.__name__, on_retry)
+            _retrying(method, url, attempt, policy.retries, delay, exc.__class__.__name__, on_retry)
             wait(clock, delay, stop)
             continue
         if retry_if is not None:
@@ -527,7 +527,7 @@ def request_with_retry(
             )
         hinted = hinted_wait(response, clock.now())
         delay = min(policy.max_wait, hinted) if hinted is not None else policy.backoff(attempt)
-        _retrying(method, url, attempt, delay, f"HTTP {response.status_code}", on_retry)
+        _retrying(method, url, attempt, policy.retries, delay, f"HTTP {response.status_code}", on_retry)
         response.close()
         wait(clock, delay, stop)
 
@@ -536,14 +536,15 @@ def _retrying(
     method: str,
     url: str,
     attempt: int,
+    retries: int,
     delay: float,
     reason: str,
     on_retry: Callable[[int, float, str], None] | None,
 ) -> None:
     """The event of a retry: a warning (a wait is never silent: an unreachable host would look like a
     hang; the url without its query) and the caller's callback."""
-    log.warning("http_retry %s %s: %s; retry %d in %.1f s", method, shown_url(url), reason, attempt, delay,
-                extra={"event": "http_retry"})  # fmt: skip
+    log.warning("http_retry %s %s: %s; retry %d of %d in %.1f s", method, shown_url(url), reason, attempt,
+                retries, delay, extra={"event": "http_retry"})  # fmt: skip
     if on_retry:
         on_retry(attempt, delay, reason)
 

@@ -43,6 +43,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 import httpx
 
+from pfsync.auth import begin_run
 from pfsync.bulk import ExportRequest, requests_for
 from pfsync.errors import (
     ExitCode,
@@ -517,6 +518,7 @@ def sync_all(
     if not settings.sync.enabled:
         events.emit("sync_disabled")
         return SyncResult(())
+    begin_run()  # every run proves its credentials once (pfsync.auth.CachedToken.prove)
 
     def one(src: SourceSettings) -> SourceResult:
         if not src.enabled:

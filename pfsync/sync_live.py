@@ -84,7 +84,7 @@ class LiveEngines:
         self._granted_types()
         auth = self.medplum_client.auth
         if isinstance(auth, BearerAuth):
-            auth.provider.token()
+            auth.provider.prove()
             return
         url = "Patient"
         resp = request_with_retry(

@@ -252,14 +252,14 @@ def test_export_requests_log_each_retry_as_a_warning() -> None:
         def emit(self, record: logging.LogRecord) -> None:
             records.append(record)
 
-    logger = logging.getLogger("pfsync.export")
+    logger = logging.getLogger("pfsync.http")  # export requests retry through the one request path
     keep = Keep()
     logger.addHandler(keep)
     try:
         with httpx.Client(transport=httpx.MockTransport(handler)) as client:
             request = client.build_request("GET", "http://127.0.0.1:9/fhir/Patient/$export")
             response = _send(client, request, None, policy=RetryPolicy(retries=3, max_wait=0.1), clock=FakeClock(),
-                             stop=None, what="export kick-off", max_wait=0.1)  # fmt: skip
+                             stop=None)  # fmt: skip
     finally:
         logger.removeHandler(keep)
     assert response.status_code == 200

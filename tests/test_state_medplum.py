@@ -207,7 +207,7 @@ def _recording_store(seen: list[httpx.Request]) -> MedplumStateStore:
 
 def test_medplum_store_create_conflict_is_a_lost_race() -> None:
     """The real server may answer a create that collides with another one 409 (docs/medplum.md,
-    "Measured": serializable transactions): the other pod won, so this one looks at its record
+    "Measured on a real server": serializable transactions): the other pod won, so this one looks at its record
     and stops at its live lease, not with a state error."""
     clock = FakeClock()
     theirs: dict[str, object] = {}

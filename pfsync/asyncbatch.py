@@ -1,10 +1,10 @@
 """Async batch Bundles (`Prefer: respond-async`) for large backfills: submit, poll, fetch results.
 
-medplum.md "Size limits" and transcript 39: the POST answers 202 with `Content-Location` of an
+docs/medplum.md "Size limits" and docs/medplum.md, recorded case 39: the POST answers 202 with `Content-Location` of an
 AsyncJob status URL; polls answer 202 with the AsyncJob until 200 `status: completed`, whose
 `output.parameter[results].valueReference` names a Binary holding the raw batch-response Bundle,
 parsed exactly like a synchronous one. Async jobs are not exempt from the quota on 5.0.x, and
-even polls can get 429 (medplum.md "Measured"): polls wait out `msBeforeNext`.
+even polls can get 429 (docs/medplum.md "Measured on a real server"): polls wait out `msBeforeNext`.
 """
 
 from __future__ import annotations

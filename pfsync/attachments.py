@@ -1,4 +1,4 @@
-"""Attachments and exported Binary resources -> Medplum Binary (medplum.md "Binary and attachments").
+"""Attachments and exported Binary resources -> Medplum Binary (docs/medplum.md "Binary and attachments").
 
 An Attachment (any object with `url` and `contentType`: DocumentReference.content.attachment,
 DiagnosticReport.presentedForm, ...) whose `url` points at the source origin, or at a source
@@ -56,7 +56,8 @@ if TYPE_CHECKING:
     from pfsync.writes import Writer
 
 
-_DOWNLOADS = 4  # practice-fusion.md "Other": be polite, at most a few parallel downloads
+# docs/practice-fusion.md "Defaults, identifiers and politeness": be polite, at most a few parallel downloads
+_DOWNLOADS = 4
 _COPY_THREADS = 8  # workers: each downloads (at most _DOWNLOADS at once), then uploads; an upload
 # waits behind our Bundles at Medplum, so with one pool of four the copies fell behind the Bundles
 # and the load ended waiting for them

@@ -1,6 +1,6 @@
 """SMART Backend Services auth for an EHR source: discovery, client assertions, scopes, cached tokens.
 
-bulk-data.md "Auth" is the checklist: the token endpoint comes from `.well-known/smart-configuration`
+docs/bulk-data.md "Auth" is the checklist: the token endpoint comes from `.well-known/smart-configuration`
 (else the CapabilityStatement's oauth-uris extension, else the `source.token_url` override); the client
 authenticates with a signed JWT (`private_key_jwt`) or HTTP Basic (`client_secret_basic`); tokens are
 cached, renewed shortly before expiry, and renewed once more when a request meets a 401 mid-run.
@@ -32,7 +32,8 @@ from pfsync.settings import HttpSettings, SourceSettings, check_transport_url, r
 log = logging.getLogger("pfsync.auth")
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-ASSERTION_LIFETIME = 240  # practice-fusion.md "Auth": exp at most 300 s ahead; keep room for skew
+# docs/practice-fusion.md "Auth (system apps)": exp at most 300 s ahead; keep room for skew
+ASSERTION_LIFETIME = 240
 DEFAULT_TOKEN_LIFETIME = 300.0  # SMART Backend Services: tokens "should" live at most 5 minutes
 MAX_RENEW_MARGIN = 60.0
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
@@ -107,7 +108,7 @@ def discover(
     policy: RetryPolicy | None = None,
     clock: Clock | None = None,
 ) -> Discovery:
-    """Find the token endpoint (bulk-data.md "Auth": smart-configuration, then metadata, override wins)."""
+    """Find the token endpoint (docs/bulk-data.md "Auth": smart-configuration, then metadata, override wins)."""
     policy = policy or RetryPolicy()
     clock = clock or SystemClock()
     base = base_url.rstrip("/")
@@ -249,7 +250,7 @@ def token_failure_hint(status: int, error: str, description: str, method: str) -
         return ("scope not authorised: ask the practice admin to authorise the app for these resource "
                 "types, or narrow PF_RESOURCE_TYPES")  # fmt: skip
     if "registration" in text:
-        # bulk-data.md: "Registration token expired" is about the client's registration, not the clock.
+        # docs/bulk-data.md: "Registration token expired" is about the client's registration, not the clock.
         return ("the client registration has expired or is no longer valid: register the app again with "
                 "the EHR and configure the new client id (PF_CLIENT_ID)")  # fmt: skip
     if "jti" in text:
@@ -381,7 +382,7 @@ class CachedToken:
 
 
 def resolve_method(source: SourceSettings) -> Method:
-    """The client authentication method from what is configured (bulk-data.md: both supported)."""
+    """The client authentication method from what is configured (docs/bulk-data.md: both supported)."""
     where = f"source {source.name!r}"
     require(source.client_id, "source.client_id", where)
     method = source.auth_method
@@ -478,7 +479,7 @@ class SourceAuthenticator(CachedToken):
 
     # -- tokens
     def client_assertion(self, audience: str | None = None) -> str:
-        """A freshly signed client assertion JWT (bulk-data.md "Auth": header and claims)."""
+        """A freshly signed client assertion JWT (docs/bulk-data.md "Auth": header and claims)."""
         key = self.signing_key
         if key is None:
             raise ConfigError(f"source {self.source.name!r} has no private key for private_key_jwt",
@@ -563,7 +564,7 @@ class SourceAuthenticator(CachedToken):
 
     def capability_types(self) -> frozenset[str]:
         """The resource types the source's CapabilityStatement lists (empty when it lists none).
-        Only a hint: the SMART reference server leaves out types it does export (transcript 02)."""
+        Only a hint: the SMART reference server leaves out types it does export (docs/bulk-data.md, recorded case 02)."""
         if self._capability_types is None:
             doc = None
             with contextlib.suppress(HTTPError, httpx.HTTPError):
@@ -587,7 +588,7 @@ def origin_of(url: str | httpx.URL) -> str:
 class BearerAuth(httpx.Auth):
     """Bearer token on requests to the allowed origins only; one renewal and retry on a 401.
 
-    bulk-data.md "Download": never send the token to foreign storage origins. httpx replays the same
+    docs/bulk-data.md "Download": never send the token to foreign storage origins. httpx replays the same
     request after a 401 (request bodies must be bytes, not one-shot streams); for streamed
     responses the 401 is read and closed and the retried response is handed back unread.
     """

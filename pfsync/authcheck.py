@@ -1,8 +1,8 @@
 """`pfsync auth test`: check each source and Medplum end to end, and say what to fix for each failure.
 
-practice-fusion.md: several behaviours are undocumented (which export levels answer, whether `_type`
+docs/practice-fusion.md: several behaviours are undocumented (which export levels answer, whether `_type`
 and `_since` are honoured), so they are probed here instead of assumed. Every kick-off a probe
-starts is cancelled at once (bulk-data.md "Status polling": DELETE the status URL), so no job is
+starts is cancelled at once (docs/bulk-data.md "Status polling": DELETE the status URL), so no job is
 left running. The library returns a report; the CLI renders it and maps failures to exit codes.
 """
 
@@ -445,7 +445,7 @@ def _medplum(settings: Settings, client: httpx.Client, clock: Clock) -> TargetRe
         checks.append(Check("expiry", "ok", f"expires in {lifetime} s"))
     url = medplum.fhir_url + "Patient"
     try:
-        # medplum.md "Quotas": a count-only search is cheap and shows the RateLimit header.
+        # docs/medplum.md "Quotas and 429": a count-only search is cheap and shows the RateLimit header.
         response = client.get(url, params={"_summary": "count"}, headers={"Accept": "application/fhir+json"},
                               auth=auth)  # fmt: skip
     except httpx.HTTPError as exc:

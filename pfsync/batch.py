@@ -1,9 +1,9 @@
 """Batch Bundle entries and per-entry outcomes, in the shapes the real Medplum server uses.
 
-medplum.md "Batch Bundles": responses come back in request order, each
+docs/medplum.md "Batch Bundles": responses come back in request order, each
 `{response: {status: "201", outcome, location: "Type/<id>"}, resource}`; errors are per entry
-(transcripts 14-19, 27-30, 39). 429 entries carry the limiter state as JSON in `diagnostics`
-(`_msBeforeNext`, transcript 28).
+(docs/medplum.md, recorded cases 14-19, 27-30, 39). 429 entries carry the limiter state as JSON in `diagnostics`
+(`_msBeforeNext`, docs/medplum.md, recorded case 28).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pfsync.http import outcome_from_json
 BUNDLE_HEAD = b'{"resourceType":"Bundle","type":"batch","entry":['
 BUNDLE_TAIL = b"]}"
 RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504})
-# transcript 16: a second entry with an identity the same batch just created. We never send the
+# docs/medplum.md, recorded case 16: a second entry with an identity the same batch just created. We never send the
 # same identity twice in flight, so if it happens the other writer has won and a retry updates it.
 _RACE_TEXT = "did not match resolved ID"
 
@@ -125,7 +125,7 @@ def _status(value: Any) -> int:
 
 
 def wait_from_outcome(outcome: Any) -> float | None:
-    """Seconds from a throttled OperationOutcome's diagnostics JSON (no Retry-After: medplum.md)."""
+    """Seconds from a throttled OperationOutcome's diagnostics JSON (no Retry-After: docs/medplum.md)."""
     if not isinstance(outcome, dict):
         return None
     for issue in outcome.get("issue") or []:
@@ -183,16 +183,16 @@ def parse_batch(content: bytes, count: int) -> list[EntryResult]:
 
 
 def classify(entry: Entry, result: EntryResult) -> Kind:
-    """What a per-entry result means for this entry (medplum.md tables; transcripts 14-19, 28, 30)."""
+    """What a per-entry result means for this entry (docs/medplum.md tables; recorded cases 14-19, 28, 30)."""
     status = result.status
     if entry.method == "DELETE":
         if status in (200, 204, 404, 410):
-            return Kind.DELETED  # transcripts 40/41: deleting what is gone is 200 too
+            return Kind.DELETED  # docs/medplum.md, recorded cases 40/41: deleting what is gone is 200 too
         return Kind.RETRY if status in RETRYABLE or status == 0 else Kind.FAILED
     if status == 201:
         return Kind.CREATED
     if status == 200:
-        # medplum.md "Conditional update": a no-op returns 200 with the old versionId.
+        # docs/medplum.md "Conditional update": a no-op returns 200 with the old versionId.
         if entry.known_vid is not None and result.vid == entry.known_vid:
             return Kind.UNCHANGED
         return Kind.UPDATED
@@ -206,5 +206,5 @@ def classify(entry: Entry, result: EntryResult) -> Kind:
 
 
 def is_too_large(status: int, text: str | None) -> bool:
-    """medplum.md "Size limits": 413 from the body parser, or 400 "File too large" on the real server."""
+    """docs/medplum.md "Size limits": 413 from the body parser, or 400 "File too large" on the real server."""
     return status == 413 or (status == 400 and bool(text) and "too large" in (text or "").lower())

@@ -1,4 +1,4 @@
-"""Bulk Data protocol client: kick-off, status polling and the server's manifest (bulk-data.md).
+"""Bulk Data protocol client: kick-off, status polling and the server's manifest (docs/bulk-data.md).
 
 Stateless functions over an injected `httpx.Client`, an `httpx.Auth` and a `Clock`: the
 export directory (pfsync.exportjob), downloads (pfsync.download) and orchestration
@@ -37,7 +37,7 @@ from pfsync.settings import ExportSettings, SourceSettings
 
 log = logging.getLogger("pfsync.export")
 
-# transcripts/bulk-data-server 30: the reference server compares Accept as a plain string.
+# docs/bulk-data.md, recorded case 30: the reference server compares Accept as a plain string.
 KICKOFF_ACCEPT = "application/fhir+json"
 NDJSON_FORMAT = "application/fhir+ndjson"
 Level = Literal["system", "patient", "group"]
@@ -83,7 +83,7 @@ def requests_for(
 ) -> list[ExportRequest]:
     """One ExportRequest per group (or one for patient/system level) from the source's settings.
 
-    practice-fusion.md "Bulk export": PF documents Patient and Group level only, so "auto" is
+    docs/practice-fusion.md "Bulk export": PF documents Patient and Group level only, so "auto" is
     group when groups are configured, else patient.
     """
     level = source.export_level
@@ -165,7 +165,7 @@ def origin(url: str) -> str:
 class Origins:
     """Which URLs may receive credentials: the source's origin plus `source.download_allowlist`.
 
-    bulk-data.md "Download": signed storage URLs must never receive the token (it leaks it and
+    docs/bulk-data.md "Download": signed storage URLs must never receive the token (it leaks it and
     can break the signature). BearerAuth checks origins too; this is the first of two layers.
     """
 
@@ -178,7 +178,7 @@ class Origins:
 
 class JobExpired(ExportError):
     """The saved status URL answered 404/410: the server forgot the job; start a new one.
-    `files_only`: the status URL answered, but a file of the manifest is gone (transcript 53)."""
+    `files_only`: the status URL answered, but a file of the manifest is gone (docs/bulk-data.md, recorded case 53)."""
 
     files_only: bool = False
 
@@ -282,7 +282,7 @@ def poll_wait(elapsed: float, hinted: float | None, cap: float) -> float:
 
 
 def build_kickoff(base_url: str, request: ExportRequest) -> tuple[str, str, dict[str, Any]]:
-    """(method, URL, httpx keyword arguments) of the kick-off request (bulk-data.md "Kick-off")."""
+    """(method, URL, httpx keyword arguments) of the kick-off request (docs/bulk-data.md "Kick-off")."""
     path = {"system": "/$export", "patient": "/Patient/$export"}.get(request.level)
     if path is None:
         path = f"/Group/{request.group_id}/$export"
@@ -354,9 +354,9 @@ def group_exists(
     policy: RetryPolicy,
     clock: Clock,
 ) -> bool | None:
-    """Whether the source's Group search (`GET Group`: every group, without members, transcript 23)
+    """Whether the source's Group search (`GET Group`: every group, without members, docs/bulk-data.md, recorded case 23)
     lists `group_id`; None when it cannot tell (refused, not a Bundle, or paged past the first page).
-    A search rather than a read: Practice Fusion grants no Group read scope (practice-fusion.md)."""
+    A search rather than a read: Practice Fusion grants no Group read scope (docs/practice-fusion.md)."""
     req = client.build_request(
         "GET", f"{base_url.rstrip('/')}/Group", headers={"Accept": "application/fhir+json"}
     )
@@ -376,7 +376,7 @@ def group_exists(
 
 @dataclass
 class Poller:
-    """Polls one status (or manifest page) URL until it completes (bulk-data.md "Status polling")."""
+    """Polls one status (or manifest page) URL until it completes (docs/bulk-data.md "Status polling")."""
 
     client: httpx.Client
     auth: httpx.Auth | None
@@ -468,7 +468,7 @@ class Issue:
 
     @property
     def fatal(self) -> bool:
-        # bulk-data.md "Download": fatal/error fail the export; warning/information are reported.
+        # docs/bulk-data.md "Download": fatal/error fail the export; warning/information are reported.
         return self.severity in ("fatal", "error")
 
 

@@ -1,11 +1,11 @@
 """Export file downloads: streamed to disk, validated as they stream, retried, resumed, landed atomically.
 
-bulk-data.md "Download": never hold a whole file in memory; accept gzip; retry 408/429/5xx and
+docs/bulk-data.md "Download": never hold a whole file in memory; accept gzip; retry 408/429/5xx and
 connection resets with backoff, resuming with `Range` when the server answers 206 (else the file
 restarts); send the token only when `requiresAccessToken` and only to allowed origins. Every line
 is checked as it arrives (framing and resourceType, or full JSON with export.validate = "full";
 see the comment above Validator), its length capped, and counted against the manifest `count`.
-A pretty-printed JSON resource or Bundle (practice-fusion.md: PF's docs show one served as
+A pretty-printed JSON resource or Bundle (docs/practice-fusion.md: PF's docs show one served as
 application/json) is converted to NDJSON, so the export directory only ever holds NDJSON.
 A file whose content looks damaged (bad lines, cut short, fewer lines than announced) is downloaded
 again; when a second download is byte-identical to the first, or the damage persists after
@@ -230,7 +230,7 @@ class Validator:
         ):
             return False
         first = bytes(self._buffer[start : newline if newline >= 0 else len(self._buffer)]).strip()
-        # practice-fusion.md: a pretty-printed resource's first line is "{" alone, which is not JSON.
+        # docs/practice-fusion.md: a pretty-printed resource's first line is "{" alone, which is not JSON.
         self._mode = "document" if first.startswith(b"{") and not _parses(first) else "lines"
         return True
 

@@ -17,7 +17,7 @@
     │   └── HTTPError                   carries method, URL, status and OperationOutcome text
     └── InterruptedRunError        130  SIGINT / SIGTERM: progress saved, the next run resumes
 
-Rules (STYLE.md: cumulus_etl/errors.py): codes are documented in the README and never reused once
+Rules (as in cumulus-etl's errors.py): codes are documented in the README and never reused once
 retired; the library raises, it never prints or exits; the CLI maps errors to codes in one place.
 Messages never contain secrets (pfsync.redact scrubs them again on the way out, as a second line).
 """

@@ -1,7 +1,7 @@
-"""Progress reporting through an observer, so the library never imports the UI (STYLE.md: pip-audit).
+"""Progress reporting through an observer, so the library never imports the UI (as in pip-audit).
 
 The library calls `sink.emit(name, **detail)` with bulk-data-client's event vocabulary
-(bulk-data.md, "Logging vocabulary": kickoff, status_progress, status_complete, status_error,
+(docs/bulk-data.md, "Logging vocabulary": kickoff, status_progress, status_complete, status_error,
 download_request, download_complete, download_error, export_complete) plus `load_*`, `sync_*`
 and `auth_*` events for our side. The CLI decides how to show them: rich progress on a TTY,
 one JSON object per line otherwise.

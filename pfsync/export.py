@@ -4,7 +4,7 @@ The export directory is resumable at every step (pfsync.exportjob): job.json is 
 first poll, each file is recorded once it has landed, and a rerun continues the saved job (files
 already complete, verified by sha256, are not downloaded again). Only a job the server has
 forgotten (404/410) leads to a new kick-off. After every file is safely on disk the job is
-DELETEd on the server (bulk-data.md "Status polling": not before, keep it for recovery).
+DELETEd on the server (docs/bulk-data.md "Status polling": not before, keep it for recovery).
 
 Threads: downloads run in a pool of `export.parallel_downloads` workers; everything else (polling,
 manifest.json, `on_file` callbacks, events other than download_*) happens on the calling thread,
@@ -58,7 +58,7 @@ __all__ = ["ExportRequest", "ExportResult", "LandedFile", "cancel_export", "run_
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What an export left in `out_dir`. `transaction_time` is the next `_since` (bulk-data.md)."""
+    """What an export left in `out_dir`. `transaction_time` is the next `_since` (docs/bulk-data.md)."""
 
     transaction_time: str
     files: tuple[LandedFile, ...]  # kind "output"
@@ -226,7 +226,7 @@ class _Run:
         _, url, _ = build_kickoff(self.source.base_url, request)
         status_url = kickoff(self.client, self.origins.auth_for(url, self.auth), self.source.base_url, request,
                              policy=self.policy, clock=self.clock, stop=self.stop)  # fmt: skip
-        # Saved before the first poll: a run killed from here on resumes this job (bulk-data.md).
+        # Saved before the first poll: a run killed from here on resumes this job (docs/bulk-data.md).
         job = self.dir.save_job(ExportJob(status_url, request, self.source.name, self.source.base_url,
                                           self.clock.now()))  # fmt: skip
         self.events.emit("kickoff", exportId=export_id(status_url), url=without_query(url), level=request.level,
@@ -330,7 +330,7 @@ class _Run:
         self, entry: ManifestFile, numbers: Counter[tuple[str, str]], request: ExportRequest
     ) -> str | None:
         if entry.kind == "output" and request.types and entry.type not in request.types:
-            # practice-fusion.md: manifests list types nobody asked for (Location); not downloaded.
+            # docs/practice-fusion.md: manifests list types nobody asked for (Location); not downloaded.
             self.warn(f"the manifest lists {entry.type}, which was not requested: skipped")
             return None
         key = (entry.kind, entry.type if entry.kind == "output" else "")

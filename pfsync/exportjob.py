@@ -12,7 +12,7 @@ per-group subdirectories; `export_files` sorts a directory's files by kind):
     .<name>.part          a download in flight (never read by the loader; discarded on resume)
 
 Both JSON files are written atomically (temp file, fsync, os.replace, fsync of the directory:
-STYLE.md smart_fetch/lifecycle.py), so a kill -9 at any moment leaves either the old or the new
+as smart-fetch's lifecycle.py does), so a kill -9 at any moment leaves either the old or the new
 version, and a landed file is only listed once its bytes are on disk under their final name.
 A landed file costs one appended, fsynced journal line, not a rewrite of manifest.json (which
 grew with every file: quadratic over 100,000 outputs); manifest.json is rewritten, and the

@@ -1,12 +1,12 @@
 """The HTTP layer: one client factory, one retry path, and error text from OperationOutcomes.
 
-Library classes take an `httpx.Client` (STYLE.md: the network is injected); only `make_client`
+Library classes take an `httpx.Client` (the network is injected); only `make_client`
 builds a real one, and every client it builds applies RequestGuard on every hop: the URL rules
 of pfsync.netpolicy, no redirect for a request carrying a body or credentials, attachments
 pinned to their origin; proxy and CAs from pfsync's settings, not the environment. Sleeping and
 the clock are injected too (`Clock`), so retry tests run instantly.
 
-Retries (`request_with_retry`) follow bulk-data.md / cumulus-fhir-support: network errors and
+Retries (`request_with_retry`) follow docs/bulk-data.md / cumulus-fhir-support: network errors and
 the answers TEMPORARY_RULES names (408, 429, 5xx) are temporary; the wait is Retry-After in
 both forms (seconds and HTTP-date) or Medplum's spent RateLimit window, capped, else backoff;
 waits end on SIGTERM. What a server sends reaches a message only through `server_text`
@@ -62,7 +62,7 @@ class RetryRule:
 
 
 _SERVER_ERRORS = frozenset(range(500, 600))
-# bulk-data.md "Status polling" and "Download": an error OperationOutcome means the export failed,
+# docs/bulk-data.md "Status polling" and "Download": an error OperationOutcome means the export failed,
 # except 408, 429, gateway errors, a 5xx whose issue code is `transient`, and a 5xx that is not FHIR.
 BULK_RULES: tuple[RetryRule, ...] = (
     RetryRule(frozenset({408, 429, 502, 503, 504}), "retry"),
@@ -272,7 +272,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date (RFC 9110 10.2.3).
 
     Some servers send epoch values (the SMART reference server sends epoch ms, then epoch s:
-    transcripts/bulk-data-server README); a huge number that looks like an epoch is read as one.
+    docs/bulk-data.md "Retries and Retry-After"); a huge number that looks like an epoch is read as one.
     """
     if not value:
         return None
@@ -366,9 +366,9 @@ class Temporary:
     temporary: bool = True
 
 
-# The one statement of which answers are temporary (bulk-data.md "Download" and "Kick-off":
-# 408, 429, 5xx and network errors; medplum.md "Quotas and 429"). A rule a part of the spec needs
-# is one more entry ahead of the general one, e.g. for export polling (bulk-data.md: a 5xx
+# The one statement of which answers are temporary (docs/bulk-data.md "Download" and "Kick-off":
+# 408, 429, 5xx and network errors; docs/medplum.md "Quotas and 429"). A rule a part of the spec needs
+# is one more entry ahead of the general one, e.g. for export polling (docs/bulk-data.md: a 5xx
 # OperationOutcome means failed unless its code is `transient`):
 #     Temporary(frozenset({500}), kind="export-poll", issue_codes=frozenset({"transient", ""})),
 #     Temporary(frozenset({500}), kind="export-poll", temporary=False),
@@ -407,7 +407,7 @@ def is_temporary(
 
 def ratelimit_reset(response: httpx.Response) -> float | None:
     """Seconds until a spent request window resets, from Medplum's `RateLimit: "requests";r=0;t=N`
-    (medplum.md "Quotas and 429": a 429 carries no Retry-After). Only for a 429: a project with
+    (docs/medplum.md "Quotas and 429": a 429 carries no Retry-After). Only for a 429: a project with
     its quota off counts down to r=0 without refusing anything."""
     if response.status_code != 429:
         return None

@@ -2,7 +2,7 @@
 
 `{state_dir}/{source}/idmap.sqlite` (preamble: state dir layout). It is a cache of what Medplum
 holds, never the only truth: when it is missing (a stateless pod) the loader refills it from
-batched identifier searches before writing (medplum.md "Ids and identity"), so losing it costs
+batched identifier searches before writing (docs/medplum.md "Ids and identity"), so losing it costs
 searches, never duplicates. It also keeps, on disk so memory stays flat:
 
 - rows with no Medplum id yet: every source id seen in the input, with its type, so a bare

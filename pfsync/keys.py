@@ -1,8 +1,8 @@
 """Signing keys for SMART Backend Services: load PEM/JWK/JWKS private keys, pick the alg, make key pairs.
 
-bulk-data.md "Auth": keys come as PEM (PKCS#8, PKCS#1 or SEC1) or JWK/JWKS files; the algorithm follows
+docs/bulk-data.md "Auth": keys come as PEM (PKCS#8, PKCS#1 or SEC1) or JWK/JWKS files; the algorithm follows
 the key (RSA -> RS384, P-256/P-384/P-521 -> ES256/ES384/ES512); every assertion carries a `kid`.
-practice-fusion.md "Auth": the public JWKS is published at the URL registered with the EHR.
+docs/practice-fusion.md "Auth (system apps)": the public JWKS is published at the URL registered with the EHR.
 Key text never appears in an error message: messages name the problem, not the content.
 """
 
@@ -30,7 +30,7 @@ log = logging.getLogger("pfsync.keys")
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
-# bulk-data.md: RS384 or ES384; ES256/ES512 keys are accepted too, with the curve's own hash.
+# docs/bulk-data.md: RS384 or ES384; ES256/ES512 keys are accepted too, with the curve's own hash.
 _CURVE_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 KEYGEN_ALGS = ("ES384", "RS384")
 MIN_RSA_BITS = 2048  # what RFC 7518 3.3 requires for RS*; keygen makes 3072

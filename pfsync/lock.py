@@ -5,7 +5,7 @@ checkpoint). Locally that is `fcntl.flock` on `{state_dir}/{source}/lock`: the k
 lock when the process dies (even on kill -9), so a crashed run never leaves a stale lock; the
 holder (pid, host, start) is written inside for the error message and `pfsync status`. Stateless
 pods share no disk, so the Medplum store uses a lease in the state's Basic resource instead,
-taken and renewed with optimistic concurrency (medplum.md "Optimistic locking").
+taken and renewed with optimistic concurrency (docs/medplum.md "Optimistic locking").
 """
 
 from __future__ import annotations

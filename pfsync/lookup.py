@@ -1,7 +1,7 @@
 """Identity lookups in Medplum: many identifiers OR-ed per search, paced by the quota.
 
-medplum.md "Ids and identity" and "Measured": one search with 100 identifiers OR-ed by commas
-costs 20 points (a write costs 100), commas inside a value are escaped as `\\,`; transcript 32:
+docs/medplum.md "Ids and identity" and "Measured on a real server": one search with 100 identifiers OR-ed by commas
+costs 20 points (a write costs 100), commas inside a value are escaped as `\\,`; docs/medplum.md, recorded case 32:
 `_elements` subsets the result (meta stays, so our content-hash tag comes back too).
 """
 

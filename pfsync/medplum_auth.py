@@ -1,10 +1,10 @@
 """Medplum (target) auth: one cached client_credentials token, renewed before expiry or after a 401.
 
-medplum.md "Base URLs and auth": `POST {base}oauth2/token` with `grant_type=client_credentials` and the
-ClientApplication's id and secret as form fields (transcript 01); tokens live 1 h by default and
+docs/medplum.md "Base URLs and auth": `POST {base}oauth2/token` with `grant_type=client_credentials` and the
+ClientApplication's id and secret as form fields (docs/medplum.md, recorded case 01); tokens live 1 h by default and
 come without a refresh token; every token request creates a Login record and auth endpoints allow
 160 requests/min per IP, so a token is never requested per call. Token errors are 400
-`invalid_request` with an `error_description` (transcripts 03-05), not 401. HTTP Basic on each FHIR
+`invalid_request` with an `error_description` (docs/medplum.md, recorded cases 03-05), not 401. HTTP Basic on each FHIR
 call is the fallback (`medplum.auth = "basic"`).
 """
 
@@ -38,7 +38,7 @@ log = logging.getLogger("pfsync.medplum_auth")
 
 
 def medplum_token_hint(description: str) -> str:
-    """What a refused Medplum token request means (transcripts 03-05 give the exact texts)."""
+    """What a refused Medplum token request means (docs/medplum.md, recorded cases 03-05 give the exact texts)."""
     text = description.lower()
     if "secret" in text:
         return "wrong MEDPLUM_CLIENT_SECRET for this ClientApplication"
@@ -100,7 +100,7 @@ class MedplumAuthenticator(CachedToken):
 
 
 class OriginBasicAuth(httpx.Auth):
-    """HTTP Basic client_id:secret on requests to Medplum's origin only (medplum.md: Basic on FHIR calls)."""
+    """HTTP Basic client_id:secret on requests to Medplum's origin only (docs/medplum.md: Basic on FHIR calls)."""
 
     def __init__(self, client_id: str, secret: str, *, origins: list[str]) -> None:
         self._basic = httpx.BasicAuth(client_id, secret)
@@ -122,7 +122,7 @@ def shared_authenticator(
     settings: MedplumSettings, *, http: HttpSettings | None = None, clock: Clock | None = None
 ) -> MedplumAuthenticator:
     """The process's one authenticator for this Medplum server and client: every source, the state
-    store and every thread share its token, renewed only near expiry (medplum.md: 160 token
+    store and every thread share its token, renewed only near expiry (docs/medplum.md: 160 token
     requests a minute per client address, shared by every process behind it). It owns its own
     HTTP client, so no caller's closing can break a later renewal."""
     http = http or HttpSettings()

@@ -2,7 +2,7 @@
 
 Accepts plain or gzip files (sniffed by magic bytes, not the name), and also a single
 pretty-printed JSON resource or Bundle: Practice Fusion's docs show output files served that way
-(practice-fusion.md, "Bulk export": sniff the format and accept both). Memory stays flat for
+(docs/practice-fusion.md, "Bulk export": sniff the format and accept both). Memory stays flat for
 NDJSON: lines are read one by one, and a line longer than `max_line_bytes` is skipped (reported)
 without ever being held whole. A pretty-printed document is parsed whole, bounded by the same cap.
 """

@@ -1,13 +1,13 @@
 """Quota pacing from Medplum's RateLimit header, and adaptive (AIMD) concurrency of Bundles.
 
-medplum.md "Quotas and 429": every response carries
+docs/medplum.md "Quotas and 429": every response carries
 `RateLimit: "requests";r=..;t=.., "fhirInteractions";r=..;t=..`; over the quota the answer (or the
 rest of a batch) is 429 with `msBeforeNext` in the OperationOutcome diagnostics and no Retry-After.
 A project with the quota turned off counts `fhirInteractions` down to r=0 and refuses nothing, so
 r=0 alone is not throttling: when the budget looks spent and we do not know yet whether the quota
 is enforced, the next Bundle is the probe, one at a time (enforced: its tail answers 429 and is
 re-sent after the reset; off: it is accepted).
-medplum.md "Measured": concurrent creating Bundles conflict (409) and get slower. Concurrency
+docs/medplum.md "Measured on a real server": concurrent creating Bundles conflict (409) and get slower. Concurrency
 starts at load.max_concurrency (a project without an enforced quota is fastest at full concurrency
 from the first Bundle; starting at 1 and growing cost a third of a small load), halves on
 conflicts, 429s or 5xx, backs off when parallel Bundles (the median of a window of them, not one)
@@ -21,7 +21,7 @@ import statistics
 from dataclasses import dataclass, field
 
 _PART_RE = re.compile(r'"?([A-Za-z]+)"?\s*;\s*r\s*=\s*(\d+)\s*;\s*t\s*=\s*(\d+(?:\.\d+)?)')
-DEFAULT_WRITE_COST = 140.0  # medplum.md: a conditional PUT create inside a batch costs about 140
+DEFAULT_WRITE_COST = 140.0  # docs/medplum.md: a conditional PUT create inside a batch costs about 140
 SEARCH_COST = 20.0
 _SLOWER = 2.0  # per-entry latency this much above `inflight` x the best seen: throughput fell
 _LATENCY_MIN_ENTRIES = 50  # Bundles smaller than this are not compared for latency
@@ -80,7 +80,7 @@ class Pacer:
             and self.remaining is not None
             and self.remaining < self.cost * max(entries, 1)
         ):
-            # We spent past the budget and nothing was refused: the quota is off (medplum.md).
+            # We spent past the budget and nothing was refused: the quota is off (docs/medplum.md).
             self.enforced = False
         if r > 0:
             self.limit = max(self.limit or 0, r)
@@ -113,7 +113,7 @@ class Pacer:
             # Not known yet whether the quota is enforced, and the budget looks spent: the next
             # Bundle is the probe, whole, one at a time. Enforced: its tail answers 429 and those
             # entries are re-sent after the reset (a refused entry is not run, nothing is spent
-            # twice). Off: it is accepted at r=0 (medplum.md). Shrinking Bundles to fit the budget
+            # twice). Off: it is accepted at r=0 (docs/medplum.md). Shrinking Bundles to fit the budget
             # first (and probing with one entry after a drain) cost quota-off loads a round trip
             # per step and gained nothing when the quota is on.
             if self.probe_out:

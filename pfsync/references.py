@@ -3,7 +3,7 @@
 A resource is written ONCE when its targets can be resolved in this run: until every same-source
 target it names has a Medplum id, it is held on disk (id map `deferred`, with the targets it waits
 for in `waits`), never written with a reference that a later write would have to fix (that would
-double the quota a first sync costs: medplum.md "Quotas": on a stock project quota is the ceiling).
+double the quota a first sync costs: docs/medplum.md "Quotas and 429": on a stock project quota is the ceiling).
 
 - Held resources whose targets got their ids are written at the next settle point (the end of a
   file, `Loader.flush`, `finish`): one query finds them (IdMap.ready).
@@ -52,7 +52,7 @@ _NO_REFRESH = frozenset({"Binary"})
 
 # FHIR R4 Patient compartment (CompartmentDefinition/patient): what a Patient or Group level export
 # can deliver. Anything else it references (Practitioner, Organization, Location, Medication...)
-# has to be fetched from the source (bulk-data.md: Patient-level export).
+# has to be fetched from the source (docs/bulk-data.md: Patient-level export).
 PATIENT_COMPARTMENT = frozenset({
     "Account", "AdverseEvent", "AllergyIntolerance", "Appointment", "AppointmentResponse", "AuditEvent",
     "Basic", "BodyStructure", "CarePlan", "CareTeam", "ChargeItem", "Claim", "ClaimResponse",

@@ -22,13 +22,13 @@ from pfsync.errors import ConfigError, UsageError
 from pfsync.fhir_types import R4_RESOURCE_TYPES, did_you_mean
 from pfsync.redact import Secret
 
-# practice-fusion.md, "Other": the types the seed design syncs by default.
+# docs/practice-fusion.md, "Defaults, identifiers and politeness": the types the seed design syncs by default.
 DEFAULT_RESOURCE_TYPES: tuple[str, ...] = (
     "Patient", "Practitioner", "Encounter", "Condition", "Observation", "MedicationRequest",
     "Medication", "MedicationStatement", "AllergyIntolerance", "Immunization", "Procedure",
     "DiagnosticReport", "DocumentReference", "CarePlan", "ServiceRequest", "Binary",
 )  # fmt: skip
-# practice-fusion.md, "Other": the seed design's identifier systems, e.g. .../patient-id.
+# docs/practice-fusion.md, "Defaults, identifiers and politeness": the seed design's identifier systems, e.g. .../patient-id.
 DEFAULT_IDENTIFIER_SYSTEM = "https://practicefusion.com/fhir/{type_lower}-id"
 DEFAULT_CONFIG_FILE = "pfsync.toml"
 
@@ -78,7 +78,7 @@ class MedplumSettings:
 
     @property
     def fhir_url(self) -> str:
-        # medplum.md, "Base URLs and auth": FHIR base is {MEDPLUM_BASE_URL}fhir/R4/.
+        # docs/medplum.md, "Base URLs and auth": FHIR base is {MEDPLUM_BASE_URL}fhir/R4/.
         return self.base_url + "fhir/R4/"
 
     @property
@@ -89,7 +89,7 @@ class MedplumSettings:
 @dataclass(frozen=True)
 class HttpSettings:
     timeout: float = 60.0
-    load_timeout: float = 180.0  # medplum.md: a 1 MiB batch of creates took about 50 s
+    load_timeout: float = 180.0  # docs/medplum.md: a 1 MiB batch of creates took about 50 s
     retries: int = 6
     retry_max_wait: float = 120.0
     allow_insecure_http: bool = False
@@ -104,7 +104,7 @@ class HttpSettings:
 class ExportSettings:
     poll_max_wait: float = 300.0
     deadline: float = 6 * 3600.0
-    parallel_downloads: int = 3  # bulk-data.md: about 5 at most; practice-fusion.md: be polite
+    parallel_downloads: int = 3  # docs/bulk-data.md: about 5 at most; docs/practice-fusion.md: be polite
     delete_after_download: bool = True
     max_line_bytes: int = 64 * 1024 * 1024
     # Decoded bytes: a 1,000,000-resource practice exports about 2 GB in all (docs/BENCHMARKS.md).
@@ -118,7 +118,7 @@ class ExportSettings:
 
 @dataclass(frozen=True)
 class LoadSettings:
-    bundle_max_bytes: int = 900_000  # medplum.md: 1,048,577 bytes is refused; keep headroom
+    bundle_max_bytes: int = 900_000  # docs/medplum.md: 1,048,577 bytes is refused; keep headroom
     bundle_max_entries: int = 100
     max_concurrency: int = 4
     async_batch: bool = False
@@ -128,7 +128,7 @@ class LoadSettings:
     fetch_missing_references: bool = True
     # pfsync.references "Refresh": every known target the export cannot deliver is re-read this often.
     refresh_referenced_after: float = 7 * 86400.0
-    # medplum.md "Measured ... Quota costs": search + POST/PUT-by-id ~100 points, conditional PUT ~140.
+    # docs/medplum.md "Quota costs": search + POST/PUT-by-id ~100 points, conditional PUT ~140.
     upsert_mode: UpsertMode = "direct"
     attachments: bool = True
     attachment_max_bytes: int = 50 * 1024 * 1024
@@ -776,7 +776,7 @@ def require(value: Any, key: str, context: str) -> Any:
 
 
 def identifier_system(source: SourceSettings, resource_type: str) -> str:
-    """The identifier system that carries a source id for `resource_type` (medplum.md: Ids)."""
+    """The identifier system that carries a source id for `resource_type` (docs/medplum.md "Ids and identity")."""
     return source.identifier_system.format(
         type=resource_type, type_lower=resource_type.lower(), source=source.name
     )

@@ -1,8 +1,8 @@
 """Sync state per source (`SyncState`), the `StateStore` interface, and the local JSON backend.
 
 A source's state is one small versioned JSON document (format below). The local backend keeps it in
-`{state_dir}/{source}/checkpoint.json`, written atomically (temp file, fsync, rename; STYLE.md:
-smart_fetch/lifecycle.py) with mode 0600. A corrupt or unknown-version file is a StateError and is
+`{state_dir}/{source}/checkpoint.json`, written atomically (temp file, fsync, rename; as
+smart-fetch's lifecycle.py does) with mode 0600. A corrupt or unknown-version file is a StateError and is
 never overwritten silently: the operator decides (the message names the file).
 
     {
@@ -229,7 +229,7 @@ class RunLock(Protocol):
 
 
 class StateStore(Protocol):
-    """Where sync state lives (STYLE.md: back ends behind small interfaces, with a fake for tests)."""
+    """Where sync state lives (back ends behind small interfaces, with a fake for tests)."""
 
     backend: str
 

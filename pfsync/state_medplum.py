@@ -1,12 +1,12 @@
 """The Medplum state backend: one `Basic` resource per source, so stateless pods share checkpoints.
 
-medplum.md "Where to keep a checkpoint in Medplum": `Parameters` has no identifier, `Basic` has.
+docs/medplum.md "Where to keep a checkpoint in Medplum": `Parameters` has no identifier, `Basic` has.
 The resource carries identifier `https://pfsync.dev/state|<source>` and the state document (the
 same JSON as the local backend, pfsync.state) as a JSON string in one extension. It is found by
 identifier search, created by `POST Basic` with `If-None-Exist: identifier=...` (docs/medplum.md
 "Ids and identity", conditional create: two pods starting at once get one record, the second is
 answered 200 with the first one's), and every later write is `PUT Basic/<id>` with the id in the
-body and `If-Match: W/"<versionId>"` (medplum.md "Optimistic locking": only the quoted form is
+body and `If-Match: W/"<versionId>"` (docs/medplum.md "Optimistic locking": only the quoted form is
 honoured), so two pods can never overwrite each other's state unseen. The run lease lives in the
 same document and is renewed on every save.
 """
@@ -118,7 +118,7 @@ class MedplumStateStore:
         return entries[0], self._parse(source, entries[0])
 
     def _create(self, state: SyncState) -> bool:
-        """Conditional create (medplum.md "Ids and identity", transcript 49): `POST Basic` with
+        """Conditional create (docs/medplum.md "Ids and identity", recorded case 49): `POST Basic` with
         `If-None-Exist: identifier=...`. True when ours was created (201); False when another writer
         created the record first (200 with theirs, nothing of ours written): it is remembered, so
         the caller goes on as after a lost If-Match race (look at it, then `PUT` by id)."""
@@ -126,7 +126,7 @@ class MedplumStateStore:
                           headers={"Content-Type": FHIR_JSON,
                                    "If-None-Exist": identifier_query(STATE_SYSTEM, state.source)})  # fmt: skip
         if resp.status_code == 409:
-            # medplum.md "Measured": concurrent creates collide in serializable transactions (409
+            # docs/medplum.md "Measured on a real server": concurrent creates collide in serializable transactions (409
             # conflict). The other create won: look at it, as after a 200.
             return False
         raise_for_status(resp, f"creating the sync state of {state.source!r}")
@@ -252,7 +252,7 @@ def find_seed_checkpoint(client: httpx.Client, fhir_url: str, *, clock: Clock | 
                          policy: RetryPolicy | None = None) -> str | None:  # fmt: skip
     """The seed integration's `lastSyncTime` (a `Parameters` resource), or None.
 
-    medplum.md: Parameters has no identifier, so search them all (a project holds few) and pick
+    docs/medplum.md: Parameters has no identifier, so search them all (a project holds few) and pick
     the one that has a `lastSyncTime` parameter; the newest value wins if several do.
     """
     url = (fhir_url if fhir_url.endswith("/") else fhir_url + "/") + "Parameters?_count=100"

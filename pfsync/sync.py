@@ -3,14 +3,14 @@
 One source's run (`sync_source`), under its run lock:
 
 1. Read the state. The next `_since` is the last landed export's `transactionTime` minus
-   export.since_overlap (bulk-data.md "Incremental sync": never the local clock; the overlap is
+   export.since_overlap (docs/bulk-data.md "Incremental sync": never the local clock; the overlap is
    harmless because loading is idempotent). No checkpoint: a full export (or, opt-in, the seed
    integration's `lastSyncTime`: sync.adopt_seed_checkpoint).
 2. Retry the loader's retry queue first, so older changes land before newer ones.
 3. Group exports: read each group's members (`Group/{id}` `member[]`, or, where the server leaves
    them out as Practice Fusion does, a `_type=Patient` export of the group without `_since`),
    compare with the members recorded at the last success, and export the whole group again without
-   `_since` when someone joined (bulk-data.md: a `_since` export misses their history). The loader's
+   `_since` when someone joined (docs/bulk-data.md: a `_since` export misses their history). The loader's
    unchanged-hash skip means only the new members' resources are written.
 4. Record the in-flight run (its directory) in the state BEFORE kicking off; each export request
    gets `{run dir}/{request fingerprint}/` whose job.json lets the next run resume the same job.

@@ -2,7 +2,7 @@
 
 pfsync.sync orchestrates against the small `Engines` protocol; this module wires the real pieces
 (pfsync.export.run_export, pfsync.load.Loader, pfsync.auth, pfsync.medplum_auth) for one source.
-Each source gets its own clients and token (its own audience: practice-fusion.md "Servers").
+Each source gets its own clients and token (its own audience: docs/practice-fusion.md "Servers").
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class LiveEngines:
     def group_members(self, group_id: str, scratch: Path) -> frozenset[str]:
         """Patient ids in the group: `Group/{id}` members if the server lists them, else the ids of a
         `_type=Patient` export of the group without `_since` (Practice Fusion's Group reads carry a
-        `quantity` but no `member`: transcript 23)."""
+        `quantity` but no `member`: docs/bulk-data.md, recorded case 23)."""
         url = f"{self.source.base_url}/Group/{group_id}"
         resp = request_with_retry(
             lambda: self.source_client.get(url, auth=self.source_auth, headers={"Accept": "application/fhir+json"}),

@@ -1,6 +1,6 @@
 """Identity, normalisation and reference rewriting of one source resource (pure CPU, no HTTP).
 
-medplum.md "Ids and identity": Medplum assigns its own UUIDs, so the source `id` is dropped and
+docs/medplum.md "Ids and identity": Medplum assigns its own UUIDs, so the source `id` is dropped and
 carried as an `identifier` (system from `identifier_system(source, type)`, value = source id), and
 every reference between source resources is rewritten to the Medplum id through the id map.
 Two steps, so the loader can hold a resource back until its targets exist:
@@ -32,7 +32,7 @@ from pfsync.settings import DEFAULT_IDENTIFIER_SYSTEM, SourceSettings, identifie
 Json = dict[str, Any]
 
 # A stable tag carrying the content hash: identical input gives an identical body, so Medplum's
-# no-op detection works (medplum.md "Conditional update": any field that changes every run defeats
+# no-op detection works (docs/medplum.md "Conditional update": any field that changes every run defeats
 # it), and a lost id map can be rebuilt with hashes from a search (meta.tag is kept as sent).
 HASH_TAG_SYSTEM = "https://pfsync.dev/content-hash"
 # Marks a resource written with logical references (not part of the hash: the references are),
@@ -44,7 +44,7 @@ LOGICAL_TAG = {"system": "https://pfsync.dev/references", "code": "logical"}
 # resources written before it existed are not rewritten just to gain it (see `owned` for those).
 OWNER_TAG_SYSTEM = "https://pfsync.dev/source"
 OUR_TAG_SYSTEMS = frozenset({HASH_TAG_SYSTEM, LOGICAL_TAG["system"], OWNER_TAG_SYSTEM})
-# medplum.md "Validation": server-owned meta from the client is overwritten; drop it so the body
+# docs/medplum.md "Validation": server-owned meta from the client is overwritten; drop it so the body
 # (and our hash) does not depend on the source's versioning.
 _FOREIGN_META = frozenset({"versionId", "lastUpdated", "author", "project", "compartment", "account",
                            "accounts", "onBehalfOf"})  # fmt: skip
@@ -90,7 +90,7 @@ class TransformContext:
 
     @property
     def meta_source(self) -> str:
-        # medplum.md "Validation": meta.source must be a valid uri.
+        # docs/medplum.md "Validation": meta.source must be a valid uri.
         return self.base or f"urn:pfsync:source:{quote(self.source.name, safe='')}"
 
     def system(self, rtype: str) -> str:
@@ -151,7 +151,7 @@ def escape_token(value: str) -> str:
 
 
 def identifier_query(system: str, value: str) -> str:
-    """`identifier=system|value`, percent-encoded for a URL (medplum.md: commas escaped as `\\,`)."""
+    """`identifier=system|value`, percent-encoded for a URL (docs/medplum.md: commas escaped as `\\,`)."""
     return "identifier=" + quote(f"{system}|{escape_token(value)}", safe=":/|")
 
 
@@ -280,8 +280,8 @@ def _scan(node: Json, refs: list[tuple[Json, Ref]], normalize: bool, base: str) 
                 continue
         elif not normalize or not _blank(value):
             continue
-        # medplum.md "Validation": null values are rejected; empty strings, arrays and objects
-        # are noise real EHR data carries (transcripts 20, 21).
+        # docs/medplum.md "Validation": null values are rejected; empty strings, arrays and objects
+        # are noise real EHR data carries (docs/medplum.md, recorded cases 20, 21).
         if dead is None:
             dead = []
         dead.append(key)

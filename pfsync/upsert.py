@@ -1,11 +1,11 @@
 """Sending writes to Medplum in batch Bundles: sizing, pacing, concurrency and per-entry retries.
 
-medplum.md "Batch Bundles" / "Size limits" / "Quotas and 429" / "Measured":
+docs/medplum.md "Batch Bundles" / "Size limits" / "Quotas and 429" / "Measured on a real server":
 - Bundles are cut by bytes and by count; a Bundle refused as too large (413 or 400 "File too
   large") is split and re-sent, and the byte cap shrinks for the rest of the run.
 - One identity is never in two Bundles in flight (a second conditional create of the same
   identity in a concurrent Bundle would make a duplicate), and a Bundle holds each identity once
-  (last version wins: transcript 16).
+  (last version wins: docs/medplum.md, recorded case 16).
 - Failed entries are re-sent alone (409 conflict, 429, 5xx, lost responses); validation failures
   go to the handler for the quarantine; retries that run out go to the retry queue.
 - `Prefer: return=minimal` is never sent (the batch-response would be empty).
@@ -46,7 +46,7 @@ from pfsync.pacing import Concurrency, Pacer
 from pfsync.redact import redact
 
 FHIR_JSON = "application/fhir+json"
-MEDPLUM_BODY_LIMIT = 1_048_576  # medplum.md: 1,048,577 bytes is refused
+MEDPLUM_BODY_LIMIT = 1_048_576  # docs/medplum.md: 1,048,577 bytes is refused
 _MIN_BUNDLE_BYTES = 16 * 1024
 _READY = 2  # Bundles prepared ahead while every slot is in flight (one per answer arriving at once)
 
@@ -387,13 +387,13 @@ class BatchSender:
     def _again(self, entry: Entry, result: EntryResult, *, ambiguous: bool) -> None:
         entry.attempts += 1
         self.stats.retried_entries += 1
-        # medplum.md "Measured": serialization conflicts are expected under concurrency and safe to
+        # docs/medplum.md "Measured on a real server": serialization conflicts are expected under concurrency and safe to
         # retry, so they get a larger budget than server errors before the retry queue.
         budget = self._retry.retries * (3 if result.status == 409 else 1)
         if entry.attempts > budget:
             self._handler.exhausted(entry, result)
         elif entry.method == "POST" and ambiguous:
-            # medplum.md "Measured": a lost response to a POST that did commit must not become a
+            # docs/medplum.md "Measured on a real server": a lost response to a POST that did commit must not become a
             # second copy: the identity is looked up again before a create is re-sent.
             self._handler.recheck(entry)
         else:

@@ -3,7 +3,7 @@ dangling references, content drift), and with `--fix` repair what can be repaire
 
     report = verify(settings, source, medplum_client, [export_dir], VerifyOptions(content=True))
 
-How, in quota points (medplum.md "Quotas and 429"): the source export is read from disk into an
+How, in quota points (docs/medplum.md "Quotas and 429"): the source export is read from disk into an
 on-disk scratch table (memory stays flat); Medplum is listed type by type with one paged search on
 our identifier system (1,000 resources per 20-point search, full bodies so references and content
 can be checked); only what the pages did not show is confirmed with batched identifier searches,

@@ -1,7 +1,7 @@
 """`pfsync verify --fix`: plan the repairs from the scratch tables, then (unless `--dry-run`) make them.
 
 Order matters:
-1. Duplicates first: a conditional write on an identity Medplum holds twice fails (medplum.md
+1. Duplicates first: a conditional write on an identity Medplum holds twice fails (docs/medplum.md
    "Conditional update": 412), so every copy but the oldest (earliest `_history` version; the
    issue) is deleted. Extras are deleted only with `--fix-extras`, and never one that another
    resource in Medplum refers to (`keep_extra`: reported, left alone). Resources the loader

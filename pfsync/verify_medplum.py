@@ -1,6 +1,6 @@
 """Quota-paced reads of Medplum for `pfsync verify` (and the few DELETEs of `--fix`).
 
-medplum.md "Quotas and 429": a search costs 20 points whatever it returns, a read 1, a history 10,
+docs/medplum.md "Quotas and 429": a search costs 20 points whatever it returns, a read 1, a history 10,
 a write 100. So verify reads by *pages*: one paged search per type on our identifier system
 (`Type?identifier=<system>|&_count=1000`) lists everything we ever synced in ceil(n/1000) searches;
 batched identifier searches (the loader's `pfsync.lookup.find_identities`: up to 100 OR-ed per
@@ -41,7 +41,7 @@ log = logging.getLogger("pfsync.verify")
 Json = dict[str, Any]
 Cost = Literal["search", "read", "history", "write"]
 
-# medplum.md "Quotas and 429": interaction costs, for the estimate when no RateLimit header is sent.
+# docs/medplum.md "Quotas and 429": interaction costs, for the estimate when no RateLimit header is sent.
 COSTS: dict[Cost, int] = {"search": 20, "read": 1, "history": 10, "write": 100}
 MAX_PAGE = 1000  # Medplum's largest _count
 IDS_PER_SEARCH = 100  # ids OR-ed per `_id` search: 20 points in total
@@ -135,7 +135,7 @@ class MedplumReader:
         )
         if self.pacer.used == before:
             # Every interaction costs at least a point: no delta means it could not be measured (no
-            # header, or a quota-off project whose counter sits at r=0: medplum.md): use the cost table.
+            # header, or a quota-off project whose counter sits at r=0: docs/medplum.md): use the cost table.
             self.pacer.used += COSTS[cost]
         if cost == "search":
             self.stats.searches += 1
@@ -176,7 +176,7 @@ class MedplumReader:
 
     # ------------------------------------------------------------------ searches
     def pages(self, url: str, what: str) -> Iterator[list[Json]]:
-        """Follow a searchset's `next` links (transcript 33) and yield each page's resources.
+        """Follow a searchset's `next` links (docs/medplum.md, recorded case 33) and yield each page's resources.
 
         Callers drop a page before asking for the next one, so only one page is ever held."""
         next_url: str | None = url
@@ -228,7 +228,7 @@ class MedplumReader:
         return earliest
 
     def delete(self, rtype: str, mid: str) -> None:
-        """DELETE Type/<id>; deleting what is gone is 200 too (transcript 40)."""
+        """DELETE Type/<id>; deleting what is gone is 200 too (docs/medplum.md, recorded case 40)."""
         url = f"{self.fhir_url}{rtype}/{quote(mid, safe='')}"
         response = self.send("DELETE", url, "write")
         if response.status_code in (404, 410):

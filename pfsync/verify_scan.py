@@ -7,7 +7,7 @@ like pfsync.transform does on the source side. A reference counts as:
 - `logical`: `{identifier: {system: <ours>, value}}` with no `reference`: the loader wrote it while
   the target was not loaded yet (pfsync.transform.render), so it still waits for its target;
 - `unresolved`: a source-form reference left as it was (`Patient/123`, `urn:uuid:<id>`): Medplum
-  ids are UUIDs only (medplum.md "Ids and identity"), so it cannot resolve.
+  ids are UUIDs only (docs/medplum.md "Ids and identity"), so it cannot resolve.
 
 Contained `#id`, conditional (`Type?...`) and foreign absolute references are not ours to check.
 """
@@ -31,7 +31,7 @@ _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 _UUID_RE = re.compile(rf"^{_UUID}$")
 _LITERAL_RE = re.compile(r"^([A-Z][A-Za-z]{1,63})/([^/?#]+)(?:/_history/[^/]+)?$")
 _URN_RE = re.compile(rf"^urn:uuid:({_UUID})$")
-# medplum.md "Validation": server-owned meta, overwritten on every write; transcript 32: _elements
+# docs/medplum.md "Validation": server-owned meta, overwritten on every write; recorded case 32: _elements
 # adds a SUBSETTED tag. Neither is part of what the loader hashed.
 _SERVER_META = ("versionId", "lastUpdated", "author", "project", "compartment", "account", "accounts",
                 "onBehalfOf")  # fmt: skip
@@ -108,7 +108,7 @@ def content_hash(resource: Json, medplum_base: str) -> str:
     without the hash tag) as sorted-key JSON with BLAKE2b-128. transform does not expose that step
     on its own (asked for in the report); test_verify_scan checks this stays equal to render's hash.
     Medplum also rewrites `attachment.url: Binary/<id>` into a presigned storage URL on every read
-    (transcript 38): turned back here so attachments do not count as drift.
+    (docs/medplum.md, recorded case 38): turned back here so attachments do not count as drift.
     """
     body = {k: v for k, v in resource.items() if k != "id"}
     meta = body.get("meta")

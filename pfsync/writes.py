@@ -1,6 +1,6 @@
 """The loader's write path: identity state -> skip, lookup, create or update; outcomes -> id map.
 
-Two upsert modes (medplum.md "Measured ... Quota costs"):
+Two upsert modes (docs/medplum.md "Quota costs"):
 - "direct" (default): identities the id map does not know are searched in Medplum first (100
   per search, 20 points), then created with POST (100 points) or updated with PUT Type/<id>;
   about 100.2 points per created resource against 140 for batched conditional PUTs. Any POST

@@ -2,7 +2,7 @@
 points, source mutations, and an independent comparison of the target with the source.
 
 The comparison does not trust pfsync's own bookkeeping: it reads the source sandbox's store and the
-target sandbox's store directly and checks, by identifier (medplum.md "Ids and identity"), that every
+target sandbox's store directly and checks, by identifier (docs/medplum.md "Ids and identity"), that every
 live source resource is in Medplum exactly once with the same content, that nothing deleted or
 unknown is left there, and that every reference resolves (tests/refcheck.py).
 """

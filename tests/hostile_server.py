@@ -3,7 +3,7 @@
 `Hostile` answers each path from a table of handlers and records every request it receives, so a
 test can play a source or Medplum that misbehaves in one precise way, and a second `Hostile` can
 stand in for a foreign origin (a test asserts it received nothing). `bulk_source` scripts the
-minimum of a SMART Backend Services + Bulk Data server (bulk-data.md: discovery, token, kick-off,
+minimum of a SMART Backend Services + Bulk Data server (docs/bulk-data.md: discovery, token, kick-off,
 status, files) whose every answer a test may replace. `run_pfsync` runs the real CLI in a child
 process and reports its exit code, output and peak RSS (the child's own high-water mark).
 """

@@ -71,7 +71,7 @@ def test_kickoff_get_sends_level_path_params_and_exact_headers(
     assert sent.method == "GET"
     assert sent.url.path == urlsplit(BASE).path + path
     assert parse_qs(sent.url.query.decode()) == params
-    # transcripts 29/30: Accept is compared as a string; Prefer must say respond-async.
+    # docs/bulk-data.md, recorded cases 29/30: Accept is compared as a string; Prefer must say respond-async.
     assert sent.headers["Accept"] == "application/fhir+json"
     assert sent.headers["Prefer"] == "respond-async"
 
@@ -199,7 +199,7 @@ def test_poll_deadline_raises_export_error(httpx_mock: HTTPXMock) -> None:
 
 
 def test_poll_keeps_polling_through_transient_500s_past_the_retry_budget(httpx_mock: HTTPXMock) -> None:
-    """Issue 20, transcript 50: the reference server answers 500 `transient` on every poll until the
+    """Issue 20, docs/bulk-data.md, recorded case 50: the reference server answers 500 `transient` on every poll until the
     job completes: the export deadline is the limit, not http.retries."""
     clock, sink = FakeClock(), ListSink()
     for _ in range(POLICY.retries * 3):

@@ -121,7 +121,6 @@ def recorded_cases() -> dict[str, set[str]]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="citations rewritten by /tmp/rewrite_citations.py at integration")
 def test_comments_cite_only_the_repository_docs() -> None:
     problems = [f"{where}:{line}: {p}" for where, line, text in all_prose() for p in outside_citations(text)]
     assert not problems, "comments/docstrings cite paths outside the repository:\n" + "\n".join(problems)

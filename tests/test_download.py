@@ -57,7 +57,8 @@ def test_validator_passes_ndjson_through_unchanged(chunk: int, mode: str) -> Non
     [
         gzip.compress(NDJSON),
         NDJSON.replace(b"\n", b"\r\n"),
-        b"\n\n" + NDJSON.rstrip(b"\n"),  # blank lines and no trailing newline (transcript 52)
+        # blank lines and no trailing newline (docs/bulk-data.md, recorded case 52)
+        b"\n\n" + NDJSON.rstrip(b"\n"),
         orjson.dumps(PATIENTS[0], option=orjson.OPT_INDENT_2) + b"\n",
         orjson.dumps({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": p} for p in PATIENTS]},
                      option=orjson.OPT_INDENT_2),

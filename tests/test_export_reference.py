@@ -59,7 +59,7 @@ def status_polls(sandbox: SourceSandbox) -> list[int]:
 def test_transient_500_on_every_poll_keeps_polling_until_the_job_completes(
     source: SourceSandbox, tmp_path: Path
 ) -> None:
-    """Issue 20, transcript 50: 500 `transient` on every poll for two minutes; the export completes."""
+    """Issue 20, docs/bulk-data.md, recorded case 50: 500 `transient` on every poll for two minutes; the export completes."""
     source.faults.busy_export(seconds=120, transient=True)
     events = ListSink()
     result = run(source, tmp_path / "out", events=events)
@@ -145,7 +145,7 @@ def test_count_mismatch_costs_one_re_download_and_one_warning(source: SourceSand
 def test_error_entries_with_counts_are_not_count_checked_and_their_issues_are_saved(
     source: SourceSandbox, tmp_path: Path
 ) -> None:
-    """Issue 20, transcript 52: error[] entries carry the failed file's count; the error file is one
+    """Issue 20, docs/bulk-data.md, recorded case 52: error[] entries carry the failed file's count; the error file is one
     OperationOutcome. Downloaded once, no count warning; the export fails (exit 5) and the saved
     manifest lists the fatal issues."""
     source.faults.failed_files(types=("Condition", "Encounter"))
@@ -164,7 +164,7 @@ def test_error_entries_with_counts_are_not_count_checked_and_their_issues_are_sa
 def test_expired_files_delete_both_jobs_and_mark_the_export_failed(
     source: SourceSandbox, tmp_path: Path
 ) -> None:
-    """Issue 20, transcript 53: every download answers 410; pfsync starts one new export, which
+    """Issue 20, docs/bulk-data.md, recorded case 53: every download answers 410; pfsync starts one new export, which
     expires as well: both jobs are DELETEd and job.json says failed."""
     source.faults.file_expired(times=2)
     out = tmp_path / "out"
@@ -176,7 +176,7 @@ def test_expired_files_delete_both_jobs_and_mark_the_export_failed(
 
 @pytest.mark.parametrize("mode", ["not-found", "empty"])
 def test_unknown_group_is_a_configuration_error(source: SourceSandbox, tmp_path: Path, mode: str) -> None:
-    """Issue 20, transcript 23: the reference server exports an unknown group as nothing ("empty");
+    """Issue 20, docs/bulk-data.md, recorded case 23: the reference server exports an unknown group as nothing ("empty");
     our reading of Practice Fusion answers 404. Either way: exit 3 naming the group, job DELETEd."""
     source.configure(unknown_group=mode)
     with pytest.raises(ConfigError, match="'NoSuchGroup' does not exist") as info:

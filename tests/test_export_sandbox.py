@@ -86,7 +86,7 @@ def test_export_group_level_exports_only_members(source: SourceSandbox, tmp_path
     result = export(
         source, tmp_path, ExportRequest(level="group", group_id="bulk-data-testing-group", types=TYPES)
     )
-    assert lines_by_type(result)["Patient"] == 9  # practice-fusion.md: the 9-patient testing group
+    assert lines_by_type(result)["Patient"] == 9  # docs/practice-fusion.md: the 9-patient testing group
     assert "/Group/bulk-data-testing-group/$export" in source.stats.requests("kickoff")[0].url
 
 
@@ -136,7 +136,8 @@ def test_export_rides_out_429_with_retry_after(
 @pytest.mark.parametrize("where", ["kickoff", "status", "download"])
 @pytest.mark.parametrize("status", [500, 503])
 def test_export_retries_server_errors(source: SourceSandbox, tmp_path: Path, where: str, status: int) -> None:
-    source.faults.server_error(where, times=1, status=status)  # issue code "transient" (transcript 50)
+    # issue code "transient" (docs/bulk-data.md, recorded case 50)
+    source.faults.server_error(where, times=1, status=status)
     result = export(source, tmp_path, ExportRequest(level="patient", types=("Patient",)))
     assert lines_by_type(result) == {"Patient": 17}
 
@@ -188,7 +189,7 @@ def test_export_persistent_malformed_line_is_reported_not_hidden(
 def test_export_converts_pretty_json_file_to_ndjson(
     source: SourceSandbox, tmp_path: Path, bundle: bool
 ) -> None:
-    # practice-fusion.md: one pretty-printed resource (or a Bundle) served as application/json.
+    # docs/practice-fusion.md: one pretty-printed resource (or a Bundle) served as application/json.
     source.faults.pretty_json(times=None, bundle=bundle, type="Patient")
     result = export(source, tmp_path, ExportRequest(level="patient", types=("Patient",)))
     data = result.files[0].path.read_bytes()

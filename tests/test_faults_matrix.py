@@ -63,19 +63,19 @@ def _quota(points: int | None, window: float) -> Arm:
 
 def _outer_429(rig: Rig) -> None:
     # The throttle fault answers like an exhausted quota: msBeforeNext is the client's window, which
-    # pfsync honours in full (medplum.md "Quotas and 429"); a 1 s window keeps the row fast.
+    # pfsync honours in full (docs/medplum.md "Quotas and 429"); a 1 s window keeps the row fast.
     _quota(None, 1.0)(rig)
     rig.sandboxes.target.faults.throttle_next(2)
 
 
 def _small_max_json(rig: Rig) -> None:
-    # Real Medplum refuses a body over its JSON limit with 400 "File too large" (transcript 27);
+    # Real Medplum refuses a body over its JSON limit with 400 "File too large" (docs/medplum.md, recorded case 27);
     # a small limit makes pfsync's 900 kB Bundles hit it, so it must split them and go on.
     rig.sandboxes.target.max_json_size = 60_000
 
 
 def _invalid_resource(rig: Rig) -> None:
-    # medplum.md "Validation": an Observation without its required status and code is refused (400).
+    # docs/medplum.md "Validation": an Observation without its required status and code is refused (400).
     rig.sandboxes.source.upsert({"resourceType": "Observation", "id": "fault-invalid", "status": "final",
                                  "code": {"text": "x"}, "notAnObservationField": 1,
                                  "subject": {"reference": f"Patient/{_a_patient(rig)}"}})  # fmt: skip
@@ -83,7 +83,7 @@ def _invalid_resource(rig: Rig) -> None:
 
 def _duplicate_in_target(rig: Rig) -> None:
     # Two Medplum resources already carry the identity of one source Patient: the conditional PUT
-    # answers 412 "multiple matches" (medplum.md "Conditional update"). Both carry the source's own
+    # answers 412 "multiple matches" (docs/medplum.md "Conditional update"). Both carry the source's own
     # mark (meta.source, as pfsync wrote it before owner tags): a stranger would be left alone.
     pid = _a_patient(rig)
     mark = {"source": rig.sandboxes.source.base_url()}
@@ -134,7 +134,7 @@ _HOSTILE_ENVIRONMENT = _env(HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http:/
 
 
 def _spent_auth_window(rig: Rig) -> None:
-    # medplum.md "Quotas and 429": other processes behind the same address spent the 160 token
+    # docs/medplum.md "Quotas and 429": other processes behind the same address spent the 160 token
     # requests of this minute (a 2 s window here); pfsync's token request is refused until it resets.
     target = rig.sandboxes.target
     target.set_auth_limit(1, seconds=2.0)

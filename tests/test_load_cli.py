@@ -50,7 +50,7 @@ def test_cli_load_dry_run_writes_nothing(target: TargetSandbox, env: dict[str, s
                                 env={**env, "TTY_COMPATIBLE": "1"})  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "dry run" in result.stdout and "17" in result.stdout
-    # 17 creates at ~100 points each (medplum.md quota costs), not the dry run's own searches.
+    # 17 creates at ~100 points each (docs/medplum.md quota costs), not the dry run's own searches.
     assert "the load would cost about 1,700 quota points" in result.stdout
     assert target.count() == 0
 

@@ -181,7 +181,7 @@ def test_load_copies_attachments_concurrently_each_content_once(
         assert att["hash"] == base64.b64encode(hashlib.sha1(contents[i % 3]).digest()).decode()
     assert stored["d5"]["relatesTo"][0]["target"]["reference"] == f"DocumentReference/{stored['d4']['id']}"
     assert result.total("created") == 24 and target.stats.writes == 24 + 3
-    assert most[0] <= 4  # practice-fusion.md: at most a few parallel downloads, however many copy
+    assert most[0] <= 4  # docs/practice-fusion.md: at most a few parallel downloads, however many copy
 
 
 def test_load_fetches_missing_references_from_source(target: TargetSandbox, tmp_path: Path) -> None:

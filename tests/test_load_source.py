@@ -163,7 +163,7 @@ def test_load_attachment_from_source_becomes_medplum_binary_once(
 def test_load_with_a_refused_target_type_writes_dependants_as_their_targets_land(
     source: SourceSandbox, target: TargetSandbox, tmp_path: Path
 ) -> None:
-    # The practice did not authorise Organization reads (practice-fusion.md "Scopes": an app gets
+    # The practice did not authorise Organization reads (docs/practice-fusion.md "Scopes": an app gets
     # what the admin authorised). Encounters name Organizations, and nearly everything else names
     # an Encounter. The refused type must cost one request, its referrers get logical references
     # at once, and what waits for those referrers is written as they land: nothing is held on disk

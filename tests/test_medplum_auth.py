@@ -24,7 +24,7 @@ FAST = HttpSettings(retries=2, retry_max_wait=1.0)
 
 
 def _token(value: str = "mp-token-1", expires_in: int = 3600) -> dict[str, Any]:
-    # transcript 01's members
+    # docs/medplum.md, recorded case 01's members
     return {"token_type": "Bearer", "expires_in": expires_in, "scope": "openid", "id_token": value + "-id",
             "access_token": value, "project": {"reference": "Project/1"}, "profile": {"reference": "ClientApplication/1"}}  # fmt: skip
 
@@ -65,7 +65,7 @@ def test_medplum_token_is_cached_for_an_hour_then_renewed(httpx_mock: HTTPXMock)
 def test_medplum_token_400_is_auth_error_without_retry(
     httpx_mock: HTTPXMock, description: str, hint: str
 ) -> None:
-    # transcripts 03-05: all 400 invalid_request
+    # docs/medplum.md, recorded cases 03-05: all 400 invalid_request
     httpx_mock.add_response(url=TOKEN, method="POST", status_code=400,
                             json={"error": "invalid_request", "error_description": description})  # fmt: skip
     with pytest.raises(AuthError) as info:

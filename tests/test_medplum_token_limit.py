@@ -1,5 +1,5 @@
 """One Medplum token per process, and a token-endpoint 429 waited out (issue 15 criterion 5, issue 19
-criterion 4), against the target sandbox enforcing Medplum's auth rate limit (medplum.md "Quotas
+criterion 4), against the target sandbox enforcing Medplum's auth rate limit (docs/medplum.md "Quotas
 and 429": 160 token requests a minute per client address, shared by every process behind it)."""
 
 from __future__ import annotations

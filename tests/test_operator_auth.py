@@ -26,7 +26,7 @@ from pfsync.errors import AuthError, ConfigError, ExitCode
 from pfsync.sandbox.source import SourceSandbox
 from pfsync.settings import HttpSettings, Settings
 
-# Texts the SMART reference bulk-data-server sends (bulk-data.md, its simulated registration errors).
+# Texts the SMART reference bulk-data-server sends (docs/bulk-data.md, its simulated registration errors).
 REGISTRATION_EXPIRED = "Registration token expired"
 INVALID_JTI = "Invalid 'jti' value"
 JWT_EXPIRED = "Unable to verify the token with any of the public keys found in the JWKS: jwt expired"

@@ -93,7 +93,7 @@ def test_transform_any_object_transforms_or_raises_transform_error(
         return
     rendered = render(prepared, resolve, ctx)
     body = orjson.loads(rendered.body)
-    assert "id" not in body  # Medplum assigns ids (medplum.md "Ids and identity")
+    assert "id" not in body  # Medplum assigns ids (docs/medplum.md "Ids and identity")
     assert {"system": ctx.system(prepared.type), "value": prepared.sid} in body["identifier"]
     assert resource_hash_from_meta(body) == rendered.hash
 

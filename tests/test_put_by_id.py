@@ -1,6 +1,5 @@
 """Every update by id carries the Medplum id in its body (issue 14, criterion 1; docs/medplum.md
-"Ids and identity": Medplum refuses `PUT Type/<id>` whose body has no id or another one, transcripts
-44 and 45). Each path that writes by id is driven through a client that records what it sends, and
+"Ids and identity": Medplum refuses `PUT Type/<id>` whose body has no id or another one, docs/medplum.md, recorded cases 44 and 45). Each path that writes by id is driven through a client that records what it sends, and
 every PUT by id it sent, standalone or as a batch entry, is checked."""
 
 from __future__ import annotations
@@ -96,7 +95,8 @@ def test_the_upgrade_pass_puts_the_id_in_the_body(target: TargetSandbox, tmp_pat
     assert_bodies_carry_ids(recorder)
     (stored,) = target.resources("Condition")
     assert stored["subject"]["reference"].startswith("Patient/")
-    assert LOGICAL_TAG not in stored["meta"]["tag"]  # an update replaces meta.tag (transcript 47)
+    # an update replaces meta.tag (docs/medplum.md, recorded case 47)
+    assert LOGICAL_TAG not in stored["meta"]["tag"]
 
 
 def test_tagging_a_deletion_puts_the_id_in_the_body(target: TargetSandbox, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Source sandbox: discovery documents, the token endpoint's rules and bearer checks (practice-fusion.md "Auth")."""
+"""Source sandbox: discovery documents, the token endpoint's rules and bearer checks (docs/practice-fusion.md "Auth (system apps)")."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_metadata_declares_fhir_401_oauth_uris_and_export(source: SourceSandbox)
     cap = resp.json()
     assert resp.headers["content-type"].startswith(
         "application/fhir+json"
-    )  # README finding 1: only /metadata
+    )  # docs/bulk-data.md "Surprises in the recordings", item 1: only /metadata
     assert cap["resourceType"] == "CapabilityStatement" and cap["fhirVersion"] == "4.0.1"
     rest = cap["rest"][0]
     oauth = rest["security"]["extension"][0]
@@ -67,7 +67,7 @@ def test_token_assertion_valid_gets_bearer(source: SourceSandbox, source_keys: S
     assert resp.status_code == 200, body
     assert (
         body["token_type"] == "Bearer"
-    )  # practice-fusion.md (the reference server says "bearer", transcript 03)
+    )  # docs/practice-fusion.md (the reference server says "bearer", docs/bulk-data.md, recorded case 03)
     assert body["scope"] == "system/*.read" and body["expires_in"] == 300 and body["access_token"]
 
 
@@ -92,11 +92,12 @@ def test_token_basic_auth_valid_and_wrong_secret(source: SourceSandbox) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
-        ({"aud": "http://elsewhere/token"}, "invalid_grant"),  # transcript 05
-        ({"exp_in": -60}, "invalid_grant"),  # transcript 12
-        ({"exp_in": 600}, "invalid_grant"),  # practice-fusion.md: exp at most 300 s (transcript 07 takes 600)
-        ({"header": {"kid": "unknown-kid-0000"}}, "invalid_grant"),  # transcript 09
-        ({"drop_typ": True}, "invalid_request"),  # transcript 13
+        ({"aud": "http://elsewhere/token"}, "invalid_grant"),  # docs/bulk-data.md, recorded case 05
+        ({"exp_in": -60}, "invalid_grant"),  # docs/bulk-data.md, recorded case 12
+        # docs/practice-fusion.md: exp at most 300 s (docs/bulk-data.md, recorded case 07 takes 600)
+        ({"exp_in": 600}, "invalid_grant"),
+        ({"header": {"kid": "unknown-kid-0000"}}, "invalid_grant"),  # docs/bulk-data.md, recorded case 09
+        ({"drop_typ": True}, "invalid_request"),  # docs/bulk-data.md, recorded case 13
         ({"claims": {"sub": "someone-else"}}, "invalid_grant"),
         ({"header": {"typ": "JOSE"}}, "invalid_request"),
     ],
@@ -115,13 +116,13 @@ def test_token_assertion_wrong_signing_key_refused(source: SourceSandbox, source
     resp = _post(source, assertion_form(mint_assertion(source_keys, source.token_url(), key=other)))
     assert (
         resp.status_code == 400 and "invalid signature" in resp.json()["error_description"]
-    )  # transcript 10
+    )  # docs/bulk-data.md, recorded case 10
 
 
 def test_token_assertion_aud_scheme_difference_accepted(
     source: SourceSandbox, source_keys: SourceKeys
 ) -> None:
-    aud = source.token_url().replace("http://", "https://")  # transcript 06
+    aud = source.token_url().replace("http://", "https://")  # docs/bulk-data.md, recorded case 06
     assert _post(source, assertion_form(mint_assertion(source_keys, aud))).status_code == 200
 
 
@@ -136,7 +137,7 @@ def test_token_assertion_other_practice_aud_refused(source_keys: SourceKeys) -> 
 
 
 def test_token_assertion_reused_jti_refused(source: SourceSandbox, source_keys: SourceKeys) -> None:
-    # practice-fusion.md: jti unique; the reference server does not track it (transcript 08)
+    # docs/practice-fusion.md: jti unique; the reference server does not track it (docs/bulk-data.md, recorded case 08)
     assertion = mint_assertion(source_keys, source.token_url(), jti="same-jti")
     assert _post(source, assertion_form(assertion)).status_code == 200
     again = _post(source, assertion_form(assertion))
@@ -154,8 +155,10 @@ def test_token_assertion_reused_jti_accepted_when_tracking_off(
 @pytest.mark.parametrize(
     ("form", "error"),
     [
-        ({"grant_type": "authorization_code"}, "unsupported_grant_type"),  # transcript 15
-        ({"grant_type": "client_credentials", "client_assertion": "x"}, "invalid_request"),  # transcript 11
+        # docs/bulk-data.md, recorded case 15
+        ({"grant_type": "authorization_code"}, "unsupported_grant_type"),
+        # docs/bulk-data.md, recorded case 11
+        ({"grant_type": "client_credentials", "client_assertion": "x"}, "invalid_request"),
     ],
 )
 def test_token_form_errors(source: SourceSandbox, form: dict[str, str], error: str) -> None:
@@ -165,7 +168,8 @@ def test_token_form_errors(source: SourceSandbox, form: dict[str, str], error: s
 
 def test_token_json_body_refused(source: SourceSandbox) -> None:
     resp = httpx.post(source.token_url(), json={"grant_type": "client_credentials"})
-    assert resp.status_code == 400 and resp.json()["error"] == "invalid_request"  # transcript 15
+    # docs/bulk-data.md, recorded case 15
+    assert resp.status_code == 400 and resp.json()["error"] == "invalid_request"
 
 
 @pytest.mark.parametrize(
@@ -192,7 +196,7 @@ def test_token_scopes_like_transcript_14(
 def test_token_scopes_narrowed_to_client_allowed(source: SourceSandbox, source_keys: SourceKeys) -> None:
     source.register_client(SOURCE_JWT_CLIENT, jwks=source_keys.jwks, allowed_scopes=["system/Patient.read"])
     resp = _post(source, assertion_form(mint_assertion(source_keys, source.token_url()), "system/*.read"))
-    assert resp.json()["scope"] == "system/Patient.read"  # practice-fusion.md: granted may be fewer
+    assert resp.json()["scope"] == "system/Patient.read"  # docs/practice-fusion.md: granted may be fewer
     token = resp.json()["access_token"]
     auth = {"Authorization": f"Bearer {token}"}
     assert httpx.get(source.base_url() + "/Observation", headers=auth).status_code == 403
@@ -208,7 +212,8 @@ def test_token_v2_scope_refused_when_v2_off(source: SourceSandbox) -> None:
 
 def test_bearer_missing_gets_401_operation_outcome(source: SourceSandbox) -> None:
     resp = httpx.get(source.base_url() + "/Patient/$export", headers=kickoff_headers(None))
-    assert resp.status_code == 401 and "www-authenticate" not in resp.headers  # transcript 20
+    # docs/bulk-data.md, recorded case 20
+    assert resp.status_code == 401 and "www-authenticate" not in resp.headers
     assert resp.json()["resourceType"] == "OperationOutcome"
 
 
@@ -220,7 +225,8 @@ def test_bearer_garbage_and_expired_get_401(source: SourceSandbox) -> None:
     token = source_token(source)
     time.sleep(1.1)
     resp = httpx.get(source.base_url() + "/Patient", headers={"Authorization": f"Bearer {token}"})
-    assert resp.status_code == 401 and resp.json()["resourceType"] == "OperationOutcome"  # transcript 80
+    # docs/bulk-data.md, recorded case 80
+    assert resp.status_code == 401 and resp.json()["resourceType"] == "OperationOutcome"
 
 
 def test_bearer_from_other_practice_refused(source_keys: SourceKeys) -> None:

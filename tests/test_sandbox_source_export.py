@@ -35,7 +35,7 @@ def test_kickoff_patient_pf_status_url_and_manifest(source: SourceSandbox) -> No
     token = source_token(source)
     resp = httpx.get(source.base_url() + "/Patient/$export", headers=kickoff_headers(token))
     assert resp.status_code == 202
-    # practice-fusion.md: Content-Location {Base}/Export/{guid}
+    # docs/practice-fusion.md: Content-Location {Base}/Export/{guid}
     assert resp.headers["content-location"].startswith(source.base_url() + "/Export/")
     _, manifest = export_and_wait(source, token)
     assert manifest["requiresAccessToken"] is True and manifest["error"] == [] and manifest["deleted"] == []
@@ -44,7 +44,7 @@ def test_kickoff_patient_pf_status_url_and_manifest(source: SourceSandbox) -> No
     assert counts["Patient"] == 17 and counts["Observation"] == 2339
     assert "Practitioner" not in counts and "Organization" not in counts  # not in a patient compartment
     for entry in manifest["output"]:
-        assert entry["url"].startswith(f"{source.base_url()}/Binary/export/")  # practice-fusion.md files
+        assert entry["url"].startswith(f"{source.base_url()}/Binary/export/")  # docs/practice-fusion.md files
 
 
 def test_status_polls_are_202_without_body_until_done(source: SourceSandbox) -> None:
@@ -74,7 +74,7 @@ def test_status_plain_202_has_no_progress_headers(
     ]
     resp = httpx.get(url, headers=_auth(token))
     release.set()
-    # practice-fusion.md: 202 with no body and no Retry-After / X-Progress
+    # docs/practice-fusion.md: 202 with no body and no Retry-After / X-Progress
     assert resp.status_code == 202 and resp.content == b""
     assert "retry-after" not in resp.headers and "x-progress" not in resp.headers
 
@@ -112,7 +112,8 @@ def test_file_range_request_resumes(source: SourceSandbox) -> None:
 def test_delete_export_then_status_and_files_404(source: SourceSandbox) -> None:
     token = source_token(source)
     status_url, manifest = export_and_wait(source, token, params={"_type": "Patient"})
-    assert httpx.delete(status_url, headers=_auth(token)).status_code == 202  # transcript 40
+    # docs/bulk-data.md, recorded case 40
+    assert httpx.delete(status_url, headers=_auth(token)).status_code == 202
     assert httpx.get(status_url, headers=_auth(token)).status_code == 404
     assert httpx.get(manifest["output"][0]["url"], headers=_auth(token)).status_code == 404
 
@@ -137,7 +138,7 @@ def test_since_returns_only_changes_after_transaction_time(source: SourceSandbox
     assert changed[0]["gender"] == "other" and changed[0]["meta"]["lastUpdated"] > first["transactionTime"]
     bundles = read_ndjson(second["deleted"][0]["url"], token)
     assert second["deleted"][0]["type"] == "Bundle" and len(bundles) == 1
-    entry = bundles[0]["entry"][0]  # transcript 54: one DELETE request per Bundle
+    entry = bundles[0]["entry"][0]  # docs/bulk-data.md, recorded case 54: one DELETE request per Bundle
     assert bundles[0]["type"] == "transaction" and entry["request"]["method"] == "DELETE"
     assert entry["request"]["url"].startswith("Condition/")
     _, third = export_and_wait(source, token, params={"_since": second["transactionTime"]})
@@ -156,7 +157,7 @@ def test_since_deleted_absent_without_since_and_without_v2(source: SourceSandbox
     assert manifest["deleted"] == [] and _counts(manifest)["Patient"] == 16
     source.configure(smart_v2=False)
     _, manifest = export_and_wait(source, token, params={"_type": "Patient", "_since": "2000-01-01"})
-    assert "deleted" not in manifest  # practice-fusion.md: no deleted[] documented
+    assert "deleted" not in manifest  # docs/practice-fusion.md: no deleted[] documented
 
 
 def test_since_date_only_and_old_instant_accepted(source: SourceSandbox) -> None:
@@ -169,7 +170,8 @@ def test_since_date_only_and_old_instant_accepted(source: SourceSandbox) -> None
 def test_since_malformed_or_future_400(source: SourceSandbox, since: str) -> None:
     resp = httpx.get(source.base_url() + "/Patient/$export", params={"_since": since},
                      headers=kickoff_headers(source_token(source)))  # fmt: skip
-    assert resp.status_code == 400 and resp.json()["resourceType"] == "OperationOutcome"  # transcripts 26, 27
+    # docs/bulk-data.md, recorded cases 26, 27
+    assert resp.status_code == 400 and resp.json()["resourceType"] == "OperationOutcome"
 
 
 def test_type_param_limits_output(source: SourceSandbox) -> None:
@@ -233,7 +235,8 @@ def test_kickoff_type_outside_granted_scope_403(source: SourceSandbox) -> None:
 def test_system_export_off_by_default_then_on(source: SourceSandbox) -> None:
     token = source_token(source)
     resp = httpx.get(source.base_url() + "/$export", headers=kickoff_headers(token))
-    assert resp.status_code == 404 and resp.json()["resourceType"] == "OperationOutcome"  # practice-fusion.md
+    # docs/practice-fusion.md
+    assert resp.status_code == 404 and resp.json()["resourceType"] == "OperationOutcome"
     source.configure(system_export=True)
     _, manifest = export_and_wait(source, token, path="/$export")
     assert _counts(manifest)["Practitioner"] == 36  # system level includes non-compartment types
@@ -243,7 +246,8 @@ def test_group_list_and_group_export(source: SourceSandbox) -> None:
     token = source_token(source)
     bundle = httpx.get(source.base_url() + "/Group", headers=_auth(token)).json()
     groups = {e["resource"]["id"]: e["resource"] for e in bundle["entry"]}
-    assert bundle["type"] == "searchset" and len(groups) >= 2  # transcript 23: quantity, no member
+    # docs/bulk-data.md, recorded case 23: quantity, no member
+    assert bundle["type"] == "searchset" and len(groups) >= 2
     assert (
         groups["bulk-data-testing-group"]["quantity"] == 9
         and "member" not in groups["bulk-data-testing-group"]

@@ -109,7 +109,7 @@ def test_fault_pretty_json_file(source: SourceSandbox, bundle: bool) -> None:
     _, manifest = export_and_wait(source, token, params={"_type": "Patient"})
     source.faults.pretty_json(bundle=bundle)
     resp = httpx.get(manifest["output"][0]["url"], headers=_auth(token))
-    assert resp.headers["content-type"] == "application/json"  # practice-fusion.md: their example
+    assert resp.headers["content-type"] == "application/json"  # docs/practice-fusion.md: their example
     doc = resp.json()
     assert b"\n  " in resp.content
     assert doc["resourceType"] == ("Bundle" if bundle else "Patient")
@@ -121,7 +121,8 @@ def test_fault_unrequested_type_in_manifest(source: SourceSandbox) -> None:
     token = source_token(source)
     source.faults.unrequested_type()
     _, manifest = export_and_wait(source, token, params={"_type": "Patient"})
-    assert {e["type"] for e in manifest["output"]} == {"Patient", "Location"}  # practice-fusion.md: Location
+    # docs/practice-fusion.md: Location
+    assert {e["type"] for e in manifest["output"]} == {"Patient", "Location"}
 
 
 def test_fault_export_fails_with_operation_outcome(source: SourceSandbox) -> None:

@@ -54,7 +54,7 @@ def test_01_smart_configuration(source: SourceSandbox) -> None:
     resp = httpx.get(source.base_url() + "/.well-known/smart-configuration")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/json")
     body = resp.json()
-    # practice-fusion.md: apps are registered out of band (no registration_endpoint); Basic is offered too.
+    # docs/practice-fusion.md: apps are registered out of band (no registration_endpoint); Basic is offered too.
     assert set(expected) - {"registration_endpoint"} <= set(body)
     assert "private_key_jwt" in body["token_endpoint_auth_methods_supported"]
     assert {"RS384", "ES384"} <= set(body["token_endpoint_auth_signing_alg_values_supported"])
@@ -123,7 +123,8 @@ def test_24_kickoff_post_parameters(source: SourceSandbox) -> None:
         if poll.status_code == 200:
             break
         time.sleep(0.02)
-    assert poll.json()["request"] == url  # transcript 24: the manifest's request holds only the URL
+    # docs/bulk-data.md, recorded case 24: the manifest's request holds only the URL
+    assert poll.json()["request"] == url
 
 
 def test_50_transient_error_until_the_job_completes(source: SourceSandbox) -> None:

@@ -3,7 +3,7 @@
 Each request is re-made with real assertions and tokens, with URLs moved to Practice Fusion's shapes
 (`{Base}/Patient/$export` for the kick-offs: system export is off like PF). Status codes, the headers that
 matter and body shapes (resourceType, issue severity, error codes, keys) must match. Where our PF
-emulation deliberately differs, the expected value is overridden, citing practice-fusion.md.
+emulation deliberately differs, the expected value is overridden, citing docs/practice-fusion.md.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pfsync.sandbox.source_auth import generate_test_keys
 
 pytestmark = pytest.mark.integration
 TRANSCRIPTS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "transcripts" / "bulk-data-server"
-# practice-fusion.md "Auth": exp at most 300 s and jti unique, where the reference server is lax (07, 08).
+# docs/practice-fusion.md "Auth (system apps)": exp at most 300 s and jti unique, where the reference server is lax (07, 08).
 PF_OVERRIDES = {("07-token-exp-10-minutes.json", 0): 400, ("08-token-reused-jti.json", 1): 400}
 
 
@@ -79,7 +79,8 @@ def test_transcript_token_replay(source: SourceSandbox, source_keys: SourceKeys,
         assert resp.headers["content-type"].startswith("application/json")
         body = resp.json()
         if status == 200:
-            assert body["token_type"] == "Bearer"  # practice-fusion.md ("bearer" in transcript 03)
+            # docs/practice-fusion.md ("bearer" in docs/bulk-data.md, recorded case 03)
+            assert body["token_type"] == "Bearer"
             assert set(expected["body"]) - {"err"} <= set(body)
             assert body["scope"] == expected["body"]["scope"]
         elif status == expected["status"]:
@@ -111,7 +112,7 @@ def test_transcript_kickoff_replay(source: SourceSandbox, name: str) -> None:
         body = resp.json()
         assert body["resourceType"] == expected["body"]["resourceType"] == "OperationOutcome"
         assert body["issue"][0]["severity"] == expected["body"]["issue"][0]["severity"]
-        assert "www-authenticate" not in resp.headers  # transcript 20: none
+        assert "www-authenticate" not in resp.headers  # docs/bulk-data.md, recorded case 20: none
         if expected["status"] == 202:
             assert resp.headers["content-location"].startswith(source.base_url() + "/Export/")
 
@@ -122,7 +123,7 @@ def test_transcript_status_cycle_replay(source: SourceSandbox) -> None:
     status_url, manifest = export_and_wait(source, token)
     expected_manifest = next(s["response"]["body"] for s in steps if s["response"]["status"] == 200
                              and isinstance(s["response"]["body"], dict) and "transactionTime" in s["response"]["body"])  # fmt: skip
-    # outputOrganizedBy is a reference-server extra, not in practice-fusion.md's manifest
+    # outputOrganizedBy is a reference-server extra, not in docs/practice-fusion.md's manifest
     assert set(expected_manifest) - {"outputOrganizedBy"} <= set(manifest)
     assert set(expected_manifest["output"][0]) == set(manifest["output"][0])
     patient_file = next(e["url"] for e in manifest["output"] if e["type"] == "Patient")
@@ -156,7 +157,7 @@ def test_transcript_deleted_with_since_replay(source: SourceSandbox) -> None:
     assert line.keys() == expected_line.keys() and line["type"] == expected_line["type"]
     assert line["entry"][0]["request"].keys() == expected_line["entry"][0]["request"].keys()
     _, without = export_and_wait(source, token, params={"_type": "Patient,Condition"})
-    assert without["deleted"] == []  # transcript 54: no deleted[] without _since
+    assert without["deleted"] == []  # docs/bulk-data.md, recorded case 54: no deleted[] without _since
 
 
 def test_transcript_token_expired_while_polling_replay(source: SourceSandbox) -> None:

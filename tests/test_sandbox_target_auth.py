@@ -1,4 +1,4 @@
-"""Target sandbox: token endpoint and FHIR authentication (medplum.md "Base URLs and auth", transcripts 01-07)."""
+"""Target sandbox: token endpoint and FHIR authentication (docs/medplum.md "Base URLs and auth", recorded cases 01-07)."""
 
 from __future__ import annotations
 

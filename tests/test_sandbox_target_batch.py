@@ -1,4 +1,4 @@
-"""Target sandbox: batch Bundles (medplum.md "Batch Bundles", transcripts 14-19, 30, 36)."""
+"""Target sandbox: batch Bundles (docs/medplum.md "Batch Bundles", recorded cases 14-19, 30, 36)."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_target_batch_conditional_reference_resolves_in_put_order_not_post(targe
     )
     with fhir_client(target) as c:
         r = c.post("", json=body).json()
-    # medplum.md: PUTs run in request order so the PUT Condition resolves; the POST ran first and fails
+    # docs/medplum.md: PUTs run in request order so the PUT Condition resolves; the POST ran first and fails
     assert _statuses(r) == ["201", "201", "400"]
     assert r["entry"][1]["resource"]["subject"]["display"] == "Jane Doe"
 

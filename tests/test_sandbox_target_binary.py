@@ -1,5 +1,5 @@
 """Target sandbox: Binary, presigned attachment URLs, async batches and body limits
-(medplum.md "Binary and attachments", "Size limits"; transcripts 27, 38, 39, 43)."""
+(docs/medplum.md "Binary and attachments", "Size limits"; recorded cases 27, 38, 39, 43)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Target sandbox: ids, conditional PUT, no-ops, ETag/Location, If-Match, delete, history
-(medplum.md "Ids and identity", "Conditional update", "Optimistic locking"; transcripts 08-13, 26, 35, 40-42)."""
+(docs/medplum.md "Ids and identity", "Conditional update", "Optimistic locking"; recorded cases 08-13, 26, 35, 40-42)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_target_conditional_put_creates_then_noop_then_updates(target: TargetSan
     assert first.headers["location"] == f"{target.fhir_url}Patient/{first.json()['id']}"
     vid = first.json()["meta"]["versionId"]
     assert first.headers["etag"] == f'W/"{vid}"' and "last-modified" in first.headers
-    # transcript 08: identical repeat is a true no-op (same versionId, no Location, no new version)
+    # docs/medplum.md, recorded case 08: identical repeat is a true no-op (same versionId, no Location, no new version)
     assert again.status_code == 200 and "location" not in again.headers
     assert again.json()["meta"] == first.json()["meta"]
     assert changed.status_code == 200 and changed.json()["meta"]["versionId"] != vid
@@ -35,7 +35,8 @@ def test_target_noop_ignores_foreign_meta_version_and_timestamp(target: TargetSa
         first = c.put(url, json=patient("meta-1")).json()
         foreign = patient("meta-1", meta={"versionId": "99", "lastUpdated": "1999-01-01T00:00:00.000Z"})
         again = c.put(url, json=foreign).json()
-    assert again["meta"] == first["meta"]  # transcript 26: overwritten, not a version check
+    # docs/medplum.md, recorded case 26: overwritten, not a version check
+    assert again["meta"] == first["meta"]
 
 
 def test_target_post_ignores_body_id_and_overwrites_meta(target: TargetSandbox) -> None:
@@ -78,7 +79,8 @@ def test_target_put_unknown_uuid_is_404_and_non_uuid_is_invalid_id(target: Targe
         read_bad = c.get("Patient/not-a-uuid")
     assert missing.status_code == 404 and missing.json()["issue"][0]["details"]["text"] == "Not found"
     assert bad.status_code == 400 and bad.json()["issue"][0]["details"]["text"] == "Invalid id"
-    assert read_bad.status_code == 404  # transcript 13: a read of a non-UUID id is 404, not 400
+    # docs/medplum.md, recorded case 13: a read of a non-UUID id is 404, not 400
+    assert read_bad.status_code == 404
 
 
 def test_target_if_match_only_quoted_values_count(target: TargetSandbox) -> None:
@@ -183,7 +185,7 @@ def test_target_put_by_id_needs_the_body_to_carry_that_id(target: TargetSandbox)
         other_type = c.put(f"Patient/{rid}", json={"resourceType": "Practitioner", "id": rid})
         same_id = c.put(f"Patient/{rid}", json={**patient("putid-1", given="Same"), "id": rid})
         stored = c.get(f"Patient/{rid}").json()
-    # transcript 44: type first, then id; only the matching body is written
+    # docs/medplum.md, recorded case 44: type first, then id; only the matching body is written
     assert no_id.status_code == other_id.status_code == other_type.status_code == 400
     assert no_id.json()["issue"][0]["details"]["text"] == "Incorrect resource ID"
     assert other_id.json()["issue"][0]["details"]["text"] == "Incorrect resource ID"
@@ -197,7 +199,7 @@ def test_target_post_if_none_exist_creates_once(target: TargetSandbox) -> None:
         first = c.post("Patient", json=patient("ifne-1"), headers=headers)
         again = c.post("Patient", json=patient("ifne-1", given="Again"), headers=headers)
         found = c.get(f"Patient?identifier={MRN}|ifne-1").json()
-    # transcript 49: 201, then 200 with the existing resource and no second copy
+    # docs/medplum.md, recorded case 49: 201, then 200 with the existing resource and no second copy
     assert first.status_code == 201 and again.status_code == 200
     assert again.json()["id"] == first.json()["id"] and again.json()["name"] == first.json()["name"]
     assert "location" not in again.headers

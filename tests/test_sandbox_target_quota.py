@@ -1,5 +1,5 @@
-"""Target sandbox: FHIR interaction quota and the RateLimit header (medplum.md "Quotas and 429",
-"Measured ... Quota costs"; transcripts 28, 29)."""
+"""Target sandbox: FHIR interaction quota and the RateLimit header (docs/medplum.md "Quotas and 429",
+"Quota costs"; docs/medplum.md, recorded cases 28, 29)."""
 
 from __future__ import annotations
 

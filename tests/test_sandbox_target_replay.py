@@ -1,5 +1,5 @@
 """Target sandbox against the recorded Medplum transcripts: the shared replay tool must report every
-compared case as a match, quota cases included (medplum.md: the transcripts are the truth)."""
+compared case as a match, quota cases included (docs/medplum.md: the transcripts are the truth)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Target sandbox: search (medplum.md "Ids and identity", README finding 12, transcripts 31-34)."""
+"""Target sandbox: search (docs/medplum.md "Ids and identity", docs/medplum.md "Surprises in the recordings", item 12, recorded cases 31-34)."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def test_target_search_escaped_pipe_dollar_and_backslash_are_literal(target: Tar
         singles = {v: _values(c.get("Patient", params={"identifier": f"{MRN}|{e}"}).json())
                    for v, e in escaped.items()}  # fmt: skip
         together = c.get("Patient", params={"identifier": ",".join(f"{MRN}|{e}" for e in escaped.values())})
-    # transcript 48: each escaped value finds its own resource, singly and OR-ed
+    # docs/medplum.md, recorded case 48: each escaped value finds its own resource, singly and OR-ed
     assert singles == {v: {v} for v in values}
     assert _values(together.json()) == set(values)
 
@@ -122,7 +122,7 @@ def test_target_search_tag_and_sort_by_last_updated_page_in_order(target: Target
                 break
             page = c.get(url).json()
         newest_first = c.get("Patient", params={**params, "_sort": "-_lastUpdated", "_count": "5"}).json()
-    # transcript 51: pages in creation order through _offset links
+    # docs/medplum.md, recorded case 51: pages in creation order through _offset links
     assert pages == [["s0", "s1"], ["s2", "s3"], ["s4"]]
     assert [e["resource"]["identifier"][0]["value"] for e in newest_first["entry"]] == [
         f"s{i}" for i in range(4, -1, -1)
@@ -133,4 +133,4 @@ def test_target_search_fields_link_keeps_commas(target: TargetSandbox) -> None:
     with fhir_client(target) as c:
         c.post("Patient", json=patient("fl"))
         r = c.get("Patient", params={"identifier": f"{MRN}|fl", "_elements": "identifier,meta"}).json()
-    assert "_fields=identifier,meta&" in r["link"][0]["url"]  # transcript 47
+    assert "_fields=identifier,meta&" in r["link"][0]["url"]  # docs/medplum.md, recorded case 47

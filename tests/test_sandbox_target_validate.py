@@ -1,4 +1,4 @@
-"""Target sandbox: validation as the real server does it (medplum.md "Validation", transcripts 20-25)."""
+"""Target sandbox: validation as the real server does it (docs/medplum.md "Validation", recorded cases 20-25)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_target_validation_drops_empty_strings(target: TargetSandbox) -> None:
     body["name"][0]["family"] = ""
     with fhir_client(target) as c:
         r = c.post("Patient", json=body)
-    assert r.status_code == 201  # transcript 20: dropped, not rejected
+    assert r.status_code == 201  # docs/medplum.md, recorded case 20: dropped, not rejected
     assert r.json()["name"] == [{"given": ["Jane"]}]
 
 

@@ -115,7 +115,7 @@ class _RacingStore(MedplumStateStore):
 
 def test_medplum_store_two_pods_creating_at_once_make_one_record(target: TargetSandbox) -> None:
     """Criterion 5 of issue 14: both searches find nothing, both create at once; If-None-Exist
-    (transcript 49) lets one create the record and shows the other that one, with its lease."""
+    (docs/medplum.md, recorded case 49) lets one create the record and shows the other that one, with its lease."""
     barrier = threading.Barrier(2)
     pods = [_RacingStore(target, barrier) for _ in range(2)]
     holders = [Holder(n, f"pod-{n}", "2026-01-01T00:00:00.000Z") for n in range(2)]
@@ -168,7 +168,7 @@ def test_medplum_store_two_savers_creating_at_once_make_one_record(target: Targe
 
 def test_medplum_store_source_names_with_token_characters(target: TargetSandbox) -> None:
     """A source name holding `,` `|` `$` or `\\` is escaped in the search and in If-None-Exist
-    (transcript 48): each name gets its own record, found again by another pod."""
+    (docs/medplum.md, recorded case 48): each name gets its own record, found again by another pod."""
     names = ["a,b", "a|b", "a$b", "a\\b", "a"]
     store = _store(target)
     for n, name in enumerate(names):
@@ -232,8 +232,8 @@ def test_medplum_store_create_conflict_is_a_lost_race() -> None:
 
 
 def test_medplum_store_request_shapes() -> None:
-    """POST Basic + If-None-Exist to create (transcript 49); PUT Basic/<id> with that id in the
-    body and a quoted If-Match to update (transcripts 35, 44)."""
+    """POST Basic + If-None-Exist to create (docs/medplum.md, recorded case 49); PUT Basic/<id> with that id in the
+    body and a quoted If-Match to update (docs/medplum.md, recorded cases 35, 44)."""
     seen: list[httpx.Request] = []
     store = _recording_store(seen)
     store.save(SyncState(source="a"))

@@ -147,7 +147,7 @@ def test_live_engines_group_members_from_patient_export(
     engines = LiveEngines(settings, settings.sources[0], threading.Event())
     try:
         before = engines.group_members("bulk-data-testing-group", tmp_path / "m1")
-        assert len(before) == 9  # practice-fusion.md: the testing group has 9 patients
+        assert len(before) == 9  # docs/practice-fusion.md: the testing group has 9 patients
         newcomer = sorted(set(source.state.store.patient_ids(source.practices[0])) - before)[0]
         source.add_to_group("bulk-data-testing-group", [newcomer])
         after = engines.group_members("bulk-data-testing-group", tmp_path / "m2")

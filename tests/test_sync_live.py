@@ -61,8 +61,8 @@ def test_sync_concurrent_runs_second_refused_exit_8_naming_holder(
 
 def test_medplum_lease_creation_race_has_one_winner(target: TargetSandbox) -> None:
     """Both pods find no state and create it at once: the state record is created with
-    If-None-Exist (transcript 49), so the second create is answered with the first one's record;
-    that pod looks at it, sees the live lease and stops before any work; only the first goes on."""
+    If-None-Exist (docs/medplum.md, recorded case 49), so the second create is answered with the
+    first one's record; that pod looks at it, sees the live lease and stops before any work; only the first goes on."""
     a, b = _medplum_store(target), _medplum_store(target)
     fetch = a._fetch
     raced = threading.Event()
@@ -144,7 +144,7 @@ def test_sync_group_backfill_new_member_history_lands(
     code, out, err = run(env, "sync", "--json")
     assert code == 0, err[-2000:]
     members = set(checkpoint(tmp_path / "state")["groupMembers"][GROUP])
-    assert len(target.resources("Patient")) == len(members) == 9  # practice-fusion.md: 9 patients
+    assert len(target.resources("Patient")) == len(members) == 9  # docs/practice-fusion.md: 9 patients
     newcomer = sorted(set(source.state.store.patient_ids(source.practices[0])) - members)[0]
     history = [
         orjson.loads(raw)

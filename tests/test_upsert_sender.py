@@ -233,8 +233,8 @@ def test_pacer_probe_detects_quota_off() -> None:
 
 class CountingServer:
     """A Medplum-like budget: 100 points per write in windows of `window` s (clock-driven), the
-    `RateLimit` header counting down to r=0 (medplum.md "Quotas and 429"); `enforce` refuses the
-    entries past the budget with 429 (the rest of the Bundle too, transcript 28)."""
+    `RateLimit` header counting down to r=0 (docs/medplum.md "Quotas and 429"); `enforce` refuses the
+    entries past the budget with 429 (the rest of the Bundle too, docs/medplum.md, recorded case 28)."""
 
     def __init__(self, clock: FakeClock, budget: int, *, enforce: bool, window: float = 60.0) -> None:
         self.clock, self.budget, self.enforce, self.window = clock, budget, enforce, window
@@ -263,7 +263,7 @@ class CountingServer:
 
 
 def test_sender_on_a_quota_that_is_off_keeps_bundles_whole() -> None:
-    # medplum.md: a project with the quota off still counts `fhirInteractions` down to r=0 and
+    # docs/medplum.md: a project with the quota off still counts `fhirInteractions` down to r=0 and
     # refuses nothing. The budget running out must not shrink Bundles (a round trip per step):
     # one whole Bundle past it is the probe that tells the quota is off.
     clock = FakeClock()

@@ -110,7 +110,7 @@ def test_reader_paces_when_the_enforced_quota_is_spent(httpx_mock: HTTPXMock) ->
 
 
 def test_reader_quota_off_project_at_r0_is_not_throttling(httpx_mock: HTTPXMock) -> None:
-    # medplum.md: a quota-off project counts down to r=0 and refuses nothing.
+    # docs/medplum.md: a quota-off project counts down to r=0 and refuses nothing.
     url = f"{FHIR}Patient?_id=a&_count=1000&_elements=id"
     httpx_mock.add_response(url=url, json=bundle(["a"]), headers=rl(0, 50), is_reusable=True)
     clock = FakeClock()

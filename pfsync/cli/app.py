@@ -22,7 +22,7 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     add_completion=False,
-    pretty_exceptions_enable=False,  # STYLE.md: Typer's pretty tracebacks print locals, i.e. secrets
+    pretty_exceptions_enable=False,  # Typer's pretty tracebacks print locals, i.e. secrets
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode=None,
 )

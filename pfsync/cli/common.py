@@ -1,6 +1,6 @@
 """What every command shares: global options, building Settings at the edge, and error rendering.
 
-The CLI only parses, builds settings, calls the library and renders (STYLE.md: sqlite-utils).
+The CLI only parses, builds settings, calls the library and renders (as in sqlite-utils).
 Every expected failure ends here: a PfsyncError becomes one redacted message with a hint on
 stderr and its stable exit code (pfsync.errors); anything else is exit 1 with no traceback
 unless -v asks for one (and even then redacted).

@@ -146,7 +146,7 @@ def check_inputs(paths: list[Path]) -> int:
     return loadable
 
 
-# medplum.md "Quota costs" (measured): about 100 points per write in direct mode (identity search
+# docs/medplum.md "Quota costs" (measured): about 100 points per write in direct mode (identity search
 # included), about 140 per conditional PUT. A dry run sends only the searches, so its own quota
 # says nothing about the load; this is what the writes it counted will cost.
 QUOTA_PER_WRITE = {"direct": 100, "conditional": 140}
@@ -206,7 +206,7 @@ def outcome_error(
         hint = (f"each reason is in {where}; fix the cause, then replay it: pfsync load {where}" if quarantine
                 else f"see {where}; fix and replay it with pfsync load")  # fmt: skip
         if too_large:
-            # medplum.md "Size limits": a synchronous Bundle is refused over 1 MiB; async takes more.
+            # docs/medplum.md "Size limits": a synchronous Bundle is refused over 1 MiB; async takes more.
             hint = (f"{plural(too_large, 'resource')} too large for a synchronous Bundle load with --async-batch "
                     f"(PFSYNC_ASYNC_BATCH=true): pfsync load --async-batch {where}; " + hint)  # fmt: skip
         return PartialLoadError(

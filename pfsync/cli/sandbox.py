@@ -53,7 +53,7 @@ def sandbox(
       pfsync sandbox
 
     \b
-      pfsync sandbox --data ../shared/fixtures/synthea-small --state /tmp/pfsync-sandbox
+      pfsync sandbox --data ./export --state /tmp/pfsync-sandbox
 
     In the background, then use it from the same shell (the env file appears once both serve):
 

@@ -22,7 +22,8 @@ import orjson
 from pfsync.sandbox.source_store import FIXTURE_ORIGIN
 
 LOINC, SNOMED, RXNORM, CVX = "http://loinc.org", "http://snomed.info/sct", "http://www.nlm.nih.gov/research/umls/rxnorm", "http://hl7.org/fhir/sid/cvx"  # fmt: skip
-PF_ID = "https://practicefusion.com/fhir/{}-id"  # practice-fusion.md "Other": identifier systems
+# docs/practice-fusion.md "Defaults, identifiers and politeness": identifier systems
+PF_ID = "https://practicefusion.com/fhir/{}-id"
 GIVEN = [
     "Ana",
     "Ben",

@@ -1,7 +1,7 @@
 """A local server that behaves like Practice Fusion's FHIR Bulk Data API (the source sandbox).
 
 One `SourceSandbox` hosts one or more practices, each at `{server}/fhir/r4/v1/{practice-guid}` with its
-own dataset, token endpoint and groups (practice-fusion.md "Servers"). Resources live in SQLite; export
+own dataset, token endpoint and groups (docs/practice-fusion.md "Servers"). Resources live in SQLite; export
 jobs write NDJSON to a temp dir and files are streamed from disk. Tests drive it through Python methods
 or, from another process, through the control API under `{server}/_sandbox/`:
 
@@ -40,7 +40,7 @@ from pfsync.sandbox.source_fhir import EXTRA_TYPES, State, handle, outcome, reco
 from pfsync.sandbox.source_store import Clock, Store
 
 DEFAULT_PRACTICE = "5f6c7a10-0b1e-4c2d-9a3e-5e7a1c0d2b40"
-GROUP_MAX = 1_000  # practice-fusion.md: groups hold at most 1,000 patients
+GROUP_MAX = 1_000  # docs/practice-fusion.md: groups hold at most 1,000 patients
 SAMPLE_PATIENTS = 30
 
 
@@ -151,7 +151,7 @@ class SourceSandbox:
         if store.groups(practice):
             return
         patients = store.patient_ids(practice)
-        # practice-fusion.md: the PF sandbox has a "Bulk Data Testing Group" of 9 patients
+        # docs/practice-fusion.md: the PF sandbox has a "Bulk Data Testing Group" of 9 patients
         store.create_group(practice, "bulk-data-testing-group", "Bulk Data Testing Group", patients[:9])
         for n, start in enumerate(range(0, max(len(patients), 1), GROUP_MAX), 1):
             store.create_group(practice, f"practice-patients-{n}", f"Practice patients {n}",

@@ -1,8 +1,8 @@
 """SMART Backend Services token endpoint of the source sandbox: client assertions, Basic auth, scopes, tokens.
 
-Practice Fusion's rules are the default (practice-fusion.md: "Auth (system apps)"): `typ: JWT` and `kid`
+Practice Fusion's rules are the default (docs/practice-fusion.md: "Auth (system apps)"): `typ: JWT` and `kid`
 required, `aud` = `{Base}/token`, `exp` at most 300 s ahead, unique `jti`, `token_type: "Bearer"`. Error
-shapes follow the reference server (transcripts 05-15).
+shapes follow the reference server (docs/bulk-data.md, recorded cases 05-15).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pfsync.sandbox.httpbase import Request, Response, json_response
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 SIGNING_ALGS = ["RS384", "ES384", "RS256", "ES256", "ES512", "RS512"]
-# practice-fusion.md "Scopes": the 22 types a system app can be granted.
+# docs/practice-fusion.md "Scopes": the 22 types a system app can be granted.
 PF_SCOPE_TYPES = [
     "AllergyIntolerance",
     "CarePlan",
@@ -82,9 +82,11 @@ class AuthConfig:
 
     token_lifetime: int = 300
     max_assertion_lifetime: int = (
-        300  # PF: exp at most 300 s ahead (the reference server takes 600, transcript 07)
+        # PF: exp at most 300 s ahead (the reference server takes 600, docs/bulk-data.md, recorded case 07)
+        300
     )
-    track_jti: bool = True  # PF: jti unique (the reference server does not track it, transcript 08)
+    # PF: jti unique (the reference server does not track it, docs/bulk-data.md, recorded case 08)
+    track_jti: bool = True
     smart_v2: bool = True
     leeway: int = 5
 
@@ -117,7 +119,7 @@ class Auth:
 
     def _issue(self, req: Request, practice: str, token_url: str) -> Response:
         if not req.header("content-type").startswith("application/x-www-form-urlencoded"):
-            # transcript 15: a JSON body is refused
+            # docs/bulk-data.md, recorded case 15: a JSON body is refused
             raise TokenError(
                 "invalid_request",
                 "Invalid request content-type header (must be 'application/x-www-form-urlencoded')",
@@ -160,7 +162,8 @@ class Auth:
 
     def _assertion_client(self, form: dict[str, str], practice: str, token_url: str) -> Client:
         if "client_assertion_type" not in form:
-            raise TokenError("invalid_request", "Missing client_assertion_type parameter")  # transcript 11
+            # docs/bulk-data.md, recorded case 11
+            raise TokenError("invalid_request", "Missing client_assertion_type parameter")
         if form["client_assertion_type"] != JWT_BEARER:
             raise TokenError(
                 "invalid_request", f"Invalid client_assertion_type parameter. Must be '{JWT_BEARER}'."
@@ -171,14 +174,14 @@ class Auth:
             claims = jwt.decode(assertion, options={"verify_signature": False})
         except jwt.PyJWTError as exc:
             raise TokenError("invalid_request", f"Invalid registration token: {exc}") from None
-        if "typ" not in header:  # transcript 13
+        if "typ" not in header:  # docs/bulk-data.md, recorded case 13
             raise TokenError(
                 "invalid_request",
                 "Invalid registration token: Invalid JWT token header. Missing 'typ' property.",
             )
         if header["typ"] != "JWT":
             raise TokenError("invalid_request", "Invalid registration token: the 'typ' header must be 'JWT'.")
-        if not header.get("kid"):  # practice-fusion.md: kid required
+        if not header.get("kid"):  # docs/practice-fusion.md: kid required
             raise TokenError("invalid_request", "Invalid registration token: Missing 'kid' header.")
         alg = header.get("alg")
         if alg not in SIGNING_ALGS:
@@ -189,7 +192,7 @@ class Auth:
         if claims.get("sub") != client.client_id:
             raise TokenError("invalid_grant", "Invalid token 'sub' value. Must equal 'iss'.")
         keys = [k for k in client.jwks.get("keys", []) if k.get("kid") == header["kid"]]
-        if not keys:  # transcript 09
+        if not keys:  # docs/bulk-data.md, recorded case 09
             raise TokenError(
                 "invalid_grant", f'No public keys found in the JWKS with "kid" equal to "{header["kid"]}"'
             )
@@ -198,28 +201,29 @@ class Auth:
             jwt.decode(
                 assertion, key=key, algorithms=[alg], options={"verify_aud": False, "require": ["exp"]}
             )
-        except jwt.ExpiredSignatureError:  # transcript 12
+        except jwt.ExpiredSignatureError:  # docs/bulk-data.md, recorded case 12
             raise TokenError(
                 "invalid_grant",
                 "Unable to verify the token with any of the public keys found in the JWKS: jwt expired",
             ) from None
-        except (jwt.PyJWTError, TypeError, ValueError) as exc:  # transcript 10; an RS384 JWT vs an EC key
+        # docs/bulk-data.md, recorded case 10; an RS384 JWT vs an EC key
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:
             raise TokenError(
                 "invalid_grant",
                 f"Unable to verify the token with any of the public keys found in the JWKS: invalid signature ({exc})",
             ) from None
         auds = claims.get("aud")
         aud_list = auds if isinstance(auds, list) else [auds]
-        # transcript 06: the scheme is stripped before comparing
+        # docs/bulk-data.md, recorded case 06: the scheme is stripped before comparing
         if not any(
             isinstance(a, str) and a.split("://", 1)[-1] == token_url.split("://", 1)[-1] for a in aud_list
         ):
             raise TokenError(
                 "invalid_grant", f"Invalid token 'aud' value. Must be '{token_url}'."
-            )  # transcript 05
+            )  # docs/bulk-data.md, recorded case 05
         exp = float(claims["exp"])
         if exp > time.time() + self.config.max_assertion_lifetime + self.config.leeway:
-            # practice-fusion.md: exp at most 300 s ahead (stricter than transcript 07)
+            # docs/practice-fusion.md: exp at most 300 s ahead (stricter than docs/bulk-data.md, recorded case 07)
             raise TokenError(
                 "invalid_grant",
                 f"Invalid token 'exp' value: at most {self.config.max_assertion_lifetime} s ahead.",
@@ -229,7 +233,8 @@ class Auth:
             raise TokenError("invalid_grant", "Invalid 'jti' value")
         if (
             self.config.track_jti
-        ):  # practice-fusion.md: jti unique (transcript 08 shows the reference does not)
+            # docs/practice-fusion.md: jti unique (docs/bulk-data.md, recorded case 08 shows the reference does not)
+        ):
             now = time.time()
             with self.lock:
                 self.jtis = {k: v for k, v in self.jtis.items() if v > now - 60}
@@ -239,7 +244,7 @@ class Auth:
         return client
 
     def _grant(self, client: Client, scope: str) -> tuple[frozenset[str], str]:
-        """Check requested scopes (transcript 14) and narrow them to what the client may have."""
+        """Check requested scopes (docs/bulk-data.md, recorded case 14) and narrow them to what the client may have."""
         requested = scope.split()
         if not requested:
             raise TokenError("invalid_scope", "Empty scope")
@@ -255,7 +260,7 @@ class Auth:
             if allowed_types is None or "*" in allowed_types or rtype in allowed_types:
                 types.add(rtype)
                 granted.append(item)
-            elif rtype == "*":  # the admin authorised only some types: grant those (practice-fusion.md)
+            elif rtype == "*":  # the admin authorised only some types: grant those (docs/practice-fusion.md)
                 types |= allowed_types
                 granted += [f"system/{t}{suffix}" for t in sorted(allowed_types)]
         if not granted:
@@ -264,7 +269,7 @@ class Auth:
 
     # ---- bearer check --------------------------------------------------------------------------
     def check(self, req: Request, practice: str) -> Token | str:
-        """The live token of a request, or the 401 diagnostics (transcripts 20, 80)."""
+        """The live token of a request, or the 401 diagnostics (docs/bulk-data.md, recorded cases 20, 80)."""
         value = req.header("authorization")
         if not value.lower().startswith("bearer "):
             return "Authentication is required"

@@ -1,7 +1,7 @@
 """Bulk Data export jobs of the source sandbox: kick-off parameters, job files on disk, manifests.
 
-Shapes are Practice Fusion's (practice-fusion.md "Bulk export"): status at `{Base}/Export/{guid}`, files
-at `{Base}/Binary/export/{guid}/{type}/{n}`. Validation follows the reference server (transcripts 25-31).
+Shapes are Practice Fusion's (docs/practice-fusion.md "Bulk export"): status at `{Base}/Export/{guid}`, files
+at `{Base}/Binary/export/{guid}/{type}/{n}`. Validation follows the reference server (docs/bulk-data.md, recorded cases 25-31).
 """
 
 from __future__ import annotations
@@ -85,20 +85,22 @@ def parse_kickoff(
     req: Request, practice: str, level: str, group: str | None, known: set[str], readable: frozenset[str]
 ) -> ExportRequest:
     """Validate headers and parameters (GET query or POST Parameters body)."""
-    if req.header("accept") != "application/fhir+json":  # transcript 30: an exact string comparison
+    # docs/bulk-data.md, recorded case 30: an exact string comparison
+    if req.header("accept") != "application/fhir+json":
         raise KickoffError("The Accept header must be application/fhir+json")
     prefer = [p.strip() for p in req.header("prefer").split(",")]
-    if "respond-async" not in prefer:  # transcript 29
+    if "respond-async" not in prefer:  # docs/bulk-data.md, recorded case 29
         raise KickoffError("The Prefer header must be respond-async")
     lenient = "handling=lenient" in prefer
     params: dict[str, list[str]] = {k: list(v) for k, v in req.query.items()}
     if req.method == "POST" and req.body:
         params.update(_parameters_body(req.body))
     for name in params:
-        if name in ("_includeAssociatedData", "_elements", "patient") and not lenient:  # transcript 31
+        # docs/bulk-data.md, recorded case 31
+        if name in ("_includeAssociatedData", "_elements", "patient") and not lenient:
             raise KickoffError(f'The "{name}" parameter is not supported by this server')
     fmt = (params.get("_outputFormat") or ["application/fhir+ndjson"])[0]
-    if fmt not in NDJSON_FORMATS:  # transcript 28; practice-fusion.md: ndjson only
+    if fmt not in NDJSON_FORMATS:  # docs/bulk-data.md, recorded case 28; docs/practice-fusion.md: ndjson only
         raise KickoffError(f'The "{fmt}" _outputFormat is not supported')
     since: int | None = None
     if params.get("_since"):
@@ -107,7 +109,7 @@ def parse_kickoff(
             since = instant_to_ms(raw)
         except ValueError:
             since = None
-        if since is None or since > time.time() * 1000:  # transcripts 26, 27
+        if since is None or since > time.time() * 1000:  # docs/bulk-data.md, recorded cases 26, 27
             raise KickoffError(
                 f'Invalid _since parameter "{raw}". It must be valid FHIR instant and cannot be a date in the future'
             )
@@ -115,7 +117,7 @@ def parse_kickoff(
     for value in params.get("_type", []):
         types += [t.strip() for t in value.split(",") if t.strip()]
     for rtype in types:
-        if rtype not in known:  # transcript 25
+        if rtype not in known:  # docs/bulk-data.md, recorded case 25
             raise KickoffError(f'The requested resource type "{rtype}" is not available on this server')
         if "*" not in readable and rtype not in readable:
             raise KickoffError(f'The access token does not grant access to "{rtype}"', 403, "forbidden")
@@ -191,7 +193,8 @@ def run_job(job: Job, store: Store, per_file: int, base: str) -> None:
                 job.errors += _fail_files(job, entries, base)
             else:
                 job.outputs += entries
-        if req.since is not None:  # deletions only make sense relative to a _since (transcript 54)
+        # deletions only make sense relative to a _since (docs/bulk-data.md, recorded case 54)
+        if req.since is not None:
             gone = store.deleted_rows(
                 req.practice,
                 types,
@@ -219,7 +222,7 @@ def run_job(job: Job, store: Store, per_file: int, base: str) -> None:
 
 def _fail_files(job: Job, entries: list[dict[str, Any]], base: str) -> list[dict[str, Any]]:
     """Replace output files by error files, as the reference server's some_file_generation_failed
-    does (transcript 52): the entry keeps the would-be count, the file is one OperationOutcome with
+    does (docs/bulk-data.md, recorded case 52): the entry keeps the would-be count, the file is one OperationOutcome with
     no trailing newline."""
     errors: list[dict[str, Any]] = []
     for entry in entries:
@@ -235,7 +238,7 @@ def _fail_files(job: Job, entries: list[dict[str, Any]], base: str) -> list[dict
 
 
 def _with_fallback(lines: Any, rtype: str) -> Any:
-    """An unrequested type (practice-fusion.md: Location) needs at least one resource to show up."""
+    """An unrequested type (docs/practice-fusion.md: Location) needs at least one resource to show up."""
     empty = True
     for line in lines:
         empty = False
@@ -324,7 +327,7 @@ class Jobs:
 
 
 def manifest(job: Job, smart_v2: bool, foreign_base: str | None) -> dict[str, Any]:
-    """The completed job's manifest (practice-fusion.md: transactionTime, request, requiresAccessToken...)."""
+    """The completed job's manifest (docs/practice-fusion.md: transactionTime, request, requiresAccessToken...)."""
 
     def relocate(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if foreign_base is None:
@@ -346,6 +349,6 @@ def manifest(job: Job, smart_v2: bool, foreign_base: str | None) -> dict[str, An
         "output": relocate(outputs),
         "error": relocate(job.errors),
     }
-    if smart_v2:  # Bulk Data v2 `deleted[]` (transcript 54); PF does not document it
+    if smart_v2:  # Bulk Data v2 `deleted[]` (docs/bulk-data.md, recorded case 54); PF does not document it
         body["deleted"] = relocate(job.deleted)
     return body

@@ -1,7 +1,7 @@
 """Fault injection and request counters of the source sandbox.
 
 Each fault is armed for the next `times` matching requests (`times=None`: always) and disarmed by
-`clear()`. Faults mimic what bulk-data.md and practice-fusion.md warn clients about: 429 with either
+`clear()`. Faults mimic what docs/bulk-data.md and docs/practice-fusion.md warn clients about: 429 with either
 Retry-After form, 5xx, slow exports with X-Progress, connection resets, truncated or malformed files,
 pretty-printed JSON instead of NDJSON, unrequested types, failed exports, expired jobs, files on another
 origin, and tokens that die mid-export.
@@ -50,8 +50,8 @@ class Faults:
       the file holds (the reference server's offset bug in a deleted-data file)
     - `failed_files(times=1, types=("Condition",))`: those types' files become `error[]` entries
       carrying the would-be `count`, each one OperationOutcome without a trailing newline
-      (`some_file_generation_failed`, transcript 52)
-    - `file_expired(times=1)`: a kick-off whose files all answer 410 (`file_expired`, transcript 53)
+      (`some_file_generation_failed`, docs/bulk-data.md, recorded case 52)
+    - `file_expired(times=1)`: a kick-off whose files all answer 410 (`file_expired`, docs/bulk-data.md, recorded case 53)
     """
 
     def __init__(self) -> None:
@@ -150,7 +150,7 @@ class Faults:
 
 
 class RateLimiter:
-    """The SMART reference server's limiter (transcripts/bulk-data-server README): each route allows
+    """The SMART reference server's limiter (docs/bulk-data.md "Retries and Retry-After"): each route allows
     `limit` requests a minute; past that it answers 429 for `block` seconds, with a Retry-After that
     is an absolute time, in epoch milliseconds on the first 429 and epoch seconds after that. Keyed
     by route only: every client of the sandbox has the same (loopback) address."""

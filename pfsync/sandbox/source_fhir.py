@@ -20,7 +20,7 @@ from pfsync.sandbox.source_faults import Faults, RateLimiter, Seen, Stats
 from pfsync.sandbox.source_store import Store
 
 NDJSON = "application/fhir+ndjson"
-# Types other than PF's 22 scoped ones that the datasets hold or PF manifests show (practice-fusion.md).
+# Types other than PF's 22 scoped ones that the datasets hold or PF manifests show (docs/practice-fusion.md).
 EXTRA_TYPES = ("Location", "Medication", "MedicationStatement", "Binary", "Claim", "ExplanationOfBenefit",
                "ImagingStudy", "Group")  # fmt: skip
 _CHUNK = 256 * 1024
@@ -28,7 +28,7 @@ _CHUNK = 256 * 1024
 
 def outcome(status: int, diagnostics: str, code: str = "processing", severity: str = "error",
             headers: dict[str, str] | None = None) -> Response:  # fmt: skip
-    """An OperationOutcome reply, shaped like the reference server's (transcripts 20, 25-31, 40)."""
+    """An OperationOutcome reply, shaped like the reference server's (docs/bulk-data.md, recorded cases 20, 25-31, 40)."""
     body = {"resourceType": "OperationOutcome",
             "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}]}  # fmt: skip
     return json_response(status, body, headers=headers)
@@ -55,7 +55,7 @@ class State:
     now: Callable[[], float] = time.time
     limiter: RateLimiter | None = None
     # A Group export of an id the practice does not have: "not-found" (404, our reading of PF) or
-    # "empty" (202 and an empty manifest, as the SMART reference server does: transcript 23).
+    # "empty" (202 and an empty manifest, as the SMART reference server does: docs/bulk-data.md, recorded case 23).
     unknown_group: str = "not-found"
 
     def base(self, practice: str) -> str:
@@ -102,7 +102,8 @@ def handle(state: State, req: Request, practice: str, rest: str) -> tuple[str, R
                 429, {"Content-Type": "text/html; charset=utf-8", "Retry-After": retry_at}, body
             )
     token = state.auth.check(req, practice)
-    if isinstance(token, str):  # transcripts 20, 80: 401 OperationOutcome, no WWW-Authenticate
+    # docs/bulk-data.md, recorded cases 20, 80: 401 OperationOutcome, no WWW-Authenticate
+    if isinstance(token, str):
         return "unauthorized", outcome(401, token, "login")
     if m := re.fullmatch(r"(?:/Patient|/Group/([^/]+))?/\$export", rest):
         return "kickoff", _kickoff(state, req, practice, base, token, m.group(1), rest)
@@ -119,7 +120,8 @@ def handle(state: State, req: Request, practice: str, rest: str) -> tuple[str, R
     if rest == "/Group" and req.method == "GET":
         return "read", _group_list(state, practice, base)
     if m := re.fullmatch(r"/([A-Z][A-Za-z]+)(?:/([A-Za-z0-9.\-]+))?", rest):
-        if req.method != "GET":  # practice-fusion.md "Other": read-only API
+        # docs/practice-fusion.md "Defaults, identifiers and politeness": read-only API
+        if req.method != "GET":
             return "read", outcome(405, "This server is read-only", "not-supported")
         return "read", _read(state, req, practice, base, token, m.group(1), m.group(2))
     return "read", outcome(404, f"Unknown route {rest}", "not-found")
@@ -198,7 +200,7 @@ def _kickoff(state: State, req: Request, practice: str, base: str, token: Token,
         return outcome(405, "Use GET or POST", "not-supported")
     level = "group" if group is not None else ("patient" if rest.startswith("/Patient") else "system")
     if level == "system" and not state.system_export:
-        # practice-fusion.md: no system-level $export is documented
+        # docs/practice-fusion.md: no system-level $export is documented
         return outcome(404, "System-level export is not supported by this server", "not-supported")
     if group is not None and not state.store.has_group(practice, group) and state.unknown_group != "empty":
         return outcome(404, f'Group "{group}" was not found', "not-found")
@@ -231,7 +233,7 @@ def _kickoff(state: State, req: Request, practice: str, base: str, token: Token,
     state.jobs.launch(job, state.store, state.resources_per_file, base)
     if state.faults.take("revoke_tokens_after_kickoff") is not None:
         state.auth.revoke_all()
-    url = f"{base}/Export/{job.guid}"  # practice-fusion.md: Content-Location {Base}/Export/{guid}
+    url = f"{base}/Export/{job.guid}"  # docs/practice-fusion.md: Content-Location {Base}/Export/{guid}
     return outcome(202, f'Your request has been accepted. You can check its status at "{url}"', "informational",
                    "information", {"Content-Location": url})  # fmt: skip
 
@@ -241,14 +243,15 @@ def _status(state: State, practice: str, guid: str) -> Response:
     if job is not None and state.faults.take("expired_status") is not None:
         state.jobs.remove(guid)
         job = None
-    if job is None:  # transcript 40: after DELETE or expiry
+    if job is None:  # docs/bulk-data.md, recorded case 40: after DELETE or expiry
         return outcome(404, "The export was not found", "not-found")
     if (fault := _fault_response(state, "status")) is not None:
         return fault
     if job.fail_status is not None:
         return outcome(job.fail_status, "Export failed: simulated failure", "exception")
     if job.busy_until is not None and state.now() < job.busy_until:
-        if job.transient:  # transcript 50: the reference server's transient_error, on every poll
+        # docs/bulk-data.md, recorded case 50: the reference server's transient_error, on every poll
+        if job.transient:
             return outcome(500, "An unknown error occurred", "transient")
         done = 1 - (job.busy_until - state.now()) / max(job.busy_until - job.created_at, 1e-9)
         headers = {"X-Progress": f"{int(done * 100)}% complete, Please wait..."}
@@ -262,7 +265,7 @@ def _status(state: State, practice: str, guid: str) -> Response:
             headers["Retry-After"] = str(job.retry_after)
         return Response(202, headers)
     if not job.done.wait(timeout=0.25):
-        return Response(202)  # practice-fusion.md: 202 with no body, no Retry-After, no X-Progress
+        return Response(202)  # docs/practice-fusion.md: 202 with no body, no Retry-After, no X-Progress
     if job.failure is not None:
         return outcome(500, job.failure, "exception")
     body = manifest(job, state.auth.config.smart_v2, state.foreign_url if job.foreign else None)
@@ -274,19 +277,21 @@ def _delete(state: State, practice: str, guid: str) -> Response:
     if not state.jobs.get(guid, practice):
         return outcome(404, "The export was not found", "not-found")
     state.jobs.remove(guid)
-    return outcome(202, "The procedure was canceled", "informational", "information")  # transcript 40
+    # docs/bulk-data.md, recorded case 40
+    return outcome(202, "The procedure was canceled", "informational", "information")
 
 
 def serve_file(state: State, req: Request, job: Job | None, folder: str, n: str) -> Response:
     """One export file: faults first, then `Range` (206) or the whole file, streamed from disk."""
     if job is None:
-        return outcome(404, "The exported resources have been deleted", "not-found")  # transcript 40
+        # docs/bulk-data.md, recorded case 40
+        return outcome(404, "The exported resources have been deleted", "not-found")
     path = job.directory / folder / n
     if not job.done.is_set() or not path.is_file():
         return outcome(404, "No such export file", "not-found")
     if (fault := _fault_response(state, "download")) is not None:
         return fault
-    if job.files_expired:  # transcript 53
+    if job.files_expired:  # docs/bulk-data.md, recorded case 53
         return outcome(410, "Access to the target resource is no longer available at the server and this "
                        "condition is likely to be permanent because the file expired")  # fmt: skip
     headers = {"Content-Type": NDJSON, "Accept-Ranges": "bytes"}
@@ -345,7 +350,7 @@ def _attachment(state: State, key: str, content_type: str, size: int) -> Respons
 
 
 def _group_list(state: State, practice: str, base: str) -> Response:
-    """Searchset of groups with `quantity` and no `member` (transcript 23)."""
+    """Searchset of groups with `quantity` and no `member` (docs/bulk-data.md, recorded case 23)."""
     entries = [
         {"fullUrl": f"{base}/Group/{gid}", "resource": {
             "resourceType": "Group", "id": gid, "active": True, "type": "person", "actual": True,

@@ -3,7 +3,7 @@
 Every row carries the practice, type, id, the patient whose compartment holds it, a last-updated stamp
 and a deletion stamp. Stamps come from `Clock`, which never hands out the same millisecond twice: an
 export's `transactionTime` is itself a tick, so a later `_since=transactionTime` export sees exactly the
-changes made after the snapshot (bulk-data.md: "Incremental sync").
+changes made after the snapshot (docs/bulk-data.md: "Incremental sync").
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def ms_to_instant(ms: int) -> str:
 
 
 def instant_to_ms(text: str) -> int:
-    """Parse a FHIR instant or date (date-only `_since` is accepted, transcript 27). Raises ValueError."""
+    """Parse a FHIR instant or date (date-only `_since` is accepted, docs/bulk-data.md, recorded case 27). Raises ValueError."""
     value = text.strip()
     if len(value) == 10:
         value += "T00:00:00Z"

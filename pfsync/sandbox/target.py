@@ -1,5 +1,5 @@
 """The target sandbox: a local server that behaves like a real Medplum 5.0.x, for tests, benchmarks and
-the demo (spec: ../shared/docs/medplum.md and the recorded transcripts; the transcripts win).
+the demo (spec: docs/medplum.md and the recorded transcripts; the transcripts win).
 
     sandbox = TargetSandbox(state_dir=tmp, quota=None).start()
     sandbox.fhir_url          # http://127.0.0.1:PORT/fhir/R4/
@@ -148,7 +148,7 @@ class TargetSandbox:
 
     @property
     def max_batch_size(self) -> int:
-        """Largest async (`Prefer: respond-async`) batch body in bytes (medplum.md: default 50 MB)."""
+        """Largest async (`Prefer: respond-async`) batch body in bytes (docs/medplum.md: default 50 MB)."""
         return self.app.max_batch_size
 
     @max_batch_size.setter

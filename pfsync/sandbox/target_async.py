@@ -1,9 +1,9 @@
-"""Async batch jobs of the target sandbox (`Prefer: respond-async`, transcript 39).
+"""Async batch jobs of the target sandbox (`Prefer: respond-async`, docs/medplum.md, recorded case 39).
 
 The POST answers 202 with `Content-Location: {fhir}job/<id>/status`; the job is an AsyncJob resource
 (status `accepted`, then `completed` with `output.parameter[results].valueReference = Binary/<id>`); the
 Binary's raw content is the batch-response Bundle, its resources carrying internal meta. Quota is charged
-as for a synchronous batch (medplum.md: async work is not exempt on 5.0.x).
+as for a synchronous batch (docs/medplum.md: async work is not exempt on 5.0.x).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Clients and tokens of the target sandbox (medplum.md "Base URLs and auth", transcripts 01-07).
+"""Clients and tokens of the target sandbox (docs/medplum.md "Base URLs and auth", recorded cases 01-07).
 
 Tokens are HS256 JWTs signed with a key kept in the store, so they stay valid across a restart on the
 same state_dir, as Medplum's do. "Expire all tokens now" moves a not-before mark instead of a key.
@@ -29,7 +29,7 @@ class Client:
     secret: str
     quota: Quota
     name: str
-    # Medplum ids are UUIDs: author/profile references carry them (transcript 39 meta.author).
+    # Medplum ids are UUIDs: author/profile references carry them (docs/medplum.md, recorded case 39 meta.author).
     app_id: str = ""
     project_id: str = ""
     project_name: str = ""
@@ -43,7 +43,7 @@ class Client:
 
 
 class TokenError(Exception):
-    """A token request failed: always 400 invalid_request (transcripts 03-05)."""
+    """A token request failed: always 400 invalid_request (docs/medplum.md, recorded cases 03-05)."""
 
 
 class Auth:
@@ -95,7 +95,7 @@ class Auth:
         return jwt.encode(claims, self._key, algorithm="HS256")
 
     def token_response(self, client: Client, token: str, base: str) -> Json:
-        # Same members as transcript 01 (the replay tool compares member names).
+        # Same members as docs/medplum.md, recorded case 01 (the replay tool compares member names).
         return {
             "token_type": "Bearer",
             "expires_in": client.token_lifetime,
@@ -110,7 +110,7 @@ class Auth:
 
     # ------------------------------------------------------------------ FHIR calls
     def authenticate(self, authorization: str) -> Client | None:
-        """Bearer token or HTTP Basic client_id:secret (medplum.md: Basic works on every FHIR call)."""
+        """Bearer token or HTTP Basic client_id:secret (docs/medplum.md: Basic works on every FHIR call)."""
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "basic":
             basic = _basic(authorization)

@@ -1,9 +1,9 @@
 """Batch (and transaction) Bundles in the target sandbox, as Medplum 5.0.x runs them.
 
-medplum.md "Batch Bundles": a first pass runs every conditional PUT's search (a match becomes an update
+docs/medplum.md "Batch Bundles": a first pass runs every conditional PUT's search (a match becomes an update
 of `Type/<id>`, a miss gets a server UUID), `urn:uuid:` fullUrls are rewritten, then entries run grouped
-(DELETE, POST, PUT, PATCH, GET) while responses stay in request order (transcript 19). Each entry's error
-is that entry's response; once one entry hits the quota every remaining entry is 429 (transcript 28).
+(DELETE, POST, PUT, PATCH, GET) while responses stay in request order (docs/medplum.md, recorded case 19). Each entry's error
+is that entry's response; once one entry hits the quota every remaining entry is 429 (docs/medplum.md, recorded case 28).
 A transaction is processed exactly like a batch (no `transaction-bundles` feature).
 """
 
@@ -42,7 +42,8 @@ def _entry_error(err: FhirError) -> Json:
 def _entry_ok(out: Outcome, ctx: Ctx, engine: Engine) -> Json:
     response: Json = {"outcome": out.oo, "status": str(out.status)}
     if out.location:
-        response["location"] = out.location  # relative, no _history (README finding 5)
+        # relative, no _history (docs/medplum.md "Surprises in the recordings", item 5)
+        response["location"] = out.location
     entry: Json = {"response": response}
     if out.resource is not None:
         entry["resource"] = engine.present(ctx, out.resource)
@@ -137,7 +138,7 @@ class BatchProcessor:
         elif method == "PUT" and len(parts) == 1 and params:
             charge(ctx, COST_SEARCH)  # first pass: every conditional PUT's search runs
             ids = matching_ids(self.engine.store, parse_query(rtype, params))
-            if len(ids) > 1:  # transcript 17: 400 inside a batch, not 412
+            if len(ids) > 1:  # docs/medplum.md, recorded case 17: 400 inside a batch, not 412
                 raise invalid(
                     "Conditional PUT matched multiple resources", [f"Bundle.entry[{i}].request.url"]
                 )
@@ -179,7 +180,7 @@ class BatchProcessor:
             return e.create(ctx, plan.rtype, plan.resource, plan.rid, conflict=self.faults.conflict())
         if plan.kind == "cond_create":
             # Run as a conditional update pinned to the first-pass id: a second entry for the same
-            # identity now finds the first one's resource and fails (transcript 16).
+            # identity now finds the first one's resource and fails (docs/medplum.md, recorded case 16).
             return e.conditional_update(
                 ctx, plan.rtype, plan.params, plan.resource, plan.rid, conflict=self.faults.conflict()
             )
@@ -203,7 +204,7 @@ class BatchProcessor:
 
 
 def _rewrite_urns(node: Any, mapping: dict[str, str]) -> None:
-    """medplum.md: `urn:uuid:` fullUrl references between entries of one Bundle resolve."""
+    """docs/medplum.md: `urn:uuid:` fullUrl references between entries of one Bundle resolve."""
     if isinstance(node, dict):
         ref = node.get("reference")
         if isinstance(ref, str) and ref in mapping:
@@ -217,7 +218,7 @@ def _rewrite_urns(node: Any, mapping: dict[str, str]) -> None:
 
 
 def add_internal_meta(bundle: Json, ctx: Ctx) -> Json:
-    """Async batch results carry meta.author/project/compartment (README finding 14)."""
+    """Async batch results carry meta.author/project/compartment (docs/medplum.md "Surprises in the recordings", item 14)."""
     client = ctx.client
     for entry in bundle.get("entry", []):
         res = entry.get("resource")

@@ -11,7 +11,7 @@ from typing import Any
 Json = dict[str, Any]
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-# medplum.md: "urn:uuid: fullUrl references are rewritten inside Bundles (lower-case hex only)".
+# docs/medplum.md: "urn:uuid: fullUrl references are rewritten inside Bundles (lower-case hex only)".
 URN_UUID_RE = re.compile(r"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 TRACING_URL = "https://medplum.com/fhir/StructureDefinition/tracing"
 FHIR_JSON = "application/fhir+json; charset=utf-8"
@@ -26,7 +26,7 @@ def is_uuid(value: str) -> bool:
 
 
 def now_instant() -> str:
-    """meta.lastUpdated as Medplum writes it: millisecond precision, Z (transcript 08)."""
+    """meta.lastUpdated as Medplum writes it: millisecond precision, Z (docs/medplum.md, recorded case 08)."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
@@ -40,13 +40,13 @@ def http_date(instant: str) -> str:
 
 
 def js_date_string(instant: str) -> str:
-    """JavaScript Date.toString() in UTC, as in the history entry of a deletion (transcript 40)."""
+    """JavaScript Date.toString() in UTC, as in the history entry of a deletion (docs/medplum.md, recorded case 40)."""
     d = parse_instant(instant)
     return d.strftime("%a %b %d %Y %H:%M:%S GMT+0000 (Coordinated Universal Time)")
 
 
 def tracing_extension() -> list[Json]:
-    # README finding 16: top-level outcomes carry requestId/traceId; batch entry outcomes do not.
+    # docs/medplum.md "Surprises in the recordings", item 16: top-level outcomes carry requestId/traceId; batch entry outcomes do not.
     return [
         {
             "url": TRACING_URL,
@@ -96,7 +96,7 @@ class FhirError(Exception):
 
 
 def invalid(text: str, expression: list[str] | None = None, code: str = "invalid") -> FhirError:
-    # 400 outcomes carry no id (README finding 16).
+    # 400 outcomes carry no id (docs/medplum.md "Surprises in the recordings", item 16).
     return FhirError(400, outcome("error", code, text, expression=expression))
 
 
@@ -109,7 +109,7 @@ def gone() -> FhirError:
 
 
 def multiple_matches() -> FhirError:
-    # transcripts 10 and 41: standalone conditional PUT / DELETE with >1 match.
+    # docs/medplum.md, recorded cases 10 and 41: standalone conditional PUT / DELETE with >1 match.
     return FhirError(
         412,
         outcome(
@@ -126,12 +126,12 @@ def precondition_failed() -> FhirError:
 
 
 def too_large() -> FhirError:
-    # transcript 27: the real server answered 400 "File too large", not 413.
+    # docs/medplum.md, recorded case 27: the real server answered 400 "File too large", not 413.
     return FhirError(400, outcome("error", "invalid", "File too large"))
 
 
 def conflict_outcome() -> Json:
-    # transcript 30: PostgreSQL serialization failure under concurrent batches.
+    # docs/medplum.md, recorded case 30: PostgreSQL serialization failure under concurrent batches.
     return outcome(
         "error",
         "conflict",

@@ -1,7 +1,7 @@
 """Injectable faults of the target sandbox, armed from Python or from `/_sandbox/faults/...`.
 
 Each "next N" fault applies to the next N FHIR requests (not the token endpoint, not control routes).
-The serialization-conflict fault imitates transcript 30: a seeded share of the create entries of a
+The serialization-conflict fault imitates docs/medplum.md, recorded case 30: a seeded share of the create entries of a
 batch answer 409 `conflict`, optionally only while more than one batch is in flight (as on PostgreSQL).
 """
 
@@ -37,7 +37,7 @@ class Faults:
 
     # ------------------------------------------------------------------ arming
     def throttle_next(self, n: int = 1) -> Faults:
-        """The next n FHIR requests answer 429 throttled, like an exhausted quota (transcript 29)."""
+        """The next n FHIR requests answer 429 throttled, like an exhausted quota (docs/medplum.md, recorded case 29)."""
         with self._lock:
             self._c.throttle += n
         return self
@@ -57,7 +57,7 @@ class Faults:
         return self
 
     def too_large_next(self, n: int = 1) -> Faults:
-        """The next n FHIR requests answer 400 "File too large" whatever their size (transcript 27)."""
+        """The next n FHIR requests answer 400 "File too large" whatever their size (docs/medplum.md, recorded case 27)."""
         with self._lock:
             self._c.too_large += n
         return self
@@ -69,7 +69,7 @@ class Faults:
         return self
 
     def set_conflicts(self, rate: float, *, only_concurrent: bool = False, seed: int | None = None) -> Faults:
-        """A share (0.0-1.0) of batch create entries answer 409 conflict (transcript 30)."""
+        """A share (0.0-1.0) of batch create entries answer 409 conflict (docs/medplum.md, recorded case 30)."""
         if not 0.0 <= rate <= 1.0:
             raise ValueError("conflict rate must be between 0.0 and 1.0")
         with self._lock:

@@ -1,5 +1,5 @@
 """FHIR interactions of the target sandbox (read, create, update, conditional update/delete, history,
-search), each charged to the client's quota as medplum.md "Quota costs" measured, shared by the
+search), each charged to the client's quota as docs/medplum.md "Quota costs" measured, shared by the
 standalone routes and the batch processor."""
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ from pfsync.sandbox.target_stats import Stats
 from pfsync.sandbox.target_store import Row, Store
 from pfsync.sandbox.target_validate import validate_resource
 
-# medplum.md "Validation": meta.versionId, lastUpdated, author, project, compartment from the client are
+# docs/medplum.md "Validation": meta.versionId, lastUpdated, author, project, compartment from the client are
 # overwritten; no-op detection ignores them too.
 SERVER_META = ("versionId", "lastUpdated", "author", "project", "compartment")
 CONDITIONAL_REF_RE = re.compile(r"^([A-Z][A-Za-z]+)\?(.+)$")
 LITERAL_REF_RE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})$")
 BINARY_REF_RE = re.compile(r"^Binary/([0-9a-fA-F-]{36})$")
-# Resource types whose Attachments may point at Binary/<id> (presigned on output: transcript 38).
+# Resource types whose Attachments may point at Binary/<id> (presigned on output: docs/medplum.md, recorded case 38).
 ATTACHMENT_TYPES = {
     "DocumentReference",
     "DiagnosticReport",
@@ -91,7 +91,7 @@ class Engine:
         self.stats = stats
         self.check_references = check_references
         # A conditional create runs its search and its create as one step (Medplum: one serializable
-        # transaction), so two at once for the same identity make one resource (transcript 49).
+        # transaction), so two at once for the same identity make one resource (docs/medplum.md, recorded case 49).
         self._create_once = threading.Lock()
         key = store.get_setting("presign_key")
         if key is None:
@@ -112,8 +112,8 @@ class Engine:
         return resource
 
     def _resolve_conditional_references(self, ctx: Ctx, node: Any, path: str) -> None:
-        """medplum.md: conditional references are resolved on every write, cost a search each, must match
-        exactly one resource, and become {reference, display} (transcripts 36, 37)."""
+        """docs/medplum.md: conditional references are resolved on every write, cost a search each, must match
+        exactly one resource, and become {reference, display} (docs/medplum.md, recorded cases 36, 37)."""
         if isinstance(node, dict):
             for key, value in list(node.items()):
                 if isinstance(value, dict) and isinstance(value.get("reference"), str):
@@ -163,8 +163,8 @@ class Engine:
                 self._check_references(item, f"{path}[{i}]")
 
     def write_version(self, resource: Json, rid: str, existing: Row | None) -> tuple[Json, bool]:
-        """Store `resource` as a new version of `rid` unless it equals the stored one (a no-op: medplum.md
-        "No-op updates"). -> (resource as stored, changed)."""
+        """Store `resource` as a new version of `rid` unless it equals the stored one (a no-op: docs/medplum.md
+        "Conditional update"). -> (resource as stored, changed)."""
         candidate = {k: v for k, v in resource.items() if k not in ("id", "meta")}
         meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in SERVER_META}
         candidate["id"] = rid
@@ -188,7 +188,8 @@ class Engine:
     def create(
         self, ctx: Ctx, rtype: str, body: Any, assigned_id: str | None = None, conflict: bool = False
     ) -> Outcome:
-        charge(ctx, COST_WRITE)  # transcripts 21-25: a refused create still costs the write
+        # docs/medplum.md, recorded cases 21-25: a refused create still costs the write
+        charge(ctx, COST_WRITE)
         resource = self.prepare(ctx, rtype, body)
         if conflict:
             raise FhirError(409, conflict_outcome())
@@ -204,7 +205,7 @@ class Engine:
         assigned_id: str | None = None,
         conflict: bool = False,
     ) -> Outcome:
-        """POST with If-None-Exist (transcript 49): 201 when nothing matches, else 200 with the existing
+        """POST with If-None-Exist (docs/medplum.md, recorded case 49): 201 when nothing matches, else 200 with the existing
         resource and no write; several matches are 412, as for a conditional update."""
         charge(ctx, COST_SEARCH)
         with self._create_once:
@@ -216,7 +217,7 @@ class Engine:
             return self.create(ctx, rtype, body, assigned_id, conflict=conflict)
 
     def update(self, ctx: Ctx, rtype: str, rid: str, body: Any, if_match: str | None = None) -> Outcome:
-        # Recorded cases 44/45: an update by id must name its own type and carry the URL's id in the
+        # docs/medplum.md, recorded cases 44/45: an update by id must name its own type and carry the URL's id in the
         # body; both are checked before anything else (no quota charged: the 400 has no
         # fhirInteractions part), so a body without `id` is refused even for an existing resource.
         if isinstance(body, dict):
@@ -224,17 +225,18 @@ class Engine:
                 raise invalid("Incorrect resource type")
             if body.get("id") != rid:
                 raise invalid("Incorrect resource ID")
-        charge(ctx, COST_WRITE)  # transcripts 11/12: 404 and "Invalid id" cost the write too
+        # docs/medplum.md, recorded cases 11/12: 404 and "Invalid id" cost the write too
+        charge(ctx, COST_WRITE)
         if not is_uuid(rid):
             raise invalid("Invalid id")
         existing = self.store.read(rtype, rid)
         if existing is None:
-            raise not_found()  # transcript 11: no update-as-create
+            raise not_found()  # docs/medplum.md, recorded case 11: no update-as-create
         if existing.deleted:
             raise gone()
         expected = parse_if_match(if_match)
         if expected is not None and expected != existing.vid:
-            raise precondition_failed()  # transcript 35
+            raise precondition_failed()  # docs/medplum.md, recorded case 35
         resource = self.prepare(ctx, rtype, body)
         stored, _ = self.write_version(resource, rid, existing)
         return Outcome(200, stored, ok_outcome(), f"{rtype}/{rid}")
@@ -248,8 +250,8 @@ class Engine:
         assigned_id: str | None = None,
         conflict: bool = False,
     ) -> Outcome:
-        """PUT Type?search (medplum.md "Conditional update"); `assigned_id`: the id a batch's first pass
-        gave this entry (a second entry for the same identity then fails: transcript 16)."""
+        """PUT Type?search (docs/medplum.md "Conditional update"); `assigned_id`: the id a batch's first pass
+        gave this entry (a second entry for the same identity then fails: docs/medplum.md, recorded case 16)."""
         charge(ctx, COST_SEARCH)
         ids = matching_ids(self.store, parse_query(rtype, params))
         body_id = body.get("id") if isinstance(body, dict) else None
@@ -265,11 +267,12 @@ class Engine:
 
     def read(self, ctx: Ctx, rtype: str, rid: str) -> Outcome:
         charge(ctx, COST_READ)
-        row = self.store.read(rtype, rid) if is_uuid(rid) else None  # transcript 13: non-UUID read is 404
+        # docs/medplum.md, recorded case 13: non-UUID read is 404
+        row = self.store.read(rtype, rid) if is_uuid(rid) else None
         if row is None:
             raise not_found()
         if row.deleted:
-            raise gone()  # transcript 40
+            raise gone()  # docs/medplum.md, recorded case 40
         return Outcome(200, row.resource, ok_outcome(), f"{rtype}/{rid}")
 
     def vread(self, ctx: Ctx, rtype: str, rid: str, vid: str) -> Outcome:
@@ -286,7 +289,8 @@ class Engine:
         row = self.store.read(rtype, rid) if is_uuid(rid) else None
         if row is None:
             raise not_found()
-        if not row.deleted:  # transcript 40: deleting again is 200 and adds no history entry
+        # docs/medplum.md, recorded case 40: deleting again is 200 and adds no history entry
+        if not row.deleted:
             self.store.mark_deleted(rtype, rid, new_id(), now_instant())
         return Outcome(200, None, ok_outcome())
 
@@ -294,13 +298,13 @@ class Engine:
         charge(ctx, COST_SEARCH)
         ids = matching_ids(self.store, parse_query(rtype, params))
         if len(ids) > 1:
-            raise multiple_matches()  # transcript 41: neither is deleted
+            raise multiple_matches()  # docs/medplum.md, recorded case 41: neither is deleted
         if ids:
             return self.delete(ctx, rtype, ids[0])
         return Outcome(200, None, ok_outcome())
 
     def search(self, ctx: Ctx, rtype: str, params: dict[str, list[str]]) -> Outcome:
-        charge(ctx, COST_SEARCH)  # medplum.md: one search costs 20 whatever its OR-list length
+        charge(ctx, COST_SEARCH)  # docs/medplum.md: one search costs 20 whatever its OR-list length
         q = parse_query(rtype, params)
         bundle = searchset(self.store, q, params, ctx.fhir_base)
         for entry in bundle.get("entry", []):
@@ -308,7 +312,7 @@ class Engine:
         return Outcome(200, bundle, ok_outcome())
 
     def history(self, ctx: Ctx, rtype: str, rid: str) -> Outcome:
-        """GET Type/id/_history: newest first, total, a 410 entry for a deletion (transcripts 40, 42)."""
+        """GET Type/id/_history: newest first, total, a 410 entry for a deletion (docs/medplum.md, recorded cases 40, 42)."""
         charge(ctx, COST_HISTORY)
         rows = self.store.history(rtype, rid) if is_uuid(rid) else []
         if not rows:
@@ -375,7 +379,7 @@ class Engine:
 
 
 def parse_if_match(value: str | None) -> str | None:
-    """transcript 35: only a quoted value counts (W/"v" or "v"); unquoted, or W/v, is ignored."""
+    """docs/medplum.md, recorded case 35: only a quoted value counts (W/"v" or "v"); unquoted, or W/v, is ignored."""
     if not value:
         return None
     v = value.strip()
@@ -391,7 +395,7 @@ def display_string(resource: Json) -> str:
     name = resource.get("name")
     if isinstance(name, list) and name and isinstance(name[0], dict):
         n = name[0]
-        # formatHumanName's default: given names then family, no prefix/suffix (transcript 36: "Jane Doe").
+        # formatHumanName's default: given names then family, no prefix/suffix (docs/medplum.md, recorded case 36: "Jane Doe").
         parts = [*(n.get("given") or []), n.get("family") or ""]
         text = " ".join(str(p) for p in parts if p)
         if text:

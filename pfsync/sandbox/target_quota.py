@@ -1,7 +1,7 @@
-"""Medplum's FHIR interaction quota and the RateLimit header (medplum.md "Quotas and 429").
+"""Medplum's FHIR interaction quota and the RateLimit header (docs/medplum.md "Quotas and 429").
 
 Fixed windows like rate-limiter-flexible: the window starts with the first point; every consume adds
-its points even when refused (transcript 29: 50,040 -> 50,060 -> 50,080); over the limit the request
+its points even when refused (docs/medplum.md, recorded case 29: 50,040 -> 50,060 -> 50,080); over the limit the request
 or the rest of a batch gets 429 `throttled` with the limiter state as `diagnostics`, no Retry-After.
 """
 
@@ -16,13 +16,13 @@ import orjson
 
 from pfsync.sandbox.target_common import FhirError, outcome
 
-# medplum.md "Quotas and 429": default FHIR interaction quota per user per minute, per-IP request limit,
-# and the auth endpoints' small per-IP limit (README finding 1).
+# docs/medplum.md "Quotas and 429": default FHIR interaction quota per user per minute, per-IP request limit,
+# and the auth endpoints' small per-IP limit (docs/medplum.md "Surprises in the recordings", item 1).
 DEFAULT_POINTS = 50_000
 REQUESTS_PER_MINUTE = 60_000
 AUTH_REQUESTS_PER_MINUTE = 160
 
-# medplum.md "Measured ... Quota costs".
+# docs/medplum.md "Quota costs".
 COST_READ = 1
 COST_SEARCH = 20
 COST_HISTORY = 10
@@ -67,7 +67,7 @@ class Window:
 
 
 def throttled_error(consumed: int, ms_before_next: float, limit: int) -> FhirError:
-    # transcript 29: diagnostics is the limiter's JSON, keys in this order.
+    # docs/medplum.md, recorded case 29: diagnostics is the limiter's JSON, keys in this order.
     diag = orjson.dumps(
         {
             "_remainingPoints": max(0, limit - consumed),
@@ -84,7 +84,7 @@ def throttled_error(consumed: int, ms_before_next: float, limit: int) -> FhirErr
 
 class Quota:
     """A client's FHIR interaction quota. `enforce=False` counts (the header goes down to r=0) but refuses
-    nothing: medplum.md "A project with the quota turned off still sends the fhirInteractions part"."""
+    nothing: docs/medplum.md "Quotas and 429"."""
 
     def __init__(self, limit: int | None, seconds: float, clock: Clock = time.monotonic) -> None:
         self.enforce = limit is not None
@@ -102,7 +102,7 @@ class Quota:
 
 class RequestLimit:
     """The per-IP request counters. The general one only shows in the header; the auth endpoints'
-    limit (medplum.md "Quotas and 429": 160 a minute per client address, defaultAuthRateLimit) is
+    limit (docs/medplum.md "Quotas and 429": 160 a minute per client address, defaultAuthRateLimit) is
     enforced like the real server's: over it a token request gets 429 `throttled`, and refused
     requests count too. `set_auth_limit` changes it (None: not enforced); `reset` starts a new window."""
 

@@ -33,7 +33,7 @@ from pfsync.sandbox.target_quota import COST_READ, RequestLimit, throttled_error
 from pfsync.sandbox.target_stats import Stats
 
 TYPE_RE = re.compile(r"^[A-Z][A-Za-z]+$")
-DEFAULT_MAX_BATCH_SIZE = 50 * 1024 * 1024  # medplum.md "Size limits": maxBatchSize default 50 MB
+DEFAULT_MAX_BATCH_SIZE = 50 * 1024 * 1024  # docs/medplum.md "Size limits": maxBatchSize default 50 MB
 
 
 def _oo_response(err: FhirError, headers: dict[str, str]) -> Response:
@@ -97,7 +97,7 @@ class TargetApp:
             )
         try:
             client, token = self.auth.token(req.body, req.header("authorization"))
-        except TokenError as err:  # transcripts 03-05: always 400 invalid_request
+        except TokenError as err:  # docs/medplum.md, recorded cases 03-05: always 400 invalid_request
             return json_response(
                 400, {"error": "invalid_request", "error_description": str(err)}, headers=headers
             )
@@ -134,9 +134,10 @@ class TargetApp:
         is_async = "respond-async" in req.header("prefer")
         limit = self.max_batch_size if (is_async and not parts) else self.max_json_size
         if _is_json(req.header("content-type")) and len(req.body) > limit:
-            return _oo_response(too_large(), headers)  # transcript 27: before auth, no quota header part
+            # docs/medplum.md, recorded case 27: before auth, no quota header part
+            return _oo_response(too_large(), headers)
         client = self.auth.authenticate(req.header("authorization"))
-        if client is None:  # transcripts 06, 07
+        if client is None:  # docs/medplum.md, recorded cases 06, 07
             return _oo_response(
                 FhirError(401, outcome("error", "login", "Unauthorized", oo_id="unauthorized")), headers
             )
@@ -218,7 +219,7 @@ class TargetApp:
         return self._fhir_json(out.status, oo)
 
     def _single(self, ctx: Ctx, out: Outcome, resource: Json | None = None) -> Response:
-        """One resource with ETag/Last-Modified, and Location on 201 only (README finding 2)."""
+        """One resource with ETag/Last-Modified, and Location on 201 only (docs/medplum.md "Surprises in the recordings", item 2)."""
         res = resource if resource is not None else self.engine.present(ctx, out.resource or {})
         meta = (out.resource or {}).get("meta") or {}
         headers: dict[str, str] = {}
@@ -229,7 +230,7 @@ class TargetApp:
             headers["Last-Modified"] = http_date(meta["lastUpdated"])
         return self._fhir_json(out.status, res, headers)
 
-    # ------------------------------------------------------------------ Binary (no FHIR quota: transcript 38)
+    # ------------------------------------------------------------------ Binary (no FHIR quota: docs/medplum.md, recorded case 38)
     def _binary(self, req: Request, ctx: Ctx, parts: list[str], headers: dict[str, str]) -> Response:
         e = self.engine
         ctype = req.header("content-type") or "application/octet-stream"
@@ -256,12 +257,13 @@ class TargetApp:
             stored, _ = e.write_version(resource, rid, existing)
             out = Outcome(201 if existing is None else 200, stored, None, f"Binary/{rid}")
             res = dict(stored)
-            res["url"] = e.presigned_url(ctx, rid)  # transcript 38: the POST response includes url
+            # docs/medplum.md, recorded case 38: the POST response includes url
+            res["url"] = e.presigned_url(ctx, rid)
             resp = self._single(ctx, out, res)
         elif req.method == "GET" and len(parts) == 2:
             out = e.read(ctx, "Binary", parts[1])
             if "application/fhir+json" in req.header("accept"):
-                resp = self._single(ctx, out)  # without data or url (transcript 38)
+                resp = self._single(ctx, out)  # without data or url (docs/medplum.md, recorded case 38)
             else:
                 found = e.store.get_binary(parts[1])
                 ctype_out, data = found if found else ("application/octet-stream", b"")
@@ -287,7 +289,7 @@ class TargetApp:
         return self._fhir_json(202, oo, {"Content-Location": status_url, **headers})
 
     def _job_status(self, ctx: Ctx, job_id: str) -> Response:
-        charge(ctx, COST_READ)  # medplum.md: even polling got 429 while an async job ran under quota
+        charge(ctx, COST_READ)  # docs/medplum.md: even polling got 429 while an async job ran under quota
         row = self.engine.store.read("AsyncJob", job_id) if is_uuid(job_id) else None
         if row is None or row.resource is None:
             raise not_found()

@@ -1,10 +1,10 @@
 """Search in the target sandbox: the parameters the loader needs, with Medplum's Bundle shape.
 
 Supported: identifier and _tag (tokens; commas OR; `\\,` `\\|` `\\$` `\\\\` escape a literal character
-inside a system or value, transcript 48; case-sensitive: medplum.md "Ids and identity"), _id, _count
-(default 20), _offset, _sort=_lastUpdated / -_lastUpdated (transcript 51), _elements (shown as
-_fields, SUBSETTED tag: transcript 32), _summary=count (transcript 34), _total. Links are normalised
-as transcripts 12/31-34/47 show: _count added, parameters sorted and percent-encoded (but the
+inside a system or value, docs/medplum.md, recorded case 48; case-sensitive: docs/medplum.md "Ids and identity"), _id, _count
+(default 20), _offset, _sort=_lastUpdated / -_lastUpdated (docs/medplum.md, recorded case 51), _elements (shown as
+_fields, SUBSETTED tag: docs/medplum.md, recorded case 32), _summary=count (docs/medplum.md, recorded case 34), _total. Links are normalised
+as docs/medplum.md "Surprises in the recordings", item 12, and recorded cases 31-34/47 show: _count added, parameters sorted and percent-encoded (but the
 _fields list keeps its commas), next/previous by _offset, an empty result has only a self link. No
 total unless _summary=count.
 """
@@ -73,7 +73,7 @@ def _unescape(text: str) -> str:
 
 
 def split_or(value: str) -> list[str]:
-    """Split a search value on unescaped commas; escaped characters become literal (transcript 48)."""
+    """Split a search value on unescaped commas; escaped characters become literal (docs/medplum.md, recorded case 48)."""
     return [_unescape(p) for p in _split(value, ",")]
 
 
@@ -186,7 +186,7 @@ def _link_params(params: dict[str, list[str]], count: int, offset: int | None, s
 
 
 def subset(resource: Json, elements: list[str]) -> Json:
-    """_elements: keep the named elements plus id/meta, and tag the result SUBSETTED (transcript 32)."""
+    """_elements: keep the named elements plus id/meta, and tag the result SUBSETTED (docs/medplum.md, recorded case 32)."""
     out: Json = {"resourceType": resource["resourceType"]}
     for name in elements:
         if name in resource:

@@ -1,6 +1,6 @@
 """SQLite storage for the target sandbox: current versions, history, an identifier index, Binary bytes.
 
-Built for ingest speed (medplum.md "Measured": the sandbox must never be the loader's bottleneck):
+Built for ingest speed (docs/medplum.md "Measured on a real server": the sandbox must never be the loader's bottleneck):
 one connection behind a lock, WAL on files, one transaction per batch, and identifiers in a side
 table indexed by (type, value, system) so a conditional PUT's lookup is one index probe.
 """
@@ -133,7 +133,7 @@ class Store:
             )
 
     def history(self, rtype: str, rid: str) -> list[Row]:
-        """All versions, newest first (transcript 42)."""
+        """All versions, newest first (docs/medplum.md, recorded case 42)."""
         with self.lock:
             rows = self._db.execute(
                 "SELECT type, id, vid, ts, deleted, content FROM history "

@@ -1,8 +1,8 @@
 """Compact FHIR R4 validator for the target sandbox: Medplum's structural checks on common resources.
 
-medplum.md "Validation": unknown elements, wrong JSON types, array/single mismatches, bad primitive
+docs/medplum.md "Validation": unknown elements, wrong JSON types, array/single mismatches, bad primitive
 formats, nulls are 400 `structure` with an `expression`. Messages and regexes follow Medplum's
-validator (core typeschema/validation.ts). Empty strings are dropped before validation (transcript 20).
+validator (core typeschema/validation.ts). Empty strings are dropped before validation (docs/medplum.md, recorded case 20).
 Types outside the table get the generic checks only (nulls, meta), never a false rejection.
 """
 
@@ -289,7 +289,7 @@ _CHOICE_SUFFIXES = {t[0].upper() + t[1:]: t for t in (PRIMITIVES | set(SCHEMAS) 
 
 
 def drop_empty_strings(value: Any) -> Any:
-    """transcript 20: an empty string is silently dropped (and so is an object or array it leaves empty)."""
+    """docs/medplum.md, recorded case 20: an empty string is silently dropped (and so is an object or array it leaves empty)."""
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():

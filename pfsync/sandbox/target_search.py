@@ -151,7 +151,9 @@ def matching_ids(store: Store, q: Query) -> list[str]:
         result = [i for i in result if _has_tag(store, q.rtype, i, tokens)]
     if q.sort_desc is not None:
         stamps = store.last_updated(q.rtype, result)
-        result = sorted(result, key=lambda i: stamps.get(i, ""), reverse=q.sort_desc)
+        # Instants have millisecond precision: equal ones keep storage order (reversed when descending).
+        position = {rid: n for n, rid in enumerate(result)}
+        result = sorted(result, key=lambda i: (stamps.get(i, ""), position[i]), reverse=q.sort_desc)
     return result
 
 

@@ -32,6 +32,7 @@ from pfsync.http import (
     parse_retry_after,
     request_with_retry,
 )
+from pfsync.http import is_temporary as http_is_temporary
 from pfsync.redact import redact
 from pfsync.settings import ExportSettings, SourceSettings
 
@@ -201,7 +202,7 @@ def wait(clock: Clock, seconds: float, stop: threading.Event | None) -> None:
 
 def is_temporary(response: httpx.Response) -> bool:
     """Worth retrying within the retry budget (pfsync.http.BULK_RULES)."""
-    return classify(response, BULK_RULES) == "retry"
+    return http_is_temporary(response, BULK_RULES)
 
 
 def _fail(response: httpx.Response, what: str) -> ExportError | AuthError:
@@ -254,7 +255,7 @@ def _send(
         policy=policy,
         clock=_StopClock(clock, stop),
         on_retry=on_retry,
-        retry_if=lambda response: classify(response, rules) == "retry",
+        retry_if=lambda response: http_is_temporary(response, rules),
     )
 
 

@@ -353,56 +353,18 @@ class RetryPolicy:
         return float(min(self.max_wait, raw * (0.75 + random.random() / 2)))
 
 
-@dataclass(frozen=True)
-class Temporary:
-    """One rule of the classifier: an answer with one of `statuses`, to a request of `kind` (any
-    when None), whose OperationOutcome carries one of `issue_codes` (any body when None; "" stands
-    for a body that is not an OperationOutcome, such as a proxy's page), is temporary (worth a
-    retry) or, with `temporary=False`, final. The first matching rule decides."""
-
-    statuses: frozenset[int]
-    kind: str | None = None
-    issue_codes: frozenset[str] | None = None
-    temporary: bool = True
-
-
-# The one statement of which answers are temporary (docs/bulk-data.md "Download" and "Kick-off":
-# 408, 429, 5xx and network errors; docs/medplum.md "Quotas and 429"). A rule a part of the spec needs
-# is one more entry ahead of the general one, e.g. for export polling (docs/bulk-data.md: a 5xx
-# OperationOutcome means failed unless its code is `transient`):
-#     Temporary(frozenset({500}), kind="export-poll", issue_codes=frozenset({"transient", ""})),
-#     Temporary(frozenset({500}), kind="export-poll", temporary=False),
-TEMPORARY_RULES: tuple[Temporary, ...] = (Temporary(frozenset({408, 429, 500, 502, 503, 504})),)
+# The one statement of which answers are temporary in general (docs/bulk-data.md "Download" and
+# "Kick-off": 408, 429, 5xx and network errors; docs/medplum.md "Quotas and 429"). A part of the spec
+# that needs another rule uses its own table of RetryRules (BULK_RULES, STATUS_POLL_RULES).
+TEMPORARY_RULES: tuple[RetryRule, ...] = (RetryRule(frozenset({408, 429, 500, 502, 503, 504}), "retry"),)
 RETRYABLE_STATUS = frozenset().union(
-    *(r.statuses for r in TEMPORARY_RULES if r.kind is None and r.issue_codes is None and r.temporary)
+    *(r.statuses for r in TEMPORARY_RULES if r.code is None and not r.not_fhir and r.verdict == "retry")
 )
 
 
-def _issue_codes(response: httpx.Response) -> frozenset[str]:
-    try:
-        body = orjson.loads(response.content) if response.content else None
-    except (orjson.JSONDecodeError, httpx.HTTPError):
-        return frozenset({""})
-    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
-        return frozenset({""})
-    issues = body.get("issue")
-    return (
-        frozenset(str(i.get("code")) for i in issues if isinstance(i, dict))
-        if isinstance(issues, list)
-        else frozenset()
-    )
-
-
-def is_temporary(
-    response: httpx.Response, kind: str | None = None, rules: tuple[Temporary, ...] = TEMPORARY_RULES
-) -> bool:
-    """Whether an answer to a request of `kind` is temporary: the first matching rule decides."""
-    for rule in rules:
-        if response.status_code not in rule.statuses or (rule.kind is not None and rule.kind != kind):
-            continue
-        if rule.issue_codes is None or rule.issue_codes & _issue_codes(response):
-            return rule.temporary
-    return False
+def is_temporary(response: httpx.Response, rules: tuple[RetryRule, ...] = TEMPORARY_RULES) -> bool:
+    """Whether an answer is worth a retry within the retry budget: the first matching rule decides."""
+    return classify(response, rules) == "retry"
 
 
 def ratelimit_reset(response: httpx.Response) -> float | None:
@@ -473,15 +435,14 @@ def request_with_retry(
     policy: RetryPolicy,
     clock: Clock,
     retry_status: frozenset[int] | None = None,
-    kind: str | None = None,
     stop: threading.Event | None = None,
     on_retry: Callable[[int, float, str], None] | None = None,
     retry_if: Callable[[httpx.Response], bool] | None = None,
 ) -> httpx.Response:
     """Call `send` until it answers with a non-temporary status, retrying temporary failures.
 
-    Temporary: network errors, answers `retry_if` accepts when it is given, and answers `is_temporary` says are (for requests of `kind`), or
-    whose status is in `retry_status` when a caller narrows the set. The wait is what the server
+    Temporary: network errors, and the answers `retry_if` accepts (e.g. `lambda r: is_temporary(r,
+    BULK_RULES)`), else those whose status is in `retry_status`, else those `is_temporary` accepts. The wait is what the server
     asks for (Retry-After, a spent RateLimit window), capped at policy.max_wait, else exponential
     backoff; `stop` cuts it short (InterruptedRunError). Redirect loops and undecodable bodies are
     ProtocolError. Returns the final response (which may be an error status the caller interprets);
@@ -512,7 +473,7 @@ def request_with_retry(
         elif retry_status is not None:
             temporary = response.status_code in retry_status
         else:
-            temporary = is_temporary(response, kind)
+            temporary = is_temporary(response)
         if not temporary:
             return response
         attempt += 1

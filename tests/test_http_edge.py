@@ -15,7 +15,7 @@ from pfsync.errors import InterruptedRunError, ProtocolError
 from pfsync.http import (
     DECODE_CHUNK,
     RetryPolicy,
-    Temporary,
+    RetryRule,
     hinted_wait,
     is_temporary,
     iter_decoded,
@@ -73,16 +73,19 @@ def test_shown_url_drops_user_info_query_and_fragment() -> None:
 def test_classifier_is_data_and_a_kind_rule_is_one_entry() -> None:
     transient = b'{"resourceType":"OperationOutcome","issue":[{"code":"transient"}]}'
     fatal = b'{"resourceType":"OperationOutcome","issue":[{"code":"exception"}]}'
-    rules = (
-        Temporary(frozenset({500}), kind="export-poll", issue_codes=frozenset({"transient", ""})),
-        Temporary(frozenset({500}), kind="export-poll", temporary=False),
-        Temporary(frozenset({500, 503})),
+    general = (RetryRule(frozenset({500, 503}), "retry"),)
+    # Export polling: the general table with one kind of 500 made final, as rows ahead of it.
+    polling = (
+        RetryRule(frozenset({500}), "retry", code="transient"),
+        RetryRule(frozenset({500}), "retry", not_fhir=True),
+        RetryRule(frozenset({500}), "final"),
+        *general,
     )
-    assert is_temporary(_response(503), rules=rules)
-    assert is_temporary(_response(500, transient), "export-poll", rules)
-    assert is_temporary(_response(500, b"<html>bad gateway</html>"), "export-poll", rules)
-    assert not is_temporary(_response(500, fatal), "export-poll", rules)
-    assert is_temporary(_response(500, fatal), "kickoff", rules)
+    assert is_temporary(_response(503), rules=polling)
+    assert is_temporary(_response(500, transient), polling)
+    assert is_temporary(_response(500, b"<html>bad gateway</html>"), polling)
+    assert not is_temporary(_response(500, fatal), polling)
+    assert is_temporary(_response(500, fatal), general)
     assert is_temporary(_response(429)) and not is_temporary(_response(404))
 
 

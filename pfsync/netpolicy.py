@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # IANA special-purpose registries (RFC 6890 and successors), minus loopback and private ranges.
 SPECIAL_NETWORKS: tuple[Network, ...] = tuple(
@@ -57,7 +58,7 @@ def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip())
 
 
-def _address(host: str, *, unmap: bool = True) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _address(host: str, *, unmap: bool = True) -> Address | None:
     try:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -92,13 +93,16 @@ def url_problem(
     if scheme == "http" and not allow_insecure_http and not is_loopback_host(host):
         return "it uses plain http to a non-loopback host"
     address = _address(host)
-    if (
-        address is not None
-        and any(address in n for n in SPECIAL_NETWORKS)
-        and not any(address in n for n in allow_networks if n.version == address.version)
-    ):
+    if address is not None and _refused(address, allow_networks):
         return f"{address} is in a special-purpose address range"
     return None
+
+
+def _refused(address: Address, allow_networks: Iterable[Network]) -> bool:
+    """In a special-purpose range and not in one the user allowed."""
+    return any(address in n for n in SPECIAL_NETWORKS) and not any(
+        address in n for n in allow_networks if n.version == address.version
+    )
 
 
 def same_origin(a: str, b: str) -> bool:
@@ -145,10 +149,6 @@ def resolved_problem(url: str, *, allow_networks: Iterable[Network] = ()) -> str
     allowed = tuple(allow_networks)
     for text in _resolve(host.lower()):
         address = _address(text.split("%", 1)[0])
-        if (
-            address is not None
-            and any(address in n for n in SPECIAL_NETWORKS)
-            and not any(address in n for n in allowed if n.version == address.version)
-        ):
+        if address is not None and _refused(address, allowed):
             return f"its host {host} resolves to {address}, in a special-purpose address range"
     return None

@@ -30,7 +30,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -398,7 +398,3 @@ def add_counts(
         for key, value in c.items():
             row[key] = row.get(key, 0) + int(value)
     return out
-
-
-def cleared_flight(state: SyncState) -> SyncState:
-    return replace(state, in_flight=None)

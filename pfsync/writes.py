@@ -29,7 +29,7 @@ from pfsync.batch import Entry, EntryResult, Kind
 from pfsync.errors import HTTPError
 from pfsync.events import EventSink
 from pfsync.http import Clock, RetryPolicy
-from pfsync.idmap import Held, IdMap
+from pfsync.idmap import IdMap
 from pfsync.lookup import Found, Searcher, find_identities
 from pfsync.ndjson import BadLine
 from pfsync.pacing import Pacer
@@ -758,7 +758,3 @@ class _Parked:
     file: str | None
     line: int | None
     raw: bytes
-
-
-def held_of(entry: Entry) -> Held:
-    return Held(entry.type, entry.sid, entry.file, entry.line, entry.raw)

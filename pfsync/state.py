@@ -229,7 +229,7 @@ class RunLock(Protocol):
 
 
 class StateStore(Protocol):
-    """Where sync state lives (back ends behind small interfaces, with a fake for tests)."""
+    """Where sync state lives (back ends behind small interfaces; the tests' fake is tests/doubles.py)."""
 
     backend: str
 
@@ -335,48 +335,6 @@ class LocalStateStore:
         from pfsync.lock import FileLock
 
         return FileLock.holder(source_dir(self.state_dir, source) / "lock")
-
-
-@dataclass
-class MemoryStateStore:
-    """A fake store for tests: state in a dict, an in-process lock."""
-
-    backend: str = "memory"
-    states: dict[str, SyncState] = field(default_factory=dict)
-    held: dict[str, Holder] = field(default_factory=dict)
-    saves: int = 0
-    renewals: int = 0
-    renew_every: float | None = None  # set to make sync renew this fake lease on a timer
-
-    def load(self, source: str) -> SyncState:
-        return self.states.get(source) or SyncState(source=source)
-
-    def save(self, state: SyncState) -> None:
-        self.saves += 1
-        self.states[state.source] = state
-
-    def acquire(self, source: str, holder: Holder) -> RunLock:
-        from pfsync.errors import LockedError
-
-        if source in self.held:
-            other = self.held[source]
-            raise LockedError(f"source {source!r} is locked by {other.describe()}", holder=other.describe())
-        self.held[source] = holder
-        store = self
-
-        class _Held:
-            renew_every = store.renew_every
-
-            def renew(self) -> None:
-                store.renewals += 1
-
-            def release(self) -> None:
-                store.held.pop(source, None)
-
-        return _Held()
-
-    def holder(self, source: str) -> Holder | None:
-        return self.held.get(source)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import orjson
 import pytest
+from doubles import ListSink
 from pytest_httpx import HTTPXMock
 from test_export_fakes import FakeClock
 
@@ -25,7 +26,6 @@ from pfsync.bulk import (
     requests_for,
 )
 from pfsync.errors import AuthError, ExportError, HTTPError, InterruptedRunError
-from pfsync.events import ListSink
 from pfsync.http import RetryPolicy
 from pfsync.settings import ExportSettings, SourceSettings
 

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from doubles import ListSink
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_export_fakes import FakeClock, lines_of
@@ -20,7 +21,6 @@ from test_export_fakes import FakeClock, lines_of
 from pfsync.bulk import JobExpired, ManifestFile, Origins
 from pfsync.download import FEED_BYTES, Downloader, Validator
 from pfsync.errors import AuthError, ExportError, HTTPError, InterruptedRunError
-from pfsync.events import ListSink
 from pfsync.exportjob import ExportDir, sha256_of
 from pfsync.http import RetryPolicy
 from pfsync.ndjson import BadLine, Record, iter_file

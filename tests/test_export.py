@@ -10,12 +10,12 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from doubles import ListSink
 from pytest_httpx import HTTPXMock
 from test_export_fakes import FakeClock
 
 from pfsync.bulk import ExportRequest
 from pfsync.errors import AuthError, ExportError, InterruptedRunError, UsageError
-from pfsync.events import ListSink
 from pfsync.export import ExportResult, LandedFile, cancel_export, run_export
 from pfsync.exportjob import ExportDir, export_files
 from pfsync.ndjson import iter_paths

@@ -12,13 +12,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from doubles import ListSink
 from test_export_fakes import FakeClock
 
 from pfsync.auth import source_auth
 from pfsync.authcheck import run_auth_test
 from pfsync.bulk import ExportRequest, requests_for
 from pfsync.errors import AuthError, ConfigError, ExportError
-from pfsync.events import ListSink
 from pfsync.export import ExportResult, run_export
 from pfsync.http import RetryPolicy
 from pfsync.redact import Secret

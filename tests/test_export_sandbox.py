@@ -10,12 +10,12 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from doubles import ListSink
 from test_export_fakes import FakeClock, SandboxAuth, lines_of
 
 from pfsync.auth import source_auth
 from pfsync.bulk import ExportRequest
 from pfsync.errors import ExportError, InterruptedRunError
-from pfsync.events import ListSink
 from pfsync.export import ExportResult, LandedFile, run_export
 from pfsync.http import RetryPolicy
 from pfsync.redact import Secret

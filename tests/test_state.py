@@ -8,6 +8,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from doubles import MemoryStateStore
 
 from pfsync.errors import LockedError, StateError
 from pfsync.state import (
@@ -16,7 +17,6 @@ from pfsync.state import (
     LastRun,
     Lease,
     LocalStateStore,
-    MemoryStateStore,
     SyncState,
     iso,
     parse_iso,

@@ -11,12 +11,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from doubles import MemoryStateStore
 
 from pfsync.bulk import ExportRequest
 from pfsync.errors import ConfigError, ExitCode, ExportError
 from pfsync.exportjob import LandedFile
 from pfsync.settings import Settings, SourceSettings, SyncSettings
-from pfsync.state import Holder, MemoryStateStore, SyncState
+from pfsync.state import Holder, SyncState
 from pfsync.sync import (
     SEVERITY,
     parse_shard,

@@ -37,11 +37,12 @@ from pfsync.events import EventSink, NullSink
 from pfsync.exportjob import export_files
 from pfsync.http import Clock, SystemClock
 from pfsync.idmap import IdMap
+from pfsync.instants import parse_iso
 from pfsync.ndjson import BadLine, is_output_name, iter_file, iter_paths
 from pfsync.order import dependency_order
 from pfsync.quarantine import QUARANTINE, RETRY, WrappedLog, is_wrapped, iter_wrapped, pending, take
 from pfsync.settings import HttpSettings, LoadSettings, SourceSettings
-from pfsync.state import parse_iso
+from pfsync.statedir import IDMAP_FILE, QUARANTINE_FILE, RETRY_FILE, source_dir
 from pfsync.writes import Writer
 
 UNREADABLE = "(unreadable)"
@@ -103,10 +104,10 @@ class Loader:
         self.dry_run = dry_run
         self._stop = stop
         self._events = events or NullSink()
-        self._dir = state_dir / source.name
-        self._idmap = IdMap(self._dir / "idmap.sqlite", target=str(medplum.base_url))
-        self.quarantine = WrappedLog(self._dir / "quarantine.ndjson", QUARANTINE)
-        self.retry_queue = WrappedLog(self._dir / "retry.ndjson", RETRY)
+        self._dir = source_dir(state_dir, source.name)
+        self._idmap = IdMap(self._dir / IDMAP_FILE, target=str(medplum.base_url))
+        self.quarantine = WrappedLog(self._dir / QUARANTINE_FILE, QUARANTINE)
+        self.retry_queue = WrappedLog(self._dir / RETRY_FILE, RETRY)
         self._counts: dict[str, Counter[str]] = {}
         self._writer = Writer(
             source, settings, medplum, self._idmap, self._counts, self.quarantine, self.retry_queue,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +21,9 @@ from pathlib import Path
 import orjson
 
 from pfsync.errors import LockedError, StateError
+from pfsync.holders import Holder, Lease
+from pfsync.instants import iso, parse_iso
 from pfsync.private import open_private, private_dir
-from pfsync.state import Holder, Lease, SyncState, iso, parse_iso
 
 LEASE_TTL = (
     15 * 60.0
@@ -42,6 +42,8 @@ def _read_holder(fd: int) -> Holder | None:
 
 class FileLock:
     """An exclusive, non-blocking flock on a file that names its holder."""
+
+    renew_every: float | None = None  # nothing to renew: the kernel holds the lock while we live
 
     def __init__(self, path: os.PathLike[str] | str, fd: int) -> None:
         self.path = os.fspath(path)
@@ -112,13 +114,12 @@ def new_lease(holder: Holder, now: float, ttl: float = LEASE_TTL) -> Lease:
     return Lease(holder=holder.describe(), token=uuid.uuid4().hex, expires=iso(now + ttl))
 
 
-def check_lease(state: SyncState, now: float, mine: str | None = None) -> None:
-    """LockedError when someone else holds an unexpired lease on this state."""
-    lease = state.lease
+def check_lease(source: str, lease: Lease | None, now: float, mine: str | None = None) -> None:
+    """LockedError when someone else holds an unexpired lease on this source's state."""
     if lease is None or lease.token == mine or lease_expired(lease, now):
         return
     raise LockedError(
-        f"another sync of source {state.source!r} holds the lease ({lease.holder}; until {lease.expires})",
+        f"another sync of source {source!r} holds the lease ({lease.holder}; until {lease.expires})",
         holder=lease.holder,
         hint="wait for it to finish; a crashed run's lease expires by itself",
     )
@@ -143,7 +144,3 @@ class LeaseLock:
         if not self.released:
             self.released = True
             self._release(self)
-
-
-def now() -> float:
-    return time.time()

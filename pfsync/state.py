@@ -28,41 +28,21 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
 from pfsync.errors import StateError
+from pfsync.holders import Holder, Lease, RunLock
+from pfsync.lock import FileLock
 from pfsync.private import private_dir
+from pfsync.statedir import CHECKPOINT_FILE, LOCK_FILE, RETRY_FILE, source_dir
 
 FORMAT_VERSION = 1
-CHECKPOINT_FILE = "checkpoint.json"
-RETRY_FILE = "retry.ndjson"  # the loader's retry queue (shared state-dir convention)
-QUARANTINE_FILE = "quarantine.ndjson"
 OUTCOMES = ("ok", "partial", "failed", "interrupted", "locked")
-
-
-def iso(epoch: float) -> str:
-    """Epoch seconds as an ISO-8601 UTC instant with milliseconds (FHIR instant shape)."""
-    return (
-        datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(epoch * 1000) % 1000:03d}Z"
-    )
-
-
-def parse_iso(text: str) -> float:
-    """Epoch seconds from an ISO-8601 instant (a FHIR `instant`, e.g. a manifest's transactionTime)."""
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise StateError(f"not an ISO-8601 instant: {text!r}") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
 
 
 @dataclass(frozen=True)
@@ -77,15 +57,6 @@ class InFlight:
     # still have resources in flight, so a resumed run offers every landed file again (pfsync.sync).
     files_loaded: tuple[str, ...] = ()
     backfill_groups: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Lease:
-    """A run lease (Medplum backend): whoever holds an unexpired lease may run."""
-
-    holder: str
-    token: str
-    expires: str
 
 
 @dataclass(frozen=True)
@@ -202,32 +173,6 @@ def _opt_str(value: Any) -> str | None:
     return value
 
 
-@dataclass(frozen=True)
-class Holder:
-    """Who holds a lock or lease: shown in LockedError and `pfsync status`."""
-
-    pid: int
-    host: str
-    started: str
-    text: str | None = None  # a lease names its holder as text (the pod may be anywhere)
-
-    def describe(self) -> str:
-        return self.text or f"pid {self.pid} on {self.host} since {self.started}"
-
-    @classmethod
-    def me(cls, now: float | None = None) -> Holder:
-        import socket
-
-        return cls(os.getpid(), socket.gethostname(), iso(time.time() if now is None else now))
-
-
-class RunLock(Protocol):
-    """A held run lock or lease. `renew()` extends a lease (no-op for a file lock)."""
-
-    def renew(self) -> None: ...
-    def release(self) -> None: ...
-
-
 class StateStore(Protocol):
     """Where sync state lives (back ends behind small interfaces; the tests' fake is tests/doubles.py)."""
 
@@ -248,13 +193,6 @@ class StateStore(Protocol):
     def holder(self, source: str) -> Holder | None:
         """Who holds the lock now (None when free)."""
         ...
-
-
-def source_dir(state_dir: Path, source: str) -> Path:
-    """`{state_dir}/{source}/`: the shared per-source directory (preamble: state dir layout)."""
-    if not source or "/" in source or source in (".", ".."):
-        raise StateError(f"source name {source!r} cannot be used as a directory name")
-    return state_dir / source
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -324,17 +262,13 @@ class LocalStateStore:
             raise StateError(f"cannot write checkpoint {path}: {exc.message}", hint=exc.hint) from None
 
     def acquire(self, source: str, holder: Holder) -> RunLock:
-        from pfsync.lock import FileLock
-
         # Every run of a source starts here: the state directory must be ours and private.
         private_dir(self.state_dir, tighten=True)
         private_dir(source_dir(self.state_dir, source), tighten=True)
-        return FileLock.acquire(source_dir(self.state_dir, source) / "lock", holder)
+        return FileLock.acquire(source_dir(self.state_dir, source) / LOCK_FILE, holder)
 
     def holder(self, source: str) -> Holder | None:
-        from pfsync.lock import FileLock
-
-        return FileLock.holder(source_dir(self.state_dir, source) / "lock")
+        return FileLock.holder(source_dir(self.state_dir, source) / LOCK_FILE)
 
 
 @contextlib.contextmanager

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from pfsync.errors import StateError
+from pfsync.instants import parse_iso
 from pfsync.settings import Settings
-from pfsync.state import QUARANTINE_FILE, InFlight, StateStore, SyncState, parse_iso, source_dir
+from pfsync.state import InFlight, StateStore, SyncState
+from pfsync.statedir import QUARANTINE_FILE, source_dir
 
 SUCCESS_OUTCOMES = ("ok", "partial")
 

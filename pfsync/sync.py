@@ -56,21 +56,14 @@ from pfsync.errors import (
 )
 from pfsync.events import EventSink, NullSink
 from pfsync.exportjob import ExportDir, LandedFile
+from pfsync.holders import Holder
 from pfsync.http import Clock, SystemClock, protocol_error, server_text
+from pfsync.instants import iso, parse_iso
 from pfsync.redact import redact
 from pfsync.references import export_types
 from pfsync.settings import Settings, SourceSettings
-from pfsync.state import (
-    Holder,
-    InFlight,
-    LastRun,
-    StateStore,
-    SyncState,
-    add_counts,
-    iso,
-    parse_iso,
-    source_dir,
-)
+from pfsync.state import InFlight, LastRun, StateStore, SyncState, add_counts
+from pfsync.statedir import EXPORTS_DIR, source_dir
 
 log = logging.getLogger("pfsync.sync")
 
@@ -378,7 +371,7 @@ def _run_locked(
         flight = run.state.in_flight
         if flight is None:
             flight = InFlight(kind="incremental" if run.state.transaction_time else "full",
-                              export_dir=f"exports/run-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started))}-"
+                              export_dir=f"{EXPORTS_DIR}/run-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started))}-"
                                          f"{uuid.uuid4().hex[:6]}",
                               since=_since(run.state, settings.export.since_overlap), started_at=iso(started))  # fmt: skip
         run_dir = sdir / flight.export_dir

@@ -28,8 +28,11 @@ from pfsync.events import EventSink, NullSink
 from pfsync.exportjob import JOB_FILE, MANIFEST_FILE, ExportDir
 from pfsync.http import Clock, SystemClock
 from pfsync.idmap import fetched_identities
+from pfsync.instants import parse_iso
 from pfsync.ndjson import Record, iter_file, iter_paths
 from pfsync.settings import Settings, SourceSettings, identifier_system
+from pfsync.state import LocalStateStore
+from pfsync.statedir import EXPORTS_DIR, IDMAP_FILE, source_dir
 from pfsync.transform import (
     Ref,
     Target,
@@ -78,10 +81,11 @@ def latest_export(state_dir: Path, source: str) -> list[Path]:
     """The newest finished export under `{state_dir}/{source}/exports/`: either one export directory
     (`pfsync export`) or one sync run directory holding an export per request (`run-*/<fingerprint>/`,
     pfsync.sync); a run's directories are returned together (one per group)."""
-    best = _newest(state_dir / source / "exports")
+    root = source_dir(state_dir, source) / EXPORTS_DIR
+    best = _newest(root)
     if best is None:
         raise UsageError(
-            f"no finished export under {state_dir / source / 'exports'}",
+            f"no finished export under {root}",
             hint="run `pfsync export` first, or give a directory with --from DIR, or use --export",
         )
     return best[1]
@@ -108,12 +112,10 @@ def default_export(
     finished export under the state directory, if it is newer than the last successful sync (an
     older one no longer describes the source: what the sync loaded since would show as extras);
     else a fresh full export, kept for the next verify (older `verify-*` exports are removed)."""
-    root = settings.state_dir / source.name / "exports"
+    root = source_dir(settings.state_dir, source.name) / EXPORTS_DIR
     best = _newest(root)
     synced: float | None = None
     if settings.state_backend == "local":
-        from pfsync.state import LocalStateStore, parse_iso
-
         last = LocalStateStore(settings.state_dir).load(source.name).last_success
         synced = parse_iso(last) if last else None
     if best is not None and (synced is None or best[0] >= synced):
@@ -150,7 +152,9 @@ def fresh_export(
 
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     # Unique per run: two verifies within one second must not resume each other's export.
-    root = settings.state_dir / source.name / "exports" / f"verify-{stamp}-{uuid.uuid4().hex[:6]}"
+    root = (
+        source_dir(settings.state_dir, source.name) / EXPORTS_DIR / f"verify-{stamp}-{uuid.uuid4().hex[:6]}"
+    )
     out: list[Path] = []
     with make_client(settings.http) as client:
         authenticator, auth = source_auth(
@@ -196,7 +200,7 @@ class Verifier:
         self.fhir_url = settings.medplum.fhir_url
         self.reader = reader or MedplumReader(client, self.fhir_url, http=settings.http, clock=self.clock)
         self.ctx = TransformContext(source, normalize=settings.load.normalize)
-        self.work_dir = settings.state_dir / source.name
+        self.work_dir = source_dir(settings.state_dir, source.name)
         self.strangers = 0
 
     def system(self, rtype: str) -> str:
@@ -213,9 +217,7 @@ class Verifier:
         systems = {self.system(t): t for t in types}
         for rtype in types:
             self._scan_type(rtype, systems, scratch, options.content)
-        fetched = sum(
-            scratch.add_fetched(t, s) for t, s in fetched_identities(self.work_dir / "idmap.sqlite")
-        )
+        fetched = sum(scratch.add_fetched(t, s) for t, s in fetched_identities(self.work_dir / IDMAP_FILE))
         scratch.analyze()
         confirmed = self._confirm_missing(scratch, options.content, systems)
         self._check_targets(scratch)

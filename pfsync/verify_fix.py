@@ -25,6 +25,7 @@ from pfsync.errors import HTTPError
 from pfsync.idmap import IdMap
 from pfsync.ndjson import iter_file, iter_paths
 from pfsync.private import create_exclusive
+from pfsync.statedir import IDMAP_FILE
 from pfsync.verify import Verifier, VerifyOptions
 from pfsync.verify_report import Action
 from pfsync.verify_store import Scratch
@@ -127,7 +128,7 @@ def _done(action: Action, error: str | None = None) -> Action:
 
 def _sync_idmap(verifier: Verifier, scratch: Scratch) -> None:
     """Make the loader's id map say what Medplum holds (after the deletions)."""
-    idmap = IdMap(verifier.work_dir / "idmap.sqlite", target=str(verifier.client.base_url))
+    idmap = IdMap(verifier.work_dir / IDMAP_FILE, target=str(verifier.client.base_url))
     try:
         for rtype, sid, mid, vid, tag in scratch.kept():
             row = idmap.get(rtype, sid)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pfsync.errors import LockedError
-from pfsync.state import Holder, RunLock, SyncState
+from pfsync.holders import Holder, RunLock
+from pfsync.state import SyncState
 
 
 @dataclass

@@ -29,3 +29,25 @@ def test_contracts_test_doubles_live_in_tests_only() -> None:
         defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
         used = _names_in(module)
         assert not (classes & (defined | used)), f"{module.relative_to(PACKAGE.parent)} holds a test double"
+
+
+def test_contracts_state_file_names_are_defined_once() -> None:
+    from pfsync import statedir
+
+    names = {statedir.CHECKPOINT_FILE, statedir.LOCK_FILE, statedir.IDMAP_FILE, statedir.QUARANTINE_FILE,
+             statedir.RETRY_FILE}  # fmt: skip
+    for module in _product_modules():
+        if module.name == "statedir.py":
+            continue
+        tree = ast.parse(module.read_text(encoding="utf-8"))
+        literals = {
+            n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        }
+        # "lock" is also an ordinary word (a status column): only path joins with it count.
+        joined = {
+            n.right.value
+            for n in ast.walk(tree)
+            if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div) and isinstance(n.right, ast.Constant)
+        }
+        found = (literals & (names - {statedir.LOCK_FILE})) | (joined & {statedir.LOCK_FILE})
+        assert not found, f"{module.relative_to(PACKAGE.parent)} spells {sorted(found)}: use pfsync.statedir"

@@ -16,12 +16,12 @@ from target_fixtures import fhir_client
 from typer.testing import CliRunner
 
 from pfsync.cli import app
+from pfsync.instants import iso
 from pfsync.load import Loader, LoadResult
 from pfsync.references import export_types
 from pfsync.sandbox.source import SourceSandbox
 from pfsync.sandbox.target import TargetSandbox
 from pfsync.settings import LoadSettings, SourceSettings
-from pfsync.state import iso
 from pfsync.state_medplum import MedplumStateStore
 
 PF = "https://practicefusion.com/fhir/"

@@ -11,18 +11,10 @@ import pytest
 from doubles import MemoryStateStore
 
 from pfsync.errors import LockedError, StateError
-from pfsync.state import (
-    Holder,
-    InFlight,
-    LastRun,
-    Lease,
-    LocalStateStore,
-    SyncState,
-    iso,
-    parse_iso,
-    source_dir,
-    write_atomic,
-)
+from pfsync.holders import Holder, Lease
+from pfsync.instants import iso, parse_iso
+from pfsync.state import InFlight, LastRun, LocalStateStore, SyncState, write_atomic
+from pfsync.statedir import source_dir
 
 FULL = SyncState(
     source="practice-a",

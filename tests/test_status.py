@@ -11,8 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from pfsync.cli import app
+from pfsync.holders import Holder
+from pfsync.instants import iso
 from pfsync.metrics import render, write_metrics
-from pfsync.state import Holder, LastRun, LocalStateStore, SyncState, iso
+from pfsync.state import LastRun, LocalStateStore, SyncState
 from pfsync.status import count_lines
 
 runner = CliRunner()

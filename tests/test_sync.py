@@ -16,8 +16,9 @@ from doubles import MemoryStateStore
 from pfsync.bulk import ExportRequest
 from pfsync.errors import ConfigError, ExitCode, ExportError
 from pfsync.exportjob import LandedFile
+from pfsync.holders import Holder
 from pfsync.settings import Settings, SourceSettings, SyncSettings
-from pfsync.state import Holder, SyncState
+from pfsync.state import SyncState
 from pfsync.sync import (
     SEVERITY,
     parse_shard,

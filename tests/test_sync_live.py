@@ -18,10 +18,10 @@ import pytest
 from sync_helpers import checkpoint, kill, run, spawn, summary, sync_env, wait_until
 
 from pfsync.errors import LockedError
+from pfsync.holders import Holder
 from pfsync.lock import FileLock
 from pfsync.sandbox.source import SourceSandbox
 from pfsync.sandbox.target import TargetSandbox
-from pfsync.state import Holder
 from pfsync.state_medplum import MedplumStateStore
 
 GROUP = "bulk-data-testing-group"

@@ -13,9 +13,9 @@ import orjson
 import pytest
 
 from pfsync.errors import ExitCode
+from pfsync.holders import Holder
 from pfsync.lock import FileLock
 from pfsync.schedule import run_every, stop_on_signals
-from pfsync.state import Holder
 
 
 def test_run_every_runs_until_stopped_and_survives_failures() -> None:

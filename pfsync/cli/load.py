@@ -45,7 +45,7 @@ from pfsync.ndjson import iter_paths, open_binary
 from pfsync.quarantine import is_wrapped
 from pfsync.schedule import stop_on_signals
 from pfsync.settings import Settings, SourceSettings, require
-from pfsync.state import QUARANTINE_FILE, source_dir
+from pfsync.statedir import QUARANTINE_FILE, source_dir
 
 COLUMNS = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")
 

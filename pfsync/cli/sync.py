@@ -36,7 +36,7 @@ from pfsync.cli.progress import SyncProgress, make_progress
 from pfsync.errors import ExitCode, UnhealthyError
 from pfsync.events import EventSink, FanoutSink
 from pfsync.settings import Settings, parse_duration
-from pfsync.state import QUARANTINE_FILE
+from pfsync.statedir import QUARANTINE_FILE
 
 if TYPE_CHECKING:
     from pfsync.sync import SourceResult

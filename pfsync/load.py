@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 
 from pfsync import tuning
+from pfsync.counts import CountKey, full_row, total
 from pfsync.errors import InterruptedRunError
 from pfsync.events import EventSink, NullSink
 from pfsync.exportjob import export_files
@@ -50,8 +51,8 @@ UNREADABLE = "(unreadable)"
 
 @dataclass(frozen=True)
 class LoadResult:
-    """What a load did. `by_type[type]` has created, updated, unchanged, deleted, quarantined,
-    retry_queued (and would_* counts are the same keys in a dry run)."""
+    """What a load did. `by_type[type]` has every pfsync.counts.COUNT_KEYS key (and a dry run's
+    would_* counts)."""
 
     by_type: dict[str, dict[str, int]]
     normalized: dict[str, int]
@@ -64,15 +65,15 @@ class LoadResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def total(self, key: str) -> int:
-        return sum(c.get(key, 0) for c in self.by_type.values())
+        return total(self.by_type, key)
 
     @property
     def quarantined(self) -> int:
-        return self.total("quarantined")
+        return self.total(CountKey.QUARANTINED)
 
     @property
     def retry_queued(self) -> int:
-        return self.total("retry_queued")
+        return self.total(CountKey.RETRY_QUEUED)
 
 
 class Loader:
@@ -294,9 +295,7 @@ class Loader:
         return result
 
     def _result(self) -> LoadResult:
-        keys = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")
-        by_type = {t: {k: c.get(k, 0) for k in keys} | {k: v for k, v in c.items() if k not in keys}
-                   for t, c in sorted(self._counts.items())}  # fmt: skip
+        by_type = {t: full_row(c) for t, c in sorted(self._counts.items())}
         w = self._writer
         return LoadResult(
             by_type=by_type, normalized=dict(w.fixes), quota_used=int(w.quota_used()), requests=w.requests(),

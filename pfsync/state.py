@@ -278,15 +278,3 @@ def locked(store: StateStore, source: str, holder: Holder) -> Iterator[RunLock]:
         yield lock
     finally:
         lock.release()
-
-
-def add_counts(
-    totals: Mapping[str, Mapping[str, int]], counts: Mapping[str, Mapping[str, int]]
-) -> dict[str, dict[str, int]]:
-    """`totals` plus one run's per-type counts (for SyncState.totals)."""
-    out = {t: dict(c) for t, c in totals.items()}
-    for rtype, c in counts.items():
-        row = out.setdefault(rtype, {})
-        for key, value in c.items():
-            row[key] = row.get(key, 0) + int(value)
-    return out

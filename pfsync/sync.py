@@ -39,12 +39,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, Protocol
 
 import httpx
 
 from pfsync.auth import begin_run
 from pfsync.bulk import ExportRequest, requests_for
+from pfsync.counts import CountKey, CountsByType, add_counts, standard_row, total
 from pfsync.errors import (
     ExitCode,
     ExportError,
@@ -56,13 +57,13 @@ from pfsync.errors import (
 )
 from pfsync.events import EventSink, NullSink
 from pfsync.exportjob import ExportDir, LandedFile
-from pfsync.holders import Holder
+from pfsync.holders import Holder, RunLock
 from pfsync.http import Clock, SystemClock, protocol_error, server_text
 from pfsync.instants import iso, parse_iso
 from pfsync.redact import redact
 from pfsync.references import export_types
 from pfsync.settings import Settings, SourceSettings
-from pfsync.state import InFlight, LastRun, StateStore, SyncState, add_counts
+from pfsync.state import InFlight, LastRun, StateStore, SyncState
 from pfsync.statedir import EXPORTS_DIR, source_dir
 
 log = logging.getLogger("pfsync.sync")
@@ -74,7 +75,6 @@ SEVERITY: tuple[int, ...] = (
     ExitCode.INTERRUPTED, ExitCode.CONFIG, ExitCode.AUTH, ExitCode.STATE, ExitCode.UNEXPECTED,
     ExitCode.USAGE, ExitCode.EXPORT_FAILED, ExitCode.TEMPORARY, ExitCode.LOCKED, ExitCode.PARTIAL, ExitCode.OK,
 )  # fmt: skip
-COUNT_KEYS = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")
 
 
 def worst_exit_code(codes: Iterable[int]) -> int:
@@ -85,24 +85,37 @@ def worst_exit_code(codes: Iterable[int]) -> int:
 
 
 # ---- the engines one run needs (real ones in pfsync.sync_live; fakes in tests) ------------------
-class LoaderLike(Protocol):
-    def retry_pending(self) -> Any: ...
-    def load_file(self, path: Path) -> Any: ...
-    def apply_deleted(self, path: Path) -> Any: ...
-    def finish(self) -> Any: ...
+class LoadSummary(Protocol):
+    """What a finished load reports (pfsync.load.LoadResult)."""
+
+    @property
+    def by_type(self) -> CountsByType: ...
+    @property
+    def quota_used(self) -> int: ...
 
 
-@runtime_checkable
-class FileMarks(Protocol):
-    """A loader that can make a file durable and remember it (pfsync.load.Loader; optional)."""
+class SyncLoader(Protocol):
+    """The loader as a sync run drives it (pfsync.load.Loader; its docstrings say what each does)."""
 
-    def flush(self) -> Any: ...
-    def mark_loaded(self, key: str) -> Any: ...
+    def retry_pending(self) -> None: ...
+    def expect_types(self, types: Iterable[str] | None) -> None: ...
+    def refresh_referenced(self, delivered: Iterable[str] | None, last_whole: str | None = None) -> None: ...
+    def load_file(self, path: Path) -> None: ...
+    def flush(self) -> None: ...
+    def mark_loaded(self, key: str) -> None: ...
     def is_loaded(self, key: str) -> bool: ...
+    def apply_deleted(self, path: Path) -> None: ...
+    def finish(self) -> LoadSummary: ...
+    @property
+    def referenced_refreshed_at(self) -> float | None: ...
 
 
 class Engines(Protocol):
     """What a run of one source talks to. `close()` releases clients."""
+
+    def prove_credentials(self) -> None:
+        """One token request to the source and one to Medplum, every run, before any work."""
+        ...
 
     def run_export(
         self, request: ExportRequest, out_dir: Path, on_file: Callable[[LandedFile], None]
@@ -110,7 +123,7 @@ class Engines(Protocol):
         """Run (or resume) one export into out_dir; returns the manifest's transactionTime."""
         ...
 
-    def loader(self) -> AbstractContextManager[LoaderLike]: ...
+    def loader(self) -> AbstractContextManager[SyncLoader]: ...
     def group_members(self, group_id: str, scratch: Path) -> frozenset[str]: ...
     def seed_checkpoint(self) -> str | None: ...
     def close(self) -> None: ...
@@ -151,18 +164,9 @@ class SyncResult:
         return worst_exit_code(r.exit_code for r in self.results)
 
 
-def counts_of(load_result: Any) -> tuple[dict[str, dict[str, int]], int]:
-    """Per-type counts and quota used from the loader's LoadResult."""
-    raw = getattr(load_result, "by_type", None) or getattr(load_result, "counts", None) or {}
-    counts: dict[str, dict[str, int]] = {}
-    for rtype, c in dict(raw).items():
-        get = c.get if isinstance(c, dict) else (lambda k, _c=c: getattr(_c, k, 0))
-        counts[str(rtype)] = {k: int(get(k, 0) or 0) for k in COUNT_KEYS}
-    return counts, int(getattr(load_result, "quota_used", 0) or 0)
-
-
-def _total(counts: dict[str, dict[str, int]], key: str) -> int:
-    return sum(c.get(key, 0) for c in counts.values())
+def counts_of(summary: LoadSummary) -> dict[str, dict[str, int]]:
+    """The load's per-type counts, every count key present (a run's state and result keep only these)."""
+    return {rtype: standard_row(row) for rtype, row in summary.by_type.items()}
 
 
 # ---- selecting sources ---------------------------------------------------------------------------
@@ -202,7 +206,7 @@ class _Run:
 
     store: StateStore
     state: SyncState
-    lock: Any
+    lock: RunLock
     mutex: threading.Lock = field(default_factory=threading.Lock)
 
     def save(self, **changes: Any) -> None:
@@ -221,7 +225,7 @@ def sync_source(
     settings: Settings,
     source: SourceSettings,
     store: StateStore,
-    engines: Engines | Callable[[], Engines],
+    engines: Callable[[], Engines],
     *,
     stop: threading.Event,
     clock: Clock | None = None,
@@ -230,8 +234,8 @@ def sync_source(
 ) -> SourceResult:
     """One run of one source. Never raises a PfsyncError: the result carries the outcome.
 
-    `engines` may be a factory: it is then called only once the lock is held, and closed at the
-    end. Decision: a source that another run holds reports "locked" (exit 8) even when its engines
+    `engines` builds the run's engines: it is called only once the lock is held, and what it
+    built is closed at the end. Decision: a source that another run holds reports "locked" (exit 8) even when its engines
     could not be built (say a config error in its key file): building them costs token requests
     (Medplum allows 160 auth calls/min/IP) and the run holding the lock reports that error anyway.
     `renew_every`: seconds between lease renewals (default: the lock's own `renew_every`).
@@ -249,19 +253,14 @@ def sync_source(
     except PfsyncError as exc:
         return SourceResult(name, "failed", int(exc.exit_code), error=exc.message, hint=exc.hint)
     run: _Run | None = None
-    built: Engines | None = None
+    ready: Engines | None = None
     heartbeat: _Heartbeat | None = None
     try:
         run = _Run(store, store.load(name), lock)
         run.save(last_attempt=iso(started))
-        if hasattr(engines, "run_export"):
-            ready = cast(Engines, engines)
-        else:  # a factory: build the engines now that the lock is ours (a failure is recorded)
-            ready = built = engines()
-        prove = getattr(ready, "prove_credentials", None)
-        if callable(prove):
-            prove()  # pfsync.sync_live.LiveEngines.prove_credentials: every run, before any work
-        interval = renew_every if renew_every is not None else getattr(lock, "renew_every", None)
+        ready = engines()  # now that the lock is ours (a failure is recorded in the state)
+        ready.prove_credentials()  # every run, before any work
+        interval = renew_every if renew_every is not None else lock.renew_every
         if interval:
             heartbeat = _Heartbeat(run, float(interval), name)
         result = _run_locked(
@@ -294,8 +293,8 @@ def sync_source(
     finally:
         if heartbeat is not None:
             heartbeat.stop()
-        if built is not None:
-            built.close()
+        if ready is not None:
+            ready.close()
         try:
             lock.release()
         except PfsyncError as exc:  # losing the release only delays the next run by the lease TTL
@@ -402,10 +401,10 @@ def _run_locked(
                 transaction_times.append(tt)
         _check_stop(stop)
         load_result = loader.finish()
-        refreshed_at = getattr(loader, "referenced_refreshed_at", None)
-    counts, quota = counts_of(load_result)
+        refreshed_at = loader.referenced_refreshed_at
+    counts, quota = counts_of(load_result), load_result.quota_used
     duration = clock.now() - started
-    queued, quarantined = _total(counts, "retry_queued"), _total(counts, "quarantined")
+    queued, quarantined = total(counts, CountKey.RETRY_QUEUED), total(counts, CountKey.QUARANTINED)
     new_tt = min(transaction_times, key=parse_iso) if transaction_times else None
     advance = queued == 0 and new_tt is not None
     if queued:
@@ -423,7 +422,7 @@ def _run_locked(
         "last_run": LastRun(counts, duration, quota, code, new_tt),
     }  # fmt: skip
     changes["totals"] = add_counts(run.state.totals, counts)
-    if isinstance(refreshed_at, int | float):
+    if refreshed_at is not None:
         changes["referenced_refreshed_at"] = iso(refreshed_at)
     if advance:
         changes.update(transaction_time=new_tt, last_success=iso(clock.now()))
@@ -435,7 +434,7 @@ def _run_locked(
 
 
 def _export_and_load(
-    req: ExportRequest, out_dir: Path, run: _Run, engines: Engines, loader: LoaderLike, stop: threading.Event
+    req: ExportRequest, out_dir: Path, run: _Run, engines: Engines, loader: SyncLoader, stop: threading.Event
 ) -> str | None:
     deleted: list[LandedFile] = []
     load_mutex = threading.Lock()  # downloads may land in parallel; the loader takes one file at a time
@@ -447,7 +446,6 @@ def _export_and_load(
     # held in the id map, which the next finish writes); the mark lives in the same id map, so a
     # lost id map forgets both. The key names this run's export directory: a later run's identical
     # file is offered again (cheap: unchanged hashes cost no write) and retries what it quarantined.
-    marks = loader if isinstance(loader, FileMarks) else None
 
     def on_file(landed: LandedFile) -> None:
         if landed.kind == "deleted":
@@ -459,25 +457,20 @@ def _export_and_load(
             if landed.sha256 in offered or stop.is_set():
                 return
             key = f"{out_dir.parent.name}/{out_dir.name}:{landed.sha256}"
-            if marks is not None and marks.is_loaded(key):
+            if loader.is_loaded(key):
                 offered.add(landed.sha256)
                 return
             loader.load_file(landed.path)
-            if marks is not None:
-                marks.flush()
-                marks.mark_loaded(key)
+            loader.flush()
+            loader.mark_loaded(key)
             offered.add(landed.sha256)
 
-    expect = getattr(loader, "expect_types", None)
-    if callable(expect):
-        # Lets the loader fetch targets this export cannot deliver (Practitioner, Organization... of
-        # a Patient-level export) as soon as a resource names them, instead of at finish.
-        expect(export_types(req.level, req.types))
-    refresh = getattr(loader, "refresh_referenced", None)
-    if callable(refresh):
-        # What the export cannot deliver never changes through it: re-read the ones named (and now
-        # and then all of them) so a changed Practitioner or Organization reaches Medplum too.
-        refresh(export_types(req.level, req.types), run.state.referenced_refreshed_at)
+    # Lets the loader fetch targets this export cannot deliver (Practitioner, Organization... of
+    # a Patient-level export) as soon as a resource names them, instead of at finish.
+    loader.expect_types(export_types(req.level, req.types))
+    # What the export cannot deliver never changes through it: re-read the ones named (and now
+    # and then all of them) so a changed Practitioner or Organization reaches Medplum too.
+    loader.refresh_referenced(export_types(req.level, req.types), run.state.referenced_refreshed_at)
     tt = engines.run_export(req, out_dir, on_file)
     _check_stop(stop)
     # A resumed export may not announce files that landed before the kill: sweep the manifest.

@@ -23,7 +23,7 @@ from pfsync.ndjson import Record, iter_file
 from pfsync.settings import Settings, SourceSettings
 from pfsync.state import LocalStateStore, StateStore
 from pfsync.state_medplum import MedplumStateStore, find_seed_checkpoint
-from pfsync.sync import LoaderLike
+from pfsync.sync import SyncLoader
 
 
 def open_store(settings: Settings, *, clock: Clock | None = None) -> tuple[StateStore, Callable[[], None]]:
@@ -115,7 +115,7 @@ class LiveEngines:
         return result.transaction_time
 
     @contextlib.contextmanager
-    def _loader(self) -> Iterator[LoaderLike]:
+    def _loader(self) -> Iterator[SyncLoader]:
         from pfsync.load import Loader
 
         with Loader(self.source, self.settings.load, self.medplum_client, state_dir=self.settings.state_dir,
@@ -123,7 +123,7 @@ class LiveEngines:
                     events=self.events, dry_run=self.dry_run, stop=self.stop) as loader:  # fmt: skip
             yield loader
 
-    def loader(self) -> AbstractContextManager[LoaderLike]:
+    def loader(self) -> AbstractContextManager[SyncLoader]:
         return self._loader()
 
     def group_members(self, group_id: str, scratch: Path) -> frozenset[str]:

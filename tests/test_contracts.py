@@ -51,3 +51,30 @@ def test_contracts_state_file_names_are_defined_once() -> None:
         }
         found = (literals & (names - {statedir.LOCK_FILE})) | (joined & {statedir.LOCK_FILE})
         assert not found, f"{module.relative_to(PACKAGE.parent)} spells {sorted(found)}: use pfsync.statedir"
+
+
+def test_contracts_count_keys_are_listed_once() -> None:
+    from pfsync.counts import COUNT_KEYS
+
+    keys = {str(k) for k in COUNT_KEYS}
+    for module in _product_modules():
+        if module.name == "counts.py":
+            continue
+        tree = ast.parse(module.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Tuple | ast.List | ast.Set):
+                listed = {e.value for e in node.elts if isinstance(e, ast.Constant)} & keys
+                assert len(listed) < 3, (
+                    f"{module.relative_to(PACKAGE.parent)}:{node.lineno} lists count keys: use pfsync.counts"
+                )
+
+
+def test_contracts_sync_drives_engines_through_typed_protocols() -> None:
+    """No duck typing in the orchestrator: hasattr/getattr probes hide which contract holds."""
+    tree = ast.parse((PACKAGE / "sync.py").read_text(encoding="utf-8"))
+    probes = [
+        n.lineno
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("hasattr", "getattr")
+    ]
+    assert probes == []

@@ -129,10 +129,7 @@ def test_sync_medplum_lease_renewed_during_one_long_load(
             return Slow()
 
     engines = SlowEngines(settings, settings.sources[0], threading.Event())
-    try:
-        result = sync_source(settings, settings.sources[0], store, engines, stop=threading.Event())
-    finally:
-        engines.close()
+    result = sync_source(settings, settings.sources[0], store, lambda: engines, stop=threading.Event())
     assert result.exit_code == 0, result.error
     assert refused and set(refused) == {"refused"}
 

@@ -35,6 +35,7 @@ from pfsync.cli.common import (
     run,
     wants_json,
 )
+from pfsync.counts import COUNT_KEYS
 from pfsync.errors import PartialLoadError, TemporaryError, UsageError
 from pfsync.events import EventSink, FanoutSink
 from pfsync.http import make_client
@@ -47,7 +48,7 @@ from pfsync.schedule import stop_on_signals
 from pfsync.settings import Settings, SourceSettings, require
 from pfsync.statedir import QUARANTINE_FILE, source_dir
 
-COLUMNS = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")
+COLUMNS = COUNT_KEYS
 
 
 class LoadProgress:

@@ -33,6 +33,7 @@ from pfsync.cli.common import (
     wants_json,
 )
 from pfsync.cli.progress import SyncProgress, make_progress
+from pfsync.counts import COUNT_KEYS, CountKey
 from pfsync.errors import ExitCode, UnhealthyError
 from pfsync.events import EventSink, FanoutSink
 from pfsync.settings import Settings, parse_duration
@@ -71,7 +72,7 @@ def _problem_hint(settings: Settings, result: SourceResult) -> str | None:
         path = settings.state_dir / result.source / QUARANTINE_FILE
         return f"see {path} for each resource's reason; fix the cause, then replay it: pfsync load {path}"
     if result.exit_code == ExitCode.TEMPORARY:
-        if any(c.get("retry_queued") for c in result.counts.values()):
+        if any(c.get(CountKey.RETRY_QUEUED) for c in result.counts.values()):
             return "the next run retries them first and re-exports the same window"
         return (
             "the source or Medplum was unreachable or overloaded; the next run tries again (nothing was lost)"
@@ -113,25 +114,15 @@ def _render_summary(result: object, json_out: bool) -> None:
         sys.stdout.flush()
         return
     table = Table(title=f"pfsync sync: exit {result.exit_code} in {result.duration:.1f}s")
-    for col in (
-        "source",
-        "outcome",
-        "type",
-        "created",
-        "updated",
-        "unchanged",
-        "deleted",
-        "quarantined",
-        "queued",
-    ):
+    counted = ("queued" if k is CountKey.RETRY_QUEUED else str(k) for k in COUNT_KEYS)
+    for col in ("source", "outcome", "type", *counted):
         table.add_column(col, justify="left" if col in ("source", "outcome", "type") else "right")
     for r in result.results:
         rows = sorted(r.counts.items()) or [("-", {})]
         for i, (rtype, c) in enumerate(rows):
             first = i == 0
             table.add_row(r.source if first else "", (r.outcome if first else ""), rtype,
-                          *(str(c.get(k, 0)) if c else "-" for k in
-                            ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")))  # fmt: skip
+                          *(str(c.get(k, 0)) if c else "-" for k in COUNT_KEYS))  # fmt: skip
         extra = f"{r.duration:.1f}s, quota {r.quota_used}" + (f", {r.error}" if r.error else "")
         table.add_row("", "", extra, *[""] * 6)
     console.print(table)

@@ -13,11 +13,8 @@ and only reference targets we did not see are checked with batched `_id` searche
 from __future__ import annotations
 
 import logging
-import shutil
-import time
-import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +22,11 @@ import httpx
 
 from pfsync.errors import HTTPError, UsageError
 from pfsync.events import EventSink, NullSink
-from pfsync.exportjob import JOB_FILE, MANIFEST_FILE, ExportDir
 from pfsync.http import Clock, SystemClock
 from pfsync.idmap import fetched_identities
-from pfsync.instants import parse_iso
 from pfsync.ndjson import Record, iter_file, iter_paths
 from pfsync.settings import Settings, SourceSettings, identifier_system
-from pfsync.state import LocalStateStore
-from pfsync.statedir import EXPORTS_DIR, IDMAP_FILE, source_dir
+from pfsync.statedir import IDMAP_FILE, source_dir
 from pfsync.transform import (
     Ref,
     Target,
@@ -43,8 +37,10 @@ from pfsync.transform import (
     render,
     resource_hash_from_meta,
 )
+from pfsync.verify_exports import is_incremental
+from pfsync.verify_fix import apply_fixes
 from pfsync.verify_medplum import MedplumReader
-from pfsync.verify_report import CATEGORIES, Category, Finding, TypeCounts, VerifyReport
+from pfsync.verify_report import CATEGORIES, Category, Finding, TypeCounts, VerifyOptions, VerifyReport
 from pfsync.verify_scan import content_hash, references, source_ids
 from pfsync.verify_store import Scratch
 
@@ -53,121 +49,6 @@ log = logging.getLogger("pfsync.verify")
 CONFIRM_MAX = 10_000  # missing identities re-checked by identifier search (20 points per 100)
 _COMMIT_EVERY = 5_000
 _NOT_RESOURCES = ("deleted.", "error.")  # export files that hold no source resources
-
-
-@dataclass(frozen=True)
-class VerifyOptions:
-    """What `pfsync verify` checks and repairs."""
-
-    content: bool = False
-    fix: bool = False
-    fix_extras: bool = False
-    dry_run: bool = False
-    limit: int | None = None  # findings kept per category (None: all, for --json)
-    page_size: int = 1000
-
-
-def _finished(path: Path) -> float | None:
-    """When this export directory's job was kicked off, if it finished (else None)."""
-    if not (path / MANIFEST_FILE).is_file() or path.name.startswith("members-"):
-        return None  # members-*: sync's Patient-only group membership exports
-    job = ExportDir(path).load_job() if (path / JOB_FILE).is_file() else None
-    if job is not None and job.state not in ("downloaded", "complete"):
-        return None  # still running, failed or cancelled: its files are not the whole export
-    return job.kicked_off_at if job is not None else (path / MANIFEST_FILE).stat().st_mtime
-
-
-def latest_export(state_dir: Path, source: str) -> list[Path]:
-    """The newest finished export under `{state_dir}/{source}/exports/`: either one export directory
-    (`pfsync export`) or one sync run directory holding an export per request (`run-*/<fingerprint>/`,
-    pfsync.sync); a run's directories are returned together (one per group)."""
-    root = source_dir(state_dir, source) / EXPORTS_DIR
-    best = _newest(root)
-    if best is None:
-        raise UsageError(
-            f"no finished export under {root}",
-            hint="run `pfsync export` first, or give a directory with --from DIR, or use --export",
-        )
-    return best[1]
-
-
-def _newest(root: Path) -> tuple[float, list[Path]] | None:
-    best: tuple[float, list[Path]] | None = None
-    for path in sorted(root.iterdir()) if root.is_dir() else ():
-        if not path.is_dir():
-            continue
-        dirs = [path] if (path / MANIFEST_FILE).is_file() else sorted(p for p in path.iterdir() if p.is_dir())
-        times = [(t, d) for d in dirs if (t := _finished(d)) is not None]
-        if times and (best is None or max(t for t, _ in times) > best[0]):
-            best = (max(t for t, _ in times), [d for _, d in times])
-    return best
-
-
-def default_export(
-    settings: Settings, source: SourceSettings, *, clock: Clock | None = None, events: EventSink | None = None
-) -> list[Path]:
-    """What a bare `pfsync verify` compares against.
-
-    `pfsync sync` deletes its exports once loaded, and they are incremental anyway. So: the newest
-    finished export under the state directory, if it is newer than the last successful sync (an
-    older one no longer describes the source: what the sync loaded since would show as extras);
-    else a fresh full export, kept for the next verify (older `verify-*` exports are removed)."""
-    root = source_dir(settings.state_dir, source.name) / EXPORTS_DIR
-    best = _newest(root)
-    synced: float | None = None
-    if settings.state_backend == "local":
-        last = LocalStateStore(settings.state_dir).load(source.name).last_success
-        synced = parse_iso(last) if last else None
-    if best is not None and (synced is None or best[0] >= synced):
-        return best[1]
-    (events or NullSink()).emit("verify_fresh_export", source=source.name,
-                                reason="no export newer than the last sync" if best else "no finished export")  # fmt: skip
-    dirs = fresh_export(settings, source, clock=clock, events=events)
-    keep = {d.parent for d in dirs}
-    for old in sorted(root.glob("verify-*")):
-        if old.is_dir() and old not in keep:
-            shutil.rmtree(old, ignore_errors=True)
-    return dirs
-
-
-def is_incremental(export_dir: Path) -> bool:
-    """An export with `_since` lists only what changed: absence from it does not mean deleted."""
-    if (export_dir / JOB_FILE).is_file():
-        job = ExportDir(export_dir).load_job()
-        if job is not None:
-            return job.request.since is not None
-    if (export_dir / MANIFEST_FILE).is_file():
-        return "_since=" in ExportDir(export_dir).manifest.request
-    return False
-
-
-def fresh_export(
-    settings: Settings, source: SourceSettings, *, clock: Clock | None = None, events: EventSink | None = None
-) -> list[Path]:
-    """`--export`: a full export now (the export engineer's run_export), one directory per request."""
-    from pfsync.auth import source_auth
-    from pfsync.bulk import requests_for
-    from pfsync.export import run_export
-    from pfsync.http import RetryPolicy, make_client
-
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    # Unique per run: two verifies within one second must not resume each other's export.
-    root = (
-        source_dir(settings.state_dir, source.name) / EXPORTS_DIR / f"verify-{stamp}-{uuid.uuid4().hex[:6]}"
-    )
-    out: list[Path] = []
-    with make_client(settings.http) as client:
-        authenticator, auth = source_auth(
-            source, client, http=settings.http, clock=clock, negotiate=not settings.export.strict_scopes
-        )
-        authenticator.token()
-        granted = list(authenticator.granted_types(source.resource_types)[0])
-        for request in requests_for(source, settings.export, since=None):
-            out_dir = root / request.fingerprint()
-            run_export(source, settings.export, client, auth, out_dir=out_dir, request=request, clock=clock,
-                       events=events, granted_types=granted, policy=RetryPolicy.from_settings(settings.http))  # fmt: skip
-            out.append(out_dir)
-    return out
 
 
 def source_records(export_dirs: Sequence[Path], max_line_bytes: int) -> Iterator[Record | None]:
@@ -432,8 +313,6 @@ def verify(
         report = verifier.check(export_dirs, options, scratch)
         if not options.fix:
             return report
-        from pfsync.verify_fix import apply_fixes
-
         actions = apply_fixes(verifier, export_dirs, options, scratch, report.extras_checked)
         resends = scratch.fix_count()
     finally:

@@ -20,18 +20,44 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
+
+import httpx
 
 from pfsync.errors import HTTPError
+from pfsync.events import EventSink
+from pfsync.http import Clock
 from pfsync.idmap import IdMap
-from pfsync.ndjson import iter_file, iter_paths
+from pfsync.load import Loader
+from pfsync.ndjson import Record, iter_file, iter_paths
 from pfsync.private import create_exclusive
+from pfsync.settings import Settings, SourceSettings
 from pfsync.statedir import IDMAP_FILE
-from pfsync.verify import Verifier, VerifyOptions
-from pfsync.verify_report import Action
+from pfsync.verify_medplum import MedplumReader
+from pfsync.verify_report import Action, VerifyOptions
 from pfsync.verify_store import Scratch
 
 log = logging.getLogger("pfsync.verify")
 _NOT_RESOURCES = ("deleted.", "error.")
+
+
+class Verifier(Protocol):
+    """What the repairs need of the check that found them (pfsync.verify.Verifier)."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def source(self) -> SourceSettings: ...
+    @property
+    def client(self) -> httpx.Client: ...
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def events(self) -> EventSink: ...
+    @property
+    def reader(self) -> MedplumReader: ...
+    @property
+    def work_dir(self) -> Path: ...
 
 
 def plan(verifier: Verifier, options: VerifyOptions, scratch: Scratch, extras_checked: bool) -> list[Action]:
@@ -156,8 +182,6 @@ def _all_gone(scratch: Scratch, rtype: str, sid: str) -> bool:
 
 def _resend(verifier: Verifier, export_dirs: Sequence[Path], scratch: Scratch) -> str | None:
     """Copy the source lines to re-send into one NDJSON file and load it; -> an error text, if any."""
-    from pfsync.load import Loader
-
     path = verifier.work_dir / f".verify-resend-{os.getpid()}.ndjson"
     try:
         with os.fdopen(create_exclusive(path), "wb") as out:
@@ -165,9 +189,9 @@ def _resend(verifier: Verifier, export_dirs: Sequence[Path], scratch: Scratch) -
                 if file.name.startswith(_NOT_RESOURCES):
                     continue
                 for item in iter_file(file, max_line_bytes=verifier.settings.export.max_line_bytes):
-                    resource = getattr(item, "resource", None)
-                    if resource is None:
+                    if not isinstance(item, Record):
                         continue
+                    resource = item.resource
                     rtype, sid = resource.get("resourceType"), resource.get("id")
                     if isinstance(rtype, str) and isinstance(sid, str) and scratch.is_fix(rtype, sid):
                         out.write(item.raw + b"\n")

@@ -78,3 +78,67 @@ def test_contracts_sync_drives_engines_through_typed_protocols() -> None:
         if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("hasattr", "getattr")
     ]
     assert probes == []
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """pfsync modules `path` imports anywhere (top level, in functions, under TYPE_CHECKING)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        found |= {n for n in names if n in known}
+    return found
+
+
+def _cycles() -> list[set[str]]:
+    """Strongly connected groups of more than one module in the product's import graph."""
+    paths = {_module_name(p): p for p in _product_modules()}
+    graph = {m: _imports(p, set(paths)) - {m} for m, p in paths.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[set[str]] = []
+
+    def visit(m: str) -> None:  # Tarjan's algorithm
+        index[m] = low[m] = len(index)
+        stack.append(m)
+        for n in graph[m]:
+            if n not in index:
+                visit(n)
+                low[m] = min(low[m], low[n])
+            elif n in stack:
+                low[m] = min(low[m], index[n])
+        if low[m] == index[m]:
+            group = set()
+            while True:
+                n = stack.pop()
+                group.add(n)
+                if n == m:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for m in sorted(graph):
+        if m not in index:
+            visit(m)
+    return groups
+
+
+# The sync, state, verify and settings side of the package (other groups are checked by the layer rules).
+_NO_CYCLES = ("pfsync.state", "pfsync.lock", "pfsync.holders", "pfsync.sync", "pfsync.verify", "pfsync.settings",
+              "pfsync.status", "pfsync.metrics", "pfsync.schedule", "pfsync.authcheck", "pfsync.counts",
+              "pfsync.statedir", "pfsync.instants", "pfsync.events")  # fmt: skip
+
+
+def test_contracts_no_import_cycle_in_sync_state_verify_settings() -> None:
+    for group in _cycles():
+        mine = sorted(m for m in group if m.startswith(_NO_CYCLES))
+        assert not mine, f"import cycle {sorted(group)} (hidden imports count too)"

@@ -18,7 +18,8 @@ from pfsync.load import Loader
 from pfsync.medplum_auth import medplum_auth
 from pfsync.sandbox.target import TargetSandbox
 from pfsync.settings import Settings, identifier_system, load_settings
-from pfsync.verify import VerifyOptions, verify
+from pfsync.verify import verify
+from pfsync.verify_report import VerifyOptions
 
 pytestmark = pytest.mark.integration
 

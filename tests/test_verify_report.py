@@ -10,7 +10,7 @@ import pytest
 from pfsync.bulk import ExportRequest
 from pfsync.errors import UsageError
 from pfsync.exportjob import ExportDir, ExportJob
-from pfsync.verify import is_incremental, latest_export
+from pfsync.verify_exports import is_incremental, latest_export
 from pfsync.verify_report import Finding, TypeCounts, VerifyReport
 
 

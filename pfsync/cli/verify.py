@@ -28,7 +28,7 @@ from pfsync.errors import UsageError, VerifyMismatchError
 from pfsync.verify_report import CATEGORIES, VerifyReport
 
 if TYPE_CHECKING:
-    from pfsync.verify import VerifyOptions
+    from pfsync.verify_report import VerifyOptions
 
 _COLUMNS = ("source", "medplum", "present", "missing", "duplicated", "extra", "dangling", "drift")
 
@@ -42,7 +42,8 @@ def _verify(
 ) -> VerifyReport:
     from pfsync.http import make_client
     from pfsync.medplum_auth import medplum_auth
-    from pfsync.verify import default_export, fresh_export, verify
+    from pfsync.verify import verify
+    from pfsync.verify_exports import default_export, fresh_export
 
     settings = build_settings(ctx)
     source = settings.source(source_name)
@@ -150,7 +151,7 @@ def verify(
     \b
       pfsync verify --content --fix --dry-run
     """
-    from pfsync.verify import VerifyOptions
+    from pfsync.verify_report import VerifyOptions
 
     options = VerifyOptions(
         content=content,

@@ -1,7 +1,7 @@
 """Test doubles for the product's small interfaces (they never ship in the package).
 
-`MemoryStateStore` stands in for a `pfsync.state.StateStore`, `ListSink` for a
-`pfsync.events.EventSink`.
+`MemoryStateStore` stands in for a `pfsync.sync.state.StateStore`, `ListSink` for a
+`pfsync.core.events.EventSink`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from pfsync.errors import LockedError
-from pfsync.holders import Holder, RunLock
-from pfsync.state import SyncState
+from pfsync.core.errors import LockedError
+from pfsync.sync.holders import Holder, RunLock
+from pfsync.sync.state import SyncState
 
 
 @dataclass

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pfsync.errors import ExitCode, LockedError
-from pfsync.holders import Holder, Lease
-from pfsync.lock import FileLock, check_lease, lease_expired, new_lease
-from pfsync.state import LocalStateStore, SyncState
+from pfsync.core.errors import ExitCode, LockedError
+from pfsync.sync.holders import Holder, Lease
+from pfsync.sync.lock import FileLock, check_lease, lease_expired, new_lease
+from pfsync.sync.state import LocalStateStore, SyncState
 
 ME = Holder(4242, "host-a", "2026-01-01T00:00:00.000Z")
 
@@ -44,7 +44,7 @@ def test_file_lock_stale_file_is_not_a_holder(tmp_path: Path) -> None:
 def test_file_lock_freed_when_holder_is_killed(tmp_path: Path) -> None:
     path = tmp_path / "lock"
     code = (
-        "import sys,time; from pfsync.lock import FileLock; from pfsync.holders import Holder;"
+        "import sys,time; from pfsync.sync.lock import FileLock; from pfsync.sync.holders import Holder;"
         f"FileLock.acquire({str(path)!r}, Holder.me()); print('held', flush=True); time.sleep(60)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

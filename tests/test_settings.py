@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pfsync.errors import ConfigError, ExitCode
-from pfsync.redact import Secret
-from pfsync.settings import (
+from pfsync.core.errors import ConfigError, ExitCode
+from pfsync.core.redact import Secret
+from pfsync.core.settings import (
     DEFAULT_RESOURCE_TYPES,
     SPECS,
     identifier_system,
@@ -285,7 +285,7 @@ def test_settings_download_allowlist_refuses_plain_http_to_other_hosts(tmp_path:
 
 
 def test_settings_each_default_is_declared_once_in_its_dataclass() -> None:
-    from pfsync.settings_specs import FROM_DATACLASS, field_default
+    from pfsync.core.settings_specs import FROM_DATACLASS, field_default
 
     for spec in SPECS:
         own = field_default(spec.key)
@@ -297,7 +297,7 @@ def test_settings_each_default_is_declared_once_in_its_dataclass() -> None:
 
 
 def test_settings_resolved_defaults_equal_the_dataclass_defaults(tmp_path: Path) -> None:
-    from pfsync.settings import (
+    from pfsync.core.settings import (
         ExportSettings,
         HttpSettings,
         LoadSettings,

@@ -10,11 +10,11 @@ import orjson
 import pytest
 from doubles import MemoryStateStore
 
-from pfsync.errors import LockedError, StateError
-from pfsync.holders import Holder, Lease
-from pfsync.instants import iso, parse_iso
-from pfsync.state import InFlight, LastRun, LocalStateStore, SyncState, write_atomic
-from pfsync.statedir import source_dir
+from pfsync.core.errors import LockedError, StateError
+from pfsync.core.instants import iso, parse_iso
+from pfsync.core.statedir import source_dir
+from pfsync.sync.holders import Holder, Lease
+from pfsync.sync.state import InFlight, LastRun, LocalStateStore, SyncState, write_atomic
 
 FULL = SyncState(
     source="practice-a",

@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from pfsync.cli import app
-from pfsync.holders import Holder
-from pfsync.instants import iso
-from pfsync.metrics import render, write_metrics
-from pfsync.state import LastRun, LocalStateStore, SyncState
-from pfsync.status import count_lines
+from pfsync.core.instants import iso
+from pfsync.sync.holders import Holder
+from pfsync.sync.metrics import render, write_metrics
+from pfsync.sync.state import LastRun, LocalStateStore, SyncState
+from pfsync.sync.status import count_lines
 
 runner = CliRunner()
 
@@ -129,7 +129,7 @@ def test_metrics_render_is_valid_exposition_format() -> None:
 
 
 def test_metrics_escape_label_values(tmp_path: Path) -> None:
-    from pfsync.status import SourceStatus
+    from pfsync.sync.status import SourceStatus
 
     st = SourceStatus('we"ird\\name', True, True, (), None, None, None, None, None, None, None, None)
     write_metrics(tmp_path / "m.prom", [st])

@@ -14,12 +14,12 @@ import pytest
 from conftest import FIXTURES
 from target_fixtures import fhir_client
 
-from pfsync.load import Loader
-from pfsync.medplum_auth import medplum_auth
-from pfsync.sandbox.target import TargetSandbox
-from pfsync.settings import Settings, identifier_system, load_settings
-from pfsync.verify import verify
-from pfsync.verify_report import VerifyOptions
+from pfsync.core.settings import Settings, identifier_system, load_settings
+from pfsync.load.loader import Loader
+from pfsync.medplum.auth import medplum_auth
+from pfsync.sandbox.target.server import TargetSandbox
+from pfsync.verify.report import VerifyOptions
+from pfsync.verify.verifier import verify
 
 pytestmark = pytest.mark.integration
 

@@ -24,11 +24,11 @@ from pfsync.cli.common import (
     state,
     wants_json,
 )
-from pfsync.errors import UsageError, VerifyMismatchError
-from pfsync.verify_report import CATEGORIES, VerifyReport
+from pfsync.core.errors import UsageError, VerifyMismatchError
+from pfsync.verify.report import CATEGORIES, VerifyReport
 
 if TYPE_CHECKING:
-    from pfsync.verify_report import VerifyOptions
+    from pfsync.verify.report import VerifyOptions
 
 _COLUMNS = ("source", "medplum", "present", "missing", "duplicated", "extra", "dangling", "drift")
 
@@ -40,10 +40,11 @@ def _verify(
     source_name: str | None,
     options: VerifyOptions,
 ) -> VerifyReport:
-    from pfsync.http import make_client
-    from pfsync.medplum_auth import medplum_auth
-    from pfsync.verify import verify
-    from pfsync.verify_exports import default_export, fresh_export
+    from pfsync.medplum.auth import medplum_auth
+    from pfsync.net.http import make_client
+    from pfsync.sync.state import last_local_success
+    from pfsync.verify.exports import default_export, fresh_export
+    from pfsync.verify.verifier import verify
 
     settings = build_settings(ctx)
     source = settings.source(source_name)
@@ -56,8 +57,8 @@ def _verify(
     elif export:
         dirs = fresh_export(settings, source)
     else:
-        dirs = default_export(settings, source)
-    # base_url = the FHIR base: the loader keys its id map by it (pfsync.load.Loader).
+        dirs = default_export(settings, source, synced_at=last_local_success(settings, source.name))
+    # base_url = the FHIR base: the loader keys its id map by it (pfsync.load.loader.Loader).
     with make_client(
         settings.http, timeout=settings.http.load_timeout, base_url=settings.medplum.fhir_url
     ) as client:
@@ -151,7 +152,7 @@ def verify(
     \b
       pfsync verify --content --fix --dry-run
     """
-    from pfsync.verify_report import VerifyOptions
+    from pfsync.verify.report import VerifyOptions
 
     options = VerifyOptions(
         content=content,

@@ -17,15 +17,9 @@ from pfsync.core.settings import Settings, SourceSettings, SyncSettings
 from pfsync.source.bulk import ExportRequest
 from pfsync.source.exportjob import LandedFile
 from pfsync.sync.holders import Holder
-from pfsync.sync.run import (
-    SEVERITY,
-    parse_shard,
-    select_sources,
-    shard_of,
-    sync_all,
-    sync_source,
-    worst_exit_code,
-)
+from pfsync.sync.results import SEVERITY, worst_exit_code
+from pfsync.sync.run import sync_all, sync_source
+from pfsync.sync.sources import parse_shard, select_sources, shard_of
 from pfsync.sync.state import SyncState
 
 TT1, TT2 = "2026-01-01T00:00:00.000Z", "2026-01-02T00:00:00.000Z"

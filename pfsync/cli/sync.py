@@ -40,7 +40,7 @@ from pfsync.core.settings import Settings, parse_duration
 from pfsync.core.statedir import QUARANTINE_FILE
 
 if TYPE_CHECKING:
-    from pfsync.sync.run import SourceResult
+    from pfsync.sync.results import SourceResult
 
 QUIET_EVENTS = frozenset({"download_progress", "status_progress", "load_progress", "load_file_start"})
 
@@ -103,7 +103,7 @@ def _write_metrics(settings: Settings, names: list[str], path: Path) -> None:
 
 
 def _render_summary(result: object, json_out: bool) -> None:
-    from pfsync.sync.run import SyncResult
+    from pfsync.sync.results import SyncResult
 
     assert isinstance(result, SyncResult)
     console = out_console()
@@ -189,8 +189,9 @@ def sync(
     """
     settings = run(ctx, lambda: build_settings(ctx))
     from pfsync.sync.live import live_engines, open_store
-    from pfsync.sync.run import select_sources, sync_all
+    from pfsync.sync.run import sync_all
     from pfsync.sync.schedule import run_every, stop_on_signals
+    from pfsync.sync.sources import select_sources
 
     sources = run(ctx, lambda: select_sources(settings, source, shard))
     names = [s.name for s in sources]
@@ -256,7 +257,7 @@ def status(
     def go() -> int:
         from pfsync.sync.live import open_store
         from pfsync.sync.metrics import write_metrics
-        from pfsync.sync.run import select_sources
+        from pfsync.sync.sources import select_sources
         from pfsync.sync.status import collect_status
 
         names = [s.name for s in select_sources(settings, source)]

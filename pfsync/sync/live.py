@@ -1,6 +1,6 @@
 """The real engines behind `pfsync sync`: HTTP clients, source and Medplum auth, export, loader, state store.
 
-pfsync.sync.run orchestrates against the small `Engines` protocol; this module wires the real pieces
+pfsync.sync.run orchestrates against the small `Engines` protocol (pfsync.sync.engines); this module wires the real pieces
 (pfsync.source.export.run_export, pfsync.load.loader.Loader, pfsync.source.auth, pfsync.medplum.auth) for one source.
 Each source gets its own clients and token (its own audience: docs/practice-fusion.md "Servers").
 """
@@ -21,7 +21,7 @@ from pfsync.core.settings import Settings, SourceSettings
 from pfsync.net.http import Clock, RetryPolicy, SystemClock, json_object, make_client, request_with_retry
 from pfsync.source.bulk import ExportRequest
 from pfsync.source.exportjob import LandedFile
-from pfsync.sync.run import SyncLoader
+from pfsync.sync.engines import SyncLoader
 from pfsync.sync.state import LocalStateStore, StateStore
 from pfsync.sync.state_medplum import MedplumStateStore, find_seed_checkpoint
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,29 @@ def _check_keys(table: Mapping[str, Any], section: str, where: str, used_path: P
         )
 
 
+class _Resolver:
+    """One setting's value from the first place that sets it: flag, environment, TOML table, default."""
+
+    def __init__(self, flags: Mapping[str, Any], env: Mapping[str, str]) -> None:
+        self.flags, self.env = flags, env
+
+    def __call__(self, spec: Spec, toml_table: Mapping[str, Any], where: str, use_env: bool = True) -> Any:
+        if spec.key in self.flags:
+            # A flag comes from the command line: a bad value there is a usage error (exit 2).
+            try:
+                return spec.parse(self.flags[spec.key], spec.flag or spec.key)
+            except ConfigError as exc:
+                raise UsageError(exc.message, hint=exc.hint) from None
+        if use_env:
+            for name in spec.env:
+                if self.env.get(name, "").strip():
+                    return spec.parse(self.env[name], name)
+        value = _toml_value(toml_table, spec, where)
+        if value is not None:
+            return spec.parse(value, f"{where}.{spec.name}")
+        return spec.default
+
+
 def load_settings(
     *,
     flags: Mapping[str, Any] | None = None,
@@ -101,6 +124,25 @@ def load_settings(
     flags = {k: v for k, v in (flags or {}).items() if v is not None and v != () and v != []}
     env = env or {}
     doc, used_path = read_config_file(config_path, cwd=cwd)
+    _check_tables(doc, used_path)
+    resolve = _Resolver(flags, env)
+    sections: dict[str, dict[str, Any]] = {}
+    for spec in SPECS:
+        if spec.section == "source":
+            continue
+        table = doc.get(spec.section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"config file {used_path}: [{spec.section}] must be a table", setting="--config"
+            )
+        sections.setdefault(spec.section, {})[spec.name] = resolve(spec, table, spec.section)
+    settings = _build(sections, _resolve_sources(doc, resolve, used_path), used_path)
+    _validate(settings)
+    return settings
+
+
+def _check_tables(doc: Mapping[str, Any], used_path: Path | None) -> None:
+    """Every table and key of the TOML file is one we know (a typo would silently keep a default)."""
     unknown = set(doc) - _KNOWN_SECTIONS
     if unknown:
         guesses = [g for g in (did_you_mean(u, _KNOWN_SECTIONS) for u in sorted(unknown)) if g]
@@ -118,45 +160,17 @@ def load_settings(
         elif isinstance(table, dict):
             _check_keys(table, section, section, used_path)
 
-    def from_flag(spec: Spec, value: Any) -> Any:
-        # A flag comes from the command line: a bad value there is a usage error (exit 2).
-        try:
-            return spec.parse(value, spec.flag or spec.key)
-        except ConfigError as exc:
-            raise UsageError(exc.message, hint=exc.hint) from None
 
-    def resolve(spec: Spec, toml_table: Mapping[str, Any], where: str, use_env: bool = True) -> Any:
-        if spec.key in flags:
-            return from_flag(spec, flags[spec.key])
-        if use_env:
-            for name in spec.env:
-                if env.get(name, "").strip():
-                    return spec.parse(env[name], name)
-        value = _toml_value(toml_table, spec, where)
-        if value is not None:
-            return spec.parse(value, f"{where}.{spec.name}")
-        return spec.default
-
-    sections: dict[str, dict[str, Any]] = {}
-    for spec in SPECS:
-        if spec.section == "source":
-            continue
-        table = doc.get(spec.section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(
-                f"config file {used_path}: [{spec.section}] must be a table", setting="--config"
-            )
-        sections.setdefault(spec.section, {})[spec.name] = resolve(spec, table, spec.section)
-
-    sources = _resolve_sources(doc, flags, env, resolve, used_path)
+def _build(
+    sections: Mapping[str, Mapping[str, Any]], sources: tuple[SourceSettings, ...], used_path: Path | None
+) -> Settings:
     medplum = MedplumSettings(**sections["medplum"])
     if not medplum.base_url.endswith("/"):
         medplum = replace(medplum, base_url=medplum.base_url + "/")
-    http = HttpSettings(**sections["http"])
-    settings = Settings(
+    return Settings(
         sources=sources,
         medplum=medplum,
-        http=http,
+        http=HttpSettings(**sections["http"]),
         export=ExportSettings(**sections["export"]),
         load=LoadSettings(**sections["load"]),
         sync=SyncSettings(**sections["sync"]),
@@ -166,27 +180,25 @@ def load_settings(
         config_file=used_path,
         warnings=take_warnings(),
     )
-    _validate(settings)
-    return settings
+
+
+_SOURCE_SPECS = [s for s in SPECS if s.section == "source"]
+# Per-source identity (name, base URL, credentials) comes from each [[sources]] table only; shared
+# settings (types, scope version, ...) may come from the environment for all sources.
+_PER_SOURCE = ("name", "base_url", "client_id", "client_secret", "private_key", "key_id", "groups", "token_url",
+               "jku")  # fmt: skip
 
 
 def _resolve_sources(
-    doc: Mapping[str, Any],
-    flags: Mapping[str, Any],
-    env: Mapping[str, str],
-    resolve: Callable[[Spec, Mapping[str, Any], str, bool], Any],
-    used_path: Path | None,
+    doc: Mapping[str, Any], resolve: _Resolver, used_path: Path | None
 ) -> tuple[SourceSettings, ...]:
-    source_specs = [s for s in SPECS if s.section == "source"]
     tables = doc.get("sources")
     if tables is None:
         single = doc.get("source", {})
         if not isinstance(single, dict):
             raise ConfigError(f"config file {used_path}: [source] must be a table", setting="--config")
-        values = {s.name: resolve(s, single, "source", True) for s in source_specs}
-        if values["base_url"] is None:
-            return ()
-        return (_make_source(values),)
+        values = {s.name: resolve(s, single, "source") for s in _SOURCE_SPECS}
+        return () if values["base_url"] is None else (_make_source(values),)
     if "source" in doc:
         raise ConfigError(
             f"config file {used_path} has both [source] and [[sources]]",
@@ -195,31 +207,13 @@ def _resolve_sources(
         )
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"config file {used_path}: sources must be an array of tables [[sources]]")
-    if env.get("PF_FHIR_BASE_URL", "").strip() or "source.base_url" in flags:
+    if resolve.env.get("PF_FHIR_BASE_URL", "").strip() or "source.base_url" in resolve.flags:
         raise ConfigError(
             "PF_FHIR_BASE_URL / --source-url conflicts with the [[sources]] list in the config file",
             setting="source.base_url",
             hint="with several sources, set each base_url in its [[sources]] table and unset PF_FHIR_BASE_URL",
         )
-    result: list[SourceSettings] = []
-    for i, table in enumerate(tables):
-        where = f"sources[{i}]"
-        values = {}
-        for spec in source_specs:
-            # Per-source identity (name, base URL, credentials) comes from the table only; shared
-            # settings (types, scope version, ...) may come from the environment for all sources.
-            per_source = spec.name in ("name", "base_url", "client_id", "client_secret", "private_key", "key_id",
-                                       "groups", "token_url", "jku")  # fmt: skip
-            if spec.name == "name" and "name" not in table:
-                raise ConfigError(f"config file {used_path}: {where} needs a name", setting=f"{where}.name")
-            values[spec.name] = resolve(spec, table, where, not per_source)
-            if per_source and spec.key in flags and spec.name != "groups":
-                values[spec.name] = resolve(spec, table, where, False)
-        if values["base_url"] is None:
-            raise ConfigError(
-                f"config file {used_path}: {where} needs a base_url", setting=f"{where}.base_url"
-            )
-        result.append(_make_source(values))
+    result = [_listed_source(table, f"sources[{i}]", resolve, used_path) for i, table in enumerate(tables)]
     names = [s.name for s in result]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -231,6 +225,18 @@ def _resolve_sources(
         )
         for s in result
     )
+
+
+def _listed_source(
+    table: Mapping[str, Any], where: str, resolve: _Resolver, used_path: Path | None
+) -> SourceSettings:
+    """One [[sources]] table."""
+    if "name" not in table:
+        raise ConfigError(f"config file {used_path}: {where} needs a name", setting=f"{where}.name")
+    values = {spec.name: resolve(spec, table, where, spec.name not in _PER_SOURCE) for spec in _SOURCE_SPECS}
+    if values["base_url"] is None:
+        raise ConfigError(f"config file {used_path}: {where} needs a base_url", setting=f"{where}.base_url")
+    return _make_source(values)
 
 
 def _make_source(values: dict[str, Any]) -> SourceSettings:

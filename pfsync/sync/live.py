@@ -18,8 +18,12 @@ from pfsync.core.errors import AuthError
 from pfsync.core.events import EventSink, NullSink
 from pfsync.core.ndjson import Record, iter_file
 from pfsync.core.settings import Settings, SourceSettings
+from pfsync.load.loader import Loader
+from pfsync.medplum.auth import medplum_auth
 from pfsync.net.http import Clock, RetryPolicy, SystemClock, json_object, make_client, request_with_retry
+from pfsync.source.auth import BearerAuth, source_auth
 from pfsync.source.bulk import ExportRequest
+from pfsync.source.export import run_export
 from pfsync.source.exportjob import LandedFile
 from pfsync.sync.engines import SyncLoader
 from pfsync.sync.state import LocalStateStore, StateStore
@@ -30,8 +34,6 @@ def open_store(settings: Settings, *, clock: Clock | None = None) -> tuple[State
     """The configured state backend and a function that closes what it opened."""
     if settings.state_backend == "local":
         return LocalStateStore(settings.state_dir), lambda: None
-    from pfsync.medplum.auth import medplum_auth
-
     client = make_client(settings.http)
     client.auth = medplum_auth(settings.medplum, clock=clock, http=settings.http)  # the process's token
     store = MedplumStateStore(client, settings.medplum.fhir_url, clock=clock,
@@ -52,9 +54,6 @@ class LiveEngines:
         events: EventSink | None = None,
         dry_run: bool = False,
     ) -> None:
-        from pfsync.medplum.auth import medplum_auth
-        from pfsync.source.auth import source_auth
-
         self.settings, self.source, self.stop = settings, source, stop
         self.clock = clock or SystemClock()
         self.events = events or NullSink()
@@ -79,8 +78,6 @@ class LiveEngines:
         changed: a wrong or revoked secret must fail the run (exit 4, status unhealthy), not hide
         until there is something to load. The tokens are the ones the run then uses. With
         medplum.auth = basic there is no token: one `_summary=count` search proves the secret."""
-        from pfsync.source.auth import BearerAuth
-
         self._granted_types()
         auth = self.medplum_client.auth
         if isinstance(auth, BearerAuth):
@@ -106,8 +103,6 @@ class LiveEngines:
     def run_export(
         self, request: ExportRequest, out_dir: Path, on_file: Callable[[LandedFile], None]
     ) -> str | None:
-        from pfsync.source.export import run_export
-
         result = run_export(self.source, self.settings.export, self.source_client, self.source_auth,
                             out_dir=out_dir, request=request, clock=self.clock, events=self.events,
                             on_file=on_file, stop=self.stop, granted_types=self._granted_types(),
@@ -116,8 +111,6 @@ class LiveEngines:
 
     @contextlib.contextmanager
     def _loader(self) -> Iterator[SyncLoader]:
-        from pfsync.load.loader import Loader
-
         with Loader(self.source, self.settings.load, self.medplum_client, state_dir=self.settings.state_dir,
                     source_client=self.source_fetch_client, http=self.settings.http, clock=self.clock,
                     events=self.events, dry_run=self.dry_run, stop=self.stop) as loader:  # fmt: skip

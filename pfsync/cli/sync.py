@@ -40,7 +40,7 @@ from pfsync.core.settings import Settings, parse_duration
 from pfsync.core.statedir import QUARANTINE_FILE
 
 if TYPE_CHECKING:
-    from pfsync.sync.results import SourceResult
+    from pfsync.sync.results import SourceResult, SyncResult
 
 QUIET_EVENTS = frozenset({"download_progress", "status_progress", "load_progress", "load_file_start"})
 
@@ -102,10 +102,7 @@ def _write_metrics(settings: Settings, names: list[str], path: Path) -> None:
         close()
 
 
-def _render_summary(result: object, json_out: bool) -> None:
-    from pfsync.sync.results import SyncResult
-
-    assert isinstance(result, SyncResult)
+def _render_summary(result: SyncResult, json_out: bool) -> None:
     console = out_console()
     if wants_json(json_out):
         doc = {"event": "sync_summary", "exitCode": result.exit_code, "durationSeconds": round(result.duration, 3),

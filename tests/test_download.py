@@ -13,12 +13,12 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from doubles import ListSink
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_export_fakes import FakeClock, lines_of
 
 from pfsync.core.errors import AuthError, ExportError, HTTPError, InterruptedRunError
-from pfsync.core.events import ListSink
 from pfsync.core.ndjson import BadLine, Record, iter_file
 from pfsync.net.http import RetryPolicy
 from pfsync.source.bulk import JobExpired, ManifestFile, Origins

@@ -35,19 +35,20 @@ from pfsync.cli.common import (
     run,
     wants_json,
 )
+from pfsync.core.counts import COUNT_KEYS
 from pfsync.core.errors import PartialLoadError, TemporaryError, UsageError
 from pfsync.core.events import EventSink, FanoutSink
 from pfsync.core.log import LogSink
 from pfsync.core.ndjson import iter_paths, open_binary
 from pfsync.core.settings import Settings, SourceSettings, require
+from pfsync.core.statedir import QUARANTINE_FILE, source_dir
 from pfsync.load.loader import Loader, LoadResult, load
 from pfsync.load.quarantine import is_wrapped
 from pfsync.medplum.auth import medplum_auth
 from pfsync.net.http import make_client
 from pfsync.sync.schedule import stop_on_signals
-from pfsync.sync.state import QUARANTINE_FILE, source_dir
 
-COLUMNS = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")
+COLUMNS = COUNT_KEYS
 
 
 class LoadProgress:

@@ -33,13 +33,14 @@ from pfsync.cli.common import (
     wants_json,
 )
 from pfsync.cli.progress import SyncProgress, make_progress
+from pfsync.core.counts import COUNT_KEYS, CountKey
 from pfsync.core.errors import ExitCode, UnhealthyError
 from pfsync.core.events import EventSink, FanoutSink
 from pfsync.core.settings import Settings, parse_duration
-from pfsync.sync.state import QUARANTINE_FILE
+from pfsync.core.statedir import QUARANTINE_FILE
 
 if TYPE_CHECKING:
-    from pfsync.sync.run import SourceResult
+    from pfsync.sync.results import SourceResult, SyncResult
 
 QUIET_EVENTS = frozenset({"download_progress", "status_progress", "load_progress", "load_file_start"})
 
@@ -71,7 +72,7 @@ def _problem_hint(settings: Settings, result: SourceResult) -> str | None:
         path = settings.state_dir / result.source / QUARANTINE_FILE
         return f"see {path} for each resource's reason; fix the cause, then replay it: pfsync load {path}"
     if result.exit_code == ExitCode.TEMPORARY:
-        if any(c.get("retry_queued") for c in result.counts.values()):
+        if any(c.get(CountKey.RETRY_QUEUED) for c in result.counts.values()):
             return "the next run retries them first and re-exports the same window"
         return (
             "the source or Medplum was unreachable or overloaded; the next run tries again (nothing was lost)"
@@ -101,10 +102,7 @@ def _write_metrics(settings: Settings, names: list[str], path: Path) -> None:
         close()
 
 
-def _render_summary(result: object, json_out: bool) -> None:
-    from pfsync.sync.run import SyncResult
-
-    assert isinstance(result, SyncResult)
+def _render_summary(result: SyncResult, json_out: bool) -> None:
     console = out_console()
     if wants_json(json_out):
         doc = {"event": "sync_summary", "exitCode": result.exit_code, "durationSeconds": round(result.duration, 3),
@@ -113,25 +111,15 @@ def _render_summary(result: object, json_out: bool) -> None:
         sys.stdout.flush()
         return
     table = Table(title=f"pfsync sync: exit {result.exit_code} in {result.duration:.1f}s")
-    for col in (
-        "source",
-        "outcome",
-        "type",
-        "created",
-        "updated",
-        "unchanged",
-        "deleted",
-        "quarantined",
-        "queued",
-    ):
+    counted = ("queued" if k is CountKey.RETRY_QUEUED else str(k) for k in COUNT_KEYS)
+    for col in ("source", "outcome", "type", *counted):
         table.add_column(col, justify="left" if col in ("source", "outcome", "type") else "right")
     for r in result.results:
         rows = sorted(r.counts.items()) or [("-", {})]
         for i, (rtype, c) in enumerate(rows):
             first = i == 0
             table.add_row(r.source if first else "", (r.outcome if first else ""), rtype,
-                          *(str(c.get(k, 0)) if c else "-" for k in
-                            ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")))  # fmt: skip
+                          *(str(c.get(k, 0)) if c else "-" for k in COUNT_KEYS))  # fmt: skip
         extra = f"{r.duration:.1f}s, quota {r.quota_used}" + (f", {r.error}" if r.error else "")
         table.add_row("", "", extra, *[""] * 6)
     console.print(table)
@@ -198,8 +186,9 @@ def sync(
     """
     settings = run(ctx, lambda: build_settings(ctx))
     from pfsync.sync.live import live_engines, open_store
-    from pfsync.sync.run import select_sources, sync_all
+    from pfsync.sync.run import sync_all
     from pfsync.sync.schedule import run_every, stop_on_signals
+    from pfsync.sync.sources import select_sources
 
     sources = run(ctx, lambda: select_sources(settings, source, shard))
     names = [s.name for s in sources]
@@ -265,7 +254,7 @@ def status(
     def go() -> int:
         from pfsync.sync.live import open_store
         from pfsync.sync.metrics import write_metrics
-        from pfsync.sync.run import select_sources
+        from pfsync.sync.sources import select_sources
         from pfsync.sync.status import collect_status
 
         names = [s.name for s in select_sources(settings, source)]

@@ -1,5 +1,7 @@
-"""FHIR instants: epoch seconds to and from the ISO-8601 UTC form that checkpoints, manifests
-(`transactionTime`) and `_since` use."""
+"""FHIR instants: epoch seconds to and from ISO-8601 UTC text (checkpoints, leases, manifests).
+
+Owns only these two conversions; imports nothing of pfsync but the error tree.
+"""
 
 from __future__ import annotations
 

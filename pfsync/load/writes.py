@@ -29,7 +29,7 @@ from pfsync.core.marks import LOGICAL_TAG, identifier_query
 from pfsync.core.ndjson import BadLine
 from pfsync.core.settings import HttpSettings, LoadSettings, SourceSettings
 from pfsync.load.attachments import Attachments
-from pfsync.load.idmap import Held, IdMap
+from pfsync.load.idmap import IdMap
 from pfsync.load.quarantine import WrappedLog
 from pfsync.load.references import References
 from pfsync.load.transform import (
@@ -757,7 +757,3 @@ class _Parked:
     file: str | None
     line: int | None
     raw: bytes
-
-
-def held_of(entry: Entry) -> Held:
-    return Held(entry.type, entry.sid, entry.file, entry.line, entry.raw)

@@ -31,8 +31,9 @@ from pfsync.net.http import (
     raise_for_status,
     request_with_retry,
 )
+from pfsync.sync.holders import Holder, Lease
 from pfsync.sync.lock import LEASE_TTL, LeaseLock, check_lease, lease_expired, new_lease
-from pfsync.sync.state import Holder, Lease, SyncState
+from pfsync.sync.state import SyncState
 
 STATE_SYSTEM = "https://pfsync.dev/state"
 STATE_EXTENSION = "https://pfsync.dev/StructureDefinition/sync-state"
@@ -191,14 +192,14 @@ class MedplumStateStore:
                 return
             # 412: re-read. We may go on only while the lease is still ours (or nobody's).
             _, current = self._fetch(state.source)
-            check_lease(current, self.clock.now(), held.lease.token if held else None)
+            check_lease(current.source, current.lease, self.clock.now(), held.lease.token if held else None)
             self._check_mine(current)
         raise StateError(f"could not save the state of {state.source!r}: it kept changing under us")
 
     def acquire(self, source: str, holder: Holder) -> LeaseLock:
         for _ in range(3):
             res, current = self._fetch(source)
-            check_lease(current, self.clock.now())
+            check_lease(current.source, current.lease, self.clock.now())
             lease = new_lease(holder, self.clock.now(), self.lease_ttl)
             lock = LeaseLock(
                 source, lease, self._renew_lock, self._release_lock, renew_every=self.lease_ttl / 3

@@ -16,7 +16,8 @@ from typing import Any
 from pfsync.core.errors import StateError
 from pfsync.core.instants import parse_iso
 from pfsync.core.settings import Settings
-from pfsync.sync.state import QUARANTINE_FILE, InFlight, StateStore, SyncState, source_dir
+from pfsync.core.statedir import QUARANTINE_FILE, source_dir
+from pfsync.sync.state import InFlight, StateStore, SyncState
 
 SUCCESS_OUTCOMES = ("ok", "partial")
 

@@ -14,14 +14,10 @@ from typing import Any
 
 import orjson
 
-from pfsync.http import outcome_from_json
+from pfsync.http import BATCH_ENTRY_RULES, decide, outcome_from_json
 
 BUNDLE_HEAD = b'{"resourceType":"Bundle","type":"batch","entry":['
 BUNDLE_TAIL = b"]}"
-RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504})
-# docs/medplum.md, recorded case 16: a second entry with an identity the same batch just created. We never send the
-# same identity twice in flight, so if it happens the other writer has won and a retry updates it.
-_RACE_TEXT = "did not match resolved ID"
 
 
 @dataclass
@@ -185,10 +181,12 @@ def parse_batch(content: bytes, count: int) -> list[EntryResult]:
 def classify(entry: Entry, result: EntryResult) -> Kind:
     """What a per-entry result means for this entry (docs/medplum.md tables; recorded cases 14-19, 28, 30)."""
     status = result.status
+    # Which entry answers are worth re-sending is the classifier's table (pfsync.http.BATCH_ENTRY_RULES).
+    again = decide(status, BATCH_ENTRY_RULES, lambda: (None, result.text)) == "retry"
     if entry.method == "DELETE":
         if status in (200, 204, 404, 410):
             return Kind.DELETED  # docs/medplum.md, recorded cases 40/41: deleting what is gone is 200 too
-        return Kind.RETRY if status in RETRYABLE or status == 0 else Kind.FAILED
+        return Kind.RETRY if again else Kind.FAILED
     if status == 201:
         return Kind.CREATED
     if status == 200:
@@ -196,12 +194,10 @@ def classify(entry: Entry, result: EntryResult) -> Kind:
         if entry.known_vid is not None and result.vid == entry.known_vid:
             return Kind.UNCHANGED
         return Kind.UPDATED
-    if status in RETRYABLE or status == 0:
+    if again:
         return Kind.RETRY
     if status in (404, 410) and entry.method == "PUT" and "?" not in entry.url:
         return Kind.STALE
-    if status == 400 and result.text and _RACE_TEXT in result.text:
-        return Kind.RETRY
     return Kind.FAILED
 
 

@@ -140,12 +140,15 @@ class HTTPError(TemporaryError):
         self.outcome = outcome
         if status in (401, 403):
             self.exit_code = ExitCode.AUTH
-        elif status is not None and 400 <= status < 500 and status not in (408, 429):
+        elif status is not None and 400 <= status < 500 and not self.temporary:
             self.exit_code = ExitCode.UNEXPECTED
 
     @property
     def temporary(self) -> bool:
-        return self.status is None or self.status in (408, 429) or self.status >= 500
+        """No answer at all, or a status the one classifier calls temporary (pfsync.http.TEMPORARY_RULES)."""
+        from pfsync.http import RETRYABLE_STATUS  # pfsync.http imports this module
+
+        return self.status is None or self.status in RETRYABLE_STATUS
 
 
 class InterruptedRunError(PfsyncError):

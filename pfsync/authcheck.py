@@ -19,9 +19,18 @@ import httpx
 import orjson
 
 from pfsync.auth import NO_AUTH, BearerAuth, SourceAuthenticator
-from pfsync.errors import AuthError, ConfigError, ExitCode, HTTPError, PfsyncError, TemporaryError
+from pfsync.errors import (
+    AuthError,
+    ConfigError,
+    ExitCode,
+    HTTPError,
+    PfsyncError,
+    ProtocolError,
+    TemporaryError,
+)
 from pfsync.http import Clock, RetryPolicy, SystemClock, outcome_text, request_with_retry
 from pfsync.medplum_auth import MedplumAuthenticator, OriginBasicAuth
+from pfsync.medplum_client import MedplumClient
 from pfsync.redact import redact
 from pfsync.settings import HttpSettings, Settings, SourceSettings, is_loopback
 
@@ -446,8 +455,12 @@ def _medplum(settings: Settings, client: httpx.Client, clock: Clock) -> TargetRe
     url = medplum.fhir_url + "Patient"
     try:
         # docs/medplum.md "Quotas and 429": a count-only search is cheap and shows the RateLimit header.
-        response = client.get(url, params={"_summary": "count"}, headers={"Accept": "application/fhir+json"},
-                              auth=auth)  # fmt: skip
+        response = MedplumClient(client, fhir_url=medplum.fhir_url, auth=auth, clock=clock).send_once(
+            "GET", url, params={"_summary": "count"}, headers={"Accept": "application/fhir+json"}
+        )  # one attempt: a probe reports a 429 or 5xx as it is
+    except ProtocolError as exc:  # a redirect loop, an undecodable body, an unsafe URL
+        checks.append(Check("fhir_read", "fail", exc.message, hint=exc.hint, code=ExitCode.EXPORT_FAILED))
+        return done()
     except httpx.HTTPError as exc:
         name, hint = _transport_hint(exc)
         checks.append(

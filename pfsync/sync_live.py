@@ -30,12 +30,12 @@ def open_store(settings: Settings, *, clock: Clock | None = None) -> tuple[State
     """The configured state backend and a function that closes what it opened."""
     if settings.state_backend == "local":
         return LocalStateStore(settings.state_dir), lambda: None
-    from pfsync.medplum_auth import medplum_auth
+    from pfsync.medplum_client import MedplumClient
 
     client = make_client(settings.http)
-    client.auth = medplum_auth(settings.medplum, clock=clock, http=settings.http)  # the process's token
-    store = MedplumStateStore(client, settings.medplum.fhir_url, clock=clock,
-                              policy=RetryPolicy.from_settings(settings.http))  # fmt: skip
+    # The Medplum client owns the auth: the process's shared token (pfsync.medplum_auth).
+    medplum = MedplumClient.connect(settings.medplum, client, settings=settings.http, clock=clock)
+    store = MedplumStateStore(medplum, settings.medplum.fhir_url)
     return store, client.close
 
 
@@ -86,11 +86,10 @@ class LiveEngines:
         if isinstance(auth, BearerAuth):
             auth.provider.prove()
             return
-        url = "Patient"
-        resp = request_with_retry(
-            lambda: self.medplum_client.get(url, params={"_summary": "count"}, headers={"Accept": "application/fhir+json"}),
-            method="GET", url=url, policy=self.policy, clock=self.clock,
-        )  # fmt: skip
+        from pfsync.medplum_client import MedplumClient
+
+        medplum = MedplumClient(self.medplum_client, clock=self.clock, policy=self.policy, stop=self.stop)
+        resp = medplum.send("GET", "Patient", cost="search", params={"_summary": "count"})
         if resp.status_code in (401, 403):
             raise AuthError(
                 f"Medplum refused the client credentials (HTTP {resp.status_code})",

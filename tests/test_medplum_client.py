@@ -10,12 +10,12 @@ import httpx
 import orjson
 import pytest
 
-from pfsync.errors import ExitCode, HTTPError, ProtocolError
-from pfsync.http import RetryPolicy
-from pfsync.medplum_auth import medplum_auth
-from pfsync.medplum_client import MedplumClient
-from pfsync.redact import Secret
-from pfsync.settings import HttpSettings, MedplumSettings
+from pfsync.core.errors import ExitCode, HTTPError, ProtocolError
+from pfsync.core.redact import Secret
+from pfsync.core.settings import HttpSettings, MedplumSettings
+from pfsync.medplum.auth import medplum_auth
+from pfsync.medplum.client import MedplumClient
+from pfsync.net.http import RetryPolicy
 
 BASE = "https://medplum.example/"
 FHIR = BASE + "fhir/R4/"

@@ -208,3 +208,11 @@ def test_client_send_once_never_retries() -> None:
 
     mp = client(handler, FakeClock())
     assert mp.send_once("POST", "", content=b"{}").status_code == 503 and calls == [1]
+
+
+@pytest.mark.parametrize("body", [b"<html>a proxy's page</html>", b"[]"])
+def test_client_refuses_a_search_answer_that_is_not_a_json_object(body: bytes) -> None:
+    # Taken as "no match" it would create duplicates: exit 5, the next run tries again.
+    mp = client(lambda request: httpx.Response(200, content=body), FakeClock())
+    with pytest.raises(ProtocolError, match="not a JSON object"):
+        mp.search_all("Patient", {"identifier": "urn:x|1"})

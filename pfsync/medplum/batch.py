@@ -181,20 +181,17 @@ def parse_batch(content: bytes, count: int) -> list[EntryResult]:
 def classify(entry: Entry, result: EntryResult) -> Kind:
     """What a per-entry result means for this entry (docs/medplum.md tables; recorded cases 14-19, 28, 30)."""
     status = result.status
-    # Which entry answers are worth re-sending is the classifier's table (pfsync.net.http.BATCH_ENTRY_RULES).
-    again = decide(status, BATCH_ENTRY_RULES, lambda: (None, result.text)) == "retry"
-    if entry.method == "DELETE":
-        if status in (200, 204, 404, 410):
-            return Kind.DELETED  # docs/medplum.md, recorded cases 40/41: deleting what is gone is 200 too
-        return Kind.RETRY if again else Kind.FAILED
-    if status == 201:
+    if entry.method == "DELETE" and status in (200, 204, 404, 410):
+        return Kind.DELETED  # docs/medplum.md, recorded cases 40/41: deleting what is gone is 200 too
+    if entry.method != "DELETE" and status == 201:
         return Kind.CREATED
-    if status == 200:
+    if entry.method != "DELETE" and status == 200:
         # docs/medplum.md "Conditional update": a no-op returns 200 with the old versionId.
         if entry.known_vid is not None and result.vid == entry.known_vid:
             return Kind.UNCHANGED
         return Kind.UPDATED
-    if again:
+    # Which other answers are worth re-sending is the classifier's table (pfsync.net.http.BATCH_ENTRY_RULES).
+    if decide(status, BATCH_ENTRY_RULES, lambda: (None, result.text)) == "retry":
         return Kind.RETRY
     if status in (404, 410) and entry.method == "PUT" and "?" not in entry.url:
         return Kind.STALE

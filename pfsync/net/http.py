@@ -6,10 +6,12 @@ of pfsync.net.policy, no redirect for a request carrying a body or credentials, 
 pinned to their origin; proxy and CAs from pfsync's settings, not the environment. Sleeping and
 the clock are injected too (`Clock`), so retry tests run instantly.
 
-Retries (`request_with_retry`) follow docs/bulk-data.md / cumulus-fhir-support: network errors and
-the answers TEMPORARY_RULES names (408, 429, 5xx) are temporary; the wait is Retry-After in
-both forms (seconds and HTTP-date) or Medplum's spent RateLimit window, capped, else backoff;
-waits end on SIGTERM. What a server sends reaches a message only through `server_text`
+Retries follow docs/bulk-data.md / cumulus-fhir-support and are decided in one place, `Retrier`
+(used by `request_with_retry`, pfsync.medplum.client and the download resume loop): network
+errors and the answers a classifier table names (`decide`; TEMPORARY_RULES: 408, 429, 5xx; the
+Bulk Data and batch-entry tables beside it) are temporary; the wait is Retry-After in both forms
+(seconds and HTTP-date) or Medplum's msBeforeNext or spent RateLimit window, capped, else
+backoff; waits end on SIGTERM. What a server sends reaches a message only through `server_text`
 (redacted, capped, no control characters), URLs through `shown_url` (no query). Answers that
 must be JSON objects go through `json_object`, Bundle paging through `next_link`, streamed
 bodies through `iter_decoded` (bounded inflation).

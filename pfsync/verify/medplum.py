@@ -4,10 +4,10 @@ docs/medplum.md "Quotas and 429": a search costs 20 points whatever it returns, 
 a write 100. So verify reads by *pages*: one paged search per type on our identifier system
 (`Type?identifier=<system>|&_count=1000`) lists everything we ever synced in ceil(n/1000) searches;
 batched identifier searches (the loader's `pfsync.medplum.lookup.find_identities`: up to 100 OR-ed per
-search, commas escaped as `\\,`) only confirm what the pages did not show. Pacing and the quota
-used come from the `RateLimit` header through the loader's `pfsync.net.pacing.Pacer`; a 429
-`throttled` waits the OperationOutcome's `msBeforeNext` (there is no Retry-After) and is never a
-failure. `_sort=_lastUpdated` makes Medplum page by cursor (offset paging stops at 10,000).
+search, commas escaped as `\\,`) only confirm what the pages did not show. Every request goes
+through the one Medplum client (pfsync.medplum.client): pacing and the quota used come from the
+`RateLimit` header; a 429 `throttled` waits the OperationOutcome's `msBeforeNext` (there is no
+Retry-After) and is no failure for up to `max_throttle_wait` seconds. `_sort=_lastUpdated` makes Medplum page by cursor (offset paging stops at 10,000).
 """
 
 from __future__ import annotations

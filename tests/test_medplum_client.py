@@ -216,3 +216,11 @@ def test_client_refuses_a_search_answer_that_is_not_a_json_object(body: bytes) -
     mp = client(lambda request: httpx.Response(200, content=body), FakeClock())
     with pytest.raises(ProtocolError, match="not a JSON object"):
         mp.search_all("Patient", {"identifier": "urn:x|1"})
+
+
+def test_retrier_without_patience_counts_every_429_even_one_asking_for_no_wait() -> None:
+    from pfsync.net.http import Retrier
+
+    retrier = Retrier("GET", FHIR + "Patient", RetryPolicy(retries=2, max_wait=60.0), FakeClock())
+    answer = httpx.Response(429, headers={"Retry-After": "0"}, request=httpx.Request("GET", FHIR + "Patient"))
+    assert [retrier.next_wait(answer) for _ in range(3)] == [0.0, 0.0, None]  # a budget, never a loop

@@ -102,14 +102,14 @@ class MedplumClient:
     @classmethod
     def connect(
         cls, medplum: MedplumSettings, http: httpx.Client, *, settings: HttpSettings | None = None,
-        clock: Clock | None = None, **kwargs: Any,
+        clock: Clock | None = None, stop: threading.Event | None = None,
     ) -> MedplumClient:  # fmt: skip
         """A client with the configured Medplum auth: the process's shared token (or Basic)."""
         from pfsync.medplum.auth import medplum_auth
 
         settings = settings or HttpSettings()
         return cls(http, fhir_url=medplum.fhir_url, auth=medplum_auth(medplum, clock=clock, http=settings),
-                   clock=clock, policy=RetryPolicy.from_settings(settings), **kwargs)  # fmt: skip
+                   clock=clock, policy=RetryPolicy.from_settings(settings), stop=stop)  # fmt: skip
 
     def url(self, path: str) -> str:
         """`path` (relative to the FHIR base, or absolute) as an absolute URL."""
@@ -263,6 +263,17 @@ class MedplumClient:
         return [resource for page in self.pages(path, what, params=params) for resource in page]
 
 
-def as_medplum_client(client: MedplumClient | httpx.Client, **kwargs: Any) -> MedplumClient:
-    """A MedplumClient, wrapping a bare httpx.Client (whose own auth and base URL then apply)."""
-    return client if isinstance(client, MedplumClient) else MedplumClient(client, **kwargs)
+def as_medplum_client(
+    client: MedplumClient | httpx.Client,
+    *,
+    fhir_url: str | None = None,
+    pacer: Pacer | None = None,
+    clock: Clock | None = None,
+    policy: RetryPolicy | None = None,
+    stop: threading.Event | None = None,
+) -> MedplumClient:
+    """A MedplumClient; a bare httpx.Client is wrapped with these (its own auth and, without
+    `fhir_url`, its base URL then apply). A MedplumClient is returned as it is."""
+    if isinstance(client, MedplumClient):
+        return client
+    return MedplumClient(client, fhir_url=fhir_url, pacer=pacer, clock=clock, policy=policy, stop=stop)

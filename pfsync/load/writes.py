@@ -42,6 +42,7 @@ from pfsync.load.transform import (
 )
 from pfsync.medplum.asyncbatch import AsyncBatchRunner
 from pfsync.medplum.batch import Entry, EntryResult, Kind
+from pfsync.medplum.client import as_medplum_client
 from pfsync.medplum.lookup import Found, Searcher, find_identities
 from pfsync.medplum.upsert import BatchSender
 from pfsync.net.http import Clock, RetryPolicy
@@ -78,18 +79,20 @@ class Writer:
         self._dry_run = dry_run
         self._mode = mode
         self.fixes: Counter[str] = Counter()
-        self.pacer = Pacer()
         policy = RetryPolicy.from_settings(http)
-        self._searcher = Searcher(medplum, self.pacer, clock, policy)
+        # The one Medplum client of this load: its Pacer is spent by searches and Bundles alike.
+        self.medplum = as_medplum_client(medplum, pacer=Pacer(), clock=clock, policy=policy, stop=stop)
+        self.pacer = self.medplum.pacer
+        self._searcher = Searcher(self.medplum)
         self._sender: BatchSender | None = None
         if not dry_run:
             runner = None
             if settings.async_batch:
-                runner = AsyncBatchRunner(medplum, clock, max_bytes=settings.async_max_bytes)
+                runner = AsyncBatchRunner(self.medplum, clock, max_bytes=settings.async_max_bytes)
             self._sender = BatchSender(
-                medplum, self, max_bytes=settings.async_max_bytes if runner else settings.bundle_max_bytes,
+                self.medplum, self, max_bytes=settings.async_max_bytes if runner else settings.bundle_max_bytes,
                 max_entries=10 * settings.bundle_max_entries if runner else settings.bundle_max_entries,
-                max_concurrency=settings.max_concurrency, clock=clock, pacer=self.pacer, retry=policy,
+                max_concurrency=settings.max_concurrency, clock=clock, retry=policy,
                 events=events, stop=stop, async_runner=runner,
             )  # fmt: skip
         if self._sender is not None:
@@ -98,7 +101,7 @@ class Writer:
             # wait for the whole previous level: a full stop per level).
             self._sender.on_reaped = self._reaped
         self._attachments = (
-            Attachments(medplum, source_client, idmap, settings, self.context, clock=clock, dry_run=dry_run)
+            Attachments(self.medplum, source_client, idmap, settings, self.context, clock=clock, dry_run=dry_run)
             if settings.attachments else None
         )  # fmt: skip
         self.refs = References(

@@ -40,8 +40,9 @@ from pfsync.medplum.batch import (
     is_too_large,
     parse_batch,
 )
+from pfsync.medplum.client import MedplumClient, as_medplum_client
 from pfsync.medplum.donequeue import DoneQueue
-from pfsync.net.http import Clock, RetryPolicy, outcome_text, wait_from_outcome
+from pfsync.net.http import TEMPORARY_RULES, Clock, RetryPolicy, decide, outcome_text, wait_from_outcome
 from pfsync.net.pacing import Concurrency, Pacer
 
 FHIR_JSON = "application/fhir+json"
@@ -87,27 +88,27 @@ class BatchSender:
 
     def __init__(
         self,
-        client: httpx.Client,
+        client: MedplumClient | httpx.Client,
         handler: Handler,
         *,
         max_bytes: int,
         max_entries: int,
         max_concurrency: int,
         clock: Clock,
-        pacer: Pacer,
         retry: RetryPolicy,
+        pacer: Pacer | None = None,
         events: EventSink | None = None,
         stop: threading.Event | None = None,
         async_runner: AsyncBatchRunner | None = None,
     ) -> None:
-        self._client = client
+        self._client = as_medplum_client(client, pacer=pacer, clock=clock, policy=retry, stop=stop)
         self._handler = handler
         self._async = async_runner
         limit = async_runner.max_bytes if async_runner else MEDPLUM_BODY_LIMIT - 1024
         self.max_bytes = max(_MIN_BUNDLE_BYTES, min(max_bytes, limit))
         self.max_entries = max_entries
         self._clock = clock
-        self.pacer = pacer
+        self.pacer = self._client.pacer  # the client's: searches and Bundles spend one budget
         self._retry = retry
         self._events = events or NullSink()
         self._stop = stop
@@ -123,7 +124,6 @@ class BatchSender:
         self._groups: list[list[Entry]] = []  # Bundles already cut (halves of a refused one)
         self._probe: Future[Sent] | None = None  # the Bundle that tells whether the quota is enforced
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="pfsync-bundle")
-        self.on_response: Callable[[str | None, int, int, bool], None] | None = None
         self.on_reaped: Callable[[], None] | None = None  # after a wait for outcomes ended
 
     def close(self) -> None:
@@ -259,7 +259,8 @@ class BatchSender:
             status, content, ratelimit, text = self._async.run(body)
             return Sent(status, content, ratelimit, time.monotonic() - started, text)
         try:
-            response = self._client.post("", content=body, headers={"Content-Type": FHIR_JSON})
+            # One attempt: what a lost or failed Bundle means is decided per entry (_complete).
+            response = self._client.send_once("POST", "", content=body, headers={"Content-Type": FHIR_JSON})
         except httpx.TransportError as exc:
             return Sent(None, elapsed=time.monotonic() - started, text=f"{exc.__class__.__name__}: {exc}")
         text = outcome_text(response) if response.status_code >= 300 else None
@@ -323,7 +324,7 @@ class BatchSender:
             self.stats.statuses[status] = self.stats.statuses.get(status, 0) + 1
         if status is not None and is_too_large(status, sent.text):
             self._too_large(bundle)
-        elif status is None or status in (408, 429) or status >= 500:
+        elif status is None or decide(status, TEMPORARY_RULES, lambda: (None, sent.text)) == "retry":
             wait_s = wait_from_outcome_bytes(sent.content) if status == 429 else None
             throttled = status == 429
             self._observe(sent, len(bundle), throttled)
@@ -338,7 +339,7 @@ class BatchSender:
         elif status in (401, 403):
             raise HTTPError(
                 f"Medplum refused the batch: HTTP {status}" + (f": {sent.text}" if sent.text else ""),
-                method="POST", url=redact(str(self._client.base_url)), status=status, outcome=sent.text,
+                method="POST", url=redact(self._client.fhir_url), status=status, outcome=sent.text,
             )  # fmt: skip
         elif status >= 300:
             self._observe(sent, len(bundle), False)
@@ -348,11 +349,7 @@ class BatchSender:
         self._release_blocked(keys - self._inflight)
 
     def _observe(self, sent: Sent, entries: int, throttled: bool) -> None:
-        self.pacer.observe(
-            sent.ratelimit, entries=entries, searches=0, now=self._clock.now(), throttled=throttled
-        )
-        if self.on_response is not None:
-            self.on_response(sent.ratelimit, entries, 0, throttled)
+        self._client.observe_bundle(sent.ratelimit, entries, throttled)
 
     def _batch_response(self, bundle: list[Entry], sent: Sent, inflight: int) -> None:
         results = parse_batch(sent.content, len(bundle))

@@ -7,9 +7,10 @@ from typing import Any
 import httpx
 import orjson
 
-from pfsync.core.errors import AuthError, ConfigError, ExitCode, HTTPError
+from pfsync.core.errors import AuthError, ConfigError, ExitCode, HTTPError, ProtocolError
 from pfsync.core.settings import MedplumSettings, Settings
 from pfsync.medplum.auth import MedplumAuthenticator, OriginBasicAuth
+from pfsync.medplum.client import MedplumClient
 from pfsync.net.http import Clock, outcome_text
 from pfsync.net.tokens import BearerAuth
 from pfsync.sync.authcheck_report import (
@@ -79,8 +80,12 @@ def _read(
     url = medplum.fhir_url + "Patient"
     try:
         # docs/medplum.md "Quotas and 429": a count-only search is cheap and shows the RateLimit header.
-        response = client.get(url, params={"_summary": "count"}, headers={"Accept": "application/fhir+json"},
-                              auth=auth)  # fmt: skip
+        response = MedplumClient(client, fhir_url=medplum.fhir_url, auth=auth, clock=clock).send_once(
+            "GET", url, params={"_summary": "count"}, headers={"Accept": "application/fhir+json"}
+        )  # one attempt: a probe reports a 429 or 5xx as it is
+    except ProtocolError as exc:  # a redirect loop, an undecodable body, an unsafe URL
+        checks.append(Check("fhir_read", "fail", exc.message, hint=exc.hint, code=ExitCode.EXPORT_FAILED))
+        return
     except httpx.HTTPError as exc:
         name, hint = transport_hint(exc)
         checks.append(

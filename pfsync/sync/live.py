@@ -20,6 +20,7 @@ from pfsync.core.ndjson import Record, iter_file
 from pfsync.core.settings import Settings, SourceSettings
 from pfsync.load.loader import Loader
 from pfsync.medplum.auth import medplum_auth
+from pfsync.medplum.client import MedplumClient
 from pfsync.net.http import Clock, RetryPolicy, SystemClock, json_object, make_client, request_with_retry
 from pfsync.net.tokens import BearerAuth
 from pfsync.source.auth import source_auth
@@ -36,9 +37,9 @@ def open_store(settings: Settings, *, clock: Clock | None = None) -> tuple[State
     if settings.state_backend == "local":
         return LocalStateStore(settings.state_dir), lambda: None
     client = make_client(settings.http)
-    client.auth = medplum_auth(settings.medplum, clock=clock, http=settings.http)  # the process's token
-    store = MedplumStateStore(client, settings.medplum.fhir_url, clock=clock,
-                              policy=RetryPolicy.from_settings(settings.http))  # fmt: skip
+    # The Medplum client owns the auth: the process's shared token (pfsync.medplum.auth).
+    medplum = MedplumClient.connect(settings.medplum, client, settings=settings.http, clock=clock)
+    store = MedplumStateStore(medplum, settings.medplum.fhir_url)
     return store, client.close
 
 
@@ -84,11 +85,8 @@ class LiveEngines:
         if isinstance(auth, BearerAuth):
             auth.provider.prove()
             return
-        url = "Patient"
-        resp = request_with_retry(
-            lambda: self.medplum_client.get(url, params={"_summary": "count"}, headers={"Accept": "application/fhir+json"}),
-            method="GET", url=url, policy=self.policy, clock=self.clock,
-        )  # fmt: skip
+        medplum = MedplumClient(self.medplum_client, clock=self.clock, policy=self.policy, stop=self.stop)
+        resp = medplum.send("GET", "Patient", cost="search", params={"_summary": "count"})
         if resp.status_code in (401, 403):
             raise AuthError(
                 f"Medplum refused the client credentials (HTTP {resp.status_code})",

@@ -22,13 +22,13 @@ from pfsync.errors import ConfigError, UsageError
 from pfsync.fhir_types import R4_RESOURCE_TYPES, did_you_mean
 from pfsync.redact import Secret
 
-# docs/practice-fusion.md, "Defaults, identifiers and politeness": the types the seed design syncs by default.
+# docs/practice-fusion.md, "Defaults, identifiers and politeness": the types the Medplum Practice Fusion bot integration syncs by default.
 DEFAULT_RESOURCE_TYPES: tuple[str, ...] = (
     "Patient", "Practitioner", "Encounter", "Condition", "Observation", "MedicationRequest",
     "Medication", "MedicationStatement", "AllergyIntolerance", "Immunization", "Procedure",
     "DiagnosticReport", "DocumentReference", "CarePlan", "ServiceRequest", "Binary",
 )  # fmt: skip
-# docs/practice-fusion.md, "Defaults, identifiers and politeness": the seed design's identifier systems, e.g. .../patient-id.
+# docs/practice-fusion.md, "Defaults, identifiers and politeness": the identifier systems of the Medplum Practice Fusion bot integration, e.g. .../patient-id.
 DEFAULT_IDENTIFIER_SYSTEM = "https://practicefusion.com/fhir/{type_lower}-id"
 DEFAULT_CONFIG_FILE = "pfsync.toml"
 
@@ -476,7 +476,7 @@ def _hint_for(spec: Spec) -> str:
 
 
 def _toml_value(table: Mapping[str, Any], spec: Spec, where: str) -> Any:
-    """A value from a TOML table, also accepting `<name>_file` for secrets and `<name>_env`."""
+    """A value from a TOML table; a secret may also be given as `<name>_file` (a path to read)."""
     if spec.name in table:
         return table[spec.name]
     if spec.secret and spec.name + _SECRET_FILE_SUFFIX in table:

@@ -78,3 +78,33 @@ def test_no_user_facing_text_speaks_of_a_seed_design() -> None:
     found = [f"{p.relative_to(root)}:{n}" for p in files
              for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]  # fmt: skip
     assert not found, found
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("name", "bad", "label"),
+    [
+        ("DiagnosticReport.1.ndjson", b'{"id": "x"}', "DiagnosticReport"),
+        ("Patient.000.ndjson", b"{not json", "Patient"),
+        ("mixed.ndjson", b'{"id": "x"}', "(no resourceType)"),
+        ("mixed.ndjson", b"{not json", "(unreadable)"),
+    ],
+)
+def test_a_bad_line_is_counted_under_its_files_type_with_file_and_line(
+    target: TargetSandbox, tmp_path: Path, name: str, bad: bytes, label: str
+) -> None:
+    path = tmp_path / name
+    good = b'{"resourceType": "Patient", "id": "p1"}'
+    path.write_bytes(good + b"\n" + bad + b"\n")
+    env = {"MEDPLUM_BASE_URL": target.base_url, "MEDPLUM_CLIENT_ID": TARGET_CLIENT,
+           "MEDPLUM_CLIENT_SECRET": TARGET_SECRET, "PFSYNC_STATE_DIR": str(tmp_path / "s"),
+           "PFSYNC_LOG_FORMAT": "json"}  # fmt: skip
+    result = runner.invoke(app, ["load", str(path)], env=env)
+    assert result.exit_code == 6, result.output
+    assert orjson.loads(result.stdout)["byType"][label]["quarantined"] == 1
+    (line,) = [x for x in _json_lines(result.stderr) if x["event"] == "load_quarantined"]
+    assert line["level"] == "warning"
+    detail = line["eventDetail"]
+    assert isinstance(detail, dict)
+    assert (detail["type"], detail["file"], detail["line"]) == (label, str(path), 2)
+    assert target.count("Patient") == 1

@@ -108,3 +108,32 @@ def test_a_bad_line_is_counted_under_its_files_type_with_file_and_line(
     assert isinstance(detail, dict)
     assert (detail["type"], detail["file"], detail["line"]) == (label, str(path), 2)
     assert target.count("Patient") == 1
+
+
+@pytest.mark.integration
+def test_the_load_summary_counts_this_runs_logical_references(target: TargetSandbox, tmp_path: Path) -> None:
+    env = {"MEDPLUM_BASE_URL": target.base_url, "MEDPLUM_CLIENT_ID": TARGET_CLIENT,
+           "MEDPLUM_CLIENT_SECRET": TARGET_SECRET, "PFSYNC_STATE_DIR": str(tmp_path / "s"),
+           "PFSYNC_LOG_FORMAT": "json"}  # fmt: skip
+
+    def load(name: str, *resources: dict[str, object]) -> dict[str, object]:
+        path = tmp_path / name
+        path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in resources))
+        result = runner.invoke(app, ["load", str(path)], env=env)
+        assert result.exit_code == 0, result.output
+        doc = orjson.loads(result.stdout)
+        assert isinstance(doc, dict)
+        return doc
+
+    def obs(oid: str) -> dict[str, object]:
+        return {"resourceType": "Observation", "id": oid, "status": "final", "code": {"text": "x"},
+                "subject": {"reference": f"Patient/absent-{oid}"}}  # fmt: skip
+
+    first = load("Observation.1.ndjson", obs("o1"), obs("o2"))
+    assert (first["logicalReferences"], first["logicalReferencesHeld"]) == (2, 2)
+    second = load("Observation.2.ndjson", obs("o3"))
+    assert (second["logicalReferences"], second["logicalReferencesHeld"]) == (1, 3)
+    third = load("Patient.ndjson", {"resourceType": "Patient", "id": "p1"})
+    assert (third["logicalReferences"], third["logicalReferencesHeld"]) == (0, 3)
+    fourth = load("Patient.2.ndjson", {"resourceType": "Patient", "id": "absent-o1"})
+    assert (fourth["logicalReferences"], fourth["logicalReferencesHeld"]) == (0, 2)  # o1 upgraded

@@ -162,7 +162,8 @@ def render_summary(result: LoadResult, json_out: bool, upsert_mode: str = "direc
     if wants_json(json_out):
         doc = {"byType": result.by_type, "normalized": result.normalized, "quotaUsed": result.quota_used,
                "requests": result.requests, "durationSeconds": round(result.duration, 3), "dryRun": result.dry_run,
-               "logicalReferences": result.logical_references, "stats": result.stats}  # fmt: skip
+               "logicalReferences": result.logical_references,
+               "logicalReferencesHeld": result.logical_references_held, "stats": result.stats}  # fmt: skip
         if estimate is not None:
             doc["quotaEstimate"] = estimate
         sys.stdout.write(orjson.dumps(doc).decode() + "\n")
@@ -185,9 +186,12 @@ def render_summary(result: LoadResult, json_out: bool, upsert_mode: str = "direc
         cost = f"{plural(result.requests, 'request')}, about {result.quota_used:,} quota points"
     console.print(f"{cost}, {result.duration:.1f} s", markup=False)
     if result.logical_references:
+        n = result.logical_references
+        held = result.logical_references_held
         console.print(
-            f"{plural(result.logical_references, 'resource')} in the id map still hold logical references "
-            "(their targets are not in Medplum yet; a later run upgrades them)",
+            f"{plural(n, 'resource')} of this load {'keeps' if n == 1 else 'keep'} logical references "
+            "(their targets are not in Medplum yet; a later run upgrades them)"
+            + (f"; {held:,} in the id map in all" if held > n else ""),
             markup=False,
         )
 

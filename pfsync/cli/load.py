@@ -18,7 +18,6 @@ from typing import Annotated, Any
 import orjson
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from typer.core import TyperCommand
 
 from pfsync.cli.app import app
@@ -32,6 +31,7 @@ from pfsync.cli.common import (
     live_display,
     out_console,
     plural,
+    result_table,
     run,
     wants_json,
 )
@@ -48,6 +48,7 @@ from pfsync.settings import Settings, SourceSettings, require
 from pfsync.state import QUARANTINE_FILE, source_dir
 
 COLUMNS = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")
+_HEADERS = {"retry_queued": "queued"}  # as in pfsync sync's table
 
 
 class LoadProgress:
@@ -169,13 +170,15 @@ def render_summary(result: LoadResult, json_out: bool, upsert_mode: str = "direc
         sys.stdout.write(orjson.dumps(doc).decode() + "\n")
         return
     title = "pfsync load (dry run: nothing written)" if result.dry_run else "pfsync load"
-    table = Table(title=title)
-    table.add_column("type")
-    for col in (*COLUMNS, "normalized"):
-        table.add_column(col.replace("_", " "), justify="right")
+    table = result_table(title, "type", result.by_type)
+    fixed = any(result.normalized.values())  # a column of zeros would not fit 80 columns
+    for col in (*COLUMNS, "normalized") if fixed else COLUMNS:
+        table.add_column(_HEADERS.get(col, col), justify="right", no_wrap=True)
     for rtype, counts in result.by_type.items():
-        table.add_row(rtype, *(str(counts.get(c, 0)) for c in COLUMNS), str(result.normalized.get(rtype, 0)))
-    table.add_row("total", *(str(result.total(c)) for c in COLUMNS), str(sum(result.normalized.values())))
+        norm = [str(result.normalized.get(rtype, 0))] if fixed else []
+        table.add_row(rtype, *(str(counts.get(c, 0)) for c in COLUMNS), *norm)
+    norm = [str(sum(result.normalized.values()))] if fixed else []
+    table.add_row("total", *(str(result.total(c)) for c in COLUMNS), *norm, style="bold")
     console = out_console()
     console.print(table)
     if estimate is not None:

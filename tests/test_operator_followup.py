@@ -4,14 +4,23 @@ with file and line, and the load summary counts this run's logical references.""
 
 from __future__ import annotations
 
+import fcntl
 import io
+import os
+import pty
 import re
+import select
+import struct
+import subprocess
+import sys
+import termios
 import time
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
+from sync_helpers import TYPES, sync_env
 from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 from typer.testing import CliRunner
 
@@ -19,6 +28,7 @@ from pfsync.cli import app
 from pfsync.log import setup_logging
 from pfsync.medplum_auth import medplum_auth
 from pfsync.redact import Secret
+from pfsync.sandbox.source import SourceSandbox
 from pfsync.sandbox.target import TargetSandbox
 from pfsync.settings import HttpSettings, MedplumSettings
 from pfsync.state import LastRun, LocalStateStore, SyncState, iso
@@ -137,3 +147,47 @@ def test_the_load_summary_counts_this_runs_logical_references(target: TargetSand
     assert (third["logicalReferences"], third["logicalReferencesHeld"]) == (0, 3)
     fourth = load("Patient.2.ndjson", {"resourceType": "Patient", "id": "absent-o1"})
     assert (fourth["logicalReferences"], fourth["logicalReferencesHeld"]) == (0, 2)  # o1 upgraded
+
+
+def _in_pty(cmd: list[str], env: dict[str, str], columns: int = 80, timeout: float = 120) -> tuple[int, str]:
+    """Run `cmd` on a pseudo-terminal of `columns` columns; its exit code and everything it showed."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env={**env, "TERM": "xterm"},
+                            close_fds=True)  # fmt: skip
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if not ready:
+            if proc.poll() is not None:
+                break
+            continue
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=30), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.integration
+def test_an_80_column_terminal_shows_every_name_whole_and_no_info_lines(
+    source: SourceSandbox, target: TargetSandbox, tmp_path: Path
+) -> None:
+    env = sync_env(source, target, tmp_path / "state", PF_RESOURCE_TYPES=f"{TYPES},MedicationRequest")
+    del env["PFSYNC_LOG_FORMAT"]  # auto: human on a terminal
+    seen = {}
+    for args, code in ((["sync"], 0), (["status"], 0), (["verify"], 0)):
+        got, output = _in_pty([sys.executable, "-m", "pfsync", *args], env)
+        assert got == code, output[-3000:]
+        seen[args[0]] = output
+    assert "MedicationRequest" in seen["sync"] and "MedicationRequest" in seen["verify"]
+    assert "pfsync status: pf" in seen["status"] and "last success" in seen["status"]
+    for command, output in seen.items():
+        assert "…" not in output, f"pfsync {command} cut a column:\n{output}"
+        assert "INFO" not in output, f"pfsync {command} showed info lines on a terminal:\n{output}"

@@ -106,6 +106,8 @@ def build_settings(ctx: typer.Context, flags: dict[str, Any] | None = None) -> S
     settings = load_settings(flags=all_flags, env=dict(os.environ), config_path=opts.config)
     logger = setup_logging(settings.log_format, opts.verbosity)
     opts.resolved_format = current_format()
+    if opts.resolved_format == "human" and opts.verbosity == 0 and err_console().is_terminal:
+        logger.setLevel(logging.WARNING)  # README "Output": on a terminal, warnings and errors (-v: all)
     for warning in settings.warnings:
         logger.warning(warning, extra={"event": "config_warning"})
     return settings

@@ -191,3 +191,25 @@ def test_an_80_column_terminal_shows_every_name_whole_and_no_info_lines(
     for command, output in seen.items():
         assert "…" not in output, f"pfsync {command} cut a column:\n{output}"
         assert "INFO" not in output, f"pfsync {command} showed info lines on a terminal:\n{output}"
+
+
+@pytest.mark.parametrize(
+    ("entries", "size", "routed", "expected"),
+    [
+        (1, 2_000_000, False, True),
+        (1, 1000, True, True),
+        (1, 1000, False, False),
+        (2, 2_000_000, True, False),
+    ],
+)
+def test_only_a_single_oversize_resource_goes_async(
+    entries: int, size: int, routed: bool, expected: bool
+) -> None:
+    from pfsync.medplum.asyncbatch import send_alone_async
+    from pfsync.medplum.batch import Entry
+
+    bundle = [
+        Entry(type="Patient", sid=f"p{i}", method="POST", url="Patient", body=b"{}") for i in range(entries)
+    ]
+    keys = {("Patient", "p0")} if routed else set()
+    assert send_alone_async(bundle, size, keys, 1_048_576) is expected

@@ -79,7 +79,7 @@ class LoadProgress:
 
 
 class QuarantineReasons:
-    """Notes whether a resource was quarantined for its size (it would load with --async-batch)."""
+    """Counts resources quarantined for their size: too large even for an async batch job."""
 
     def __init__(self) -> None:
         self.too_large = 0
@@ -213,9 +213,11 @@ def outcome_error(
         hint = (f"each reason is in {where}; fix the cause, then replay it: pfsync load {where}" if quarantine
                 else f"see {where}; fix and replay it with pfsync load")  # fmt: skip
         if too_large:
-            # docs/medplum.md "Size limits": a synchronous Bundle is refused over 1 MiB; async takes more.
-            hint = (f"{plural(too_large, 'resource')} too large for a synchronous Bundle load with --async-batch "
-                    f"(PFSYNC_ASYNC_BATCH=true): pfsync load --async-batch {where}; " + hint)  # fmt: skip
+            # docs/medplum.md "Size limits": what a synchronous Bundle refuses (over 1 MiB) is sent as an
+            # async batch job by itself; this is over Medplum's maxBatchSize (50 MB by default) too.
+            hint = (f"{plural(too_large, 'resource')} too large for Medplum even as an async batch job (its "
+                    "maxBatchSize, 50 MB by default): shrink them (large attachments belong in Binary) or raise "
+                    "the server's limit; " + hint)  # fmt: skip
         return PartialLoadError(
             f"{plural(n, 'resource')} {'was' if n == 1 else 'were'} quarantined", hint=hint
         )

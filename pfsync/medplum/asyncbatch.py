@@ -12,11 +12,22 @@ from __future__ import annotations
 import httpx
 import orjson
 
-from pfsync.medplum.batch import wait_from_outcome
+from pfsync.medplum.batch import Entry, wait_from_outcome
 from pfsync.net.http import Clock, outcome_text, server_text
 from pfsync.net.policy import origin, shown_url
 
 Result = tuple[int | None, bytes, str | None, str | None]  # status, content, RateLimit, error text
+TOO_LARGE_EVEN_ASYNC = "resource too large for one request, even as an async batch"
+
+
+def send_alone_async(
+    bundle: list[Entry], body_bytes: int, routed: set[tuple[str, str]], sync_limit: int
+) -> bool:
+    """Whether a Bundle of a synchronous load goes as an async batch job: a single resource over the
+    synchronous limit, or one the server refused as too large by itself (in `routed`).
+    docs/medplum.md "Size limits": a synchronous body may be at most 1 MiB (over it, 413 or 400 "File
+    too large"), while `Prefer: respond-async` accepts up to maxBatchSize (50 MB by default)."""
+    return len(bundle) == 1 and (body_bytes > sync_limit or bundle[0].key in routed)
 
 
 class AsyncBatchRunner:

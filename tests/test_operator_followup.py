@@ -52,6 +52,8 @@ def test_a_token_refused_mid_run_is_a_warning_with_its_event(target: TargetSandb
         assert client.get(target.fhir_url + "Patient", params={"_count": "1"}).status_code == 200
         httpx.post(target.base_url + "_sandbox/faults/expire-tokens")
         assert client.get(target.fhir_url + "Patient", params={"_count": "1"}).status_code == 200
+    tokens = [line for line in _json_lines(out.getvalue()) if line["event"] == "auth_token"]
+    assert [t["eventDetail"] for t in tokens] == [{"target": "medplum", "expiresIn": 3600}] * 2
     (retry,) = [line for line in _json_lines(out.getvalue()) if line["event"] == "auth_retry"]
     assert retry["level"] == "warning"
     assert retry["eventDetail"] == {"origin": target.base_url.rstrip("/"), "status": 401}
@@ -213,3 +215,14 @@ def test_only_a_single_oversize_resource_goes_async(
     ]
     keys = {("Patient", "p0")} if routed else set()
     assert send_alone_async(bundle, size, keys, 1_048_576) is expected
+
+
+@pytest.mark.integration
+def test_export_off_a_terminal_logs_the_source_token_with_json_values(
+    source: SourceSandbox, target: TargetSandbox, tmp_path: Path
+) -> None:
+    env = sync_env(source, target, tmp_path / "state")
+    result = runner.invoke(app, ["export", "--types", "Patient", "--out", str(tmp_path / "x")], env=env)
+    assert result.exit_code == 0, result.output
+    (token,) = [line for line in _json_lines(result.stderr) if line["event"] == "auth_token"]
+    assert token["eventDetail"] == {"source": "pf", "expiresIn": 300, "grantedTypes": 1, "missing": []}

@@ -23,7 +23,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
 
 from pfsync.cli.app import app
 from pfsync.cli.common import (
@@ -34,6 +33,7 @@ from pfsync.cli.common import (
     err_console,
     live_display,
     out_console,
+    result_table,
     run,
     wants_json,
 )
@@ -264,9 +264,9 @@ def _render(results: list[Any], seconds: float, json_out: bool) -> None:
         return
     console = out_console()
     for doc in docs:
-        table = Table(title=f"{doc['outDir']}: export {doc['exportId']} at {doc['transactionTime']}")
-        table.add_column("type")
-        table.add_column("resources", justify="right")
+        title = f"{doc['outDir']}: export {doc['exportId']} at {doc['transactionTime']}"
+        table = result_table(title, "type", [*doc["types"], "deleted files"])
+        table.add_column("resources", justify="right", no_wrap=True)
         for rtype, lines in sorted(doc["types"].items()):
             table.add_row(rtype, str(lines))
         table.add_row("deleted files", str(doc["deletedFiles"]))

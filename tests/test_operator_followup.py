@@ -226,3 +226,17 @@ def test_export_off_a_terminal_logs_the_source_token_with_json_values(
     assert result.exit_code == 0, result.output
     (token,) = [line for line in _json_lines(result.stderr) if line["event"] == "auth_token"]
     assert token["eventDetail"] == {"source": "pf", "expiresIn": 300, "grantedTypes": 1, "missing": []}
+
+
+def test_quota_used_keeps_counting_once_a_quota_off_counter_reads_zero() -> None:
+    from pfsync.net.pacing import Pacer
+
+    pacer = Pacer()
+    header = '"requests";r=59000;t=60, "fhirInteractions";r={r};t=60'
+    pacer.observe(header.format(r=10_000), entries=100, searches=0, now=0.0, throttled=False)
+    pacer.observe(header.format(r=0), entries=100, searches=0, now=1.0, throttled=False)  # ran out
+    before = pacer.used
+    for i in range(5):  # nothing refused: the quota is off, the counter stays at 0
+        pacer.observe(header.format(r=0), entries=100, searches=0, now=2.0 + i, throttled=False)
+    assert pacer.enforced is False
+    assert pacer.used >= before + 5 * 100 * 50  # at least 50 points per write, not nothing

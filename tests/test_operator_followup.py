@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from sync_helpers import TYPES, sync_env
+from sync_helpers import TYPES, run, sync_env
 from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 from typer.testing import CliRunner
 
@@ -240,3 +240,15 @@ def test_quota_used_keeps_counting_once_a_quota_off_counter_reads_zero() -> None
         pacer.observe(header.format(r=0), entries=100, searches=0, now=2.0 + i, throttled=False)
     assert pacer.enforced is False
     assert pacer.used >= before + 5 * 100 * 50  # at least 50 points per write, not nothing
+
+
+@pytest.mark.integration
+def test_sync_lands_a_resource_too_large_for_a_synchronous_bundle(
+    source: SourceSandbox, target: TargetSandbox, tmp_path: Path
+) -> None:
+    div = '<div xmlns="http://www.w3.org/1999/xhtml">' + "x" * 1_200_000 + "</div>"
+    source.upsert({"resourceType": "Patient", "id": "big-one", "text": {"status": "generated", "div": div}})
+    code, _out, err = run(sync_env(source, target, tmp_path / "state", PF_RESOURCE_TYPES="Patient"), "sync")
+    assert code == 0, err[-2000:]
+    assert target.count("AsyncJob") == 1
+    assert any('"event":"load_async_batch"' in line and "big-one" in line for line in err.splitlines())

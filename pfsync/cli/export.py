@@ -59,6 +59,12 @@ def parse_since(value: str) -> str:
     return text + (f".{when.microsecond // 1000:03d}" if when.microsecond else "") + "Z"
 
 
+def _short_id(detail: dict[str, Any]) -> str:
+    """An export id as a progress line shows it: its first 8 characters (a UUID left the line no
+    room on an 80-column terminal; the result table names it whole)."""
+    return str(detail.get("exportId") or "")[:8]
+
+
 class ProgressSink:
     """Export events as a rich progress display: polling state, each file's bytes and rate, totals."""
 
@@ -74,18 +80,18 @@ class ProgressSink:
         with self._lock:
             p = self.progress
             if event == "kickoff":
-                text = f"export {d.get('exportId', '')}: " + ("resumed" if d.get("resumed") else "kicked off")
+                text = f"export {_short_id(d)}: " + ("resumed" if d.get("resumed") else "kicked off")
                 self.status = p.add_task(text, total=None)
                 self.total = p.add_task("total", total=None)
             elif event == "status_progress" and self.status is not None:
-                p.update(self.status, description=f"export {d['exportId']}: waiting ({d.get('progress') or 'no progress reported'}), next poll in {d.get('retryIn')}s")  # fmt: skip
+                p.update(self.status, description=f"export {_short_id(d)}: waiting ({d.get('progress') or 'no progress reported'}), next poll in {d.get('retryIn')}s")  # fmt: skip
             elif event == "status_error" and self.status is not None:
                 p.update(
                     self.status,
-                    description=f"export {d['exportId']}: server said {d.get('status')}, retrying",
+                    description=f"export {_short_id(d)}: server said {d.get('status')}, retrying",
                 )
             elif event == "status_complete" and self.status is not None:
-                p.update(self.status, description=f"export {d['exportId']}: complete at {d['transactionTime']}",
+                p.update(self.status, description=f"export {_short_id(d)}: complete at {d['transactionTime']}",
                          total=1, completed=1)  # fmt: skip
             elif event == "download_request":
                 self.files[d["name"]] = p.add_task(d["name"], total=None)

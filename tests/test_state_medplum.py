@@ -1,5 +1,5 @@
 """The Medplum state backend over real HTTP against the target sandbox: Basic by identifier,
-If-Match writes, the lease, and adopting the seed integration's Parameters checkpoint."""
+If-Match writes, the lease, and adopting the Medplum Practice Fusion bot integration's Parameters checkpoint."""
 
 from __future__ import annotations
 

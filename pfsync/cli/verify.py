@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
-from rich.table import Table
 
 from pfsync.cli.app import app
 from pfsync.cli.common import (
@@ -20,6 +19,7 @@ from pfsync.cli.common import (
     build_settings,
     fail,
     out_console,
+    result_table,
     run,
     state,
     wants_json,
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from pfsync.verify.report import VerifyOptions
 
 _COLUMNS = ("source", "medplum", "present", "missing", "duplicated", "extra", "dangling", "drift")
+_HEADERS = {"duplicated": "dupes"}  # the nine columns fit 80 with MedicationStatement's row
 
 
 def _verify(
@@ -72,10 +73,9 @@ def render_table(report: VerifyReport, limit: int) -> None:
     for title, rep in ((f"pfsync verify: {report.source}", report),) + (
         (("after --fix", final),) if report.after is not None else ()
     ):
-        table = Table(title=title)
-        table.add_column("type")
+        table = result_table(title, "type", [row.type for row in rep.types])
         for col in _COLUMNS:
-            table.add_column(col, justify="right")
+            table.add_column(_HEADERS.get(col, col), justify="right", no_wrap=True)
         for row in (*rep.types, rep.total):
             values = [getattr(row, c) for c in _COLUMNS]
             if not rep.content_checked:

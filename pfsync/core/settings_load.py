@@ -36,7 +36,7 @@ _SECRET_FILE_SUFFIX = "_file"
 
 
 def _toml_value(table: Mapping[str, Any], spec: Spec, where: str) -> Any:
-    """A value from a TOML table, also accepting `<name>_file` for secrets and `<name>_env`."""
+    """A value from a TOML table; a secret may also be given as `<name>_file` (a path to read)."""
     if spec.name in table:
         return table[spec.name]
     if spec.secret and spec.name + _SECRET_FILE_SUFFIX in table:

@@ -14,13 +14,13 @@ from typing import Literal
 from pfsync.core.errors import ConfigError
 from pfsync.core.redact import Secret
 
-# docs/practice-fusion.md, "Defaults, identifiers and politeness": the types the seed design syncs by default.
+# docs/practice-fusion.md, "Defaults, identifiers and politeness": the types the Medplum Practice Fusion bot integration syncs by default.
 DEFAULT_RESOURCE_TYPES: tuple[str, ...] = (
     "Patient", "Practitioner", "Encounter", "Condition", "Observation", "MedicationRequest",
     "Medication", "MedicationStatement", "AllergyIntolerance", "Immunization", "Procedure",
     "DiagnosticReport", "DocumentReference", "CarePlan", "ServiceRequest", "Binary",
 )  # fmt: skip
-# docs/practice-fusion.md, "Defaults, identifiers and politeness": the seed design's identifier systems, e.g. .../patient-id.
+# docs/practice-fusion.md, "Defaults, identifiers and politeness": the identifier systems of the Medplum Practice Fusion bot integration, e.g. .../patient-id.
 DEFAULT_IDENTIFIER_SYSTEM = "https://practicefusion.com/fhir/{type_lower}-id"
 DEFAULT_CONFIG_FILE = "pfsync.toml"
 

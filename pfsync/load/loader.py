@@ -60,7 +60,8 @@ class LoadResult:
     requests: int
     duration: float
     dry_run: bool = False
-    logical_references: int = 0  # resources still holding logical references after this run
+    logical_references: int = 0  # this run's resources that still hold logical references
+    logical_references_held: int = 0  # every resource in the id map that does (all runs)
     throttled: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -300,7 +301,8 @@ class Loader:
         return LoadResult(
             by_type=by_type, normalized=dict(w.fixes), quota_used=int(w.quota_used()), requests=w.requests(),
             duration=time.monotonic() - self._started, dry_run=self.dry_run,
-            logical_references=self._idmap.held_count("logical"), throttled=w.throttled(), stats=w.stats(),
+            logical_references=len(w.refs.logical_this_run),
+            logical_references_held=self._idmap.held_count("logical"), throttled=w.throttled(), stats=w.stats(),
         )  # fmt: skip
 
     def _check_stop(self) -> None:

@@ -129,7 +129,11 @@ class Writer:
         self._counts.setdefault(rtype, Counter())[key] += n
 
     def quarantine_line(self, bad: BadLine) -> None:
-        self.count(UNREADABLE_TYPE, "quarantined")
+        rtype = bad.type_label
+        self.count(rtype, "quarantined")
+        self._events.emit(
+            "load_quarantined", type=rtype, id=None, file=str(bad.path), line=bad.line, reason=bad.reason
+        )
         if not self._dry_run:
             self._qlog.add(file=str(bad.path), line=bad.line, reason=bad.reason, raw=bad.raw)
 
@@ -749,9 +753,6 @@ class Writer:
             self._sender.close()
         if self._attachments is not None:
             self._attachments.close()
-
-
-UNREADABLE_TYPE = "(unreadable)"
 
 
 @dataclass

@@ -14,10 +14,22 @@ import orjson
 
 from pfsync.core.errors import HTTPError
 from pfsync.core.netpolicy import origin, shown_url
+from pfsync.medplum.batch import Entry
 from pfsync.medplum.client import MedplumClient, as_medplum_client
 from pfsync.net.http import Clock, outcome_text, server_text, wait
 
 Result = tuple[int | None, bytes, str | None, str | None]  # status, content, RateLimit, error text
+TOO_LARGE_EVEN_ASYNC = "resource too large for one request, even as an async batch"
+
+
+def send_alone_async(
+    bundle: list[Entry], body_bytes: int, routed: set[tuple[str, str]], sync_limit: int
+) -> bool:
+    """Whether a Bundle of a synchronous load goes as an async batch job: a single resource over the
+    synchronous limit, or one the server refused as too large by itself (in `routed`).
+    docs/medplum.md "Size limits": a synchronous body may be at most 1 MiB (over it, 413 or 400 "File
+    too large"), while `Prefer: respond-async` accepts up to maxBatchSize (50 MB by default)."""
+    return len(bundle) == 1 and (body_bytes > sync_limit or bundle[0].key in routed)
 
 
 class AsyncBatchRunner:

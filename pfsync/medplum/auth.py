@@ -95,7 +95,8 @@ class MedplumAuthenticator(CachedToken):
                 hint=medplum_token_hint(description),
             )  # fmt: skip
         token = parse_token_response(response, (), started, "Medplum")
-        log.info("auth_token target=medplum expires_in=%ds", int(token.lifetime))
+        log.info("auth_token target=medplum expires_in=%ds", int(token.lifetime),
+                 extra={"event": "auth_token", "eventDetail": {"target": "medplum", "expiresIn": int(token.lifetime)}})  # fmt: skip
         return token
 
 

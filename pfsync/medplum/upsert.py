@@ -2,7 +2,8 @@
 
 docs/medplum.md "Batch Bundles" / "Size limits" / "Quotas and 429" / "Measured on a real server":
 - Bundles are cut by bytes and by count; a Bundle refused as too large (413 or 400 "File too
-  large") is split and re-sent, and the byte cap shrinks for the rest of the run.
+  large") is split and re-sent, and the byte cap shrinks for the rest of the run. A single
+  resource too large for a synchronous Bundle goes alone as an async batch job.
 - One identity is never in two Bundles in flight (a second conditional create of the same
   identity in a concurrent Bundle would make a duplicate), and a Bundle holds each identity once
   (last version wins: docs/medplum.md, recorded case 16).
@@ -29,7 +30,7 @@ import orjson
 from pfsync.core.errors import HTTPError, InterruptedRunError
 from pfsync.core.events import EventSink, NullSink
 from pfsync.core.redact import redact
-from pfsync.medplum.asyncbatch import AsyncBatchRunner
+from pfsync.medplum.asyncbatch import TOO_LARGE_EVEN_ASYNC, AsyncBatchRunner, send_alone_async
 from pfsync.medplum.batch import (
     Entry,
     EntryResult,
@@ -104,6 +105,9 @@ class BatchSender:
         self._client = as_medplum_client(client, pacer=pacer, clock=clock, policy=retry, stop=stop)
         self._handler = handler
         self._async = async_runner
+        # A resource too large for a synchronous Bundle by itself goes as an async batch alone.
+        self._oversize_runner = async_runner or AsyncBatchRunner(client, clock, max_bytes=MEDPLUM_BODY_LIMIT)
+        self._oversize: set[tuple[str, str]] = set()  # identities that go async (see send_alone_async)
         limit = async_runner.max_bytes if async_runner else MEDPLUM_BODY_LIMIT - 1024
         self.max_bytes = max(_MIN_BUNDLE_BYTES, min(max_bytes, limit))
         self.max_entries = max_entries
@@ -244,7 +248,13 @@ class BatchSender:
         body = bundle_bytes(bundle)
         self.stats.bundles += 1
         self.stats.max_slots = max(self.stats.max_slots, len(self._futures) + 1)
-        future = self._pool.submit(self._send, body)
+        alone_async = self._async is None and send_alone_async(
+            bundle, len(body), self._oversize, MEDPLUM_BODY_LIMIT
+        )
+        if alone_async:
+            self._oversize.add(bundle[0].key)
+            self._events.emit("load_async_batch", type=bundle[0].type, id=bundle[0].sid, bytes=len(body))
+        future = self._pool.submit(self._send, body, alone_async)
         self._futures[future] = bundle
         self._done.watch(future)
         self._peak[future] = len(self._futures)
@@ -252,11 +262,11 @@ class BatchSender:
             self._peak[other] = max(self._peak.get(other, 0), len(self._futures))
         return future
 
-    def _send(self, body: bytes) -> Sent:
+    def _send(self, body: bytes, alone_async: bool = False) -> Sent:
         """On a worker thread: one Bundle, synchronously or as an async batch job."""
         started = time.monotonic()
-        if self._async is not None:
-            status, content, ratelimit, text = self._async.run(body)
+        if self._async is not None or alone_async:
+            status, content, ratelimit, text = self._oversize_runner.run(body)
             return Sent(status, content, ratelimit, time.monotonic() - started, text)
         try:
             # One attempt: what a lost or failed Bundle means is decided per entry (_complete).
@@ -398,9 +408,14 @@ class BatchSender:
     def _too_large(self, bundle: list[Entry]) -> None:
         self.stats.splits += 1
         if len(bundle) == 1:
-            self._handler.settled(
-                bundle[0], Kind.FAILED, EntryResult(413, text="resource too large for one request")
-            )
+            key = bundle[0].key
+            if self._async is None and key not in self._oversize:
+                # Refused under the 1 MiB we assume (the server's limit is lower): async alone.
+                self._oversize.add(key)
+                self._inflight.add(key)
+                self._groups.append(bundle)
+                return
+            self._handler.settled(bundle[0], Kind.FAILED, EntryResult(413, text=TOO_LARGE_EVEN_ASYNC))
             return
         size = len(bundle_bytes(bundle))
         self.max_bytes = max(_MIN_BUNDLE_BYTES, min(self.max_bytes, size // 2))

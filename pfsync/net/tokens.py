@@ -178,7 +178,11 @@ class BearerAuth(httpx.Auth):
         response = yield request
         if response.status_code != 401:
             return
-        log.info("auth_retry a request to %s got 401: renewing the token once", origin_of(request.url))
+        # A token refused before its expiry means trouble (revoked, clock, another instance):
+        # a warning with a stable event, so an alert on level >= warning sees it.
+        where = origin_of(request.url)
+        log.warning("auth_retry a request to %s got 401: renewing the token once", where,
+                    extra={"event": "auth_retry", "eventDetail": {"origin": where, "status": 401}})  # fmt: skip
         self.provider.invalidate(token)
         request.headers["Authorization"] = f"Bearer {self.provider.token()}"
         yield request

@@ -402,9 +402,12 @@ class SourceAuthenticator(CachedToken):
             )  # fmt: skip
         token = parse_token_response(response, scopes, started, what)
         granted, missing = split_granted(token.scopes, self.source.resource_types)
+        detail = {"source": self.source.name, "expiresIn": int(token.lifetime), "grantedTypes": len(granted),
+                  "missing": list(missing)}  # fmt: skip
         log.info(
             "auth_token source=%s expires_in=%ds granted_types=%d missing=%s",
             self.source.name, int(token.lifetime), len(granted), ",".join(missing) or "none",
+            extra={"event": "auth_token", "eventDetail": detail},
         )  # fmt: skip
         return token
 

@@ -4,8 +4,8 @@ One source's run (`sync_source`), under its run lock:
 
 1. Read the state. The next `_since` is the last landed export's `transactionTime` minus
    export.since_overlap (docs/bulk-data.md "Incremental sync": never the local clock; the overlap is
-   harmless because loading is idempotent). No checkpoint: a full export (or, opt-in, the seed
-   integration's `lastSyncTime`: sync.adopt_seed_checkpoint).
+   harmless because loading is idempotent). No checkpoint: a full export (or, opt-in, the `lastSyncTime` of
+   the Medplum Practice Fusion bot integration, which pfsync replaces: sync.adopt_seed_checkpoint).
 2. Retry the loader's retry queue first, so older changes land before newer ones.
 3. Group exports: read each group's members (`Group/{id}` `member[]`, or, where the server leaves
    them out as Practice Fusion does, a `_type=Patient` export of the group without `_since`),

@@ -245,7 +245,7 @@ def _with_lease(state: SyncState, lock: LeaseLock | None) -> SyncState:
 
 def find_seed_checkpoint(client: MedplumClient | httpx.Client, fhir_url: str, *, clock: Clock | None = None,
                          policy: RetryPolicy | None = None) -> str | None:  # fmt: skip
-    """The seed integration's `lastSyncTime` (a `Parameters` resource), or None.
+    """The `lastSyncTime` of the Medplum Practice Fusion bot integration (a `Parameters` resource), or None.
 
     docs/medplum.md: Parameters has no identifier, so search them all (a project holds few) and pick
     the one that has a `lastSyncTime` parameter; the newest value wins if several do.
@@ -256,10 +256,10 @@ def find_seed_checkpoint(client: MedplumClient | httpx.Client, fhir_url: str, *,
         return None
     if not resp.is_success:
         raise StateError(
-            f"cannot search Medplum for the seed checkpoint: {resp.status_code} {outcome_text(resp) or ''}"
+            f"cannot search Medplum for the bot integration's lastSyncTime: {resp.status_code} {outcome_text(resp) or ''}"
         )
     found: list[str] = []
-    entries = json_object(resp, "searching Medplum for the seed checkpoint").get("entry")
+    entries = json_object(resp, "searching Medplum for the bot integration's lastSyncTime").get("entry")
     for entry in entries if isinstance(entries, list) else []:
         res = entry.get("resource") if isinstance(entry, dict) else None
         params = res.get("parameter") if isinstance(res, dict) else None

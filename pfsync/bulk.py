@@ -23,11 +23,13 @@ from pfsync.errors import AuthError, ConfigError, ExportError, HTTPError, Interr
 from pfsync.events import EventSink
 from pfsync.http import (
     BULK_RULES,
+    KICKOFF_RULES,
     STATUS_POLL_RULES,
     Clock,
     RetryPolicy,
     RetryRule,
     classify,
+    hinted_wait,
     outcome_text,
     parse_retry_after,
     request_with_retry,
@@ -315,12 +317,20 @@ def kickoff(
     policy: RetryPolicy,
     clock: Clock,
     stop: threading.Event | None = None,
+    deadline_at: float | None = None,
 ) -> str:
-    """Start an export; returns the absolute status URL. 429 waits and retries; a refusal raises
+    """Start an export; returns the absolute status URL. A 429 is waited out (pfsync.http.KICKOFF_RULES)
+    up to `deadline_at` (the export deadline; None: http.retry_max_wait per wait); a refusal raises
     ExportError (AuthError for 401/403) with the server's OperationOutcome text."""
     method, url, kwargs = build_kickoff(base_url, request)
     req = client.build_request(method, url, **kwargs)
-    response = _send(client, req, auth, policy=policy, clock=clock, stop=stop)
+    attempt = 0
+    while True:
+        response = _send(client, req, auth, policy=policy, clock=clock, stop=stop, rules=KICKOFF_RULES)
+        if classify(response, KICKOFF_RULES) != "wait-out":
+            break
+        attempt += 1
+        _wait_out(response, url, attempt, policy=policy, clock=clock, stop=stop, deadline_at=deadline_at)
     if response.status_code != 202:
         if response.is_success:
             raise ExportError(
@@ -334,6 +344,38 @@ def kickoff(
     if not location:
         raise ExportError(f"export kick-off at {redact(url)} answered 202 without a Content-Location")
     return urljoin(str(response.request.url), str(location))
+
+
+def _wait_out(
+    response: httpx.Response,
+    url: str,
+    attempt: int,
+    *,
+    policy: RetryPolicy,
+    clock: Clock,
+    stop: threading.Event | None,
+    deadline_at: float | None,
+) -> None:
+    """Wait before the `attempt`-th repeat of a kick-off the server put off ("wait-out"): its
+    Retry-After in full (else backoff), as long as the deadline allows; HTTPError (temporary: a
+    later run tries again) past the retry budget or the deadline."""
+    hinted = hinted_wait(response, clock.now())
+    delay = hinted if hinted is not None else policy.backoff(attempt)
+    if deadline_at is None:
+        delay = min(delay, policy.max_wait)
+    text = outcome_text(response)
+    reason = f"HTTP {response.status_code}" + (f": {text}" if text else "")
+    late = deadline_at is not None and clock.now() + delay > deadline_at
+    if attempt > policy.retries or late:
+        why = "the export deadline (export.deadline)" if late else f"{policy.retries} retries"
+        raise HTTPError(
+            f"export kick-off at {redact(url)} was put off ({reason}, retry in {delay:.0f} s) past {why}",
+            method=response.request.method, url=url, status=response.status_code, outcome=text,
+        )  # fmt: skip
+    log.warning("export kick-off answered %s; kicking off again in %.1f s", reason, delay,
+                extra={"event": "http_retry"})  # fmt: skip
+    response.close()
+    wait(clock, delay, stop)
 
 
 def unknown_group(group_id: str, base_url: str, reason: str) -> ConfigError:

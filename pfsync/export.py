@@ -158,6 +158,8 @@ class _Run:
         self.dir = ExportDir(out_dir)
         self.origins = Origins(source.base_url, source.download_allowlist)
         self.warnings: list[str] = []
+        # export.deadline covers the whole run: a put-off kick-off, polling and downloads.
+        self.deadline_at = clock.now() + settings.deadline
 
     def warn(self, text: str) -> None:
         log.warning("%s", text)
@@ -225,7 +227,8 @@ class _Run:
     def _kickoff(self, request: ExportRequest) -> ExportJob:
         _, url, _ = build_kickoff(self.source.base_url, request)
         status_url = kickoff(self.client, self.origins.auth_for(url, self.auth), self.source.base_url, request,
-                             policy=self.policy, clock=self.clock, stop=self.stop)  # fmt: skip
+                             policy=self.policy, clock=self.clock, stop=self.stop,
+                             deadline_at=self.deadline_at)  # fmt: skip
         # Saved before the first poll: a run killed from here on resumes this job (docs/bulk-data.md).
         job = self.dir.save_job(ExportJob(status_url, request, self.source.name, self.source.base_url,
                                           self.clock.now()))  # fmt: skip
@@ -239,7 +242,7 @@ class _Run:
         eid = export_id(job.status_url)
         poller = Poller(self.client, self.origins.auth_for(job.status_url, self.auth), self.settings,
                         self.policy, self.clock, self.events, self.stop)  # fmt: skip
-        deadline_at = self.clock.now() + self.settings.deadline
+        deadline_at = self.deadline_at
         halt = threading.Event()
         numbers: Counter[tuple[str, str]] = Counter()
         pending: dict[Future[Downloaded], str] = {}

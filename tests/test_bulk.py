@@ -107,6 +107,33 @@ def test_kickoff_429_waits_retry_after_and_retries(httpx_mock: HTTPXMock, retry_
     assert 6.0 <= clock.slept <= 7.5
 
 
+def test_kickoff_429_with_a_long_retry_after_is_waited_out_up_to_the_deadline(httpx_mock: HTTPXMock) -> None:
+    """Issue 20: a kick-off 429 went through the generic retry budget with its wait capped at
+    http.retry_max_wait (here 30 s); the server's Retry-After is honoured in full instead
+    (pfsync.http.KICKOFF_RULES), as long as the export deadline allows."""
+    clock = FakeClock()
+    httpx_mock.add_response(
+        status_code=429, headers={"Retry-After": "1000"}, json=outcome("later", "throttled")
+    )
+    httpx_mock.add_response(status_code=202, headers={"Content-Location": STATUS})
+    with httpx.Client() as client:
+        url = kickoff(client, None, BASE, ExportRequest(), policy=POLICY, clock=clock,
+                      deadline_at=clock.now() + 3600)  # fmt: skip
+    assert url == STATUS and clock.slept == pytest.approx(1000)
+
+
+def test_kickoff_429_past_the_deadline_is_temporary_at_once(httpx_mock: HTTPXMock) -> None:
+    clock = FakeClock()
+    httpx_mock.add_response(
+        status_code=429, headers={"Retry-After": "1000"}, json=outcome("later", "throttled")
+    )
+    with httpx.Client() as client, pytest.raises(HTTPError, match="export deadline") as info:
+        kickoff(
+            client, None, BASE, ExportRequest(), policy=POLICY, clock=clock, deadline_at=clock.now() + 600
+        )
+    assert info.value.temporary and info.value.exit_code == 75 and clock.slept == 0
+
+
 @pytest.mark.parametrize(
     ("status", "error"), [(400, ExportError), (500, ExportError), (401, AuthError), (403, AuthError)]
 )

@@ -102,19 +102,22 @@ def run_export(
     stop: threading.Event | None = None,
     granted_types: Sequence[str] | None = None,
     policy: RetryPolicy | None = None,
+    unsupported_types: Sequence[str] = (),
 ) -> ExportResult:
     """Run (or resume) the export `request` of `source` into `out_dir`; see the module docstring.
 
     `on_file` gets every "output" and "deleted" file (never "error" ones, which are parsed here),
     including files a previous run already landed: a caller that crashed before loading them
-    sees them again. `granted_types`: the types the token's scope allows (None: don't check).
+    sees them again. `granted_types`: the types the token's scope allows (None: don't check);
+    `unsupported_types`: those left out of the token request because the server does not have them
+    (pfsync.auth.SourceAuthenticator.unsupported_types), reported as such rather than as not granted.
     Raises ExportError (failed export, fatal error issues, deadline), AuthError (refused, or a
     type not granted with export.strict_scopes), TemporaryError (past retries),
     InterruptedRunError (`stop` set). In every case the job stays saved and a rerun resumes it.
     """
     run = _Run(source, settings, client, auth, out_dir, clock or SystemClock(), events or NullSink(),
                on_file, stop, policy or RetryPolicy())  # fmt: skip
-    return run.execute(request, granted_types)
+    return run.execute(request, granted_types, unsupported_types)
 
 
 def cancel_export(
@@ -165,8 +168,10 @@ class _Run:
         log.warning("%s", text)
         self.warnings.append(text)
 
-    def execute(self, request: ExportRequest, granted_types: Sequence[str] | None) -> ExportResult:
-        request = self._granted(request, granted_types)
+    def execute(
+        self, request: ExportRequest, granted_types: Sequence[str] | None, unsupported: Sequence[str] = ()
+    ) -> ExportResult:
+        request = self._granted(request, granted_types, unsupported)
         job = self.dir.load_job()
         if job is not None and job.request != request:
             if job.state in ("kicked_off", "downloaded"):
@@ -207,21 +212,32 @@ class _Run:
                 continue
             return self._finish(job, resumed=resumed, replay=False)
 
-    def _granted(self, request: ExportRequest, granted_types: Sequence[str] | None) -> ExportRequest:
+    def _granted(
+        self, request: ExportRequest, granted_types: Sequence[str] | None, unsupported: Sequence[str]
+    ) -> ExportRequest:
+        """The request without the types the token does not cover: those the server does not have
+        (dropped from the token request, docs/export-decisions.md "Resource types") and those it
+        did not grant, each named for what it is."""
         if granted_types is None or not request.types:
             return request
         granted = set(granted_types)
-        missing = [t for t in request.types if t not in granted]
-        if not missing:
-            return request
-        text = f"the token's scope does not grant {', '.join(missing)}"
+        lacking = [t for t in request.types if t not in granted and t in unsupported]
+        refused = [t for t in request.types if t not in granted and t not in unsupported]
         kept = tuple(t for t in request.types if t in granted)
-        if self.settings.strict_scopes or not kept:
+        texts = []
+        if lacking:
+            texts.append(f"the server does not have {', '.join(lacking)} (left out of the token request)")
+        if refused:
+            texts.append(f"the token's scope does not grant {', '.join(refused)}")
+        if (refused and self.settings.strict_scopes) or not kept:
             raise AuthError(
-                text + ("" if kept else ": nothing left to export"),
+                "; ".join(texts) + ("" if kept else ": nothing left to export"),
                 hint="ask the practice admin to authorise these types, or remove them from the resource types",
             )
-        self.warn(text + ": skipping them")
+        if lacking:  # already logged by the authenticator when it dropped them: only in the result
+            self.warnings.append(texts.pop(0) + ": skipping them")
+        for text in texts:
+            self.warn(text + ": skipping them")
         return replace(request, types=kept)
 
     def _kickoff(self, request: ExportRequest) -> ExportJob:

@@ -264,7 +264,10 @@ class _Run:
         pending: dict[Future[Downloaded], str] = {}
         issues: list[Issue] = []
         problems: list[str] = []
-        pool = ThreadPoolExecutor(max_workers=self.settings.parallel_downloads, thread_name_prefix="download")
+        # One worker more than network slots: it starts the next file while another fsyncs its own
+        # (docs/export-decisions.md "Landing files durably").
+        slots = threading.Semaphore(self.settings.parallel_downloads)
+        pool = ThreadPoolExecutor(self.settings.parallel_downloads + 1, thread_name_prefix="download")
         try:
             page_url: str | None = job.status_url
             downloader: Downloader | None = None
@@ -285,7 +288,7 @@ class _Run:
                                             validate=self.settings.validate,
                                             max_file_bytes=self.settings.max_file_bytes,
                                             max_export_bytes=self.settings.max_export_bytes,
-                                            deadline_at=deadline_at)  # fmt: skip
+                                            deadline_at=deadline_at, streams=slots)  # fmt: skip
                 self.events.emit("status_complete", exportId=eid, transactionTime=manifest.transaction_time,
                                  outputFiles=sum(f.kind == "output" for f in manifest.files),
                                  errorFiles=sum(f.kind == "error" for f in manifest.files),

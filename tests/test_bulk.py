@@ -16,18 +16,9 @@ from pfsync.core.errors import AuthError, ExportError, HTTPError, InterruptedRun
 from pfsync.core.events import ListSink
 from pfsync.core.settings import ExportSettings, SourceSettings
 from pfsync.net.http import RetryPolicy
-from pfsync.source.bulk import (
-    ExportRequest,
-    JobExpired,
-    Origins,
-    Poller,
-    delete_job,
-    issues_of,
-    kickoff,
-    parse_manifest,
-    poll_wait,
-    requests_for,
-)
+from pfsync.source.bulk import ExportRequest, JobExpired, Origins, delete_job, kickoff, requests_for
+from pfsync.source.manifest import issues_of, parse_manifest
+from pfsync.source.poll import Poller, poll_wait
 
 BASE = "https://ehr.example/fhir/r4/v1/practice"
 STATUS = f"{BASE}/Export/abc-123"

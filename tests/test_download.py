@@ -21,10 +21,11 @@ from pfsync.core.errors import AuthError, ExportError, HTTPError, InterruptedRun
 from pfsync.core.events import ListSink
 from pfsync.core.ndjson import BadLine, Record, iter_file
 from pfsync.net.http import RetryPolicy
-from pfsync.source.bulk import JobExpired, ManifestFile, Origins
+from pfsync.source.bulk import JobExpired, Origins
 from pfsync.source.download import Downloader
 from pfsync.source.exportjob import ExportDir, sha256_of
 from pfsync.source.linecheck import FEED_BYTES, Validator
+from pfsync.source.manifest import ManifestFile
 
 BASE = "https://ehr.example/fhir"
 FILE_URL = f"{BASE}/Binary/export/job/Patient/1"

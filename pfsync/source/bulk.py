@@ -1,7 +1,8 @@
-"""Bulk Data protocol client: kick-off, status polling and the server's manifest (docs/bulk-data.md).
+"""Bulk Data protocol client: the export request, kick-off, clean-up and their retries (docs/bulk-data.md).
 
-Stateless functions over an injected `httpx.Client`, an `httpx.Auth` and a `Clock`: the
-export directory (pfsync.source.exportjob), downloads (pfsync.source.download) and orchestration
+Stateless functions over an injected `httpx.Client`, an `httpx.Auth` and a `Clock`: status polling
+(pfsync.source.poll), the manifest (pfsync.source.manifest), the export directory
+(pfsync.source.exportjob), downloads (pfsync.source.download) and orchestration
 (pfsync.source.export) sit on top. Every request decides per URL whether credentials go with it
 (`Origins`): the token is only ever sent to the source's own origin or an explicit allowlist.
 """
@@ -12,7 +13,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
@@ -20,20 +21,17 @@ import httpx
 import orjson
 
 from pfsync.core.errors import AuthError, ConfigError, ExportError, HTTPError, InterruptedRunError
-from pfsync.core.events import EventSink
 from pfsync.core.redact import redact
 from pfsync.core.settings import ExportSettings, SourceSettings
 from pfsync.net.http import (
     BULK_RULES,
     KICKOFF_RULES,
-    STATUS_POLL_RULES,
     Clock,
     RetryPolicy,
     RetryRule,
     classify,
     hinted_wait,
     outcome_text,
-    parse_retry_after,
     request_with_retry,
 )
 from pfsync.net.http import is_temporary as http_is_temporary
@@ -44,7 +42,6 @@ log = logging.getLogger("pfsync.export")
 KICKOFF_ACCEPT = "application/fhir+json"
 NDJSON_FORMAT = "application/fhir+ndjson"
 Level = Literal["system", "patient", "group"]
-Kind = Literal["output", "error", "deleted"]
 
 
 @dataclass(frozen=True)
@@ -109,56 +106,6 @@ def requests_for(
     return [ExportRequest(level=level, **common)]
 
 
-@dataclass(frozen=True)
-class ManifestFile:
-    kind: Kind
-    type: str
-    url: str
-    count: int | None = None
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """One page of a completion manifest. `next_url`: the `link` next page (partial manifests)."""
-
-    transaction_time: str
-    request: str
-    requires_access_token: bool
-    files: tuple[ManifestFile, ...]
-    next_url: str | None = None
-
-
-def parse_manifest(body: Any, page_url: str) -> Manifest:
-    """Validate a manifest body; relative URLs are resolved against the page's URL."""
-    if not isinstance(body, dict) or not isinstance(body.get("transactionTime"), str):
-        raise ExportError(f"the export manifest at {redact(page_url)} has no transactionTime")
-    files: list[ManifestFile] = []
-    kinds: tuple[Kind, ...] = ("output", "error", "deleted")
-    for kind in kinds:
-        entries = body.get(kind) or []
-        if not isinstance(entries, list):
-            raise ExportError(f"the export manifest's {kind} is not a list")
-        for entry in entries:
-            if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
-                raise ExportError(f"the export manifest has a {kind} entry without a url: {entry!r:.200}")
-            count = entry.get("count")
-            rtype = entry.get("type") or ("OperationOutcome" if kind == "error" else "Bundle")
-            url = urljoin(page_url, entry["url"])
-            files.append(ManifestFile(kind, str(rtype), url, count if isinstance(count, int) else None))
-    next_url = None
-    for link in body.get("link") or []:
-        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-            next_url = urljoin(page_url, link["url"])
-    return Manifest(
-        transaction_time=body["transactionTime"],
-        request=str(body.get("request", "")),
-        # Bulk Data IG: requiresAccessToken false means the URLs are usable without a token.
-        requires_access_token=body.get("requiresAccessToken") is not False,
-        files=tuple(files),
-        next_url=next_url,
-    )
-
-
 def origin(url: str) -> str:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -207,7 +154,7 @@ def is_temporary(response: httpx.Response) -> bool:
     return http_is_temporary(response, BULK_RULES)
 
 
-def _fail(response: httpx.Response, what: str) -> ExportError | AuthError:
+def refusal(response: httpx.Response, what: str) -> ExportError | AuthError:
     text = outcome_text(response) or f"HTTP {response.status_code}"
     url = redact(str(response.request.url))
     # The reason first: the URL (a kick-off URL can run to hundreds of characters) only after it.
@@ -237,7 +184,7 @@ class _StopClock:
         wait(self.clock, seconds, self.stop)
 
 
-def _send(
+def send(
     client: httpx.Client,
     request: httpx.Request,
     auth: httpx.Auth | None,
@@ -259,29 +206,6 @@ def _send(
         on_retry=on_retry,
         retry_if=lambda response: http_is_temporary(response, rules),
     )
-
-
-# Status polling schedule (docs/export-decisions.md "Polling"), used when the server's Retry-After
-# does not ask for longer: 0.5 s growing to 1 s within the first second, 1 s until POLL_YOUNG
-# seconds after the kick-off (a short job completes within a second of the server finishing), then
-# (elapsed / POLL_YOUNG)**2 but never more than POLL_SHARE of the elapsed time. That is about 27
-# polls in the first minute and 5 in the second, so two clients behind one address stay under the
-# SMART reference server's 60 a minute per route, and a long job waits at most a fifth longer.
-POLL_FIRST = 0.5
-POLL_STEADY = 1.0
-POLL_YOUNG = 15.0
-POLL_SHARE = 0.2
-
-
-def poll_wait(elapsed: float, hinted: float | None, cap: float) -> float:
-    """Seconds until the next status poll, `elapsed` seconds after the kick-off; `hinted` is the
-    server's Retry-After (a minimum), `cap` is export.poll_max_wait."""
-    pause = min(POLL_STEADY, POLL_FIRST + max(elapsed, 0.0) / 2)
-    if elapsed > POLL_YOUNG:
-        pause = max(POLL_STEADY, min((elapsed / POLL_YOUNG) ** 2, elapsed * POLL_SHARE))
-    if hinted is not None:
-        pause = max(pause, hinted)
-    return min(cap, pause)
 
 
 def build_kickoff(base_url: str, request: ExportRequest) -> tuple[str, str, dict[str, Any]]:
@@ -326,7 +250,7 @@ def kickoff(
     req = client.build_request(method, url, **kwargs)
     attempt = 0
     while True:
-        response = _send(client, req, auth, policy=policy, clock=clock, stop=stop, rules=KICKOFF_RULES)
+        response = send(client, req, auth, policy=policy, clock=clock, stop=stop, rules=KICKOFF_RULES)
         if classify(response, KICKOFF_RULES) != "wait-out":
             break
         attempt += 1
@@ -339,7 +263,7 @@ def kickoff(
             )
         if response.status_code == 404 and request.group_id is not None:
             raise unknown_group(request.group_id, base_url, outcome_text(response) or "404 Not Found")
-        raise _fail(response, "export kick-off")
+        raise refusal(response, "export kick-off")
     location = response.headers.get("Content-Location")
     if not location:
         raise ExportError(f"export kick-off at {redact(url)} answered 202 without a Content-Location")
@@ -404,7 +328,7 @@ def group_exists(
         "GET", f"{base_url.rstrip('/')}/Group", headers={"Accept": "application/fhir+json"}
     )
     try:
-        response = _send(client, req, auth, policy=policy, clock=clock, stop=None)
+        response = send(client, req, auth, policy=policy, clock=clock, stop=None)
         body = orjson.loads(response.content) if response.status_code == 200 else None
     except (HTTPError, orjson.JSONDecodeError):
         return None
@@ -417,112 +341,15 @@ def group_exists(
     return None if paged else False
 
 
-@dataclass
-class Poller:
-    """Polls one status (or manifest page) URL until it completes (docs/bulk-data.md "Status polling")."""
-
-    client: httpx.Client
-    auth: httpx.Auth | None
-    settings: ExportSettings
-    policy: RetryPolicy
-    clock: Clock
-    events: EventSink
-    stop: threading.Event | None = None
-
-    def poll(self, url: str, *, deadline_at: float, started_at: float | None = None) -> Manifest:
-        """The manifest page at `url`, polled on the `poll_wait` schedule counted from `started_at`
-        (the kick-off; default: now). Raises JobExpired on 404/410, ExportError when the export
-        failed or the deadline passed (the job stays saved), TemporaryError past retries."""
-        eid = export_id(url)
-        started = self.clock.now() if started_at is None else started_at
-        polls = 0
-        # Retry-After on a 429 may be minutes (the reference server blocks a route for 5 minutes).
-        policy = replace(self.policy, max_wait=self.settings.poll_max_wait)
-
-        def on_retry(attempt: int, delay: float, reason: str) -> None:
-            self.events.emit(
-                "status_error", exportId=eid, message=reason, attempt=attempt, retryIn=round(delay, 3)
-            )
-            log.info("export status answered %s; retrying in %.1fs", reason, delay)
-
-        while True:
-            req = self.client.build_request("GET", url, headers={"Accept": "application/json"})
-            try:
-                response = _send(self.client, req, self.auth, policy=policy, clock=self.clock, stop=self.stop,
-                                 rules=STATUS_POLL_RULES, on_retry=on_retry)  # fmt: skip
-            except HTTPError as exc:
-                exc.hint = exc.hint or "the job is saved: run the same command again to resume it"
-                raise
-            polls += 1
-            status = response.status_code
-            if status == 200:
-                try:
-                    body = orjson.loads(response.content)
-                except orjson.JSONDecodeError:
-                    raise ExportError(f"the export manifest at {redact(url)} is not JSON") from None
-                return parse_manifest(body, str(response.request.url))
-            if status in (404, 410):
-                raise JobExpired(
-                    f"the export job at {redact(url)} is gone ({status}): it expired or was deleted"
-                )
-            still_running = classify(response, STATUS_POLL_RULES) == "keep-polling"
-            if status != 202 and not still_running:
-                self.events.emit("status_error", exportId=eid, status=status,
-                                 message=outcome_text(response) or "")  # fmt: skip
-                raise _fail(response, "bulk export")
-            hinted = parse_retry_after(response.headers.get("Retry-After"), self.clock.now())
-            pause = poll_wait(self.clock.now() - started, hinted, self.settings.poll_max_wait)
-            if still_running:
-                self.events.emit("status_error", exportId=eid, status=status, message=outcome_text(response) or "",
-                                 polls=polls, retryIn=round(pause, 3))  # fmt: skip
-            else:
-                self.events.emit("status_progress", exportId=eid, progress=response.headers.get("X-Progress", ""),
-                                 polls=polls, retryIn=round(pause, 3))  # fmt: skip
-            if self.clock.now() + pause > deadline_at:
-                raise ExportError(
-                    f"the export at {redact(url)} did not complete before the deadline "
-                    f"({self.settings.deadline:.0f}s, export.deadline)",
-                    hint="the job is saved: run the same command again to keep waiting for it",
-                )
-            wait(self.clock, pause, self.stop)
-
-
 def delete_job(
     client: httpx.Client, auth: httpx.Auth | None, status_url: str, *, policy: RetryPolicy, clock: Clock
 ) -> bool:
     """DELETE the job (cancel, or clean up after download). True if the server accepted it;
     404/410 (already gone) is False, not an error."""
     req = client.build_request("DELETE", status_url, headers={"Accept": "application/json"})
-    response = _send(client, req, auth, policy=policy, clock=clock, stop=None)
+    response = send(client, req, auth, policy=policy, clock=clock, stop=None)
     if response.status_code in (404, 410):
         return False
     if not response.is_success:
-        raise _fail(response, "export delete")
+        raise refusal(response, "export delete")
     return True
-
-
-@dataclass(frozen=True)
-class Issue:
-    """One OperationOutcome issue from an `error` file."""
-
-    severity: str
-    code: str
-    text: str
-
-    @property
-    def fatal(self) -> bool:
-        # docs/bulk-data.md "Download": fatal/error fail the export; warning/information are reported.
-        return self.severity in ("fatal", "error")
-
-
-def issues_of(outcome: Any) -> list[Issue]:
-    if not isinstance(outcome, dict) or outcome.get("resourceType") != "OperationOutcome":
-        return [Issue("error", "invalid", f"not an OperationOutcome: {str(outcome)[:200]}")]
-    found = []
-    for issue in outcome.get("issue") or []:
-        if isinstance(issue, dict):
-            text = (issue.get("details") or {}).get("text") or issue.get("diagnostics") or ""
-            found.append(
-                Issue(str(issue.get("severity", "error")), str(issue.get("code", "")), redact(str(text)))
-            )
-    return found

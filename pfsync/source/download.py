@@ -35,9 +35,10 @@ from pfsync.net.http import (
     outcome_text,
     wait,
 )
-from pfsync.source.bulk import Issue, JobExpired, ManifestFile, Origins, is_temporary
+from pfsync.source.bulk import JobExpired, Origins, is_temporary
 from pfsync.source.exportjob import ExportDir, LandedFile, without_query
 from pfsync.source.linecheck import FEED_BYTES, Validator
+from pfsync.source.manifest import Issue, ManifestFile
 
 log = logging.getLogger("pfsync.export")
 _PROGRESS_EVERY = 8 * 1024 * 1024

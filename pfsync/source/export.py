@@ -34,21 +34,19 @@ from pfsync.core.settings import ExportSettings, SourceSettings
 from pfsync.net.http import Clock, RetryPolicy, SystemClock
 from pfsync.source.bulk import (
     ExportRequest,
-    Issue,
     JobExpired,
-    ManifestFile,
     Origins,
-    Poller,
     build_kickoff,
     delete_job,
     export_id,
     group_exists,
-    issues_of,
     kickoff,
     unknown_group,
 )
 from pfsync.source.download import Downloaded, Downloader
 from pfsync.source.exportjob import ExportDir, ExportJob, LandedFile, file_name, without_query
+from pfsync.source.manifest import Issue, ManifestFile, issues_of
+from pfsync.source.poll import Poller
 
 log = logging.getLogger("pfsync.export")
 _KIND_ORDER = {"output": 0, "deleted": 1, "error": 2}

@@ -37,7 +37,8 @@ import orjson
 from pfsync.core.errors import StateError, UsageError
 from pfsync.core.ndjson import is_output_name, walk_files
 from pfsync.core.private import open_private, private_dir
-from pfsync.source.bulk import ExportRequest, Issue, Kind
+from pfsync.source.bulk import ExportRequest
+from pfsync.source.manifest import Issue, Kind
 
 JOB_FILE = "job.json"
 MANIFEST_FILE = "manifest.json"

@@ -23,7 +23,7 @@ import orjson
 from pfsync.core.errors import ExportError, ProtocolError
 from pfsync.core.settings import ExportValidate
 from pfsync.net.http import DECODE_CHUNK
-from pfsync.source.bulk import Issue, issues_of
+from pfsync.source.manifest import Issue, issues_of
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _MAX_PROBLEMS = 50

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
@@ -104,6 +104,31 @@ def requests_for(
             raise ExportError(f"source {source.name!r}: export level 'group' needs at least one group id")
         return [ExportRequest(level="group", group_id=g, **common) for g in source.groups]
     return [ExportRequest(level=level, **common)]
+
+
+def narrow_to_granted(
+    request: ExportRequest, granted_types: Sequence[str] | None, unsupported: Sequence[str], strict: bool
+) -> tuple[ExportRequest, str, str]:
+    """`request` without the types the token does not cover, and what to say about them: those the
+    server does not have (left out of the token request, docs/export-decisions.md "Resource types")
+    apart from those it did not grant ("" when none). AuthError when strict and some were not
+    granted, or when nothing is left. `granted_types` None: no check."""
+    if granted_types is None or not request.types:
+        return request, "", ""
+    granted = set(granted_types)
+    lacking = [t for t in request.types if t not in granted and t in unsupported]
+    refused = [t for t in request.types if t not in granted and t not in unsupported]
+    kept = tuple(t for t in request.types if t in granted)
+    texts = (
+        f"the server does not have {', '.join(lacking)} (left out of the token request)" if lacking else "",
+        f"the token's scope does not grant {', '.join(refused)}" if refused else "",
+    )
+    if (refused and strict) or not kept:
+        raise AuthError(
+            "; ".join(t for t in texts if t) + ("" if kept else ": nothing left to export"),
+            hint="ask the practice admin to authorise these types, or remove them from the resource types",
+        )
+    return replace(request, types=kept), *texts
 
 
 def origin(url: str) -> str:

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import httpx
 
-from pfsync.core.errors import AuthError, ExportError, InterruptedRunError, PfsyncError, UsageError
+from pfsync.core.errors import ExportError, InterruptedRunError, PfsyncError, UsageError
 from pfsync.core.events import EventSink, NullSink
-from pfsync.core.ndjson import Record, iter_file
 from pfsync.core.redact import redact
 from pfsync.core.settings import ExportSettings, SourceSettings
 from pfsync.net.http import Clock, RetryPolicy, SystemClock
@@ -41,11 +40,12 @@ from pfsync.source.bulk import (
     export_id,
     group_exists,
     kickoff,
+    narrow_to_granted,
     unknown_group,
 )
 from pfsync.source.download import Downloaded, Downloader
-from pfsync.source.exportjob import ExportDir, ExportJob, LandedFile, file_name, without_query
-from pfsync.source.manifest import Issue, ManifestFile, issues_of
+from pfsync.source.exportjob import ExportDir, ExportJob, LandedFile, cancel_export, file_name, without_query
+from pfsync.source.manifest import Issue, Manifest, ManifestFile, issues_in_file
 from pfsync.source.poll import Poller
 
 log = logging.getLogger("pfsync.export")
@@ -116,26 +116,6 @@ def run_export(
     run = _Run(source, settings, client, auth, out_dir, clock or SystemClock(), events or NullSink(),
                on_file, stop, policy or RetryPolicy())  # fmt: skip
     return run.execute(request, granted_types, unsupported_types)
-
-
-def cancel_export(
-    out_dir: Path,
-    client: httpx.Client,
-    auth: httpx.Auth | None,
-    *,
-    policy: RetryPolicy | None = None,
-    clock: Clock | None = None,
-) -> bool:
-    """`pfsync export --cancel`: DELETE the saved in-flight job. False when there is nothing to cancel."""
-    export_dir = ExportDir(out_dir)
-    job = export_dir.load_job()
-    if job is None or job.state in ("complete", "cancelled", "failed"):
-        return False
-    origins = Origins(job.base_url)
-    delete_job(client, origins.auth_for(job.status_url, auth), job.status_url,
-               policy=policy or RetryPolicy(), clock=clock or SystemClock())  # fmt: skip
-    export_dir.set_state(job, "cancelled")
-    return True
 
 
 class _Run:
@@ -213,30 +193,14 @@ class _Run:
     def _granted(
         self, request: ExportRequest, granted_types: Sequence[str] | None, unsupported: Sequence[str]
     ) -> ExportRequest:
-        """The request without the types the token does not cover: those the server does not have
-        (dropped from the token request, docs/export-decisions.md "Resource types") and those it
-        did not grant, each named for what it is."""
-        if granted_types is None or not request.types:
-            return request
-        granted = set(granted_types)
-        lacking = [t for t in request.types if t not in granted and t in unsupported]
-        refused = [t for t in request.types if t not in granted and t not in unsupported]
-        kept = tuple(t for t in request.types if t in granted)
-        texts = []
-        if lacking:
-            texts.append(f"the server does not have {', '.join(lacking)} (left out of the token request)")
+        kept, lacking, refused = narrow_to_granted(
+            request, granted_types, unsupported, self.settings.strict_scopes
+        )
+        if lacking:  # logged by the authenticator when it dropped them: only in the result here
+            self.warnings.append(lacking + ": skipping them")
         if refused:
-            texts.append(f"the token's scope does not grant {', '.join(refused)}")
-        if (refused and self.settings.strict_scopes) or not kept:
-            raise AuthError(
-                "; ".join(texts) + ("" if kept else ": nothing left to export"),
-                hint="ask the practice admin to authorise these types, or remove them from the resource types",
-            )
-        if lacking:  # already logged by the authenticator when it dropped them: only in the result
-            self.warnings.append(texts.pop(0) + ": skipping them")
-        for text in texts:
-            self.warn(text + ": skipping them")
-        return replace(request, types=kept)
+            self.warn(refused + ": skipping them")
+        return kept
 
     def _kickoff(self, request: ExportRequest) -> ExportJob:
         _, url, _ = build_kickoff(self.source.base_url, request)
@@ -256,7 +220,6 @@ class _Run:
         eid = export_id(job.status_url)
         poller = Poller(self.client, self.origins.auth_for(job.status_url, self.auth), self.settings,
                         self.policy, self.clock, self.events, self.stop)  # fmt: skip
-        deadline_at = self.deadline_at
         halt = threading.Event()
         numbers: Counter[tuple[str, str]] = Counter()
         pending: dict[Future[Downloaded], str] = {}
@@ -264,35 +227,19 @@ class _Run:
         problems: list[str] = []
         # One worker more than network slots: it starts the next file while another fsyncs its own
         # (docs/export-decisions.md "Landing files durably").
-        slots = threading.Semaphore(self.settings.parallel_downloads)
         pool = ThreadPoolExecutor(self.settings.parallel_downloads + 1, thread_name_prefix="download")
         try:
             page_url: str | None = job.status_url
             downloader: Downloader | None = None
-            first = True
             while page_url is not None:
-                manifest = poller.poll(page_url, deadline_at=deadline_at, started_at=job.kicked_off_at)
-                if first:
-                    first = False
-                    self.dir.manifest.export_id = eid
-                    self.dir.manifest.transaction_time = manifest.transaction_time
-                    self.dir.manifest.request = without_query(manifest.request)
-                    job = self.dir.save_job(replace(job, transaction_time=manifest.transaction_time))
-                    if not manifest.files and manifest.next_url is None:
-                        self._check_empty(job)
-                    downloader = Downloader(self.client, self.auth, self.origins, self.dir, self.policy,
-                                            self.clock, self.events, eid, manifest.requires_access_token,
-                                            self.settings.max_line_bytes, halt,
-                                            validate=self.settings.validate,
-                                            max_file_bytes=self.settings.max_file_bytes,
-                                            max_export_bytes=self.settings.max_export_bytes,
-                                            deadline_at=deadline_at, streams=slots)  # fmt: skip
+                manifest = poller.poll(page_url, deadline_at=self.deadline_at, started_at=job.kicked_off_at)
+                if downloader is None:
+                    job, downloader = self._first_page(job, manifest, halt)
                 self.events.emit("status_complete", exportId=eid, transactionTime=manifest.transaction_time,
                                  outputFiles=sum(f.kind == "output" for f in manifest.files),
                                  errorFiles=sum(f.kind == "error" for f in manifest.files),
                                  deletedFiles=sum(f.kind == "deleted" for f in manifest.files),
                                  more=manifest.next_url is not None)  # fmt: skip
-                assert downloader is not None
                 for entry in manifest.files:
                     name = self._name(entry, numbers, job.request)
                     if name is None:
@@ -313,9 +260,33 @@ class _Run:
             self._keep_finished(pending)
             raise
         pool.shutdown(wait=True)
+        return self._conclude(job, issues, problems)
+
+    def _first_page(
+        self, job: ExportJob, manifest: Manifest, halt: threading.Event
+    ) -> tuple[ExportJob, Downloader]:
+        """What the first manifest page settles: the local manifest's header, the job's
+        transactionTime, an unknown group, and the Downloader of every page."""
+        eid = export_id(job.status_url)
+        self.dir.manifest.export_id = eid
+        self.dir.manifest.transaction_time = manifest.transaction_time
+        self.dir.manifest.request = without_query(manifest.request)
+        job = self.dir.save_job(replace(job, transaction_time=manifest.transaction_time))
+        if not manifest.files and manifest.next_url is None:
+            self._check_empty(job)
+        downloader = Downloader(self.client, self.auth, self.origins, self.dir, self.policy, self.clock, self.events,
+                                eid, manifest.requires_access_token, self.settings.max_line_bytes, halt,
+                                validate=self.settings.validate, max_file_bytes=self.settings.max_file_bytes,
+                                max_export_bytes=self.settings.max_export_bytes, deadline_at=self.deadline_at,
+                                streams=threading.Semaphore(self.settings.parallel_downloads))  # fmt: skip
+        return job, downloader
+
+    def _conclude(self, job: ExportJob, issues: list[Issue], problems: list[str]) -> ExportJob:
+        """Every file has landed: manifest.json saved whole (also when the export failed, so that it
+        names the issues), then the job marked downloaded, or failed on fatal issues."""
         self.dir.manifest.issues, self.dir.manifest.problems = issues, problems
         self.dir.manifest.warnings = self.warnings
-        self.dir.save_manifest()  # also when the export failed: the saved manifest names its issues
+        self.dir.save_manifest()
         fatal = [i for i in issues if i.fatal]
         if fatal:
             self.dir.set_state(job, "failed")
@@ -386,7 +357,7 @@ class _Run:
             self.dir.record(landed)
             problems.extend(downloaded.problems)
         if landed.kind == "error":
-            found = list(downloaded.issues) if fresh else _issues_from_file(landed.path)
+            found = list(downloaded.issues) if fresh else issues_in_file(landed.path)
             for issue in found:
                 if not issue.fatal:
                     self.warn(f"the server reported ({issue.severity}): {issue.text or issue.code}")
@@ -437,11 +408,3 @@ class _Run:
                          errorFiles=len(result.errors), lines=result.lines, bytes=result.bytes,
                          problems=len(result.problems), resumed=resumed)  # fmt: skip
         return result
-
-
-def _issues_from_file(path: Path) -> list[Issue]:
-    found: list[Issue] = []
-    for item in iter_file(path):
-        if isinstance(item, Record):
-            found += issues_of(item.resource)
-    return found

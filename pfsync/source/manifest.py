@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urljoin
 
 from pfsync.core.errors import ExportError
+from pfsync.core.ndjson import Record, iter_file
 from pfsync.core.redact import redact
 
 Kind = Literal["output", "error", "deleted"]
@@ -87,4 +89,13 @@ def issues_of(outcome: Any) -> list[Issue]:
             found.append(
                 Issue(str(issue.get("severity", "error")), str(issue.get("code", "")), redact(str(text)))
             )
+    return found
+
+
+def issues_in_file(path: Path) -> list[Issue]:
+    """The issues of an error file already on disk (a resumed export reads them again)."""
+    found: list[Issue] = []
+    for item in iter_file(path):
+        if isinstance(item, Record):
+            found += issues_of(item.resource)
     return found

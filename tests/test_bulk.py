@@ -16,7 +16,15 @@ from pfsync.core.errors import AuthError, ExportError, HTTPError, InterruptedRun
 from pfsync.core.events import ListSink
 from pfsync.core.settings import ExportSettings, SourceSettings
 from pfsync.net.http import RetryPolicy
-from pfsync.source.bulk import ExportRequest, JobExpired, Origins, delete_job, kickoff, requests_for
+from pfsync.source.bulk import (
+    ExportRequest,
+    JobExpired,
+    Origins,
+    delete_job,
+    kickoff,
+    narrow_to_granted,
+    requests_for,
+)
 from pfsync.source.manifest import issues_of, parse_manifest
 from pfsync.source.poll import Poller, poll_wait
 
@@ -355,3 +363,18 @@ def test_poll_413_too_many_files_is_a_failed_export_with_its_text(httpx_mock: HT
     with httpx.Client() as client, pytest.raises(ExportError, match="Too many files") as info:
         make_poller(client, FakeClock(), ListSink()).poll(STATUS, deadline_at=1e12)
     assert info.value.exit_code == 5
+
+
+def test_types_the_server_lacks_are_named_apart_from_types_not_granted() -> None:
+    """Issue 20: types left out of the token request because the server does not have them are not
+    "not granted" (no admin can grant them); only the types not granted fail with strict scopes."""
+    request = ExportRequest(types=("Patient", "Medication", "Condition", "Observation"))
+    kept, lacking, refused = narrow_to_granted(request, ["Patient", "Observation"], ["Medication"], False)
+    assert kept.types == ("Patient", "Observation")
+    assert lacking == "the server does not have Medication (left out of the token request)"
+    assert refused == "the token's scope does not grant Condition"
+    assert narrow_to_granted(request, ["Patient", "Observation", "Condition"], ["Medication"], True)[2] == ""
+    with pytest.raises(AuthError, match="does not grant Condition"):
+        narrow_to_granted(request, ["Patient", "Observation"], ["Medication"], True)
+    with pytest.raises(AuthError, match="nothing left to export"):
+        narrow_to_granted(request, [], ["Medication"], False)

@@ -134,7 +134,11 @@ def test_a_kickoff_put_off_past_the_export_deadline_fails_as_temporary(
               "Accept": "application/fhir+json", "Prefer": "respond-async"})  # fmt: skip
     with pytest.raises(HTTPError, match="export deadline") as info:
         run(source, tmp_path / "out", clock=clock, settings=ExportSettings(deadline=600))
-    assert info.value.exit_code == 75 and clock.sleeps == []
+    assert (
+        info.value.exit_code == 75
+        and clock.sleeps == []
+        and "PFSYNC_EXPORT_DEADLINE" in (info.value.hint or "")
+    )
 
 
 def test_a_retry_after_already_past_gets_a_backoff(source: SourceSandbox, tmp_path: Path) -> None:

@@ -320,6 +320,8 @@ def _wait_out(
         raise HTTPError(
             f"export kick-off at {redact(url)} was put off ({reason}, retry in {delay:.0f} s) past {why}",
             method=response.request.method, url=url, status=response.status_code, outcome=text,
+            hint="the server asks for a later kick-off: run again later (nothing was started), or raise "
+                 "PFSYNC_EXPORT_DEADLINE to wait that long",
         )  # fmt: skip
     log.warning("export kick-off answered %s; kicking off again in %.1f s", reason, delay,
                 extra={"event": "http_retry"})  # fmt: skip

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from pfsync.core.errors import LockedError, StateError
+from pfsync.core.instants import iso, parse_iso
 from pfsync.sync.state import (
     Holder,
     InFlight,
@@ -18,8 +19,6 @@ from pfsync.sync.state import (
     LocalStateStore,
     MemoryStateStore,
     SyncState,
-    iso,
-    parse_iso,
     source_dir,
     write_atomic,
 )

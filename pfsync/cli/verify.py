@@ -25,6 +25,9 @@ from pfsync.cli.common import (
     wants_json,
 )
 from pfsync.core.errors import UsageError, VerifyMismatchError
+from pfsync.core.instants import parse_iso
+from pfsync.core.settings import Settings
+from pfsync.sync.state import LocalStateStore
 from pfsync.verify.report import CATEGORIES, VerifyReport
 
 if TYPE_CHECKING:
@@ -55,13 +58,22 @@ def _verify(
     elif export:
         dirs = fresh_export(settings, source)
     else:
-        dirs = default_export(settings, source)
+        dirs = default_export(settings, source, last_success=_last_success(settings, source.name))
     # base_url = the FHIR base: the loader keys its id map by it (pfsync.load.loader.Loader).
     with make_client(
         settings.http, timeout=settings.http.load_timeout, base_url=settings.medplum.fhir_url
     ) as client:
         client.auth = medplum_auth(settings.medplum, http=settings.http)  # the process's shared token
         return verify(settings, source, client, dirs, options)
+
+
+def _last_success(settings: Settings, source_name: str) -> float | None:
+    """When the source last synced, from local state (a Medplum-backed state is not read here:
+    verify then trusts the newest finished export, as it always has)."""
+    if settings.state_backend != "local":
+        return None
+    last = LocalStateStore(settings.state_dir).load(source_name).last_success
+    return parse_iso(last) if last else None
 
 
 def render_table(report: VerifyReport, limit: int) -> None:

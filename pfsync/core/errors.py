@@ -82,7 +82,7 @@ class ExportError(PfsyncError):
 
 class ProtocolError(ExportError):
     """A server answered in a way pfsync refuses to act on: a redirect of a request carrying a body
-    or credentials, a URL outside pfsync.net.policy's rules, a malformed answer, an answer over a
+    or credentials, a URL outside pfsync.core.netpolicy's rules, a malformed answer, an answer over a
     size or time limit. Retrying soon would meet the same answer."""
 
 

@@ -94,7 +94,7 @@ class HttpSettings:
     retry_max_wait: float = 120.0
     allow_insecure_http: bool = False
     ca_bundle: Path | None = None
-    allow_networks: tuple[str, ...] = ()  # pfsync.net.policy: special-purpose ranges let through
+    allow_networks: tuple[str, ...] = ()  # pfsync.core.netpolicy: special-purpose ranges let through
     proxy: str | None = None
     trust_env: bool = False  # HTTP(S)_PROXY, NO_PROXY, SSL_CERT_FILE/DIR are ignored unless set
     max_response_bytes: int = 128 * 1024 * 1024  # answers read whole: searches, Bundles, manifests
@@ -270,7 +270,7 @@ def _list(value: Any, key: str) -> tuple[str, ...]:
 
 
 def _networks(value: Any, key: str) -> tuple[str, ...]:
-    from pfsync.net.policy import parse_networks
+    from pfsync.core.netpolicy import parse_networks
 
     items = _list(value, key)
     for item in items:
@@ -679,7 +679,7 @@ def _make_source(values: dict[str, Any]) -> SourceSettings:
 
 
 def is_loopback(url: str) -> bool:
-    from pfsync.net.policy import is_loopback_host
+    from pfsync.core.netpolicy import is_loopback_host
 
     return is_loopback_host(urlsplit(url).hostname or "")
 
@@ -687,9 +687,9 @@ def is_loopback(url: str) -> bool:
 def check_transport_url(
     url: str, setting: str, allow_insecure_http: bool, allow_networks: tuple[str, ...] = ()
 ) -> None:
-    """The rules of pfsync.net.policy for a configured URL: TLS everywhere but loopback (plain http
+    """The rules of pfsync.core.netpolicy for a configured URL: TLS everywhere but loopback (plain http
     to another host needs an explicit opt-in), no special-purpose address unless allowed."""
-    from pfsync.net.policy import parse_networks, shown_url, url_problem
+    from pfsync.core.netpolicy import parse_networks, shown_url, url_problem
 
     problem = url_problem(
         url, allow_insecure_http=allow_insecure_http, allow_networks=parse_networks(allow_networks)

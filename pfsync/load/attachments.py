@@ -37,6 +37,7 @@ import httpx
 import orjson
 
 from pfsync.core.errors import ProtocolError
+from pfsync.core.netpolicy import shown_url
 from pfsync.core.settings import LoadSettings
 from pfsync.load.idmap import IdMap
 from pfsync.load.transform import Prepared, TransformContext
@@ -50,7 +51,6 @@ from pfsync.net.http import (
     iter_decoded,
     protocol_error,
 )
-from pfsync.net.policy import shown_url
 
 if TYPE_CHECKING:
     from pfsync.load.writes import Writer

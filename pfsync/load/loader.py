@@ -34,6 +34,7 @@ import httpx
 from pfsync.core import tuning
 from pfsync.core.errors import InterruptedRunError
 from pfsync.core.events import EventSink, NullSink
+from pfsync.core.instants import parse_iso
 from pfsync.core.ndjson import BadLine, is_output_name, iter_file, iter_paths
 from pfsync.core.settings import HttpSettings, LoadSettings, SourceSettings
 from pfsync.load.idmap import IdMap
@@ -42,7 +43,6 @@ from pfsync.load.quarantine import QUARANTINE, RETRY, WrappedLog, is_wrapped, it
 from pfsync.load.writes import Writer
 from pfsync.net.http import Clock, SystemClock
 from pfsync.source.exportjob import export_files
-from pfsync.sync.state import parse_iso
 
 UNREADABLE = "(unreadable)"
 

@@ -25,6 +25,7 @@ import orjson
 
 from pfsync.core.errors import HTTPError
 from pfsync.core.events import EventSink
+from pfsync.core.marks import LOGICAL_TAG, identifier_query
 from pfsync.core.ndjson import BadLine
 from pfsync.core.settings import HttpSettings, LoadSettings, SourceSettings
 from pfsync.load.attachments import Attachments
@@ -32,11 +33,9 @@ from pfsync.load.idmap import Held, IdMap
 from pfsync.load.quarantine import WrappedLog
 from pfsync.load.references import References
 from pfsync.load.transform import (
-    LOGICAL_TAG,
     Prepared,
     TransformContext,
     TransformError,
-    identifier_query,
     owned,
     prepare,
     render,

@@ -12,9 +12,8 @@ from __future__ import annotations
 import httpx
 import orjson
 
-from pfsync.medplum.batch import wait_from_outcome
-from pfsync.net.http import Clock, outcome_text, server_text
-from pfsync.net.policy import origin, shown_url
+from pfsync.core.netpolicy import origin, shown_url
+from pfsync.net.http import Clock, outcome_text, server_text, wait_from_outcome
 
 Result = tuple[int | None, bytes, str | None, str | None]  # status, content, RateLimit, error text
 

@@ -20,11 +20,11 @@ import httpx
 import orjson
 
 from pfsync.core.errors import AuthError
+from pfsync.core.netpolicy import shown_url
 from pfsync.core.redact import redact
 from pfsync.core.settings import HttpSettings, MedplumSettings, require
 from pfsync.net.http import Clock, RetryPolicy, SystemClock, outcome_text
-from pfsync.net.policy import shown_url
-from pfsync.source.auth import (
+from pfsync.net.tokens import (
     NO_AUTH,
     BearerAuth,
     CachedToken,

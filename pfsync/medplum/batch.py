@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from pfsync.net.http import outcome_from_json
+from pfsync.net.http import outcome_from_json, wait_from_outcome
 
 BUNDLE_HEAD = b'{"resourceType":"Bundle","type":"batch","entry":['
 BUNDLE_TAIL = b"]}"
@@ -122,24 +122,6 @@ def _status(value: Any) -> int:
         return int(str(value).split()[0])
     except (ValueError, IndexError):
         return 0
-
-
-def wait_from_outcome(outcome: Any) -> float | None:
-    """Seconds from a throttled OperationOutcome's diagnostics JSON (no Retry-After: docs/medplum.md)."""
-    if not isinstance(outcome, dict):
-        return None
-    for issue in outcome.get("issue") or []:
-        diag = issue.get("diagnostics") if isinstance(issue, dict) else None
-        if not isinstance(diag, str) or not diag.startswith("{"):
-            continue
-        try:
-            data = orjson.loads(diag)
-        except orjson.JSONDecodeError:
-            continue
-        ms = data.get("msBeforeNext", data.get("_msBeforeNext")) if isinstance(data, dict) else None
-        if isinstance(ms, int | float):
-            return max(0.0, float(ms) / 1000.0)
-    return None
 
 
 def parse_entry(entry: Any) -> EntryResult:

@@ -16,11 +16,18 @@ import httpx
 import orjson
 
 from pfsync.core.errors import HTTPError
-from pfsync.load.transform import escape_token, resource_hash_from_meta
-from pfsync.medplum.batch import wait_from_outcome
-from pfsync.net.http import Clock, RetryPolicy, is_temporary, json_object, next_link, outcome_text
+from pfsync.core.marks import escape_token, resource_hash_from_meta
+from pfsync.core.netpolicy import shown_url
+from pfsync.net.http import (
+    Clock,
+    RetryPolicy,
+    is_temporary,
+    json_object,
+    next_link,
+    outcome_text,
+    wait_from_outcome,
+)
 from pfsync.net.pacing import Pacer
-from pfsync.net.policy import shown_url
 
 LOOKUP_BATCH = 100
 _MAX_URL = 7000

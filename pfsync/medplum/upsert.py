@@ -39,10 +39,9 @@ from pfsync.medplum.batch import (
     classify,
     is_too_large,
     parse_batch,
-    wait_from_outcome,
 )
 from pfsync.medplum.donequeue import DoneQueue
-from pfsync.net.http import Clock, RetryPolicy, outcome_text
+from pfsync.net.http import Clock, RetryPolicy, outcome_text, wait_from_outcome
 from pfsync.net.pacing import Concurrency, Pacer
 
 FHIR_JSON = "application/fhir+json"

@@ -2,7 +2,7 @@
 
 Library classes take an `httpx.Client` (the network is injected); only `make_client`
 builds a real one, and every client it builds applies RequestGuard on every hop: the URL rules
-of pfsync.net.policy, no redirect for a request carrying a body or credentials, attachments
+of pfsync.core.netpolicy, no redirect for a request carrying a body or credentials, attachments
 pinned to their origin; proxy and CAs from pfsync's settings, not the environment. Sleeping and
 the clock are injected too (`Clock`), so retry tests run instantly.
 
@@ -36,10 +36,10 @@ import orjson
 
 from pfsync import __version__
 from pfsync.core.errors import ConfigError, HTTPError, InterruptedRunError, PfsyncError, ProtocolError
+from pfsync.core.netpolicy import Network, origin, parse_networks, resolved_problem, shown_url, url_problem
 from pfsync.core.redact import redact, register
 from pfsync.core.settings import HttpSettings
 from pfsync.net.pacing import parse_ratelimit
-from pfsync.net.policy import Network, origin, parse_networks, resolved_problem, shown_url, url_problem
 
 USER_AGENT = f"pfsync/{__version__}"
 log = logging.getLogger("pfsync.http")
@@ -143,13 +143,13 @@ _SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 @dataclass(frozen=True)
 class RequestGuard:
-    """pfsync.net.policy on every hop of every request, and the redirect rules, as httpx event hooks
+    """pfsync.core.netpolicy on every hop of every request, and the redirect rules, as httpx event hooks
     (httpx calls request hooks for each hop of a redirect chain, response hooks for each answer).
 
     A redirect is followed only for a GET or HEAD without a body and without Basic credentials:
     a token POST, a Bundle or an upload answered with 307/308 would otherwise re-send its secrets
     or data to wherever the Location points. A bearer token never follows a redirect to another
-    origin (httpx drops Authorization there; pfsync.source.auth.BearerAuth adds it only for allowed
+    origin (httpx drops Authorization there; pfsync.net.tokens.BearerAuth adds it only for allowed
     origins). A request carrying PIN_ORIGIN may not be redirected off that origin."""
 
     allow_insecure_http: bool = False
@@ -385,14 +385,30 @@ def ratelimit_reset(response: httpx.Response) -> float | None:
     return max(spent) if spent else None
 
 
+def wait_from_outcome(outcome: Any) -> float | None:
+    """Seconds from a throttled OperationOutcome's diagnostics JSON (no Retry-After: docs/medplum.md)."""
+    if not isinstance(outcome, dict):
+        return None
+    for issue in outcome.get("issue") or []:
+        diag = issue.get("diagnostics") if isinstance(issue, dict) else None
+        if not isinstance(diag, str) or not diag.startswith("{"):
+            continue
+        try:
+            data = orjson.loads(diag)
+        except orjson.JSONDecodeError:
+            continue
+        ms = data.get("msBeforeNext", data.get("_msBeforeNext")) if isinstance(data, dict) else None
+        if isinstance(ms, int | float):
+            return max(0.0, float(ms) / 1000.0)
+    return None
+
+
 def hinted_wait(response: httpx.Response, now: float) -> float | None:
     """What the server asks us to wait: Retry-After (either form), else on a 429 Medplum's
     throttled OperationOutcome (`msBeforeNext`) or its spent RateLimit window."""
     hinted = parse_retry_after(response.headers.get("Retry-After"), now)
     if hinted is not None or response.status_code != 429:
         return hinted
-    from pfsync.medplum.batch import wait_from_outcome  # batch imports this module
-
     try:
         body = orjson.loads(response.content) if response.content else None
     except (orjson.JSONDecodeError, httpx.HTTPError):

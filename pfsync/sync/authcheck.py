@@ -23,7 +23,8 @@ from pfsync.core.redact import redact
 from pfsync.core.settings import HttpSettings, Settings, SourceSettings, is_loopback
 from pfsync.medplum.auth import MedplumAuthenticator, OriginBasicAuth
 from pfsync.net.http import Clock, RetryPolicy, SystemClock, outcome_text, request_with_retry
-from pfsync.source.auth import NO_AUTH, BearerAuth, SourceAuthenticator
+from pfsync.net.tokens import NO_AUTH, BearerAuth
+from pfsync.source.auth import SourceAuthenticator
 
 Status = Literal["ok", "warn", "fail", "skip"]
 CLOCK_SKEW_WARN = 60.0  # seconds; assertions live 240 s and PF allows exp at most 300 s ahead

@@ -79,7 +79,7 @@ class LiveEngines:
         changed: a wrong or revoked secret must fail the run (exit 4, status unhealthy), not hide
         until there is something to load. The tokens are the ones the run then uses. With
         medplum.auth = basic there is no token: one `_summary=count` search proves the secret."""
-        from pfsync.source.auth import BearerAuth
+        from pfsync.net.tokens import BearerAuth
 
         self._granted_types()
         auth = self.medplum_client.auth

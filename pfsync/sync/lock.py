@@ -22,8 +22,9 @@ from pathlib import Path
 import orjson
 
 from pfsync.core.errors import LockedError, StateError
+from pfsync.core.instants import iso, parse_iso
 from pfsync.core.private import open_private, private_dir
-from pfsync.sync.state import Holder, Lease, SyncState, iso, parse_iso
+from pfsync.sync.state import Holder, Lease, SyncState
 
 LEASE_TTL = (
     15 * 60.0

@@ -53,11 +53,12 @@ from pfsync.core.errors import (
     UsageError,
 )
 from pfsync.core.events import EventSink, NullSink
+from pfsync.core.instants import iso, parse_iso
 from pfsync.core.redact import redact
 from pfsync.core.settings import Settings, SourceSettings
 from pfsync.load.references import export_types
 from pfsync.net.http import Clock, SystemClock, protocol_error, server_text
-from pfsync.source.auth import begin_run
+from pfsync.net.tokens import begin_run
 from pfsync.source.bulk import ExportRequest, requests_for
 from pfsync.source.exportjob import ExportDir, LandedFile
 from pfsync.sync.state import (
@@ -67,8 +68,6 @@ from pfsync.sync.state import (
     StateStore,
     SyncState,
     add_counts,
-    iso,
-    parse_iso,
     source_dir,
 )
 
@@ -518,7 +517,7 @@ def sync_all(
     if not settings.sync.enabled:
         events.emit("sync_disabled")
         return SyncResult(())
-    begin_run()  # every run proves its credentials once (pfsync.source.auth.CachedToken.prove)
+    begin_run()  # every run proves its credentials once (pfsync.net.tokens.CachedToken.prove)
 
     def one(src: SourceSettings) -> SourceResult:
         if not src.enabled:

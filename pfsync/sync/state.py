@@ -31,13 +31,13 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
 from pfsync.core.errors import StateError
+from pfsync.core.instants import iso
 from pfsync.core.private import private_dir
 
 FORMAT_VERSION = 1
@@ -45,24 +45,6 @@ CHECKPOINT_FILE = "checkpoint.json"
 RETRY_FILE = "retry.ndjson"  # the loader's retry queue (shared state-dir convention)
 QUARANTINE_FILE = "quarantine.ndjson"
 OUTCOMES = ("ok", "partial", "failed", "interrupted", "locked")
-
-
-def iso(epoch: float) -> str:
-    """Epoch seconds as an ISO-8601 UTC instant with milliseconds (FHIR instant shape)."""
-    return (
-        datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(epoch * 1000) % 1000:03d}Z"
-    )
-
-
-def parse_iso(text: str) -> float:
-    """Epoch seconds from an ISO-8601 instant (a FHIR `instant`, e.g. a manifest's transactionTime)."""
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise StateError(f"not an ISO-8601 instant: {text!r}") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ import httpx
 import orjson
 
 from pfsync.core.errors import LockedError, ProtocolError, StateError
-from pfsync.load.transform import identifier_query
+from pfsync.core.instants import iso, parse_iso
+from pfsync.core.marks import identifier_query
 from pfsync.net.http import (
     Clock,
     RetryPolicy,
@@ -31,7 +32,7 @@ from pfsync.net.http import (
     request_with_retry,
 )
 from pfsync.sync.lock import LEASE_TTL, LeaseLock, check_lease, lease_expired, new_lease
-from pfsync.sync.state import Holder, Lease, SyncState, iso, parse_iso
+from pfsync.sync.state import Holder, Lease, SyncState
 
 STATE_SYSTEM = "https://pfsync.dev/state"
 STATE_EXTENSION = "https://pfsync.dev/StructureDefinition/sync-state"

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from pfsync.core.errors import StateError
+from pfsync.core.instants import parse_iso
 from pfsync.core.settings import Settings
-from pfsync.sync.state import QUARANTINE_FILE, InFlight, StateStore, SyncState, parse_iso, source_dir
+from pfsync.sync.state import QUARANTINE_FILE, InFlight, StateStore, SyncState, source_dir
 
 SUCCESS_OUTCOMES = ("ok", "partial")
 

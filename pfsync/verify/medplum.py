@@ -23,7 +23,6 @@ import orjson
 
 from pfsync.core.errors import HTTPError, TemporaryError
 from pfsync.core.settings import HttpSettings
-from pfsync.medplum.batch import wait_from_outcome
 from pfsync.medplum.lookup import Found, Searcher, find_identities
 from pfsync.net.http import (
     RETRYABLE_STATUS,
@@ -33,6 +32,7 @@ from pfsync.net.http import (
     next_link,
     raise_for_status,
     request_with_retry,
+    wait_from_outcome,
 )
 from pfsync.net.pacing import Pacer, parse_ratelimit
 

@@ -25,6 +25,7 @@ import httpx
 
 from pfsync.core.errors import HTTPError, UsageError
 from pfsync.core.events import EventSink, NullSink
+from pfsync.core.marks import resource_hash_from_meta
 from pfsync.core.ndjson import Record, iter_file, iter_paths
 from pfsync.core.settings import Settings, SourceSettings, identifier_system
 from pfsync.load.idmap import fetched_identities
@@ -36,7 +37,6 @@ from pfsync.load.transform import (
     owned,
     prepare,
     render,
-    resource_hash_from_meta,
 )
 from pfsync.net.http import Clock, SystemClock
 from pfsync.source.exportjob import JOB_FILE, MANIFEST_FILE, ExportDir
@@ -100,22 +100,23 @@ def _newest(root: Path) -> tuple[float, list[Path]] | None:
 
 
 def default_export(
-    settings: Settings, source: SourceSettings, *, clock: Clock | None = None, events: EventSink | None = None
+    settings: Settings,
+    source: SourceSettings,
+    *,
+    last_success: float | None = None,
+    clock: Clock | None = None,
+    events: EventSink | None = None,
 ) -> list[Path]:
     """What a bare `pfsync verify` compares against.
 
     `pfsync sync` deletes its exports once loaded, and they are incremental anyway. So: the newest
     finished export under the state directory, if it is newer than the last successful sync (an
     older one no longer describes the source: what the sync loaded since would show as extras);
-    else a fresh full export, kept for the next verify (older `verify-*` exports are removed)."""
+    else a fresh full export, kept for the next verify (older `verify-*` exports are removed).
+    `last_success`: epoch seconds of the source's last successful sync, as the caller's state knows it."""
     root = settings.state_dir / source.name / "exports"
     best = _newest(root)
-    synced: float | None = None
-    if settings.state_backend == "local":
-        from pfsync.sync.state import LocalStateStore, parse_iso
-
-        last = LocalStateStore(settings.state_dir).load(source.name).last_success
-        synced = parse_iso(last) if last else None
+    synced = last_success
     if best is not None and (synced is None or best[0] >= synced):
         return best[1]
     (events or NullSink()).emit("verify_fresh_export", source=source.name,

@@ -177,8 +177,8 @@ def test_a_host_name_resolving_to_a_special_purpose_address_is_refused(
 ) -> None:
     import socket
 
-    from pfsync.core.settings import HttpSettings
     from pfsync.core import netpolicy
+    from pfsync.core.settings import HttpSettings
     from pfsync.net.http import make_client
 
     def fake(host: str, *args: object, **kwargs: object) -> list[tuple[object, ...]]:

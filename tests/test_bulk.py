@@ -20,14 +20,13 @@ from pfsync.source.bulk import (
     ExportRequest,
     JobExpired,
     Origins,
-    Poller,
     delete_job,
-    issues_of,
     kickoff,
-    parse_manifest,
-    poll_wait,
+    narrow_to_granted,
     requests_for,
 )
+from pfsync.source.manifest import issues_of, parse_manifest
+from pfsync.source.poll import Poller, poll_wait
 
 BASE = "https://ehr.example/fhir/r4/v1/practice"
 STATUS = f"{BASE}/Export/abc-123"
@@ -105,6 +104,33 @@ def test_kickoff_429_waits_retry_after_and_retries(httpx_mock: HTTPXMock, retry_
     with httpx.Client() as client:
         assert kickoff(client, None, BASE, ExportRequest(), policy=POLICY, clock=clock) == STATUS
     assert 6.0 <= clock.slept <= 7.5
+
+
+def test_kickoff_429_with_a_long_retry_after_is_waited_out_up_to_the_deadline(httpx_mock: HTTPXMock) -> None:
+    """Issue 20: a kick-off 429 went through the generic retry budget with its wait capped at
+    http.retry_max_wait (here 30 s); the server's Retry-After is honoured in full instead
+    (pfsync.http.KICKOFF_RULES), as long as the export deadline allows."""
+    clock = FakeClock()
+    httpx_mock.add_response(
+        status_code=429, headers={"Retry-After": "1000"}, json=outcome("later", "throttled")
+    )
+    httpx_mock.add_response(status_code=202, headers={"Content-Location": STATUS})
+    with httpx.Client() as client:
+        url = kickoff(client, None, BASE, ExportRequest(), policy=POLICY, clock=clock,
+                      deadline_at=clock.now() + 3600)  # fmt: skip
+    assert url == STATUS and clock.slept == pytest.approx(1000)
+
+
+def test_kickoff_429_past_the_deadline_is_temporary_at_once(httpx_mock: HTTPXMock) -> None:
+    clock = FakeClock()
+    httpx_mock.add_response(
+        status_code=429, headers={"Retry-After": "1000"}, json=outcome("later", "throttled")
+    )
+    with httpx.Client() as client, pytest.raises(HTTPError, match="export deadline") as info:
+        kickoff(
+            client, None, BASE, ExportRequest(), policy=POLICY, clock=clock, deadline_at=clock.now() + 600
+        )
+    assert info.value.temporary and info.value.exit_code == 75 and clock.slept == 0
 
 
 @pytest.mark.parametrize(
@@ -337,3 +363,18 @@ def test_poll_413_too_many_files_is_a_failed_export_with_its_text(httpx_mock: HT
     with httpx.Client() as client, pytest.raises(ExportError, match="Too many files") as info:
         make_poller(client, FakeClock(), ListSink()).poll(STATUS, deadline_at=1e12)
     assert info.value.exit_code == 5
+
+
+def test_types_the_server_lacks_are_named_apart_from_types_not_granted() -> None:
+    """Issue 20: types left out of the token request because the server does not have them are not
+    "not granted" (no admin can grant them); only the types not granted fail with strict scopes."""
+    request = ExportRequest(types=("Patient", "Medication", "Condition", "Observation"))
+    kept, lacking, refused = narrow_to_granted(request, ["Patient", "Observation"], ["Medication"], False)
+    assert kept.types == ("Patient", "Observation")
+    assert lacking == "the server does not have Medication (left out of the token request)"
+    assert refused == "the token's scope does not grant Condition"
+    assert narrow_to_granted(request, ["Patient", "Observation", "Condition"], ["Medication"], True)[2] == ""
+    with pytest.raises(AuthError, match="does not grant Condition"):
+        narrow_to_granted(request, ["Patient", "Observation"], ["Medication"], True)
+    with pytest.raises(AuthError, match="nothing left to export"):
+        narrow_to_granted(request, [], ["Medication"], False)

@@ -21,9 +21,11 @@ from test_export_fakes import FakeClock, lines_of
 from pfsync.core.errors import AuthError, ExportError, HTTPError, InterruptedRunError
 from pfsync.core.ndjson import BadLine, Record, iter_file
 from pfsync.net.http import RetryPolicy
-from pfsync.source.bulk import JobExpired, ManifestFile, Origins
-from pfsync.source.download import FEED_BYTES, Downloader, Validator
+from pfsync.source.bulk import JobExpired, Origins
+from pfsync.source.download import Downloader
 from pfsync.source.exportjob import ExportDir, sha256_of
+from pfsync.source.linecheck import FEED_BYTES, Validator
+from pfsync.source.manifest import ManifestFile
 
 BASE = "https://ehr.example/fhir"
 FILE_URL = f"{BASE}/Binary/export/job/Patient/1"
@@ -263,6 +265,36 @@ def test_download_lands_file_atomically_with_sha_and_events(tmp_path: Path) -> N
     assert got.landed.sha256 == sha256_of(got.landed.path) and got.landed.lines == 5
     assert not list(tmp_path.glob(".*.part"))
     assert sink.names() == ["download_request", "download_complete"]
+
+
+def test_a_file_is_fsynced_once_before_its_rename_after_giving_up_its_network_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20 (download speed, durability kept): the data is fsynced once, before the rename, by a
+    download that no longer holds its network slot; the directory is not fsynced per file
+    (docs/export-decisions.md "Landing files durably")."""
+    import os
+
+    slots = threading.Semaphore(1)
+    seen: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        seen.append(("fsync", Path(path).name if not os.path.isdir(path) else "<dir>"))
+        assert slots.acquire(blocking=False), "fsynced while holding the network slot"
+        slots.release()
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        seen.append(("replace", Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    d, _, _ = make_downloader(tmp_path, lambda r: httpx.Response(200, content=NDJSON), streams=slots)
+    d.download(entry(), "Patient.1.ndjson")
+    assert seen == [("fsync", ".Patient.1.ndjson.part"), ("replace", "Patient.1.ndjson")]
 
 
 @pytest.mark.parametrize(

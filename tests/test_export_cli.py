@@ -52,6 +52,20 @@ def test_cli_export_writes_directory_that_load_reads(
     assert {"job.json", "manifest.json"} <= {p.name for p in (tmp_path / "x").iterdir()}
 
 
+def test_cli_export_says_which_types_the_server_lacks_and_which_were_not_granted(
+    source: SourceSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20: types dropped from the token request because the server does not have them were
+    reported as "the token's scope does not grant ...", as if the practice had to authorise them."""
+    source.configure(scope_types="data")  # like the reference server: no Medication, no ServiceRequest
+    code, out = cli(source, monkeypatch, "--out", str(tmp_path / "x"), "--json",
+                    types="Patient,Medication,Condition,ServiceRequest")  # fmt: skip
+    assert code == 0, out
+    warnings = orjson.loads(out.strip().splitlines()[-1])["exports"][0]["warnings"]
+    assert any("server does not have Medication, ServiceRequest" in w for w in warnings), warnings
+    assert not any("does not grant" in w for w in warnings), warnings
+
+
 def test_cli_export_since_types_and_groups(
     source: SourceSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5,6 +5,7 @@ real HTTP. The sandbox and pfsync share one FakeClock, so minutes of polling tak
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,9 @@ import httpx
 import orjson
 import pytest
 from doubles import ListSink
-from test_export_fakes import FakeClock
+from test_export_fakes import FakeClock, SandboxAuth
 
-from pfsync.core.errors import AuthError, ConfigError, ExportError
+from pfsync.core.errors import AuthError, ConfigError, ExportError, HTTPError
 from pfsync.core.redact import Secret
 from pfsync.core.settings import ExportSettings, Settings, SourceSettings
 from pfsync.net.http import RetryPolicy
@@ -99,6 +100,69 @@ def test_a_blocked_route_is_waited_out_with_the_epoch_millisecond_retry_after(
     assert len(limited) == 1 and source.stats.requests("status")[-1].status == 200
     waits = [e["retryIn"] for e in events.of("status_error") if e["status"] == 429]
     assert len(waits) == 1 and 199 <= waits[0] <= 201  # the epoch-ms value read as an absolute time
+
+
+def test_a_kickoff_put_off_for_longer_than_the_retry_budget_is_waited_out(
+    source: SourceSandbox, tmp_path: Path
+) -> None:
+    """Issue 20: the kick-off route is past its limit and blocked for 1,000 s (epoch-ms, then
+    epoch-s Retry-After). The generic retry budget (4 retries of at most 120 s here) gave up while
+    the server was still asking for patience; the kick-off waits it out within the export deadline."""
+    clock = FakeClock(start=time.time())
+    source.use_clock(clock.now)
+    source.configure(rate_limit=1, rate_block=1000)
+    token = SandboxAuth(source.token_url()).current()
+    first = httpx.get(source.base_url() + "/Patient/$export", headers={"Authorization": f"Bearer {token}",
+                      "Accept": "application/fhir+json", "Prefer": "respond-async"})  # fmt: skip
+    assert first.status_code == 202  # another client used the route's budget
+    started = clock.now()
+    result = run(source, tmp_path / "out", clock=clock)
+    # The whole block in one wait:
+    assert [s.status for s in source.stats.requests("kickoff")] == [202, 429, 202]
+    assert {f.type: f.lines for f in result.files} == SMALL
+    assert clock.now() - started >= 1000
+
+
+def test_a_kickoff_put_off_past_the_export_deadline_fails_as_temporary(
+    source: SourceSandbox, tmp_path: Path
+) -> None:
+    clock = FakeClock(start=time.time())
+    source.use_clock(clock.now)
+    source.configure(rate_limit=1, rate_block=1000)
+    token = SandboxAuth(source.token_url()).current()
+    httpx.get(source.base_url() + "/Patient/$export", headers={"Authorization": f"Bearer {token}",
+              "Accept": "application/fhir+json", "Prefer": "respond-async"})  # fmt: skip
+    with pytest.raises(HTTPError, match="export deadline") as info:
+        run(source, tmp_path / "out", clock=clock, settings=ExportSettings(deadline=600))
+    assert (
+        info.value.exit_code == 75
+        and clock.sleeps == []
+        and "PFSYNC_EXPORT_DEADLINE" in (info.value.hint or "")
+    )
+
+
+def test_a_retry_after_already_past_gets_a_backoff(source: SourceSandbox, tmp_path: Path) -> None:
+    """Issue 20: a 429 whose absolute Retry-After lies in the past (an hour ago: a server whose
+    clock is behind) was retried at once, 0 s later; it now waits the retry backoff."""
+    clock = _ThreadClock(start=time.time())
+    source.faults.rate_limit("download", times=2, retry_after=-3600, http_date=True)
+    result = run(source, tmp_path / "out", clock=clock)
+    assert {f.type: f.lines for f in result.files} == SMALL
+    assert sum(s.status == 429 for s in source.stats.requests("download")) == 2
+    waits = [seconds for seconds, thread in clock.by_thread if thread.startswith("download")]
+    assert len(waits) == 2 and all(w > 0 for w in waits)
+
+
+class _ThreadClock(FakeClock):
+    """A FakeClock that notes which thread slept (download workers vs the poller)."""
+
+    def __init__(self, start: float) -> None:
+        super().__init__(start)
+        self.by_thread: list[tuple[float, str]] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.by_thread.append((seconds, threading.current_thread().name))
+        super().sleep(seconds)
 
 
 def test_rate_limiter_answers_like_the_reference_server(source: SourceSandbox) -> None:

@@ -288,3 +288,25 @@ def test_export_interrupted_mid_download_resumes_identically(source: SourceSandb
     assert not (fetched & landed_before)  # complete files were not downloaded again
     for a, b in zip(clean.files, resumed.files, strict=True):
         assert a.path.name == b.path.name and a.path.read_bytes() == b.path.read_bytes()
+
+
+def test_a_landed_file_whose_rename_a_crash_lost_is_downloaded_again(
+    source: SourceSandbox, tmp_path: Path
+) -> None:
+    """docs/export-decisions.md "Landing files durably": the directory is not fsynced per landed
+    file, so a machine crash may lose a rename that manifest.journal already records. The resumed
+    run must see that (size and sha256 of every recorded file) and download the file again."""
+    keep = ExportSettings(delete_after_download=False)
+    first = export(source, tmp_path / "out", settings=keep)
+    job_file = tmp_path / "out" / "job.json"
+    job = orjson.loads(job_file.read_bytes())
+    job_file.write_bytes(orjson.dumps({**job, "state": "kicked_off"}))  # the crash came before "downloaded"
+    by_name = {f.path.name: f.path.read_bytes() for f in first.files}
+    lost, torn = sorted(by_name)[:2]
+    (tmp_path / "out" / lost).rename(tmp_path / "out" / f".{lost}.part")  # the rename never reached the disk
+    (tmp_path / "out" / torn).write_bytes(by_name[torn][:100])  # nor all of this file's data
+    before = source.stats.count("download")
+    again = export(source, tmp_path / "out", settings=keep)
+    assert again.resumed and {f.path.name: f.path.read_bytes() for f in again.files} == by_name
+    assert source.stats.count("download") - before == 2  # only those two, the others are intact
+    assert not list((tmp_path / "out").glob(".*.part"))

@@ -21,6 +21,7 @@ from pfsync.net.http import (
     is_temporary,
     iter_decoded,
     next_link,
+    parse_retry_after,
     request_with_retry,
 )
 
@@ -110,6 +111,24 @@ def test_request_with_retry_waits_out_a_429_capped_and_stops_on_sigterm() -> Non
     with pytest.raises(InterruptedRunError):
         request_with_retry(lambda: _response(503), method="GET", url="https://h/t", policy=RetryPolicy(retries=3),
                            clock=FakeClock(), stop=stop)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "value", ["Thu, 01 Jan 1970 00:00:30 GMT", "1700000000", "1700000000000"]
+)  # an HTTP date, epoch seconds and epoch milliseconds, each before "now"
+def test_an_absolute_retry_after_in_the_past_gets_a_backoff_not_an_immediate_retry(value: str) -> None:
+    """Issue 20: a Retry-After naming a time that has passed asked for a 0 s wait on the generic
+    path (a retry at once, e.g. the SMART reference server's epoch time after a slow answer)."""
+    now = 1_800_000_000.0
+    assert parse_retry_after(value, now) is None  # asks for nothing: the caller's backoff applies
+    assert parse_retry_after("0", now) == 0  # a delay of 0 is the server's explicit wish
+    assert parse_retry_after("1800000005000", now) == 5  # still ahead: waited for
+    clock = FakeClock()
+    clock.t = now
+    answers = iter([_response(503, **{"Retry-After": value}), _response(200)])
+    response = request_with_retry(lambda: next(answers), method="GET", url="https://h/t",
+                                  policy=RetryPolicy(retries=3, base=0.5), clock=clock)  # fmt: skip
+    assert response.status_code == 200 and len(clock.slept) == 1 and clock.slept[0] >= 0.375
 
 
 def test_next_link_stays_on_its_origin_or_is_rebased() -> None:

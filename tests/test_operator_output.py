@@ -236,7 +236,7 @@ def test_export_requests_log_each_retry_as_a_warning() -> None:
     from test_auth_support import FakeClock
 
     from pfsync.net.http import RetryPolicy
-    from pfsync.source.bulk import _send
+    from pfsync.source.bulk import send
 
     answers = iter([httpx.ConnectError("refused"), httpx.Response(503), httpx.Response(200)])
 
@@ -258,7 +258,7 @@ def test_export_requests_log_each_retry_as_a_warning() -> None:
     try:
         with httpx.Client(transport=httpx.MockTransport(handler)) as client:
             request = client.build_request("GET", "http://127.0.0.1:9/fhir/Patient/$export")
-            response = _send(client, request, None, policy=RetryPolicy(retries=3, max_wait=0.1), clock=FakeClock(),
+            response = send(client, request, None, policy=RetryPolicy(retries=3, max_wait=0.1), clock=FakeClock(),
                              stop=None)  # fmt: skip
     finally:
         logger.removeHandler(keep)

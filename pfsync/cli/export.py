@@ -216,7 +216,8 @@ def export(
             with stop_on_signals(threading.Event()) as stop, _sink(live_display(ctx)) as sink:
                 for req, out_dir in zip(requests, dirs, strict=True):
                     results.append(run_export(src, settings.export, client, auth, out_dir=out_dir, request=req,
-                                              events=sink, stop=stop, granted_types=granted, policy=policy))  # fmt: skip
+                                              events=sink, stop=stop, granted_types=granted, policy=policy,
+                                              unsupported_types=authenticator.unsupported_types))  # fmt: skip
             _render(results, time.monotonic() - started, json_out)
 
     run(ctx, go)

@@ -55,8 +55,10 @@ log = logging.getLogger("pfsync.http")
 
 # What an error answer means for the caller: "final" (interpret it), "retry" (within the retry
 # budget, http.retries), "keep-polling" (an export still running: poll again on the poll schedule,
-# until the export deadline rather than for a number of tries).
-Verdict = Literal["final", "retry", "keep-polling"]
+# until the export deadline rather than for a number of tries), "wait-out" (the server says "not
+# now": wait what its Retry-After asks in full, not capped at http.retry_max_wait, as long as the
+# export deadline allows; within the retry budget).
+Verdict = Literal["final", "retry", "keep-polling", "wait-out"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ STATUS_POLL_RULES: tuple[RetryRule, ...] = (
     RetryRule(frozenset({429}), "keep-polling"),
     *BULK_RULES,
 )
+# A 429 to an export kick-off asks for a later kick-off, however much later (the SMART reference
+# server blocks the route for 5 minutes, docs/bulk-data.md "Retries and Retry-After"): waited out
+# up to the export deadline (pfsync.source.bulk.kickoff) instead of failing after a few capped waits.
+KICKOFF_RULES: tuple[RetryRule, ...] = (RetryRule(frozenset({429}), "wait-out"), *BULK_RULES)
 
 
 def outcome_codes(response: httpx.Response) -> set[str] | None:
@@ -300,6 +306,8 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
     Some servers send epoch values (the SMART reference server sends epoch ms, then epoch s:
     docs/bulk-data.md "Retries and Retry-After"); a huge number that looks like an epoch is read as one.
+    An absolute time that has already passed (clock skew, or an answer that took its time) asks for
+    nothing: None, so that the caller's own backoff applies rather than an immediate retry.
     """
     if not value:
         return None
@@ -308,15 +316,14 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         number = float(value)
     except ValueError:
         try:
-            when = email.utils.parsedate_to_datetime(value)
+            when = email.utils.parsedate_to_datetime(value).timestamp()
         except (TypeError, ValueError):
             return None
-        return max(0.0, when.timestamp() - now)
-    if number > 1e12:  # epoch milliseconds
-        return max(0.0, number / 1000.0 - now)
-    if number > 1e9:  # epoch seconds
-        return max(0.0, number - now)
-    return max(0.0, number)
+    else:
+        if number <= 1e9:
+            return max(0.0, number)
+        when = number / 1000.0 if number > 1e12 else number  # epoch milliseconds, else epoch seconds
+    return when - now if when > now else None
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")

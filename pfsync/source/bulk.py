@@ -1,7 +1,8 @@
-"""Bulk Data protocol client: kick-off, status polling and the server's manifest (docs/bulk-data.md).
+"""Bulk Data protocol client: the export request, kick-off, clean-up and their retries (docs/bulk-data.md).
 
-Stateless functions over an injected `httpx.Client`, an `httpx.Auth` and a `Clock`: the
-export directory (pfsync.source.exportjob), downloads (pfsync.source.download) and orchestration
+Stateless functions over an injected `httpx.Client`, an `httpx.Auth` and a `Clock`: status polling
+(pfsync.source.poll), the manifest (pfsync.source.manifest), the export directory
+(pfsync.source.exportjob), downloads (pfsync.source.download) and orchestration
 (pfsync.source.export) sit on top. Every request decides per URL whether credentials go with it
 (`Origins`): the token is only ever sent to the source's own origin or an explicit allowlist.
 """
@@ -20,18 +21,17 @@ import httpx
 import orjson
 
 from pfsync.core.errors import AuthError, ConfigError, ExportError, HTTPError, InterruptedRunError
-from pfsync.core.events import EventSink
 from pfsync.core.redact import redact
 from pfsync.core.settings import ExportSettings, SourceSettings
 from pfsync.net.http import (
     BULK_RULES,
-    STATUS_POLL_RULES,
+    KICKOFF_RULES,
     Clock,
     RetryPolicy,
     RetryRule,
     classify,
+    hinted_wait,
     outcome_text,
-    parse_retry_after,
     request_with_retry,
 )
 from pfsync.net.http import is_temporary as http_is_temporary
@@ -42,7 +42,6 @@ log = logging.getLogger("pfsync.export")
 KICKOFF_ACCEPT = "application/fhir+json"
 NDJSON_FORMAT = "application/fhir+ndjson"
 Level = Literal["system", "patient", "group"]
-Kind = Literal["output", "error", "deleted"]
 
 
 @dataclass(frozen=True)
@@ -107,54 +106,29 @@ def requests_for(
     return [ExportRequest(level=level, **common)]
 
 
-@dataclass(frozen=True)
-class ManifestFile:
-    kind: Kind
-    type: str
-    url: str
-    count: int | None = None
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """One page of a completion manifest. `next_url`: the `link` next page (partial manifests)."""
-
-    transaction_time: str
-    request: str
-    requires_access_token: bool
-    files: tuple[ManifestFile, ...]
-    next_url: str | None = None
-
-
-def parse_manifest(body: Any, page_url: str) -> Manifest:
-    """Validate a manifest body; relative URLs are resolved against the page's URL."""
-    if not isinstance(body, dict) or not isinstance(body.get("transactionTime"), str):
-        raise ExportError(f"the export manifest at {redact(page_url)} has no transactionTime")
-    files: list[ManifestFile] = []
-    kinds: tuple[Kind, ...] = ("output", "error", "deleted")
-    for kind in kinds:
-        entries = body.get(kind) or []
-        if not isinstance(entries, list):
-            raise ExportError(f"the export manifest's {kind} is not a list")
-        for entry in entries:
-            if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
-                raise ExportError(f"the export manifest has a {kind} entry without a url: {entry!r:.200}")
-            count = entry.get("count")
-            rtype = entry.get("type") or ("OperationOutcome" if kind == "error" else "Bundle")
-            url = urljoin(page_url, entry["url"])
-            files.append(ManifestFile(kind, str(rtype), url, count if isinstance(count, int) else None))
-    next_url = None
-    for link in body.get("link") or []:
-        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-            next_url = urljoin(page_url, link["url"])
-    return Manifest(
-        transaction_time=body["transactionTime"],
-        request=str(body.get("request", "")),
-        # Bulk Data IG: requiresAccessToken false means the URLs are usable without a token.
-        requires_access_token=body.get("requiresAccessToken") is not False,
-        files=tuple(files),
-        next_url=next_url,
+def narrow_to_granted(
+    request: ExportRequest, granted_types: Sequence[str] | None, unsupported: Sequence[str], strict: bool
+) -> tuple[ExportRequest, str, str]:
+    """`request` without the types the token does not cover, and what to say about them: those the
+    server does not have (left out of the token request, docs/export-decisions.md "Resource types")
+    apart from those it did not grant ("" when none). AuthError when strict and some were not
+    granted, or when nothing is left. `granted_types` None: no check."""
+    if granted_types is None or not request.types:
+        return request, "", ""
+    granted = set(granted_types)
+    lacking = [t for t in request.types if t not in granted and t in unsupported]
+    refused = [t for t in request.types if t not in granted and t not in unsupported]
+    kept = tuple(t for t in request.types if t in granted)
+    texts = (
+        f"the server does not have {', '.join(lacking)} (left out of the token request)" if lacking else "",
+        f"the token's scope does not grant {', '.join(refused)}" if refused else "",
     )
+    if (refused and strict) or not kept:
+        raise AuthError(
+            "; ".join(t for t in texts if t) + ("" if kept else ": nothing left to export"),
+            hint="ask the practice admin to authorise these types, or remove them from the resource types",
+        )
+    return replace(request, types=kept), *texts
 
 
 def origin(url: str) -> str:
@@ -205,7 +179,7 @@ def is_temporary(response: httpx.Response) -> bool:
     return http_is_temporary(response, BULK_RULES)
 
 
-def _fail(response: httpx.Response, what: str) -> ExportError | AuthError:
+def refusal(response: httpx.Response, what: str) -> ExportError | AuthError:
     text = outcome_text(response) or f"HTTP {response.status_code}"
     url = redact(str(response.request.url))
     # The reason first: the URL (a kick-off URL can run to hundreds of characters) only after it.
@@ -235,7 +209,7 @@ class _StopClock:
         wait(self.clock, seconds, self.stop)
 
 
-def _send(
+def send(
     client: httpx.Client,
     request: httpx.Request,
     auth: httpx.Auth | None,
@@ -257,29 +231,6 @@ def _send(
         on_retry=on_retry,
         retry_if=lambda response: http_is_temporary(response, rules),
     )
-
-
-# Status polling schedule (docs/export-decisions.md "Polling"), used when the server's Retry-After
-# does not ask for longer: 0.5 s growing to 1 s within the first second, 1 s until POLL_YOUNG
-# seconds after the kick-off (a short job completes within a second of the server finishing), then
-# (elapsed / POLL_YOUNG)**2 but never more than POLL_SHARE of the elapsed time. That is about 27
-# polls in the first minute and 5 in the second, so two clients behind one address stay under the
-# SMART reference server's 60 a minute per route, and a long job waits at most a fifth longer.
-POLL_FIRST = 0.5
-POLL_STEADY = 1.0
-POLL_YOUNG = 15.0
-POLL_SHARE = 0.2
-
-
-def poll_wait(elapsed: float, hinted: float | None, cap: float) -> float:
-    """Seconds until the next status poll, `elapsed` seconds after the kick-off; `hinted` is the
-    server's Retry-After (a minimum), `cap` is export.poll_max_wait."""
-    pause = min(POLL_STEADY, POLL_FIRST + max(elapsed, 0.0) / 2)
-    if elapsed > POLL_YOUNG:
-        pause = max(POLL_STEADY, min((elapsed / POLL_YOUNG) ** 2, elapsed * POLL_SHARE))
-    if hinted is not None:
-        pause = max(pause, hinted)
-    return min(cap, pause)
 
 
 def build_kickoff(base_url: str, request: ExportRequest) -> tuple[str, str, dict[str, Any]]:
@@ -315,12 +266,20 @@ def kickoff(
     policy: RetryPolicy,
     clock: Clock,
     stop: threading.Event | None = None,
+    deadline_at: float | None = None,
 ) -> str:
-    """Start an export; returns the absolute status URL. 429 waits and retries; a refusal raises
+    """Start an export; returns the absolute status URL. A 429 is waited out (pfsync.net.http.KICKOFF_RULES)
+    up to `deadline_at` (the export deadline; None: http.retry_max_wait per wait); a refusal raises
     ExportError (AuthError for 401/403) with the server's OperationOutcome text."""
     method, url, kwargs = build_kickoff(base_url, request)
     req = client.build_request(method, url, **kwargs)
-    response = _send(client, req, auth, policy=policy, clock=clock, stop=stop)
+    attempt = 0
+    while True:
+        response = send(client, req, auth, policy=policy, clock=clock, stop=stop, rules=KICKOFF_RULES)
+        if classify(response, KICKOFF_RULES) != "wait-out":
+            break
+        attempt += 1
+        _wait_out(response, url, attempt, policy=policy, clock=clock, stop=stop, deadline_at=deadline_at)
     if response.status_code != 202:
         if response.is_success:
             raise ExportError(
@@ -329,11 +288,45 @@ def kickoff(
             )
         if response.status_code == 404 and request.group_id is not None:
             raise unknown_group(request.group_id, base_url, outcome_text(response) or "404 Not Found")
-        raise _fail(response, "export kick-off")
+        raise refusal(response, "export kick-off")
     location = response.headers.get("Content-Location")
     if not location:
         raise ExportError(f"export kick-off at {redact(url)} answered 202 without a Content-Location")
     return urljoin(str(response.request.url), str(location))
+
+
+def _wait_out(
+    response: httpx.Response,
+    url: str,
+    attempt: int,
+    *,
+    policy: RetryPolicy,
+    clock: Clock,
+    stop: threading.Event | None,
+    deadline_at: float | None,
+) -> None:
+    """Wait before the `attempt`-th repeat of a kick-off the server put off ("wait-out"): its
+    Retry-After in full (else backoff), as long as the deadline allows; HTTPError (temporary: a
+    later run tries again) past the retry budget or the deadline."""
+    hinted = hinted_wait(response, clock.now())
+    delay = hinted if hinted is not None else policy.backoff(attempt)
+    if deadline_at is None:
+        delay = min(delay, policy.max_wait)
+    text = outcome_text(response)
+    reason = f"HTTP {response.status_code}" + (f": {text}" if text else "")
+    late = deadline_at is not None and clock.now() + delay > deadline_at
+    if attempt > policy.retries or late:
+        why = "the export deadline (export.deadline)" if late else f"{policy.retries} retries"
+        raise HTTPError(
+            f"export kick-off at {redact(url)} was put off ({reason}, retry in {delay:.0f} s) past {why}",
+            method=response.request.method, url=url, status=response.status_code, outcome=text,
+            hint="the server asks for a later kick-off: run again later (nothing was started), or raise "
+                 "PFSYNC_EXPORT_DEADLINE to wait that long",
+        )  # fmt: skip
+    log.warning("export kick-off answered %s; kicking off again in %.1f s", reason, delay,
+                extra={"event": "http_retry"})  # fmt: skip
+    response.close()
+    wait(clock, delay, stop)
 
 
 def unknown_group(group_id: str, base_url: str, reason: str) -> ConfigError:
@@ -362,7 +355,7 @@ def group_exists(
         "GET", f"{base_url.rstrip('/')}/Group", headers={"Accept": "application/fhir+json"}
     )
     try:
-        response = _send(client, req, auth, policy=policy, clock=clock, stop=None)
+        response = send(client, req, auth, policy=policy, clock=clock, stop=None)
         body = orjson.loads(response.content) if response.status_code == 200 else None
     except (HTTPError, orjson.JSONDecodeError):
         return None
@@ -375,112 +368,15 @@ def group_exists(
     return None if paged else False
 
 
-@dataclass
-class Poller:
-    """Polls one status (or manifest page) URL until it completes (docs/bulk-data.md "Status polling")."""
-
-    client: httpx.Client
-    auth: httpx.Auth | None
-    settings: ExportSettings
-    policy: RetryPolicy
-    clock: Clock
-    events: EventSink
-    stop: threading.Event | None = None
-
-    def poll(self, url: str, *, deadline_at: float, started_at: float | None = None) -> Manifest:
-        """The manifest page at `url`, polled on the `poll_wait` schedule counted from `started_at`
-        (the kick-off; default: now). Raises JobExpired on 404/410, ExportError when the export
-        failed or the deadline passed (the job stays saved), TemporaryError past retries."""
-        eid = export_id(url)
-        started = self.clock.now() if started_at is None else started_at
-        polls = 0
-        # Retry-After on a 429 may be minutes (the reference server blocks a route for 5 minutes).
-        policy = replace(self.policy, max_wait=self.settings.poll_max_wait)
-
-        def on_retry(attempt: int, delay: float, reason: str) -> None:
-            self.events.emit(
-                "status_error", exportId=eid, message=reason, attempt=attempt, retryIn=round(delay, 3)
-            )
-            log.info("export status answered %s; retrying in %.1fs", reason, delay)
-
-        while True:
-            req = self.client.build_request("GET", url, headers={"Accept": "application/json"})
-            try:
-                response = _send(self.client, req, self.auth, policy=policy, clock=self.clock, stop=self.stop,
-                                 rules=STATUS_POLL_RULES, on_retry=on_retry)  # fmt: skip
-            except HTTPError as exc:
-                exc.hint = exc.hint or "the job is saved: run the same command again to resume it"
-                raise
-            polls += 1
-            status = response.status_code
-            if status == 200:
-                try:
-                    body = orjson.loads(response.content)
-                except orjson.JSONDecodeError:
-                    raise ExportError(f"the export manifest at {redact(url)} is not JSON") from None
-                return parse_manifest(body, str(response.request.url))
-            if status in (404, 410):
-                raise JobExpired(
-                    f"the export job at {redact(url)} is gone ({status}): it expired or was deleted"
-                )
-            still_running = classify(response, STATUS_POLL_RULES) == "keep-polling"
-            if status != 202 and not still_running:
-                self.events.emit("status_error", exportId=eid, status=status,
-                                 message=outcome_text(response) or "")  # fmt: skip
-                raise _fail(response, "bulk export")
-            hinted = parse_retry_after(response.headers.get("Retry-After"), self.clock.now())
-            pause = poll_wait(self.clock.now() - started, hinted, self.settings.poll_max_wait)
-            if still_running:
-                self.events.emit("status_error", exportId=eid, status=status, message=outcome_text(response) or "",
-                                 polls=polls, retryIn=round(pause, 3))  # fmt: skip
-            else:
-                self.events.emit("status_progress", exportId=eid, progress=response.headers.get("X-Progress", ""),
-                                 polls=polls, retryIn=round(pause, 3))  # fmt: skip
-            if self.clock.now() + pause > deadline_at:
-                raise ExportError(
-                    f"the export at {redact(url)} did not complete before the deadline "
-                    f"({self.settings.deadline:.0f}s, export.deadline)",
-                    hint="the job is saved: run the same command again to keep waiting for it",
-                )
-            wait(self.clock, pause, self.stop)
-
-
 def delete_job(
     client: httpx.Client, auth: httpx.Auth | None, status_url: str, *, policy: RetryPolicy, clock: Clock
 ) -> bool:
     """DELETE the job (cancel, or clean up after download). True if the server accepted it;
     404/410 (already gone) is False, not an error."""
     req = client.build_request("DELETE", status_url, headers={"Accept": "application/json"})
-    response = _send(client, req, auth, policy=policy, clock=clock, stop=None)
+    response = send(client, req, auth, policy=policy, clock=clock, stop=None)
     if response.status_code in (404, 410):
         return False
     if not response.is_success:
-        raise _fail(response, "export delete")
+        raise refusal(response, "export delete")
     return True
-
-
-@dataclass(frozen=True)
-class Issue:
-    """One OperationOutcome issue from an `error` file."""
-
-    severity: str
-    code: str
-    text: str
-
-    @property
-    def fatal(self) -> bool:
-        # docs/bulk-data.md "Download": fatal/error fail the export; warning/information are reported.
-        return self.severity in ("fatal", "error")
-
-
-def issues_of(outcome: Any) -> list[Issue]:
-    if not isinstance(outcome, dict) or outcome.get("resourceType") != "OperationOutcome":
-        return [Issue("error", "invalid", f"not an OperationOutcome: {str(outcome)[:200]}")]
-    found = []
-    for issue in outcome.get("issue") or []:
-        if isinstance(issue, dict):
-            text = (issue.get("details") or {}).get("text") or issue.get("diagnostics") or ""
-            found.append(
-                Issue(str(issue.get("severity", "error")), str(issue.get("code", "")), redact(str(text)))
-            )
-    return found

@@ -26,29 +26,27 @@ from pathlib import Path
 
 import httpx
 
-from pfsync.core.errors import AuthError, ExportError, InterruptedRunError, PfsyncError, UsageError
+from pfsync.core.errors import ExportError, InterruptedRunError, PfsyncError, UsageError
 from pfsync.core.events import EventSink, NullSink
-from pfsync.core.ndjson import Record, iter_file
 from pfsync.core.redact import redact
 from pfsync.core.settings import ExportSettings, SourceSettings
 from pfsync.net.http import Clock, RetryPolicy, SystemClock
 from pfsync.source.bulk import (
     ExportRequest,
-    Issue,
     JobExpired,
-    ManifestFile,
     Origins,
-    Poller,
     build_kickoff,
     delete_job,
     export_id,
     group_exists,
-    issues_of,
     kickoff,
+    narrow_to_granted,
     unknown_group,
 )
 from pfsync.source.download import Downloaded, Downloader
-from pfsync.source.exportjob import ExportDir, ExportJob, LandedFile, file_name, without_query
+from pfsync.source.exportjob import ExportDir, ExportJob, LandedFile, cancel_export, file_name, without_query
+from pfsync.source.manifest import Issue, Manifest, ManifestFile, issues_in_file
+from pfsync.source.poll import Poller
 
 log = logging.getLogger("pfsync.export")
 _KIND_ORDER = {"output": 0, "deleted": 1, "error": 2}
@@ -102,39 +100,22 @@ def run_export(
     stop: threading.Event | None = None,
     granted_types: Sequence[str] | None = None,
     policy: RetryPolicy | None = None,
+    unsupported_types: Sequence[str] = (),
 ) -> ExportResult:
     """Run (or resume) the export `request` of `source` into `out_dir`; see the module docstring.
 
     `on_file` gets every "output" and "deleted" file (never "error" ones, which are parsed here),
     including files a previous run already landed: a caller that crashed before loading them
-    sees them again. `granted_types`: the types the token's scope allows (None: don't check).
+    sees them again. `granted_types`: the types the token's scope allows (None: don't check);
+    `unsupported_types`: those left out of the token request because the server does not have them
+    (pfsync.source.auth.SourceAuthenticator.unsupported_types), reported as such rather than as not granted.
     Raises ExportError (failed export, fatal error issues, deadline), AuthError (refused, or a
     type not granted with export.strict_scopes), TemporaryError (past retries),
     InterruptedRunError (`stop` set). In every case the job stays saved and a rerun resumes it.
     """
     run = _Run(source, settings, client, auth, out_dir, clock or SystemClock(), events or NullSink(),
                on_file, stop, policy or RetryPolicy())  # fmt: skip
-    return run.execute(request, granted_types)
-
-
-def cancel_export(
-    out_dir: Path,
-    client: httpx.Client,
-    auth: httpx.Auth | None,
-    *,
-    policy: RetryPolicy | None = None,
-    clock: Clock | None = None,
-) -> bool:
-    """`pfsync export --cancel`: DELETE the saved in-flight job. False when there is nothing to cancel."""
-    export_dir = ExportDir(out_dir)
-    job = export_dir.load_job()
-    if job is None or job.state in ("complete", "cancelled", "failed"):
-        return False
-    origins = Origins(job.base_url)
-    delete_job(client, origins.auth_for(job.status_url, auth), job.status_url,
-               policy=policy or RetryPolicy(), clock=clock or SystemClock())  # fmt: skip
-    export_dir.set_state(job, "cancelled")
-    return True
+    return run.execute(request, granted_types, unsupported_types)
 
 
 class _Run:
@@ -158,13 +139,17 @@ class _Run:
         self.dir = ExportDir(out_dir)
         self.origins = Origins(source.base_url, source.download_allowlist)
         self.warnings: list[str] = []
+        # export.deadline covers the whole run: a put-off kick-off, polling and downloads.
+        self.deadline_at = clock.now() + settings.deadline
 
     def warn(self, text: str) -> None:
         log.warning("%s", text)
         self.warnings.append(text)
 
-    def execute(self, request: ExportRequest, granted_types: Sequence[str] | None) -> ExportResult:
-        request = self._granted(request, granted_types)
+    def execute(
+        self, request: ExportRequest, granted_types: Sequence[str] | None, unsupported: Sequence[str] = ()
+    ) -> ExportResult:
+        request = self._granted(request, granted_types, unsupported)
         job = self.dir.load_job()
         if job is not None and job.request != request:
             if job.state in ("kicked_off", "downloaded"):
@@ -205,27 +190,23 @@ class _Run:
                 continue
             return self._finish(job, resumed=resumed, replay=False)
 
-    def _granted(self, request: ExportRequest, granted_types: Sequence[str] | None) -> ExportRequest:
-        if granted_types is None or not request.types:
-            return request
-        granted = set(granted_types)
-        missing = [t for t in request.types if t not in granted]
-        if not missing:
-            return request
-        text = f"the token's scope does not grant {', '.join(missing)}"
-        kept = tuple(t for t in request.types if t in granted)
-        if self.settings.strict_scopes or not kept:
-            raise AuthError(
-                text + ("" if kept else ": nothing left to export"),
-                hint="ask the practice admin to authorise these types, or remove them from the resource types",
-            )
-        self.warn(text + ": skipping them")
-        return replace(request, types=kept)
+    def _granted(
+        self, request: ExportRequest, granted_types: Sequence[str] | None, unsupported: Sequence[str]
+    ) -> ExportRequest:
+        kept, lacking, refused = narrow_to_granted(
+            request, granted_types, unsupported, self.settings.strict_scopes
+        )
+        if lacking:  # logged by the authenticator when it dropped them: only in the result here
+            self.warnings.append(lacking + ": skipping them")
+        if refused:
+            self.warn(refused + ": skipping them")
+        return kept
 
     def _kickoff(self, request: ExportRequest) -> ExportJob:
         _, url, _ = build_kickoff(self.source.base_url, request)
         status_url = kickoff(self.client, self.origins.auth_for(url, self.auth), self.source.base_url, request,
-                             policy=self.policy, clock=self.clock, stop=self.stop)  # fmt: skip
+                             policy=self.policy, clock=self.clock, stop=self.stop,
+                             deadline_at=self.deadline_at)  # fmt: skip
         # Saved before the first poll: a run killed from here on resumes this job (docs/bulk-data.md).
         job = self.dir.save_job(ExportJob(status_url, request, self.source.name, self.source.base_url,
                                           self.clock.now()))  # fmt: skip
@@ -239,40 +220,26 @@ class _Run:
         eid = export_id(job.status_url)
         poller = Poller(self.client, self.origins.auth_for(job.status_url, self.auth), self.settings,
                         self.policy, self.clock, self.events, self.stop)  # fmt: skip
-        deadline_at = self.clock.now() + self.settings.deadline
         halt = threading.Event()
         numbers: Counter[tuple[str, str]] = Counter()
         pending: dict[Future[Downloaded], str] = {}
         issues: list[Issue] = []
         problems: list[str] = []
-        pool = ThreadPoolExecutor(max_workers=self.settings.parallel_downloads, thread_name_prefix="download")
+        # One worker more than network slots: it starts the next file while another fsyncs its own
+        # (docs/export-decisions.md "Landing files durably").
+        pool = ThreadPoolExecutor(self.settings.parallel_downloads + 1, thread_name_prefix="download")
         try:
             page_url: str | None = job.status_url
             downloader: Downloader | None = None
-            first = True
             while page_url is not None:
-                manifest = poller.poll(page_url, deadline_at=deadline_at, started_at=job.kicked_off_at)
-                if first:
-                    first = False
-                    self.dir.manifest.export_id = eid
-                    self.dir.manifest.transaction_time = manifest.transaction_time
-                    self.dir.manifest.request = without_query(manifest.request)
-                    job = self.dir.save_job(replace(job, transaction_time=manifest.transaction_time))
-                    if not manifest.files and manifest.next_url is None:
-                        self._check_empty(job)
-                    downloader = Downloader(self.client, self.auth, self.origins, self.dir, self.policy,
-                                            self.clock, self.events, eid, manifest.requires_access_token,
-                                            self.settings.max_line_bytes, halt,
-                                            validate=self.settings.validate,
-                                            max_file_bytes=self.settings.max_file_bytes,
-                                            max_export_bytes=self.settings.max_export_bytes,
-                                            deadline_at=deadline_at)  # fmt: skip
+                manifest = poller.poll(page_url, deadline_at=self.deadline_at, started_at=job.kicked_off_at)
+                if downloader is None:
+                    job, downloader = self._first_page(job, manifest, halt)
                 self.events.emit("status_complete", exportId=eid, transactionTime=manifest.transaction_time,
                                  outputFiles=sum(f.kind == "output" for f in manifest.files),
                                  errorFiles=sum(f.kind == "error" for f in manifest.files),
                                  deletedFiles=sum(f.kind == "deleted" for f in manifest.files),
                                  more=manifest.next_url is not None)  # fmt: skip
-                assert downloader is not None
                 for entry in manifest.files:
                     name = self._name(entry, numbers, job.request)
                     if name is None:
@@ -293,9 +260,33 @@ class _Run:
             self._keep_finished(pending)
             raise
         pool.shutdown(wait=True)
+        return self._conclude(job, issues, problems)
+
+    def _first_page(
+        self, job: ExportJob, manifest: Manifest, halt: threading.Event
+    ) -> tuple[ExportJob, Downloader]:
+        """What the first manifest page settles: the local manifest's header, the job's
+        transactionTime, an unknown group, and the Downloader of every page."""
+        eid = export_id(job.status_url)
+        self.dir.manifest.export_id = eid
+        self.dir.manifest.transaction_time = manifest.transaction_time
+        self.dir.manifest.request = without_query(manifest.request)
+        job = self.dir.save_job(replace(job, transaction_time=manifest.transaction_time))
+        if not manifest.files and manifest.next_url is None:
+            self._check_empty(job)
+        downloader = Downloader(self.client, self.auth, self.origins, self.dir, self.policy, self.clock, self.events,
+                                eid, manifest.requires_access_token, self.settings.max_line_bytes, halt,
+                                validate=self.settings.validate, max_file_bytes=self.settings.max_file_bytes,
+                                max_export_bytes=self.settings.max_export_bytes, deadline_at=self.deadline_at,
+                                streams=threading.Semaphore(self.settings.parallel_downloads))  # fmt: skip
+        return job, downloader
+
+    def _conclude(self, job: ExportJob, issues: list[Issue], problems: list[str]) -> ExportJob:
+        """Every file has landed: manifest.json saved whole (also when the export failed, so that it
+        names the issues), then the job marked downloaded, or failed on fatal issues."""
         self.dir.manifest.issues, self.dir.manifest.problems = issues, problems
         self.dir.manifest.warnings = self.warnings
-        self.dir.save_manifest()  # also when the export failed: the saved manifest names its issues
+        self.dir.save_manifest()
         fatal = [i for i in issues if i.fatal]
         if fatal:
             self.dir.set_state(job, "failed")
@@ -366,7 +357,7 @@ class _Run:
             self.dir.record(landed)
             problems.extend(downloaded.problems)
         if landed.kind == "error":
-            found = list(downloaded.issues) if fresh else _issues_from_file(landed.path)
+            found = list(downloaded.issues) if fresh else issues_in_file(landed.path)
             for issue in found:
                 if not issue.fatal:
                     self.warn(f"the server reported ({issue.severity}): {issue.text or issue.code}")
@@ -417,11 +408,3 @@ class _Run:
                          errorFiles=len(result.errors), lines=result.lines, bytes=result.bytes,
                          problems=len(result.problems), resumed=resumed)  # fmt: skip
         return result
-
-
-def _issues_from_file(path: Path) -> list[Issue]:
-    found: list[Issue] = []
-    for item in iter_file(path):
-        if isinstance(item, Record):
-            found += issues_of(item.resource)
-    return found

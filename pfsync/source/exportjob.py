@@ -32,12 +32,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 import orjson
 
 from pfsync.core.errors import StateError, UsageError
 from pfsync.core.ndjson import is_output_name, walk_files
 from pfsync.core.private import open_private, private_dir
-from pfsync.source.bulk import ExportRequest, Issue, Kind
+from pfsync.net.http import Clock, RetryPolicy, SystemClock
+from pfsync.source.bulk import ExportRequest, Origins, delete_job
+from pfsync.source.manifest import Issue, Kind
 
 JOB_FILE = "job.json"
 MANIFEST_FILE = "manifest.json"
@@ -358,3 +361,23 @@ class ExportDir:
         if not isinstance(data, dict):
             raise StateError(f"{path} is not a JSON object")
         return data
+
+
+def cancel_export(
+    out_dir: Path,
+    client: httpx.Client,
+    auth: httpx.Auth | None,
+    *,
+    policy: RetryPolicy | None = None,
+    clock: Clock | None = None,
+) -> bool:
+    """`pfsync export --cancel`: DELETE the saved in-flight job. False when there is nothing to cancel."""
+    export_dir = ExportDir(out_dir)
+    job = export_dir.load_job()
+    if job is None or job.state in ("complete", "cancelled", "failed"):
+        return False
+    origins = Origins(job.base_url)
+    delete_job(client, origins.auth_for(job.status_url, auth), job.status_url,
+               policy=policy or RetryPolicy(), clock=clock or SystemClock())  # fmt: skip
+    export_dir.set_state(job, "cancelled")
+    return True

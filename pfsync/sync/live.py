@@ -105,7 +105,7 @@ class LiveEngines:
         result = run_export(self.source, self.settings.export, self.source_client, self.source_auth,
                             out_dir=out_dir, request=request, clock=self.clock, events=self.events,
                             on_file=on_file, stop=self.stop, granted_types=self._granted_types(),
-                            policy=self.policy)  # fmt: skip
+                            policy=self.policy, unsupported_types=self.authenticator.unsupported_types)  # fmt: skip
         return result.transaction_time
 
     @contextlib.contextmanager

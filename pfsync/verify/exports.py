@@ -118,6 +118,7 @@ def fresh_export(
         for request in requests_for(source, settings.export, since=None):
             out_dir = root / request.fingerprint()
             run_export(source, settings.export, client, auth, out_dir=out_dir, request=request, clock=clock,
-                       events=events, granted_types=granted, policy=RetryPolicy.from_settings(settings.http))  # fmt: skip
+                       events=events, granted_types=granted, policy=RetryPolicy.from_settings(settings.http),
+                       unsupported_types=authenticator.unsupported_types)  # fmt: skip
             out.append(out_dir)
     return out

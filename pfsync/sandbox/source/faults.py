@@ -29,7 +29,8 @@ class Faults:
     """Arm faults per test. Names (also accepted by `arm(name, **params)` and the control API):
 
     - `rate_limit(where, times=1, retry_after=1, http_date=False)`: 429 with Retry-After in seconds,
-      or as an HTTP-date when `http_date` (where: token, kickoff, status, download)
+      or as an HTTP-date on the sandbox clock when `http_date` (a negative `retry_after`: a date
+      already past) (where: token, kickoff, status, download)
     - `server_error(where, times=1, status=500)`: 500/503 with an OperationOutcome
     - `slow_export(polls=3, times=1, retry_after=None)`: N polls answer 202 with X-Progress
     - `reset_download(times=1, after_bytes=None, type=None)`: connection reset mid-file

@@ -67,7 +67,8 @@ def _fault_response(state: State, where: str) -> Response | None:
     params = state.faults.take("rate_limit", where=where)
     if params is not None:
         seconds = int(params.get("retry_after") or 1)
-        value = formatdate(time.time() + seconds, usegmt=True) if params.get("http_date") else str(seconds)
+        # An HTTP date on the sandbox clock; a negative `retry_after` names a time already past.
+        value = formatdate(state.now() + seconds, usegmt=True) if params.get("http_date") else str(seconds)
         return outcome(
             429, "Too Many Requests. Try again later.", "throttled", headers={"Retry-After": value}
         )

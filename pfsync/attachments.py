@@ -30,7 +30,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -51,10 +51,6 @@ from pfsync.idmap import IdMap
 from pfsync.netpolicy import shown_url
 from pfsync.settings import LoadSettings
 from pfsync.transform import Prepared, TransformContext
-
-if TYPE_CHECKING:
-    from pfsync.writes import Writer
-
 
 # docs/practice-fusion.md "Defaults, identifiers and politeness": be polite, at most a few parallel downloads
 _DOWNLOADS = 4
@@ -355,29 +351,27 @@ class Attachments:
             raise AttachmentError("Binary upload answered without an id", retryable=True)
         return mid
 
-    def load_binary(
-        self, p: Prepared, file: str | None, line: int | None, raw: bytes, writer: Writer
-    ) -> None:
-        """An exported Binary resource: its bytes become a Medplum Binary (no identifier possible)."""
+    def load_binary(self, p: Prepared) -> str:
+        """An exported Binary resource: its bytes become a Medplum Binary (no identifier possible).
+        -> its outcome, a count key ("created", "updated", "unchanged"); AttachmentError when its
+        data is not valid base64 (the caller quarantines it)."""
         data_b64 = p.resource.get("data")
         content_type = p.resource.get("contentType") or "application/octet-stream"
         try:
             data = base64.b64decode(data_b64 or "", validate=True)
         except (binascii.Error, ValueError):
-            writer.quarantine(p.type, p.sid, file, line, raw, "Binary.data is not valid base64")
-            return
+            raise AttachmentError("Binary.data is not valid base64") from None
         digest = base64.b64encode(hashlib.sha1(data).digest()).decode()
         row = self._idmap.get("Binary", p.sid)
         if row is not None and row.mid is not None and row.hash == digest:
-            writer.count("Binary", "unchanged")
-            return
+            return "unchanged"
+        outcome = "created" if row is None or row.mid is None else "updated"
         if self._dry_run:
-            writer.count("Binary", "created" if row is None or row.mid is None else "updated")
-            return
+            return outcome
         mid, _ = self._mid_for(digest, data, str(content_type))
         self._idmap.record_binary(digest, mid, len(data))
         self._idmap.record("Binary", p.sid, mid, None, digest)
-        writer.count("Binary", "created" if row is None or row.mid is None else "updated")
+        return outcome
 
 
 @dataclass

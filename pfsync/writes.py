@@ -18,13 +18,13 @@ import threading
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import orjson
 
 from pfsync.asyncbatch import AsyncBatchRunner
-from pfsync.attachments import Attachments
+from pfsync.attachments import AttachmentError, Attachments
 from pfsync.batch import Entry, EntryResult, Kind
 from pfsync.errors import HTTPError
 from pfsync.events import EventSink
@@ -51,6 +51,7 @@ from pfsync.upsert import BatchSender
 _LOOKUP_FLUSH = 100
 _PROGRESS_EVERY = 500
 _FLUSH_ROUNDS = 20
+_FETCH_ROUNDS = 5  # rounds of fetches of missing targets at finish (each may name new ones)
 _NUDGE_EVERY = 50
 _PROBE_THREADS = 4
 _PARK_MAX = 5000  # resources waiting in memory for targets whose writes are in flight
@@ -93,17 +94,11 @@ class Writer:
                 max_concurrency=settings.max_concurrency, clock=clock, pacer=self.pacer, retry=policy,
                 events=events, stop=stop, async_runner=runner,
             )  # fmt: skip
-        if self._sender is not None:
-            # Resources parked for a target are written as soon as its outcome is in, also while
-            # the sender drains (at the end of a load every level of references would otherwise
-            # wait for the whole previous level: a full stop per level).
-            self._sender.on_reaped = self._reaped
         self._attachments = (
             Attachments(medplum, source_client, idmap, settings, self.context, clock=clock, dry_run=dry_run)
             if settings.attachments else None
         )  # fmt: skip
         self.refs = References(
-            self,
             idmap,
             self.context,
             source_client if settings.fetch_missing_references else None,
@@ -118,9 +113,12 @@ class Writer:
         self._probe_pool: ThreadPoolExecutor | None = None
         self._done = 0
         self._parked: dict[tuple[str, str], _Parked] = {}
-        self._unparking = False
         self._waiters: dict[tuple[str, str], list[tuple[str, str]]] = {}  # target -> parked keys
         self._woken: list[tuple[str, str]] = []  # identities whose write settled (or will not come)
+        # Fetched from the source, not taken in yet (a fetched chunk is taken in one resource at
+        # a time: answers taken in meanwhile wake resources waiting for a later one of the chunk,
+        # which is still on its way).
+        self._fetching: set[tuple[str, str]] = set()
 
     # -- per resource
     def count(self, rtype: str, key: str, n: int = 1) -> None:
@@ -141,17 +139,23 @@ class Writer:
         if not self._dry_run:
             self._qlog.add(file=file, line=line, reason=reason, raw=raw, status=status, rtype=rtype, sid=sid)
 
-    def ingest(self, resource: dict[str, Any], file: str | None, line: int | None, raw: bytes,
-               *, final: bool = False, first: bool = True, fetched: bool = False) -> None:  # fmt: skip
-        """One source resource, as read. `final`: write now even if targets lack ids (logical refs);
-        `fetched`: fetched by reference (noted in the id map for `pfsync verify`)."""
+    def ingest(self, resource: dict[str, Any], file: str | None, line: int | None, raw: bytes) -> None:
+        """One source resource, as read."""
+        self._follow(self._take(resource, file, line, raw))
+
+    def _take(self, resource: dict[str, Any], file: str | None, line: int | None, raw: bytes,
+              *, final: bool = False, first: bool = True, fetched: bool = False) -> Due:  # fmt: skip
+        """One resource into the write path. `final`: write now even if targets lack ids (logical
+        refs); `first`: as read (not taken back from the disk hold); `fetched`: fetched by reference
+        (noted in the id map for `pfsync verify`). -> which queued fetches from the source are due
+        now (the caller fetches them: a resource taken in during a fetch never starts another)."""
         rtype = str(resource.get("resourceType"))
         sid = resource.get("id")
         try:
             p = prepare(resource, self.context)
         except TransformError as exc:
             self.quarantine(rtype, sid if isinstance(sid, str) else None, file, line, raw, str(exc))
-            return
+            return None
         if first and p.fixes:
             self.fixes[p.type] += p.fixes
         if fetched and not self._dry_run:
@@ -170,6 +174,8 @@ class Writer:
             # dependants is read (and parked) the targets' ids arrive and the server gets the next
             # Bundle (a Patient Bundle's answer sat unread for 54 ms of an Encounter file).
             self._sender.poll()
+            self._copied(block=False)
+            self._unpark()  # what waited for the outcomes just taken in
         if self._attachments is not None and self._attachments.pending:
             self._attachments.supersede((p.type, p.sid))  # this newer copy replaces one being copied
             self._copied(block=False)
@@ -187,15 +193,57 @@ class Writer:
                     if len(self._parked) % _NUDGE_EVERY == 1 and self._sender is not None:
                         # Targets to fetch from the source are fetched now, not when a full
                         # request's worth is queued (a Patient-level export names only a few
-                        # Organizations: everything would wait behind them on disk until the end).
-                        self.refs.fetch_queued(full_only=False)
-                        self._sender.nudge()  # a partial Bundle of targets must not sit in the buffer
-                    return
+                        # Organizations: everything would wait behind them on disk until the end),
+                        # and a partial Bundle of targets must not sit in the buffer.
+                        return "nudge"
+                    return None
                 self.refs.defer(p, file, line, raw, waits)
                 self._wake((p.type, p.sid))  # not coming any more: its waiters look again
-                self.refs.fetch_queued(full_only=True)
-                return
+                return "full"
         self._emit(p, file, line, raw)
+        return None
+
+    def _follow(self, due: Due) -> None:
+        """Do what a resource taken in asked for (see `Due`)."""
+        if due is None or self._dry_run:
+            return
+        self._fetch_queued(full_only=due == "full")
+        if due == "nudge" and self._sender is not None:
+            self._sender.nudge()
+
+    def _fetch_queued(self, *, full_only: bool) -> bool:
+        """Fetch the queued missing targets (`full_only`: only types with a full request's worth)
+        and take them in; -> whether anything was fetched."""
+        fetched = False
+        while types := self.refs.fetch_types(full_only=full_only):
+            for rtype in types:
+                chunk = self.refs.take_chunk(rtype)
+                if chunk:
+                    self._fetch(rtype, chunk)
+                    fetched = True
+        return fetched
+
+    def _fetch(self, rtype: str, ids: list[str]) -> None:
+        """Fetch these targets from the source and take them in; those the source did not have
+        wake what waits for them (written with logical references now)."""
+        missing = set(ids)
+        self._fetching = {(rtype, i) for i in ids}
+        try:
+            for resource in self.refs.fetch(rtype, ids):
+                self.count(rtype, "fetched")
+                sid = resource["id"]
+                missing.discard(sid)
+                raw = orjson.dumps(resource)
+                due = self._take(resource, f"{self.context.base}/{rtype}", 0, raw, fetched=True)
+                if due == "nudge" and self._sender is not None:
+                    # The fetches it asks for are the caller's loop; a partial Bundle goes out now.
+                    self._sender.nudge()
+                self._fetching.discard((rtype, sid))  # written, parked or held by now
+        finally:
+            self._fetching = set()
+        self.refs.not_found(rtype, sorted(missing))
+        for sid in sorted(missing):
+            self._wake((rtype, sid))  # what waits for it in memory looks again
 
     def _coming(self, key: tuple[str, str], *, parked: bool = True) -> bool:
         """Whether a write of this identity is queued, in flight or parked, or the identity is
@@ -204,14 +252,12 @@ class Writer:
             return False
         if self._sender.holds(key) or (parked and key in self._parked) or self.refs.queued(key):
             return True
+        if key in self._fetching:
+            return True
         if self._attachments is not None and self._attachments.holds(key):
             return True
         probing = self._probing.get(key[0])
         return probing is not None and key[1] in probing
-
-    def not_coming(self, key: tuple[str, str]) -> None:
-        """A target queued for a fetch that the source did not have."""
-        self._wake(key)
 
     def _wake(self, key: tuple[str, str]) -> None:
         """This identity's write settled or will not come: what waits for it looks again."""
@@ -231,23 +277,17 @@ class Writer:
         Only the resources waiting for an identity that settled are looked at (`_waiters`): looking
         at every parked one after every Bundle was quadratic (thousands wait at the start of a
         first load: a third of the main thread)."""
-        if self._unparking or self._sender is None:
+        if self._sender is None:
             return
-        if not settle_all and not self._woken:
-            return
-        self._unparking = True
-        try:
-            if settle_all:
-                self._unpark_all()
-            while self._woken:
-                woken, self._woken = self._woken, []
-                for target in woken:
-                    for key in self._waiters.pop(target, ()):
-                        item = self._parked.get(key)
-                        if item is not None:
-                            self._look_again(key, item)
-        finally:
-            self._unparking = False
+        if settle_all:
+            self._unpark_all()
+        while self._woken:
+            woken, self._woken = self._woken, []
+            for target in woken:
+                for key in self._waiters.pop(target, ()):
+                    item = self._parked.get(key)
+                    if item is not None:
+                        self._look_again(key, item)
 
     def _unpark_all(self) -> None:
         """At a drain: write every parked resource whose targets all have ids, keep parked those
@@ -308,13 +348,12 @@ class Writer:
             if self._attachments.start(p, file, line, raw):
                 return  # written once its attachments are copied (_copied)
         if p.type == "Binary" and self._attachments is not None:
-            self._attachments.load_binary(p, file, line, raw, self)
+            try:
+                self.count("Binary", self._attachments.load_binary(p))
+            except AttachmentError as exc:
+                self.quarantine(p.type, p.sid, file, line, raw, str(exc))
             return
         self._write(p, file, line, raw)
-
-    def _reaped(self) -> None:
-        self._copied(block=False)
-        self._unpark()
 
     def _copied(self, *, block: bool) -> None:
         """Write the resources whose attachment copies ended (`block`: wait for one at least)."""
@@ -378,8 +417,6 @@ class Writer:
             self._mode == "direct" or self._idmap.cold or self._dry_run or entry.purpose == "delete"
         )
         if needs_search and not entry.looked_up and not entry.ambiguous:
-            if self._probes:
-                self._probed(block=False)
             empty = self._empty.get(entry.type)
             if empty is None:
                 # Wait for the type's probe without stopping the input (pfsync.writes._probe).
@@ -436,8 +473,7 @@ class Writer:
         for rtype, future in list(self._probes.items()):
             if not block and not future.done():
                 continue
-            if self._probes.pop(rtype, None) is None:
-                continue  # taken in by a nested call (route below comes back here)
+            del self._probes[rtype]
             try:
                 found = self._searcher.get_prefetched(rtype, self._probe_params(rtype), future)
             except HTTPError as exc:
@@ -553,12 +589,11 @@ class Writer:
             if not self._dry_run:
                 # Parked resources may wait for targets queued for a fetch: fetch them now, so
                 # every parked one either gets written or goes to the disk hold below.
-                self.refs.fetch_queued(full_only=False)
+                self._fetch_queued(full_only=False)
             self._probed(block=True)
             for rtype in list(self._lookups):
                 self._flush_lookup(rtype)
-            if self._sender is not None:
-                self._sender.flush()
+            self._send_all()
             if self._parked:
                 before = len(self._parked)
                 self._unpark(settle_all=True)
@@ -577,6 +612,16 @@ class Writer:
                 break
         self._idmap.commit()
 
+    def _send_all(self) -> None:
+        """Send everything queued and wait for every outcome; what the outcomes unpark (and the
+        copies that end meanwhile) join the queue as they come, not after the last outcome (every
+        level of references would otherwise wait for the whole previous level)."""
+        if self._sender is None:
+            return
+        while self._sender.step():
+            self._copied(block=False)
+            self._unpark()
+
     def settle(self) -> None:
         """A settle point (end of a file): fetch the missing targets queued so far, write the held
         resources whose targets have arrived, commit the id map. Bundles keep flowing."""
@@ -584,8 +629,8 @@ class Writer:
             self._probed(block=False)
         self._copied(block=False)
         if not self._dry_run:
-            self.refs.fetch_queued(full_only=False)
-            self.refs.release_ready()
+            self._fetch_queued(full_only=False)
+            self._release_ready()
             if self._sender is not None and self._parked:
                 self._sender.nudge()
                 self._unpark()
@@ -599,8 +644,8 @@ class Writer:
             if self._dry_run:
                 break
             before = self._idmap.held_count("deferred")
-            fetched = self.refs.fetch_queued(full_only=False)
-            if not (self.refs.release_ready() or fetched):
+            fetched = self._fetch_queued(full_only=False)
+            if not (self._release_ready() or fetched):
                 break
             if not fetched and self._idmap.held_count("deferred") >= before:
                 break
@@ -609,8 +654,56 @@ class Writer:
     def finish(self) -> None:
         self.drain()
         if not self._dry_run:
-            self.refs.finish()
+            self._finish_references()
         self.drain()
+
+    def _release_ready(self) -> int:
+        """Write the deferred resources whose targets all have Medplum ids now; -> how many were taken."""
+        taken = 0
+        while True:
+            before = self.refs.deferred()
+            batch = self.refs.ready()
+            if not batch:
+                return taken
+            for held in batch:
+                self._reingest(held, final=False)
+            taken += len(batch)
+            if self.refs.deferred() >= before:
+                return taken  # deferred again (nothing new resolved): no progress to make here
+
+    def _finish_references(self) -> None:
+        """Everything deferred gets written (pfsync.references, module docstring): refreshed and
+        lost targets are fetched, missing targets are fetched and what waits for them written as
+        they arrive, then what waits only for targets outside this run is written with logical
+        references; finally remembered logical references that resolve now are upgraded."""
+        for rtype, chunk in self.refs.whole_set(self.known_in_medplum):
+            self._fetch(rtype, chunk)
+        for rtype, chunk in self.refs.lost_logical(self.logical_in_medplum):
+            self._fetch(rtype, chunk)
+        rounds = 0
+        while True:
+            self.drain()
+            if rounds < _FETCH_ROUNDS:
+                self.refs.queue_missing()
+                if self._fetch_queued(full_only=False):
+                    rounds += 1
+                    continue
+            before = self.refs.deferred()
+            if not before:
+                break
+            if self._release_ready() and self.refs.deferred() < before:
+                continue
+            # Nothing more will arrive: write what waits only for targets outside this run.
+            for held in self.refs.last_resort():
+                self._reingest(held, final=True)
+        for held in self.refs.upgradable():
+            self.refs.released(held.type, held.sid)
+            self._reingest(held, final=True)
+
+    def _reingest(self, held: Held, *, final: bool) -> None:
+        """A resource taken back from the disk hold (already released from it)."""
+        resource = orjson.loads(held.raw)
+        self._follow(self._take(resource, held.file, held.line, held.raw, final=final, first=False))
 
     # -- deletes
     def delete_request(self, doc: dict[str, Any], file: str, line: int, raw: bytes) -> None:
@@ -750,6 +843,9 @@ class Writer:
 
 
 UNREADABLE_TYPE = "(unreadable)"
+# What a resource taken in asks of its caller (Writer._take): fetch the queued targets of every
+# type and send a partial Bundle ("nudge"), fetch the types with a full request's worth ("full").
+Due = Literal["nudge", "full"] | None
 
 
 @dataclass

@@ -24,9 +24,9 @@ from typing import Any
 import orjson
 from refcheck import check_references, references_in
 
+from pfsync.core.settings import DEFAULT_IDENTIFIER_SYSTEM
+from pfsync.load.transform import parse_reference
 from pfsync.sandbox.run import Sandboxes, start_sandboxes
-from pfsync.settings import DEFAULT_IDENTIFIER_SYSTEM
-from pfsync.transform import parse_reference
 
 Json = dict[str, Any]
 SOURCE_NAME = "default"

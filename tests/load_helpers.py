@@ -10,9 +10,9 @@ import httpx
 import orjson
 from target_fixtures import fhir_client
 
-from pfsync.load import Loader, LoadResult
-from pfsync.sandbox.target import TargetSandbox
-from pfsync.settings import LoadSettings, SourceSettings
+from pfsync.core.settings import LoadSettings, SourceSettings
+from pfsync.load.loader import Loader, LoadResult
+from pfsync.sandbox.target.server import TargetSandbox
 
 SYNTHEA_SMALL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "synthea-small"
 SOURCE = SourceSettings(name="default", base_url="https://ehr.example/fhir/r4/v1/practice-1")

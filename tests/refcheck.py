@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 # Every type the fixtures and the loader tests produce; callers may pass their own.
 DEFAULT_TYPES = (

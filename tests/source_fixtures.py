@@ -20,8 +20,8 @@ import httpx
 import jwt
 import pytest
 
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.source_auth import JWT_BEARER, generate_test_keys
+from pfsync.sandbox.source.auth import JWT_BEARER, generate_test_keys
+from pfsync.sandbox.source.server import SourceSandbox
 
 __all__ = [
     "SOURCE_JWT_CLIENT",

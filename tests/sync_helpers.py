@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 from refcheck import DEFAULT_TYPES, check_references
 
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 # Patient-compartment types plus two the loader fetches as missing reference targets: small
 # enough for a few seconds per run, with references across files and types.

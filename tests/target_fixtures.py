@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 __all__ = [
     "MRN",

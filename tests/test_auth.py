@@ -29,7 +29,11 @@ from test_auth_support import (
     token_body,
 )
 
-from pfsync.auth import (
+from pfsync.core.errors import AuthError, ConfigError, HTTPError
+from pfsync.core.redact import MASK, Secret, redact
+from pfsync.core.settings import HttpSettings, SourceSettings
+from pfsync.net.http import RetryPolicy
+from pfsync.source.auth import (
     ASSERTION_LIFETIME,
     JWT_BEARER,
     BearerAuth,
@@ -43,10 +47,6 @@ from pfsync.auth import (
     split_granted,
     token_failure_hint,
 )
-from pfsync.errors import AuthError, ConfigError, HTTPError
-from pfsync.http import RetryPolicy
-from pfsync.redact import MASK, Secret, redact
-from pfsync.settings import HttpSettings, SourceSettings
 
 FAST = HttpSettings(retries=3, retry_max_wait=1.0)
 

@@ -13,14 +13,14 @@ import httpx
 import pytest
 from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 
-from pfsync.auth import BearerAuth, SourceAuthenticator, source_auth
-from pfsync.errors import AuthError
-from pfsync.keys import KeyPair, generate_key_pair
-from pfsync.medplum_auth import MedplumAuthenticator, OriginBasicAuth, medplum_auth
-from pfsync.redact import Secret
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.target import TargetSandbox
-from pfsync.settings import HttpSettings, MedplumSettings, SourceSettings
+from pfsync.core.errors import AuthError
+from pfsync.core.redact import Secret
+from pfsync.core.settings import HttpSettings, MedplumSettings, SourceSettings
+from pfsync.medplum.auth import MedplumAuthenticator, OriginBasicAuth, medplum_auth
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.target.server import TargetSandbox
+from pfsync.source.auth import BearerAuth, SourceAuthenticator, source_auth
+from pfsync.source.keys import KeyPair, generate_key_pair
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from pfsync.redact import Secret
-from pfsync.settings import SourceSettings
+from pfsync.core.redact import Secret
+from pfsync.core.settings import SourceSettings
 
 BASE = "https://ehr.example.com/fhir/r4/v1/practice-a"
 TOKEN_URL = f"{BASE}/token"

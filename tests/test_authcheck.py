@@ -21,10 +21,10 @@ from test_auth_support import (
     token_body,
 )
 
-from pfsync.authcheck import AuthTestReport, Check, TargetReport, run_auth_test
-from pfsync.errors import AuthError, ConfigError, ExitCode, TemporaryError
-from pfsync.redact import Secret
-from pfsync.settings import HttpSettings, MedplumSettings, Settings
+from pfsync.core.errors import AuthError, ConfigError, ExitCode, TemporaryError
+from pfsync.core.redact import Secret
+from pfsync.core.settings import HttpSettings, MedplumSettings, Settings
+from pfsync.sync.authcheck import AuthTestReport, Check, TargetReport, run_auth_test
 
 KICK = f"{BASE}/Patient/$export"
 

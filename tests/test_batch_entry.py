@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from pfsync.batch import Entry, bundle_bytes
+from pfsync.medplum.batch import Entry, bundle_bytes
 
 
 def _entry(method: str, url: str, body: dict[str, object] | None) -> Entry:

@@ -1,4 +1,4 @@
-"""Unit tests of the Bulk Data protocol client (pfsync.bulk) over pytest-httpx, with a fake clock."""
+"""Unit tests of the Bulk Data protocol client (pfsync.source.bulk) over pytest-httpx, with a fake clock."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ import pytest
 from pytest_httpx import HTTPXMock
 from test_export_fakes import FakeClock
 
-from pfsync.bulk import (
+from pfsync.core.errors import AuthError, ExportError, HTTPError, InterruptedRunError
+from pfsync.core.events import ListSink
+from pfsync.core.settings import ExportSettings, SourceSettings
+from pfsync.net.http import RetryPolicy
+from pfsync.source.bulk import (
     ExportRequest,
     JobExpired,
     Origins,
@@ -24,10 +28,6 @@ from pfsync.bulk import (
     poll_wait,
     requests_for,
 )
-from pfsync.errors import AuthError, ExportError, HTTPError, InterruptedRunError
-from pfsync.events import ListSink
-from pfsync.http import RetryPolicy
-from pfsync.settings import ExportSettings, SourceSettings
 
 BASE = "https://ehr.example/fhir/r4/v1/practice"
 STATUS = f"{BASE}/Export/abc-123"

@@ -19,8 +19,8 @@ from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 from typer.testing import CliRunner
 
 from pfsync.cli import app
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()

@@ -15,7 +15,7 @@ import pfsync.cli.common as cli_common
 from pfsync import __version__
 from pfsync.cli import app
 from pfsync.cli.common import errors_handled
-from pfsync.errors import ConfigError
+from pfsync.core.errors import ConfigError
 
 runner = CliRunner()
 

@@ -84,7 +84,7 @@ def test_sandbox_command_rejects_a_missing_data_dir(tmp_path: Path) -> None:
 
 
 def test_source_sandbox_restart_on_kept_state_keeps_changes_and_deletions(tmp_path: Path) -> None:
-    from pfsync.sandbox.source import SourceSandbox
+    from pfsync.sandbox.source.server import SourceSandbox
 
     first = SourceSandbox(state_dir=tmp_path / "src").start()
     try:

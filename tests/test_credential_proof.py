@@ -10,9 +10,9 @@ from sync_helpers import checkpoint, sync_env
 from typer.testing import CliRunner
 
 from pfsync.cli import app
-from pfsync.errors import ExitCode
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.core.errors import ExitCode
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 runner = CliRunner()
 

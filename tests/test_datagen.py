@@ -84,7 +84,7 @@ def test_datagen_documents_have_inline_and_url_attachments() -> None:
 def test_datagen_urls_served_by_sandbox(tmp_path: Path) -> None:
     import httpx
 
-    from pfsync.sandbox.source import SourceSandbox
+    from pfsync.sandbox.source.server import SourceSandbox
 
     generate(tmp_path, patients=4, seed=5)
     with SourceSandbox(data_dir=tmp_path) as sandbox:

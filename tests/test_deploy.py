@@ -67,7 +67,7 @@ def test_deploy_indexed_job_shards_by_completion_index() -> None:
 
 
 def test_deploy_secret_example_names_pfsync_settings() -> None:
-    from pfsync.settings import SPECS
+    from pfsync.core.settings import SPECS
 
     doc = load_yaml(K8S / "secret.example.yaml")
     assert doc["kind"] == "Secret" and doc["metadata"]["name"] == "pfsync"

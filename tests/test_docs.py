@@ -8,9 +8,9 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from pfsync.cli import app
-from pfsync.errors import ExitCode
-from pfsync.settings import SPECS
-from pfsync.settings_doc import render_into
+from pfsync.core.errors import ExitCode
+from pfsync.core.settings import SPECS
+from pfsync.core.settings_doc import render_into
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 runner = CliRunner()

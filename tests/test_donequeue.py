@@ -1,11 +1,11 @@
-"""DoneQueue (pfsync.donequeue): finished futures, each reported once, in the order they finished."""
+"""DoneQueue (pfsync.medplum.donequeue): finished futures, each reported once, in the order they finished."""
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from pfsync.donequeue import DoneQueue
+from pfsync.medplum.donequeue import DoneQueue
 
 
 def test_donequeue_reports_each_finished_future_once() -> None:

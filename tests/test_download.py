@@ -17,13 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_export_fakes import FakeClock, lines_of
 
-from pfsync.bulk import JobExpired, ManifestFile, Origins
-from pfsync.download import FEED_BYTES, Downloader, Validator
-from pfsync.errors import AuthError, ExportError, HTTPError, InterruptedRunError
-from pfsync.events import ListSink
-from pfsync.exportjob import ExportDir, sha256_of
-from pfsync.http import RetryPolicy
-from pfsync.ndjson import BadLine, Record, iter_file
+from pfsync.core.errors import AuthError, ExportError, HTTPError, InterruptedRunError
+from pfsync.core.events import ListSink
+from pfsync.core.ndjson import BadLine, Record, iter_file
+from pfsync.net.http import RetryPolicy
+from pfsync.source.bulk import JobExpired, ManifestFile, Origins
+from pfsync.source.download import FEED_BYTES, Downloader, Validator
+from pfsync.source.exportjob import ExportDir, sha256_of
 
 BASE = "https://ehr.example/fhir"
 FILE_URL = f"{BASE}/Binary/export/job/Patient/1"
@@ -161,7 +161,7 @@ def test_validator_accepts_other_key_orders_and_spacing(mode: str, line: bytes) 
 
 def test_validator_structure_mode_leaves_invalid_json_inside_braces_to_the_loader(tmp_path: Path) -> None:
     # The trade-off of "structure" (download.py): JSON validity of a well-framed line is the
-    # loader's check; pfsync.ndjson reports it with file and line, and the loader quarantines it.
+    # loader's check; pfsync.core.ndjson reports it with file and line, and the loader quarantines it.
     data = NDJSON + b'{"resourceType":"Patient","id":broken}\n'
     structure, out = validate(data, mode="structure")
     full, _ = validate(data, mode="full")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pfsync import errors
-from pfsync.errors import ExitCode, HTTPError, exit_code_for
+from pfsync.core import errors
+from pfsync.core.errors import ExitCode, HTTPError, exit_code_for
 
 EXPECTED = {
     errors.PfsyncError: 1,

@@ -13,13 +13,13 @@ import pytest
 from pytest_httpx import HTTPXMock
 from test_export_fakes import FakeClock
 
-from pfsync.bulk import ExportRequest
-from pfsync.errors import AuthError, ExportError, InterruptedRunError, UsageError
-from pfsync.events import ListSink
-from pfsync.export import ExportResult, LandedFile, cancel_export, run_export
-from pfsync.exportjob import ExportDir, export_files
-from pfsync.ndjson import iter_paths
-from pfsync.settings import ExportSettings, SourceSettings
+from pfsync.core.errors import AuthError, ExportError, InterruptedRunError, UsageError
+from pfsync.core.events import ListSink
+from pfsync.core.ndjson import iter_paths
+from pfsync.core.settings import ExportSettings, SourceSettings
+from pfsync.source.bulk import ExportRequest
+from pfsync.source.export import ExportResult, LandedFile, cancel_export, run_export
+from pfsync.source.exportjob import ExportDir, export_files
 
 BASE = "https://ehr.example/fhir/r4/v1/practice"
 KICKOFF = f"{BASE}/Patient/$export"
@@ -147,7 +147,7 @@ def test_run_export_after_complete_replays_files_without_network(
 
 def test_run_export_starts_over_when_saved_job_expired(httpx_mock: HTTPXMock, tmp_path: Path) -> None:
     d = ExportDir(tmp_path)
-    from pfsync.exportjob import ExportJob
+    from pfsync.source.exportjob import ExportJob
 
     d.save_job(ExportJob(f"{BASE}/Export/old", REQUEST, "pf", BASE, 0.0))
     httpx_mock.add_response(method="GET", url=f"{BASE}/Export/old", status_code=404, json={"resourceType": "OperationOutcome", "issue": []})  # fmt: skip
@@ -230,7 +230,7 @@ def test_run_export_follows_next_links_and_skips_unrequested_types(
 
 
 def test_run_export_refuses_other_request_in_same_dir(httpx_mock: HTTPXMock, tmp_path: Path) -> None:
-    from pfsync.exportjob import ExportJob
+    from pfsync.source.exportjob import ExportJob
 
     ExportDir(tmp_path).save_job(ExportJob(STATUS, ExportRequest(level="patient"), "pf", BASE, 0.0))
     with pytest.raises(UsageError, match="another export in progress"):
@@ -254,7 +254,7 @@ def test_run_export_interrupted_keeps_job_resumable(httpx_mock: HTTPXMock, tmp_p
 
 
 def test_cancel_export_deletes_saved_job(httpx_mock: HTTPXMock, tmp_path: Path) -> None:
-    from pfsync.exportjob import ExportJob
+    from pfsync.source.exportjob import ExportJob
 
     ExportDir(tmp_path).save_job(ExportJob(STATUS, REQUEST, "pf", BASE, 0.0))
     httpx_mock.add_response(method="DELETE", url=STATUS, status_code=202)

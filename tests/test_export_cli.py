@@ -16,10 +16,10 @@ from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 from typer.testing import CliRunner
 
 from pfsync.cli import app
-from pfsync.exportjob import export_files
-from pfsync.ndjson import iter_paths
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.core.ndjson import iter_paths
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.target.server import TargetSandbox
+from pfsync.source.exportjob import export_files
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -89,8 +89,8 @@ def test_cli_export_cancel_deletes_saved_job(
     import httpx
     from source_fixtures import kickoff_headers, source_token
 
-    from pfsync.bulk import ExportRequest
-    from pfsync.exportjob import ExportDir, ExportJob
+    from pfsync.source.bulk import ExportRequest
+    from pfsync.source.exportjob import ExportDir, ExportJob
 
     token = source_token(source)
     resp = httpx.get(source.base_url() + "/Patient/$export", headers=kickoff_headers(token))

@@ -14,16 +14,16 @@ import orjson
 import pytest
 from test_export_fakes import FakeClock
 
-from pfsync.auth import source_auth
-from pfsync.authcheck import run_auth_test
-from pfsync.bulk import ExportRequest, requests_for
-from pfsync.errors import AuthError, ConfigError, ExportError
-from pfsync.events import ListSink
-from pfsync.export import ExportResult, run_export
-from pfsync.http import RetryPolicy
-from pfsync.redact import Secret
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.settings import ExportSettings, Settings, SourceSettings
+from pfsync.core.errors import AuthError, ConfigError, ExportError
+from pfsync.core.events import ListSink
+from pfsync.core.redact import Secret
+from pfsync.core.settings import ExportSettings, Settings, SourceSettings
+from pfsync.net.http import RetryPolicy
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.source.auth import source_auth
+from pfsync.source.bulk import ExportRequest, requests_for
+from pfsync.source.export import ExportResult, run_export
+from pfsync.sync.authcheck import run_auth_test
 
 pytestmark = pytest.mark.integration
 

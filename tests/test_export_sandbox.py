@@ -12,15 +12,15 @@ import orjson
 import pytest
 from test_export_fakes import FakeClock, SandboxAuth, lines_of
 
-from pfsync.auth import source_auth
-from pfsync.bulk import ExportRequest
-from pfsync.errors import ExportError, InterruptedRunError
-from pfsync.events import ListSink
-from pfsync.export import ExportResult, LandedFile, run_export
-from pfsync.http import RetryPolicy
-from pfsync.redact import Secret
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.settings import ExportSettings, SourceSettings
+from pfsync.core.errors import ExportError, InterruptedRunError
+from pfsync.core.events import ListSink
+from pfsync.core.redact import Secret
+from pfsync.core.settings import ExportSettings, SourceSettings
+from pfsync.net.http import RetryPolicy
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.source.auth import source_auth
+from pfsync.source.bulk import ExportRequest
+from pfsync.source.export import ExportResult, LandedFile, run_export
 
 pytestmark = pytest.mark.integration
 

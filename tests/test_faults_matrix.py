@@ -23,7 +23,7 @@ from chaos_helpers import Rig, compare, queue_lines, run_sync, source_resources
 
 from pfsync.sandbox.datagen import generate
 from pfsync.sandbox.run import TARGET_CLIENT_ID
-from pfsync.sandbox.target_quota import AUTH_REQUESTS_PER_MINUTE
+from pfsync.sandbox.target.quota import AUTH_REQUESTS_PER_MINUTE
 
 Arm = Callable[[Rig], None]
 

@@ -13,7 +13,7 @@ import pytest
 from hostile_server import TOKEN, Answer, Hostile, bulk_source, run_pfsync, source_env
 from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 pytestmark = pytest.mark.integration
 

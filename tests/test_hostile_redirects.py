@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from hostile_server import Answer, Hostile, bulk_source, manifest, run_pfsync, source_env
 from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 
-from pfsync.sandbox.source_auth import generate_test_keys
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.source.auth import generate_test_keys
+from pfsync.sandbox.target.server import TargetSandbox
 
 pytestmark = pytest.mark.integration
 

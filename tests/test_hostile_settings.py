@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from pfsync.errors import ConfigError, ExitCode
-from pfsync.http import make_client
-from pfsync.settings import SPECS, HttpSettings, check_transport_url, is_loopback, load_settings
+from pfsync.core.errors import ConfigError, ExitCode
+from pfsync.core.settings import SPECS, HttpSettings, check_transport_url, is_loopback, load_settings
+from pfsync.net.http import make_client
 
 LOOPBACK_SOURCE = "http://127.0.0.1:9/fhir"
 

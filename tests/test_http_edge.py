@@ -1,4 +1,4 @@
-"""Unit tests of the one request path (pfsync.http) and the URL rules (pfsync.netpolicy): the
+"""Unit tests of the one request path (pfsync.net.http) and the URL rules (pfsync.net.policy): the
 classifier, waits, paging and decoding helpers in isolation. The same rules over real HTTP are in
 tests/test_hostile_*.py."""
 
@@ -10,9 +10,9 @@ import threading
 import httpx
 import pytest
 
-from pfsync.asyncbatch import AsyncBatchRunner
-from pfsync.errors import InterruptedRunError, ProtocolError
-from pfsync.http import (
+from pfsync.core.errors import InterruptedRunError, ProtocolError
+from pfsync.medplum.asyncbatch import AsyncBatchRunner
+from pfsync.net.http import (
     DECODE_CHUNK,
     RetryPolicy,
     RetryRule,
@@ -22,7 +22,7 @@ from pfsync.http import (
     next_link,
     request_with_retry,
 )
-from pfsync.netpolicy import parse_networks, shown_url, url_problem
+from pfsync.net.policy import parse_networks, shown_url, url_problem
 
 
 class FakeClock:
@@ -158,9 +158,9 @@ def test_a_host_name_resolving_to_a_special_purpose_address_is_refused(
 ) -> None:
     import socket
 
-    from pfsync import netpolicy
-    from pfsync.http import make_client
-    from pfsync.settings import HttpSettings
+    from pfsync.core.settings import HttpSettings
+    from pfsync.net import policy as netpolicy
+    from pfsync.net.http import make_client
 
     def fake(host: str, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
         address = {"metadata.example": "169.254.169.254", "ehr.example": "93.184.216.34"}[host]
@@ -181,7 +181,7 @@ def test_a_host_name_resolving_to_a_special_purpose_address_is_refused(
     "body", [b"<html>a proxy's page</html>", b"[]", b'{"entry":[{"resource":{"resourceType":"Basic"}}]}']
 )
 def test_medplum_state_store_refuses_a_malformed_answer(body: bytes) -> None:
-    from pfsync.state_medplum import MedplumStateStore
+    from pfsync.sync.state_medplum import MedplumStateStore
 
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=body, headers={"Content-Type": "application/fhir+json"})
@@ -195,7 +195,7 @@ def test_medplum_state_store_refuses_a_malformed_answer(body: bytes) -> None:
 
 
 def test_a_retry_wait_on_the_real_clock_ends_when_the_process_is_asked_to_stop() -> None:
-    from pfsync.http import RUN_STOP, SystemClock
+    from pfsync.net.http import RUN_STOP, SystemClock
 
     threading.Timer(0.2, RUN_STOP.set).start()
     try:

@@ -1,4 +1,4 @@
-"""pfsync.idmap: the SQLite id map, held resources and binaries."""
+"""pfsync.load.idmap: the SQLite id map, held resources and binaries."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pfsync import idmap as idmap_module
-from pfsync.idmap import Held, IdMap, MapRow
+from pfsync.load import idmap as idmap_module
+from pfsync.load.idmap import Held, IdMap, MapRow
 
 
 def test_idmap_record_get_and_persist(tmp_path: Path) -> None:

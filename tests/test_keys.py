@@ -14,8 +14,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from test_auth_support import ec_key, pem, rsa_key
 
-from pfsync.errors import ConfigError, UsageError
-from pfsync.keys import (
+from pfsync.core.errors import ConfigError, UsageError
+from pfsync.core.redact import redact
+from pfsync.source.keys import (
     JWKS_FILE,
     PRIVATE_KEY_FILE,
     algorithm_for,
@@ -27,7 +28,6 @@ from pfsync.keys import (
     warn_if_loose,
     write_key_pair,
 )
-from pfsync.redact import redact
 
 
 def _private_jwk(key: Any, kid: str | None) -> dict[str, Any]:

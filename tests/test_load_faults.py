@@ -28,8 +28,8 @@ from load_helpers import (
 from refcheck import check_references
 from target_fixtures import fhir_client
 
-from pfsync.sandbox.target import TargetSandbox
-from pfsync.settings import LoadSettings
+from pfsync.core.settings import LoadSettings
+from pfsync.sandbox.target.server import TargetSandbox
 
 SMALL_SET = [SYNTHEA_SMALL / f"{t}.ndjson" for t in ("Patient", "Organization", "Practitioner")]
 
@@ -63,7 +63,7 @@ def test_load_killed_subprocess_then_rerun_has_no_duplicates(target: TargetSandb
         f"sys.path[:0] = [{str(Path(__file__).parent)!r}]\n"
         "from pathlib import Path\n"
         "from load_helpers import load_all, SYNTHEA_SMALL\n"
-        "from pfsync.sandbox.target import TargetSandbox\n"
+        "from pfsync.sandbox.target.server import TargetSandbox\n"
         "class T: pass\n"
         "t = T(); t.fhir_url = sys.argv[1]; t.base_url = sys.argv[2]\n"
         "load_all(t, Path(sys.argv[3]), [SYNTHEA_SMALL])\n"

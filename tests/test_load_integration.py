@@ -14,9 +14,9 @@ from load_helpers import SYNTHEA_SMALL, fixture_types, identity_counts, load_all
 from refcheck import check_references
 from target_fixtures import fhir_client
 
-from pfsync.errors import InterruptedRunError
-from pfsync.sandbox.target import TargetSandbox
-from pfsync.settings import LoadSettings, load_settings
+from pfsync.core.errors import InterruptedRunError
+from pfsync.core.settings import LoadSettings, load_settings
+from pfsync.sandbox.target.server import TargetSandbox
 
 TOTAL = 4904
 # A closed subset (Patients and everything their Encounters/Conditions reference) for the slower cases.

@@ -15,12 +15,12 @@ from refcheck import check_references
 from source_fixtures import export_and_wait, read_ndjson, source_token
 from target_fixtures import fhir_client
 
-from pfsync.load import Loader, LoadResult
-from pfsync.references import export_types
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.source_store import FIXTURE_ORIGIN
-from pfsync.sandbox.target import TargetSandbox
-from pfsync.settings import LoadSettings, SourceSettings
+from pfsync.core.settings import LoadSettings, SourceSettings
+from pfsync.load.loader import Loader, LoadResult
+from pfsync.load.references import export_types
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.source.store import FIXTURE_ORIGIN
+from pfsync.sandbox.target.server import TargetSandbox
 
 
 def _source_settings(source: SourceSandbox) -> SourceSettings:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pfsync.errors import ExitCode, LockedError
-from pfsync.lock import FileLock, check_lease, lease_expired, new_lease
-from pfsync.state import Holder, LocalStateStore, SyncState
+from pfsync.core.errors import ExitCode, LockedError
+from pfsync.sync.lock import FileLock, check_lease, lease_expired, new_lease
+from pfsync.sync.state import Holder, LocalStateStore, SyncState
 
 ME = Holder(4242, "host-a", "2026-01-01T00:00:00.000Z")
 
@@ -43,7 +43,7 @@ def test_file_lock_stale_file_is_not_a_holder(tmp_path: Path) -> None:
 def test_file_lock_freed_when_holder_is_killed(tmp_path: Path) -> None:
     path = tmp_path / "lock"
     code = (
-        "import sys,time; from pfsync.lock import FileLock; from pfsync.state import Holder;"
+        "import sys,time; from pfsync.sync.lock import FileLock; from pfsync.sync.state import Holder;"
         f"FileLock.acquire({str(path)!r}, Holder.me()); print('held', flush=True); time.sleep(60)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -83,6 +83,6 @@ def test_lease_expiry_and_check() -> None:
 
 
 def test_lease_with_garbage_expiry_counts_as_expired() -> None:
-    from pfsync.state import Lease
+    from pfsync.sync.state import Lease
 
     assert lease_expired(Lease("x", "t", "garbage"), 0.0)

@@ -8,9 +8,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-import pfsync.exportjob as exportjob
-from pfsync.errors import StateError
-from pfsync.exportjob import JOURNAL_FILE, MANIFEST_FILE, ExportDir, LandedFile
+import pfsync.source.exportjob as exportjob
+from pfsync.core.errors import StateError
+from pfsync.source.exportjob import JOURNAL_FILE, MANIFEST_FILE, ExportDir, LandedFile
 
 
 def _landed(directory: Path, n: int) -> LandedFile:

@@ -10,11 +10,11 @@ import pytest
 from pytest_httpx import HTTPXMock
 from test_auth_support import FakeClock, Responder
 
-from pfsync.auth import BearerAuth
-from pfsync.errors import AuthError, ConfigError
-from pfsync.medplum_auth import MedplumAuthenticator, OriginBasicAuth, medplum_auth
-from pfsync.redact import MASK, Secret, redact
-from pfsync.settings import HttpSettings, MedplumSettings
+from pfsync.core.errors import AuthError, ConfigError
+from pfsync.core.redact import MASK, Secret, redact
+from pfsync.core.settings import HttpSettings, MedplumSettings
+from pfsync.medplum.auth import MedplumAuthenticator, OriginBasicAuth, medplum_auth
+from pfsync.source.auth import BearerAuth
 
 BASE = "https://medplum.example.com/"
 TOKEN = BASE + "oauth2/token"

@@ -11,8 +11,8 @@ import orjson
 import pytest
 from sync_helpers import spawn, summary, sync_env
 
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 pytestmark = pytest.mark.integration
 

@@ -20,11 +20,11 @@ from test_auth_support import (
     token_body,
 )
 
-from pfsync.auth import token_failure_hint
-from pfsync.authcheck import AuthTestReport, Check, run_auth_test
-from pfsync.errors import AuthError, ConfigError, ExitCode
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.settings import HttpSettings, Settings
+from pfsync.core.errors import AuthError, ConfigError, ExitCode
+from pfsync.core.settings import HttpSettings, Settings
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.source.auth import token_failure_hint
+from pfsync.sync.authcheck import AuthTestReport, Check, run_auth_test
 
 # Texts the SMART reference bulk-data-server sends (docs/bulk-data.md, its simulated registration errors).
 REGISTRATION_EXPIRED = "Registration token expired"
@@ -103,7 +103,7 @@ def test_auth_test_metadata_404_is_a_wrong_base_url(httpx_mock: HTTPXMock) -> No
 
 
 def test_auth_test_clock_shows_no_minus_zero(httpx_mock: HTTPXMock) -> None:
-    from pfsync.authcheck import _clock_check
+    from pfsync.sync.authcheck import _clock_check
 
     clock = FakeClock(t=1_700_000_000.4)  # the Date header has whole seconds: 0.4 s behind
     response = httpx.Response(200, headers={"Date": email.utils.formatdate(clock.now(), usegmt=True)})
@@ -139,8 +139,8 @@ def test_auth_test_medplum_fhir_read_failure_codes(
 ) -> None:
     from dataclasses import replace
 
-    from pfsync.redact import Secret
-    from pfsync.settings import MedplumSettings
+    from pfsync.core.redact import Secret
+    from pfsync.core.settings import MedplumSettings
 
     medplum = MedplumSettings(
         base_url="https://mp.example.com/", client_id="c", client_secret=Secret("mp-s3cret")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from pfsync.cli import app
 from pfsync.cli.common import shorten_urls
-from pfsync.sandbox.source import SourceSandbox
+from pfsync.sandbox.source.server import SourceSandbox
 
 pytestmark = pytest.mark.integration
 

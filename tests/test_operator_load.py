@@ -12,7 +12,7 @@ from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 from typer.testing import CliRunner
 
 from pfsync.cli import app
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 pytestmark = pytest.mark.integration
 

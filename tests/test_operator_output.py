@@ -17,9 +17,9 @@ from sync_helpers import run, sync_env
 from typer.testing import CliRunner
 
 from pfsync.cli import app
-from pfsync.log import LOGGER_NAME, LogSink, setup_logging
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.core.log import LOGGER_NAME, LogSink, setup_logging
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 runner = CliRunner()
 # Nothing listens on port 9 (discard): a command that reached the network would fail with exit 75.
@@ -168,7 +168,7 @@ def test_bad_settings_stop_before_any_request(
 
 
 def test_a_secret_that_is_not_path_like_is_used_as_it_is(tmp_path: Path) -> None:
-    from pfsync.settings import load_settings
+    from pfsync.core.settings import load_settings
 
     settings = load_settings(env={**NOWHERE, "PF_CLIENT_SECRET": "a/b+c=="}, cwd=tmp_path)
     secret = settings.source().client_secret
@@ -202,7 +202,7 @@ def test_retries_against_an_unreachable_port_are_logged_while_waiting(tmp_path: 
 def test_status_in_flight_reads_without_contradiction(
     tmp_path: Path, kind: str, since: str | None, text: str
 ) -> None:
-    from pfsync.state import InFlight, LocalStateStore, SyncState
+    from pfsync.sync.state import InFlight, LocalStateStore, SyncState
 
     store = LocalStateStore(tmp_path / "state")
     store.save(
@@ -235,8 +235,8 @@ def test_export_requests_log_each_retry_as_a_warning() -> None:
     import httpx
     from test_auth_support import FakeClock
 
-    from pfsync.bulk import _send
-    from pfsync.http import RetryPolicy
+    from pfsync.net.http import RetryPolicy
+    from pfsync.source.bulk import _send
 
     answers = iter([httpx.ConnectError("refused"), httpx.Response(503), httpx.Response(200)])
 
@@ -274,7 +274,7 @@ def test_sigterm_while_the_stop_event_is_locked_does_not_deadlock() -> None:
     import signal
     import threading
 
-    from pfsync.schedule import stop_on_signals
+    from pfsync.sync.schedule import stop_on_signals
 
     stop = threading.Event()
     with stop_on_signals(stop):

@@ -1,4 +1,4 @@
-"""Load order and the up-front list of types Medplum must be asked about (pfsync.order)."""
+"""Load order and the up-front list of types Medplum must be asked about (pfsync.load.order)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from pathlib import Path
 
 from load_helpers import write_ndjson
 
-from pfsync.idmap import IdMap
-from pfsync.order import dependency_order
-from pfsync.settings import SourceSettings
-from pfsync.transform import TransformContext
+from pfsync.core.settings import SourceSettings
+from pfsync.load.idmap import IdMap
+from pfsync.load.order import dependency_order
+from pfsync.load.transform import TransformContext
 
 CTX = TransformContext(SourceSettings(name="t", base_url="https://ehr.example/fhir"))
 

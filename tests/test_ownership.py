@@ -8,9 +8,9 @@ from typing import Any
 import orjson
 import pytest
 
-from pfsync.errors import ConfigError, ExitCode
-from pfsync.settings import SourceSettings, load_settings
-from pfsync.transform import (
+from pfsync.core.errors import ConfigError, ExitCode
+from pfsync.core.settings import SourceSettings, load_settings
+from pfsync.load.transform import (
     HASH_TAG_SYSTEM,
     OWNER_TAG_SYSTEM,
     Ref,

@@ -18,9 +18,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pfsync.cli import app
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.target import TargetSandbox
-from pfsync.transform import OWNER_TAG_SYSTEM
+from pfsync.load.transform import OWNER_TAG_SYSTEM
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 PRACTICE_A = "0a0a0a0a-1111-4111-8111-0a0a0a0a0a0a"
 PRACTICE_B = "0b0b0b0b-2222-4222-8222-0b0b0b0b0b0b"

@@ -14,11 +14,11 @@ from sync_helpers import sync_env
 from typer.testing import CliRunner
 
 from pfsync.cli import app
-from pfsync.errors import ExitCode, StateError
-from pfsync.private import create_exclusive, open_private, private_dir, private_sqlite
-from pfsync.quarantine import QUARANTINE, WrappedLog
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.core.errors import ExitCode, StateError
+from pfsync.core.private import create_exclusive, open_private, private_dir, private_sqlite
+from pfsync.load.quarantine import QUARANTINE, WrappedLog
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 runner = CliRunner()
 

@@ -1,6 +1,6 @@
 """Property tests: the resource transformer either transforms or raises TransformError, nothing else.
 
-The loader quarantines a TransformError with its reason (pfsync/writes.py); any other exception
+The loader quarantines a TransformError with its reason (pfsync/load/writes.py); any other exception
 would crash the run on one bad resource. References are checked in every form the transformer
 claims to understand (transform.py docstring), wherever they sit in the resource.
 """
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pfsync.settings import SourceSettings
-from pfsync.transform import (
+from pfsync.core.settings import SourceSettings
+from pfsync.load.transform import (
     HASH_TAG_SYSTEM,
     Ref,
     Target,

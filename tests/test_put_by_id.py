@@ -14,9 +14,9 @@ import pytest
 from load_helpers import SYNTHEA_SMALL, load_all, make_loader, write_ndjson
 from target_fixtures import fhir_client
 
-from pfsync.sandbox.target import TargetSandbox
-from pfsync.settings import LoadSettings
-from pfsync.transform import LOGICAL_TAG
+from pfsync.core.settings import LoadSettings
+from pfsync.load.transform import LOGICAL_TAG
+from pfsync.sandbox.target.server import TargetSandbox
 
 
 class Recorder:

@@ -13,9 +13,9 @@ import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from pfsync import errors
 from pfsync.cli import app
-from pfsync.errors import ExitCode
+from pfsync.core import errors
+from pfsync.core.errors import ExitCode
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ROOT = get_command(app)
@@ -196,7 +196,7 @@ def test_help_examples_parse_with_the_cli(command: list[str]) -> None:
 
 
 def test_readme_toml_example_is_a_valid_config(tmp_path: Path) -> None:
-    from pfsync.settings import load_settings
+    from pfsync.core.settings import load_settings
 
     (toml,) = re.findall(r"```toml\n(.*?)```", README.read_text(), re.S)
     for path in sorted(set(re.findall(r'"(/run/secrets/[^"]+)"', toml))):

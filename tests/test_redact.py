@@ -8,8 +8,8 @@ import logging
 import orjson
 import pytest
 
-from pfsync.log import JsonFormatter, setup_logging
-from pfsync.redact import MASK, Secret, redact, register
+from pfsync.core.log import JsonFormatter, setup_logging
+from pfsync.core.redact import MASK, Secret, redact, register
 
 JWT = "eyJhbGciOiJSUzM4NCJ9.eyJpc3MiOiJhIn0.c2lnbmF0dXJlLXZhbHVl"
 

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from source_fixtures import export_and_wait, kickoff_headers, read_ndjson, source_token
 
-from pfsync.sandbox.source import SourceSandbox
+from pfsync.sandbox.source.server import SourceSandbox
 
 pytestmark = pytest.mark.integration
 PATIENT = "25b0b189-bc53-4025-af86-9038ee1b8d20"  # first patient of synthea-small
@@ -63,7 +63,7 @@ def test_status_polls_are_202_without_body_until_done(source: SourceSandbox) -> 
 def test_status_plain_202_has_no_progress_headers(
     source: SourceSandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pfsync.sandbox import source_export
+    from pfsync.sandbox.source import export as source_export
 
     release = __import__("threading").Event()
     real = source_export.run_job

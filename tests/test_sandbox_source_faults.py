@@ -9,7 +9,7 @@ import orjson
 import pytest
 from source_fixtures import export_and_wait, kickoff_headers, source_token
 
-from pfsync.sandbox.source import SourceSandbox
+from pfsync.sandbox.source.server import SourceSandbox
 
 pytestmark = pytest.mark.integration
 

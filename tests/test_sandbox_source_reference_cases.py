@@ -23,7 +23,7 @@ from source_fixtures import (
     source_token,
 )
 
-from pfsync.sandbox.source import SourceSandbox
+from pfsync.sandbox.source.server import SourceSandbox
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]

@@ -23,8 +23,8 @@ from source_fixtures import (
     source_token,
 )
 
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.source_auth import generate_test_keys
+from pfsync.sandbox.source.auth import generate_test_keys
+from pfsync.sandbox.source.server import SourceSandbox
 
 pytestmark = pytest.mark.integration
 TRANSCRIPTS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "transcripts" / "bulk-data-server"

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from target_fixtures import TARGET_CLIENT, TARGET_SECRET, fhir_client, target_token
 
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 
 def _token(target: TargetSandbox, **data: str) -> httpx.Response:

@@ -6,7 +6,7 @@ import uuid
 
 from target_fixtures import MRN, batch, conditional_put_entry, fhir_client, patient
 
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 
 def _statuses(bundle: dict) -> list[str]:  # type: ignore[type-arg]

@@ -8,7 +8,7 @@ import time
 import httpx
 from target_fixtures import batch, conditional_put_entry, fhir_client, patient
 
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
 

@@ -7,7 +7,7 @@ import uuid
 
 from target_fixtures import MRN, fhir_client, patient
 
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 
 def test_target_conditional_put_creates_then_noop_then_updates(target: TargetSandbox) -> None:

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from target_fixtures import batch, conditional_put_entry, fhir_client, patient
 
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 
 def test_target_fault_throttle_next_n(target: TargetSandbox) -> None:

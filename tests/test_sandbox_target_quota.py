@@ -10,7 +10,7 @@ import httpx
 import pytest
 from target_fixtures import MRN, batch, conditional_put_entry, fhir_client, patient
 
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 FHIR_RE = re.compile(r'"fhirInteractions";r=(\d+);t=(\d+)')
 

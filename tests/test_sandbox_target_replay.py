@@ -10,7 +10,7 @@ from pathlib import Path
 
 from target_fixtures import QUOTA_CLIENT, QUOTA_SECRET, TARGET_CLIENT, TARGET_SECRET
 
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TOOL = SHARED / "tools" / "replay_transcripts.py"

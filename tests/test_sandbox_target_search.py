@@ -6,7 +6,7 @@ from urllib.parse import quote
 
 from target_fixtures import MRN, batch, conditional_put_entry, fhir_client, patient
 
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 
 def _values(bundle: dict) -> set[str]:  # type: ignore[type-arg]

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 from target_fixtures import MRN, batch, conditional_put_entry, fhir_client, patient, target_token
 
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 
 def test_target_state_survives_restart(tmp_path: Path, target_factory: Callable[..., TargetSandbox]) -> None:

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from target_fixtures import fhir_client, patient
 
-from pfsync.sandbox.target import TargetSandbox
-from pfsync.sandbox.target_common import FhirError
-from pfsync.sandbox.target_validate import validate_resource
+from pfsync.sandbox.target.common import FhirError
+from pfsync.sandbox.target.server import TargetSandbox
+from pfsync.sandbox.target.validate import validate_resource
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pfsync.errors import ConfigError, ExitCode
-from pfsync.redact import Secret
-from pfsync.settings import (
+from pfsync.core.errors import ConfigError, ExitCode
+from pfsync.core.redact import Secret
+from pfsync.core.settings import (
     DEFAULT_RESOURCE_TYPES,
     SPECS,
     identifier_system,

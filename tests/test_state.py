@@ -9,8 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pfsync.errors import LockedError, StateError
-from pfsync.state import (
+from pfsync.core.errors import LockedError, StateError
+from pfsync.sync.state import (
     Holder,
     InFlight,
     LastRun,

@@ -10,11 +10,11 @@ import httpx
 import pytest
 from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 
-from pfsync.errors import LockedError, StateError
-from pfsync.lock import new_lease
-from pfsync.sandbox.target import TargetSandbox
-from pfsync.state import Holder, InFlight, SyncState
-from pfsync.state_medplum import STATE_SYSTEM, MedplumStateStore, find_seed_checkpoint
+from pfsync.core.errors import LockedError, StateError
+from pfsync.sandbox.target.server import TargetSandbox
+from pfsync.sync.lock import new_lease
+from pfsync.sync.state import Holder, InFlight, SyncState
+from pfsync.sync.state_medplum import STATE_SYSTEM, MedplumStateStore, find_seed_checkpoint
 
 ME = Holder(1, "pod-a", "2026-01-01T00:00:00.000Z")
 OTHER = Holder(2, "pod-b", "2026-01-01T00:00:00.000Z")

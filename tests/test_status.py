@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pfsync.cli import app
-from pfsync.metrics import render, write_metrics
-from pfsync.state import Holder, LastRun, LocalStateStore, SyncState, iso
-from pfsync.status import count_lines
+from pfsync.sync.metrics import render, write_metrics
+from pfsync.sync.state import Holder, LastRun, LocalStateStore, SyncState, iso
+from pfsync.sync.status import count_lines
 
 runner = CliRunner()
 
@@ -127,7 +127,7 @@ def test_metrics_render_is_valid_exposition_format() -> None:
 
 
 def test_metrics_escape_label_values(tmp_path: Path) -> None:
-    from pfsync.status import SourceStatus
+    from pfsync.sync.status import SourceStatus
 
     st = SourceStatus('we"ird\\name', True, True, (), None, None, None, None, None, None, None, None)
     write_metrics(tmp_path / "m.prom", [st])

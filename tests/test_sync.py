@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 
-from pfsync.bulk import ExportRequest
-from pfsync.errors import ConfigError, ExitCode, ExportError
-from pfsync.exportjob import LandedFile
-from pfsync.settings import Settings, SourceSettings, SyncSettings
-from pfsync.state import Holder, MemoryStateStore, SyncState
-from pfsync.sync import (
+from pfsync.core.errors import ConfigError, ExitCode, ExportError
+from pfsync.core.settings import Settings, SourceSettings, SyncSettings
+from pfsync.source.bulk import ExportRequest
+from pfsync.source.exportjob import LandedFile
+from pfsync.sync.run import (
     SEVERITY,
     parse_shard,
     select_sources,
@@ -26,6 +25,7 @@ from pfsync.sync import (
     sync_source,
     worst_exit_code,
 )
+from pfsync.sync.state import Holder, MemoryStateStore, SyncState
 
 TT1, TT2 = "2026-01-01T00:00:00.000Z", "2026-01-02T00:00:00.000Z"
 
@@ -269,7 +269,7 @@ def test_shards_partition_sources_stably(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text", ["4/4", "x/2", "1", "-1/3", "0/0"])
 def test_parse_shard_rejects_bad_values(text: str) -> None:
-    from pfsync.errors import UsageError
+    from pfsync.core.errors import UsageError
 
     with pytest.raises(UsageError):
         parse_shard(text)

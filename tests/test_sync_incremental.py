@@ -15,8 +15,8 @@ from sync_helpers import diff, snapshot, summary, sync_env
 from typer.testing import CliRunner
 
 from pfsync.cli import app
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 TYPES = ("Patient", "Condition", "Encounter", "Practitioner", "Organization")
 runner = CliRunner()

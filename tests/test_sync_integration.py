@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pfsync.cli import app
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.target import TargetSandbox
-from pfsync.state import LocalStateStore
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.target.server import TargetSandbox
+from pfsync.sync.state import LocalStateStore
 
 TYPES = "Patient,Condition,Encounter"
 PF_PATIENT = "https://practicefusion.com/fhir/patient-id"
@@ -23,7 +23,7 @@ runner = CliRunner()
 def loader_ready() -> None:
     """The loader's own modules land separately; until they import, the full-run tests are skipped."""
     try:
-        import pfsync.load  # noqa: F401
+        import pfsync.load.loader  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"loader not importable yet: {exc}")
 
@@ -90,8 +90,8 @@ def test_sync_medplum_backend_lease_refuses_second_run(
 ) -> None:
     import httpx
 
-    from pfsync.state import Holder
-    from pfsync.state_medplum import MedplumStateStore
+    from pfsync.sync.state import Holder
+    from pfsync.sync.state_medplum import MedplumStateStore
 
     store = MedplumStateStore(httpx.Client(auth=("pfsync-target", "target-secret")), target.fhir_url)
     lease = store.acquire("pf", Holder(31, "pod-elsewhere", "2026-01-01T00:00:00.000Z"))
@@ -138,8 +138,8 @@ def test_live_engines_group_members_from_patient_export(
     """PF-like Group reads carry no member list: members come from a _type=Patient group export."""
     import threading
 
-    from pfsync.settings import load_settings
-    from pfsync.sync_live import LiveEngines
+    from pfsync.core.settings import load_settings
+    from pfsync.sync.live import LiveEngines
 
     settings = load_settings(
         env=sync_env(source, target, tmp_path / "state", PFSYNC_GROUPS="bulk-data-testing-group")

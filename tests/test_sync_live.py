@@ -17,12 +17,12 @@ import orjson
 import pytest
 from sync_helpers import checkpoint, kill, run, spawn, summary, sync_env, wait_until
 
-from pfsync.errors import LockedError
-from pfsync.lock import FileLock
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.target import TargetSandbox
-from pfsync.state import Holder
-from pfsync.state_medplum import MedplumStateStore
+from pfsync.core.errors import LockedError
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.target.server import TargetSandbox
+from pfsync.sync.lock import FileLock
+from pfsync.sync.state import Holder
+from pfsync.sync.state_medplum import MedplumStateStore
 
 GROUP = "bulk-data-testing-group"
 PF_PATIENT = "https://practicefusion.com/fhir/patient-id"
@@ -91,9 +91,9 @@ def test_sync_medplum_lease_renewed_during_one_long_load(
     source: SourceSandbox, target: TargetSandbox, tmp_path: Path
 ) -> None:
     """A lease shorter than one file's load stays ours: the timer renews it while the file loads."""
-    from pfsync.settings import load_settings
-    from pfsync.sync import sync_source
-    from pfsync.sync_live import LiveEngines
+    from pfsync.core.settings import load_settings
+    from pfsync.sync.live import LiveEngines
+    from pfsync.sync.run import sync_source
 
     settings = load_settings(env=sync_env(source, target, tmp_path / "state", PF_RESOURCE_TYPES="Patient"))
     store = _medplum_store(target, lease_ttl=0.6)  # renewed every 0.2 s

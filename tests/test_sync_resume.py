@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from sync_helpers import checkpoint, diff, kill, per_type, run, snapshot, spawn, summary, sync_env, wait_until
 
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 _BASELINE: dict[str, Any] = {}
 
@@ -33,7 +33,7 @@ def die():
 
 
 if point == "first_file":  # a file landed on disk, not loaded yet
-    from pfsync.sync_live import LiveEngines
+    from pfsync.sync.live import LiveEngines
 
     original = LiveEngines.run_export
 
@@ -47,7 +47,7 @@ if point == "first_file":  # a file landed on disk, not loaded yet
 
     LiveEngines.run_export = run_export
 elif point == "first_file_loaded":  # the loader returned from its first file, the others not loaded
-    from pfsync.load import Loader
+    from pfsync.load.loader import Loader
 
     original_load = Loader.load_file
 
@@ -57,7 +57,7 @@ elif point == "first_file_loaded":  # the loader returned from its first file, t
 
     Loader.load_file = load_file
 elif point == "before_checkpoint":  # every file loaded, the final checkpoint save not yet written
-    from pfsync.state import LocalStateStore
+    from pfsync.sync.state import LocalStateStore
 
     original_save = LocalStateStore.save
 

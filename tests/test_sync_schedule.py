@@ -12,10 +12,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pfsync.errors import ExitCode
-from pfsync.lock import FileLock
-from pfsync.schedule import run_every, stop_on_signals
-from pfsync.state import Holder
+from pfsync.core.errors import ExitCode
+from pfsync.sync.lock import FileLock
+from pfsync.sync.schedule import run_every, stop_on_signals
+from pfsync.sync.state import Holder
 
 
 def test_run_every_runs_until_stopped_and_survives_failures() -> None:

@@ -1,4 +1,4 @@
-"""pfsync.transform: identity, meta, normalisation and reference rewriting of one resource."""
+"""pfsync.load.transform: identity, meta, normalisation and reference rewriting of one resource."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 import orjson
 import pytest
 
-from pfsync.settings import SourceSettings
-from pfsync.transform import (
+from pfsync.core.settings import SourceSettings
+from pfsync.load.transform import (
     HASH_TAG_SYSTEM,
     Ref,
     Target,

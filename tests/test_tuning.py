@@ -1,4 +1,4 @@
-"""Interpreter settings during a load (pfsync.tuning): applied while any Loader is open, restored after."""
+"""Interpreter settings during a load (pfsync.core.tuning): applied while any Loader is open, restored after."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pfsync import tuning
-from pfsync.load import Loader
-from pfsync.settings import LoadSettings, SourceSettings
+from pfsync.core import tuning
+from pfsync.core.settings import LoadSettings, SourceSettings
+from pfsync.load.loader import Loader
 
 
 @pytest.fixture(autouse=True)

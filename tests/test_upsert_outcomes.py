@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from pfsync.batch import (
+from pfsync.medplum.batch import (
     Entry,
     EntryResult,
     Kind,
@@ -19,7 +19,7 @@ from pfsync.batch import (
     is_too_large,
     parse_batch,
 )
-from pfsync.pacing import parse_ratelimit
+from pfsync.net.pacing import parse_ratelimit
 
 TRANSCRIPTS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "transcripts" / "medplum"
 

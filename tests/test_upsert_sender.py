@@ -13,10 +13,10 @@ import orjson
 import pytest
 from load_helpers import FakeClock
 
-from pfsync.batch import Entry, EntryResult, Kind
-from pfsync.http import RetryPolicy
-from pfsync.pacing import Concurrency, Pacer, parse_ratelimit
-from pfsync.upsert import BatchSender
+from pfsync.medplum.batch import Entry, EntryResult, Kind
+from pfsync.medplum.upsert import BatchSender
+from pfsync.net.http import RetryPolicy
+from pfsync.net.pacing import Concurrency, Pacer, parse_ratelimit
 
 
 class Handler:

@@ -16,10 +16,10 @@ from sync_helpers import PF_SYSTEM, sync_env
 from typer.testing import CliRunner
 
 from pfsync.cli import app
-from pfsync.idmap import fetched_identities
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.target import TargetSandbox
-from pfsync.transform import OWNER_TAG_SYSTEM
+from pfsync.load.idmap import fetched_identities
+from pfsync.load.transform import OWNER_TAG_SYSTEM
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 runner = CliRunner()
 

@@ -14,11 +14,11 @@ import pytest
 from conftest import FIXTURES
 from target_fixtures import fhir_client
 
-from pfsync.load import Loader
-from pfsync.medplum_auth import medplum_auth
-from pfsync.sandbox.target import TargetSandbox
-from pfsync.settings import Settings, identifier_system, load_settings
-from pfsync.verify import VerifyOptions, verify
+from pfsync.core.settings import Settings, identifier_system, load_settings
+from pfsync.load.loader import Loader
+from pfsync.medplum.auth import medplum_auth
+from pfsync.sandbox.target.server import TargetSandbox
+from pfsync.verify.verifier import VerifyOptions, verify
 
 pytestmark = pytest.mark.integration
 

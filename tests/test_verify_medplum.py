@@ -9,8 +9,8 @@ import orjson
 import pytest
 from pytest_httpx import HTTPXMock
 
-from pfsync.errors import HTTPError, TemporaryError
-from pfsync.verify_medplum import MedplumReader
+from pfsync.core.errors import HTTPError, TemporaryError
+from pfsync.verify.medplum import MedplumReader
 
 FHIR = "https://medplum.example/fhir/R4/"
 SYS = "https://practicefusion.com/fhir/patient-id"
@@ -123,7 +123,7 @@ def test_reader_quota_off_project_at_r0_is_not_throttling(httpx_mock: HTTPXMock)
 def test_reader_retries_5xx_then_raises_http_error(httpx_mock: HTTPXMock) -> None:
     url = f"{FHIR}Patient?_id=a&_count=1000&_elements=id"
     httpx_mock.add_response(url=url, status_code=503, is_reusable=True)
-    from pfsync.settings import HttpSettings
+    from pfsync.core.settings import HttpSettings
 
     r = reader(FakeClock(), http=HttpSettings(retries=2))
     with pytest.raises(HTTPError):

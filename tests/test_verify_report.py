@@ -7,11 +7,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pfsync.bulk import ExportRequest
-from pfsync.errors import UsageError
-from pfsync.exportjob import ExportDir, ExportJob
-from pfsync.verify import is_incremental, latest_export
-from pfsync.verify_report import Finding, TypeCounts, VerifyReport
+from pfsync.core.errors import UsageError
+from pfsync.source.bulk import ExportRequest
+from pfsync.source.exportjob import ExportDir, ExportJob
+from pfsync.verify.report import Finding, TypeCounts, VerifyReport
+from pfsync.verify.verifier import is_incremental, latest_export
 
 
 def make_export(path: Path, kicked_off: float, state: str = "complete", since: str | None = None) -> Path:

@@ -8,9 +8,9 @@ from typing import Any
 import orjson
 import pytest
 
-from pfsync.settings import SourceSettings
-from pfsync.transform import Target, TransformContext, prepare, render
-from pfsync.verify_scan import FoundRef, classify_reference, content_hash, references, source_ids
+from pfsync.core.settings import SourceSettings
+from pfsync.load.transform import Target, TransformContext, prepare, render
+from pfsync.verify.scan import FoundRef, classify_reference, content_hash, references, source_ids
 
 FHIR = "https://medplum.example/fhir/R4/"
 BASE = "https://medplum.example/"
@@ -92,7 +92,7 @@ def as_medplum_holds_it(body: bytes, mid: str) -> dict[str, Any]:
     ids=["patient-with-tags", "reference", "attachment"],
 )
 def test_content_hash_equals_the_loaders_render_hash(resource: dict[str, Any]) -> None:
-    # Adapter guard: if pfsync.transform changes how it hashes, this test fails first.
+    # Adapter guard: if pfsync.load.transform changes how it hashes, this test fails first.
     ctx = TransformContext(SourceSettings(name="s", base_url="https://ehr.example/fhir"))
     rendered = render(prepare(copy.deepcopy(resource), ctx), lambda ref: Target("Patient", U1), ctx)
     held = as_medplum_holds_it(rendered.body, "m1")

@@ -21,7 +21,7 @@ from pfsync.cli.common import (
     run,
     wants_json,
 )
-from pfsync.redact import redact
+from pfsync.core.redact import redact
 
 auth_app = typer.Typer(
     help="Check credentials and capabilities, and make keys for SMART Backend Services.",
@@ -61,8 +61,8 @@ def auth_test(
     """
 
     def work() -> None:
-        from pfsync.authcheck import run_auth_test
-        from pfsync.http import make_client
+        from pfsync.net.http import make_client
+        from pfsync.sync.authcheck import run_auth_test
 
         settings = build_settings(ctx)
         with make_client(settings.http) as client:
@@ -118,7 +118,7 @@ def auth_keygen(
     """
 
     def work() -> None:
-        from pfsync.keys import generate_key_pair, write_key_pair
+        from pfsync.source.keys import generate_key_pair, write_key_pair
 
         pair = generate_key_pair(alg, kid=kid)
         private_path, jwks_path = write_key_pair(pair, out)

@@ -2,7 +2,7 @@
 
 The CLI only parses, builds settings, calls the library and renders (as in sqlite-utils).
 Every expected failure ends here: a PfsyncError becomes one redacted message with a hint on
-stderr and its stable exit code (pfsync.errors); anything else is exit 1 with no traceback
+stderr and its stable exit code (pfsync.core.errors); anything else is exit 1 with no traceback
 unless -v asks for one (and even then redacted).
 """
 
@@ -25,10 +25,10 @@ import orjson
 import typer
 from rich.console import Console
 
-from pfsync.errors import ExitCode, PfsyncError, exit_code_for
-from pfsync.log import LOGGER_NAME, current_format, make_console, setup_logging
-from pfsync.redact import redact
-from pfsync.settings import SPEC_BY_KEY, Settings, load_settings
+from pfsync.core.errors import ExitCode, PfsyncError, exit_code_for
+from pfsync.core.log import LOGGER_NAME, current_format, make_console, setup_logging
+from pfsync.core.redact import redact
+from pfsync.core.settings import SPEC_BY_KEY, Settings, load_settings
 
 T = TypeVar("T")
 
@@ -139,7 +139,7 @@ def fail(exc: BaseException, verbosity: int = 0, opts: GlobalOptions | None = No
     import httpx
 
     if isinstance(exc, httpx.HTTPError):  # escaped the layer that should have handled it
-        from pfsync.http import protocol_error
+        from pfsync.net.http import protocol_error
 
         exc = protocol_error(exc)
         code = exit_code_for(exc)

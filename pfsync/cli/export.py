@@ -37,10 +37,10 @@ from pfsync.cli.common import (
     run,
     wants_json,
 )
-from pfsync.errors import UsageError
-from pfsync.events import EventSink, FanoutSink
-from pfsync.log import LogSink
-from pfsync.schedule import stop_on_signals
+from pfsync.core.errors import UsageError
+from pfsync.core.events import EventSink, FanoutSink
+from pfsync.core.log import LogSink
+from pfsync.sync.schedule import stop_on_signals
 
 
 def parse_since(value: str) -> str:
@@ -175,10 +175,10 @@ def export(
     """
 
     def go() -> None:
-        from pfsync.auth import source_auth
-        from pfsync.bulk import requests_for
-        from pfsync.export import cancel_export, run_export
-        from pfsync.http import RetryPolicy, make_client
+        from pfsync.net.http import RetryPolicy, make_client
+        from pfsync.source.auth import source_auth
+        from pfsync.source.bulk import requests_for
+        from pfsync.source.export import cancel_export, run_export
 
         if since is not None and full:
             raise UsageError("--since and --full exclude each other")
@@ -219,7 +219,7 @@ def export(
 def _refuse_or_replace_complete(dirs: list[Path], replace: bool) -> None:
     """A complete export is never returned again as if it were new (a daily export into one
     directory would stay stale forever): refuse it, or with --replace let a new export replace it."""
-    from pfsync.exportjob import JOB_FILE, ExportDir
+    from pfsync.source.exportjob import JOB_FILE, ExportDir
 
     for directory in dirs:
         if not (directory / JOB_FILE).is_file():
@@ -246,7 +246,7 @@ def _print(doc: dict[str, Any], json_out: bool, text: str) -> None:
 
 
 def _render(results: list[Any], seconds: float, json_out: bool) -> None:
-    from pfsync.export import ExportResult
+    from pfsync.source.export import ExportResult
 
     docs: list[dict[str, Any]] = []
     for r in results:

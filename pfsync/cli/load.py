@@ -35,17 +35,17 @@ from pfsync.cli.common import (
     run,
     wants_json,
 )
-from pfsync.errors import PartialLoadError, TemporaryError, UsageError
-from pfsync.events import EventSink, FanoutSink
-from pfsync.http import make_client
-from pfsync.load import Loader, LoadResult, load
-from pfsync.log import LogSink
-from pfsync.medplum_auth import medplum_auth
-from pfsync.ndjson import iter_paths, open_binary
-from pfsync.quarantine import is_wrapped
-from pfsync.schedule import stop_on_signals
-from pfsync.settings import Settings, SourceSettings, require
-from pfsync.state import QUARANTINE_FILE, source_dir
+from pfsync.core.errors import PartialLoadError, TemporaryError, UsageError
+from pfsync.core.events import EventSink, FanoutSink
+from pfsync.core.log import LogSink
+from pfsync.core.ndjson import iter_paths, open_binary
+from pfsync.core.settings import Settings, SourceSettings, require
+from pfsync.load.loader import Loader, LoadResult, load
+from pfsync.load.quarantine import is_wrapped
+from pfsync.medplum.auth import medplum_auth
+from pfsync.net.http import make_client
+from pfsync.sync.schedule import stop_on_signals
+from pfsync.sync.state import QUARANTINE_FILE, source_dir
 
 COLUMNS = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")
 
@@ -285,7 +285,7 @@ def load_command(
             )
             source_client = None
             if src.base_url and src.client_id:
-                from pfsync.auth import source_auth
+                from pfsync.source.auth import source_auth
 
                 plain = stack.enter_context(make_client(settings.http))
                 _, bearer = source_auth(src, plain, http=settings.http)

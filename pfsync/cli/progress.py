@@ -1,6 +1,6 @@
 """Live progress on a terminal: one rich line per source (export, download, load) for `pfsync sync`.
 
-Fed by the same events as the log (pfsync.events). Events other than `sync_source_*` carry no
+Fed by the same events as the log (pfsync.core.events). Events other than `sync_source_*` carry no
 source name; they belong to the source whose export id they carry (noted at its kick-off), else
 to the source whose run is on the emitting thread, else to the only source running.
 """

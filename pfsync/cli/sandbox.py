@@ -13,8 +13,8 @@ import typer
 from pfsync.cli.app import app
 from pfsync.cli.common import err_console, error_format, errors_handled
 from pfsync.cli.common import state as global_options
-from pfsync.errors import UsageError
-from pfsync.log import setup_logging
+from pfsync.core.errors import UsageError
+from pfsync.core.log import setup_logging
 
 
 @app.command("sandbox")

@@ -33,13 +33,13 @@ from pfsync.cli.common import (
     wants_json,
 )
 from pfsync.cli.progress import SyncProgress, make_progress
-from pfsync.errors import ExitCode, UnhealthyError
-from pfsync.events import EventSink, FanoutSink
-from pfsync.settings import Settings, parse_duration
-from pfsync.state import QUARANTINE_FILE
+from pfsync.core.errors import ExitCode, UnhealthyError
+from pfsync.core.events import EventSink, FanoutSink
+from pfsync.core.settings import Settings, parse_duration
+from pfsync.sync.state import QUARANTINE_FILE
 
 if TYPE_CHECKING:
-    from pfsync.sync import SourceResult
+    from pfsync.sync.run import SourceResult
 
 QUIET_EVENTS = frozenset({"download_progress", "status_progress", "load_progress", "load_file_start"})
 
@@ -90,9 +90,9 @@ def report_outcomes(ctx: typer.Context, settings: Settings, results: Sequence[So
 
 
 def _write_metrics(settings: Settings, names: list[str], path: Path) -> None:
-    from pfsync.metrics import write_metrics
-    from pfsync.status import collect_status
-    from pfsync.sync_live import open_store
+    from pfsync.sync.live import open_store
+    from pfsync.sync.metrics import write_metrics
+    from pfsync.sync.status import collect_status
 
     store, close = open_store(settings)
     try:
@@ -102,7 +102,7 @@ def _write_metrics(settings: Settings, names: list[str], path: Path) -> None:
 
 
 def _render_summary(result: object, json_out: bool) -> None:
-    from pfsync.sync import SyncResult
+    from pfsync.sync.run import SyncResult
 
     assert isinstance(result, SyncResult)
     console = out_console()
@@ -197,9 +197,9 @@ def sync(
       pfsync sync --shard $JOB_COMPLETION_INDEX/4
     """
     settings = run(ctx, lambda: build_settings(ctx))
-    from pfsync.schedule import run_every, stop_on_signals
-    from pfsync.sync import select_sources, sync_all
-    from pfsync.sync_live import live_engines, open_store
+    from pfsync.sync.live import live_engines, open_store
+    from pfsync.sync.run import select_sources, sync_all
+    from pfsync.sync.schedule import run_every, stop_on_signals
 
     sources = run(ctx, lambda: select_sources(settings, source, shard))
     names = [s.name for s in sources]
@@ -207,7 +207,7 @@ def sync(
 
     def once() -> int:
         def go() -> int:
-            from pfsync.log import LogSink
+            from pfsync.core.log import LogSink
 
             # On a terminal: one live line per source, and the log keeps only warnings and errors
             # (-v shows every event). Elsewhere every event is a log line (JSON off a terminal).
@@ -263,10 +263,10 @@ def status(
     settings = run(ctx, lambda: build_settings(ctx))
 
     def go() -> int:
-        from pfsync.metrics import write_metrics
-        from pfsync.status import collect_status
-        from pfsync.sync import select_sources
-        from pfsync.sync_live import open_store
+        from pfsync.sync.live import open_store
+        from pfsync.sync.metrics import write_metrics
+        from pfsync.sync.run import select_sources
+        from pfsync.sync.status import collect_status
 
         names = [s.name for s in select_sources(settings, source)]
         store, close = open_store(settings)

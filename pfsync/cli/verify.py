@@ -24,11 +24,11 @@ from pfsync.cli.common import (
     state,
     wants_json,
 )
-from pfsync.errors import UsageError, VerifyMismatchError
-from pfsync.verify_report import CATEGORIES, VerifyReport
+from pfsync.core.errors import UsageError, VerifyMismatchError
+from pfsync.verify.report import CATEGORIES, VerifyReport
 
 if TYPE_CHECKING:
-    from pfsync.verify import VerifyOptions
+    from pfsync.verify.verifier import VerifyOptions
 
 _COLUMNS = ("source", "medplum", "present", "missing", "duplicated", "extra", "dangling", "drift")
 
@@ -40,9 +40,9 @@ def _verify(
     source_name: str | None,
     options: VerifyOptions,
 ) -> VerifyReport:
-    from pfsync.http import make_client
-    from pfsync.medplum_auth import medplum_auth
-    from pfsync.verify import default_export, fresh_export, verify
+    from pfsync.medplum.auth import medplum_auth
+    from pfsync.net.http import make_client
+    from pfsync.verify.verifier import default_export, fresh_export, verify
 
     settings = build_settings(ctx)
     source = settings.source(source_name)
@@ -56,7 +56,7 @@ def _verify(
         dirs = fresh_export(settings, source)
     else:
         dirs = default_export(settings, source)
-    # base_url = the FHIR base: the loader keys its id map by it (pfsync.load.Loader).
+    # base_url = the FHIR base: the loader keys its id map by it (pfsync.load.loader.Loader).
     with make_client(
         settings.http, timeout=settings.http.load_timeout, base_url=settings.medplum.fhir_url
     ) as client:
@@ -150,7 +150,7 @@ def verify(
     \b
       pfsync verify --content --fix --dry-run
     """
-    from pfsync.verify import VerifyOptions
+    from pfsync.verify.verifier import VerifyOptions
 
     options = VerifyOptions(
         content=content,

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from pfsync.sandbox.source_store import FIXTURE_ORIGIN
+from pfsync.sandbox.source.store import FIXTURE_ORIGIN
 
 LOINC, SNOMED, RXNORM, CVX = "http://loinc.org", "http://snomed.info/sct", "http://www.nlm.nih.gov/research/umls/rxnorm", "http://hl7.org/fhir/sid/cvx"  # fmt: skip
 # docs/practice-fusion.md "Defaults, identifiers and politeness": identifier systems

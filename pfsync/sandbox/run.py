@@ -15,8 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pfsync.sandbox.source import SourceSandbox
-from pfsync.sandbox.target import TargetSandbox
+from pfsync.sandbox.source.server import SourceSandbox
+from pfsync.sandbox.target.server import TargetSandbox
 
 SOURCE_CLIENT_ID = "pfsync-sandbox"
 TARGET_CLIENT_ID = "pfsync-target"

@@ -1,0 +1,444 @@
+"""The loader's write path: a resource from read to written, through the pending states.
+
+Each resource is prepared (pfsync.load.transform), then waits while a reference target has no Medplum
+id yet (parked in memory while the target is coming, deferred on disk otherwise: pfsync.load.pending
+names these states and holds them; pfsync.load.references decides what a resource waits for), has its
+attachments copied (pfsync.load.attachments), is rendered with its references rewritten, and is routed
+to a request (pfsync.load.routing) that the sender sends in Bundles (pfsync.medplum.upsert). Collaborators
+answer questions and return decisions; the writer alone moves resources from state to state.
+The settle points (`settle` at the end of a file, `flush`, `finish`) take back what was deferred
+and commit the id map.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any, Literal
+
+import httpx
+import orjson
+
+from pfsync.core.events import EventSink
+from pfsync.core.ndjson import BadLine
+from pfsync.core.settings import HttpSettings, LoadSettings, SourceSettings
+from pfsync.load.attachments import Attachments
+from pfsync.load.emit import Emitter
+from pfsync.load.idmap import Held, IdMap
+from pfsync.load.pending import Key, Pending, Waiting
+from pfsync.load.quarantine import WrappedLog
+from pfsync.load.references import References
+from pfsync.load.routing import Router
+from pfsync.load.tally import Tally
+from pfsync.load.transform import TransformContext, TransformError, prepare
+from pfsync.medplum.asyncbatch import AsyncBatchRunner
+from pfsync.medplum.lookup import Searcher
+from pfsync.medplum.upsert import BatchSender
+from pfsync.net.http import Clock, RetryPolicy
+from pfsync.net.pacing import Pacer
+
+_FLUSH_ROUNDS = 20
+_FETCH_ROUNDS = 5  # rounds of fetches of missing targets at finish (each may name new ones)
+_NUDGE_EVERY = 50
+_PARK_MAX = 5000  # resources waiting in memory for targets whose writes are in flight
+
+
+class Writer:
+    """Owned by Loader; see pfsync.load.loader for the public API."""
+
+    def __init__(
+        self, source: SourceSettings, settings: LoadSettings, medplum: httpx.Client, idmap: IdMap,
+        counts: dict[str, Counter[str]], quarantine: WrappedLog, retry_queue: WrappedLog, *,
+        http: HttpSettings, clock: Clock, events: EventSink, dry_run: bool, stop: threading.Event | None,
+        source_client: httpx.Client | None, mode: str,
+    ) -> None:  # fmt: skip
+        if mode not in ("direct", "conditional"):
+            raise ValueError(f"unknown upsert mode {mode!r}")
+        self.context = TransformContext(source, normalize=settings.normalize)
+        self._idmap = idmap
+        self._events = events
+        self._dry_run = dry_run
+        self.fixes: Counter[str] = Counter()
+        self.pacer = Pacer()
+        policy = RetryPolicy.from_settings(http)
+        self._searcher = Searcher(medplum, self.pacer, clock, policy)
+        self.refs = References(
+            idmap, self.context, source_client if settings.fetch_missing_references else None,
+            clock=clock, retry=policy,
+        )  # fmt: skip
+        self._pending = Pending()
+        self._tally = Tally(counts, quarantine, retry_queue, pending=self._pending, refs=self.refs,
+                            events=events, dry_run=dry_run)  # fmt: skip
+        self._router = Router(self.context, idmap, self._searcher, pending=self._pending, refs=self.refs,
+                              tally=self._tally, events=events, mode=mode, deletes=settings.deletes,
+                              dry_run=dry_run)  # fmt: skip
+        self._sender: BatchSender | None = None
+        if not dry_run:
+            runner = None
+            if settings.async_batch:
+                runner = AsyncBatchRunner(medplum, clock, max_bytes=settings.async_max_bytes)
+            self._sender = self._router.sender = BatchSender(
+                medplum, self._router, max_bytes=settings.async_max_bytes if runner else settings.bundle_max_bytes,
+                max_entries=10 * settings.bundle_max_entries if runner else settings.bundle_max_entries,
+                max_concurrency=settings.max_concurrency, clock=clock, pacer=self.pacer, retry=policy,
+                events=events, stop=stop, async_runner=runner,
+            )  # fmt: skip
+        attachments = (
+            Attachments(medplum, source_client, idmap, settings, self.context, clock=clock, dry_run=dry_run)
+            if settings.attachments else None
+        )  # fmt: skip
+        self._emitter = Emitter(self.context, attachments, refs=self.refs, router=self._router, tally=self._tally,
+                                pacer=self.pacer, events=events)  # fmt: skip
+
+    # -- per resource
+    def quarantine_line(self, bad: BadLine) -> None:
+        self._tally.quarantine_line(bad)
+
+    def ingest(self, resource: dict[str, Any], file: str | None, line: int | None, raw: bytes) -> None:
+        """One source resource, as read."""
+        self._follow(self._take(resource, file, line, raw))
+
+    def _take(self, resource: dict[str, Any], file: str | None, line: int | None, raw: bytes,
+              *, final: bool = False, first: bool = True, fetched: bool = False) -> Due:  # fmt: skip
+        """One resource into the write path. `final`: write now even if targets lack ids (logical
+        refs); `first`: as read (not taken back from the disk hold); `fetched`: fetched by reference
+        (noted in the id map for `pfsync verify`). -> which queued fetches from the source are due
+        now (the caller fetches them: a resource taken in during a fetch never starts another)."""
+        rtype = str(resource.get("resourceType"))
+        sid = resource.get("id")
+        try:
+            p = prepare(resource, self.context)
+        except TransformError as exc:
+            self._tally.quarantine(rtype, sid if isinstance(sid, str) else None, file, line, raw, str(exc))
+            return None
+        if first and p.fixes:
+            self.fixes[p.type] += p.fixes
+        if fetched and not self._dry_run:
+            self._idmap.note_fetched(p.type, p.sid)
+        row = self._idmap.get(p.type, p.sid)
+        if row is None:
+            self._idmap.seen(p.type, p.sid)
+        if (row is None or row.mid is None) and self._router.probes_needed:
+            # Asked as soon as the type is read, not when its first resource can be written: by
+            # then it would wait behind our Bundles on the critical path of every dependent type.
+            self._router.probes.ask(p.type)
+        self._take_outcomes()
+        self._emitter.replace((p.type, p.sid))  # this newer copy replaces one being copied
+        if self._pending.parked:
+            self._pending.replace((p.type, p.sid))  # this newer copy replaces a parked one
+            self._unpark()
+        if final or self._dry_run:
+            self._emitter.emit(Waiting(p, file, line, raw))
+            return None
+        return self._wait_or_emit(Waiting(p, file, line, raw))
+
+    def _take_outcomes(self) -> None:
+        """Take in what came back meanwhile (probes, Bundles, copies) and act on it: while a file
+        of dependants is read (and parked) the targets' ids arrive and the server gets the next
+        Bundle, not only when a Bundle fills."""
+        if self._router.probes.waiting:
+            self._router.probed(block=False)  # what waits for an answered probe must not wait
+        if self._sender is not None:
+            self._sender.poll()
+            self._emitter.copied(block=False)
+            self._unpark()  # what waited for the outcomes just taken in
+
+    def _wait_or_emit(self, item: Waiting) -> Due:
+        """Written once, when its targets have ids (pfsync.load.references), not now and again later.
+        Targets that are coming come back within a Bundle or two: it is parked for them (bounded);
+        anything else waits on disk (deferred)."""
+        waits = self.refs.waits(item.p)
+        if not waits:
+            self._emitter.emit(item)
+            return None
+        if len(self._pending.parked) < _PARK_MAX and all(self._coming(k) for k in waits):
+            parked = self._pending.park(item, waits[0])
+            if parked % _NUDGE_EVERY == 1 and self._sender is not None:
+                # Targets to fetch from the source are fetched now, not when a full request's
+                # worth is queued (a Patient-level export names only a few Organizations:
+                # everything would wait behind them on disk until the end), and a partial Bundle
+                # of targets must not sit in the buffer.
+                return "nudge"
+            return None
+        self.refs.defer(item.p, item.file, item.line, item.raw, waits)
+        self._pending.settle(item.key)  # not coming any more: what is parked for it looks again
+        return "full"
+
+    def _follow(self, due: Due) -> None:
+        """Do what a resource taken in asked for (see `Due`)."""
+        if due is None or self._dry_run:
+            return
+        self._fetch_queued(full_only=due == "full")
+        if due == "nudge" and self._sender is not None:
+            self._sender.nudge()
+
+    def _fetch_queued(self, *, full_only: bool) -> bool:
+        """Fetch the queued missing targets (`full_only`: only types with a full request's worth)
+        and take them in; -> whether anything was fetched."""
+        fetched = False
+        while types := self.refs.fetch_types(full_only=full_only):
+            for rtype in types:
+                chunk = self.refs.take_chunk(rtype)
+                if chunk:
+                    self._fetch(rtype, chunk)
+                    fetched = True
+        return fetched
+
+    def _fetch(self, rtype: str, ids: list[str]) -> None:
+        """Fetch these targets from the source and take them in; those the source did not have
+        wake what waits for them (written with logical references now)."""
+        missing = set(ids)
+        self._pending.fetching = {(rtype, i) for i in ids}
+        try:
+            for resource in self.refs.fetch(rtype, ids):
+                self._tally.count(rtype, "fetched")
+                sid = resource["id"]
+                missing.discard(sid)
+                raw = orjson.dumps(resource)
+                due = self._take(resource, f"{self.context.base}/{rtype}", 0, raw, fetched=True)
+                if due == "nudge" and self._sender is not None:
+                    # The fetches it asks for are the caller's loop; a partial Bundle goes out now.
+                    self._sender.nudge()
+                self._pending.fetching.discard((rtype, sid))  # written, parked or deferred by now
+        finally:
+            self._pending.fetching = set()
+        self.refs.not_found(rtype, sorted(missing))
+        for sid in sorted(missing):
+            self._pending.settle((rtype, sid))  # will not come: what is parked for it looks again
+
+    def _coming(self, key: Key, *, parked: bool = True) -> bool:
+        """Whether this identity is coming (pfsync.load.pending): its Medplum id is on its way."""
+        if self._sender is None or not key[0]:
+            return False
+        return (
+            self._sender.holds(key)
+            or self._pending.holds(key, parked=parked)
+            or self.refs.queued(key)
+            or self._emitter.holds(key)
+        )
+
+    def _unpark(self, *, settle_all: bool = False) -> None:
+        """Look again at the parked resources that were woken: written when their targets have ids,
+        parked again while a target is still coming, else deferred (`settle_all`, at a drain: every
+        parked one is looked at, see _unpark_all). Only the woken ones are looked at: thousands can
+        be parked at the start of a first load."""
+        if self._sender is None:
+            return
+        if settle_all:
+            self._unpark_all()
+        for key, item in self._pending.woken():
+            waits = self.refs.waits(item.p, queue=False)
+            if waits and all(self._coming(k) for k in waits):
+                self._pending.wait_for(key, waits[0])
+            else:
+                self._unpark_one(item, waits)
+
+    def _unpark_all(self) -> None:
+        """At a drain: write every parked resource whose targets all have ids, keep parked those
+        whose targets are (through other parked ones) on their way in the sender, and defer the
+        rest: a parked cycle, or targets whose writes ended without an id. Parked resources that
+        wait for other parked ones stay parked: their targets are about to be written."""
+        moving: set[Key] = set()  # parked, and every target is in the sender or moving
+        parked = self._pending.parked
+        changed = True
+        while changed:
+            changed = False
+            for key, item in list(parked.items()):
+                if key in moving or key not in parked:
+                    continue
+                waits = self.refs.waits(item.p, queue=False)
+                if not waits:
+                    self._unpark_one(item, waits)
+                    changed = True
+                elif all(k in moving or self._coming(k, parked=False) for k in waits):
+                    moving.add(key)
+                    self._pending.wait_for(key, waits[0])
+                    changed = True
+        self._defer_parked(keep=moving)
+
+    def _defer_parked(self, keep: frozenset[Key] | set[Key] = frozenset()) -> None:
+        """Parked resources (but `keep`) are written if their targets have ids, else deferred."""
+        for key, item in list(self._pending.parked.items()):
+            if key not in keep:
+                self._unpark_one(item, self.refs.waits(item.p, queue=False))
+
+    def _unpark_one(self, item: Waiting, waits: list[Key]) -> None:
+        """Out of memory: written if it waits for nothing, else deferred (and what is parked for
+        it looks again)."""
+        self._pending.unpark(item.key)
+        if waits:
+            self.refs.defer(item.p, item.file, item.line, item.raw, waits)
+            self._pending.settle(item.key)
+        else:
+            self._emitter.emit(item)
+
+    def probe_ahead(self, rtype: str) -> None:
+        """Start the probe of this type now, if probes are needed at all."""
+        if self._router.probes_needed:
+            self._router.probes.ask(rtype)
+
+    def delete_request(self, doc: dict[str, Any], file: str, line: int, raw: bytes) -> None:
+        self._router.delete_request(doc, file, line, raw)
+
+    def drain(self) -> None:
+        """Until nothing is pending in memory: search what waits for a lookup, send every queued
+        entry, take in every outcome; parked resources are written or deferred."""
+        while True:
+            if self._emitter.copying and self._sender is not None:
+                self._sender.nudge()  # what is queued goes out while the copies end, not after
+            while self._emitter.copying:
+                self._emitter.copied(block=True)
+            if not self._dry_run:
+                # Parked resources may wait for targets queued for a fetch: fetch them now, so
+                # every parked one either gets written or is deferred below.
+                self._fetch_queued(full_only=False)
+            self._router.probed(block=True)
+            for rtype in self._pending.lookup_types():
+                self._router.flush_lookup(rtype)
+            self._send_all()
+            if self._pending.parked and self._drain_parked():
+                continue
+            again = self._pending.take_rechecks()
+            for entry in again:
+                self._router.route(entry)
+            if again:
+                continue
+            if not self._pending.looking_up and not self._pending.probing and not self._emitter.copying:
+                break
+        self._idmap.commit()
+
+    def _drain_parked(self) -> bool:
+        """At a drain: the parked resources are written, kept parked for targets on their way, or
+        deferred when nothing moved; -> whether anything is still pending in memory."""
+        parked = self._pending.parked
+        before = len(parked)
+        self._unpark(settle_all=True)
+        sending = self._sender is not None and self._sender.pending > 0
+        stuck = not sending and not self._pending.looking_up and not self._emitter.copying
+        if parked and stuck and len(parked) >= before:
+            self._defer_parked()  # nothing moved and nothing is on its way: defer them
+        return self._pending.looking_up or sending or bool(parked) or self._emitter.copying
+
+    def _send_all(self) -> None:
+        """Send everything queued and wait for every outcome; what the outcomes unpark (and the
+        copies that end meanwhile) join the queue as they come, not after the last outcome (every
+        level of references would otherwise wait for the whole previous level)."""
+        if self._sender is None:
+            return
+        while self._sender.step():
+            self._emitter.copied(block=False)
+            self._unpark()
+
+    def settle(self) -> None:
+        """A settle point (end of a file): fetch the missing targets queued so far, take back the
+        deferred resources whose targets have arrived, commit the id map. Bundles keep flowing."""
+        if self._router.probes.waiting:
+            self._router.probed(block=False)
+        self._emitter.copied(block=False)
+        if not self._dry_run:
+            self._fetch_queued(full_only=False)
+            self._release_ready()
+            if self._sender is not None and self._pending.parked:
+                self._sender.nudge()
+                self._unpark()
+        self._idmap.commit()
+
+    def flush(self) -> None:
+        """Everything given so far settled: written (id map committed), quarantined, retry-queued or
+        deferred (pfsync.load.loader.Loader.flush)."""
+        for _ in range(_FLUSH_ROUNDS):
+            self.drain()
+            if self._dry_run:
+                break
+            before = self._idmap.held_count("deferred")
+            fetched = self._fetch_queued(full_only=False)
+            if not (self._release_ready() or fetched):
+                break
+            if not fetched and self._idmap.held_count("deferred") >= before:
+                break
+        self.drain()
+
+    def finish(self) -> None:
+        self.drain()
+        if not self._dry_run:
+            self._finish_references()
+        self.drain()
+
+    def _release_ready(self) -> int:
+        """Write the deferred resources whose targets all have Medplum ids now; -> how many were taken."""
+        taken = 0
+        while True:
+            before = self.refs.deferred()
+            batch = self.refs.ready()
+            if not batch:
+                return taken
+            for held in batch:
+                self._reingest(held, final=False)
+            taken += len(batch)
+            if self.refs.deferred() >= before:
+                return taken  # deferred again (nothing new resolved): no progress to make here
+
+    def _finish_references(self) -> None:
+        """Everything deferred gets written (pfsync.load.references, module docstring): refreshed and
+        lost targets are fetched, missing targets are fetched and what waits for them written as
+        they arrive, then what waits only for targets outside this run is written with logical
+        references; finally remembered logical references that resolve now are upgraded."""
+        for rtype, chunk in self.refs.whole_set(self._router.probes.medplum_ids):
+            self._fetch(rtype, chunk)
+        for rtype, chunk in self.refs.lost_logical(self._router.probes.tagged_ids):
+            self._fetch(rtype, chunk)
+        rounds = 0
+        while True:
+            self.drain()
+            if rounds < _FETCH_ROUNDS:
+                self.refs.queue_missing()
+                if self._fetch_queued(full_only=False):
+                    rounds += 1
+                    continue
+            before = self.refs.deferred()
+            if not before:
+                break
+            if self._release_ready() and self.refs.deferred() < before:
+                continue
+            # Nothing more will arrive: write what waits only for targets outside this run.
+            for held in self.refs.last_resort():
+                self._reingest(held, final=True)
+        for held in self.refs.upgradable():
+            self.refs.released(held.type, held.sid)
+            self._reingest(held, final=True)
+
+    def _reingest(self, held: Held, *, final: bool) -> None:
+        """A resource taken back from the disk hold (already released from it)."""
+        resource = orjson.loads(held.raw)
+        self._follow(self._take(resource, held.file, held.line, held.raw, final=final, first=False))
+
+    # -- figures
+    def quota_used(self) -> float:
+        return self.pacer.used
+
+    def requests(self) -> int:
+        n = self._searcher.requests + self.refs.requests + self._emitter.requests
+        return n + (self._sender.stats.requests if self._sender else 0)
+
+    def throttled(self) -> int:
+        return self._sender.stats.throttled if self._sender else 0
+
+    def stats(self) -> dict[str, Any]:
+        if self._sender is None:
+            return {}
+        s = self._sender.stats
+        return {"bundles": s.bundles, "retried_entries": s.retried_entries, "conflicts": s.conflicts,
+                "splits": s.splits, "max_concurrency": s.max_slots, "statuses": {str(k): v for k, v in s.statuses.items()},
+                "write_cost": round(self.pacer.cost, 1), "held_on_disk": self.refs.held,
+                "referenced_refreshed": self.refs.refreshed}  # fmt: skip
+
+    def close(self) -> None:
+        self._router.probes.close()
+        if self._sender is not None:
+            self._sender.close()
+        self._emitter.close()
+
+
+# What a resource taken in asks of its caller (Writer._take): fetch the queued targets of every
+# type and send a partial Bundle ("nudge"), fetch the types with a full request's worth ("full").
+Due = Literal["nudge", "full"] | None

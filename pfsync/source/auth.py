@@ -1,0 +1,631 @@
+"""SMART Backend Services auth for an EHR source: discovery, client assertions, scopes, cached tokens.
+
+docs/bulk-data.md "Auth" is the checklist: the token endpoint comes from `.well-known/smart-configuration`
+(else the CapabilityStatement's oauth-uris extension, else the `source.token_url` override); the client
+authenticates with a signed JWT (`private_key_jwt`) or HTTP Basic (`client_secret_basic`); tokens are
+cached, renewed shortly before expiry, and renewed once more when a request meets a 401 mid-run.
+Each `SourceAuthenticator` owns its endpoint, audience and token: several practices never share one.
+Every token and assertion is registered with pfsync.core.redact, so no log line can show it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import httpx
+import jwt
+import orjson
+
+from pfsync.core.errors import AuthError, ConfigError, HTTPError, ProtocolError
+from pfsync.core.redact import redact, register
+from pfsync.core.settings import HttpSettings, SourceSettings, check_transport_url, require
+from pfsync.net.http import Clock, RetryPolicy, SystemClock, outcome_text, request_with_retry
+from pfsync.source.keys import SigningKey, load_signing_key
+
+log = logging.getLogger("pfsync.auth")
+
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+# docs/practice-fusion.md "Auth (system apps)": exp at most 300 s ahead; keep room for skew
+ASSERTION_LIFETIME = 240
+DEFAULT_TOKEN_LIFETIME = 300.0  # SMART Backend Services: tokens "should" live at most 5 minutes
+MAX_RENEW_MARGIN = 60.0
+OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+# Explicitly no auth: the client may carry a BearerAuth, which must never wrap a token request.
+NO_AUTH = httpx.Auth()
+Method = Literal["private_key_jwt", "client_secret_basic"]
+ScopeVersion = Literal["v1", "v2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """Where the token endpoint came from, and what the server's smart-configuration advertises."""
+
+    token_endpoint: str
+    found_in: Literal["setting", "smart-configuration", "metadata"]
+    capabilities: frozenset[str] = frozenset()
+    auth_methods: tuple[str, ...] = ()
+    signing_algs: tuple[str, ...] = ()
+    smart_configuration: bool = False
+
+
+def _get_json(client: httpx.Client, url: str, accept: str, policy: RetryPolicy, clock: Clock) -> Any:
+    response = request_with_retry(
+        lambda: client.get(url, headers={"Accept": accept}, auth=NO_AUTH),
+        method="GET",
+        url=url,
+        policy=policy,
+        clock=clock,
+    )
+    if response.status_code != 200:
+        return None
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _token_from_capability(doc: Any) -> str | None:
+    if not isinstance(doc, dict):
+        return None
+    for rest in doc.get("rest") or []:
+        for ext in ((rest or {}).get("security") or {}).get("extension") or []:
+            if isinstance(ext, dict) and ext.get("url") == OAUTH_URIS:
+                for sub in ext.get("extension") or []:
+                    if isinstance(sub, dict) and sub.get("url") == "token" and sub.get("valueUri"):
+                        return str(sub["valueUri"])
+    return None
+
+
+def capability_resource_types(doc: Any) -> frozenset[str]:
+    """rest[].resource[].type of a CapabilityStatement."""
+    if not isinstance(doc, dict) or doc.get("resourceType") != "CapabilityStatement":
+        return frozenset()
+    return frozenset(
+        str(r["type"])
+        for rest in doc.get("rest") or []
+        if isinstance(rest, dict)
+        for r in rest.get("resource") or []
+        if isinstance(r, dict) and isinstance(r.get("type"), str)
+    )
+
+
+def discover(
+    client: httpx.Client,
+    base_url: str,
+    *,
+    token_url: str | None = None,
+    policy: RetryPolicy | None = None,
+    clock: Clock | None = None,
+) -> Discovery:
+    """Find the token endpoint (docs/bulk-data.md "Auth": smart-configuration, then metadata, override wins)."""
+    policy = policy or RetryPolicy()
+    clock = clock or SystemClock()
+    base = base_url.rstrip("/")
+    try:
+        smart = _get_json(
+            client, f"{base}/.well-known/smart-configuration", "application/json", policy, clock
+        )
+    except HTTPError:
+        if token_url is None:
+            raise
+        smart = None  # with an override, the smart-configuration only tunes the scope syntax
+    except httpx.HTTPError:  # redirect loops, undecodable bodies: no smart-configuration
+        smart = None
+    smart = smart if isinstance(smart, dict) else {}
+    caps = frozenset(str(c) for c in smart.get("capabilities") or [] if isinstance(c, str))
+    extras: dict[str, Any] = {
+        "capabilities": caps,
+        "auth_methods": tuple(str(m) for m in smart.get("token_endpoint_auth_methods_supported") or []),
+        "signing_algs": tuple(
+            str(a) for a in smart.get("token_endpoint_auth_signing_alg_values_supported") or []
+        ),
+        "smart_configuration": bool(smart),
+    }
+    if token_url:
+        return Discovery(token_url, "setting", **extras)
+    if isinstance(smart.get("token_endpoint"), str) and smart["token_endpoint"]:
+        return Discovery(smart["token_endpoint"], "smart-configuration", **extras)
+    endpoint = _token_from_capability(
+        _get_json(client, f"{base}/metadata", "application/fhir+json", policy, clock)
+    )
+    if endpoint:
+        return Discovery(endpoint, "metadata", **extras)
+    raise ConfigError(
+        f"no token endpoint found for {base}: neither .well-known/smart-configuration nor the "
+        "CapabilityStatement (metadata) names one",
+        setting="source.token_url",
+        hint="check the FHIR base URL (PF_FHIR_BASE_URL), or set PFSYNC_TOKEN_URL to the token endpoint",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Scopes
+
+
+def choose_scope_version(setting: str, capabilities: Iterable[str]) -> ScopeVersion:
+    """v1 `.read` or v2 `.rs`: forced by setting, else v2 when the server advertises permission-v2."""
+    if setting in ("v1", "v2"):
+        return setting  # type: ignore[return-value]
+    return "v2" if "permission-v2" in set(capabilities) else "v1"
+
+
+def build_scopes(types: Sequence[str], version: ScopeVersion) -> tuple[str, ...]:
+    suffix = ".rs" if version == "v2" else ".read"
+    return tuple(f"system/{t}{suffix}" for t in dict.fromkeys(types))
+
+
+def _grants_read(permission: str) -> bool:
+    if permission in ("read", "*"):  # v1 (system/*.* included)
+        return True
+    # v2: any subset of "cruds" that includes r (https://hl7.org/fhir/smart-app-launch/scopes-and-launch-context.html)
+    return bool(permission) and set(permission) <= set("cruds") and "r" in permission
+
+
+def readable_types(scopes: Iterable[str]) -> frozenset[str]:
+    """Types a set of granted scopes lets a system client read; "*" for a wildcard grant."""
+    types: set[str] = set()
+    for scope in scopes:
+        context, _, rest = scope.partition("/")
+        rtype, _, permission = rest.partition(".")
+        if context == "system" and rtype and _grants_read(permission):
+            types.add(rtype)
+    return frozenset(types)
+
+
+def split_granted(granted: Iterable[str], requested: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(granted, not granted) among the requested types, honouring wildcards like system/*.read."""
+    readable = readable_types(granted)
+    ok = [t for t in requested if "*" in readable or t in readable]
+    return ok, [t for t in requested if t not in ok]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str = field(repr=False)
+    obtained_at: float
+    expires_at: float
+    scopes: frozenset[str]
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.obtained_at
+
+    def fresh(self, now: float) -> bool:
+        """Still good for a while: renew at 80% of the lifetime, at most 60 s before expiry."""
+        margin = min(MAX_RENEW_MARGIN, self.lifetime / 5)
+        return now < self.expires_at - margin
+
+
+def parse_token_response(response: httpx.Response, requested: Sequence[str], now: float, what: str) -> Token:
+    """A Token from a 200 token response (RFC 6749 5.1); AuthError when it is not one."""
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        body = None
+    value = body.get("access_token") if isinstance(body, dict) else None
+    if not isinstance(value, str) or not value:
+        raise AuthError(f"{what}: the token endpoint answered 200 without an access_token",
+                        hint="is the token URL right? It must be the OAuth token endpoint")  # fmt: skip
+    register(value)
+    assert isinstance(body, dict)
+    if "id_token" in body and isinstance(body["id_token"], str):
+        register(body["id_token"])
+    token_type = str(body.get("token_type") or "Bearer")
+    if token_type.lower() != "bearer":
+        raise AuthError(f"{what}: unsupported token_type {token_type!r} (expected Bearer)")
+    try:
+        lifetime = float(body.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+    except (TypeError, ValueError):
+        lifetime = DEFAULT_TOKEN_LIFETIME
+    scope = body.get("scope")
+    # RFC 6749 5.1: the server may omit `scope` when it granted exactly what was asked.
+    scopes = frozenset(scope.split()) if isinstance(scope, str) else frozenset(requested)
+    return Token(value=value, obtained_at=now, expires_at=now + max(lifetime, 1.0), scopes=scopes)
+
+
+def token_failure_hint(status: int, error: str, description: str, method: str) -> str:
+    """What a refused token request most likely means, from the OAuth error and its text."""
+    text = f"{error} {description}".lower()
+    if error == "invalid_client" or (status == 401 and not error):
+        if method == "client_secret_basic":
+            return "wrong client id or secret (PF_CLIENT_ID / PF_CLIENT_SECRET)"
+        return ("wrong client id (PF_CLIENT_ID), or the app (its JWKS) is not registered with / authorised "
+                "by this practice")  # fmt: skip
+    if error == "invalid_scope":
+        return ("scope not authorised: ask the practice admin to authorise the app for these resource "
+                "types, or narrow PF_RESOURCE_TYPES")  # fmt: skip
+    if "registration" in text:
+        # docs/bulk-data.md: "Registration token expired" is about the client's registration, not the clock.
+        return ("the client registration has expired or is no longer valid: register the app again with "
+                "the EHR and configure the new client id (PF_CLIENT_ID)")  # fmt: skip
+    if "jti" in text:
+        return ("the server refused the assertion's jti: pfsync sends a fresh random jti on every request, "
+                "so the server or the app's registration refuses it; check the registration with the EHR")  # fmt: skip
+    if "jwt expired" in text:
+        return ("clock skew: the assertion had expired by the server's clock; sync this machine's clock "
+                "(NTP)")  # fmt: skip
+    if "kid" in text or "public key" in text or "jwks" in text:
+        return ("the public key is not registered with the EHR, or PF_KEY_ID (kid) does not match a kid "
+                "in the registered JWKS")  # fmt: skip
+    if "signature" in text or "verify" in text:
+        return "the private key does not match the registered public key (wrong key file or stale JWKS)"
+    if any(word in text for word in ("expired", "'exp'", " exp ", "iat", "nbf", "clock", "future")):
+        return ("clock skew: the assertion's exp must be at most 300 s ahead by the server's clock; "
+                "sync this machine's clock (NTP)")  # fmt: skip
+    if "aud" in text:
+        return "the assertion's aud must equal the token endpoint: set PFSYNC_TOKEN_URL to the exact URL"
+    if "scope" in text:
+        return ("scope not authorised: ask the practice admin to authorise the app for these resource "
+                "types, or narrow PF_RESOURCE_TYPES")  # fmt: skip
+    if "grant_type" in text or error == "unsupported_grant_type":
+        return "the server does not accept grant_type=client_credentials for this client"
+    if method == "client_secret_basic" and (status == 401 or "client" in text or "secret" in text):
+        return "wrong client id or secret (PF_CLIENT_ID / PF_CLIENT_SECRET)"
+    if status == 401 or "client" in text:
+        return ("wrong client id (PF_CLIENT_ID), or the app is not registered with / authorised by this "
+                "practice")  # fmt: skip
+    if status == 403:
+        return "the app is not enabled for this practice: ask the practice admin to authorise it"
+    if status in (404, 405):
+        return "this URL is not a token endpoint: check PF_FHIR_BASE_URL or PFSYNC_TOKEN_URL"
+    return "check the client id, the registered key or secret, and the requested scopes"
+
+
+def token_error(response: httpx.Response, what: str, method: str) -> AuthError:
+    """AuthError for a refused token request, carrying the OAuth error text and a hint."""
+    error, description = "", ""
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict):
+        error, description = str(body.get("error") or ""), str(body.get("error_description") or "")
+    text = outcome_text(response) or (f"{error}: {description}" if error else "")
+    message = f"{what}: token request refused with HTTP {response.status_code}" + (
+        f": {text}" if text else ""
+    )
+    return AuthError(
+        redact(message), hint=token_failure_hint(response.status_code, error, description, method)
+    )
+
+
+def token_request(
+    send: Callable[[], httpx.Response], what: str, endpoint: str, policy: RetryPolicy, clock: Clock
+) -> httpx.Response:
+    """A token POST through the one retry path: 429 (an auth rate limit) and 5xx waited out; a
+    redirect is never followed (the form carries the credentials: pfsync.net.http.RequestGuard) and
+    is an auth failure naming where it pointed."""
+    try:
+        return request_with_retry(send, method="POST", url=endpoint, policy=policy, clock=clock)
+    except ProtocolError as exc:
+        raise AuthError(f"{what}: token request refused: {exc.message}",
+                        hint="set the token URL to the final endpoint (PFSYNC_TOKEN_URL, or MEDPLUM_BASE_URL "
+                        "for Medplum); credentials are never re-sent to a redirect's target") from None  # fmt: skip
+
+
+_current_run = 0
+_run_lock = threading.Lock()
+
+
+def begin_run() -> None:
+    """Start a new run (one `pfsync sync` invocation, or one cycle of `--every`): the next `prove()`
+    of every token cache requests a fresh token, so each run proves its credentials once even
+    when the process keeps one shared token between runs."""
+    global _current_run
+    with _run_lock:
+        _current_run += 1
+
+
+class TokenProvider(Protocol):
+    def token(self, *, force: bool = False) -> str: ...
+    def prove(self) -> str: ...
+    def invalidate(self, token: str) -> None: ...
+
+
+class CachedToken:
+    """The token cache both authenticators share: reuse until shortly before expiry, renew under a
+    lock so parallel downloads fetch one token, and forget only the token a server refused.
+    Subclasses set `_clock` and implement `_fetch()`."""
+
+    _clock: Clock
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._token: Token | None = None
+        self.last_token: Token | None = None
+        self.token_requests = 0
+        self._proven_run = -1
+
+    def _fetch(self) -> Token:
+        raise NotImplementedError
+
+    def prove(self) -> str:
+        """The token, requested anew the first time in each run (`begin_run`): a revoked secret
+        fails the run even while a cached token would still be accepted; shared after that."""
+        with self._lock:
+            if self._proven_run != _current_run:
+                token = self.token(force=True)
+                self._proven_run = _current_run
+                return token
+            return self.token()
+
+    def token(self, *, force: bool = False) -> str:
+        """A valid access token: the cached one unless it is about to expire (or `force`)."""
+        with self._lock:
+            current = self._token
+            if current is not None and not force and current.fresh(self._clock.now()):
+                return current.value
+            self._token = self._fetch()
+            self.last_token = self._token
+            return self._token.value
+
+    def invalidate(self, token: str) -> None:
+        """Forget `token` (a server refused it); a newer token fetched by another thread is kept."""
+        with self._lock:
+            if self._token is not None and self._token.value == token:
+                self._token = None
+
+
+def resolve_method(source: SourceSettings) -> Method:
+    """The client authentication method from what is configured (docs/bulk-data.md: both supported)."""
+    where = f"source {source.name!r}"
+    require(source.client_id, "source.client_id", where)
+    method = source.auth_method
+    if method == "auto":
+        if source.private_key and source.client_secret:
+            raise ConfigError(f"{where}: both a client secret and a private key are configured",
+                              setting="source.auth_method",
+                              hint="choose one with PFSYNC_AUTH_METHOD=private_key_jwt or client_secret_basic")  # fmt: skip
+        if source.private_key:
+            return "private_key_jwt"
+        if source.client_secret:
+            return "client_secret_basic"
+        raise ConfigError(f"{where} has no credentials: neither a private key nor a client secret",
+                          setting="source.private_key",
+                          hint="set PF_PRIVATE_KEY (and PF_KEY_ID) for private_key_jwt, or PF_CLIENT_SECRET")  # fmt: skip
+    if method == "private_key_jwt":
+        require(source.private_key, "source.private_key", f"{where} with private_key_jwt")
+    else:
+        require(source.client_secret, "source.client_secret", f"{where} with client_secret_basic")
+    return method
+
+
+class SourceAuthenticator(CachedToken):
+    """Tokens for one source: discovery on first use, cached, renewed before expiry; thread-safe."""
+
+    def __init__(
+        self,
+        source: SourceSettings,
+        client: httpx.Client,
+        *,
+        http: HttpSettings | None = None,
+        clock: Clock | None = None,
+        negotiate: bool = True,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self._client = client
+        self._http = http or HttpSettings()
+        self._clock = clock or SystemClock()
+        self._policy = RetryPolicy.from_settings(self._http)
+        self.method: Method = resolve_method(source)
+        self.client_id: str = str(source.client_id)
+        self.signing_key: SigningKey | None = None
+        if self.method == "private_key_jwt":
+            assert source.private_key is not None
+            self.signing_key = load_signing_key(source.private_key.reveal(), key_id=source.key_id)
+        self._discovery: Discovery | None = None
+        # The types requested in the scope: the configured ones, plus Group for a system-level
+        # export (it is part of the system's data), minus the types the server says it does not
+        # have (`negotiate`, off with export.strict_scopes: then such a refusal stays fatal).
+        self.types: list[str] = list(dict.fromkeys(source.resource_types))
+        if source.export_level == "system" and "Group" not in self.types:
+            self.types.append("Group")
+        self.unsupported_types: list[str] = []
+        self.negotiate = negotiate
+        self._capability_types: frozenset[str] | None = None
+        self._told = False
+
+    # -- discovery and scopes
+    @property
+    def discovery(self) -> Discovery:
+        with self._lock:
+            if self._discovery is None:
+                found = discover(self._client, self.source.base_url, token_url=self.source.token_url,
+                                 policy=self._policy, clock=self._clock)  # fmt: skip
+                check_transport_url(found.token_endpoint, f"source {self.source.name!r} token endpoint",
+                                    self._http.allow_insecure_http)  # fmt: skip
+                self._discovery = found
+            return self._discovery
+
+    @property
+    def token_endpoint(self) -> str:
+        return self.discovery.token_endpoint
+
+    @property
+    def scope_version(self) -> ScopeVersion:
+        caps = self.discovery.capabilities if self.source.scope_version == "auto" else ()
+        return choose_scope_version(self.source.scope_version, caps)
+
+    @property
+    def requested_scopes(self) -> tuple[str, ...]:
+        return build_scopes(self.types, self.scope_version)
+
+    @property
+    def granted_scopes(self) -> frozenset[str]:
+        """Scopes of the latest token (empty before the first one)."""
+        token = self.last_token
+        return token.scopes if token else frozenset()
+
+    def granted_types(self, requested: Sequence[str]) -> tuple[list[str], list[str]]:
+        """(granted, not granted) among `requested` types and the ones added to the scope (Group at
+        system level), from the latest token's scope."""
+        return split_granted(self.granted_scopes, list(dict.fromkeys([*requested, *self.types])))
+
+    # -- tokens
+    def client_assertion(self, audience: str | None = None) -> str:
+        """A freshly signed client assertion JWT (docs/bulk-data.md "Auth": header and claims)."""
+        key = self.signing_key
+        if key is None:
+            raise ConfigError(f"source {self.source.name!r} has no private key for private_key_jwt",
+                              setting="source.private_key")  # fmt: skip
+        now = int(self._clock.now())
+        claims = {"iss": self.client_id, "sub": self.client_id, "aud": audience or self.token_endpoint,
+                  "exp": now + ASSERTION_LIFETIME, "jti": uuid.uuid4().hex}  # fmt: skip
+        headers: dict[str, Any] = {"typ": "JWT", "kid": key.kid}
+        if self.source.jku:
+            headers["jku"] = self.source.jku
+        assertion = jwt.encode(claims, key.key, algorithm=key.alg, headers=headers)
+        register(assertion)
+        return assertion
+
+    def _fetch(self) -> Token:
+        what = f"source {self.source.name!r}"
+        while True:
+            scopes = self.requested_scopes
+            started = self._clock.now()
+            response = self._request_token(scopes)
+            if response.status_code == 200:
+                break
+            dropped = self._unsupported(response) if self.negotiate else []
+            if not dropped:
+                raise token_error(response, what, self.method)
+            self.types = [t for t in self.types if t not in dropped]
+            self.unsupported_types += dropped
+            log.info(
+                "source %s refused the scope of %s: asking again without",
+                self.source.name,
+                ", ".join(dropped),
+            )
+        if self.unsupported_types and not self._told:
+            self._told = True
+            log.warning(
+                "source %s does not have %s: not requested (PFSYNC_STRICT_SCOPES=true refuses instead)",
+                self.source.name, ", ".join(self.unsupported_types),
+            )  # fmt: skip
+        token = parse_token_response(response, scopes, started, what)
+        granted, missing = split_granted(token.scopes, self.source.resource_types)
+        log.info(
+            "auth_token source=%s expires_in=%ds granted_types=%d missing=%s",
+            self.source.name, int(token.lifetime), len(granted), ",".join(missing) or "none",
+        )  # fmt: skip
+        return token
+
+    def _request_token(self, scopes: Sequence[str]) -> httpx.Response:
+        endpoint = self.token_endpoint
+
+        def send() -> httpx.Response:
+            self.token_requests += 1
+            form = {"grant_type": "client_credentials", "scope": " ".join(scopes)}
+            auth: httpx.Auth = NO_AUTH
+            if self.method == "private_key_jwt":
+                # A fresh assertion per attempt: a retried jti would be refused as a replay.
+                form["client_assertion_type"] = JWT_BEARER
+                form["client_assertion"] = self.client_assertion(endpoint)
+            else:
+                assert self.source.client_secret is not None
+                auth = httpx.BasicAuth(self.client_id, self.source.client_secret.reveal())
+            return self._client.post(endpoint, data=form, auth=auth, headers={"Accept": "application/json"})
+
+        return token_request(send, f"source {self.source.name!r}", endpoint, self._policy, self._clock)
+
+    def _unsupported(self, response: httpx.Response) -> list[str]:
+        """The requested types a 400 `invalid_scope` refuses because the server does not have them:
+        those its text names (the SMART reference server: 'Resources of type "X" do not exist on
+        this server'), else those its CapabilityStatement does not list. Empty: not that kind of
+        refusal, or nothing would be left to request."""
+        try:
+            body = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            return []
+        if response.status_code != 400 or not isinstance(body, dict) or body.get("error") != "invalid_scope":
+            return []
+        text = str(body.get("error_description") or "")
+        named = [t for t in self.types if re.search(rf"(?<![A-Za-z]){re.escape(t)}(?![A-Za-z])", text)]
+        if not named:
+            listed = self.capability_types()
+            named = [t for t in self.types if listed and t not in listed]
+        return named if len(named) < len(self.types) else []
+
+    def capability_types(self) -> frozenset[str]:
+        """The resource types the source's CapabilityStatement lists (empty when it lists none).
+        Only a hint: the SMART reference server leaves out types it does export (docs/bulk-data.md, recorded case 02)."""
+        if self._capability_types is None:
+            doc = None
+            with contextlib.suppress(HTTPError, httpx.HTTPError):
+                doc = _get_json(self._client, f"{self.source.base_url.rstrip('/')}/metadata",
+                                "application/fhir+json", self._policy, self._clock)  # fmt: skip
+            self._capability_types = capability_resource_types(doc)
+        return self._capability_types
+
+
+# ---------------------------------------------------------------------------------------------
+# httpx integration
+
+
+def origin_of(url: str | httpx.URL) -> str:
+    """scheme://host:port with the default port filled in (so https://h and https://h:443 match)."""
+    u = httpx.URL(url) if isinstance(url, str) else url
+    port = u.port or {"http": 80, "https": 443}.get(u.scheme, 0)
+    return f"{u.scheme}://{u.host}:{port}".lower()
+
+
+class BearerAuth(httpx.Auth):
+    """Bearer token on requests to the allowed origins only; one renewal and retry on a 401.
+
+    docs/bulk-data.md "Download": never send the token to foreign storage origins. httpx replays the same
+    request after a 401 (request bodies must be bytes, not one-shot streams); for streamed
+    responses the 401 is read and closed and the retried response is handed back unread.
+    """
+
+    def __init__(self, provider: TokenProvider, *, origins: Iterable[str]) -> None:
+        self.provider = provider
+        self.origins = frozenset(origin_of(o) for o in origins)
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if origin_of(request.url) not in self.origins:
+            yield request
+            return
+        token = self.provider.token()
+        request.headers["Authorization"] = f"Bearer {token}"
+        response = yield request
+        if response.status_code != 401:
+            return
+        log.info("auth_retry a request to %s got 401: renewing the token once", origin_of(request.url))
+        self.provider.invalidate(token)
+        request.headers["Authorization"] = f"Bearer {self.provider.token()}"
+        yield request
+
+
+def source_auth(
+    source: SourceSettings,
+    client: httpx.Client,
+    *,
+    http: HttpSettings | None = None,
+    clock: Clock | None = None,
+    extra_origins: Iterable[str] = (),
+    negotiate: bool = True,
+) -> tuple[SourceAuthenticator, BearerAuth]:
+    """The authenticator of a source and the httpx.Auth that applies it to the source's own origins.
+    `negotiate`: drop requested types the server does not have (pass not export.strict_scopes)."""
+    authenticator = SourceAuthenticator(source, client, http=http, clock=clock, negotiate=negotiate)
+    origins = [source.base_url, *source.download_allowlist, *extra_origins]
+    allow_http = (http or HttpSettings()).allow_insecure_http
+    for origin in origins[1:]:  # the token must not travel in clear text to an extra origin either
+        check_transport_url(origin, f"source {source.name!r} download allowlist", allow_http)
+    return authenticator, BearerAuth(authenticator, origins=origins)

@@ -1,0 +1,180 @@
+"""The real engines behind `pfsync sync`: HTTP clients, source and Medplum auth, export, loader, state store.
+
+pfsync.sync.run orchestrates against the small `Engines` protocol; this module wires the real pieces
+(pfsync.source.export.run_export, pfsync.load.loader.Loader, pfsync.source.auth, pfsync.medplum.auth) for one source.
+Each source gets its own clients and token (its own audience: docs/practice-fusion.md "Servers").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from pfsync.core.errors import AuthError
+from pfsync.core.events import EventSink, NullSink
+from pfsync.core.ndjson import Record, iter_file
+from pfsync.core.settings import Settings, SourceSettings
+from pfsync.net.http import Clock, RetryPolicy, SystemClock, json_object, make_client, request_with_retry
+from pfsync.source.bulk import ExportRequest
+from pfsync.source.exportjob import LandedFile
+from pfsync.sync.run import LoaderLike
+from pfsync.sync.state import LocalStateStore, StateStore
+from pfsync.sync.state_medplum import MedplumStateStore, find_seed_checkpoint
+
+
+def open_store(settings: Settings, *, clock: Clock | None = None) -> tuple[StateStore, Callable[[], None]]:
+    """The configured state backend and a function that closes what it opened."""
+    if settings.state_backend == "local":
+        return LocalStateStore(settings.state_dir), lambda: None
+    from pfsync.medplum.auth import medplum_auth
+
+    client = make_client(settings.http)
+    client.auth = medplum_auth(settings.medplum, clock=clock, http=settings.http)  # the process's token
+    store = MedplumStateStore(client, settings.medplum.fhir_url, clock=clock,
+                              policy=RetryPolicy.from_settings(settings.http))  # fmt: skip
+    return store, client.close
+
+
+class LiveEngines:
+    """Engines for one source over real HTTP."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        source: SourceSettings,
+        stop: threading.Event,
+        *,
+        clock: Clock | None = None,
+        events: EventSink | None = None,
+        dry_run: bool = False,
+    ) -> None:
+        from pfsync.medplum.auth import medplum_auth
+        from pfsync.source.auth import source_auth
+
+        self.settings, self.source, self.stop = settings, source, stop
+        self.clock = clock or SystemClock()
+        self.events = events or NullSink()
+        self.dry_run = dry_run
+        self.policy = RetryPolicy.from_settings(settings.http)
+        self.source_client = make_client(settings.http)
+        self.authenticator, self.source_auth = source_auth(source, self.source_client, http=settings.http,
+                                                           clock=self.clock,
+                                                           negotiate=not settings.export.strict_scopes)  # fmt: skip
+        # The loader fetches missing references and attachments from the source with this client;
+        # a separate one so the authenticator's own token requests never pass through BearerAuth.
+        self.source_fetch_client = make_client(settings.http, auth=self.source_auth)
+        self.medplum_client = make_client(
+            settings.http, timeout=settings.http.load_timeout, base_url=settings.medplum.fhir_url
+        )  # pfsync.load.loader: base_url required
+        # One Medplum token for the whole process, shared by every source (medplum_auth).
+        self.medplum_client.auth = medplum_auth(settings.medplum, clock=clock, http=settings.http)
+        self._granted: list[str] | None = None
+
+    def prove_credentials(self) -> None:
+        """One token request to the source and one to Medplum on every run, even when nothing
+        changed: a wrong or revoked secret must fail the run (exit 4, status unhealthy), not hide
+        until there is something to load. The tokens are the ones the run then uses. With
+        medplum.auth = basic there is no token: one `_summary=count` search proves the secret."""
+        from pfsync.source.auth import BearerAuth
+
+        self._granted_types()
+        auth = self.medplum_client.auth
+        if isinstance(auth, BearerAuth):
+            auth.provider.prove()
+            return
+        url = "Patient"
+        resp = request_with_retry(
+            lambda: self.medplum_client.get(url, params={"_summary": "count"}, headers={"Accept": "application/fhir+json"}),
+            method="GET", url=url, policy=self.policy, clock=self.clock,
+        )  # fmt: skip
+        if resp.status_code in (401, 403):
+            raise AuthError(
+                f"Medplum refused the client credentials (HTTP {resp.status_code})",
+                hint="check MEDPLUM_CLIENT_ID / MEDPLUM_CLIENT_SECRET (`pfsync auth test` shows more)",
+            )
+
+    def _granted_types(self) -> list[str]:
+        if self._granted is None:
+            self.authenticator.token()
+            self._granted = list(self.authenticator.granted_types(self.source.resource_types)[0])
+        return self._granted
+
+    def run_export(
+        self, request: ExportRequest, out_dir: Path, on_file: Callable[[LandedFile], None]
+    ) -> str | None:
+        from pfsync.source.export import run_export
+
+        result = run_export(self.source, self.settings.export, self.source_client, self.source_auth,
+                            out_dir=out_dir, request=request, clock=self.clock, events=self.events,
+                            on_file=on_file, stop=self.stop, granted_types=self._granted_types(),
+                            policy=self.policy)  # fmt: skip
+        return result.transaction_time
+
+    @contextlib.contextmanager
+    def _loader(self) -> Iterator[LoaderLike]:
+        from pfsync.load.loader import Loader
+
+        with Loader(self.source, self.settings.load, self.medplum_client, state_dir=self.settings.state_dir,
+                    source_client=self.source_fetch_client, http=self.settings.http, clock=self.clock,
+                    events=self.events, dry_run=self.dry_run, stop=self.stop) as loader:  # fmt: skip
+            yield loader
+
+    def loader(self) -> AbstractContextManager[LoaderLike]:
+        return self._loader()
+
+    def group_members(self, group_id: str, scratch: Path) -> frozenset[str]:
+        """Patient ids in the group: `Group/{id}` members if the server lists them, else the ids of a
+        `_type=Patient` export of the group without `_since` (Practice Fusion's Group reads carry a
+        `quantity` but no `member`: docs/bulk-data.md, recorded case 23)."""
+        url = f"{self.source.base_url}/Group/{group_id}"
+        resp = request_with_retry(
+            lambda: self.source_client.get(url, auth=self.source_auth, headers={"Accept": "application/fhir+json"}),
+            method="GET", url=url, policy=self.policy, clock=self.clock,
+        )  # fmt: skip
+        if resp.status_code == 200:
+            body: Any = json_object(resp, f"reading Group/{group_id}")
+            members = body.get("member") if isinstance(body, dict) else None
+            if isinstance(members, list) and members:
+                return frozenset(
+                    str(m["entity"]["reference"]).rsplit("/", 1)[-1]
+                    for m in members
+                    if isinstance(m, dict)
+                    and isinstance(m.get("entity"), dict)
+                    and m["entity"].get("reference")
+                )
+        ids: set[str] = set()
+
+        def collect(landed: LandedFile) -> None:
+            if landed.kind == "output" and landed.type == "Patient":
+                for item in iter_file(landed.path):
+                    if isinstance(item, Record) and item.resource.get("resourceType") == "Patient":
+                        ids.add(str(item.resource.get("id")))
+
+        request = ExportRequest(level="group", group_id=group_id, types=("Patient",),
+                                method=self.settings.export.kickoff_method)  # fmt: skip
+        self.run_export(request, scratch, collect)
+        return frozenset(ids)
+
+    def seed_checkpoint(self) -> str | None:
+        return find_seed_checkpoint(self.medplum_client, self.settings.medplum.fhir_url, clock=self.clock,
+                                    policy=self.policy)  # fmt: skip
+
+    def close(self) -> None:
+        for client in (self.source_client, self.source_fetch_client, self.medplum_client):
+            with contextlib.suppress(Exception):
+                client.close()
+
+
+def live_engines(settings: Settings, *, clock: Clock | None = None, events: EventSink | None = None,
+                 dry_run: bool = False) -> Callable[[SourceSettings, threading.Event], LiveEngines]:  # fmt: skip
+    def make(source: SourceSettings, stop: threading.Event) -> LiveEngines:
+        return LiveEngines(settings, source, stop, clock=clock, events=events, dry_run=dry_run)
+
+    return make
+
+
+__all__ = ["LiveEngines", "live_engines", "open_store"]

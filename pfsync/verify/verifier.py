@@ -1,0 +1,451 @@
+"""`pfsync verify`: prove that Medplum matches a source export (present, missing, duplicated, extra,
+dangling references, content drift), and with `--fix` repair what can be repaired.
+
+    report = verify(settings, source, medplum_client, [export_dir], VerifyOptions(content=True))
+
+How, in quota points (docs/medplum.md "Quotas and 429"): the source export is read from disk into an
+on-disk scratch table (memory stays flat); Medplum is listed type by type with one paged search on
+our identifier system (1,000 resources per 20-point search, full bodies so references and content
+can be checked); only what the pages did not show is confirmed with batched identifier searches,
+and only reference targets we did not see are checked with batched `_id` searches.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pfsync.core.errors import HTTPError, UsageError
+from pfsync.core.events import EventSink, NullSink
+from pfsync.core.ndjson import Record, iter_file, iter_paths
+from pfsync.core.settings import Settings, SourceSettings, identifier_system
+from pfsync.load.idmap import fetched_identities
+from pfsync.load.transform import (
+    Ref,
+    Target,
+    TransformContext,
+    TransformError,
+    owned,
+    prepare,
+    render,
+    resource_hash_from_meta,
+)
+from pfsync.net.http import Clock, SystemClock
+from pfsync.source.exportjob import JOB_FILE, MANIFEST_FILE, ExportDir
+from pfsync.verify.medplum import MedplumReader
+from pfsync.verify.report import CATEGORIES, Category, Finding, TypeCounts, VerifyReport
+from pfsync.verify.scan import content_hash, references, source_ids
+from pfsync.verify.store import Scratch
+
+log = logging.getLogger("pfsync.verify")
+
+CONFIRM_MAX = 10_000  # missing identities re-checked by identifier search (20 points per 100)
+_COMMIT_EVERY = 5_000
+_NOT_RESOURCES = ("deleted.", "error.")  # export files that hold no source resources
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What `pfsync verify` checks and repairs."""
+
+    content: bool = False
+    fix: bool = False
+    fix_extras: bool = False
+    dry_run: bool = False
+    limit: int | None = None  # findings kept per category (None: all, for --json)
+    page_size: int = 1000
+
+
+def _finished(path: Path) -> float | None:
+    """When this export directory's job was kicked off, if it finished (else None)."""
+    if not (path / MANIFEST_FILE).is_file() or path.name.startswith("members-"):
+        return None  # members-*: sync's Patient-only group membership exports
+    job = ExportDir(path).load_job() if (path / JOB_FILE).is_file() else None
+    if job is not None and job.state not in ("downloaded", "complete"):
+        return None  # still running, failed or cancelled: its files are not the whole export
+    return job.kicked_off_at if job is not None else (path / MANIFEST_FILE).stat().st_mtime
+
+
+def latest_export(state_dir: Path, source: str) -> list[Path]:
+    """The newest finished export under `{state_dir}/{source}/exports/`: either one export directory
+    (`pfsync export`) or one sync run directory holding an export per request (`run-*/<fingerprint>/`,
+    pfsync.sync.run); a run's directories are returned together (one per group)."""
+    best = _newest(state_dir / source / "exports")
+    if best is None:
+        raise UsageError(
+            f"no finished export under {state_dir / source / 'exports'}",
+            hint="run `pfsync export` first, or give a directory with --from DIR, or use --export",
+        )
+    return best[1]
+
+
+def _newest(root: Path) -> tuple[float, list[Path]] | None:
+    best: tuple[float, list[Path]] | None = None
+    for path in sorted(root.iterdir()) if root.is_dir() else ():
+        if not path.is_dir():
+            continue
+        dirs = [path] if (path / MANIFEST_FILE).is_file() else sorted(p for p in path.iterdir() if p.is_dir())
+        times = [(t, d) for d in dirs if (t := _finished(d)) is not None]
+        if times and (best is None or max(t for t, _ in times) > best[0]):
+            best = (max(t for t, _ in times), [d for _, d in times])
+    return best
+
+
+def default_export(
+    settings: Settings, source: SourceSettings, *, clock: Clock | None = None, events: EventSink | None = None
+) -> list[Path]:
+    """What a bare `pfsync verify` compares against.
+
+    `pfsync sync` deletes its exports once loaded, and they are incremental anyway. So: the newest
+    finished export under the state directory, if it is newer than the last successful sync (an
+    older one no longer describes the source: what the sync loaded since would show as extras);
+    else a fresh full export, kept for the next verify (older `verify-*` exports are removed)."""
+    root = settings.state_dir / source.name / "exports"
+    best = _newest(root)
+    synced: float | None = None
+    if settings.state_backend == "local":
+        from pfsync.sync.state import LocalStateStore, parse_iso
+
+        last = LocalStateStore(settings.state_dir).load(source.name).last_success
+        synced = parse_iso(last) if last else None
+    if best is not None and (synced is None or best[0] >= synced):
+        return best[1]
+    (events or NullSink()).emit("verify_fresh_export", source=source.name,
+                                reason="no export newer than the last sync" if best else "no finished export")  # fmt: skip
+    dirs = fresh_export(settings, source, clock=clock, events=events)
+    keep = {d.parent for d in dirs}
+    for old in sorted(root.glob("verify-*")):
+        if old.is_dir() and old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+    return dirs
+
+
+def is_incremental(export_dir: Path) -> bool:
+    """An export with `_since` lists only what changed: absence from it does not mean deleted."""
+    if (export_dir / JOB_FILE).is_file():
+        job = ExportDir(export_dir).load_job()
+        if job is not None:
+            return job.request.since is not None
+    if (export_dir / MANIFEST_FILE).is_file():
+        return "_since=" in ExportDir(export_dir).manifest.request
+    return False
+
+
+def fresh_export(
+    settings: Settings, source: SourceSettings, *, clock: Clock | None = None, events: EventSink | None = None
+) -> list[Path]:
+    """`--export`: a full export now (the export engineer's run_export), one directory per request."""
+    from pfsync.net.http import RetryPolicy, make_client
+    from pfsync.source.auth import source_auth
+    from pfsync.source.bulk import requests_for
+    from pfsync.source.export import run_export
+
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    # Unique per run: two verifies within one second must not resume each other's export.
+    root = settings.state_dir / source.name / "exports" / f"verify-{stamp}-{uuid.uuid4().hex[:6]}"
+    out: list[Path] = []
+    with make_client(settings.http) as client:
+        authenticator, auth = source_auth(
+            source, client, http=settings.http, clock=clock, negotiate=not settings.export.strict_scopes
+        )
+        authenticator.token()
+        granted = list(authenticator.granted_types(source.resource_types)[0])
+        for request in requests_for(source, settings.export, since=None):
+            out_dir = root / request.fingerprint()
+            run_export(source, settings.export, client, auth, out_dir=out_dir, request=request, clock=clock,
+                       events=events, granted_types=granted, policy=RetryPolicy.from_settings(settings.http))  # fmt: skip
+            out.append(out_dir)
+    return out
+
+
+def source_records(export_dirs: Sequence[Path], max_line_bytes: int) -> Iterator[Record | None]:
+    """Every resource of the export (None for a line that is not one)."""
+    for path in iter_paths(list(export_dirs)):
+        if path.name.startswith(_NOT_RESOURCES):
+            continue
+        for item in iter_file(path, max_line_bytes=max_line_bytes):
+            yield item if isinstance(item, Record) else None
+
+
+class Verifier:
+    """One verification of one source against Medplum (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        source: SourceSettings,
+        client: httpx.Client,
+        *,
+        clock: Clock | None = None,
+        events: EventSink | None = None,
+        reader: MedplumReader | None = None,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.client = client
+        self.clock = clock or SystemClock()
+        self.events = events or NullSink()
+        self.fhir_url = settings.medplum.fhir_url
+        self.reader = reader or MedplumReader(client, self.fhir_url, http=settings.http, clock=self.clock)
+        self.ctx = TransformContext(source, normalize=settings.load.normalize)
+        self.work_dir = settings.state_dir / source.name
+        self.strangers = 0
+
+    def system(self, rtype: str) -> str:
+        return identifier_system(self.source, rtype)
+
+    def _owns(self, resource: dict[str, Any]) -> bool:
+        return owned(resource, self.ctx)
+
+    def check(self, export_dirs: Sequence[Path], options: VerifyOptions, scratch: Scratch) -> VerifyReport:
+        """Fill `scratch` and compare; no writes to Medplum."""
+        self.reader.page_size = options.page_size
+        bad = self._read_source(export_dirs, scratch)
+        types = sorted(set(scratch.types()) | {t for t in self.source.resource_types if t != "Binary"})
+        systems = {self.system(t): t for t in types}
+        for rtype in types:
+            self._scan_type(rtype, systems, scratch, options.content)
+        fetched = sum(
+            scratch.add_fetched(t, s) for t, s in fetched_identities(self.work_dir / "idmap.sqlite")
+        )
+        scratch.analyze()
+        confirmed = self._confirm_missing(scratch, options.content, systems)
+        self._check_targets(scratch)
+        if options.content:
+            self._hash_source(export_dirs, scratch)
+        scratch.analyze()
+        incremental = any(is_incremental(d) for d in export_dirs)
+        notes = []
+        if self.strangers:
+            notes.append(f"{self.strangers} Medplum resources carry this source's identifiers but are not "
+                         "this source's (pfsync.load.transform.owned): left out of the comparison")  # fmt: skip
+        if fetched:
+            notes.append(
+                f"{fetched} resources the loader fetched by reference (not in the export) count as the source's"
+            )
+        if incremental:
+            notes.append("incremental (_since) export: extras are not checked")
+        if confirmed is False:
+            notes.append(f"more than {CONFIRM_MAX} missing: not re-checked by identifier search")
+        report = self._report(export_dirs, scratch, options, bad, not incremental, tuple(notes))
+        self.events.emit("verify_complete", ok=report.ok, quota_used=report.quota_used)
+        return report
+
+    # ------------------------------------------------------------------ source side
+    def _read_source(self, export_dirs: Sequence[Path], scratch: Scratch) -> int:
+        for path in export_dirs:
+            if not path.is_dir():
+                raise UsageError(f"{path}: not a directory", hint="--from takes an export directory")
+        bad = n = 0
+        for record in source_records(export_dirs, self.settings.export.max_line_bytes):
+            sid = record.resource.get("id") if record is not None else None
+            rtype = record.resource.get("resourceType") if record is not None else None
+            if not isinstance(sid, str) or not isinstance(rtype, str) or not sid.strip():
+                bad += 1
+                continue
+            scratch.add_source(rtype, sid)
+            n += 1
+            if n % _COMMIT_EVERY == 0:
+                scratch.commit()
+        self.events.emit("verify_source_read", resources=n, bad_lines=bad)
+        return bad
+
+    def _hash_source(self, export_dirs: Sequence[Path], scratch: Scratch) -> None:
+        """The content hash the loader would send now, references resolved to what Medplum holds."""
+
+        def resolve(ref: Ref) -> Target | None:
+            types = [ref.type] if ref.type is not None else scratch.source_types_of(ref.id)
+            for rtype in types:
+                mid = scratch.medplum_id(rtype, ref.id)
+                if mid is not None:
+                    return Target(rtype, mid)
+                if scratch.in_source(rtype, ref.id):
+                    return Target(rtype, None)
+            return None
+
+        n = 0
+        for record in source_records(export_dirs, self.settings.export.max_line_bytes):
+            if record is None:
+                continue
+            try:
+                prepared = prepare(record.resource, self.ctx)
+                rendered = render(prepared, resolve, self.ctx)
+            except TransformError:
+                continue  # the loader quarantines it: it shows as missing, not as drift
+            if rendered.logical:
+                continue  # a target is missing from Medplum: reported as missing/dangling, not as drift
+            scratch.set_source_hash(prepared.type, prepared.sid, rendered.hash)
+            n += 1
+            if n % _COMMIT_EVERY == 0:
+                scratch.commit()
+
+    # ------------------------------------------------------------------ Medplum side
+    def _scan_type(self, rtype: str, systems: dict[str, str], scratch: Scratch, content: bool) -> None:
+        system = self.system(rtype)
+        n = 0
+        for page in self.reader.scan(rtype, system):
+            for resource in page:
+                self._add_medplum(rtype, resource, system, systems, scratch, content)
+                n += 1
+            del page, resource  # before the next page is parsed (a page of EOBs is ~50 MB of dicts)
+            scratch.commit()
+        self.events.emit("verify_scanned", type=rtype, medplum=n, quota_used=self.reader.quota_used)
+
+    def _add_medplum(
+        self, rtype: str, resource: dict[str, Any], system: str, systems: dict[str, str], scratch: Scratch,
+        content: bool,
+    ) -> None:  # fmt: skip
+        mid = resource.get("id")
+        sids = source_ids(resource, system)
+        if not isinstance(mid, str) or not sids:
+            return
+        if not owned(resource, self.ctx):
+            self.strangers += 1  # carries our identifier, but not ours: never counted, fixed or deleted
+            return
+        meta = resource.get("meta")
+        updated = meta.get("lastUpdated") if isinstance(meta, dict) else None
+        vid = meta.get("versionId") if isinstance(meta, dict) else None
+        tag = resource_hash_from_meta(resource)
+        body = content_hash(resource, self.settings.medplum.base_url) if content else None
+        for sid in sids:
+            scratch.add_medplum(
+                rtype,
+                mid,
+                sid,
+                updated if isinstance(updated, str) else None,
+                vid if isinstance(vid, str) else None,
+                tag,
+                body,
+            )
+        for ref in references(resource, self.fhir_url, systems):
+            scratch.add_ref(rtype, mid, ref.kind, ref.type, ref.id)
+
+    def _confirm_missing(self, scratch: Scratch, content: bool, systems: dict[str, str]) -> bool:
+        """Re-check what the pages did not show (paging over a changing table can skip rows)."""
+        todo: dict[str, list[str]] = {}
+        for n, (rtype, sid) in enumerate(scratch.missing()):
+            if n >= CONFIRM_MAX:
+                return False
+            todo.setdefault(rtype, []).append(sid)
+        for rtype, sids in todo.items():
+            system = self.system(rtype)
+            for sid, found in self.reader.find(rtype, system, sids, self._owns).items():
+                for f in found:
+                    scratch.add_medplum(rtype, f.mid, sid, None, f.vid, f.hash, None)
+        return True
+
+    def _check_targets(self, scratch: Scratch) -> None:
+        """Literal references to resources we did not list: ask Medplum whether they exist."""
+        for rtype, ids in list(scratch.unknown_targets()):
+            try:
+                for resource in self.reader.by_ids(rtype, ids):
+                    if isinstance(resource.get("id"), str):
+                        scratch.add_seen(rtype, resource["id"])
+            except HTTPError as exc:
+                if exc.status not in (400, 404):
+                    raise
+                log.info("verify: %s is not a type Medplum knows (%s)", rtype, exc.status)
+
+    # ------------------------------------------------------------------ the report
+    def _report(
+        self, export_dirs: Sequence[Path], scratch: Scratch, options: VerifyOptions, bad: int, extras: bool,
+        notes: tuple[str, ...],
+    ) -> VerifyReport:  # fmt: skip
+        counts = scratch.counts()
+        rows = []
+        for rtype in sorted(counts):
+            c = dict(counts[rtype])
+            if not extras:
+                c["extra"] = 0
+            if not options.content:
+                c["drift"] = 0
+            rows.append(TypeCounts(rtype, **c))
+        findings: list[Finding] = []
+        for category in CATEGORIES:
+            if (category == "extra" and not extras) or (category == "drift" and not options.content):
+                continue
+            for i, finding in enumerate(self._findings(category, scratch)):
+                if options.limit is not None and i >= options.limit:
+                    break
+                findings.append(finding)
+        stats = self.reader.stats
+        return VerifyReport(
+            source=self.source.name,
+            export_dir=", ".join(str(d) for d in export_dirs),
+            types=tuple(rows),
+            findings=tuple(findings),
+            content_checked=options.content,
+            extras_checked=extras,
+            quota_used=self.reader.quota_used,
+            requests=stats.requests,
+            throttled=stats.throttled,
+            bad_lines=bad,
+            notes=notes,
+        )
+
+    def _findings(self, category: Category, scratch: Scratch) -> Iterator[Finding]:
+        if category == "missing":
+            for rtype, sid in scratch.missing():
+                yield Finding("missing", rtype, sid=sid)
+        elif category == "duplicated":
+            for rtype, sid, mids in scratch.duplicated():
+                yield Finding("duplicated", rtype, sid=sid, mids=tuple(mids))
+        elif category == "extra":
+            for rtype, sid, mid in scratch.extra():
+                yield Finding("extra", rtype, sid=sid, mid=mid)
+        elif category == "dangling":
+            for rtype, mid, kind, ttype, tid in list(scratch.dangling()):
+                target = f"{ttype}/{tid}" if ttype else f"urn:uuid:{tid}"
+                yield Finding(
+                    "dangling", rtype, sid=scratch.sid_of(rtype, mid), mid=mid, target=target, detail=kind
+                )
+        else:
+            for rtype, sid, mid in scratch.drift():
+                yield Finding("drift", rtype, sid=sid, mid=mid)
+
+
+def verify(
+    settings: Settings,
+    source: SourceSettings,
+    client: httpx.Client,
+    export_dirs: Sequence[Path],
+    options: VerifyOptions | None = None,
+    *,
+    clock: Clock | None = None,
+    events: EventSink | None = None,
+) -> VerifyReport:
+    """Compare Medplum with the export in `export_dirs`; with `options.fix`, repair and verify again."""
+    options = options or VerifyOptions()
+    verifier = Verifier(settings, source, client, clock=clock, events=events)
+    scratch = Scratch(verifier.work_dir)
+    try:
+        report = verifier.check(export_dirs, options, scratch)
+        if not options.fix:
+            return report
+        from pfsync.verify.fix import apply_fixes
+
+        actions = apply_fixes(verifier, export_dirs, options, scratch, report.extras_checked)
+        resends = scratch.fix_count()
+    finally:
+        scratch.close()
+    listed = sum(1 for a in actions if a.kind == "resend")
+    verb = "to re-send" if options.dry_run else "re-sent"
+    notes = report.notes + ((f"{resends} resources {verb}, {listed} listed",) if resends > listed else ())
+    report = replace(report, actions=tuple(actions), dry_run=options.dry_run, notes=notes)
+    if options.dry_run or not any(a.done for a in actions):
+        return report
+    again = Verifier(settings, source, client, clock=clock, events=events, reader=verifier.reader)
+    scratch = Scratch(verifier.work_dir)
+    try:
+        after = again.check(export_dirs, replace(options, fix=False), scratch)
+    finally:
+        scratch.close()
+    return replace(report, after=after, quota_used=verifier.reader.quota_used)

@@ -63,7 +63,7 @@ class Router:
             if entry.purpose == "upsert" and row.hash is not None and row.hash == entry.hash:
                 self._tally.count(entry.type, "unchanged")
                 if entry.logical:
-                    self._refs.hold_logical(entry)
+                    self._refs.remember_logical(entry)
                 return
             entry.known_vid = row.vid
             if entry.purpose == "delete":
@@ -240,7 +240,7 @@ class Router:
             self._idmap.record(entry.type, entry.sid, result.mid, result.vid, content_hash)
         self._tally.count(entry.type, "deleted" if entry.purpose == "delete-tag" else kind.value)
         if entry.logical:
-            self._refs.hold_logical(entry)
+            self._refs.remember_logical(entry)
         else:
             self._refs.upgraded(entry.type, entry.sid)
 
@@ -268,7 +268,7 @@ class Router:
         if row.hash is not None and row.hash == entry.hash:
             self._tally.count(entry.type, "unchanged")
             if entry.logical:
-                self._refs.hold_logical(entry)
+                self._refs.remember_logical(entry)
             return None
         entry.known_vid = row.vid
         entry.retarget("PUT", f"{entry.type}/{row.mid}")

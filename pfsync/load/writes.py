@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import httpx
@@ -25,7 +26,8 @@ from pfsync.core.settings import HttpSettings, LoadSettings, SourceSettings
 from pfsync.load.attachments import Attachments
 from pfsync.load.emit import Emitter
 from pfsync.load.idmap import Held, IdMap
-from pfsync.load.pending import Key, Pending, Waiting
+from pfsync.load.parking import Leave, Parking
+from pfsync.load.pending import Pending, Waiting
 from pfsync.load.quarantine import WrappedLog
 from pfsync.load.references import References
 from pfsync.load.routing import Router
@@ -89,6 +91,7 @@ class Writer:
         )  # fmt: skip
         self._emitter = Emitter(self.context, attachments, refs=self.refs, router=self._router, tally=self._tally,
                                 pacer=self.pacer, events=events)  # fmt: skip
+        self._parking = Parking(self._pending, self.refs, self._sender, self._emitter)
 
     # -- per resource
     def quarantine_line(self, bad: BadLine) -> None:
@@ -151,7 +154,7 @@ class Writer:
         if not waits:
             self._emitter.emit(item)
             return None
-        if len(self._pending.parked) < _PARK_MAX and all(self._coming(k) for k in waits):
+        if len(self._pending.parked) < _PARK_MAX and all(self._parking.coming(k) for k in waits):
             parked = self._pending.park(item, waits[0])
             if parked % _NUDGE_EVERY == 1 and self._sender is not None:
                 # Targets to fetch from the source are fetched now, not when a full request's
@@ -206,71 +209,24 @@ class Writer:
         for sid in sorted(missing):
             self._pending.settle((rtype, sid))  # will not come: what is parked for it looks again
 
-    def _coming(self, key: Key, *, parked: bool = True) -> bool:
-        """Whether this identity is coming (pfsync.load.pending): its Medplum id is on its way."""
-        if self._sender is None or not key[0]:
-            return False
-        return (
-            self._sender.holds(key)
-            or self._pending.holds(key, parked=parked)
-            or self.refs.queued(key)
-            or self._emitter.holds(key)
-        )
-
     def _unpark(self, *, settle_all: bool = False) -> None:
-        """Look again at the parked resources that were woken: written when their targets have ids,
-        parked again while a target is still coming, else deferred (`settle_all`, at a drain: every
-        parked one is looked at, see _unpark_all). Only the woken ones are looked at: thousands can
-        be parked at the start of a first load."""
+        """Carry out what the parking decides for the woken parked resources (`settle_all`, at a
+        drain: for every parked one first, pfsync.load.parking)."""
         if self._sender is None:
             return
         if settle_all:
-            self._unpark_all()
-        for key, item in self._pending.woken():
-            waits = self.refs.waits(item.p, queue=False)
-            if waits and all(self._coming(k) for k in waits):
-                self._pending.wait_for(key, waits[0])
+            self._leave(self._parking.at_drain())
+        self._leave(self._parking.woken())
+
+    def _leave(self, decisions: Iterator[Leave]) -> None:
+        """Parked resources out of memory: written if they wait for nothing, else deferred (and
+        what is parked for them looks again)."""
+        for item, waits in decisions:
+            if waits:
+                self.refs.defer(item.p, item.file, item.line, item.raw, waits)
+                self._pending.settle(item.key)
             else:
-                self._unpark_one(item, waits)
-
-    def _unpark_all(self) -> None:
-        """At a drain: write every parked resource whose targets all have ids, keep parked those
-        whose targets are (through other parked ones) on their way in the sender, and defer the
-        rest: a parked cycle, or targets whose writes ended without an id. Parked resources that
-        wait for other parked ones stay parked: their targets are about to be written."""
-        moving: set[Key] = set()  # parked, and every target is in the sender or moving
-        parked = self._pending.parked
-        changed = True
-        while changed:
-            changed = False
-            for key, item in list(parked.items()):
-                if key in moving or key not in parked:
-                    continue
-                waits = self.refs.waits(item.p, queue=False)
-                if not waits:
-                    self._unpark_one(item, waits)
-                    changed = True
-                elif all(k in moving or self._coming(k, parked=False) for k in waits):
-                    moving.add(key)
-                    self._pending.wait_for(key, waits[0])
-                    changed = True
-        self._defer_parked(keep=moving)
-
-    def _defer_parked(self, keep: frozenset[Key] | set[Key] = frozenset()) -> None:
-        """Parked resources (but `keep`) are written if their targets have ids, else deferred."""
-        for key, item in list(self._pending.parked.items()):
-            if key not in keep:
-                self._unpark_one(item, self.refs.waits(item.p, queue=False))
-
-    def _unpark_one(self, item: Waiting, waits: list[Key]) -> None:
-        """Out of memory: written if it waits for nothing, else deferred (and what is parked for
-        it looks again)."""
-        self._pending.unpark(item.key)
-        if waits:
-            self.refs.defer(item.p, item.file, item.line, item.raw, waits)
-            self._pending.settle(item.key)
-        else:
-            self._emitter.emit(item)
+                self._emitter.emit(item)
 
     def probe_ahead(self, rtype: str) -> None:
         """Start the probe of this type now, if probes are needed at all."""
@@ -316,7 +272,7 @@ class Writer:
         sending = self._sender is not None and self._sender.pending > 0
         stuck = not sending and not self._pending.looking_up and not self._emitter.copying
         if parked and stuck and len(parked) >= before:
-            self._defer_parked()  # nothing moved and nothing is on its way: defer them
+            self._leave(self._parking.all_but())  # nothing moved and nothing is on its way: defer them
         return self._pending.looking_up or sending or bool(parked) or self._emitter.copying
 
     def _send_all(self) -> None:

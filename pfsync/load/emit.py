@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pfsync.core.events import EventSink
 from pfsync.load.attachments import AttachmentError, Attachments
-from pfsync.load.pending import Key, Waiting
+from pfsync.load.pending import Pending, Waiting
 from pfsync.load.references import References
 from pfsync.load.routing import Router
 from pfsync.load.tally import Tally
@@ -25,10 +25,11 @@ class Emitter:
     """Copies, renders and routes; `attachments` is None when load.attachments is off."""
 
     def __init__(
-        self, ctx: TransformContext, attachments: Attachments | None, *, refs: References, router: Router,
-        tally: Tally, pacer: Pacer, events: EventSink,
+        self, ctx: TransformContext, attachments: Attachments | None, *, pending: Pending, refs: References,
+        router: Router, tally: Tally, pacer: Pacer, events: EventSink,
     ) -> None:  # fmt: skip
         self._ctx = ctx
+        self._pending = pending
         self._attachments = attachments
         self._refs = refs
         self._router = router
@@ -50,16 +51,6 @@ class Emitter:
         """Whether a copy runs or waits for a slot."""
         return self._attachments is not None and self._attachments.pending > 0
 
-    def holds(self, key: Key) -> bool:
-        """Whether this identity is copying (its write is on its way)."""
-        return self._attachments is not None and self._attachments.holds(key)
-
-    def replace(self, key: Key) -> None:
-        """A newer copy of this identity was read: a copy of the older one is dropped."""
-        if self._attachments is not None and self._attachments.pending:
-            self._attachments.supersede(key)
-            self.copied(block=False)
-
     def emit(self, item: Waiting) -> None:
         """Copied first if it has attachments to copy, then written."""
         p, file, line, raw = item.p, item.file, item.line, item.raw
@@ -67,7 +58,10 @@ class Emitter:
         if self._attachments is not None and b'"contentType"' in raw:  # cheap: most resources have none
             while self._attachments.full:
                 self.copied(block=True)
-            if self._attachments.start(p, file, line, raw):
+            jobs = self._attachments.plan(p)
+            if jobs:
+                self._pending.copy(item)
+                self._attachments.start(item, jobs)
                 return  # written once its attachments are copied (copied)
         if p.type == "Binary" and self._attachments is not None:
             try:
@@ -82,14 +76,16 @@ class Emitter:
         if self._attachments is None or not self.copying:
             return
         for c in self._attachments.finished(block=block):
+            item = c.item
+            self._pending.copied(item)
             if c.error is None:
                 if c.uploaded:
-                    self._tally.count(c.p.type, "binary_uploaded")
-                self._write(c.p, c.file, c.line, c.raw)
+                    self._tally.count(item.p.type, "binary_uploaded")
+                self._write(item.p, item.file, item.line, item.raw)
             elif c.error.retryable:
-                self._tally.retry(c.p.type, c.p.sid, c.file, c.line, c.raw, str(c.error))
+                self._tally.retry(item.p.type, item.p.sid, item.file, item.line, item.raw, str(c.error))
             else:
-                self._tally.quarantine(c.p.type, c.p.sid, c.file, c.line, c.raw, str(c.error))
+                self._tally.quarantine(item.p.type, item.p.sid, item.file, item.line, item.raw, str(c.error))
 
     def _write(self, p: Prepared, file: str | None, line: int | None, raw: bytes) -> None:
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pfsync.load.emit import Emitter
 from pfsync.load.pending import Key, Pending, Waiting
 from pfsync.load.references import References
 from pfsync.medplum.upsert import BatchSender
@@ -21,26 +20,19 @@ Leave = tuple[Waiting, list[Key]]
 
 
 class Parking:
-    """Decides over the ledger's parked resources; asks who holds what is coming."""
+    """Decides over the ledger's parked resources; asks the ledger, the sender and the fetch queue
+    what is coming."""
 
-    def __init__(
-        self, pending: Pending, refs: References, sender: BatchSender | None, emitter: Emitter
-    ) -> None:
+    def __init__(self, pending: Pending, refs: References, sender: BatchSender | None) -> None:
         self._pending = pending
         self._refs = refs
         self._sender = sender
-        self._emitter = emitter
 
     def coming(self, key: Key, *, parked: bool = True) -> bool:
         """Whether this identity is coming (pfsync.load.pending): its Medplum id is on its way."""
         if self._sender is None or not key[0]:
             return False
-        return (
-            self._sender.holds(key)
-            or self._pending.holds(key, parked=parked)
-            or self._refs.queued(key)
-            or self._emitter.holds(key)
-        )
+        return self._sender.holds(key) or self._pending.holds(key, parked=parked) or self._refs.queued(key)
 
     def woken(self) -> Iterator[Leave]:
         """The woken parked resources that leave memory (the others are parked again)."""

@@ -12,16 +12,18 @@ these states; these words mean these states everywhere in the write path (pfsync
 - recheck: an entry to route again from scratch (a stale Medplum id, a create with no known outcome).
 - fetching: a reference target fetched from the source, not taken in yet.
 - copying: a resource whose attachments are being copied (the copies run in pfsync.load.attachments).
-- in flight: an entry queued or sent in a Bundle (pfsync.medplum.upsert holds it until its outcome).
+- in flight: an entry queued or sent in a Bundle (the sender, pfsync.medplum.upsert, holds it
+  until its outcome).
 
 An identity is *coming* while it is parked, probing, fetching, copying, in flight or queued for a
 fetch: its Medplum id is on its way, so what waits for it waits in memory. It *settles* when its
 write has an outcome (written, quarantined, retry-queued) or will not come (deferred, not found at
-the source); what is parked for it is then woken. A settle point (the end of a file, a flush, the
-finish) is where deferred resources are taken back and the id map is committed.
+the source); what is parked for it is then woken. A newer copy of an identity read meanwhile
+*supersedes* a parked or copying one, which is dropped. A settle point (the end of a file, a flush,
+the finish) is where deferred resources are taken back and the id map is committed.
 
-The ledger only records: the writer decides every transition and asks the collaborators (the
-sender, the attachment copies, the reference decisions) about the states they hold.
+The ledger holds every state but two: in flight (the sender's) and deferred (the id map's, on
+disk). It only records: the writer decides every transition (pfsync.load.parking for parked ones).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Waiting:
     file: str | None
     line: int | None
     raw: bytes
+    superseded: bool = False  # a newer copy of the identity was read: this one is dropped
 
     @property
     def key(self) -> Key:
@@ -60,10 +63,11 @@ class Pending:
         self._lookups: dict[str, dict[str, Entry]] = {}  # type -> entries waiting for its search
         self._rechecks: list[Entry] = []
         self.fetching: set[Key] = set()
+        self._copying: dict[Key, Waiting] = {}
 
     def holds(self, key: Key, *, parked: bool = True) -> bool:
         """Whether the ledger holds this identity in a coming state (`parked`: parked ones count)."""
-        if (parked and key in self.parked) or key in self.fetching:
+        if (parked and key in self.parked) or key in self.fetching or key in self._copying:
             return True
         probing = self._probing.get(key[0])
         return probing is not None and key[1] in probing
@@ -83,8 +87,11 @@ class Pending:
         del self.parked[key]
 
     def replace(self, key: Key) -> None:
-        """A newer copy of this identity was read: the parked one is dropped."""
+        """A newer copy of this identity was read: a parked one, or one being copied, is dropped."""
         self.parked.pop(key, None)
+        old = self._copying.pop(key, None)
+        if old is not None:
+            old.superseded = True
 
     def settle(self, key: Key) -> None:
         """This identity's write has an outcome or will not come: what is parked for it is woken."""
@@ -100,6 +107,19 @@ class Pending:
                     item = self.parked.get(key)
                     if item is not None:
                         yield key, item
+
+    # -- copying
+    def copy(self, item: Waiting) -> None:
+        """Its attachments are being copied (an older copy of the identity being copied is dropped)."""
+        old = self._copying.get(item.key)
+        if old is not None:
+            old.superseded = True
+        self._copying[item.key] = item
+
+    def copied(self, item: Waiting) -> None:
+        """Its copies ended."""
+        if self._copying.get(item.key) is item:
+            del self._copying[item.key]
 
     # -- probing, lookup, recheck
     def await_probe(self, entry: Entry) -> None:

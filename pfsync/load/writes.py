@@ -89,9 +89,9 @@ class Writer:
             Attachments(medplum, source_client, idmap, settings, self.context, clock=clock, dry_run=dry_run)
             if settings.attachments else None
         )  # fmt: skip
-        self._emitter = Emitter(self.context, attachments, refs=self.refs, router=self._router, tally=self._tally,
-                                pacer=self.pacer, events=events)  # fmt: skip
-        self._parking = Parking(self._pending, self.refs, self._sender, self._emitter)
+        self._emitter = Emitter(self.context, attachments, pending=self._pending, refs=self.refs, router=self._router,
+                                tally=self._tally, pacer=self.pacer, events=events)  # fmt: skip
+        self._parking = Parking(self._pending, self.refs, self._sender)
 
     # -- per resource
     def quarantine_line(self, bad: BadLine) -> None:
@@ -104,7 +104,7 @@ class Writer:
     def _take(self, resource: dict[str, Any], file: str | None, line: int | None, raw: bytes,
               *, final: bool = False, first: bool = True, fetched: bool = False) -> Due:  # fmt: skip
         """One resource into the write path. `final`: write now even if targets lack ids (logical
-        refs); `first`: as read (not taken back from the disk hold); `fetched`: fetched by reference
+        refs); `first`: as read (not a deferred one taken back); `fetched`: fetched by reference
         (noted in the id map for `pfsync verify`). -> which queued fetches from the source are due
         now (the caller fetches them: a resource taken in during a fetch never starts another)."""
         rtype = str(resource.get("resourceType"))
@@ -126,9 +126,10 @@ class Writer:
             # then it would wait behind our Bundles on the critical path of every dependent type.
             self._router.probes.ask(p.type)
         self._take_outcomes()
-        self._emitter.replace((p.type, p.sid))  # this newer copy replaces one being copied
+        self._pending.replace((p.type, p.sid))  # this newer copy replaces a parked or copying one
+        if self._emitter.copying:
+            self._emitter.copied(block=False)
         if self._pending.parked:
-            self._pending.replace((p.type, p.sid))  # this newer copy replaces a parked one
             self._unpark()
         if final or self._dry_run:
             self._emitter.emit(Waiting(p, file, line, raw))
@@ -189,7 +190,7 @@ class Writer:
 
     def _fetch(self, rtype: str, ids: list[str]) -> None:
         """Fetch these targets from the source and take them in; those the source did not have
-        wake what waits for them (written with logical references now)."""
+        settle (what is parked for them is written with logical references now)."""
         missing = set(ids)
         self._pending.fetching = {(rtype, i) for i in ids}
         try:
@@ -209,12 +210,12 @@ class Writer:
         for sid in sorted(missing):
             self._pending.settle((rtype, sid))  # will not come: what is parked for it looks again
 
-    def _unpark(self, *, settle_all: bool = False) -> None:
-        """Carry out what the parking decides for the woken parked resources (`settle_all`, at a
-        drain: for every parked one first, pfsync.load.parking)."""
+    def _unpark(self, *, at_drain: bool = False) -> None:
+        """Carry out what the parking decides for the woken parked resources (`at_drain`: for
+        every parked one first, pfsync.load.parking)."""
         if self._sender is None:
             return
-        if settle_all:
+        if at_drain:
             self._leave(self._parking.at_drain())
         self._leave(self._parking.woken())
 
@@ -268,7 +269,7 @@ class Writer:
         deferred when nothing moved; -> whether anything is still pending in memory."""
         parked = self._pending.parked
         before = len(parked)
-        self._unpark(settle_all=True)
+        self._unpark(at_drain=True)
         sending = self._sender is not None and self._sender.pending > 0
         stuck = not sending and not self._pending.looking_up and not self._emitter.copying
         if parked and stuck and len(parked) >= before:
@@ -364,7 +365,7 @@ class Writer:
             self._reingest(held, final=True)
 
     def _reingest(self, held: Held, *, final: bool) -> None:
-        """A resource taken back from the disk hold (already released from it)."""
+        """A deferred resource taken back (already out of the id map's `deferred` rows)."""
         resource = orjson.loads(held.raw)
         self._follow(self._take(resource, held.file, held.line, held.raw, final=final, first=False))
 

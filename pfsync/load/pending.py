@@ -88,15 +88,22 @@ class Pending:
 
     def replace(self, key: Key) -> None:
         """A newer copy of this identity was read: a parked one, or one being copied, is dropped."""
-        self.parked.pop(key, None)
-        old = self._copying.pop(key, None)
-        if old is not None:
-            old.superseded = True
+        if self.parked:
+            self.parked.pop(key, None)
+        if self._copying:
+            old = self._copying.pop(key, None)
+            if old is not None:
+                old.superseded = True
 
     def settle(self, key: Key) -> None:
         """This identity's write has an outcome or will not come: what is parked for it is woken."""
         if key in self._waiters:
             self._woken.append(key)
+
+    @property
+    def woke(self) -> bool:
+        """Whether a parked resource was woken since it was last looked at."""
+        return bool(self._woken)
 
     def woken(self) -> Iterator[tuple[Key, Waiting]]:
         """The parked resources to look at again, until none is woken (those woken meanwhile too)."""

@@ -99,7 +99,9 @@ class Writer:
 
     def ingest(self, resource: dict[str, Any], file: str | None, line: int | None, raw: bytes) -> None:
         """One source resource, as read."""
-        self._follow(self._take(resource, file, line, raw))
+        due = self._take(resource, file, line, raw)
+        if due is not None:
+            self._follow(due)
 
     def _take(self, resource: dict[str, Any], file: str | None, line: int | None, raw: bytes,
               *, final: bool = False, first: bool = True, fetched: bool = False) -> Due:  # fmt: skip
@@ -127,10 +129,6 @@ class Writer:
             self._router.probes.ask(p.type)
         self._take_outcomes()
         self._pending.replace((p.type, p.sid))  # this newer copy replaces a parked or copying one
-        if self._emitter.copying:
-            self._emitter.copied(block=False)
-        if self._pending.parked:
-            self._unpark()
         if final or self._dry_run:
             self._emitter.emit(Waiting(p, file, line, raw))
             return None
@@ -144,8 +142,10 @@ class Writer:
             self._router.probed(block=False)  # what waits for an answered probe must not wait
         if self._sender is not None:
             self._sender.poll()
-            self._emitter.copied(block=False)
-            self._unpark()  # what waited for the outcomes just taken in
+            if self._emitter.copying:
+                self._emitter.copied(block=False)
+            if self._pending.woke:
+                self._unpark()  # what waited for the outcomes just taken in
 
     def _wait_or_emit(self, item: Waiting) -> Due:
         """Written once, when its targets have ids (pfsync.load.references), not now and again later.

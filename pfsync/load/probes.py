@@ -15,7 +15,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import httpx
 
 from pfsync.core.errors import HTTPError
-from pfsync.load.transform import LOGICAL_TAG, TransformContext
+from pfsync.core.marks import LOGICAL_TAG
+from pfsync.load.transform import TransformContext
 from pfsync.medplum.lookup import Searcher
 
 _PROBE_THREADS = 4

@@ -22,12 +22,13 @@ from typing import Any
 import orjson
 
 from pfsync.core.events import EventSink
+from pfsync.core.marks import identifier_query
 from pfsync.load.idmap import IdMap
 from pfsync.load.pending import Pending
 from pfsync.load.probes import Probes
 from pfsync.load.references import References
 from pfsync.load.tally import Tally
-from pfsync.load.transform import TransformContext, identifier_query, owned
+from pfsync.load.transform import TransformContext, owned
 from pfsync.medplum.batch import Entry, EntryResult, Kind
 from pfsync.medplum.lookup import Found, Searcher, find_identities
 from pfsync.medplum.upsert import BatchSender

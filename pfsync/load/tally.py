@@ -14,8 +14,6 @@ from pfsync.load.pending import Pending
 from pfsync.load.quarantine import WrappedLog
 from pfsync.load.references import References
 
-UNREADABLE_TYPE = "(unreadable)"
-
 
 class Tally:
     """Counts (`counts[type][key]`), quarantine and retry queue of one load."""
@@ -36,7 +34,11 @@ class Tally:
         self._counts.setdefault(rtype, Counter())[key] += n
 
     def quarantine_line(self, bad: BadLine) -> None:
-        self.count(UNREADABLE_TYPE, "quarantined")
+        rtype = bad.type_label
+        self.count(rtype, "quarantined")
+        self._events.emit(
+            "load_quarantined", type=rtype, id=None, file=str(bad.path), line=bad.line, reason=bad.reason
+        )
         if not self._dry_run:
             self._qlog.add(file=str(bad.path), line=bad.line, reason=bad.reason, raw=bad.raw)
 

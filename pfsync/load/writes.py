@@ -34,6 +34,7 @@ from pfsync.load.routing import Router
 from pfsync.load.tally import Tally
 from pfsync.load.transform import TransformContext, TransformError, prepare
 from pfsync.medplum.asyncbatch import AsyncBatchRunner
+from pfsync.medplum.client import as_medplum_client
 from pfsync.medplum.lookup import Searcher
 from pfsync.medplum.upsert import BatchSender
 from pfsync.net.http import Clock, RetryPolicy
@@ -61,13 +62,13 @@ class Writer:
         self._events = events
         self._dry_run = dry_run
         self.fixes: Counter[str] = Counter()
-        self.pacer = Pacer()
         policy = RetryPolicy.from_settings(http)
-        self._searcher = Searcher(medplum, self.pacer, clock, policy)
-        self.refs = References(
-            idmap, self.context, source_client if settings.fetch_missing_references else None,
-            clock=clock, retry=policy,
-        )  # fmt: skip
+        # The one Medplum client of this load: its Pacer is spent by searches and Bundles alike.
+        self.medplum = as_medplum_client(medplum, pacer=Pacer(), clock=clock, policy=policy, stop=stop)
+        self.pacer = self.medplum.pacer
+        self._searcher = Searcher(self.medplum)
+        self.refs = References(idmap, self.context, source_client if settings.fetch_missing_references else None,
+                               clock=clock, retry=policy)  # fmt: skip
         self._pending = Pending()
         self._tally = Tally(counts, quarantine, retry_queue, pending=self._pending, refs=self.refs,
                             events=events, dry_run=dry_run)  # fmt: skip
@@ -78,17 +79,15 @@ class Writer:
         if not dry_run:
             runner = None
             if settings.async_batch:
-                runner = AsyncBatchRunner(medplum, clock, max_bytes=settings.async_max_bytes)
+                runner = AsyncBatchRunner(self.medplum, clock, max_bytes=settings.async_max_bytes)
             self._sender = self._router.sender = BatchSender(
-                medplum, self._router, max_bytes=settings.async_max_bytes if runner else settings.bundle_max_bytes,
+                self.medplum, self._router, max_bytes=settings.async_max_bytes if runner else settings.bundle_max_bytes,
                 max_entries=10 * settings.bundle_max_entries if runner else settings.bundle_max_entries,
-                max_concurrency=settings.max_concurrency, clock=clock, pacer=self.pacer, retry=policy,
+                max_concurrency=settings.max_concurrency, clock=clock, retry=policy,
                 events=events, stop=stop, async_runner=runner,
             )  # fmt: skip
-        attachments = (
-            Attachments(medplum, source_client, idmap, settings, self.context, clock=clock, dry_run=dry_run)
-            if settings.attachments else None
-        )  # fmt: skip
+        attachments = (Attachments(self.medplum, source_client, idmap, settings, self.context, clock=clock,
+                                   dry_run=dry_run) if settings.attachments else None)  # fmt: skip
         self._emitter = Emitter(self.context, attachments, pending=self._pending, refs=self.refs, router=self._router,
                                 tally=self._tally, pacer=self.pacer, events=events)  # fmt: skip
         self._parking = Parking(self._pending, self.refs, self._sender)

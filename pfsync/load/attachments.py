@@ -9,7 +9,7 @@ the SHA-1: the same content is never uploaded twice (id map `binaries`), and an 
 already carries a known `hash` is not even downloaded. Over load.attachment_max_bytes or outside
 load.attachment_content_types, the attachment is left as it is (reported).
 
-Copies run on worker threads (`start` / `finished`), a few resources at a time (more wait their
+Copies run on worker threads (`plan`, `start` / `finished`), a few resources at a time (more wait their
 turn in memory), so a practice with thousands of documents does not copy them one after another
 on the loader's thread while every Bundle waits: the resource is written once its attachments
 are copied. At most `_DOWNLOADS` downloads run at once (the EHR's politeness rule); uploads, which
@@ -30,7 +30,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -40,6 +40,7 @@ from pfsync.core.errors import HTTPError, ProtocolError
 from pfsync.core.netpolicy import shown_url
 from pfsync.core.settings import LoadSettings
 from pfsync.load.idmap import IdMap
+from pfsync.load.pending import Waiting
 from pfsync.load.transform import Prepared, TransformContext
 from pfsync.medplum.client import THROTTLED_ONLY, MedplumClient
 from pfsync.medplum.donequeue import DoneQueue
@@ -53,10 +54,6 @@ from pfsync.net.http import (
     protocol_error,
 )
 
-if TYPE_CHECKING:
-    from pfsync.load.writes import Writer
-
-
 # docs/practice-fusion.md "Defaults, identifiers and politeness": be polite, at most a few parallel downloads
 _DOWNLOADS = 4
 _COPY_THREADS = 8  # workers: each downloads (at most _DOWNLOADS at once), then uploads; an upload
@@ -65,6 +62,10 @@ _COPY_THREADS = 8  # workers: each downloads (at most _DOWNLOADS at once), then 
 _MAX_COPIES = 12  # handed to the workers at once (a worker never waits for the loader's thread to
 # hand it the next); only the running ones hold bytes in memory
 _MAX_WAITING = 2000  # resources waiting for a copy slot (their parsed JSON only)
+
+
+# One attachment to copy: the Attachment object (rewritten in place), its URL, its declared type.
+Job = tuple[dict[str, Any], str, Any]
 
 
 class AttachmentError(Exception):
@@ -103,8 +104,7 @@ class Attachments:
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[Future[list[Copied | None]], Copying] = {}
         self._done = DoneQueue()
-        self._copying: dict[tuple[str, str], Copying] = {}
-        self._waiting: deque[tuple[Copying, list[tuple[dict[str, Any], str, Any]]]] = deque()
+        self._waiting: deque[tuple[Copying, list[Job]]] = deque()
 
     @property
     def requests(self) -> int:
@@ -125,26 +125,16 @@ class Attachments:
             conn.close()
 
     # -- on the loader's thread
-    def start(self, p: Prepared, file: str | None, line: int | None, raw: bytes) -> bool:
-        """Start copying the resource's attachments on a worker; False: nothing to copy (the
-        attachments that could be rewritten without a copy are). `finished` hands it back."""
-        jobs = self._plan(p)
-        if not jobs:
-            return False
-        copy = Copying(p, file, line, raw)
-        old = self._copying.get((p.type, p.sid))
-        if old is not None:
-            old.superseded = True  # a newer version of the resource arrived: the older is dropped
-        self._copying[(p.type, p.sid)] = copy
-        self._waiting.append((copy, jobs))
+    def start(self, item: Waiting, jobs: list[Job]) -> None:
+        """Start copying a resource's attachments (`plan`) on a worker; `finished` hands it back."""
+        self._waiting.append((Copying(item), jobs))
         self._launch()
-        return True
 
     def _launch(self) -> None:
         """Start waiting copies while fewer than _MAX_COPIES run (the loader reads on meanwhile)."""
         while self._waiting and len(self._futures) < _MAX_COPIES:
             copy, jobs = self._waiting.popleft()
-            if copy.superseded:
+            if copy.item.superseded:
                 continue
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=_COPY_THREADS, thread_name_prefix="pfsync-attach")
@@ -160,38 +150,27 @@ class Attachments:
     def pending(self) -> int:
         return len(self._futures) + len(self._waiting)
 
-    def holds(self, key: tuple[str, str]) -> bool:
-        """Whether this resource waits for its attachments (its write is on its way)."""
-        return key in self._copying
-
-    def supersede(self, key: tuple[str, str]) -> None:
-        copy = self._copying.pop(key, None)
-        if copy is not None:
-            copy.superseded = True
-
     def finished(self, *, block: bool) -> list[Copying]:
         """Resources whose copies ended (`block`: wait for at least one if any is running), with
-        their attachments rewritten, or `error` set."""
+        their attachments rewritten, or `error` set; superseded ones are dropped."""
         self._launch()
         if not self._futures:
             return []
         out: list[Copying] = []
         for future in self._done.take(block=block):
             copy = self._futures.pop(future)
-            if self._copying.get((copy.p.type, copy.p.sid)) is copy:
-                del self._copying[(copy.p.type, copy.p.sid)]
             try:
                 copy.uploaded = self._apply(future.result())
             except AttachmentError as exc:
                 copy.error = exc
-            if not copy.superseded:
+            if not copy.item.superseded:
                 out.append(copy)
         self._launch()
         return out
 
-    def _plan(self, p: Prepared) -> list[tuple[dict[str, Any], str, Any]]:
-        """Rewrite what needs no copy; -> the attachments to copy (attachment, URL, declared type)."""
-        jobs: list[tuple[dict[str, Any], str, Any]] = []
+    def plan(self, p: Prepared) -> list[Job]:
+        """Rewrite what needs no copy; -> the attachments to copy (none: nothing to `start`)."""
+        jobs: list[Job] = []
         for att in _attachments(p.resource):
             url = att["url"]
             source_binary = self._source_binary_id(url)
@@ -225,7 +204,7 @@ class Attachments:
         return uploaded
 
     # -- on a worker
-    def _copy(self, jobs: list[tuple[dict[str, Any], str, Any]]) -> list[Copied | None]:
+    def _copy(self, jobs: list[Job]) -> list[Copied | None]:
         out: list[Copied | None] = []
         for att, url, declared in jobs:
             with self._downloads:
@@ -362,29 +341,27 @@ class Attachments:
             raise AttachmentError("Binary upload answered without an id", retryable=True)
         return mid
 
-    def load_binary(
-        self, p: Prepared, file: str | None, line: int | None, raw: bytes, writer: Writer
-    ) -> None:
-        """An exported Binary resource: its bytes become a Medplum Binary (no identifier possible)."""
+    def load_binary(self, p: Prepared) -> str:
+        """An exported Binary resource: its bytes become a Medplum Binary (no identifier possible).
+        -> its outcome, a count key ("created", "updated", "unchanged"); AttachmentError when its
+        data is not valid base64 (the caller quarantines it)."""
         data_b64 = p.resource.get("data")
         content_type = p.resource.get("contentType") or "application/octet-stream"
         try:
             data = base64.b64decode(data_b64 or "", validate=True)
         except (binascii.Error, ValueError):
-            writer.quarantine(p.type, p.sid, file, line, raw, "Binary.data is not valid base64")
-            return
+            raise AttachmentError("Binary.data is not valid base64") from None
         digest = base64.b64encode(hashlib.sha1(data).digest()).decode()
         row = self._idmap.get("Binary", p.sid)
         if row is not None and row.mid is not None and row.hash == digest:
-            writer.count("Binary", "unchanged")
-            return
+            return "unchanged"
+        outcome = "created" if row is None or row.mid is None else "updated"
         if self._dry_run:
-            writer.count("Binary", "created" if row is None or row.mid is None else "updated")
-            return
+            return outcome
         mid, _ = self._mid_for(digest, data, str(content_type))
         self._idmap.record_binary(digest, mid, len(data))
         self._idmap.record("Binary", p.sid, mid, None, digest)
-        writer.count("Binary", "created" if row is None or row.mid is None else "updated")
+        return outcome
 
 
 @dataclass
@@ -402,13 +379,9 @@ class Copied:
 class Copying:
     """A resource whose attachments are being copied, and how that ended."""
 
-    p: Prepared
-    file: str | None
-    line: int | None
-    raw: bytes
+    item: Waiting
     uploaded: int = 0
     error: AttachmentError | None = None
-    superseded: bool = False
 
 
 def _binary_content(data: bytes, declared: Any) -> tuple[bytes, str]:

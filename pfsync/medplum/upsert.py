@@ -19,7 +19,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -128,7 +127,6 @@ class BatchSender:
         self._groups: list[list[Entry]] = []  # Bundles already cut (halves of a refused one)
         self._probe: Future[Sent] | None = None  # the Bundle that tells whether the quota is enforced
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="pfsync-bundle")
-        self.on_reaped: Callable[[], None] | None = None  # after a wait for outcomes ended
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -155,22 +153,33 @@ class BatchSender:
         self._buf[key] = entry
         self._buf_bytes += len(entry.encoded()) + 1
         if self._full():
-            self._pump(final=False)
+            self._pump()
 
     def _full(self, bundles: int = 1) -> bool:
         return len(self._buf) >= bundles * self.max_entries or self._buf_bytes >= bundles * self.max_bytes
 
     def flush(self) -> None:
         """Send everything queued and wait until every entry has an outcome."""
-        self._pump(final=True)
+        while self.step():
+            pass
+
+    def step(self) -> bool:
+        """One round of `flush`: send what is queued (a partial Bundle too) while slots allow, then
+        wait for at least one outcome (or for the pacer); False once nothing is queued or in flight.
+        The caller may queue more between rounds (what waited for these outcomes)."""
+        self._reap(block=False)
+        self._check_stop()
+        wait_s = self._launch(final=True)
+        if not self._buf and not self._futures and not self._blocked and not self._groups:
+            return False
+        self._wait(wait_s)
+        return True
 
     def poll(self) -> None:
         """Take in answered Bundles, if any came back (a queue check when none did): the caller
         reads on while its resources wait for these ids, and the freed slots take ready Bundles."""
         if self._done:
             self._reap(block=False)
-            if self.on_reaped is not None:
-                self.on_reaped()
 
     def nudge(self) -> None:
         """Without waiting: take in finished Bundles and send what is queued, even a partial
@@ -181,28 +190,32 @@ class BatchSender:
         self._launch(final=True)
 
     # -- the loop
-    def _pump(self, final: bool) -> None:
+    def _pump(self) -> None:
+        """Send full Bundles while slots allow; wait for outcomes only while two Bundles are ready."""
         while True:
             self._reap(block=False)
-            if self._stopping():
-                self._drain_inflight()
-                raise InterruptedRunError("load stopped: the writes in flight have settled; a rerun resumes")
-            wait_s = self._launch(final)
-            if not final and not self._full(_READY):
+            self._check_stop()
+            wait_s = self._launch(final=False)
+            if not self._full(_READY):
                 # The caller goes on preparing entries while Bundles are in flight: waiting here
                 # with less than a Bundle queued left a slot empty at every answer while the next
                 # Bundle was being prepared (a quarter of a quota-off load ran one Bundle short).
                 return
-            if final and not self._buf and not self._futures and not self._blocked and not self._groups:
-                return
-            if self._futures:
-                self._reap(block=True)
-                if self.on_reaped is not None:
-                    self.on_reaped()  # what waited for these outcomes joins the queue now
-            elif wait_s > 0:
-                self._clock.sleep(wait_s)
-            elif not self._buf and self._blocked:
-                self._release_blocked(set(self._blocked))
+            self._wait(wait_s)
+
+    def _wait(self, wait_s: float) -> None:
+        """Wait for an outcome, or for the pacer, or release what waited for a write in flight."""
+        if self._futures:
+            self._reap(block=True)
+        elif wait_s > 0:
+            self._clock.sleep(wait_s)
+        elif not self._buf and self._blocked:
+            self._release_blocked(set(self._blocked))
+
+    def _check_stop(self) -> None:
+        if self._stopping():
+            self._drain_inflight()
+            raise InterruptedRunError("load stopped: the writes in flight have settled; a rerun resumes")
 
     def _launch(self, final: bool) -> float:
         """Start Bundles while slots, budget and entries allow; -> seconds to wait, if pacing."""

@@ -133,6 +133,10 @@ class LoadSettings:
     attachments: bool = True
     attachment_max_bytes: int = 50 * 1024 * 1024
     attachment_content_types: tuple[str, ...] = ()  # empty: any
+    # pfsync.load.idmap: the id map's memory cache (past it, lookups read SQLite).
+    idmap_cache_bytes: int = 32 * 1024 * 1024
+    # pfsync.load.writes: resources waiting in memory for targets whose writes are in flight.
+    park_max_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -448,6 +452,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("load.refresh_referenced_after", ("PFSYNC_REFRESH_REFERENCED_AFTER",), parse_duration, 604_800.0, "sync: referenced resources the export leaves out are re-read when a synced resource names them, and all of them once this long has passed since they last were (0: every run)."),
     Spec("load.attachments", ("PFSYNC_ATTACHMENTS",), _bool, True, "Copy attachments that point at the source into Medplum Binary."),
     Spec("load.attachment_max_bytes", ("PFSYNC_ATTACHMENT_MAX_BYTES",), _positive_int, 50 * 1024 * 1024, "Largest attachment copied (up to eight are in memory at once while copies run)."),
+    Spec("load.idmap_cache_bytes", ("PFSYNC_IDMAP_CACHE_BYTES",), _positive_int, 32 * 1024 * 1024, "Memory for the id map's cache (source id -> Medplum id; about 650 bytes per identity); past it, lookups read the id map on disk."),
+    Spec("load.park_max_bytes", ("PFSYNC_PARK_MAX_BYTES",), _positive_int, 16 * 1024 * 1024, "Memory for resources waiting for targets whose writes are in flight (about 8x their NDJSON size); past it they wait on disk."),
     Spec("load.attachment_content_types", ("PFSYNC_ATTACHMENT_CONTENT_TYPES",), _list, (), "Allowed attachment content types (empty: any)."),
     # --- sync & scheduling
     Spec("sync.interval_ms", ("PF_SYNC_INTERVAL_MS",), _positive_int, 86_400_000, "Interval of `pfsync sync --every` when no --every is given, in ms."),

@@ -104,7 +104,9 @@ class Loader:
         self._stop = stop
         self._events = events or NullSink()
         self._dir = state_dir / source.name
-        self._idmap = IdMap(self._dir / "idmap.sqlite", target=str(medplum.base_url))
+        self._idmap = IdMap(
+            self._dir / "idmap.sqlite", target=str(medplum.base_url), cache_bytes=settings.idmap_cache_bytes
+        )
         self.quarantine = WrappedLog(self._dir / "quarantine.ndjson", QUARANTINE)
         self.retry_queue = WrappedLog(self._dir / "retry.ndjson", RETRY)
         self._counts: dict[str, Counter[str]] = {}

@@ -9,7 +9,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY pfsync ./pfsync
-RUN pip install . && rm -rf /src
+# The image is the product only: the local sandboxes and their fault-injection routes stay out
+# (`pfsync sandbox` then says so). .dockerignore keeps them out of the build context too; the
+# rm holds even when the image is built from a context that ignores .dockerignore.
+RUN rm -rf pfsync/sandbox && pip install . && rm -rf /src
 
 # Non-root; state (checkpoints, export files, queues) under /work/state (mount a volume, or use
 # PFSYNC_STATE_BACKEND=medplum for stateless pods).

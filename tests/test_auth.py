@@ -33,15 +33,14 @@ from pfsync.core.errors import AuthError, ConfigError, HTTPError
 from pfsync.core.redact import MASK, Secret, redact
 from pfsync.core.settings import HttpSettings, SourceSettings
 from pfsync.net.http import RetryPolicy
+from pfsync.net.tokens import BearerAuth, origin_of
 from pfsync.source.auth import (
     ASSERTION_LIFETIME,
     JWT_BEARER,
-    BearerAuth,
     SourceAuthenticator,
     build_scopes,
     choose_scope_version,
     discover,
-    origin_of,
     resolve_method,
     source_auth,
     split_granted,

@@ -17,9 +17,10 @@ from pfsync.core.errors import AuthError
 from pfsync.core.redact import Secret
 from pfsync.core.settings import HttpSettings, MedplumSettings, SourceSettings
 from pfsync.medplum.auth import MedplumAuthenticator, OriginBasicAuth, medplum_auth
+from pfsync.net.tokens import BearerAuth
 from pfsync.sandbox.source.server import SourceSandbox
 from pfsync.sandbox.target.server import TargetSandbox
-from pfsync.source.auth import BearerAuth, SourceAuthenticator, source_auth
+from pfsync.source.auth import SourceAuthenticator, source_auth
 from pfsync.source.keys import KeyPair, generate_key_pair
 
 pytestmark = pytest.mark.integration

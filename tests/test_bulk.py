@@ -9,11 +9,11 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import orjson
 import pytest
+from doubles import ListSink
 from pytest_httpx import HTTPXMock
 from test_export_fakes import FakeClock
 
 from pfsync.core.errors import AuthError, ExportError, HTTPError, InterruptedRunError
-from pfsync.core.events import ListSink
 from pfsync.core.settings import ExportSettings, SourceSettings
 from pfsync.net.http import RetryPolicy
 from pfsync.source.bulk import (

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from chaos_helpers import Rig, RunOutcome, compare, mutate_source, plan_kill_points, queue_lines, run_sync
 
-from pfsync.sandbox.datagen import generate
+from pfsync.sandbox.source.datagen import generate
 
 
 def _chaos(tmp_path: Path, *, patients: int, kills: int, seed: int) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from pfsync.sandbox.datagen import generate, iter_resources
+from pfsync.sandbox.source.datagen import generate, iter_resources
 
 
 def _walk(value: Any, found: list[str], refs: list[str]) -> None:

@@ -6,7 +6,12 @@ than at `kubectl apply`; the structural checks then say what the deployment reli
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +87,82 @@ def test_deploy_dockerfile_shape() -> None:
     assert "pip install ." in text
     assert re.search(r"^USER (?!root|0\b)\S+", text, re.M)
     assert 'ENTRYPOINT ["pfsync"]' in text
+
+
+def _copied_into_image() -> list[tuple[str, str]]:
+    """The Dockerfile's COPY lines as (source, destination) pairs."""
+    text = (ROOT / "Dockerfile").read_text()
+    pairs = []
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            *sources, dest = line.split()[1:]
+            pairs += [(src, dest) for src in sources]
+    return pairs
+
+
+def _dockerignored(path: str) -> bool:
+    """Whether .dockerignore leaves `path` out of the build context (last matching rule wins)."""
+    ignored = False
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        rule = raw.strip()
+        if not rule or rule.startswith("#"):
+            continue
+        negate = rule.startswith("!")
+        pattern = rule.lstrip("!").rstrip("/").removeprefix("**/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(
+            fnmatch.fnmatch(p, pattern) or fnmatch.fnmatch(p.rsplit("/", 1)[-1], pattern) for p in prefixes
+        ):
+            ignored = not negate
+    return ignored
+
+
+def test_deploy_docker_image_holds_the_product_only() -> None:
+    copied = [src for src, _ in _copied_into_image()]
+    assert sorted(copied) == ["README.md", "pfsync", "pyproject.toml"]
+    assert not any(_dockerignored(p) for p in ("pyproject.toml", "README.md", "pfsync/cli/app.py"))
+    for left_out in ("pfsync/sandbox/source_faults.py", "pfsync/sandbox/target_faults.py", "tests/conftest.py",
+                     ".venv/bin/python", ".git/HEAD", ".pfsync/default/checkpoint.json"):  # fmt: skip
+        assert _dockerignored(left_out), left_out
+    # Whatever the context holds, the sandbox is removed before the install.
+    run = next(ln for ln in (ROOT / "Dockerfile").read_text().splitlines() if "pip install ." in ln)
+    assert run.index("rm -rf pfsync/sandbox") < run.index("pip install .")
+
+
+def _image_tree(tmp_path: Path) -> Path:
+    """What the Dockerfile installs: the copied files minus what it removes before `pip install .`."""
+    root = tmp_path / "image"
+    for src, _dest in _copied_into_image():
+        if (ROOT / src).is_dir():
+            shutil.copytree(ROOT / src, root / src, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (root / src).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / src, root / src)
+    shutil.rmtree(root / "pfsync" / "sandbox")
+    return root
+
+
+def _pfsync_in(tree: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    code = "import sys; from pfsync.cli import main; sys.argv[0] = 'pfsync'; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=tree, capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tree), "NO_COLOR": "1"})  # fmt: skip
+
+
+def test_deploy_image_without_sandbox_runs_and_says_sandbox_is_not_installed(tmp_path: Path) -> None:
+    tree = _image_tree(tmp_path)
+    help_run = _pfsync_in(tree, "--help")
+    assert help_run.returncode == 0, help_run.stderr
+    assert "Traceback" not in help_run.stderr
+    for command in ("sync", "status", "load", "export", "verify"):
+        shown = _pfsync_in(tree, command, "--help")
+        assert shown.returncode == 0 and "Traceback" not in shown.stderr, (command, shown.stderr)
+    result = _pfsync_in(tree, "sandbox")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error = json.loads(result.stderr.splitlines()[-1])  # not a terminal: the error is one JSON object
+    assert error["exitCode"] == 2 and "sandboxes are not installed here" in error["message"]
+    assert "pip install" in error["hint"]
 
 
 def test_deploy_crontab_example_line() -> None:

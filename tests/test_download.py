@@ -13,12 +13,12 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from doubles import ListSink
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_export_fakes import FakeClock, lines_of
 
 from pfsync.core.errors import AuthError, ExportError, HTTPError, InterruptedRunError
-from pfsync.core.events import ListSink
 from pfsync.core.ndjson import BadLine, Record, iter_file
 from pfsync.net.http import RetryPolicy
 from pfsync.source.bulk import JobExpired, ManifestFile, Origins
@@ -350,6 +350,19 @@ def test_download_retries_temporary_statuses(tmp_path: Path, status: int) -> Non
     d, _, clock = make_downloader(tmp_path, lambda r: next(answers))
     assert d.download(entry(), "Patient.1.ndjson").landed.lines == 5
     assert clock.slept == pytest.approx(2)
+
+
+def test_download_retry_decision_comes_from_the_classifier_every_5xx(tmp_path: Path) -> None:
+    # docs/bulk-data.md "Download": 5xx is retried, even one with a FHIR outcome that is not `transient`
+    # (a file's bytes are not the job's outcome); the decision is pfsync.http.DOWNLOAD_RULES'.
+    fatal = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "exception"}]}
+    answers = iter(
+        [httpx.Response(501, json=fatal, headers={"Retry-After": "3"}), httpx.Response(200, content=NDJSON)]
+    )
+    d, sink, clock = make_downloader(tmp_path, lambda r: next(answers))
+    assert d.download(entry(), "Patient.1.ndjson").landed.lines == 5
+    assert clock.slept == pytest.approx(3)
+    assert [e["willRetry"] for e in sink.of("download_error")] == [True]
 
 
 def test_download_gives_up_after_retries_and_lands_nothing(tmp_path: Path) -> None:

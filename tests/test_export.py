@@ -10,11 +10,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from doubles import ListSink
 from pytest_httpx import HTTPXMock
 from test_export_fakes import FakeClock
 
 from pfsync.core.errors import AuthError, ExportError, InterruptedRunError, UsageError
-from pfsync.core.events import ListSink
 from pfsync.core.ndjson import iter_paths
 from pfsync.core.settings import ExportSettings, SourceSettings
 from pfsync.source.bulk import ExportRequest

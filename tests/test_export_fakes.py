@@ -33,7 +33,7 @@ class FakeClock:
 class SandboxAuth(httpx.Auth):
     """Bearer tokens from the source sandbox (client_secret_basic), renewed once on a 401.
 
-    A stand-in for pfsync.source.auth.BearerAuth in tests of the export alone: it adds the token to every
+    A stand-in for pfsync.net.tokens.BearerAuth in tests of the export alone: it adds the token to every
     request it is given, so the tests prove that the export itself withholds it from foreign origins.
     """
 

@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from doubles import ListSink
 from test_export_fakes import FakeClock
 
 from pfsync.core.errors import AuthError, ConfigError, ExportError
-from pfsync.core.events import ListSink
 from pfsync.core.redact import Secret
 from pfsync.core.settings import ExportSettings, Settings, SourceSettings
 from pfsync.net.http import RetryPolicy

@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from doubles import ListSink
 from test_export_fakes import FakeClock, SandboxAuth, lines_of
 
 from pfsync.core.errors import ExportError, InterruptedRunError
-from pfsync.core.events import ListSink
 from pfsync.core.redact import Secret
 from pfsync.core.settings import ExportSettings, SourceSettings
 from pfsync.net.http import RetryPolicy

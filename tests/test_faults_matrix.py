@@ -21,8 +21,8 @@ import orjson
 import pytest
 from chaos_helpers import Rig, compare, queue_lines, run_sync, source_resources
 
-from pfsync.sandbox.datagen import generate
 from pfsync.sandbox.run import TARGET_CLIENT_ID
+from pfsync.sandbox.source.datagen import generate
 from pfsync.sandbox.target.quota import AUTH_REQUESTS_PER_MINUTE
 
 Arm = Callable[[Rig], None]

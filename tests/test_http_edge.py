@@ -1,4 +1,4 @@
-"""Unit tests of the one request path (pfsync.net.http) and the URL rules (pfsync.net.policy): the
+"""Unit tests of the one request path (pfsync.net.http) and the URL rules (pfsync.core.netpolicy): the
 classifier, waits, paging and decoding helpers in isolation. The same rules over real HTTP are in
 tests/test_hostile_*.py."""
 
@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from pfsync.core.errors import InterruptedRunError, ProtocolError
+from pfsync.core.netpolicy import parse_networks, shown_url, url_problem
 from pfsync.medplum.asyncbatch import AsyncBatchRunner
 from pfsync.net.http import (
     DECODE_CHUNK,
@@ -23,7 +24,6 @@ from pfsync.net.http import (
     next_link,
     request_with_retry,
 )
-from pfsync.net.policy import parse_networks, shown_url, url_problem
 
 
 class FakeClock:
@@ -159,8 +159,8 @@ def test_a_host_name_resolving_to_a_special_purpose_address_is_refused(
 ) -> None:
     import socket
 
+    from pfsync.core import netpolicy
     from pfsync.core.settings import HttpSettings
-    from pfsync.net import policy as netpolicy
     from pfsync.net.http import make_client
 
     def fake(host: str, *args: object, **kwargs: object) -> list[tuple[object, ...]]:

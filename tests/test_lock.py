@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from pfsync.core.errors import ExitCode, LockedError
+from pfsync.sync.holders import Holder, Lease
 from pfsync.sync.lock import FileLock, check_lease, lease_expired, new_lease
-from pfsync.sync.state import Holder, LocalStateStore, SyncState
+from pfsync.sync.state import LocalStateStore, SyncState
 
 ME = Holder(4242, "host-a", "2026-01-01T00:00:00.000Z")
 
@@ -43,7 +44,7 @@ def test_file_lock_stale_file_is_not_a_holder(tmp_path: Path) -> None:
 def test_file_lock_freed_when_holder_is_killed(tmp_path: Path) -> None:
     path = tmp_path / "lock"
     code = (
-        "import sys,time; from pfsync.sync.lock import FileLock; from pfsync.sync.state import Holder;"
+        "import sys,time; from pfsync.sync.lock import FileLock; from pfsync.sync.holders import Holder;"
         f"FileLock.acquire({str(path)!r}, Holder.me()); print('held', flush=True); time.sleep(60)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -77,12 +78,11 @@ def test_lease_expiry_and_check() -> None:
     assert lease_expired(lease, now + 61)
     state = SyncState(source="a", lease=lease)
     with pytest.raises(LockedError, match="pid 4242 on host-a"):
-        check_lease(state, now)
-    check_lease(state, now, mine=lease.token)  # our own lease
-    check_lease(state, now + 61)  # expired: free to take
+        check_lease(state.source, state.lease, now)
+    check_lease(state.source, state.lease, now, mine=lease.token)  # our own lease
+    check_lease(state.source, state.lease, now + 61)  # expired: free to take
 
 
 def test_lease_with_garbage_expiry_counts_as_expired() -> None:
-    from pfsync.sync.state import Lease
 
     assert lease_expired(Lease("x", "t", "garbage"), 0.0)

@@ -14,7 +14,7 @@ from pfsync.core.errors import AuthError, ConfigError
 from pfsync.core.redact import MASK, Secret, redact
 from pfsync.core.settings import HttpSettings, MedplumSettings
 from pfsync.medplum.auth import MedplumAuthenticator, OriginBasicAuth, medplum_auth
-from pfsync.source.auth import BearerAuth
+from pfsync.net.tokens import BearerAuth
 
 BASE = "https://medplum.example.com/"
 TOKEN = BASE + "oauth2/token"

@@ -103,7 +103,7 @@ def test_auth_test_metadata_404_is_a_wrong_base_url(httpx_mock: HTTPXMock) -> No
 
 
 def test_auth_test_clock_shows_no_minus_zero(httpx_mock: HTTPXMock) -> None:
-    from pfsync.sync.authcheck import _clock_check
+    from pfsync.sync.authcheck_report import clock_check as _clock_check
 
     clock = FakeClock(t=1_700_000_000.4)  # the Date header has whole seconds: 0.4 s behind
     response = httpx.Response(200, headers={"Date": email.utils.formatdate(clock.now(), usegmt=True)})

@@ -74,19 +74,58 @@ def test_load_refuses_what_is_not_ndjson_before_any_request(
     assert fragment in result.stderr
 
 
-def test_load_a_resource_too_large_for_a_bundle_hints_at_async_batch(
+def _big_patient(sid: str, size: int) -> dict[str, object]:
+    div = '<div xmlns="http://www.w3.org/1999/xhtml">' + "x" * size + "</div>"
+    return {"resourceType": "Patient", "id": sid, "text": {"status": "generated", "div": div}}
+
+
+def _load_env(target: TargetSandbox, tmp_path: Path) -> dict[str, str]:
+    return {"MEDPLUM_BASE_URL": target.base_url, "MEDPLUM_CLIENT_ID": TARGET_CLIENT,
+            "MEDPLUM_CLIENT_SECRET": TARGET_SECRET, "PFSYNC_STATE_DIR": str(tmp_path / "s"),
+            "PFSYNC_LOG_FORMAT": "json"}  # fmt: skip
+
+
+def test_load_a_resource_too_large_for_a_bundle_goes_as_an_async_batch_by_itself(
     target: TargetSandbox, tmp_path: Path
 ) -> None:
-    div = '<div xmlns="http://www.w3.org/1999/xhtml">' + "x" * 1_200_000 + "</div>"
-    big = {"resourceType": "Patient", "id": "big", "text": {"status": "generated", "div": div}}
-    data = write_ndjson(tmp_path / "big.ndjson", [big])
-    env = {"MEDPLUM_BASE_URL": target.base_url, "MEDPLUM_CLIENT_ID": TARGET_CLIENT,
-           "MEDPLUM_CLIENT_SECRET": TARGET_SECRET, "PFSYNC_STATE_DIR": str(tmp_path / "s"),
-           "PFSYNC_LOG_FORMAT": "human"}  # fmt: skip
-    result = CliRunner().invoke(app, ["load", str(data)], env=env)
+    small = [{"resourceType": "Patient", "id": f"p{i}"} for i in range(3)]
+    data = write_ndjson(tmp_path / "big.ndjson", [small[0], _big_patient("big", 1_200_000), *small[1:]])
+    result = CliRunner().invoke(app, ["load", str(data)], env=_load_env(target, tmp_path))
+    assert result.exit_code == 0, result.output  # no manual --async-batch step
+    assert orjson.loads(result.stdout)["byType"]["Patient"]["created"] == 4
+    assert target.count("Patient") == 4 and target.count("AsyncJob") == 1  # the others stay synchronous
+    routed = [orjson.loads(x) for x in result.stderr.splitlines() if '"event":"load_async_batch"' in x]
+    assert [r["eventDetail"]["id"] for r in routed] == ["big"]
+
+
+def test_load_a_resource_the_server_refuses_as_too_large_alone_is_sent_async(
+    target: TargetSandbox, tmp_path: Path
+) -> None:
+    data = write_ndjson(tmp_path / "one.ndjson", [_big_patient("p1", 3000)])
+    before = target.max_json_size
+    target.max_json_size = 2000  # a server whose synchronous limit is lower than 1 MiB
+    try:
+        result = CliRunner().invoke(app, ["load", str(data)], env=_load_env(target, tmp_path))
+    finally:
+        target.max_json_size = before
+    assert result.exit_code == 0, result.output
+    assert target.count("Patient") == 1 and target.count("AsyncJob") == 1
+
+
+def test_load_a_resource_too_large_even_for_an_async_batch_is_quarantined_with_a_hint(
+    target: TargetSandbox, tmp_path: Path
+) -> None:
+    data = write_ndjson(tmp_path / "big.ndjson", [_big_patient("big", 1_200_000)])
+    before = target.max_batch_size
+    target.max_batch_size = 1_100_000  # a server configured below the resource's size
+    try:
+        result = CliRunner().invoke(app, ["load", str(data)], env={**_load_env(target, tmp_path),
+                                                                    "PFSYNC_LOG_FORMAT": "human"})  # fmt: skip
+    finally:
+        target.max_batch_size = before
     assert result.exit_code == 6, result.output
-    assert "hint: 1 resource too large for a synchronous Bundle load with --async-batch" in result.stderr
-    assert "pfsync load --async-batch " in result.stderr
+    assert "too large for Medplum even as an async batch job" in result.stderr
+    assert target.count("Patient") == 0
 
 
 def test_load_one_bad_first_line_among_resources_is_left_to_quarantine(

@@ -46,3 +46,18 @@ def test_sync_progress_follows_each_source_through_its_phases() -> None:
         "sync_source_complete", source="a", outcome="ok", counts={"Patient": {"created": 3, "updated": 1}}
     )
     assert _lines(progress)["a"] == "ok (4 written)"
+
+
+def test_export_progress_lines_fit_80_columns_with_a_uuid_export_id() -> None:
+    from rich.progress import Progress, TextColumn
+
+    from pfsync.cli.export import ProgressSink
+
+    progress = Progress(TextColumn("{task.description}"), console=Console(file=io.StringIO(), width=80))
+    sink = ProgressSink(progress)
+    job = "bc896679-3287-4b1c-940d-fc625547de8d"
+    sink.emit("kickoff", exportId=job, resumed=False)
+    sink.emit("status_progress", exportId=job, progress="21% complete", retryIn=1.5)
+    sink.emit("status_complete", exportId=job, transactionTime="2026-12-05T12:36:13.569Z")
+    (status, _total) = progress.tasks
+    assert status.description == "export bc896679: complete at 2026-12-05T12:36:13.569Z"

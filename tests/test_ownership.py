@@ -9,10 +9,9 @@ import orjson
 import pytest
 
 from pfsync.core.errors import ConfigError, ExitCode
+from pfsync.core.marks import HASH_TAG_SYSTEM, OWNER_TAG_SYSTEM
 from pfsync.core.settings import SourceSettings, load_settings
 from pfsync.load.transform import (
-    HASH_TAG_SYSTEM,
-    OWNER_TAG_SYSTEM,
     Ref,
     Target,
     TransformContext,

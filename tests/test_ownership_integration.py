@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pfsync.cli import app
-from pfsync.load.transform import OWNER_TAG_SYSTEM
+from pfsync.core.marks import OWNER_TAG_SYSTEM
 from pfsync.sandbox.source.server import SourceSandbox
 from pfsync.sandbox.target.server import TargetSandbox
 

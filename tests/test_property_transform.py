@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pfsync.core.marks import HASH_TAG_SYSTEM, resource_hash_from_meta
 from pfsync.core.settings import SourceSettings
 from pfsync.load.transform import (
-    HASH_TAG_SYSTEM,
     Ref,
     Target,
     TransformContext,
@@ -26,7 +26,6 @@ from pfsync.load.transform import (
     parse_reference,
     prepare,
     render,
-    resource_hash_from_meta,
 )
 
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,8 +14,8 @@ import pytest
 from load_helpers import SYNTHEA_SMALL, load_all, make_loader, write_ndjson
 from target_fixtures import fhir_client
 
+from pfsync.core.marks import LOGICAL_TAG
 from pfsync.core.settings import LoadSettings
-from pfsync.load.transform import LOGICAL_TAG
 from pfsync.sandbox.target.server import TargetSandbox
 
 

@@ -16,12 +16,12 @@ from target_fixtures import fhir_client
 from typer.testing import CliRunner
 
 from pfsync.cli import app
+from pfsync.core.instants import iso
 from pfsync.core.settings import LoadSettings, SourceSettings
 from pfsync.load.loader import Loader, LoadResult
 from pfsync.load.references import export_types
 from pfsync.sandbox.source.server import SourceSandbox
 from pfsync.sandbox.target.server import TargetSandbox
-from pfsync.sync.state import iso
 from pfsync.sync.state_medplum import MedplumStateStore
 
 PF = "https://practicefusion.com/fhir/"

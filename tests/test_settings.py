@@ -282,3 +282,39 @@ def test_settings_download_allowlist_refuses_plain_http_to_other_hosts(tmp_path:
             env={"PF_FHIR_BASE_URL": BASE, "PFSYNC_DOWNLOAD_ALLOWLIST": "http://storage.example.com"},
             cwd=tmp_path,
         )
+
+
+def test_settings_each_default_is_declared_once_in_its_dataclass() -> None:
+    from pfsync.core.settings_specs import FROM_DATACLASS, field_default
+
+    for spec in SPECS:
+        own = field_default(spec.key)
+        if own is FROM_DATACLASS:  # a field every source must set: only its Spec says what "unset" is
+            assert spec.required_default is not FROM_DATACLASS, spec.key
+        else:
+            assert spec.required_default is FROM_DATACLASS, f"{spec.key}: default declared twice"
+            assert spec.default == own and type(spec.default) is type(own), spec.key
+
+
+def test_settings_resolved_defaults_equal_the_dataclass_defaults(tmp_path: Path) -> None:
+    from pfsync.core.settings import (
+        ExportSettings,
+        HttpSettings,
+        LoadSettings,
+        MedplumSettings,
+        Settings,
+        SourceSettings,
+        SyncSettings,
+    )
+
+    s = load_settings(cwd=tmp_path, env={"PF_FHIR_BASE_URL": BASE})
+    bare = Settings(sources=())
+    assert (s.medplum, s.http, s.export, s.load, s.sync) == (
+        MedplumSettings(), HttpSettings(), ExportSettings(), LoadSettings(), SyncSettings()
+    )  # fmt: skip
+    assert (s.state_backend, s.state_dir, s.log_format) == (
+        bare.state_backend,
+        bare.state_dir,
+        bare.log_format,
+    )
+    assert s.sources == (SourceSettings(name="default", base_url=BASE),)

@@ -8,21 +8,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+from doubles import MemoryStateStore
 
 from pfsync.core.errors import LockedError, StateError
-from pfsync.sync.state import (
-    Holder,
-    InFlight,
-    LastRun,
-    Lease,
-    LocalStateStore,
-    MemoryStateStore,
-    SyncState,
-    iso,
-    parse_iso,
-    source_dir,
-    write_atomic,
-)
+from pfsync.core.instants import iso, parse_iso
+from pfsync.core.statedir import source_dir
+from pfsync.sync.holders import Holder, Lease
+from pfsync.sync.state import InFlight, LastRun, LocalStateStore, SyncState, write_atomic
 
 FULL = SyncState(
     source="practice-a",

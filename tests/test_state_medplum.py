@@ -1,5 +1,5 @@
 """The Medplum state backend over real HTTP against the target sandbox: Basic by identifier,
-If-Match writes, the lease, and adopting the seed integration's Parameters checkpoint."""
+If-Match writes, the lease, and adopting the Medplum Practice Fusion bot integration's Parameters checkpoint."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 
 from pfsync.core.errors import LockedError, StateError
 from pfsync.sandbox.target.server import TargetSandbox
+from pfsync.sync.holders import Holder
 from pfsync.sync.lock import new_lease
-from pfsync.sync.state import Holder, InFlight, SyncState
+from pfsync.sync.state import InFlight, SyncState
 from pfsync.sync.state_medplum import STATE_SYSTEM, MedplumStateStore, find_seed_checkpoint
 
 ME = Holder(1, "pod-a", "2026-01-01T00:00:00.000Z")

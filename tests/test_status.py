@@ -11,8 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from pfsync.cli import app
+from pfsync.core.instants import iso
+from pfsync.sync.holders import Holder
 from pfsync.sync.metrics import render, write_metrics
-from pfsync.sync.state import Holder, LastRun, LocalStateStore, SyncState, iso
+from pfsync.sync.state import LastRun, LocalStateStore, SyncState
 from pfsync.sync.status import count_lines
 
 runner = CliRunner()

@@ -3,29 +3,24 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from doubles import MemoryStateStore
 
 from pfsync.core.errors import ConfigError, ExitCode, ExportError
 from pfsync.core.settings import Settings, SourceSettings, SyncSettings
 from pfsync.source.bulk import ExportRequest
 from pfsync.source.exportjob import LandedFile
-from pfsync.sync.run import (
-    SEVERITY,
-    parse_shard,
-    select_sources,
-    shard_of,
-    sync_all,
-    sync_source,
-    worst_exit_code,
-)
-from pfsync.sync.state import Holder, MemoryStateStore, SyncState
+from pfsync.sync.holders import Holder
+from pfsync.sync.results import SEVERITY, worst_exit_code
+from pfsync.sync.run import sync_all, sync_source
+from pfsync.sync.sources import parse_shard, select_sources, shard_of
+from pfsync.sync.state import SyncState
 
 TT1, TT2 = "2026-01-01T00:00:00.000Z", "2026-01-02T00:00:00.000Z"
 
@@ -51,8 +46,33 @@ class FakeLoader:
     def apply_deleted(self, path: Path) -> None:
         self.log.append(f"delete {path.name}")
 
-    def finish(self) -> Any:
-        return SimpleNamespace(counts=self.counts, quota_used=7)
+    def expect_types(self, types: Iterable[str] | None) -> None:
+        return None
+
+    def refresh_referenced(self, delivered: Iterable[str] | None, last_whole: str | None = None) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+    def mark_loaded(self, key: str) -> None:
+        return None  # every file of a resumed run is offered again
+
+    def is_loaded(self, key: str) -> bool:
+        return False
+
+    @property
+    def referenced_refreshed_at(self) -> float | None:
+        return None
+
+    def finish(self) -> FakeSummary:
+        return FakeSummary(self.counts, quota_used=7)
+
+
+@dataclass(frozen=True)
+class FakeSummary:
+    by_type: dict[str, dict[str, int]]
+    quota_used: int
 
 
 @dataclass
@@ -68,6 +88,7 @@ class FakeEngines:
     export_error: Exception | None = None
     stop: threading.Event | None = None
     log: list[str] = field(default_factory=list)
+    proved: int = 0
     requests: list[tuple[ExportRequest, Path]] = field(default_factory=list)
 
     def run_export(self, request: ExportRequest, out_dir: Path, on_file: Callable[[LandedFile], None]) -> str:
@@ -92,6 +113,9 @@ class FakeEngines:
     def seed_checkpoint(self) -> str | None:
         return self.seed
 
+    def prove_credentials(self) -> None:
+        self.proved += 1
+
     def close(self) -> None:
         return None
 
@@ -104,7 +128,7 @@ def _settings(tmp_path: Path, *sources: SourceSettings, **sync: Any) -> Settings
 def _run(
     settings: Settings, store: MemoryStateStore, engines: FakeEngines, stop: threading.Event | None = None
 ) -> Any:
-    return sync_source(settings, settings.sources[0], store, engines, stop=stop or threading.Event())
+    return sync_source(settings, settings.sources[0], store, lambda: engines, stop=stop or threading.Event())
 
 
 def test_sync_first_run_is_full_then_incremental_with_overlap(tmp_path: Path) -> None:
@@ -114,6 +138,7 @@ def test_sync_first_run_is_full_then_incremental_with_overlap(tmp_path: Path) ->
     assert engines.requests[0][0].since is None
     # retry queue first; deleted files after every output file
     assert engines.log == ["retry", "load Patient.1", "load Obs.1", "delete del.1"]
+    assert engines.proved == 1  # every run proves its credentials, before any work
     state = store.load("a")
     assert state.transaction_time == TT1 and state.in_flight is None and state.last_success
     engines2 = FakeEngines(tt=TT2)

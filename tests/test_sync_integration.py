@@ -90,7 +90,7 @@ def test_sync_medplum_backend_lease_refuses_second_run(
 ) -> None:
     import httpx
 
-    from pfsync.sync.state import Holder
+    from pfsync.sync.holders import Holder
     from pfsync.sync.state_medplum import MedplumStateStore
 
     store = MedplumStateStore(httpx.Client(auth=("pfsync-target", "target-secret")), target.fhir_url)

@@ -20,8 +20,8 @@ from sync_helpers import checkpoint, kill, run, spawn, summary, sync_env, wait_u
 from pfsync.core.errors import LockedError
 from pfsync.sandbox.source.server import SourceSandbox
 from pfsync.sandbox.target.server import TargetSandbox
+from pfsync.sync.holders import Holder
 from pfsync.sync.lock import FileLock
-from pfsync.sync.state import Holder
 from pfsync.sync.state_medplum import MedplumStateStore
 
 GROUP = "bulk-data-testing-group"
@@ -129,10 +129,7 @@ def test_sync_medplum_lease_renewed_during_one_long_load(
             return Slow()
 
     engines = SlowEngines(settings, settings.sources[0], threading.Event())
-    try:
-        result = sync_source(settings, settings.sources[0], store, engines, stop=threading.Event())
-    finally:
-        engines.close()
+    result = sync_source(settings, settings.sources[0], store, lambda: engines, stop=threading.Event())
     assert result.exit_code == 0, result.error
     assert refused and set(refused) == {"refused"}
 

@@ -13,9 +13,9 @@ import orjson
 import pytest
 
 from pfsync.core.errors import ExitCode
+from pfsync.sync.holders import Holder
 from pfsync.sync.lock import FileLock
 from pfsync.sync.schedule import run_every, stop_on_signals
-from pfsync.sync.state import Holder
 
 
 def test_run_every_runs_until_stopped_and_survives_failures() -> None:

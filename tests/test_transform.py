@@ -7,20 +7,17 @@ from typing import Any
 import orjson
 import pytest
 
+from pfsync.core.marks import HASH_TAG_SYSTEM, escape_token, identifier_query, resource_hash_from_meta
 from pfsync.core.settings import SourceSettings
 from pfsync.load.transform import (
-    HASH_TAG_SYSTEM,
     Ref,
     Target,
     TransformContext,
     TransformError,
     collect_refs,
-    escape_token,
-    identifier_query,
     parse_reference,
     prepare,
     render,
-    resource_hash_from_meta,
 )
 
 BASE = "https://ehr.example/fhir/r4/v1/abc"

@@ -16,8 +16,8 @@ from sync_helpers import PF_SYSTEM, sync_env
 from typer.testing import CliRunner
 
 from pfsync.cli import app
+from pfsync.core.marks import OWNER_TAG_SYSTEM
 from pfsync.load.idmap import fetched_identities
-from pfsync.load.transform import OWNER_TAG_SYSTEM
 from pfsync.sandbox.source.server import SourceSandbox
 from pfsync.sandbox.target.server import TargetSandbox
 

@@ -18,7 +18,8 @@ from pfsync.core.settings import Settings, identifier_system, load_settings
 from pfsync.load.loader import Loader
 from pfsync.medplum.auth import medplum_auth
 from pfsync.sandbox.target.server import TargetSandbox
-from pfsync.verify.verifier import VerifyOptions, verify
+from pfsync.verify.report import VerifyOptions
+from pfsync.verify.verifier import verify
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ import pytest
 from pfsync.core.errors import UsageError
 from pfsync.source.bulk import ExportRequest
 from pfsync.source.exportjob import ExportDir, ExportJob
+from pfsync.verify.exports import is_incremental, latest_export
 from pfsync.verify.report import Finding, TypeCounts, VerifyReport
-from pfsync.verify.verifier import is_incremental, latest_export
 
 
 def make_export(path: Path, kicked_off: float, state: str = "complete", since: str | None = None) -> Path:

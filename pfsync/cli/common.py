@@ -14,7 +14,7 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import orjson
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from pfsync.core.errors import ExitCode, PfsyncError, exit_code_for
 from pfsync.core.log import LOGGER_NAME, current_format, make_console, setup_logging
@@ -55,6 +56,16 @@ def err_console() -> Console:
 
 def out_console() -> Console:
     return make_console(sys.stdout, stderr=False)
+
+
+def result_table(title: str, first: str, names: Iterable[str] = ()) -> Table:
+    """A result table for a terminal, narrow enough for 80 columns: no rules between columns, one
+    space between them, and the first column (resource types, sources) never cut: `names` are its
+    values, so its width is the longest of them (rich cut "AllergyIntolerance" to "Aller…")."""
+    table = Table(title=title, title_justify="left", box=None, padding=(0, 1, 0, 0), pad_edge=False,
+                  header_style="bold underline")  # fmt: skip
+    table.add_column(first, no_wrap=True, min_width=max((len(n) for n in names), default=len(first)))
+    return table
 
 
 # Flags every command that reads settings accepts (README's settings table); build_settings picks
@@ -95,6 +106,8 @@ def build_settings(ctx: typer.Context, flags: dict[str, Any] | None = None) -> S
     settings = load_settings(flags=all_flags, env=dict(os.environ), config_path=opts.config)
     logger = setup_logging(settings.log_format, opts.verbosity)
     opts.resolved_format = current_format()
+    if opts.resolved_format == "human" and opts.verbosity == 0 and err_console().is_terminal:
+        logger.setLevel(logging.WARNING)  # README "Output": on a terminal, warnings and errors (-v: all)
     for warning in settings.warnings:
         logger.warning(warning, extra={"event": "config_warning"})
     return settings

@@ -23,7 +23,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
 
 from pfsync.cli.app import app
 from pfsync.cli.common import (
@@ -34,6 +33,7 @@ from pfsync.cli.common import (
     err_console,
     live_display,
     out_console,
+    result_table,
     run,
     wants_json,
 )
@@ -59,6 +59,12 @@ def parse_since(value: str) -> str:
     return text + (f".{when.microsecond // 1000:03d}" if when.microsecond else "") + "Z"
 
 
+def _short_id(detail: dict[str, Any]) -> str:
+    """An export id as a progress line shows it: its first 8 characters (a UUID left the line no
+    room on an 80-column terminal; the result table names it whole)."""
+    return str(detail.get("exportId") or "")[:8]
+
+
 class ProgressSink:
     """Export events as a rich progress display: polling state, each file's bytes and rate, totals."""
 
@@ -74,18 +80,18 @@ class ProgressSink:
         with self._lock:
             p = self.progress
             if event == "kickoff":
-                text = f"export {d.get('exportId', '')}: " + ("resumed" if d.get("resumed") else "kicked off")
+                text = f"export {_short_id(d)}: " + ("resumed" if d.get("resumed") else "kicked off")
                 self.status = p.add_task(text, total=None)
                 self.total = p.add_task("total", total=None)
             elif event == "status_progress" and self.status is not None:
-                p.update(self.status, description=f"export {d['exportId']}: waiting ({d.get('progress') or 'no progress reported'}), next poll in {d.get('retryIn')}s")  # fmt: skip
+                p.update(self.status, description=f"export {_short_id(d)}: waiting ({d.get('progress') or 'no progress reported'}), next poll in {d.get('retryIn')}s")  # fmt: skip
             elif event == "status_error" and self.status is not None:
                 p.update(
                     self.status,
-                    description=f"export {d['exportId']}: server said {d.get('status')}, retrying",
+                    description=f"export {_short_id(d)}: server said {d.get('status')}, retrying",
                 )
             elif event == "status_complete" and self.status is not None:
-                p.update(self.status, description=f"export {d['exportId']}: complete at {d['transactionTime']}",
+                p.update(self.status, description=f"export {_short_id(d)}: complete at {d['transactionTime']}",
                          total=1, completed=1)  # fmt: skip
             elif event == "download_request":
                 self.files[d["name"]] = p.add_task(d["name"], total=None)
@@ -264,9 +270,9 @@ def _render(results: list[Any], seconds: float, json_out: bool) -> None:
         return
     console = out_console()
     for doc in docs:
-        table = Table(title=f"{doc['outDir']}: export {doc['exportId']} at {doc['transactionTime']}")
-        table.add_column("type")
-        table.add_column("resources", justify="right")
+        title = f"{doc['outDir']}: export {doc['exportId']} at {doc['transactionTime']}"
+        table = result_table(title, "type", [*doc["types"], "deleted files"])
+        table.add_column("resources", justify="right", no_wrap=True)
         for rtype, lines in sorted(doc["types"].items()):
             table.add_row(rtype, str(lines))
         table.add_row("deleted files", str(doc["deletedFiles"]))

@@ -18,7 +18,6 @@ from typing import Annotated, Any
 import orjson
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from typer.core import TyperCommand
 
 from pfsync.cli.app import app
@@ -32,22 +31,25 @@ from pfsync.cli.common import (
     live_display,
     out_console,
     plural,
+    result_table,
     run,
     wants_json,
 )
+from pfsync.core.counts import COUNT_KEYS
 from pfsync.core.errors import PartialLoadError, TemporaryError, UsageError
 from pfsync.core.events import EventSink, FanoutSink
 from pfsync.core.log import LogSink
 from pfsync.core.ndjson import iter_paths, open_binary
 from pfsync.core.settings import Settings, SourceSettings, require
+from pfsync.core.statedir import QUARANTINE_FILE, source_dir
 from pfsync.load.loader import Loader, LoadResult, load
 from pfsync.load.quarantine import is_wrapped
 from pfsync.medplum.auth import medplum_auth
 from pfsync.net.http import make_client
 from pfsync.sync.schedule import stop_on_signals
-from pfsync.sync.state import QUARANTINE_FILE, source_dir
 
-COLUMNS = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")
+COLUMNS = COUNT_KEYS
+_HEADERS = {"retry_queued": "queued"}  # as in pfsync sync's table
 
 
 class LoadProgress:
@@ -78,7 +80,7 @@ class LoadProgress:
 
 
 class QuarantineReasons:
-    """Notes whether a resource was quarantined for its size (it would load with --async-batch)."""
+    """Counts resources quarantined for their size: too large even for an async batch job."""
 
     def __init__(self) -> None:
         self.too_large = 0
@@ -162,19 +164,22 @@ def render_summary(result: LoadResult, json_out: bool, upsert_mode: str = "direc
     if wants_json(json_out):
         doc = {"byType": result.by_type, "normalized": result.normalized, "quotaUsed": result.quota_used,
                "requests": result.requests, "durationSeconds": round(result.duration, 3), "dryRun": result.dry_run,
-               "logicalReferences": result.logical_references, "stats": result.stats}  # fmt: skip
+               "logicalReferences": result.logical_references,
+               "logicalReferencesHeld": result.logical_references_held, "stats": result.stats}  # fmt: skip
         if estimate is not None:
             doc["quotaEstimate"] = estimate
         sys.stdout.write(orjson.dumps(doc).decode() + "\n")
         return
     title = "pfsync load (dry run: nothing written)" if result.dry_run else "pfsync load"
-    table = Table(title=title)
-    table.add_column("type")
-    for col in (*COLUMNS, "normalized"):
-        table.add_column(col.replace("_", " "), justify="right")
+    table = result_table(title, "type", result.by_type)
+    fixed = any(result.normalized.values())  # a column of zeros would not fit 80 columns
+    for col in (*COLUMNS, "normalized") if fixed else COLUMNS:
+        table.add_column(_HEADERS.get(col, col), justify="right", no_wrap=True)
     for rtype, counts in result.by_type.items():
-        table.add_row(rtype, *(str(counts.get(c, 0)) for c in COLUMNS), str(result.normalized.get(rtype, 0)))
-    table.add_row("total", *(str(result.total(c)) for c in COLUMNS), str(sum(result.normalized.values())))
+        norm = [str(result.normalized.get(rtype, 0))] if fixed else []
+        table.add_row(rtype, *(str(counts.get(c, 0)) for c in COLUMNS), *norm)
+    norm = [str(sum(result.normalized.values()))] if fixed else []
+    table.add_row("total", *(str(result.total(c)) for c in COLUMNS), *norm, style="bold")
     console = out_console()
     console.print(table)
     if estimate is not None:
@@ -185,9 +190,12 @@ def render_summary(result: LoadResult, json_out: bool, upsert_mode: str = "direc
         cost = f"{plural(result.requests, 'request')}, about {result.quota_used:,} quota points"
     console.print(f"{cost}, {result.duration:.1f} s", markup=False)
     if result.logical_references:
+        n = result.logical_references
+        held = result.logical_references_held
         console.print(
-            f"{plural(result.logical_references, 'resource')} in the id map still hold logical references "
-            "(their targets are not in Medplum yet; a later run upgrades them)",
+            f"{plural(n, 'resource')} of this load {'keeps' if n == 1 else 'keep'} logical references "
+            "(their targets are not in Medplum yet; a later run upgrades them)"
+            + (f"; {held:,} in the id map in all" if held > n else ""),
             markup=False,
         )
 
@@ -206,9 +214,11 @@ def outcome_error(
         hint = (f"each reason is in {where}; fix the cause, then replay it: pfsync load {where}" if quarantine
                 else f"see {where}; fix and replay it with pfsync load")  # fmt: skip
         if too_large:
-            # docs/medplum.md "Size limits": a synchronous Bundle is refused over 1 MiB; async takes more.
-            hint = (f"{plural(too_large, 'resource')} too large for a synchronous Bundle load with --async-batch "
-                    f"(PFSYNC_ASYNC_BATCH=true): pfsync load --async-batch {where}; " + hint)  # fmt: skip
+            # docs/medplum.md "Size limits": what a synchronous Bundle refuses (over 1 MiB) is sent as an
+            # async batch job by itself; this is over Medplum's maxBatchSize (50 MB by default) too.
+            hint = (f"{plural(too_large, 'resource')} too large for Medplum even as an async batch job (its "
+                    "maxBatchSize, 50 MB by default): shrink them (large attachments belong in Binary) or raise "
+                    "the server's limit; " + hint)  # fmt: skip
         return PartialLoadError(
             f"{plural(n, 'resource')} {'was' if n == 1 else 'were'} quarantined", hint=hint
         )

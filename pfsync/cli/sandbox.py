@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -15,6 +16,23 @@ from pfsync.cli.common import err_console, error_format, errors_handled
 from pfsync.cli.common import state as global_options
 from pfsync.core.errors import UsageError
 from pfsync.core.log import setup_logging
+
+if TYPE_CHECKING:  # not at run time: the Docker image has no pfsync.sandbox
+    from pfsync.sandbox.run import Sandboxes
+
+
+def _sandbox_runner() -> tuple[Callable[[dict[str, str]], list[str]], Callable[..., Sandboxes]]:
+    """pfsync.sandbox's entry points; a UsageError where it is not installed (the Docker image)."""
+    try:
+        from pfsync.sandbox.run import env_lines, start_sandboxes
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("pfsync.sandbox"):
+            raise
+        raise UsageError(
+            "the sandboxes are not installed here (the Docker image carries the product only)",
+            hint="run `pfsync sandbox` from a pip install or a checkout of pfsync (scripts/demo)",
+        ) from None
+    return env_lines, start_sandboxes
 
 
 @app.command("sandbox")
@@ -63,9 +81,8 @@ def sandbox(
     \b
       until [ -s /tmp/sb.env ]; do sleep 0.2; done; . /tmp/sb.env
     """
-    from pfsync.sandbox.run import env_lines, start_sandboxes
-
     with errors_handled(ctx):
+        env_lines, start_sandboxes = _sandbox_runner()
         if data is not None and not data.is_dir():
             raise UsageError(f"--data {data}: not a directory of NDJSON files")
         boxes = start_sandboxes(data=data, source_port=source_port, target_port=target_port, state_dir=state)

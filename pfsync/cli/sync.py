@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
-from rich.table import Table
 
 from pfsync.cli.app import app
 from pfsync.cli.common import (
@@ -27,19 +26,23 @@ from pfsync.cli.common import (
     exit_with,
     live_display,
     out_console,
+    plural,
     report_error,
+    result_table,
     run,
     state,
     wants_json,
 )
 from pfsync.cli.progress import SyncProgress, make_progress
+from pfsync.core.counts import COUNT_KEYS, CountKey
 from pfsync.core.errors import ExitCode, UnhealthyError
 from pfsync.core.events import EventSink, FanoutSink
 from pfsync.core.settings import Settings, parse_duration
-from pfsync.sync.state import QUARANTINE_FILE
+from pfsync.core.statedir import QUARANTINE_FILE
 
 if TYPE_CHECKING:
-    from pfsync.sync.run import SourceResult
+    from pfsync.sync.results import SourceResult, SyncResult
+    from pfsync.sync.status import SourceStatus
 
 QUIET_EVENTS = frozenset({"download_progress", "status_progress", "load_progress", "load_file_start"})
 
@@ -52,6 +55,27 @@ MetricsOpt = Annotated[
         help="Write Prometheus text metrics to FILE.",
     ),
 ]
+
+
+def _status_tables(statuses: list[SourceStatus]) -> None:
+    """One two-column table per source: ten columns side by side did not fit a terminal."""
+    console = out_console()
+    for s in statuses:
+        written = sum(c.get("created", 0) + c.get("updated", 0) for c in s.counts.values())
+        rows = {
+            "healthy": "yes" if s.healthy else "NO: " + "; ".join(s.reasons),
+            "last success": _age(s.last_success_age), "last attempt": _age(s.last_attempt_age),
+            "checkpoint": s.transaction_time or "-",
+            "last run": f"{s.last_outcome or '-'} ({plural(written, 'resource')} written)",
+            "in flight": s.in_flight or "-", "quarantine": plural(s.quarantine_size, "resource"),
+            "retry queue": plural(s.retry_queue_size, "resource"), "lock": s.lock_holder or "-",
+        }  # fmt: skip
+        table = result_table(f"pfsync status: {s.source}", "", rows)
+        table.show_header = False
+        table.add_column("", overflow="fold")
+        for name, value in rows.items():
+            table.add_row(name, value)
+        console.print(table)
 
 
 def _age(seconds: float | None) -> str:
@@ -71,7 +95,7 @@ def _problem_hint(settings: Settings, result: SourceResult) -> str | None:
         path = settings.state_dir / result.source / QUARANTINE_FILE
         return f"see {path} for each resource's reason; fix the cause, then replay it: pfsync load {path}"
     if result.exit_code == ExitCode.TEMPORARY:
-        if any(c.get("retry_queued") for c in result.counts.values()):
+        if any(c.get(CountKey.RETRY_QUEUED) for c in result.counts.values()):
             return "the next run retries them first and re-exports the same window"
         return (
             "the source or Medplum was unreachable or overloaded; the next run tries again (nothing was lost)"
@@ -101,10 +125,7 @@ def _write_metrics(settings: Settings, names: list[str], path: Path) -> None:
         close()
 
 
-def _render_summary(result: object, json_out: bool) -> None:
-    from pfsync.sync.run import SyncResult
-
-    assert isinstance(result, SyncResult)
+def _render_summary(result: SyncResult, json_out: bool) -> None:
     console = out_console()
     if wants_json(json_out):
         doc = {"event": "sync_summary", "exitCode": result.exit_code, "durationSeconds": round(result.duration, 3),
@@ -112,29 +133,25 @@ def _render_summary(result: object, json_out: bool) -> None:
         sys.stdout.write(orjson.dumps(doc).decode() + "\n")
         sys.stdout.flush()
         return
-    table = Table(title=f"pfsync sync: exit {result.exit_code} in {result.duration:.1f}s")
-    for col in (
-        "source",
-        "outcome",
-        "type",
-        "created",
-        "updated",
-        "unchanged",
-        "deleted",
-        "quarantined",
-        "queued",
-    ):
-        table.add_column(col, justify="left" if col in ("source", "outcome", "type") else "right")
+    console.print(
+        f"pfsync sync: exit {result.exit_code} in {result.duration:.1f} s", style="bold", markup=False
+    )
+    keys = COUNT_KEYS
     for r in result.results:
-        rows = sorted(r.counts.items()) or [("-", {})]
-        for i, (rtype, c) in enumerate(rows):
-            first = i == 0
-            table.add_row(r.source if first else "", (r.outcome if first else ""), rtype,
-                          *(str(c.get(k, 0)) if c else "-" for k in
-                            ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")))  # fmt: skip
-        extra = f"{r.duration:.1f}s, quota {r.quota_used}" + (f", {r.error}" if r.error else "")
-        table.add_row("", "", extra, *[""] * 6)
-    console.print(table)
+        # One heading line and one table per source: as columns, source and outcome left the
+        # resource types five characters on an 80-column terminal.
+        head = f"{r.source}: {r.outcome}, {r.duration:.1f} s, {r.quota_used:,} quota points"
+        console.print(head + (f", {r.error}" if r.error else ""), markup=False)
+        if not r.counts:
+            continue
+        table = result_table("", "type", r.counts)
+        for key in keys:
+            table.add_column(
+                "queued" if key is CountKey.RETRY_QUEUED else str(key), justify="right", no_wrap=True
+            )
+        for rtype, c in sorted(r.counts.items()):
+            table.add_row(rtype, *(str(c.get(k, 0)) for k in keys))
+        console.print(table)
 
 
 @app.command("sync")
@@ -198,8 +215,9 @@ def sync(
     """
     settings = run(ctx, lambda: build_settings(ctx))
     from pfsync.sync.live import live_engines, open_store
-    from pfsync.sync.run import select_sources, sync_all
+    from pfsync.sync.run import sync_all
     from pfsync.sync.schedule import run_every, stop_on_signals
+    from pfsync.sync.sources import select_sources
 
     sources = run(ctx, lambda: select_sources(settings, source, shard))
     names = [s.name for s in sources]
@@ -265,7 +283,7 @@ def status(
     def go() -> int:
         from pfsync.sync.live import open_store
         from pfsync.sync.metrics import write_metrics
-        from pfsync.sync.run import select_sources
+        from pfsync.sync.sources import select_sources
         from pfsync.sync.status import collect_status
 
         names = [s.name for s in select_sources(settings, source)]
@@ -280,19 +298,7 @@ def status(
             doc = {"healthy": all(s.healthy for s in statuses), "sources": [s.to_json() for s in statuses]}
             sys.stdout.write(orjson.dumps(doc).decode() + "\n")
         else:
-            table = Table(title="pfsync status")
-            for col in ("source", "healthy", "last success", "last attempt", "checkpoint", "last run",
-                        "in flight", "quarantine", "retry queue", "lock"):  # fmt: skip
-                table.add_column(col)
-            for s in statuses:
-                created = sum(c.get("created", 0) + c.get("updated", 0) for c in s.counts.values())
-                table.add_row(
-                    s.source, "yes" if s.healthy else "NO: " + "; ".join(s.reasons), _age(s.last_success_age),
-                    _age(s.last_attempt_age), s.transaction_time or "-",
-                    f"{s.last_outcome or '-'} ({created} written)", s.in_flight or "-", str(s.quarantine_size),
-                    str(s.retry_queue_size), s.lock_holder or "-",
-                )  # fmt: skip
-            out_console().print(table)
+            _status_tables(statuses)
         unhealthy = [s for s in statuses if not s.healthy]
         if unhealthy:
             raise UnhealthyError(f"unhealthy: {', '.join(s.source for s in unhealthy)}",

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
-from rich.table import Table
 
 from pfsync.cli.app import app
 from pfsync.cli.common import (
@@ -20,6 +19,7 @@ from pfsync.cli.common import (
     build_settings,
     fail,
     out_console,
+    result_table,
     run,
     state,
     wants_json,
@@ -28,9 +28,10 @@ from pfsync.core.errors import UsageError, VerifyMismatchError
 from pfsync.verify.report import CATEGORIES, VerifyReport
 
 if TYPE_CHECKING:
-    from pfsync.verify.verifier import VerifyOptions
+    from pfsync.verify.report import VerifyOptions
 
 _COLUMNS = ("source", "medplum", "present", "missing", "duplicated", "extra", "dangling", "drift")
+_HEADERS = {"duplicated": "dupes"}  # the nine columns fit 80 with MedicationStatement's row
 
 
 def _verify(
@@ -42,7 +43,9 @@ def _verify(
 ) -> VerifyReport:
     from pfsync.medplum.auth import medplum_auth
     from pfsync.net.http import make_client
-    from pfsync.verify.verifier import default_export, fresh_export, verify
+    from pfsync.sync.state import last_local_success
+    from pfsync.verify.exports import default_export, fresh_export
+    from pfsync.verify.verifier import verify
 
     settings = build_settings(ctx)
     source = settings.source(source_name)
@@ -55,7 +58,7 @@ def _verify(
     elif export:
         dirs = fresh_export(settings, source)
     else:
-        dirs = default_export(settings, source)
+        dirs = default_export(settings, source, synced_at=last_local_success(settings, source.name))
     # base_url = the FHIR base: the loader keys its id map by it (pfsync.load.loader.Loader).
     with make_client(
         settings.http, timeout=settings.http.load_timeout, base_url=settings.medplum.fhir_url
@@ -70,10 +73,9 @@ def render_table(report: VerifyReport, limit: int) -> None:
     for title, rep in ((f"pfsync verify: {report.source}", report),) + (
         (("after --fix", final),) if report.after is not None else ()
     ):
-        table = Table(title=title)
-        table.add_column("type")
+        table = result_table(title, "type", [row.type for row in rep.types])
         for col in _COLUMNS:
-            table.add_column(col, justify="right")
+            table.add_column(_HEADERS.get(col, col), justify="right", no_wrap=True)
         for row in (*rep.types, rep.total):
             values = [getattr(row, c) for c in _COLUMNS]
             if not rep.content_checked:
@@ -150,7 +152,7 @@ def verify(
     \b
       pfsync verify --content --fix --dry-run
     """
-    from pfsync.verify.verifier import VerifyOptions
+    from pfsync.verify.report import VerifyOptions
 
     options = VerifyOptions(
         content=content,

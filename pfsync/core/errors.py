@@ -82,7 +82,7 @@ class ExportError(PfsyncError):
 
 class ProtocolError(ExportError):
     """A server answered in a way pfsync refuses to act on: a redirect of a request carrying a body
-    or credentials, a URL outside pfsync.net.policy's rules, a malformed answer, an answer over a
+    or credentials, a URL outside pfsync.core.netpolicy's rules, a malformed answer, an answer over a
     size or time limit. Retrying soon would meet the same answer."""
 
 
@@ -140,12 +140,19 @@ class HTTPError(TemporaryError):
         self.outcome = outcome
         if status in (401, 403):
             self.exit_code = ExitCode.AUTH
-        elif status is not None and 400 <= status < 500 and status not in (408, 429):
+        elif status is not None and 400 <= status < 500 and not self.temporary:
             self.exit_code = ExitCode.UNEXPECTED
 
     @property
     def temporary(self) -> bool:
-        return self.status is None or self.status in (408, 429) or self.status >= 500
+        """No answer at all, or a status the one classifier calls temporary (pfsync.net.http.TEMPORARY_RULES
+        is built from TEMPORARY_STATUS)."""
+        return self.status is None or self.status in TEMPORARY_STATUS
+
+
+# The answers that mean "try again later" on any request: the generic row of the one classifier
+# (pfsync.net.http.TEMPORARY_RULES). Defined here so an error can say whether it is temporary.
+TEMPORARY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class InterruptedRunError(PfsyncError):

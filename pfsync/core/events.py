@@ -9,8 +9,7 @@ one JSON object per line otherwise.
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
@@ -23,24 +22,6 @@ class NullSink:
 
     def emit(self, event: str, /, **detail: Any) -> None:
         return None
-
-
-@dataclass
-class ListSink:
-    """Keeps events in memory: for tests, and for summaries built after a run."""
-
-    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def emit(self, event: str, /, **detail: Any) -> None:
-        with self._lock:
-            self.events.append((event, detail))
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.events]
-
-    def of(self, name: str) -> list[dict[str, Any]]:
-        return [detail for n, detail in self.events if n == name]
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import IO, Any
 import orjson
 
 from pfsync.core.errors import UsageError
+from pfsync.core.fhir_types import R4_RESOURCE_TYPES
 
 DEFAULT_MAX_LINE_BYTES = 64 * 1024 * 1024
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -48,6 +49,25 @@ class BadLine:
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.reason}"
+
+    @property
+    def type_label(self) -> str:
+        """The type to count this line under: the one its file's name gives (a Bulk Data output
+        file, `Patient.ndjson`, `Observation.2.ndjson.gz`), else what is wrong with it."""
+        return type_from_file_name(self.path) or (
+            NO_TYPE_LABEL if self.reason == MISSING_TYPE else UNREADABLE_LABEL
+        )
+
+
+MISSING_TYPE = "missing resourceType"
+NO_TYPE_LABEL = "(no resourceType)"
+UNREADABLE_LABEL = "(unreadable)"
+
+
+def type_from_file_name(path: Path) -> str | None:
+    """The FHIR resource type that starts a file's name (`DiagnosticReport.1.ndjson`), or None."""
+    first = path.name.split(".", 1)[0]
+    return first if first in R4_RESOURCE_TYPES else None
 
 
 Item = Record | BadLine
@@ -197,7 +217,7 @@ def check_resource(path: Path, line_no: int, value: Any, raw: bytes) -> Item:
         return BadLine(path, line_no, f"expected a JSON object, got {type(value).__name__}", raw[:1024])
     rtype = value.get("resourceType")
     if not isinstance(rtype, str) or not rtype:
-        return BadLine(path, line_no, "missing resourceType", raw[:1024])
+        return BadLine(path, line_no, MISSING_TYPE, raw[:1024])
     if not rtype.isascii() or not rtype.isalpha() or not rtype[0].isupper():
         return BadLine(path, line_no, f"resourceType {rtype[:60]!r} is not a FHIR type name", raw[:1024])
     return Record(path, line_no, value, raw)

@@ -36,10 +36,12 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-from pfsync.core.errors import ProtocolError
+from pfsync.core.errors import HTTPError, ProtocolError
+from pfsync.core.netpolicy import shown_url
 from pfsync.core.settings import LoadSettings
 from pfsync.load.idmap import IdMap
 from pfsync.load.transform import Prepared, TransformContext
+from pfsync.medplum.client import THROTTLED_ONLY, MedplumClient
 from pfsync.medplum.donequeue import DoneQueue
 from pfsync.net.http import (
     ACCEPT_ENCODING,
@@ -50,7 +52,6 @@ from pfsync.net.http import (
     iter_decoded,
     protocol_error,
 )
-from pfsync.net.policy import shown_url
 
 if TYPE_CHECKING:
     from pfsync.load.writes import Writer
@@ -81,7 +82,7 @@ def _origin(url: str) -> str:
 
 class Attachments:
     def __init__(
-        self, medplum: httpx.Client, source_client: httpx.Client | None, idmap: IdMap, settings: LoadSettings,
+        self, medplum: MedplumClient, source_client: httpx.Client | None, idmap: IdMap, settings: LoadSettings,
         ctx: TransformContext, *, clock: Clock, dry_run: bool,
     ) -> None:  # fmt: skip
         self._medplum = medplum
@@ -338,9 +339,15 @@ class Attachments:
 
     def _upload(self, data: bytes, content_type: str) -> str:
         try:
-            response = self._medplum.post("Binary", content=data, headers={"Content-Type": content_type})
+            # The Medplum client's thread-safe path: a 429 (never run) is waited out; anything else
+            # is this copy's outcome (a create re-sent after a lost answer could copy twice).
+            response = self._medplum.send("POST", "Binary", cost=None, content=data,
+                                          headers={"Content-Type": content_type, "Accept": "*/*"},
+                                          rules=THROTTLED_ONLY, resend_after_network_error=False)  # fmt: skip
         except httpx.TransportError as exc:
             raise AttachmentError(f"Binary upload failed: {exc.__class__.__name__}", retryable=True) from None
+        except HTTPError as exc:  # still throttled past the client's patience
+            raise AttachmentError(f"Binary upload failed: {exc.message}", retryable=True) from None
         self._count_request()
         if is_temporary(response):
             raise AttachmentError(f"Binary upload answered {response.status_code}", retryable=True)

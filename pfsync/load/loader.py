@@ -32,25 +32,27 @@ from typing import Any
 import httpx
 
 from pfsync.core import tuning
+from pfsync.core.counts import CountKey, full_row, total
 from pfsync.core.errors import InterruptedRunError
 from pfsync.core.events import EventSink, NullSink
+from pfsync.core.instants import parse_iso
 from pfsync.core.ndjson import BadLine, is_output_name, iter_file, iter_paths
 from pfsync.core.settings import HttpSettings, LoadSettings, SourceSettings
+from pfsync.core.statedir import IDMAP_FILE, QUARANTINE_FILE, RETRY_FILE, source_dir
 from pfsync.load.idmap import IdMap
 from pfsync.load.order import dependency_order
 from pfsync.load.quarantine import QUARANTINE, RETRY, WrappedLog, is_wrapped, iter_wrapped, pending, take
 from pfsync.load.writes import Writer
 from pfsync.net.http import Clock, SystemClock
 from pfsync.source.exportjob import export_files
-from pfsync.sync.state import parse_iso
 
 UNREADABLE = "(unreadable)"
 
 
 @dataclass(frozen=True)
 class LoadResult:
-    """What a load did. `by_type[type]` has created, updated, unchanged, deleted, quarantined,
-    retry_queued (and would_* counts are the same keys in a dry run)."""
+    """What a load did. `by_type[type]` has every pfsync.core.counts.COUNT_KEYS key (and a dry run's
+    would_* counts)."""
 
     by_type: dict[str, dict[str, int]]
     normalized: dict[str, int]
@@ -58,20 +60,21 @@ class LoadResult:
     requests: int
     duration: float
     dry_run: bool = False
-    logical_references: int = 0  # resources still holding logical references after this run
+    logical_references: int = 0  # this run's resources that still hold logical references
+    logical_references_held: int = 0  # every resource in the id map that does (all runs)
     throttled: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
 
     def total(self, key: str) -> int:
-        return sum(c.get(key, 0) for c in self.by_type.values())
+        return total(self.by_type, key)
 
     @property
     def quarantined(self) -> int:
-        return self.total("quarantined")
+        return self.total(CountKey.QUARANTINED)
 
     @property
     def retry_queued(self) -> int:
-        return self.total("retry_queued")
+        return self.total(CountKey.RETRY_QUEUED)
 
 
 class Loader:
@@ -103,12 +106,12 @@ class Loader:
         self.dry_run = dry_run
         self._stop = stop
         self._events = events or NullSink()
-        self._dir = state_dir / source.name
+        self._dir = source_dir(state_dir, source.name)
         self._idmap = IdMap(
-            self._dir / "idmap.sqlite", target=str(medplum.base_url), cache_bytes=settings.idmap_cache_bytes
+            self._dir / IDMAP_FILE, target=str(medplum.base_url), cache_bytes=settings.idmap_cache_bytes
         )
-        self.quarantine = WrappedLog(self._dir / "quarantine.ndjson", QUARANTINE)
-        self.retry_queue = WrappedLog(self._dir / "retry.ndjson", RETRY)
+        self.quarantine = WrappedLog(self._dir / QUARANTINE_FILE, QUARANTINE)
+        self.retry_queue = WrappedLog(self._dir / RETRY_FILE, RETRY)
         self._counts: dict[str, Counter[str]] = {}
         self._writer = Writer(
             source, settings, medplum, self._idmap, self._counts, self.quarantine, self.retry_queue,
@@ -295,14 +298,13 @@ class Loader:
         return result
 
     def _result(self) -> LoadResult:
-        keys = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")
-        by_type = {t: {k: c.get(k, 0) for k in keys} | {k: v for k, v in c.items() if k not in keys}
-                   for t, c in sorted(self._counts.items())}  # fmt: skip
+        by_type = {t: full_row(c) for t, c in sorted(self._counts.items())}
         w = self._writer
         return LoadResult(
             by_type=by_type, normalized=dict(w.fixes), quota_used=int(w.quota_used()), requests=w.requests(),
             duration=time.monotonic() - self._started, dry_run=self.dry_run,
-            logical_references=self._idmap.held_count("logical"), throttled=w.throttled(), stats=w.stats(),
+            logical_references=len(w.refs.logical_this_run),
+            logical_references_held=self._idmap.held_count("logical"), throttled=w.throttled(), stats=w.stats(),
         )  # fmt: skip
 
     def _check_stop(self) -> None:

@@ -94,6 +94,9 @@ class References:
         self._urns: dict[str, Target] = {}
         self._has_deferred = idmap.held_count("deferred") > 0
         self._has_logical = idmap.held_count("logical") > 0
+        # This run's resources that keep logical references (the load summary's count; the id map
+        # holds every run's): one key per such resource, ids only.
+        self.logical_this_run: set[tuple[str, str]] = set()
         self._tried: set[tuple[str, str]] = set()
         self._queue: dict[str, set[str]] = {}  # type -> source ids to fetch
         self._in_fetch: set[tuple[str, str]] = set()  # fetched, not ingested yet
@@ -281,8 +284,10 @@ class References:
             "logical", Held(entry.type, entry.sid, entry.file, entry.line, entry.raw), entry.logical
         )
         self._has_logical = True
+        self.logical_this_run.add(entry.key)
 
     def upgraded(self, rtype: str, sid: str) -> None:
+        self.logical_this_run.discard((rtype, sid))
         if self._has_logical:
             self._idmap.release("logical", rtype, sid)
 

@@ -25,24 +25,24 @@ import orjson
 
 from pfsync.core.errors import HTTPError
 from pfsync.core.events import EventSink
+from pfsync.core.marks import LOGICAL_TAG, identifier_query
 from pfsync.core.ndjson import BadLine
 from pfsync.core.settings import HttpSettings, LoadSettings, SourceSettings
 from pfsync.load.attachments import Attachments
-from pfsync.load.idmap import Held, IdMap
+from pfsync.load.idmap import IdMap
 from pfsync.load.quarantine import WrappedLog
 from pfsync.load.references import References
 from pfsync.load.transform import (
-    LOGICAL_TAG,
     Prepared,
     TransformContext,
     TransformError,
-    identifier_query,
     owned,
     prepare,
     render,
 )
 from pfsync.medplum.asyncbatch import AsyncBatchRunner
 from pfsync.medplum.batch import Entry, EntryResult, Kind
+from pfsync.medplum.client import as_medplum_client
 from pfsync.medplum.lookup import Found, Searcher, find_identities
 from pfsync.medplum.upsert import BatchSender
 from pfsync.net.http import Clock, RetryPolicy
@@ -81,18 +81,20 @@ class Writer:
         self._dry_run = dry_run
         self._mode = mode
         self.fixes: Counter[str] = Counter()
-        self.pacer = Pacer()
         policy = RetryPolicy.from_settings(http)
-        self._searcher = Searcher(medplum, self.pacer, clock, policy)
+        # The one Medplum client of this load: its Pacer is spent by searches and Bundles alike.
+        self.medplum = as_medplum_client(medplum, pacer=Pacer(), clock=clock, policy=policy, stop=stop)
+        self.pacer = self.medplum.pacer
+        self._searcher = Searcher(self.medplum)
         self._sender: BatchSender | None = None
         if not dry_run:
             runner = None
             if settings.async_batch:
-                runner = AsyncBatchRunner(medplum, clock, max_bytes=settings.async_max_bytes)
+                runner = AsyncBatchRunner(self.medplum, clock, max_bytes=settings.async_max_bytes)
             self._sender = BatchSender(
-                medplum, self, max_bytes=settings.async_max_bytes if runner else settings.bundle_max_bytes,
+                self.medplum, self, max_bytes=settings.async_max_bytes if runner else settings.bundle_max_bytes,
                 max_entries=10 * settings.bundle_max_entries if runner else settings.bundle_max_entries,
-                max_concurrency=settings.max_concurrency, clock=clock, pacer=self.pacer, retry=policy,
+                max_concurrency=settings.max_concurrency, clock=clock, retry=policy,
                 events=events, stop=stop, async_runner=runner,
             )  # fmt: skip
         if self._sender is not None:
@@ -101,7 +103,7 @@ class Writer:
             # wait for the whole previous level: a full stop per level).
             self._sender.on_reaped = self._reaped
         self._attachments = (
-            Attachments(medplum, source_client, idmap, settings, self.context, clock=clock, dry_run=dry_run)
+            Attachments(self.medplum, source_client, idmap, settings, self.context, clock=clock, dry_run=dry_run)
             if settings.attachments else None
         )  # fmt: skip
         self.refs = References(
@@ -130,7 +132,11 @@ class Writer:
         self._counts.setdefault(rtype, Counter())[key] += n
 
     def quarantine_line(self, bad: BadLine) -> None:
-        self.count(UNREADABLE_TYPE, "quarantined")
+        rtype = bad.type_label
+        self.count(rtype, "quarantined")
+        self._events.emit(
+            "load_quarantined", type=rtype, id=None, file=str(bad.path), line=bad.line, reason=bad.reason
+        )
         if not self._dry_run:
             self._qlog.add(file=str(bad.path), line=bad.line, reason=bad.reason, raw=bad.raw)
 
@@ -756,9 +762,6 @@ class Writer:
             self._attachments.close()
 
 
-UNREADABLE_TYPE = "(unreadable)"
-
-
 @dataclass
 class _Parked:
     p: Prepared
@@ -769,7 +772,3 @@ class _Parked:
 
 def _park_cost(item: _Parked) -> int:
     return _PARK_BYTES_PER_RAW_BYTE * len(item.raw)
-
-
-def held_of(entry: Entry) -> Held:
-    return Held(entry.type, entry.sid, entry.file, entry.line, entry.raw)

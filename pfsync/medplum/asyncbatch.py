@@ -12,21 +12,38 @@ from __future__ import annotations
 import httpx
 import orjson
 
-from pfsync.medplum.batch import wait_from_outcome
-from pfsync.net.http import Clock, outcome_text, server_text
-from pfsync.net.policy import origin, shown_url
+from pfsync.core.errors import HTTPError
+from pfsync.core.netpolicy import origin, shown_url
+from pfsync.medplum.batch import Entry
+from pfsync.medplum.client import MedplumClient, as_medplum_client
+from pfsync.net.http import Clock, outcome_text, server_text, wait
 
 Result = tuple[int | None, bytes, str | None, str | None]  # status, content, RateLimit, error text
+TOO_LARGE_EVEN_ASYNC = "resource too large for one request, even as an async batch"
+
+
+def send_alone_async(
+    bundle: list[Entry], body_bytes: int, routed: set[tuple[str, str]], sync_limit: int
+) -> bool:
+    """Whether a Bundle of a synchronous load goes as an async batch job: a single resource over the
+    synchronous limit, or one the server refused as too large by itself (in `routed`).
+    docs/medplum.md "Size limits": a synchronous body may be at most 1 MiB (over it, 413 or 400 "File
+    too large"), while `Prefer: respond-async` accepts up to maxBatchSize (50 MB by default)."""
+    return len(bundle) == 1 and (body_bytes > sync_limit or bundle[0].key in routed)
 
 
 class AsyncBatchRunner:
-    """Runs one batch Bundle as an async job and returns its batch-response like a sync POST."""
+    """Runs one batch Bundle as an async job and returns its batch-response like a sync POST.
+
+    Runs on the Bundle sender's worker threads: every request goes through the Medplum client's
+    thread-safe paths (one attempt for the submission, whose outcome the sender decides per entry;
+    polls and the results read through the one retry path, 429s waited out, unpaced)."""
 
     def __init__(
-        self, client: httpx.Client, clock: Clock, *, max_bytes: int, poll_interval: float = 0.5,
+        self, client: MedplumClient | httpx.Client, clock: Clock, *, max_bytes: int, poll_interval: float = 0.5,
         max_poll_interval: float = 10.0, deadline: float = 3600.0,
     ) -> None:  # fmt: skip
-        self._client = client
+        self._client = as_medplum_client(client, clock=clock)
         self._clock = clock
         self.max_bytes = max_bytes
         self._poll = poll_interval
@@ -35,8 +52,11 @@ class AsyncBatchRunner:
 
     def run(self, body: bytes) -> Result:
         try:
-            response = self._client.post(
-                "", content=body, headers={"Content-Type": "application/fhir+json", "Prefer": "respond-async"}
+            response = self._client.send_once(
+                "POST",
+                "",
+                content=body,
+                headers={"Content-Type": "application/fhir+json", "Prefer": "respond-async"},
             )
         except httpx.TransportError as exc:
             return None, b"", None, f"{exc.__class__.__name__}: {server_text(str(exc))}"
@@ -48,7 +68,7 @@ class AsyncBatchRunner:
         status_url = response.headers.get("content-location") or _diagnostics(response.content)
         if not status_url:
             return 502, b"", ratelimit, "async batch accepted without a status URL"
-        status_url = str(self._client.base_url.join(status_url))
+        status_url = self._client.url(status_url)
         if not self._on_medplum(status_url):
             # The job's status and results are read as our data: never from another origin.
             return (
@@ -57,28 +77,22 @@ class AsyncBatchRunner:
                 ratelimit,
                 f"async batch status URL {shown_url(status_url)} is not on Medplum's origin",
             )
-        return self._poll_job(status_url, ratelimit)
+        try:
+            return self._poll_job(status_url, ratelimit)
+        except HTTPError as exc:  # retries spent on network errors, 429s or 5xx: the sender decides
+            return None, b"", ratelimit, exc.message
 
     def _on_medplum(self, url: str) -> bool:
-        return origin(url) == origin(str(self._client.base_url))
+        return origin(url) == origin(self._client.fhir_url)
 
     def _poll_job(self, status_url: str, ratelimit: str | None) -> Result:
         started = self._clock.now()
         interval = self._poll
         while True:
-            self._clock.sleep(interval)
+            wait(self._clock, interval, self._client.stop, "the async batch")
             interval = min(self._max_poll, interval * 1.5)
-            try:
-                response = self._client.get(status_url)
-            except httpx.TransportError:
-                if self._clock.now() - started > self._deadline:
-                    return None, b"", ratelimit, "async batch status unreachable"
-                continue
+            response = self._client.send("GET", status_url, cost=None, headers={"Accept": "*/*"})
             ratelimit = response.headers.get("ratelimit") or ratelimit
-            if response.status_code == 429:
-                wait = wait_from_outcome(_json(response.content))
-                self._clock.sleep(wait if wait is not None else interval)
-                continue
             job = _json(response.content)
             state = job.get("status") if isinstance(job, dict) else None
             if response.status_code == 202 or state in ("accepted", "active"):
@@ -90,7 +104,7 @@ class AsyncBatchRunner:
             binary = _results_reference(job)
             if binary is None:
                 return 500, b"", ratelimit, "async batch job completed without results"
-            binary = str(self._client.base_url.join(binary))
+            binary = self._client.url(binary)
             if not self._on_medplum(binary):
                 return (
                     502,
@@ -98,10 +112,7 @@ class AsyncBatchRunner:
                     ratelimit,
                     f"async batch results {shown_url(binary)} are not on Medplum's origin",
                 )
-            try:
-                result = self._client.get(binary, headers={"Accept": "*/*"})
-            except httpx.TransportError as exc:
-                return None, b"", ratelimit, f"{exc.__class__.__name__}: {server_text(str(exc))}"
+            result = self._client.send("GET", binary, cost=None, headers={"Accept": "*/*"})
             if result.status_code != 200:
                 return None, b"", ratelimit, f"async batch results answered {result.status_code}"
             return 200, result.content, ratelimit, None

@@ -20,11 +20,11 @@ import httpx
 import orjson
 
 from pfsync.core.errors import AuthError
+from pfsync.core.netpolicy import shown_url
 from pfsync.core.redact import redact
 from pfsync.core.settings import HttpSettings, MedplumSettings, require
 from pfsync.net.http import Clock, RetryPolicy, SystemClock, outcome_text
-from pfsync.net.policy import shown_url
-from pfsync.source.auth import (
+from pfsync.net.tokens import (
     NO_AUTH,
     BearerAuth,
     CachedToken,
@@ -95,7 +95,8 @@ class MedplumAuthenticator(CachedToken):
                 hint=medplum_token_hint(description),
             )  # fmt: skip
         token = parse_token_response(response, (), started, "Medplum")
-        log.info("auth_token target=medplum expires_in=%ds", int(token.lifetime))
+        log.info("auth_token target=medplum expires_in=%ds", int(token.lifetime),
+                 extra={"event": "auth_token", "eventDetail": {"target": "medplum", "expiresIn": int(token.lifetime)}})  # fmt: skip
         return token
 
 

@@ -14,14 +14,10 @@ from typing import Any
 
 import orjson
 
-from pfsync.net.http import outcome_from_json
+from pfsync.net.http import BATCH_ENTRY_RULES, decide, outcome_from_json, wait_from_outcome
 
 BUNDLE_HEAD = b'{"resourceType":"Bundle","type":"batch","entry":['
 BUNDLE_TAIL = b"]}"
-RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504})
-# docs/medplum.md, recorded case 16: a second entry with an identity the same batch just created. We never send the
-# same identity twice in flight, so if it happens the other writer has won and a retry updates it.
-_RACE_TEXT = "did not match resolved ID"
 
 
 @dataclass
@@ -124,24 +120,6 @@ def _status(value: Any) -> int:
         return 0
 
 
-def wait_from_outcome(outcome: Any) -> float | None:
-    """Seconds from a throttled OperationOutcome's diagnostics JSON (no Retry-After: docs/medplum.md)."""
-    if not isinstance(outcome, dict):
-        return None
-    for issue in outcome.get("issue") or []:
-        diag = issue.get("diagnostics") if isinstance(issue, dict) else None
-        if not isinstance(diag, str) or not diag.startswith("{"):
-            continue
-        try:
-            data = orjson.loads(diag)
-        except orjson.JSONDecodeError:
-            continue
-        ms = data.get("msBeforeNext", data.get("_msBeforeNext")) if isinstance(data, dict) else None
-        if isinstance(ms, int | float):
-            return max(0.0, float(ms) / 1000.0)
-    return None
-
-
 def parse_entry(entry: Any) -> EntryResult:
     if not isinstance(entry, dict):
         return EntryResult(0, text="no response entry")
@@ -185,23 +163,20 @@ def parse_batch(content: bytes, count: int) -> list[EntryResult]:
 def classify(entry: Entry, result: EntryResult) -> Kind:
     """What a per-entry result means for this entry (docs/medplum.md tables; recorded cases 14-19, 28, 30)."""
     status = result.status
-    if entry.method == "DELETE":
-        if status in (200, 204, 404, 410):
-            return Kind.DELETED  # docs/medplum.md, recorded cases 40/41: deleting what is gone is 200 too
-        return Kind.RETRY if status in RETRYABLE or status == 0 else Kind.FAILED
-    if status == 201:
+    if entry.method == "DELETE" and status in (200, 204, 404, 410):
+        return Kind.DELETED  # docs/medplum.md, recorded cases 40/41: deleting what is gone is 200 too
+    if entry.method != "DELETE" and status == 201:
         return Kind.CREATED
-    if status == 200:
+    if entry.method != "DELETE" and status == 200:
         # docs/medplum.md "Conditional update": a no-op returns 200 with the old versionId.
         if entry.known_vid is not None and result.vid == entry.known_vid:
             return Kind.UNCHANGED
         return Kind.UPDATED
-    if status in RETRYABLE or status == 0:
+    # Which other answers are worth re-sending is the classifier's table (pfsync.net.http.BATCH_ENTRY_RULES).
+    if decide(status, BATCH_ENTRY_RULES, lambda: (None, result.text)) == "retry":
         return Kind.RETRY
     if status in (404, 410) and entry.method == "PUT" and "?" not in entry.url:
         return Kind.STALE
-    if status == 400 and result.text and _RACE_TEXT in result.text:
-        return Kind.RETRY
     return Kind.FAILED
 
 

@@ -13,14 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import orjson
 
-from pfsync.core.errors import HTTPError
-from pfsync.load.transform import escape_token, resource_hash_from_meta
-from pfsync.medplum.batch import wait_from_outcome
-from pfsync.net.http import Clock, RetryPolicy, is_temporary, json_object, next_link, outcome_text
+from pfsync.core.marks import escape_token, resource_hash_from_meta
+from pfsync.medplum.client import MedplumClient, as_medplum_client
+from pfsync.net.http import Clock, RetryPolicy
 from pfsync.net.pacing import Pacer
-from pfsync.net.policy import shown_url
 
 LOOKUP_BATCH = 100
 _MAX_URL = 7000
@@ -35,94 +32,39 @@ class Found:
 
 
 class Searcher:
-    """GETs against the Medplum FHIR base with quota pacing and bounded retries."""
+    """Medplum searches for the loader, through the one Medplum client (pacing, 429 waits, paging)."""
 
-    def __init__(
-        self, client: httpx.Client, pacer: Pacer, clock: Clock, retry: RetryPolicy,
-        on_response: Callable[[str | None, int, int, bool], None] | None = None,
-    ) -> None:  # fmt: skip
-        self._client = client
-        self._pacer = pacer
-        self._clock = clock
-        self._retry = retry
-        self._on_response = on_response
-        self.requests = 0
+    def __init__(self, client: MedplumClient | httpx.Client, pacer: Pacer | None = None, clock: Clock | None = None,
+                 retry: RetryPolicy | None = None) -> None:  # fmt: skip
+        self.client = as_medplum_client(client, pacer=pacer, clock=clock, policy=retry)
 
-    def fetch(self, url: str, params: dict[str, Any] | None = None) -> httpx.Response:
-        """Only the HTTP GET, no bookkeeping: safe on a worker thread. Hand the response (or the
-        TransportError) to `get(..., prefetched=)` on the loader's thread."""
-        return self._client.get(url, params=params, headers={"Accept": "application/fhir+json"})
+    @property
+    def requests(self) -> int:
+        return self.client.stats.requests
 
-    def get(self, url: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self.get_prefetched(url, params, None)
+    def fetch(self, url: str, params: dict[str, str] | None = None) -> httpx.Response:
+        """Only the HTTP GET, no bookkeeping: safe on a worker thread. Hand the future to
+        `get_prefetched` on the loader's thread."""
+        return self.client.fetch(url, params)
+
+    def get(self, url: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+        return self.client.get_json(url, "a Medplum search", params=params)
 
     def get_prefetched(
-        self, url: str, params: dict[str, Any] | None, prefetched: Future[httpx.Response] | None
+        self, url: str, params: dict[str, str] | None, prefetched: Future[httpx.Response] | None
     ) -> dict[str, Any]:
         """A search answer; `prefetched`: the first attempt, already sent by `fetch` on a thread."""
-        attempt = 0
-        while True:
-            try:
-                if prefetched is not None:
-                    first, prefetched = prefetched, None
-                    response = first.result()
-                else:
-                    self._clock.sleep(self._pacer.search_wait(self._clock.now()))
-                    response = self.fetch(url, params)
-            except httpx.TransportError as exc:
-                attempt += 1
-                if attempt > self._retry.retries:
-                    raise HTTPError(
-                        f"GET {shown_url(url)} failed: {exc.__class__.__name__}", method="GET", url=url
-                    ) from None
-                self._clock.sleep(self._retry.backoff(attempt))
-                continue
-            self.requests += 1
-            throttled = response.status_code == 429
-            self._pacer.observe(response.headers.get("ratelimit"), entries=0, searches=1, now=self._clock.now(),
-                                throttled=throttled)  # fmt: skip
-            if self._on_response is not None:
-                self._on_response(response.headers.get("ratelimit"), 0, 1, throttled)
-            if is_temporary(response):
-                attempt += 1
-                if attempt > self._retry.retries:
-                    raise HTTPError(f"GET {shown_url(url)} answered {response.status_code}", method="GET", url=url,
-                                    status=response.status_code, outcome=outcome_text(response))  # fmt: skip
-                wait = wait_from_outcome(_json(response.content)) if throttled else None
-                self._pacer.throttle(
-                    wait if wait is not None else self._retry.backoff(attempt), self._clock.now()
-                )
-                continue
-            if response.status_code != 200:
-                raise HTTPError(
-                    f"GET {shown_url(url)} answered {response.status_code}: {outcome_text(response) or ''}",
-                    method="GET", url=url, status=response.status_code, outcome=outcome_text(response),
-                )  # fmt: skip
-            # Not a JSON object: a proxy's page, a broken server. Taking it as "no match" would
-            # create duplicates, so the run stops (exit 5) and the next one retries.
-            return json_object(response, "a Medplum search")
+        first = prefetched.result if prefetched is not None else None
+        return self.client.get_json(url, "a Medplum search", params=params, first=first)
 
     @property
     def fhir_base(self) -> str:
         """The FHIR base URL searches are relative to, and `next` links are kept on."""
-        return str(self._client.base_url)
+        return self.client.fhir_url
 
-    def search_all(self, url: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    def search_all(self, url: str, params: dict[str, str]) -> list[dict[str, Any]]:
         """Every resource of a search, following `next` links."""
-        out: list[dict[str, Any]] = []
-        base = self.fhir_base
-        current = str(httpx.URL(base).join(url)) if base else url
-        doc = self.get(url, params)
-        while True:
-            entries = doc.get("entry")
-            for entry in entries if isinstance(entries, list) else []:
-                resource = entry.get("resource") if isinstance(entry, dict) else None
-                if isinstance(resource, dict):
-                    out.append(resource)
-            nxt = next_link(doc, current, "a Medplum search", rebase_on=base or None)
-            if nxt is None or not entries:
-                return out
-            doc, current = self.get(nxt), nxt
+        return self.client.search_all(url, params)
 
 
 def identifier_groups(system: str, sids: Sequence[str]) -> list[list[str]]:
@@ -170,10 +112,3 @@ def find_identities(
                     if all(f.mid != mid for f in bucket):
                         bucket.append(found)
     return result
-
-
-def _json(content: bytes) -> Any:
-    try:
-        return orjson.loads(content) if content else None
-    except orjson.JSONDecodeError:
-        return None

@@ -2,7 +2,8 @@
 
 docs/medplum.md "Batch Bundles" / "Size limits" / "Quotas and 429" / "Measured on a real server":
 - Bundles are cut by bytes and by count; a Bundle refused as too large (413 or 400 "File too
-  large") is split and re-sent, and the byte cap shrinks for the rest of the run.
+  large") is split and re-sent, and the byte cap shrinks for the rest of the run. A single
+  resource too large for a synchronous Bundle goes alone as an async batch job.
 - One identity is never in two Bundles in flight (a second conditional create of the same
   identity in a concurrent Bundle would make a duplicate), and a Bundle holds each identity once
   (last version wins: docs/medplum.md, recorded case 16).
@@ -29,7 +30,7 @@ import orjson
 from pfsync.core.errors import HTTPError, InterruptedRunError
 from pfsync.core.events import EventSink, NullSink
 from pfsync.core.redact import redact
-from pfsync.medplum.asyncbatch import AsyncBatchRunner
+from pfsync.medplum.asyncbatch import TOO_LARGE_EVEN_ASYNC, AsyncBatchRunner, send_alone_async
 from pfsync.medplum.batch import (
     Entry,
     EntryResult,
@@ -39,10 +40,10 @@ from pfsync.medplum.batch import (
     classify,
     is_too_large,
     parse_batch,
-    wait_from_outcome,
 )
+from pfsync.medplum.client import MedplumClient, as_medplum_client
 from pfsync.medplum.donequeue import DoneQueue
-from pfsync.net.http import Clock, RetryPolicy, outcome_text
+from pfsync.net.http import TEMPORARY_RULES, Clock, RetryPolicy, decide, outcome_text, wait_from_outcome
 from pfsync.net.pacing import Concurrency, Pacer
 
 FHIR_JSON = "application/fhir+json"
@@ -88,27 +89,30 @@ class BatchSender:
 
     def __init__(
         self,
-        client: httpx.Client,
+        client: MedplumClient | httpx.Client,
         handler: Handler,
         *,
         max_bytes: int,
         max_entries: int,
         max_concurrency: int,
         clock: Clock,
-        pacer: Pacer,
         retry: RetryPolicy,
+        pacer: Pacer | None = None,
         events: EventSink | None = None,
         stop: threading.Event | None = None,
         async_runner: AsyncBatchRunner | None = None,
     ) -> None:
-        self._client = client
+        self._client = as_medplum_client(client, pacer=pacer, clock=clock, policy=retry, stop=stop)
         self._handler = handler
         self._async = async_runner
+        # A resource too large for a synchronous Bundle by itself goes as an async batch alone.
+        self._oversize_runner = async_runner or AsyncBatchRunner(client, clock, max_bytes=MEDPLUM_BODY_LIMIT)
+        self._oversize: set[tuple[str, str]] = set()  # identities that go async (see send_alone_async)
         limit = async_runner.max_bytes if async_runner else MEDPLUM_BODY_LIMIT - 1024
         self.max_bytes = max(_MIN_BUNDLE_BYTES, min(max_bytes, limit))
         self.max_entries = max_entries
         self._clock = clock
-        self.pacer = pacer
+        self.pacer = self._client.pacer  # the client's: searches and Bundles spend one budget
         self._retry = retry
         self._events = events or NullSink()
         self._stop = stop
@@ -124,7 +128,6 @@ class BatchSender:
         self._groups: list[list[Entry]] = []  # Bundles already cut (halves of a refused one)
         self._probe: Future[Sent] | None = None  # the Bundle that tells whether the quota is enforced
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="pfsync-bundle")
-        self.on_response: Callable[[str | None, int, int, bool], None] | None = None
         self.on_reaped: Callable[[], None] | None = None  # after a wait for outcomes ended
 
     def close(self) -> None:
@@ -245,7 +248,13 @@ class BatchSender:
         body = bundle_bytes(bundle)
         self.stats.bundles += 1
         self.stats.max_slots = max(self.stats.max_slots, len(self._futures) + 1)
-        future = self._pool.submit(self._send, body)
+        alone_async = self._async is None and send_alone_async(
+            bundle, len(body), self._oversize, MEDPLUM_BODY_LIMIT
+        )
+        if alone_async:
+            self._oversize.add(bundle[0].key)
+            self._events.emit("load_async_batch", type=bundle[0].type, id=bundle[0].sid, bytes=len(body))
+        future = self._pool.submit(self._send, body, alone_async)
         self._futures[future] = bundle
         self._done.watch(future)
         self._peak[future] = len(self._futures)
@@ -253,14 +262,15 @@ class BatchSender:
             self._peak[other] = max(self._peak.get(other, 0), len(self._futures))
         return future
 
-    def _send(self, body: bytes) -> Sent:
+    def _send(self, body: bytes, alone_async: bool = False) -> Sent:
         """On a worker thread: one Bundle, synchronously or as an async batch job."""
         started = time.monotonic()
-        if self._async is not None:
-            status, content, ratelimit, text = self._async.run(body)
+        if self._async is not None or alone_async:
+            status, content, ratelimit, text = self._oversize_runner.run(body)
             return Sent(status, content, ratelimit, time.monotonic() - started, text)
         try:
-            response = self._client.post("", content=body, headers={"Content-Type": FHIR_JSON})
+            # One attempt: what a lost or failed Bundle means is decided per entry (_complete).
+            response = self._client.send_once("POST", "", content=body, headers={"Content-Type": FHIR_JSON})
         except httpx.TransportError as exc:
             return Sent(None, elapsed=time.monotonic() - started, text=f"{exc.__class__.__name__}: {exc}")
         text = outcome_text(response) if response.status_code >= 300 else None
@@ -324,7 +334,7 @@ class BatchSender:
             self.stats.statuses[status] = self.stats.statuses.get(status, 0) + 1
         if status is not None and is_too_large(status, sent.text):
             self._too_large(bundle)
-        elif status is None or status in (408, 429) or status >= 500:
+        elif status is None or decide(status, TEMPORARY_RULES, lambda: (None, sent.text)) == "retry":
             wait_s = wait_from_outcome_bytes(sent.content) if status == 429 else None
             throttled = status == 429
             self._observe(sent, len(bundle), throttled)
@@ -339,7 +349,7 @@ class BatchSender:
         elif status in (401, 403):
             raise HTTPError(
                 f"Medplum refused the batch: HTTP {status}" + (f": {sent.text}" if sent.text else ""),
-                method="POST", url=redact(str(self._client.base_url)), status=status, outcome=sent.text,
+                method="POST", url=redact(self._client.fhir_url), status=status, outcome=sent.text,
             )  # fmt: skip
         elif status >= 300:
             self._observe(sent, len(bundle), False)
@@ -349,11 +359,7 @@ class BatchSender:
         self._release_blocked(keys - self._inflight)
 
     def _observe(self, sent: Sent, entries: int, throttled: bool) -> None:
-        self.pacer.observe(
-            sent.ratelimit, entries=entries, searches=0, now=self._clock.now(), throttled=throttled
-        )
-        if self.on_response is not None:
-            self.on_response(sent.ratelimit, entries, 0, throttled)
+        self._client.observe_bundle(sent.ratelimit, entries, throttled)
 
     def _batch_response(self, bundle: list[Entry], sent: Sent, inflight: int) -> None:
         results = parse_batch(sent.content, len(bundle))
@@ -402,9 +408,14 @@ class BatchSender:
     def _too_large(self, bundle: list[Entry]) -> None:
         self.stats.splits += 1
         if len(bundle) == 1:
-            self._handler.settled(
-                bundle[0], Kind.FAILED, EntryResult(413, text="resource too large for one request")
-            )
+            key = bundle[0].key
+            if self._async is None and key not in self._oversize:
+                # Refused under the 1 MiB we assume (the server's limit is lower): async alone.
+                self._oversize.add(key)
+                self._inflight.add(key)
+                self._groups.append(bundle)
+                return
+            self._handler.settled(bundle[0], Kind.FAILED, EntryResult(413, text=TOO_LARGE_EVEN_ASYNC))
             return
         size = len(bundle_bytes(bundle))
         self.max_bytes = max(_MIN_BUNDLE_BYTES, min(self.max_bytes, size // 2))

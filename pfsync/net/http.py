@@ -2,14 +2,16 @@
 
 Library classes take an `httpx.Client` (the network is injected); only `make_client`
 builds a real one, and every client it builds applies RequestGuard on every hop: the URL rules
-of pfsync.net.policy, no redirect for a request carrying a body or credentials, attachments
+of pfsync.core.netpolicy, no redirect for a request carrying a body or credentials, attachments
 pinned to their origin; proxy and CAs from pfsync's settings, not the environment. Sleeping and
 the clock are injected too (`Clock`), so retry tests run instantly.
 
-Retries (`request_with_retry`) follow docs/bulk-data.md / cumulus-fhir-support: network errors and
-the answers TEMPORARY_RULES names (408, 429, 5xx) are temporary; the wait is Retry-After in
-both forms (seconds and HTTP-date) or Medplum's spent RateLimit window, capped, else backoff;
-waits end on SIGTERM. What a server sends reaches a message only through `server_text`
+Retries follow docs/bulk-data.md / cumulus-fhir-support and are decided in one place, `Retrier`
+(used by `request_with_retry`, pfsync.medplum.client and the download resume loop): network
+errors and the answers a classifier table names (`decide`; TEMPORARY_RULES: 408, 429, 5xx; the
+Bulk Data and batch-entry tables beside it) are temporary; the wait is Retry-After in both forms
+(seconds and HTTP-date) or Medplum's msBeforeNext or spent RateLimit window, capped, else
+backoff; waits end on SIGTERM. What a server sends reaches a message only through `server_text`
 (redacted, capped, no control characters), URLs through `shown_url` (no query). Answers that
 must be JSON objects go through `json_object`, Bundle paging through `next_link`, streamed
 bodies through `iter_decoded` (bounded inflation).
@@ -35,11 +37,18 @@ import httpx
 import orjson
 
 from pfsync import __version__
-from pfsync.core.errors import ConfigError, HTTPError, InterruptedRunError, PfsyncError, ProtocolError
+from pfsync.core.errors import (
+    TEMPORARY_STATUS,
+    ConfigError,
+    HTTPError,
+    InterruptedRunError,
+    PfsyncError,
+    ProtocolError,
+)
+from pfsync.core.netpolicy import Network, origin, parse_networks, resolved_problem, shown_url, url_problem
 from pfsync.core.redact import redact, register
 from pfsync.core.settings import HttpSettings
 from pfsync.net.pacing import parse_ratelimit
-from pfsync.net.policy import Network, origin, parse_networks, resolved_problem, shown_url, url_problem
 
 USER_AGENT = f"pfsync/{__version__}"
 log = logging.getLogger("pfsync.http")
@@ -53,12 +62,14 @@ Verdict = Literal["final", "retry", "keep-polling"]
 @dataclass(frozen=True)
 class RetryRule:
     """One row of a classifier table: the statuses it covers and, optionally, the OperationOutcome
-    issue code it needs (`code`), or that the body is not FHIR at all (`not_fhir`: a proxy's page)."""
+    issue code it needs (`code`), text its outcome must contain (`text`), or that the body is not
+    FHIR at all (`not_fhir`: a proxy's page)."""
 
     statuses: frozenset[int]
     verdict: Verdict
     code: str | None = None
     not_fhir: bool = False
+    text: str | None = None
 
 
 _SERVER_ERRORS = frozenset(range(500, 600))
@@ -69,6 +80,9 @@ BULK_RULES: tuple[RetryRule, ...] = (
     RetryRule(_SERVER_ERRORS, "retry", code="transient"),
     RetryRule(_SERVER_ERRORS, "retry", not_fhir=True),
 )
+# docs/bulk-data.md "Download": a file download retries 408, 429 and every 5xx (a file's bytes are
+# not a job's outcome: any server error there is worth another try).
+DOWNLOAD_RULES: tuple[RetryRule, ...] = (RetryRule(_SERVER_ERRORS, "retry"), *BULK_RULES)
 # While polling a status URL, a 500 `transient` OperationOutcome says the job is still running (the
 # SMART reference server answers it on every poll until the job completes: docs/bulk-data.md
 # "Status polling"), so it is polled again until the export deadline, not retried a few times. A
@@ -94,17 +108,30 @@ def outcome_codes(response: httpx.Response) -> set[str] | None:
 
 def classify(response: httpx.Response, rules: tuple[RetryRule, ...]) -> Verdict:
     """The verdict of the first rule that matches `response` ("final" when none does)."""
+    return decide(response.status_code, rules, lambda: (outcome_codes(response), outcome_text(response)))
+
+
+def decide(
+    status: int, rules: tuple[RetryRule, ...], outcome: Callable[[], tuple[set[str] | None, str | None]]
+) -> Verdict:
+    """The verdict of the first rule that matches `status` and, where a rule asks, the answer's
+    OperationOutcome: `outcome()` gives its issue codes (None: the body is not one) and its text,
+    read only when a rule needs them. The one classifier: `classify` applies it to an HTTP answer,
+    pfsync.medplum.batch to one entry of a batch-response."""
     codes: set[str] | None = None
+    text: str | None = None
     parsed = False
     for rule in rules:
-        if response.status_code not in rule.statuses:
+        if status not in rule.statuses:
             continue
-        if rule.code is not None or rule.not_fhir:
+        if rule.code is not None or rule.not_fhir or rule.text is not None:
             if not parsed:
-                codes, parsed = outcome_codes(response), True
+                (codes, text), parsed = outcome(), True
             if rule.not_fhir and codes is not None:
                 continue
             if rule.code is not None and (codes is None or rule.code not in codes):
+                continue
+            if rule.text is not None and rule.text not in (text or ""):
                 continue
         return rule.verdict
     return "final"
@@ -137,13 +164,13 @@ _SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 @dataclass(frozen=True)
 class RequestGuard:
-    """pfsync.net.policy on every hop of every request, and the redirect rules, as httpx event hooks
+    """pfsync.core.netpolicy on every hop of every request, and the redirect rules, as httpx event hooks
     (httpx calls request hooks for each hop of a redirect chain, response hooks for each answer).
 
     A redirect is followed only for a GET or HEAD without a body and without Basic credentials:
     a token POST, a Bundle or an upload answered with 307/308 would otherwise re-send its secrets
     or data to wherever the Location points. A bearer token never follows a redirect to another
-    origin (httpx drops Authorization there; pfsync.source.auth.BearerAuth adds it only for allowed
+    origin (httpx drops Authorization there; pfsync.net.tokens.BearerAuth adds it only for allowed
     origins). A request carrying PIN_ORIGIN may not be redirected off that origin."""
 
     allow_insecure_http: bool = False
@@ -356,9 +383,19 @@ class RetryPolicy:
 # The one statement of which answers are temporary in general (docs/bulk-data.md "Download" and
 # "Kick-off": 408, 429, 5xx and network errors; docs/medplum.md "Quotas and 429"). A part of the spec
 # that needs another rule uses its own table of RetryRules (BULK_RULES, STATUS_POLL_RULES).
-TEMPORARY_RULES: tuple[RetryRule, ...] = (RetryRule(frozenset({408, 429, 500, 502, 503, 504}), "retry"),)
+TEMPORARY_RULES: tuple[RetryRule, ...] = (RetryRule(TEMPORARY_STATUS, "retry"),)
 RETRYABLE_STATUS = frozenset().union(
     *(r.statuses for r in TEMPORARY_RULES if r.code is None and not r.not_fhir and r.verdict == "retry")
+)
+# One entry of a Medplum batch-response (docs/medplum.md "Batch Bundles"; the outer answer is 200
+# whatever its entries say). Temporary as above, plus: 409, a serialization conflict between
+# concurrent Bundles (docs/medplum.md "Measured on a real server"); 0, an entry the response lacks;
+# a 400 "did not match resolved ID" (docs/medplum.md, recorded case 16: another writer created the
+# identity first, so re-sending updates it). A 429 entry was not run (docs/medplum.md "Quotas and 429").
+BATCH_ENTRY_RULES: tuple[RetryRule, ...] = (
+    RetryRule(frozenset({0, 409}), "retry"),
+    *TEMPORARY_RULES,
+    RetryRule(frozenset({400}), "retry", text="did not match resolved ID"),
 )
 
 
@@ -378,14 +415,30 @@ def ratelimit_reset(response: httpx.Response) -> float | None:
     return max(spent) if spent else None
 
 
+def wait_from_outcome(outcome: Any) -> float | None:
+    """Seconds from a throttled OperationOutcome's diagnostics JSON (no Retry-After: docs/medplum.md)."""
+    if not isinstance(outcome, dict):
+        return None
+    for issue in outcome.get("issue") or []:
+        diag = issue.get("diagnostics") if isinstance(issue, dict) else None
+        if not isinstance(diag, str) or not diag.startswith("{"):
+            continue
+        try:
+            data = orjson.loads(diag)
+        except orjson.JSONDecodeError:
+            continue
+        ms = data.get("msBeforeNext", data.get("_msBeforeNext")) if isinstance(data, dict) else None
+        if isinstance(ms, int | float):
+            return max(0.0, float(ms) / 1000.0)
+    return None
+
+
 def hinted_wait(response: httpx.Response, now: float) -> float | None:
     """What the server asks us to wait: Retry-After (either form), else on a 429 Medplum's
     throttled OperationOutcome (`msBeforeNext`) or its spent RateLimit window."""
     hinted = parse_retry_after(response.headers.get("Retry-After"), now)
     if hinted is not None or response.status_code != 429:
         return hinted
-    from pfsync.medplum.batch import wait_from_outcome  # batch imports this module
-
     try:
         body = orjson.loads(response.content) if response.content else None
     except (orjson.JSONDecodeError, httpx.HTTPError):
@@ -427,6 +480,67 @@ def wait(clock: Clock, seconds: float, stop: threading.Event | None, what: str =
             raise interrupted()
 
 
+@dataclass
+class Retrier:
+    """The retry decisions of one logical request: which answers are temporary (`rules`, the one
+    classifier), how many failed attempts the budget allows (policy.retries), and how long to wait
+    before the next (what the server asks: Retry-After in both forms, Medplum's msBeforeNext or
+    spent RateLimit window, capped at policy.max_wait; else backoff). `throttle_patience`: seconds
+    of 429 waits that do not use up attempts (Medplum's quota windows are waited out, not failed:
+    docs/medplum.md "Quotas and 429"). Every loop that retries an HTTP call decides through one."""
+
+    method: str
+    url: str
+    policy: RetryPolicy
+    clock: Clock
+    rules: tuple[RetryRule, ...] = TEMPORARY_RULES
+    stop: threading.Event | None = None
+    throttle_patience: float = 0.0
+    attempt: int = 0
+    throttled_for: float = 0.0
+
+    def temporary(self, response: httpx.Response) -> bool:
+        return classify(response, self.rules) == "retry"
+
+    def next_wait(self, response: httpx.Response | None) -> float | None:
+        """Count one failed attempt (a network error when `response` is None): the seconds to wait
+        before the next, or None when the retry budget is spent."""
+        hinted = hinted_wait(response, self.clock.now()) if response is not None else None
+        if response is not None and response.status_code == 429:
+            delay = (
+                min(self.policy.max_wait, hinted)
+                if hinted is not None
+                else self.policy.backoff(self.attempt + 1)
+            )
+            if self.throttle_patience > 0 and self.throttled_for + delay <= self.throttle_patience:
+                self.throttled_for += delay
+                return delay
+        self.attempt += 1
+        if self.attempt > self.policy.retries:
+            return None
+        return min(self.policy.max_wait, hinted) if hinted is not None else self.policy.backoff(self.attempt)
+
+    def pause(self, seconds: float, what: str = "the run") -> None:
+        wait(self.clock, seconds, self.stop, what)
+
+    def exhausted(self, response: httpx.Response | None, exc: Exception | None = None) -> HTTPError:
+        """The error once the budget is spent (temporary: exit 75, the next run tries again)."""
+        shown = shown_url(self.url)
+        if response is None:
+            reason = f"{exc.__class__.__name__}: {server_text(str(exc))}" if exc is not None else "no answer"
+            return HTTPError(f"{self.method} {shown} failed after {self.policy.retries} retries: {reason}",
+                             method=self.method, url=self.url)  # fmt: skip
+        text = outcome_text(response)
+        return HTTPError(
+            f"{self.method} {shown} answered {response.status_code} after {self.policy.retries} retries"
+            + (f": {text}" if text else ""),
+            method=self.method,
+            url=self.url,
+            status=response.status_code,
+            outcome=text,
+        )
+
+
 def request_with_retry(
     send: Callable[[], httpx.Response],
     *,
@@ -434,63 +548,43 @@ def request_with_retry(
     url: str,
     policy: RetryPolicy,
     clock: Clock,
-    retry_status: frozenset[int] | None = None,
+    rules: tuple[RetryRule, ...] = TEMPORARY_RULES,
     stop: threading.Event | None = None,
     on_retry: Callable[[int, float, str], None] | None = None,
     retry_if: Callable[[httpx.Response], bool] | None = None,
+    throttle_patience: float = 0.0,
 ) -> httpx.Response:
     """Call `send` until it answers with a non-temporary status, retrying temporary failures.
 
-    Temporary: network errors, and the answers `retry_if` accepts (e.g. `lambda r: is_temporary(r,
-    BULK_RULES)`), else those whose status is in `retry_status`, else those `is_temporary` accepts. The wait is what the server
-    asks for (Retry-After, a spent RateLimit window), capped at policy.max_wait, else exponential
-    backoff; `stop` cuts it short (InterruptedRunError). Redirect loops and undecodable bodies are
-    ProtocolError. Returns the final response (which may be an error status the caller interprets);
-    raises HTTPError (temporary) when retries are exhausted on a network error or temporary answer.
+    Temporary: network errors, and the answers `rules` classifies as "retry" (or `retry_if`
+    accepts); the budget and the waits are Retrier's. `stop` cuts a wait short
+    (InterruptedRunError). Redirect loops and undecodable bodies are ProtocolError. Returns the
+    final response (which may be an error status the caller interprets); raises HTTPError
+    (temporary) when retries are exhausted on a network error or temporary answer.
     """
-
-    attempt = 0
+    retrier = Retrier(method, url, policy, clock, rules, stop, throttle_patience)
     while True:
         try:
             response = send()
         except (httpx.TooManyRedirects, httpx.DecodingError) as exc:
             raise protocol_error(exc) from None
         except httpx.TransportError as exc:
-            attempt += 1
-            if attempt > policy.retries:
-                raise HTTPError(
-                    f"{method} {shown_url(url)} failed after {policy.retries} retries: {exc.__class__.__name__}: "
-                    f"{server_text(str(exc))}",
-                    method=method,
-                    url=url,
-                ) from None
-            delay = policy.backoff(attempt)
-            _retrying(method, url, attempt, policy.retries, delay, exc.__class__.__name__, on_retry)
-            wait(clock, delay, stop)
+            delay = retrier.next_wait(None)
+            if delay is None:
+                raise retrier.exhausted(None, exc) from None
+            _retrying(method, url, retrier.attempt, policy.retries, delay, exc.__class__.__name__, on_retry)
+            retrier.pause(delay)
             continue
-        if retry_if is not None:
-            temporary = retry_if(response)
-        elif retry_status is not None:
-            temporary = response.status_code in retry_status
-        else:
-            temporary = is_temporary(response)
-        if not temporary:
+        if not (retry_if(response) if retry_if is not None else retrier.temporary(response)):
             return response
-        attempt += 1
-        if attempt > policy.retries:
-            raise HTTPError(
-                f"{method} {shown_url(url)} answered {response.status_code} after {policy.retries} retries"
-                + (f": {text}" if (text := outcome_text(response)) else ""),
-                method=method,
-                url=url,
-                status=response.status_code,
-                outcome=outcome_text(response),
-            )
-        hinted = hinted_wait(response, clock.now())
-        delay = min(policy.max_wait, hinted) if hinted is not None else policy.backoff(attempt)
-        _retrying(method, url, attempt, policy.retries, delay, f"HTTP {response.status_code}", on_retry)
+        delay = retrier.next_wait(response)
+        if delay is None:
+            raise retrier.exhausted(response)
+        _retrying(
+            method, url, retrier.attempt, policy.retries, delay, f"HTTP {response.status_code}", on_retry
+        )
         response.close()
-        wait(clock, delay, stop)
+        retrier.pause(delay)
 
 
 def _retrying(

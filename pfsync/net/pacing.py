@@ -65,7 +65,11 @@ class Pacer:
         r, t = part
         reset_at = now + t
         same_window = self.remaining is not None and abs(reset_at - self.reset_at) <= 2.0
-        if same_window and self.remaining is not None and r <= self.remaining:
+        if same_window and r == 0 and self.remaining == 0 and not throttled:
+            # A counter that ran out (a quota-off project counts down to 0 and stays there,
+            # docs/medplum.md "Quotas and 429") tells nothing more: estimate, as across windows.
+            self.used += entries * self.cost + searches * SEARCH_COST
+        elif same_window and self.remaining is not None and r <= self.remaining:
             delta = self.remaining - r
             self.used += delta
             if entries and delta > 0 and not throttled:

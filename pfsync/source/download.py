@@ -38,15 +38,16 @@ from pfsync.core.settings import ExportValidate
 from pfsync.net.http import (
     ACCEPT_ENCODING,
     DECODE_CHUNK,
+    DOWNLOAD_RULES,
     STREAMED,
     Clock,
+    Retrier,
     RetryPolicy,
-    hinted_wait,
+    classify,
     iter_decoded,
     outcome_text,
-    wait,
 )
-from pfsync.source.bulk import Issue, JobExpired, ManifestFile, Origins, is_temporary, issues_of
+from pfsync.source.bulk import Issue, JobExpired, ManifestFile, Origins, issues_of
 from pfsync.source.exportjob import ExportDir, LandedFile, fsync_dir, without_query
 
 log = logging.getLogger("pfsync.export")
@@ -459,8 +460,9 @@ class Downloader:
         return Downloaded(landed, problems, tuple(validator.issues))
 
     def _fetch(self, entry: ManifestFile, name: str, part: Path, auth: httpx.Auth | None) -> Validator:
-        """One complete pass over the file into `part` (with Range resumes), validated."""
-        attempt = 0
+        """One complete pass over the file into `part` (with Range resumes), validated. Every
+        failed attempt (a restart, a resume, a temporary answer) is decided by one Retrier."""
+        retrier = Retrier("GET", without_query(entry.url), self.policy, self.clock, DOWNLOAD_RULES, self.stop)
         while True:  # each pass starts from byte 0 with a fresh validator
             with os.fdopen(create_exclusive(part), "wb") as out:  # O_EXCL, 0600, never a link
                 validator = Validator(out, entry.type, self.max_line_bytes,
@@ -473,24 +475,21 @@ class Downloader:
                         offset = self._stream(entry, name, auth, validator, offset)
                     except _Restart as restart:
                         if restart.cause is not None:
-                            attempt += 1
-                            self._retry_or_raise(entry, name, restart.cause, attempt)
+                            self._retry_or_raise(entry, name, restart.cause, retrier)
                         break
                     except _Dropped as dropped:
                         offset = dropped.received
-                        attempt += 1
-                        self._retry_or_raise(entry, name, dropped.cause, attempt)
+                        self._retry_or_raise(entry, name, dropped.cause, retrier)
                         continue
                     except (httpx.TransportError, _Temporary) as exc:
-                        attempt += 1
-                        self._retry_or_raise(entry, name, exc, attempt)
+                        self._retry_or_raise(entry, name, exc, retrier)
                         continue
                     validator.finish()
                     out.flush()
                     os.fsync(out.fileno())
                     return validator
 
-    def _retry_or_raise(self, entry: ManifestFile, name: str, exc: Exception, attempt: int) -> None:
+    def _retry_or_raise(self, entry: ManifestFile, name: str, exc: Exception, retrier: Retrier) -> None:
         response = exc.response if isinstance(exc, _Temporary) else None
         message = (
             f"HTTP {response.status_code}" + (f": {outcome_text(response)}" if outcome_text(response) else "")
@@ -498,19 +497,17 @@ class Downloader:
             else f"{exc.__class__.__name__}: {redact(str(exc))}"
         )
         self._check_deadline(without_query(entry.url))
-        will_retry = attempt <= self.policy.retries
+        delay = retrier.next_wait(response)
         self.events.emit("download_error", exportId=self.export_id, fileUrl=without_query(entry.url),
-                         name=name, message=message, attempt=attempt, willRetry=will_retry)  # fmt: skip
-        if not will_retry:
+                         name=name, message=message, attempt=retrier.attempt, willRetry=delay is not None)  # fmt: skip
+        if delay is None:
             raise HTTPError(
                 f"download of {redact(without_query(entry.url))} failed after {self.policy.retries} retries: {message}",
                 method="GET",
                 url=without_query(entry.url),
                 status=response.status_code if response is not None else None,
             )
-        hinted = hinted_wait(response, self.clock.now()) if response is not None else None
-        delay = min(self.policy.max_wait, hinted) if hinted is not None else self.policy.backoff(attempt)
-        wait(self.clock, delay, self.stop, "export")
+        retrier.pause(delay, "export")
 
     def _stream(
         self, entry: ManifestFile, name: str, auth: httpx.Auth | None, validator: Validator, offset: int
@@ -536,7 +533,7 @@ class Downloader:
                     )
                 if status in (404, 410):
                     raise JobExpired(f"file {url} is gone ({status}): the export expired or was deleted")
-                if is_temporary(response) or status == 500:
+                if classify(response, DOWNLOAD_RULES) == "retry":
                     raise _Temporary(response)
                 raise ExportError(
                     f"download of {url} failed ({status}): {outcome_text(response) or 'no reason'}"

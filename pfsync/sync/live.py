@@ -1,6 +1,6 @@
 """The real engines behind `pfsync sync`: HTTP clients, source and Medplum auth, export, loader, state store.
 
-pfsync.sync.run orchestrates against the small `Engines` protocol; this module wires the real pieces
+pfsync.sync.run orchestrates against the small `Engines` protocol (pfsync.sync.engines); this module wires the real pieces
 (pfsync.source.export.run_export, pfsync.load.loader.Loader, pfsync.source.auth, pfsync.medplum.auth) for one source.
 Each source gets its own clients and token (its own audience: docs/practice-fusion.md "Servers").
 """
@@ -18,10 +18,16 @@ from pfsync.core.errors import AuthError
 from pfsync.core.events import EventSink, NullSink
 from pfsync.core.ndjson import Record, iter_file
 from pfsync.core.settings import Settings, SourceSettings
+from pfsync.load.loader import Loader
+from pfsync.medplum.auth import medplum_auth
+from pfsync.medplum.client import MedplumClient
 from pfsync.net.http import Clock, RetryPolicy, SystemClock, json_object, make_client, request_with_retry
+from pfsync.net.tokens import BearerAuth
+from pfsync.source.auth import source_auth
 from pfsync.source.bulk import ExportRequest
+from pfsync.source.export import run_export
 from pfsync.source.exportjob import LandedFile
-from pfsync.sync.run import LoaderLike
+from pfsync.sync.engines import SyncLoader
 from pfsync.sync.state import LocalStateStore, StateStore
 from pfsync.sync.state_medplum import MedplumStateStore, find_seed_checkpoint
 
@@ -30,12 +36,10 @@ def open_store(settings: Settings, *, clock: Clock | None = None) -> tuple[State
     """The configured state backend and a function that closes what it opened."""
     if settings.state_backend == "local":
         return LocalStateStore(settings.state_dir), lambda: None
-    from pfsync.medplum.auth import medplum_auth
-
     client = make_client(settings.http)
-    client.auth = medplum_auth(settings.medplum, clock=clock, http=settings.http)  # the process's token
-    store = MedplumStateStore(client, settings.medplum.fhir_url, clock=clock,
-                              policy=RetryPolicy.from_settings(settings.http))  # fmt: skip
+    # The Medplum client owns the auth: the process's shared token (pfsync.medplum.auth).
+    medplum = MedplumClient.connect(settings.medplum, client, settings=settings.http, clock=clock)
+    store = MedplumStateStore(medplum, settings.medplum.fhir_url)
     return store, client.close
 
 
@@ -52,9 +56,6 @@ class LiveEngines:
         events: EventSink | None = None,
         dry_run: bool = False,
     ) -> None:
-        from pfsync.medplum.auth import medplum_auth
-        from pfsync.source.auth import source_auth
-
         self.settings, self.source, self.stop = settings, source, stop
         self.clock = clock or SystemClock()
         self.events = events or NullSink()
@@ -79,18 +80,13 @@ class LiveEngines:
         changed: a wrong or revoked secret must fail the run (exit 4, status unhealthy), not hide
         until there is something to load. The tokens are the ones the run then uses. With
         medplum.auth = basic there is no token: one `_summary=count` search proves the secret."""
-        from pfsync.source.auth import BearerAuth
-
         self._granted_types()
         auth = self.medplum_client.auth
         if isinstance(auth, BearerAuth):
             auth.provider.prove()
             return
-        url = "Patient"
-        resp = request_with_retry(
-            lambda: self.medplum_client.get(url, params={"_summary": "count"}, headers={"Accept": "application/fhir+json"}),
-            method="GET", url=url, policy=self.policy, clock=self.clock,
-        )  # fmt: skip
+        medplum = MedplumClient(self.medplum_client, clock=self.clock, policy=self.policy, stop=self.stop)
+        resp = medplum.send("GET", "Patient", cost="search", params={"_summary": "count"})
         if resp.status_code in (401, 403):
             raise AuthError(
                 f"Medplum refused the client credentials (HTTP {resp.status_code})",
@@ -106,8 +102,6 @@ class LiveEngines:
     def run_export(
         self, request: ExportRequest, out_dir: Path, on_file: Callable[[LandedFile], None]
     ) -> str | None:
-        from pfsync.source.export import run_export
-
         result = run_export(self.source, self.settings.export, self.source_client, self.source_auth,
                             out_dir=out_dir, request=request, clock=self.clock, events=self.events,
                             on_file=on_file, stop=self.stop, granted_types=self._granted_types(),
@@ -115,15 +109,13 @@ class LiveEngines:
         return result.transaction_time
 
     @contextlib.contextmanager
-    def _loader(self) -> Iterator[LoaderLike]:
-        from pfsync.load.loader import Loader
-
+    def _loader(self) -> Iterator[SyncLoader]:
         with Loader(self.source, self.settings.load, self.medplum_client, state_dir=self.settings.state_dir,
                     source_client=self.source_fetch_client, http=self.settings.http, clock=self.clock,
                     events=self.events, dry_run=self.dry_run, stop=self.stop) as loader:  # fmt: skip
             yield loader
 
-    def loader(self) -> AbstractContextManager[LoaderLike]:
+    def loader(self) -> AbstractContextManager[SyncLoader]:
         return self._loader()
 
     def group_members(self, group_id: str, scratch: Path) -> frozenset[str]:

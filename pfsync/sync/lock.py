@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
-import time
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,9 +22,12 @@ from pathlib import Path
 
 import orjson
 
-from pfsync.core.errors import LockedError, StateError
+from pfsync.core.errors import LockedError, PfsyncError, StateError
+from pfsync.core.instants import iso, parse_iso
 from pfsync.core.private import open_private, private_dir
-from pfsync.sync.state import Holder, Lease, SyncState, iso, parse_iso
+from pfsync.sync.holders import Holder, Lease, RunLock
+
+log = logging.getLogger("pfsync.sync")
 
 LEASE_TTL = (
     15 * 60.0
@@ -42,6 +46,8 @@ def _read_holder(fd: int) -> Holder | None:
 
 class FileLock:
     """An exclusive, non-blocking flock on a file that names its holder."""
+
+    renew_every: float | None = None  # nothing to renew: the kernel holds the lock while we live
 
     def __init__(self, path: os.PathLike[str] | str, fd: int) -> None:
         self.path = os.fspath(path)
@@ -112,13 +118,12 @@ def new_lease(holder: Holder, now: float, ttl: float = LEASE_TTL) -> Lease:
     return Lease(holder=holder.describe(), token=uuid.uuid4().hex, expires=iso(now + ttl))
 
 
-def check_lease(state: SyncState, now: float, mine: str | None = None) -> None:
-    """LockedError when someone else holds an unexpired lease on this state."""
-    lease = state.lease
+def check_lease(source: str, lease: Lease | None, now: float, mine: str | None = None) -> None:
+    """LockedError when someone else holds an unexpired lease on this source's state."""
     if lease is None or lease.token == mine or lease_expired(lease, now):
         return
     raise LockedError(
-        f"another sync of source {state.source!r} holds the lease ({lease.holder}; until {lease.expires})",
+        f"another sync of source {source!r} holds the lease ({lease.holder}; until {lease.expires})",
         holder=lease.holder,
         hint="wait for it to finish; a crashed run's lease expires by itself",
     )
@@ -133,7 +138,7 @@ class LeaseLock:
     _renew: Callable[[LeaseLock], None]
     _release: Callable[[LeaseLock], None]
     released: bool = False
-    renew_every: float = LEASE_TTL / 3  # pfsync.sync.run renews on a timer: three chances per TTL
+    renew_every: float = LEASE_TTL / 3  # Heartbeat renews on a timer: three chances per TTL
 
     def renew(self) -> None:
         if not self.released:
@@ -145,5 +150,33 @@ class LeaseLock:
             self._release(self)
 
 
-def now() -> float:
-    return time.time()
+class Heartbeat:
+    """Renews a run's lock every `interval` seconds on its own thread, until `stop()`.
+
+    Per-file renewal is not enough: one large file (or a slow export poll, or a Medplum Bundle
+    waiting on the quota) can outlast the lease TTL, and another pod would then take over a source
+    that is still being written. Renewal holds `mutex`, the one the run's state saves hold, so a
+    renewal never writes an older state over a newer one (both go through the same If-Match chain).
+    """
+
+    def __init__(self, lock: RunLock, mutex: threading.Lock, interval: float, source: str) -> None:
+        self._lock, self._mutex, self._interval, self._source = lock, mutex, interval, source
+        self._done = threading.Event()
+        self.renewals = 0
+        self._thread = threading.Thread(target=self._loop, name=f"pfsync-lease-{source}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._done.wait(self._interval):
+            try:
+                with self._mutex:
+                    self._lock.renew()
+                self.renewals += 1
+            except PfsyncError as exc:  # the next state save reports a lost lease as LockedError
+                log.warning("could not renew the lease of %s: %s", self._source, exc.message)
+            except Exception:  # a renewal bug must not kill the thread silently
+                log.exception("lease renewal of %s failed", self._source)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=max(5.0, self._interval))

@@ -14,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from pfsync.core.counts import COUNT_KEYS
 from pfsync.core.errors import StateError
 from pfsync.sync.state import write_atomic
 from pfsync.sync.status import SourceStatus
-
-OUTCOMES = ("created", "updated", "unchanged", "deleted", "quarantined", "retry_queued")
 
 _METRICS = (
     ("pfsync_last_success_timestamp_seconds", "gauge", "Unix time of the last successful sync of the source."),
@@ -53,7 +52,7 @@ def render(statuses: Sequence[SourceStatus]) -> str:
             ("pfsync_last_run_resources", st.counts),
         ):
             for rtype, counts in sorted(by_type.items()):
-                for outcome in OUTCOMES:
+                for outcome in COUNT_KEYS:
                     if outcome in counts:
                         labels = f'{src},type="{_label(rtype)}",outcome="{outcome}"'
                         samples[metric].append(f"{{{labels}}} {counts[outcome]}")

@@ -28,41 +28,23 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
 from pfsync.core.errors import StateError
+from pfsync.core.instants import parse_iso
 from pfsync.core.private import private_dir
+from pfsync.core.settings import Settings
+from pfsync.core.statedir import CHECKPOINT_FILE, LOCK_FILE, RETRY_FILE, source_dir
+from pfsync.sync.holders import Holder, Lease, RunLock
+from pfsync.sync.lock import FileLock
 
 FORMAT_VERSION = 1
-CHECKPOINT_FILE = "checkpoint.json"
-RETRY_FILE = "retry.ndjson"  # the loader's retry queue (shared state-dir convention)
-QUARANTINE_FILE = "quarantine.ndjson"
 OUTCOMES = ("ok", "partial", "failed", "interrupted", "locked")
-
-
-def iso(epoch: float) -> str:
-    """Epoch seconds as an ISO-8601 UTC instant with milliseconds (FHIR instant shape)."""
-    return (
-        datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(epoch * 1000) % 1000:03d}Z"
-    )
-
-
-def parse_iso(text: str) -> float:
-    """Epoch seconds from an ISO-8601 instant (a FHIR `instant`, e.g. a manifest's transactionTime)."""
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise StateError(f"not an ISO-8601 instant: {text!r}") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
 
 
 @dataclass(frozen=True)
@@ -77,15 +59,6 @@ class InFlight:
     # still have resources in flight, so a resumed run offers every landed file again (pfsync.sync.run).
     files_loaded: tuple[str, ...] = ()
     backfill_groups: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Lease:
-    """A run lease (Medplum backend): whoever holds an unexpired lease may run."""
-
-    holder: str
-    token: str
-    expires: str
 
 
 @dataclass(frozen=True)
@@ -202,34 +175,8 @@ def _opt_str(value: Any) -> str | None:
     return value
 
 
-@dataclass(frozen=True)
-class Holder:
-    """Who holds a lock or lease: shown in LockedError and `pfsync status`."""
-
-    pid: int
-    host: str
-    started: str
-    text: str | None = None  # a lease names its holder as text (the pod may be anywhere)
-
-    def describe(self) -> str:
-        return self.text or f"pid {self.pid} on {self.host} since {self.started}"
-
-    @classmethod
-    def me(cls, now: float | None = None) -> Holder:
-        import socket
-
-        return cls(os.getpid(), socket.gethostname(), iso(time.time() if now is None else now))
-
-
-class RunLock(Protocol):
-    """A held run lock or lease. `renew()` extends a lease (no-op for a file lock)."""
-
-    def renew(self) -> None: ...
-    def release(self) -> None: ...
-
-
 class StateStore(Protocol):
-    """Where sync state lives (back ends behind small interfaces, with a fake for tests)."""
+    """Where sync state lives (back ends behind small interfaces; the tests' fake is tests/doubles.py)."""
 
     backend: str
 
@@ -248,13 +195,6 @@ class StateStore(Protocol):
     def holder(self, source: str) -> Holder | None:
         """Who holds the lock now (None when free)."""
         ...
-
-
-def source_dir(state_dir: Path, source: str) -> Path:
-    """`{state_dir}/{source}/`: the shared per-source directory (preamble: state dir layout)."""
-    if not source or "/" in source or source in (".", ".."):
-        raise StateError(f"source name {source!r} cannot be used as a directory name")
-    return state_dir / source
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -281,6 +221,14 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def last_local_success(settings: Settings, source: str) -> float | None:
+    """When the source's last sync succeeded, from the local store (None: never, or another backend)."""
+    if settings.state_backend != "local":
+        return None
+    last = LocalStateStore(settings.state_dir).load(source).last_success
+    return parse_iso(last) if last else None
 
 
 class LocalStateStore:
@@ -324,59 +272,13 @@ class LocalStateStore:
             raise StateError(f"cannot write checkpoint {path}: {exc.message}", hint=exc.hint) from None
 
     def acquire(self, source: str, holder: Holder) -> RunLock:
-        from pfsync.sync.lock import FileLock
-
         # Every run of a source starts here: the state directory must be ours and private.
         private_dir(self.state_dir, tighten=True)
         private_dir(source_dir(self.state_dir, source), tighten=True)
-        return FileLock.acquire(source_dir(self.state_dir, source) / "lock", holder)
+        return FileLock.acquire(source_dir(self.state_dir, source) / LOCK_FILE, holder)
 
     def holder(self, source: str) -> Holder | None:
-        from pfsync.sync.lock import FileLock
-
-        return FileLock.holder(source_dir(self.state_dir, source) / "lock")
-
-
-@dataclass
-class MemoryStateStore:
-    """A fake store for tests: state in a dict, an in-process lock."""
-
-    backend: str = "memory"
-    states: dict[str, SyncState] = field(default_factory=dict)
-    held: dict[str, Holder] = field(default_factory=dict)
-    saves: int = 0
-    renewals: int = 0
-    renew_every: float | None = None  # set to make sync renew this fake lease on a timer
-
-    def load(self, source: str) -> SyncState:
-        return self.states.get(source) or SyncState(source=source)
-
-    def save(self, state: SyncState) -> None:
-        self.saves += 1
-        self.states[state.source] = state
-
-    def acquire(self, source: str, holder: Holder) -> RunLock:
-        from pfsync.core.errors import LockedError
-
-        if source in self.held:
-            other = self.held[source]
-            raise LockedError(f"source {source!r} is locked by {other.describe()}", holder=other.describe())
-        self.held[source] = holder
-        store = self
-
-        class _Held:
-            renew_every = store.renew_every
-
-            def renew(self) -> None:
-                store.renewals += 1
-
-            def release(self) -> None:
-                store.held.pop(source, None)
-
-        return _Held()
-
-    def holder(self, source: str) -> Holder | None:
-        return self.held.get(source)
+        return FileLock.holder(source_dir(self.state_dir, source) / LOCK_FILE)
 
 
 @contextlib.contextmanager
@@ -386,19 +288,3 @@ def locked(store: StateStore, source: str, holder: Holder) -> Iterator[RunLock]:
         yield lock
     finally:
         lock.release()
-
-
-def add_counts(
-    totals: Mapping[str, Mapping[str, int]], counts: Mapping[str, Mapping[str, int]]
-) -> dict[str, dict[str, int]]:
-    """`totals` plus one run's per-type counts (for SyncState.totals)."""
-    out = {t: dict(c) for t, c in totals.items()}
-    for rtype, c in counts.items():
-        row = out.setdefault(rtype, {})
-        for key, value in c.items():
-            row[key] = row.get(key, 0) + int(value)
-    return out
-
-
-def cleared_flight(state: SyncState) -> SyncState:
-    return replace(state, in_flight=None)

@@ -20,18 +20,13 @@ import httpx
 import orjson
 
 from pfsync.core.errors import LockedError, ProtocolError, StateError
-from pfsync.load.transform import identifier_query
-from pfsync.net.http import (
-    Clock,
-    RetryPolicy,
-    SystemClock,
-    json_object,
-    outcome_text,
-    raise_for_status,
-    request_with_retry,
-)
+from pfsync.core.instants import iso, parse_iso
+from pfsync.core.marks import identifier_query
+from pfsync.medplum.client import MedplumClient, as_medplum_client
+from pfsync.net.http import Clock, RetryPolicy, json_object, outcome_text, raise_for_status
+from pfsync.sync.holders import Holder, Lease
 from pfsync.sync.lock import LEASE_TTL, LeaseLock, check_lease, lease_expired, new_lease
-from pfsync.sync.state import Holder, Lease, SyncState, iso, parse_iso
+from pfsync.sync.state import SyncState
 
 STATE_SYSTEM = "https://pfsync.dev/state"
 STATE_EXTENSION = "https://pfsync.dev/StructureDefinition/sync-state"
@@ -39,34 +34,34 @@ FHIR_JSON = "application/fhir+json"
 
 
 class MedplumStateStore:
-    """StateStore over Medplum `Basic` resources. `client` carries the Medplum auth."""
+    """StateStore over Medplum `Basic` resources, through the one Medplum client (a bare
+    httpx.Client is wrapped: its own auth applies)."""
 
     backend = "medplum"
 
     def __init__(
         self,
-        client: httpx.Client,
+        client: MedplumClient | httpx.Client,
         fhir_url: str,
         *,
         clock: Clock | None = None,
         policy: RetryPolicy | None = None,
         lease_ttl: float = LEASE_TTL,
     ) -> None:
-        self.client = client
-        self.fhir_url = fhir_url if fhir_url.endswith("/") else fhir_url + "/"
-        self.clock = clock or SystemClock()
-        self.policy = policy or RetryPolicy()
+        self.medplum = as_medplum_client(client, fhir_url=fhir_url, clock=clock, policy=policy)
+        self.client = self.medplum.http
+        self.fhir_url = self.medplum.fhir_url
+        self.clock = self.medplum.clock
+        self.policy = self.medplum.policy
         self.lease_ttl = lease_ttl
         self._ids: dict[str, tuple[str, str]] = {}  # source -> (Basic id, versionId)
         self._held: dict[str, LeaseLock] = {}
 
     # ---- HTTP ------------------------------------------------------------------------------------
-    def _send(self, method: str, url: str, **kw: Any) -> httpx.Response:
-        headers = {"Accept": FHIR_JSON, **kw.pop("headers", {})}
-        return request_with_retry(
-            lambda: self.client.request(method, url, headers=headers, **kw),
-            method=method, url=url, policy=self.policy, clock=self.clock,
-        )  # fmt: skip
+    def _send(self, method: str, url: str, *, content: bytes | None = None,
+              headers: dict[str, str] | None = None) -> httpx.Response:  # fmt: skip
+        return self.medplum.send(method, url, cost="search" if method == "GET" else "write", content=content,
+                                 headers=headers)  # fmt: skip
 
     def _resource(self, source: str, state: SyncState) -> dict[str, Any]:
         return {
@@ -190,14 +185,14 @@ class MedplumStateStore:
                 return
             # 412: re-read. We may go on only while the lease is still ours (or nobody's).
             _, current = self._fetch(state.source)
-            check_lease(current, self.clock.now(), held.lease.token if held else None)
+            check_lease(current.source, current.lease, self.clock.now(), held.lease.token if held else None)
             self._check_mine(current)
         raise StateError(f"could not save the state of {state.source!r}: it kept changing under us")
 
     def acquire(self, source: str, holder: Holder) -> LeaseLock:
         for _ in range(3):
             res, current = self._fetch(source)
-            check_lease(current, self.clock.now())
+            check_lease(current.source, current.lease, self.clock.now())
             lease = new_lease(holder, self.clock.now(), self.lease_ttl)
             lock = LeaseLock(
                 source, lease, self._renew_lock, self._release_lock, renew_every=self.lease_ttl / 3
@@ -248,24 +243,23 @@ def _with_lease(state: SyncState, lock: LeaseLock | None) -> SyncState:
     return replace(state, lease=None if lock is None else lock.lease)
 
 
-def find_seed_checkpoint(client: httpx.Client, fhir_url: str, *, clock: Clock | None = None,
+def find_seed_checkpoint(client: MedplumClient | httpx.Client, fhir_url: str, *, clock: Clock | None = None,
                          policy: RetryPolicy | None = None) -> str | None:  # fmt: skip
-    """The seed integration's `lastSyncTime` (a `Parameters` resource), or None.
+    """The `lastSyncTime` of the Medplum Practice Fusion bot integration (a `Parameters` resource), or None.
 
     docs/medplum.md: Parameters has no identifier, so search them all (a project holds few) and pick
     the one that has a `lastSyncTime` parameter; the newest value wins if several do.
     """
-    url = (fhir_url if fhir_url.endswith("/") else fhir_url + "/") + "Parameters?_count=100"
-    resp = request_with_retry(lambda: client.get(url, headers={"Accept": FHIR_JSON}), method="GET", url=url,
-                              policy=policy or RetryPolicy(), clock=clock or SystemClock())  # fmt: skip
+    medplum = as_medplum_client(client, fhir_url=fhir_url, clock=clock, policy=policy)
+    resp = medplum.send("GET", "Parameters?_count=100", cost="search")
     if resp.status_code == 404:
         return None
     if not resp.is_success:
         raise StateError(
-            f"cannot search Medplum for the seed checkpoint: {resp.status_code} {outcome_text(resp) or ''}"
+            f"cannot search Medplum for the bot integration's lastSyncTime: {resp.status_code} {outcome_text(resp) or ''}"
         )
     found: list[str] = []
-    entries = json_object(resp, "searching Medplum for the seed checkpoint").get("entry")
+    entries = json_object(resp, "searching Medplum for the bot integration's lastSyncTime").get("entry")
     for entry in entries if isinstance(entries, list) else []:
         res = entry.get("resource") if isinstance(entry, dict) else None
         params = res.get("parameter") if isinstance(res, dict) else None

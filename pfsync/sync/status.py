@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from pfsync.core.errors import StateError
+from pfsync.core.instants import parse_iso
 from pfsync.core.settings import Settings
-from pfsync.sync.state import QUARANTINE_FILE, InFlight, StateStore, SyncState, parse_iso, source_dir
+from pfsync.core.statedir import QUARANTINE_FILE, source_dir
+from pfsync.sync.state import InFlight, StateStore, SyncState
 
 SUCCESS_OUTCOMES = ("ok", "partial")
 
@@ -93,6 +95,11 @@ def _age(when: str | None, now: float) -> float | None:
         return None
 
 
+def _duration(seconds: float) -> float:
+    """A run's duration to the millisecond: as the README states for `status --json`."""
+    return round(seconds, 3)
+
+
 def source_status(settings: Settings, store: StateStore, name: str, now: float) -> SourceStatus:
     """The status of one configured source (reads its state, queue files and lock)."""
     src = settings.source(name)
@@ -126,7 +133,7 @@ def source_status(settings: Settings, store: StateStore, name: str, now: float) 
         last_success_age=success_age, last_outcome=state.last_outcome, last_error=state.last_error,
         in_flight=None if state.in_flight is None else _in_flight_text(state.in_flight),
         counts={t: dict(c) for t, c in run.counts.items()} if run else {},
-        duration_seconds=run.duration_seconds if run else None, quota_used=run.quota_used if run else None,
+        duration_seconds=_duration(run.duration_seconds) if run else None, quota_used=run.quota_used if run else None,
         quarantine_size=count_lines(directory / QUARANTINE_FILE),
         retry_queue_size=count_lines(directory / state.retry_queue),
         lock_holder=holder.describe() if holder else None,

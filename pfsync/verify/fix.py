@@ -20,17 +20,44 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
+
+import httpx
 
 from pfsync.core.errors import HTTPError
-from pfsync.core.ndjson import iter_file, iter_paths
+from pfsync.core.events import EventSink
+from pfsync.core.ndjson import Record, iter_file, iter_paths
 from pfsync.core.private import create_exclusive
+from pfsync.core.settings import Settings, SourceSettings
+from pfsync.core.statedir import IDMAP_FILE
 from pfsync.load.idmap import IdMap
-from pfsync.verify.report import Action
+from pfsync.load.loader import Loader
+from pfsync.net.http import Clock
+from pfsync.verify.medplum import MedplumReader
+from pfsync.verify.report import Action, VerifyOptions
 from pfsync.verify.store import Scratch
-from pfsync.verify.verifier import Verifier, VerifyOptions
 
 log = logging.getLogger("pfsync.verify")
 _NOT_RESOURCES = ("deleted.", "error.")
+
+
+class Verifier(Protocol):
+    """What the repairs need of the check that found them (pfsync.verify.verifier.Verifier)."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def source(self) -> SourceSettings: ...
+    @property
+    def client(self) -> httpx.Client: ...
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def events(self) -> EventSink: ...
+    @property
+    def reader(self) -> MedplumReader: ...
+    @property
+    def work_dir(self) -> Path: ...
 
 
 def plan(verifier: Verifier, options: VerifyOptions, scratch: Scratch, extras_checked: bool) -> list[Action]:
@@ -127,7 +154,7 @@ def _done(action: Action, error: str | None = None) -> Action:
 
 def _sync_idmap(verifier: Verifier, scratch: Scratch) -> None:
     """Make the loader's id map say what Medplum holds (after the deletions)."""
-    idmap = IdMap(verifier.work_dir / "idmap.sqlite", target=str(verifier.client.base_url))
+    idmap = IdMap(verifier.work_dir / IDMAP_FILE, target=str(verifier.client.base_url))
     try:
         for rtype, sid, mid, vid, tag in scratch.kept():
             row = idmap.get(rtype, sid)
@@ -155,8 +182,6 @@ def _all_gone(scratch: Scratch, rtype: str, sid: str) -> bool:
 
 def _resend(verifier: Verifier, export_dirs: Sequence[Path], scratch: Scratch) -> str | None:
     """Copy the source lines to re-send into one NDJSON file and load it; -> an error text, if any."""
-    from pfsync.load.loader import Loader
-
     path = verifier.work_dir / f".verify-resend-{os.getpid()}.ndjson"
     try:
         with os.fdopen(create_exclusive(path), "wb") as out:
@@ -164,9 +189,9 @@ def _resend(verifier: Verifier, export_dirs: Sequence[Path], scratch: Scratch) -
                 if file.name.startswith(_NOT_RESOURCES):
                     continue
                 for item in iter_file(file, max_line_bytes=verifier.settings.export.max_line_bytes):
-                    resource = getattr(item, "resource", None)
-                    if resource is None:
+                    if not isinstance(item, Record):
                         continue
+                    resource = item.resource
                     rtype, sid = resource.get("resourceType"), resource.get("id")
                     if isinstance(rtype, str) and isinstance(sid, str) and scratch.is_fix(rtype, sid):
                         out.write(item.raw + b"\n")

@@ -11,6 +11,18 @@ ActionKind = Literal["resend", "delete_duplicate", "delete_extra", "keep_extra"]
 
 
 @dataclass(frozen=True)
+class VerifyOptions:
+    """What `pfsync verify` checks and repairs."""
+
+    content: bool = False
+    fix: bool = False
+    fix_extras: bool = False
+    dry_run: bool = False
+    limit: int | None = None  # findings kept per category (None: all, for --json)
+    page_size: int = 1000
+
+
+@dataclass(frozen=True)
 class TypeCounts:
     """One row of the report: a resource type (or "total")."""
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from pfsync.load.transform import OUR_TAG_SYSTEMS
+from pfsync.core.marks import OUR_TAG_SYSTEMS
 from pfsync.verify.store import RefKind
 
 Json = dict[str, Any]

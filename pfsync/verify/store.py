@@ -107,9 +107,6 @@ class Scratch:
     def add_seen(self, rtype: str, mid: str) -> None:
         self.db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (rtype, mid))
 
-    def remove_medplum(self, rtype: str, mid: str) -> None:
-        self.db.execute("DELETE FROM mp WHERE type = ? AND mid = ?", (rtype, mid))
-
     # ------------------------------------------------------------------ lookups
     def types(self) -> list[str]:
         rows = self.db.execute("SELECT DISTINCT type FROM src UNION SELECT DISTINCT type FROM mp ORDER BY 1")

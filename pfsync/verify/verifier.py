@@ -13,11 +13,8 @@ and only reference targets we did not see are checked with batched `_id` searche
 from __future__ import annotations
 
 import logging
-import shutil
-import time
-import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +22,10 @@ import httpx
 
 from pfsync.core.errors import HTTPError, UsageError
 from pfsync.core.events import EventSink, NullSink
+from pfsync.core.marks import resource_hash_from_meta
 from pfsync.core.ndjson import Record, iter_file, iter_paths
 from pfsync.core.settings import Settings, SourceSettings, identifier_system
+from pfsync.core.statedir import IDMAP_FILE, source_dir
 from pfsync.load.idmap import fetched_identities
 from pfsync.load.transform import (
     Ref,
@@ -36,12 +35,12 @@ from pfsync.load.transform import (
     owned,
     prepare,
     render,
-    resource_hash_from_meta,
 )
 from pfsync.net.http import Clock, SystemClock
-from pfsync.source.exportjob import JOB_FILE, MANIFEST_FILE, ExportDir
+from pfsync.verify.exports import is_incremental
+from pfsync.verify.fix import apply_fixes
 from pfsync.verify.medplum import MedplumReader
-from pfsync.verify.report import CATEGORIES, Category, Finding, TypeCounts, VerifyReport
+from pfsync.verify.report import CATEGORIES, Category, Finding, TypeCounts, VerifyOptions, VerifyReport
 from pfsync.verify.scan import content_hash, references, source_ids
 from pfsync.verify.store import Scratch
 
@@ -50,120 +49,6 @@ log = logging.getLogger("pfsync.verify")
 CONFIRM_MAX = 10_000  # missing identities re-checked by identifier search (20 points per 100)
 _COMMIT_EVERY = 5_000
 _NOT_RESOURCES = ("deleted.", "error.")  # export files that hold no source resources
-
-
-@dataclass(frozen=True)
-class VerifyOptions:
-    """What `pfsync verify` checks and repairs."""
-
-    content: bool = False
-    fix: bool = False
-    fix_extras: bool = False
-    dry_run: bool = False
-    limit: int | None = None  # findings kept per category (None: all, for --json)
-    page_size: int = 1000
-
-
-def _finished(path: Path) -> float | None:
-    """When this export directory's job was kicked off, if it finished (else None)."""
-    if not (path / MANIFEST_FILE).is_file() or path.name.startswith("members-"):
-        return None  # members-*: sync's Patient-only group membership exports
-    job = ExportDir(path).load_job() if (path / JOB_FILE).is_file() else None
-    if job is not None and job.state not in ("downloaded", "complete"):
-        return None  # still running, failed or cancelled: its files are not the whole export
-    return job.kicked_off_at if job is not None else (path / MANIFEST_FILE).stat().st_mtime
-
-
-def latest_export(state_dir: Path, source: str) -> list[Path]:
-    """The newest finished export under `{state_dir}/{source}/exports/`: either one export directory
-    (`pfsync export`) or one sync run directory holding an export per request (`run-*/<fingerprint>/`,
-    pfsync.sync.run); a run's directories are returned together (one per group)."""
-    best = _newest(state_dir / source / "exports")
-    if best is None:
-        raise UsageError(
-            f"no finished export under {state_dir / source / 'exports'}",
-            hint="run `pfsync export` first, or give a directory with --from DIR, or use --export",
-        )
-    return best[1]
-
-
-def _newest(root: Path) -> tuple[float, list[Path]] | None:
-    best: tuple[float, list[Path]] | None = None
-    for path in sorted(root.iterdir()) if root.is_dir() else ():
-        if not path.is_dir():
-            continue
-        dirs = [path] if (path / MANIFEST_FILE).is_file() else sorted(p for p in path.iterdir() if p.is_dir())
-        times = [(t, d) for d in dirs if (t := _finished(d)) is not None]
-        if times and (best is None or max(t for t, _ in times) > best[0]):
-            best = (max(t for t, _ in times), [d for _, d in times])
-    return best
-
-
-def default_export(
-    settings: Settings, source: SourceSettings, *, clock: Clock | None = None, events: EventSink | None = None
-) -> list[Path]:
-    """What a bare `pfsync verify` compares against.
-
-    `pfsync sync` deletes its exports once loaded, and they are incremental anyway. So: the newest
-    finished export under the state directory, if it is newer than the last successful sync (an
-    older one no longer describes the source: what the sync loaded since would show as extras);
-    else a fresh full export, kept for the next verify (older `verify-*` exports are removed)."""
-    root = settings.state_dir / source.name / "exports"
-    best = _newest(root)
-    synced: float | None = None
-    if settings.state_backend == "local":
-        from pfsync.sync.state import LocalStateStore, parse_iso
-
-        last = LocalStateStore(settings.state_dir).load(source.name).last_success
-        synced = parse_iso(last) if last else None
-    if best is not None and (synced is None or best[0] >= synced):
-        return best[1]
-    (events or NullSink()).emit("verify_fresh_export", source=source.name,
-                                reason="no export newer than the last sync" if best else "no finished export")  # fmt: skip
-    dirs = fresh_export(settings, source, clock=clock, events=events)
-    keep = {d.parent for d in dirs}
-    for old in sorted(root.glob("verify-*")):
-        if old.is_dir() and old not in keep:
-            shutil.rmtree(old, ignore_errors=True)
-    return dirs
-
-
-def is_incremental(export_dir: Path) -> bool:
-    """An export with `_since` lists only what changed: absence from it does not mean deleted."""
-    if (export_dir / JOB_FILE).is_file():
-        job = ExportDir(export_dir).load_job()
-        if job is not None:
-            return job.request.since is not None
-    if (export_dir / MANIFEST_FILE).is_file():
-        return "_since=" in ExportDir(export_dir).manifest.request
-    return False
-
-
-def fresh_export(
-    settings: Settings, source: SourceSettings, *, clock: Clock | None = None, events: EventSink | None = None
-) -> list[Path]:
-    """`--export`: a full export now (the export engineer's run_export), one directory per request."""
-    from pfsync.net.http import RetryPolicy, make_client
-    from pfsync.source.auth import source_auth
-    from pfsync.source.bulk import requests_for
-    from pfsync.source.export import run_export
-
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    # Unique per run: two verifies within one second must not resume each other's export.
-    root = settings.state_dir / source.name / "exports" / f"verify-{stamp}-{uuid.uuid4().hex[:6]}"
-    out: list[Path] = []
-    with make_client(settings.http) as client:
-        authenticator, auth = source_auth(
-            source, client, http=settings.http, clock=clock, negotiate=not settings.export.strict_scopes
-        )
-        authenticator.token()
-        granted = list(authenticator.granted_types(source.resource_types)[0])
-        for request in requests_for(source, settings.export, since=None):
-            out_dir = root / request.fingerprint()
-            run_export(source, settings.export, client, auth, out_dir=out_dir, request=request, clock=clock,
-                       events=events, granted_types=granted, policy=RetryPolicy.from_settings(settings.http))  # fmt: skip
-            out.append(out_dir)
-    return out
 
 
 def source_records(export_dirs: Sequence[Path], max_line_bytes: int) -> Iterator[Record | None]:
@@ -196,7 +81,7 @@ class Verifier:
         self.fhir_url = settings.medplum.fhir_url
         self.reader = reader or MedplumReader(client, self.fhir_url, http=settings.http, clock=self.clock)
         self.ctx = TransformContext(source, normalize=settings.load.normalize)
-        self.work_dir = settings.state_dir / source.name
+        self.work_dir = source_dir(settings.state_dir, source.name)
         self.strangers = 0
 
     def system(self, rtype: str) -> str:
@@ -213,9 +98,7 @@ class Verifier:
         systems = {self.system(t): t for t in types}
         for rtype in types:
             self._scan_type(rtype, systems, scratch, options.content)
-        fetched = sum(
-            scratch.add_fetched(t, s) for t, s in fetched_identities(self.work_dir / "idmap.sqlite")
-        )
+        fetched = sum(scratch.add_fetched(t, s) for t, s in fetched_identities(self.work_dir / IDMAP_FILE))
         scratch.analyze()
         confirmed = self._confirm_missing(scratch, options.content, systems)
         self._check_targets(scratch)
@@ -430,8 +313,6 @@ def verify(
         report = verifier.check(export_dirs, options, scratch)
         if not options.fix:
             return report
-        from pfsync.verify.fix import apply_fixes
-
         actions = apply_fixes(verifier, export_dirs, options, scratch, report.extras_checked)
         resends = scratch.fix_count()
     finally:

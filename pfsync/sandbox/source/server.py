@@ -123,7 +123,7 @@ class SourceSandbox:
 
     def _load(self) -> None:
         state = self.state
-        from pfsync.sandbox import datagen
+        from pfsync.sandbox.source import datagen
 
         for index, practice in enumerate(self.practices):
             base = self.base_url(practice)

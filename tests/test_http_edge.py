@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import threading
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -223,3 +224,33 @@ def test_a_retry_wait_on_the_real_clock_ends_when_the_process_is_asked_to_stop()
                                policy=RetryPolicy(retries=1, max_wait=5), clock=SystemClock())  # fmt: skip
     finally:
         RUN_STOP.clear()
+
+
+def test_an_answer_read_whole_is_freed_without_the_cyclic_collector() -> None:
+    """Issue 19: httpx's stream refers back to its response; every Bundle answer (and its request's
+    body) was cyclic garbage that piled up between the load's rare collections, so the RSS of a first
+    sync grew with the practice."""
+    import gc
+    import weakref
+
+    from pfsync.core.settings import HttpSettings
+    from pfsync.net.http import make_client
+
+    body = b'{"resourceType":"Bundle","type":"batch-response","entry":[]}' * 100
+
+    class Streamed(httpx.SyncByteStream):  # as from a socket (a bytes body would be read at once)
+        def __iter__(self) -> Iterator[bytes]:
+            yield body
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, stream=Streamed()))
+    with make_client(HttpSettings(), transport=transport) as client:
+        gc.collect()
+        gc.disable()
+        try:
+            response = client.post("http://127.0.0.1:9/fhir/R4/", content=b"{}" * 1000)
+            assert response.content == body
+            freed = weakref.ref(response)
+            del response
+            assert freed() is None  # freed by reference counting, not left for the collector
+        finally:
+            gc.enable()

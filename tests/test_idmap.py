@@ -5,8 +5,6 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-import pytest
-
 from pfsync.load import idmap as idmap_module
 from pfsync.load.idmap import Held, IdMap, MapRow
 
@@ -78,12 +76,11 @@ def test_idmap_binaries(tmp_path: Path) -> None:
     m.close()
 
 
-def test_idmap_noted_identities_stay_in_memory_until_the_map_outgrows_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(idmap_module, "_CACHE_MAX", 3)
+def test_idmap_noted_identities_stay_in_memory_until_the_map_outgrows_it(tmp_path: Path) -> None:
+    seen_cost = idmap_module._cost(("Encounter", "u1"), MapRow(None, None, None))
+    loaded_cost = idmap_module._cost(("Patient", "p1"), MapRow("m-p1", None, None))
     path = tmp_path / "i.sqlite"
-    m = IdMap(path, target="t")
+    m = IdMap(path, target="t", cache_bytes=2 * seen_cost + loaded_cost)  # three rows fit
     m.seen("Encounter", "u1")
     m.commit()
     assert _rows_on_disk(path) == 0  # nothing to write yet: the whole map is in memory
@@ -122,3 +119,56 @@ def test_idmap_upgradable_lists_logical_rows_whose_targets_arrived(tmp_path: Pat
             ("Encounter", "e1", "Organization", "o1"),
             ("Encounter", "e2", "Organization", "o1"),
         ]
+
+
+def _fill(m: IdMap, start: int, n: int) -> None:
+    for i in range(start, start + n):
+        sid = f"{i:08d}-0000-4000-8000-000000000000"
+        m.seen("Observation", sid)
+        m.record("Observation", sid, f"m{sid}", f"v{sid}", f"{i:032x}")
+        if i % 1000 == 999:
+            m.commit()
+
+
+def test_idmap_memory_stays_within_its_byte_budget_whatever_the_number_of_identities(tmp_path: Path) -> None:
+    """Issue 19: what the map holds in memory is bounded by load.idmap_cache_bytes, not by the
+    size of the practice; measured in this process (tracemalloc), never timed."""
+    import tracemalloc
+
+    budget = 512 * 1024
+    m = IdMap(tmp_path / "i.sqlite", target="t", cache_bytes=budget)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        _fill(m, 0, 5_000)  # ~3.2 MB of rows at ~650 bytes each: past the budget
+        after_5k = tracemalloc.get_traced_memory()[0] - base
+        assert m.cache_bytes <= budget
+        _fill(m, 5_000, 10_000)
+        after_15k = tracemalloc.get_traced_memory()[0] - base
+        assert m.cache_bytes <= budget
+    finally:
+        tracemalloc.stop()
+    # The estimate is close to what CPython really holds, and three times the identities hold no
+    # more memory: flat (the slack is the write buffers and the dict's free slots).
+    assert after_5k < 2 * budget, after_5k
+    assert after_15k < 2 * budget, after_15k
+    # Every identity is still found: the ones dropped from memory come from disk.
+    for i in (0, 5_000, 14_999):
+        sid = f"{i:08d}-0000-4000-8000-000000000000"
+        assert m.get("Observation", sid) == MapRow(f"m{sid}", f"v{sid}", f"{i:032x}")
+        assert m.types_of(sid) == [("Observation", f"m{sid}")]
+    assert m.get("Observation", "never-seen") is None
+    m.close()
+    reopened = IdMap(tmp_path / "i.sqlite", target="t", cache_bytes=budget)
+    assert reopened.cache_bytes <= budget  # a large map is read only as far as the budget goes
+    assert reopened.get("Observation", "00000001-0000-4000-8000-000000000000") is not None
+    reopened.close()
+
+
+def test_idmap_whole_map_in_memory_when_it_fits(tmp_path: Path) -> None:
+    m = IdMap(tmp_path / "i.sqlite", target="t", cache_bytes=64 * 1024 * 1024)
+    _fill(m, 0, 2_000)
+    m.close()
+    reopened = IdMap(tmp_path / "i.sqlite", target="t", cache_bytes=64 * 1024 * 1024)
+    assert reopened._complete  # a miss is then definitive, without a read
+    reopened.close()

@@ -54,6 +54,24 @@ def test_load_synthea_small_resolves_every_reference_then_resync_writes_nothing(
     assert second.requests == 0
 
 
+def test_load_with_tiny_memory_budgets_lands_everything_then_resync_writes_nothing(
+    target: TargetSandbox, tmp_path: Path
+) -> None:
+    # Issue 19: past load.idmap_cache_bytes the id map answers from disk, past load.park_max_bytes
+    # resources wait for their targets on disk: the outcome is the same, only memory differs.
+    tiny = LoadSettings(idmap_cache_bytes=16 * 1024, park_max_bytes=16 * 1024)
+    first = load_all(target, tmp_path, SUBSET, settings=tiny)
+    assert first.total("created") == SUBSET_TOTAL
+    assert first.quarantined == 0 and first.retry_queued == 0
+    assert target.count() == SUBSET_TOTAL
+    assert check_references(target) == []
+    assert set(identity_counts(target, ["Patient", "Encounter", "Condition"]).values()) == {1}
+    writes_before = target.stats.writes
+    second = load_all(target, tmp_path, SUBSET, settings=tiny)
+    assert second.total("unchanged") == SUBSET_TOTAL
+    assert target.stats.writes == writes_before and second.requests == 0
+
+
 def test_load_lost_idmap_is_rebuilt_by_search_without_writes(target: TargetSandbox, tmp_path: Path) -> None:
     load_all(target, tmp_path, SUBSET)
     (tmp_path / "default" / "idmap.sqlite").unlink()

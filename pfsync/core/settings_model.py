@@ -125,6 +125,10 @@ class LoadSettings:
     attachments: bool = True
     attachment_max_bytes: int = 50 * 1024 * 1024
     attachment_content_types: tuple[str, ...] = ()  # empty: any
+    # pfsync.load.idmap: the id map's memory cache (past it, lookups read SQLite).
+    idmap_cache_bytes: int = 32 * 1024 * 1024
+    # pfsync.load.writes: resources waiting in memory for targets whose writes are in flight.
+    park_max_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)

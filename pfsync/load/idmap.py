@@ -7,9 +7,9 @@ searches, never duplicates. It also keeps, on disk so memory stays flat:
 
 - rows with no Medplum id yet: every source id seen in the input, with its type, so a bare
   `urn:uuid:<id>` resolves by id alone (fixtures README: ids are unique across types). While the
-  whole map fits in memory they stay there (this run's scan notes them again next run; writing
-  11k of them cost the load's start 25-35 ms with the server idle); past `_CACHE_MAX` they go
-  to disk with the rest;
+  whole map fits in the memory cache they stay there (this run's scan notes them again next run;
+  writing 11k of them cost the load's start 25-35 ms with the server idle); past the cache's
+  budget they go to disk with the rest;
 - `deferred`: resources held back until their reference targets have Medplum ids, and `waits`:
   which targets each of them still waits for (so the ones whose targets have arrived are found
   with one query instead of re-reading every held resource);
@@ -17,10 +17,14 @@ searches, never duplicates. It also keeps, on disk so memory stays flat:
 - `binaries`: attachment SHA-1 -> Binary id, so unchanged content is not uploaded again;
 - `loaded`: keys of input files whose every resource is written or held here (`mark_loaded`).
 
-Speed: the map is read into memory when it fits (`_CACHE_MAX` rows), so a lookup is a dict
-access and a miss is definitive; every change is buffered and written with `executemany` every
-`_FLUSH_ROWS` rows, in one transaction committed at `commit` (the end of a file), never one
-statement per resource.
+Speed and memory: the map is read into memory when it fits in `cache_bytes` (load.idmap_cache_bytes,
+an estimate of what the cached rows cost in CPython: about 650 bytes per loaded identity), so a
+lookup is a dict access and a miss is definitive. Past the budget the cache keeps the most recently
+added half of its rows and a miss asks SQLite (one indexed read): memory stays flat whatever the size
+of the practice (the whole map in memory was most of a large first sync's peak). Every change is
+buffered and written with `executemany` every `_FLUSH_ROWS` rows, in one transaction committed at
+`commit` (the end of a file), never one statement per resource; every buffered row is also in the
+cache (the cache writes the buffers before it drops rows), so a miss needs no flush.
 A crash loses at most the uncommitted buffer, which is safe: the map is a cache (see above).
 
 Not thread-safe: the loader uses it from one thread only.
@@ -28,6 +32,7 @@ Not thread-safe: the loader uses it from one thread only.
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -63,7 +68,12 @@ CREATE TABLE IF NOT EXISTS loaded (key TEXT PRIMARY KEY) WITHOUT ROWID;
 -- counts them as the source's, not as extras.
 CREATE TABLE IF NOT EXISTS fetched (type TEXT NOT NULL, sid TEXT NOT NULL, PRIMARY KEY (type, sid)) WITHOUT ROWID;
 """
-_CACHE_MAX = 200_000
+DEFAULT_CACHE_BYTES = 32 * 1024 * 1024  # load.idmap_cache_bytes
+# Estimated bytes of one cached row beyond its strings' characters (CPython 3.11, 64-bit): the key
+# tuple, the MapRow, the dict slots and the sid index list (~330, measured with tracemalloc on
+# 100k rows), plus a str header (~50) for each of the row's strings.
+_ROW_FIXED = 330
+_STR_HEADER = 50
 _FLUSH_ROWS = 1000  # buffered rows written (not committed) at once, so no flush stalls the loader
 _TABLES = ("deferred", "logical")
 _WAITS = {"deferred": "waits", "logical": "logical_waits"}  # the targets each held row waits for
@@ -92,6 +102,15 @@ class Held:
     raw: bytes
 
 
+def _cost(key: tuple[str, str], row: MapRow) -> int:
+    """Estimated bytes of one cached row (the type string is shared by every row of the type)."""
+    size = _ROW_FIXED + _STR_HEADER + len(key[1])
+    for text in (row.mid, row.vid, row.hash):
+        if text is not None:
+            size += _STR_HEADER + len(text)
+    return size
+
+
 def fetched_identities(path: Path) -> Iterator[tuple[str, str]]:
     """(type, sid) of every identity the loader fetched by reference, read-only (none without a map)."""
     if not path.is_file():
@@ -114,8 +133,10 @@ class IdMap:
     """Source (type, id) -> Medplum id. `cold` is True when the file was new or belonged to another
     Medplum server: then every identity is looked up in Medplum before anything is created."""
 
-    def __init__(self, path: Path, *, target: str) -> None:
+    def __init__(self, path: Path, *, target: str, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.path = path
+        self._budget = cache_bytes
+        self._cache_bytes = 0  # estimated (see _cost)
         try:
             private_dir(path.parent)
             existed = path.exists() and path.stat().st_size > 0
@@ -145,13 +166,18 @@ class IdMap:
         self._load_cache()
 
     def _load_cache(self) -> None:
-        n = int(self._db.execute("SELECT count(*) FROM map").fetchone()[0])
-        if n > _CACHE_MAX:
-            return
-        for t, s, mid, vid, h in self._db.execute("SELECT type, sid, mid, vid, hash FROM map"):
-            self._cache[(t, s)] = MapRow(mid, vid, h) if mid is not None else _SEEN
-            self._by_sid.setdefault(s, []).append(t)
+        """Read the map into the cache while it fits the budget (what fits stays, warm, if not all)."""
         self._complete = True
+        for t, s, mid, vid, h in self._db.execute("SELECT type, sid, mid, vid, hash FROM map"):
+            key, row = (t, s), MapRow(mid, vid, h) if mid is not None else _SEEN
+            cost = _cost(key, row)
+            if self._cache_bytes + cost > self._budget:
+                self._complete = False
+                self._by_sid.clear()
+                return
+            self._cache[key] = row
+            self._cache_bytes += cost
+            self._by_sid.setdefault(s, []).append(t)
 
     # -- transactions: buffered changes go to disk in one transaction per commit
     def begin(self) -> None:
@@ -216,7 +242,7 @@ class IdMap:
         row = self._cache.get(key)
         if row is not None or self._complete:
             return row
-        self._flush()
+        # No flush: every buffered row is in the cache (_evict writes the buffers first).
         found = self._db.execute("SELECT mid, vid, hash FROM map WHERE type = ? AND sid = ?", key).fetchone()
         if found is None:
             return None
@@ -225,15 +251,33 @@ class IdMap:
         return row
 
     def _remember(self, key: tuple[str, str], row: MapRow) -> None:
-        if key not in self._cache:
-            if len(self._cache) >= _CACHE_MAX:
-                self._complete = False
-                self._flush()  # the buffered rows (and the noted identities) are only in the cache
-                self._cache.clear()
-                self._by_sid.clear()
-            elif self._complete:
+        old = self._cache.pop(key, None)  # re-inserted last: the eviction keeps the newer half
+        if old is None:
+            self._cache_bytes += _cost(key, row)
+            if self._complete:
                 self._by_sid.setdefault(key[1], []).append(key[0])
+        else:
+            self._cache_bytes += _cost(key, row) - _cost(key, old)
         self._cache[key] = row
+        if self._cache_bytes > self._budget:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Over budget: keep the half of the rows added or changed last; every row stays on disk.
+
+        Dropping the whole cache (as before) made every lookup after it a SQLite read until it
+        refilled; keeping half costs one pass over the rows per half a budget of new rows."""
+        self._complete = False
+        self._flush()  # the buffered rows (and the noted identities) are only in the cache so far
+        self._by_sid.clear()
+        drop = len(self._cache) - len(self._cache) // 2
+        self._cache = dict(itertools.islice(self._cache.items(), drop, None))
+        self._cache_bytes = sum(_cost(k, r) for k, r in self._cache.items())
+
+    @property
+    def cache_bytes(self) -> int:
+        """Estimated bytes the cached rows take now (at most the budget, give or take one row)."""
+        return self._cache_bytes
 
     def types_of(self, sid: str) -> list[tuple[str, str | None]]:
         """Every (type, Medplum id or None) recorded for a source id: resolves `urn:uuid:<id>`."""

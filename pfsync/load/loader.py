@@ -107,7 +107,9 @@ class Loader:
         self._stop = stop
         self._events = events or NullSink()
         self._dir = source_dir(state_dir, source.name)
-        self._idmap = IdMap(self._dir / IDMAP_FILE, target=str(medplum.base_url))
+        self._idmap = IdMap(
+            self._dir / IDMAP_FILE, target=str(medplum.base_url), cache_bytes=settings.idmap_cache_bytes
+        )
         self.quarantine = WrappedLog(self._dir / QUARANTINE_FILE, QUARANTINE)
         self.retry_queue = WrappedLog(self._dir / RETRY_FILE, RETRY)
         self._counts: dict[str, Counter[str]] = {}

@@ -37,6 +37,11 @@ from pfsync.medplum.batch import Entry
 Key = tuple[str, str]
 
 
+# What a parked resource costs in memory per byte of its NDJSON line: the line plus the parsed and
+# prepared resource, 7-8 times the line for the sample data's types under tracemalloc.
+PARK_BYTES_PER_RAW_BYTE = 8
+
+
 @dataclass
 class Waiting:
     """A prepared resource that is not written yet, with where it came from."""
@@ -51,12 +56,18 @@ class Waiting:
     def key(self) -> Key:
         return (self.p.type, self.p.sid)
 
+    @property
+    def cost(self) -> int:
+        """Estimated memory held while parked: the line plus the parsed and prepared resource."""
+        return PARK_BYTES_PER_RAW_BYTE * len(self.raw)
+
 
 class Pending:
     """The ledger (see the module docstring for its vocabulary)."""
 
     def __init__(self) -> None:
         self.parked: dict[Key, Waiting] = {}
+        self.parked_bytes = 0  # estimated (Waiting.cost), bounded by load.park_max_bytes
         self._waiters: dict[Key, list[Key]] = {}  # target -> parked identities woken when it settles
         self._woken: list[Key] = []  # settled identities that parked ones wait for
         self._probing: dict[str, dict[str, Entry]] = {}  # type -> entries waiting for its probe
@@ -75,7 +86,11 @@ class Pending:
     # -- parked
     def park(self, item: Waiting, target: Key) -> int:
         """Park a resource until `target` (one it waits for) settles; -> how many are parked."""
+        old = self.parked.get(item.key)
+        if old is not None:
+            self.parked_bytes -= old.cost
         self.parked[item.key] = item
+        self.parked_bytes += item.cost
         self.wait_for(item.key, target)
         return len(self.parked)
 
@@ -84,12 +99,14 @@ class Pending:
         self._waiters.setdefault(target, []).append(key)
 
     def unpark(self, key: Key) -> None:
-        del self.parked[key]
+        self.parked_bytes -= self.parked.pop(key).cost
 
     def replace(self, key: Key) -> None:
         """A newer copy of this identity was read: a parked one, or one being copied, is dropped."""
         if self.parked:
-            self.parked.pop(key, None)
+            old = self.parked.pop(key, None)
+            if old is not None:
+                self.parked_bytes -= old.cost
         if self._copying:
             old = self._copying.pop(key, None)
             if old is not None:

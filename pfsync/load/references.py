@@ -42,6 +42,7 @@ from pfsync.net.http import Clock, RetryPolicy
 
 _FETCH_CHUNK = 50
 _CYCLE_BATCH = 50
+_URNS_MAX = 10_000  # resolved `urn:uuid` targets remembered (~2 MB); the id map answers the rest
 # Never re-read: a Binary is its content (kept by its hash, pfsync.load.attachments); re-reading would
 # download every one again.
 _NO_REFRESH = frozenset({"Binary"})
@@ -137,6 +138,8 @@ class References:
             return Target(outside, None) if outside is not None else None
         target = Target(pick[0], pick[1])
         if target.mid is not None:
+            if len(self._urns) >= _URNS_MAX:
+                self._urns.clear()  # a cache of the id map's answers: bounded, whatever the input's size
             self._urns[ref.id] = target
         return target
 

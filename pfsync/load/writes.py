@@ -43,7 +43,6 @@ from pfsync.net.pacing import Pacer
 _FLUSH_ROUNDS = 20
 _FETCH_ROUNDS = 5  # rounds of fetches of missing targets at finish (each may name new ones)
 _NUDGE_EVERY = 50
-_PARK_MAX = 5000  # resources waiting in memory for targets whose writes are in flight
 
 
 class Writer:
@@ -58,6 +57,7 @@ class Writer:
         if mode not in ("direct", "conditional"):
             raise ValueError(f"unknown upsert mode {mode!r}")
         self.context = TransformContext(source, normalize=settings.normalize)
+        self._park_max_bytes = settings.park_max_bytes  # what parked resources may hold in memory
         self._idmap = idmap
         self._events = events
         self._dry_run = dry_run
@@ -154,7 +154,7 @@ class Writer:
         if not waits:
             self._emitter.emit(item)
             return None
-        if len(self._pending.parked) < _PARK_MAX and all(self._parking.coming(k) for k in waits):
+        if self._pending.parked_bytes < self._park_max_bytes and all(self._parking.coming(k) for k in waits):
             parked = self._pending.park(item, waits[0])
             if parked % _NUDGE_EVERY == 1 and self._sender is not None:
                 # Targets to fetch from the source are fetched now, not when a full request's

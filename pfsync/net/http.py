@@ -703,7 +703,16 @@ class _BoundedBody(httpx.SyncByteStream):
             yield piece
 
     def close(self) -> None:
-        self._raw.close()
+        # httpx's own stream refers back to its response (Response -> this -> BoundSyncStream ->
+        # Response): left in place, every answer read whole was cyclic garbage, freed only by the
+        # cyclic collector, which a load runs seldom (pfsync.core.tuning). Bundle answers and their
+        # requests' bodies (~0.1 MB each) piled up by the hundred: the RSS of a first sync grew with
+        # the practice. Dropping the reference once the body is read frees them at once.
+        raw, self._raw = self._raw, _CLOSED
+        raw.close()
+
+
+_CLOSED = httpx.ByteStream(b"")
 
 
 def json_object(response: httpx.Response, what: str) -> dict[str, Any]:

@@ -17,15 +17,11 @@ All bookkeeping happens on the caller's thread; worker threads only do HTTP.
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import httpx
-import orjson
 
 from pfsync.core.errors import HTTPError, InterruptedRunError
 from pfsync.core.events import EventSink, NullSink
@@ -41,47 +37,21 @@ from pfsync.medplum.batch import (
     is_too_large,
     parse_batch,
 )
+from pfsync.medplum.bundlesend import (
+    MEDPLUM_BODY_LIMIT,
+    Handler,
+    SenderStats,
+    Sent,
+    send_bundle,
+    wait_from_outcome_bytes,
+)
 from pfsync.medplum.client import MedplumClient, as_medplum_client
 from pfsync.medplum.donequeue import DoneQueue
-from pfsync.net.http import TEMPORARY_RULES, Clock, RetryPolicy, decide, outcome_text, wait_from_outcome
+from pfsync.net.http import TEMPORARY_RULES, Clock, RetryPolicy, decide
 from pfsync.net.pacing import Concurrency, Pacer
 
-FHIR_JSON = "application/fhir+json"
-MEDPLUM_BODY_LIMIT = 1_048_576  # docs/medplum.md: 1,048,577 bytes is refused
 _MIN_BUNDLE_BYTES = 16 * 1024
 _READY = 2  # Bundles prepared ahead while every slot is in flight (one per answer arriving at once)
-
-
-class Handler(Protocol):
-    """Where outcomes go (the Loader)."""
-
-    def settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None: ...
-    def exhausted(self, entry: Entry, result: EntryResult) -> None: ...
-    def recheck(self, entry: Entry) -> None: ...
-    def reroute(self, entry: Entry) -> Entry | None: ...
-
-
-@dataclass
-class Sent:
-    """What came back for one Bundle (built on a worker thread)."""
-
-    status: int | None  # None: network error
-    content: bytes = b""
-    ratelimit: str | None = None
-    elapsed: float = 0.0
-    text: str | None = None
-
-
-@dataclass
-class SenderStats:
-    requests: int = 0
-    bundles: int = 0
-    retried_entries: int = 0
-    throttled: int = 0
-    conflicts: int = 0
-    splits: int = 0
-    max_slots: int = 1
-    statuses: dict[int, int] = field(default_factory=dict)
 
 
 class BatchSender:
@@ -264,18 +234,8 @@ class BatchSender:
 
     def _send(self, body: bytes, alone_async: bool = False) -> Sent:
         """On a worker thread: one Bundle, synchronously or as an async batch job."""
-        started = time.monotonic()
-        if self._async is not None or alone_async:
-            status, content, ratelimit, text = self._oversize_runner.run(body)
-            return Sent(status, content, ratelimit, time.monotonic() - started, text)
-        try:
-            # One attempt: what a lost or failed Bundle means is decided per entry (_complete).
-            response = self._client.send_once("POST", "", content=body, headers={"Content-Type": FHIR_JSON})
-        except httpx.TransportError as exc:
-            return Sent(None, elapsed=time.monotonic() - started, text=f"{exc.__class__.__name__}: {exc}")
-        text = outcome_text(response) if response.status_code >= 300 else None
-        return Sent(response.status_code, response.content, response.headers.get("ratelimit"),
-                    time.monotonic() - started, text)  # fmt: skip
+        runner = self._oversize_runner if self._async is not None or alone_async else None
+        return send_bundle(self._client, body, runner)
 
     def _reap(self, *, block: bool) -> None:
         if not self._futures:
@@ -434,10 +394,3 @@ class BatchSender:
         self._inflight |= {e.key for e in bundle}
         half = len(bundle) // 2
         self._groups.extend([bundle[:half], bundle[half:]])
-
-
-def wait_from_outcome_bytes(content: bytes) -> float | None:
-    try:
-        return wait_from_outcome(orjson.loads(content)) if content else None
-    except orjson.JSONDecodeError:
-        return None

@@ -38,14 +38,12 @@ from pfsync.source.auth import (
     ASSERTION_LIFETIME,
     JWT_BEARER,
     SourceAuthenticator,
-    build_scopes,
-    choose_scope_version,
-    discover,
     resolve_method,
     source_auth,
-    split_granted,
     token_failure_hint,
 )
+from pfsync.source.discovery import discover
+from pfsync.source.scopes import build_scopes, choose_scope_version, split_granted
 
 FAST = HttpSettings(retries=3, retry_max_wait=1.0)
 

@@ -145,22 +145,45 @@ def test_contracts_no_import_cycle_in_sync_state_verify_settings() -> None:
         assert not mine, f"import cycle {sorted(group)} (hidden imports count too)"
 
 
-# Modules held to the size rules here (issue 18; the rest of the package follows as it is split);
-# a longer function must say why in its docstring ("Long because ...").
-_SIZED = ("sync", "verify", "core/settings", "core/counts", "core/statedir", "core/instants", "core/events",
-          "load/writes", "load/pending", "load/parking", "load/routing", "load/emit", "load/tally", "load/probes",
-          "load/references", "load/fetch")  # fmt: skip
+# The size rules (issue 18): no module over 400 lines, no function over 60 unless its docstring
+# says why ("Long because ..."), over the whole package, the sandbox included.
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+# Modules still a few lines over and not yet split (each grew by a feature this round: the Medplum
+# client's uploads, the id map's byte-bounded cache, the export's type negotiation). An entry whose
+# module meets the rules fails the test below, so none outlives its reason.
+_SIZE_PENDING = frozenset({"load/attachments.py", "load/idmap.py", "source/export.py"})
 
 
-def test_contracts_sync_verify_settings_modules_and_functions_stay_small() -> None:
-    for module in _product_modules():
-        rel = module.relative_to(PACKAGE).as_posix()
-        if not rel.startswith(_SIZED):
-            continue
-        text = module.read_text(encoding="utf-8")
-        assert len(text.splitlines()) <= 400, f"{rel}: {len(text.splitlines())} lines (split it by job)"
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno is not None:
-                length = node.end_lineno - node.lineno + 1
-                reason = "Long because" in (ast.get_docstring(node) or "")
-                assert length <= 60 or reason, f"{rel}:{node.lineno} {node.name} is {length} lines"
+def _size_problems(path: Path) -> list[str]:
+    """What breaks the size rules in one module: its length, and each long function without a reason."""
+    rel = path.relative_to(PACKAGE).as_posix()
+    text = path.read_text(encoding="utf-8")
+    problems = []
+    if (lines := len(text.splitlines())) > MAX_MODULE_LINES:
+        problems.append(f"{rel}: {lines} lines (split it by job)")
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno is not None:
+            length = node.end_lineno - node.lineno + 1
+            if length > MAX_FUNCTION_LINES and "Long because" not in (ast.get_docstring(node) or ""):
+                problems.append(f"{rel}:{node.lineno} {node.name} is {length} lines (split it, or say why)")
+    return problems
+
+
+def test_contracts_every_module_and_function_stays_small() -> None:
+    modules = sorted(PACKAGE.rglob("*.py"))
+    assert any("sandbox" in m.parts for m in modules)  # the sandbox is held to the rules too
+    problems = [
+        problem
+        for module in modules
+        if module.relative_to(PACKAGE).as_posix() not in _SIZE_PENDING
+        for problem in _size_problems(module)
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def test_contracts_size_allow_list_holds_only_modules_that_need_it() -> None:
+    for rel in sorted(_SIZE_PENDING):
+        path = PACKAGE / rel
+        assert path.is_file(), f"{rel} is gone: remove it from _SIZE_PENDING"
+        assert _size_problems(path), f"{rel} meets the size rules now: remove it from _SIZE_PENDING"

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -180,47 +181,70 @@ def export(
       pfsync export --since 2026-01-01T00:00:00Z --types Patient,Condition --out backfill/
     """
 
-    def go() -> None:
-        from pfsync.net.http import RetryPolicy, make_client
-        from pfsync.source.auth import source_auth
-        from pfsync.source.bulk import requests_for
-        from pfsync.source.export import cancel_export, run_export
+    run(
+        ctx,
+        lambda: _export(
+            ctx, _ExportArgs(out, since, full, types, group, level, cancel, replace, source, json_out)
+        ),
+    )
 
-        if since is not None and full:
-            raise UsageError("--since and --full exclude each other")
-        flags: dict[str, Any] = {"source.resource_types": types, "source.export_level": level,
-                                 "source.groups": tuple(group) if group else None}  # fmt: skip
-        settings = build_settings(ctx, flags)
-        src = settings.source(source)
-        requests = requests_for(src, settings.export, since=parse_since(since) if since else None)
-        dirs = [out if len(requests) == 1 else out / str(r.group_id) for r in requests]
-        policy = RetryPolicy.from_settings(settings.http)
-        if not cancel:
-            _refuse_or_replace_complete(dirs, replace)
-        with make_client(settings.http) as client:
-            authenticator, auth = source_auth(
-                src, client, http=settings.http, negotiate=not settings.export.strict_scopes
+
+@dataclass(frozen=True)
+class _ExportArgs:
+    """What `pfsync export` was asked (its options, as typer parsed them)."""
+
+    out: Path
+    since: str | None
+    full: bool
+    types: str | None
+    group: list[str] | None
+    level: str | None
+    cancel: bool
+    replace: bool
+    source: str | None
+    json_out: bool
+
+
+def _export(ctx: typer.Context, a: _ExportArgs) -> None:
+    """The export command's work: settings, the source's auth, then each request's export (or cancel)."""
+    from pfsync.net.http import RetryPolicy, make_client
+    from pfsync.source.auth import source_auth
+    from pfsync.source.bulk import requests_for
+    from pfsync.source.export import cancel_export, run_export
+
+    if a.since is not None and a.full:
+        raise UsageError("--since and --full exclude each other")
+    flags: dict[str, Any] = {"source.resource_types": a.types, "source.export_level": a.level,
+                             "source.groups": tuple(a.group) if a.group else None}  # fmt: skip
+    settings = build_settings(ctx, flags)
+    src = settings.source(a.source)
+    requests = requests_for(src, settings.export, since=parse_since(a.since) if a.since else None)
+    dirs = [a.out if len(requests) == 1 else a.out / str(r.group_id) for r in requests]
+    policy = RetryPolicy.from_settings(settings.http)
+    if not a.cancel:
+        _refuse_or_replace_complete(dirs, a.replace)
+    with make_client(settings.http) as client:
+        authenticator, auth = source_auth(
+            src, client, http=settings.http, negotiate=not settings.export.strict_scopes
+        )
+        if a.cancel:
+            cancelled = [str(d) for d in dirs if cancel_export(d, client, auth, policy=policy)]
+            _print(
+                {"cancelled": cancelled},
+                a.json_out,
+                "cancelled: " + (", ".join(cancelled) or "nothing to cancel"),
             )
-            if cancel:
-                cancelled = [str(d) for d in dirs if cancel_export(d, client, auth, policy=policy)]
-                _print(
-                    {"cancelled": cancelled},
-                    json_out,
-                    "cancelled: " + (", ".join(cancelled) or "nothing to cancel"),
-                )
-                return
-            authenticator.token()
-            granted = authenticator.granted_types(src.resource_types)[0]
-            results = []
-            started = time.monotonic()
-            with stop_on_signals(threading.Event()) as stop, _sink(live_display(ctx)) as sink:
-                for req, out_dir in zip(requests, dirs, strict=True):
-                    results.append(run_export(src, settings.export, client, auth, out_dir=out_dir, request=req,
-                                              events=sink, stop=stop, granted_types=granted, policy=policy,
-                                              unsupported_types=authenticator.unsupported_types))  # fmt: skip
-            _render(results, time.monotonic() - started, json_out)
-
-    run(ctx, go)
+            return
+        authenticator.token()
+        granted = authenticator.granted_types(src.resource_types)[0]
+        results = []
+        started = time.monotonic()
+        with stop_on_signals(threading.Event()) as stop, _sink(live_display(ctx)) as sink:
+            for req, out_dir in zip(requests, dirs, strict=True):
+                results.append(run_export(src, settings.export, client, auth, out_dir=out_dir, request=req,
+                                          events=sink, stop=stop, granted_types=granted, policy=policy,
+                                          unsupported_types=authenticator.unsupported_types))  # fmt: skip
+        _render(results, time.monotonic() - started, a.json_out)
 
 
 def _refuse_or_replace_complete(dirs: list[Path], replace: bool) -> None:

@@ -12,9 +12,11 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import orjson
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -278,66 +280,80 @@ def load_command(
       pfsync load .pfsync/default/quarantine.ndjson
     """
 
-    def go() -> None:
-        settings = build_settings(ctx, {"load.async_batch": True if async_batch else None})
-        if not check_inputs(paths):
-            return  # every file is empty: each one was reported, nothing to send
-        src = source_for_load(settings, source)
-        mp = settings.medplum
-        require(mp.client_id, "medplum.client_id", "pfsync load")
-        require(mp.client_secret, "medplum.client_secret", "pfsync load")
-        with ExitStack() as stack:
-            auth = medplum_auth(mp, http=settings.http)  # the process's shared token
-            medplum = stack.enter_context(
-                make_client(
-                    settings.http, timeout=settings.http.load_timeout, base_url=mp.fhir_url, auth=auth
-                )
-            )
-            source_client = None
-            if src.base_url and src.client_id:
-                from pfsync.source.auth import source_auth
+    run(ctx, lambda: _load(ctx, _LoadArgs(paths, dry_run, async_batch, source, json_out)))
 
-                plain = stack.enter_context(make_client(settings.http))
-                _, bearer = source_auth(src, plain, http=settings.http)
-                source_client = stack.enter_context(make_client(settings.http, auth=bearer))
-            stop = stack.enter_context(stop_on_signals(threading.Event()))
-            reasons = QuarantineReasons()
-            live = live_display(ctx)
-            sinks: list[EventSink] = [
-                LogSink(quiet_events=frozenset({"load_progress", "load_file_start"}), info_as_debug=live),
-                reasons,
-            ]
-            if live:
-                progress = stack.enter_context(
-                    Progress(
-                        SpinnerColumn(),
-                        TextColumn("{task.description}"),
-                        BarColumn(),
-                        TimeElapsedColumn(),
-                        console=err_console(),
-                        transient=True,
-                    )
-                )
-                sinks.append(LoadProgress(progress))
-            loader = stack.enter_context(
-                Loader(
-                    src,
-                    settings.load,
-                    medplum,
-                    state_dir=settings.state_dir,
-                    source_client=source_client,
-                    http=settings.http,
-                    events=FanoutSink(sinks),
-                    dry_run=dry_run,
-                    stop=stop,
-                )
-            )
-            result = load(loader, paths)
-        render_summary(result, json_out, settings.load.upsert_mode)
-        error = outcome_error(
-            result, source_dir(settings.state_dir, src.name) / QUARANTINE_FILE, reasons.too_large
+
+@dataclass(frozen=True)
+class _LoadArgs:
+    """What `pfsync load` was asked (its arguments, as typer parsed them)."""
+
+    paths: list[Path]
+    dry_run: bool
+    async_batch: bool
+    source: str | None
+    json_out: bool
+
+
+def _load(ctx: typer.Context, a: _LoadArgs) -> None:
+    """The load command's work: settings, the clients, one Loader over every path, the summary."""
+    settings = build_settings(ctx, {"load.async_batch": True if a.async_batch else None})
+    if not check_inputs(a.paths):
+        return  # every file is empty: each one was reported, nothing to send
+    src = source_for_load(settings, a.source)
+    mp = settings.medplum
+    require(mp.client_id, "medplum.client_id", "pfsync load")
+    require(mp.client_secret, "medplum.client_secret", "pfsync load")
+    reasons = QuarantineReasons()
+    with ExitStack() as stack:
+        auth = medplum_auth(mp, http=settings.http)  # the process's shared token
+        medplum = stack.enter_context(
+            make_client(settings.http, timeout=settings.http.load_timeout, base_url=mp.fhir_url, auth=auth)
         )
-        if error is not None and not dry_run:
-            raise error
+        source_client = _source_client(settings, src, stack)
+        stop = stack.enter_context(stop_on_signals(threading.Event()))
+        events = FanoutSink(_sinks(ctx, stack, reasons))
+        loader = stack.enter_context(
+            Loader(
+                src,
+                settings.load,
+                medplum,
+                state_dir=settings.state_dir,
+                source_client=source_client,
+                http=settings.http,
+                events=events,
+                dry_run=a.dry_run,
+                stop=stop,
+            )
+        )
+        result = load(loader, a.paths)
+    render_summary(result, a.json_out, settings.load.upsert_mode)
+    error = outcome_error(
+        result, source_dir(settings.state_dir, src.name) / QUARANTINE_FILE, reasons.too_large
+    )
+    if error is not None and not a.dry_run:
+        raise error
 
-    run(ctx, go)
+
+def _source_client(settings: Settings, src: SourceSettings, stack: ExitStack) -> httpx.Client | None:
+    """A client authenticated to the source (attachments, referenced resources), when one is configured."""
+    if not (src.base_url and src.client_id):
+        return None
+    from pfsync.source.auth import source_auth
+
+    plain = stack.enter_context(make_client(settings.http))
+    _, bearer = source_auth(src, plain, http=settings.http)
+    return stack.enter_context(make_client(settings.http, auth=bearer))
+
+
+def _sinks(ctx: typer.Context, stack: ExitStack, reasons: QuarantineReasons) -> list[EventSink]:
+    """The load's events to the log and `reasons`; on a terminal also to a live display."""
+    live = live_display(ctx)
+    sinks: list[EventSink] = [
+        LogSink(quiet_events=frozenset({"load_progress", "load_file_start"}), info_as_debug=live),
+        reasons,
+    ]
+    if live:
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+        progress = stack.enter_context(Progress(*columns, console=err_console(), transient=True))
+        sinks.append(LoadProgress(progress))
+    return sinks

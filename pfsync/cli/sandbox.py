@@ -86,7 +86,12 @@ def sandbox(
         if data is not None and not data.is_dir():
             raise UsageError(f"--data {data}: not a directory of NDJSON files")
         boxes = start_sandboxes(data=data, source_port=source_port, target_port=target_port, state_dir=state)
-    lines = env_lines(boxes.env)
+    _write_env(env_lines(boxes.env), env_file)
+    _serve(ctx, boxes)
+
+
+def _write_env(lines: list[str], env_file: Path | None) -> None:
+    """The environment as shell lines on stdout (the result), and atomically to `env_file` if asked."""
     if env_file is not None:
         tmp = env_file.with_name(env_file.name + ".tmp")
         tmp.write_text("\n".join(lines) + "\n")
@@ -94,6 +99,11 @@ def sandbox(
     typer.echo("# pfsync sandboxes on 127.0.0.1; paste these lines into your shell:")
     for line in lines:
         typer.echo(line)
+
+
+def _serve(ctx: typer.Context, boxes: Sandboxes) -> None:
+    """Say where the sandboxes serve (stderr, per the output policy), then serve until Ctrl-C or
+    SIGTERM, and stop them."""
     # stdout is the result (shell lines to paste or source); stderr follows the output policy.
     opts = global_options(ctx)
     fmt = error_format(opts)

@@ -37,7 +37,7 @@ from pfsync.cli.progress import SyncProgress, make_progress
 from pfsync.core.counts import COUNT_KEYS, CountKey
 from pfsync.core.errors import ExitCode, UnhealthyError
 from pfsync.core.events import EventSink, FanoutSink
-from pfsync.core.settings import Settings, parse_duration
+from pfsync.core.settings import Settings, SourceSettings, parse_duration
 from pfsync.core.statedir import QUARANTINE_FILE
 
 if TYPE_CHECKING:
@@ -53,6 +53,37 @@ MetricsOpt = Annotated[
         envvar="PFSYNC_METRICS_FILE",
         show_envvar=True,
         help="Write Prometheus text metrics to FILE.",
+    ),
+]
+
+EveryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--every",
+        help="Run forever at this interval (e.g. 24h), like the Medplum Practice Fusion bot integration.",
+    ),
+]
+DaemonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--daemon",
+        help="Run forever at sync.interval_ms (PF_SYNC_INTERVAL_MS), like the Medplum Practice Fusion bot integration.",
+    ),
+]
+RunOnStartupOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--run-on-startup/--no-run-on-startup",
+        help="With --every/--daemon: run at once instead of after one interval [default: PF_SYNC_RUN_ON_STARTUP].",
+    ),
+]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        envvar="PFSYNC_SHARD",
+        show_envvar=True,
+        help="I/N (0-based): only sources whose sha256(name) mod N is I (Kubernetes Indexed Jobs).",
     ),
 ]
 
@@ -158,36 +189,10 @@ def _render_summary(result: SyncResult, json_out: bool) -> None:
 def sync(
     ctx: typer.Context,
     source: SourceOpt = None,
-    every: Annotated[
-        str | None,
-        typer.Option(
-            "--every",
-            help="Run forever at this interval (e.g. 24h), like the Medplum Practice Fusion bot integration.",
-        ),
-    ] = None,
-    daemon: Annotated[
-        bool,
-        typer.Option(
-            "--daemon",
-            help="Run forever at sync.interval_ms (PF_SYNC_INTERVAL_MS), like the Medplum Practice Fusion bot integration.",
-        ),
-    ] = False,
-    run_on_startup: Annotated[
-        bool | None,
-        typer.Option(
-            "--run-on-startup/--no-run-on-startup",
-            help="With --every/--daemon: run at once instead of after one interval [default: PF_SYNC_RUN_ON_STARTUP].",
-        ),
-    ] = None,
-    shard: Annotated[
-        str | None,
-        typer.Option(
-            "--shard",
-            envvar="PFSYNC_SHARD",
-            show_envvar=True,
-            help="I/N (0-based): only sources whose sha256(name) mod N is I (Kubernetes Indexed Jobs).",
-        ),
-    ] = None,
+    every: EveryOpt = None,
+    daemon: DaemonOpt = False,
+    run_on_startup: RunOnStartupOpt = None,
+    shard: ShardOpt = None,
     json_out: JsonOpt = False,
     metrics: MetricsOpt = None,
     source_url: SourceUrlOpt = None,
@@ -214,38 +219,14 @@ def sync(
       pfsync sync --shard $JOB_COMPLETION_INDEX/4
     """
     settings = run(ctx, lambda: build_settings(ctx))
-    from pfsync.sync.live import live_engines, open_store
-    from pfsync.sync.run import sync_all
     from pfsync.sync.schedule import run_every, stop_on_signals
     from pfsync.sync.sources import select_sources
 
     sources = run(ctx, lambda: select_sources(settings, source, shard))
-    names = [s.name for s in sources]
     stop = threading.Event()
 
     def once() -> int:
-        def go() -> int:
-            from pfsync.core.log import LogSink
-
-            # On a terminal: one live line per source, and the log keeps only warnings and errors
-            # (-v shows every event). Elsewhere every event is a log line (JSON off a terminal).
-            live = live_display(ctx)
-            with ExitStack() as stack:
-                sinks: list[EventSink] = [LogSink(quiet_events=QUIET_EVENTS, info_as_debug=live)]
-                if live:
-                    sinks.append(SyncProgress(stack.enter_context(make_progress(err_console()))))
-                events = FanoutSink(sinks)
-                store, close = open_store(settings)
-                stack.callback(close)
-                result = sync_all(settings, sources, store, live_engines(settings, events=events), stop=stop,
-                                  events=events)  # fmt: skip
-            _render_summary(result, json_out)
-            report_outcomes(ctx, settings, result.results)
-            if metrics is not None:
-                _write_metrics(settings, names, metrics)
-            return result.exit_code
-
-        return run(ctx, go)
+        return run(ctx, lambda: _sync_once(ctx, settings, sources, stop, json_out, metrics))
 
     with stop_on_signals(stop):
         if every is None and not daemon:
@@ -255,6 +236,38 @@ def sync(
         )
         startup = settings.sync.run_on_startup if run_on_startup is None else run_on_startup
         exit_with(run_every(once, interval, run_on_startup=startup, stop=stop))
+
+
+def _sync_once(
+    ctx: typer.Context,
+    settings: Settings,
+    sources: list[SourceSettings],
+    stop: threading.Event,
+    json_out: bool,
+    metrics: Path | None,
+) -> int:
+    """One run of `pfsync sync` over `sources`: its result shown, outcomes reported, metrics written."""
+    from pfsync.core.log import LogSink
+    from pfsync.sync.live import live_engines, open_store
+    from pfsync.sync.run import sync_all
+
+    # On a terminal: one live line per source, and the log keeps only warnings and errors
+    # (-v shows every event). Elsewhere every event is a log line (JSON off a terminal).
+    live = live_display(ctx)
+    with ExitStack() as stack:
+        sinks: list[EventSink] = [LogSink(quiet_events=QUIET_EVENTS, info_as_debug=live)]
+        if live:
+            sinks.append(SyncProgress(stack.enter_context(make_progress(err_console()))))
+        events = FanoutSink(sinks)
+        store, close = open_store(settings)
+        stack.callback(close)
+        result = sync_all(settings, sources, store, live_engines(settings, events=events), stop=stop,
+                          events=events)  # fmt: skip
+    _render_summary(result, json_out)
+    report_outcomes(ctx, settings, result.results)
+    if metrics is not None:
+        _write_metrics(settings, [s.name for s in sources], metrics)
+    return result.exit_code
 
 
 @app.command("status")

@@ -162,6 +162,11 @@ def verify(
         limit=None if wants_json(json_out) else limit,
     )
     report = run(ctx, lambda: _verify(ctx, from_dir, export, source, options))
+    _show(ctx, report, json_out, limit)
+
+
+def _show(ctx: typer.Context, report: VerifyReport, json_out: bool, limit: int) -> None:
+    """The report as JSON or a table; a mismatch then ends the command (exit 11)."""
     if wants_json(json_out):
         sys.stdout.write(orjson.dumps(report.to_json()).decode() + "\n")
         sys.stdout.flush()

@@ -17,19 +17,15 @@ All bookkeeping happens on the caller's thread; worker threads only do HTTP.
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import httpx
-import orjson
 
 from pfsync.core.errors import HTTPError, InterruptedRunError
 from pfsync.core.events import EventSink, NullSink
 from pfsync.core.redact import redact
-from pfsync.medplum.asyncbatch import TOO_LARGE_EVEN_ASYNC, AsyncBatchRunner, send_alone_async
+from pfsync.medplum.asyncbatch import TOO_LARGE_EVEN_ASYNC, AsyncBatchRunner
 from pfsync.medplum.batch import (
     Entry,
     EntryResult,
@@ -40,47 +36,23 @@ from pfsync.medplum.batch import (
     is_too_large,
     parse_batch,
 )
+from pfsync.medplum.bundlesend import (
+    MEDPLUM_BODY_LIMIT,
+    Handler,
+    OversizeRoute,
+    Retries,
+    SenderStats,
+    Sent,
+    send_bundle,
+    wait_from_outcome_bytes,
+)
 from pfsync.medplum.client import MedplumClient, as_medplum_client
 from pfsync.medplum.donequeue import DoneQueue
-from pfsync.net.http import TEMPORARY_RULES, Clock, RetryPolicy, decide, outcome_text, wait_from_outcome
+from pfsync.net.http import TEMPORARY_RULES, Clock, RetryPolicy, decide
 from pfsync.net.pacing import Concurrency, Pacer
 
-FHIR_JSON = "application/fhir+json"
-MEDPLUM_BODY_LIMIT = 1_048_576  # docs/medplum.md: 1,048,577 bytes is refused
 _MIN_BUNDLE_BYTES = 16 * 1024
 _READY = 2  # Bundles prepared ahead while every slot is in flight (one per answer arriving at once)
-
-
-class Handler(Protocol):
-    """Where outcomes go (the Loader)."""
-
-    def settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None: ...
-    def exhausted(self, entry: Entry, result: EntryResult) -> None: ...
-    def recheck(self, entry: Entry) -> None: ...
-    def reroute(self, entry: Entry) -> Entry | None: ...
-
-
-@dataclass
-class Sent:
-    """What came back for one Bundle (built on a worker thread)."""
-
-    status: int | None  # None: network error
-    content: bytes = b""
-    ratelimit: str | None = None
-    elapsed: float = 0.0
-    text: str | None = None
-
-
-@dataclass
-class SenderStats:
-    requests: int = 0
-    bundles: int = 0
-    retried_entries: int = 0
-    throttled: int = 0
-    conflicts: int = 0
-    splits: int = 0
-    max_slots: int = 1
-    statuses: dict[int, int] = field(default_factory=dict)
 
 
 class BatchSender:
@@ -103,10 +75,7 @@ class BatchSender:
     ) -> None:
         self._client = as_medplum_client(client, pacer=pacer, clock=clock, policy=retry, stop=stop)
         self._handler = handler
-        self._async = async_runner
-        # A resource too large for a synchronous Bundle by itself goes as an async batch alone.
-        self._oversize_runner = async_runner or AsyncBatchRunner(client, clock, max_bytes=MEDPLUM_BODY_LIMIT)
-        self._oversize: set[tuple[str, str]] = set()  # identities that go async (see send_alone_async)
+        self._oversize = OversizeRoute(client, clock, async_runner)  # which Bundles go as async jobs
         limit = async_runner.max_bytes if async_runner else MEDPLUM_BODY_LIMIT - 1024
         self.max_bytes = max(_MIN_BUNDLE_BYTES, min(max_bytes, limit))
         self.max_entries = max_entries
@@ -261,11 +230,8 @@ class BatchSender:
         body = bundle_bytes(bundle)
         self.stats.bundles += 1
         self.stats.max_slots = max(self.stats.max_slots, len(self._futures) + 1)
-        alone_async = self._async is None and send_alone_async(
-            bundle, len(body), self._oversize, MEDPLUM_BODY_LIMIT
-        )
+        alone_async = self._oversize.alone(bundle, len(body))
         if alone_async:
-            self._oversize.add(bundle[0].key)
             self._events.emit("load_async_batch", type=bundle[0].type, id=bundle[0].sid, bytes=len(body))
         future = self._pool.submit(self._send, body, alone_async)
         self._futures[future] = bundle
@@ -277,18 +243,7 @@ class BatchSender:
 
     def _send(self, body: bytes, alone_async: bool = False) -> Sent:
         """On a worker thread: one Bundle, synchronously or as an async batch job."""
-        started = time.monotonic()
-        if self._async is not None or alone_async:
-            status, content, ratelimit, text = self._oversize_runner.run(body)
-            return Sent(status, content, ratelimit, time.monotonic() - started, text)
-        try:
-            # One attempt: what a lost or failed Bundle means is decided per entry (_complete).
-            response = self._client.send_once("POST", "", content=body, headers={"Content-Type": FHIR_JSON})
-        except httpx.TransportError as exc:
-            return Sent(None, elapsed=time.monotonic() - started, text=f"{exc.__class__.__name__}: {exc}")
-        text = outcome_text(response) if response.status_code >= 300 else None
-        return Sent(response.status_code, response.content, response.headers.get("ratelimit"),
-                    time.monotonic() - started, text)  # fmt: skip
+        return send_bundle(self._client, body, self._oversize.runner_for(alone_async))
 
     def _reap(self, *, block: bool) -> None:
         if not self._futures:
@@ -350,7 +305,7 @@ class BatchSender:
         elif status is None or decide(status, TEMPORARY_RULES, lambda: (None, sent.text)) == "retry":
             wait_s = wait_from_outcome_bytes(sent.content) if status == 429 else None
             throttled = status == 429
-            self._observe(sent, len(bundle), throttled)
+            self._client.observe_bundle(sent.ratelimit, len(bundle), throttled)
             self.concurrency.congested()
             if throttled:
                 self.stats.throttled += 1
@@ -365,40 +320,30 @@ class BatchSender:
                 method="POST", url=redact(self._client.fhir_url), status=status, outcome=sent.text,
             )  # fmt: skip
         elif status >= 300:
-            self._observe(sent, len(bundle), False)
+            self._client.observe_bundle(sent.ratelimit, len(bundle), False)
             self._bundle_refused(bundle, EntryResult(status, text=sent.text))
         else:
             self._batch_response(bundle, sent, inflight)
         self._release_blocked(keys - self._inflight)
 
-    def _observe(self, sent: Sent, entries: int, throttled: bool) -> None:
-        self._client.observe_bundle(sent.ratelimit, entries, throttled)
-
     def _batch_response(self, bundle: list[Entry], sent: Sent, inflight: int) -> None:
         results = parse_batch(sent.content, len(bundle))
-        conflicts = throttled = errors = 0
-        wait_s: float | None = None
+        again = Retries()
         for entry, result in zip(bundle, results, strict=True):
             kind = classify(entry, result)
             if kind is Kind.RETRY:
-                if result.status == 409:
-                    conflicts += 1
-                elif result.status == 429:
-                    throttled += 1
-                    wait_s = max(wait_s or 0.0, result.wait or 0.0)
-                else:
-                    errors += 1
+                again.count(result)
                 self._again(entry, result, ambiguous=result.status == 0)
             elif kind is Kind.STALE:
                 self._handler.recheck(entry)
             else:
                 self._handler.settled(entry, kind, result)
-        self._observe(sent, len(bundle) - throttled, throttled > 0)
-        self.stats.conflicts += conflicts
-        if throttled:
+        self._client.observe_bundle(sent.ratelimit, len(bundle) - again.throttled, again.throttled > 0)
+        self.stats.conflicts += again.conflicts
+        if again.throttled:
             self.stats.throttled += 1
-            self.pacer.throttle(wait_s if wait_s is not None else 1.0, self._clock.now())
-        if conflicts or throttled or errors:
+            self.pacer.throttle(again.wait if again.wait is not None else 1.0, self._clock.now())
+        if again.conflicts or again.throttled or again.errors:
             self.concurrency.congested()
         else:
             self.concurrency.clean(len(bundle), sent.elapsed, inflight)
@@ -422,9 +367,7 @@ class BatchSender:
         self.stats.splits += 1
         if len(bundle) == 1:
             key = bundle[0].key
-            if self._async is None and key not in self._oversize:
-                # Refused under the 1 MiB we assume (the server's limit is lower): async alone.
-                self._oversize.add(key)
+            if self._oversize.route(key):  # refused under the 1 MiB we assume: async alone
                 self._inflight.add(key)
                 self._groups.append(bundle)
                 return
@@ -447,10 +390,3 @@ class BatchSender:
         self._inflight |= {e.key for e in bundle}
         half = len(bundle) // 2
         self._groups.extend([bundle[:half], bundle[half:]])
-
-
-def wait_from_outcome_bytes(content: bytes) -> float | None:
-    try:
-        return wait_from_outcome(orjson.loads(content)) if content else None
-    except orjson.JSONDecodeError:
-        return None

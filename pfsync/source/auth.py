@@ -6,6 +6,8 @@ authenticates with a signed JWT (`private_key_jwt`) or HTTP Basic (`client_secre
 cached, renewed shortly before expiry, and renewed once more when a request meets a 401 mid-run.
 Each `SourceAuthenticator` owns its endpoint, audience and token: several practices never share one.
 Every token and assertion is registered with pfsync.core.redact, so no log line can show it.
+Discovery is pfsync.source.discovery's, the scope syntax pfsync.source.scopes'; this module owns the
+authenticator, the client's authentication method and what a refused token request means.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import logging
 import re
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
@@ -25,7 +26,7 @@ import orjson
 from pfsync.core.errors import AuthError, ConfigError, HTTPError
 from pfsync.core.redact import redact, register
 from pfsync.core.settings import HttpSettings, SourceSettings, check_transport_url, require
-from pfsync.net.http import Clock, RetryPolicy, SystemClock, outcome_text, request_with_retry
+from pfsync.net.http import Clock, RetryPolicy, SystemClock, outcome_text
 from pfsync.net.tokens import (
     NO_AUTH,
     BearerAuth,
@@ -34,163 +35,16 @@ from pfsync.net.tokens import (
     parse_token_response,
     token_request,
 )
+from pfsync.source.discovery import Discovery, capability_resource_types, discover, get_json
 from pfsync.source.keys import SigningKey, load_signing_key
+from pfsync.source.scopes import ScopeVersion, build_scopes, choose_scope_version, split_granted
 
 log = logging.getLogger("pfsync.auth")
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # docs/practice-fusion.md "Auth (system apps)": exp at most 300 s ahead; keep room for skew
 ASSERTION_LIFETIME = 240
-OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 Method = Literal["private_key_jwt", "client_secret_basic"]
-ScopeVersion = Literal["v1", "v2"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Discovery
-
-
-@dataclass(frozen=True)
-class Discovery:
-    """Where the token endpoint came from, and what the server's smart-configuration advertises."""
-
-    token_endpoint: str
-    found_in: Literal["setting", "smart-configuration", "metadata"]
-    capabilities: frozenset[str] = frozenset()
-    auth_methods: tuple[str, ...] = ()
-    signing_algs: tuple[str, ...] = ()
-    smart_configuration: bool = False
-
-
-def _get_json(client: httpx.Client, url: str, accept: str, policy: RetryPolicy, clock: Clock) -> Any:
-    response = request_with_retry(
-        lambda: client.get(url, headers={"Accept": accept}, auth=NO_AUTH),
-        method="GET",
-        url=url,
-        policy=policy,
-        clock=clock,
-    )
-    if response.status_code != 200:
-        return None
-    try:
-        return orjson.loads(response.content)
-    except orjson.JSONDecodeError:
-        return None
-
-
-def _token_from_capability(doc: Any) -> str | None:
-    if not isinstance(doc, dict):
-        return None
-    for rest in doc.get("rest") or []:
-        for ext in ((rest or {}).get("security") or {}).get("extension") or []:
-            if isinstance(ext, dict) and ext.get("url") == OAUTH_URIS:
-                for sub in ext.get("extension") or []:
-                    if isinstance(sub, dict) and sub.get("url") == "token" and sub.get("valueUri"):
-                        return str(sub["valueUri"])
-    return None
-
-
-def capability_resource_types(doc: Any) -> frozenset[str]:
-    """rest[].resource[].type of a CapabilityStatement."""
-    if not isinstance(doc, dict) or doc.get("resourceType") != "CapabilityStatement":
-        return frozenset()
-    return frozenset(
-        str(r["type"])
-        for rest in doc.get("rest") or []
-        if isinstance(rest, dict)
-        for r in rest.get("resource") or []
-        if isinstance(r, dict) and isinstance(r.get("type"), str)
-    )
-
-
-def discover(
-    client: httpx.Client,
-    base_url: str,
-    *,
-    token_url: str | None = None,
-    policy: RetryPolicy | None = None,
-    clock: Clock | None = None,
-) -> Discovery:
-    """Find the token endpoint (docs/bulk-data.md "Auth": smart-configuration, then metadata, override wins)."""
-    policy = policy or RetryPolicy()
-    clock = clock or SystemClock()
-    base = base_url.rstrip("/")
-    try:
-        smart = _get_json(
-            client, f"{base}/.well-known/smart-configuration", "application/json", policy, clock
-        )
-    except HTTPError:
-        if token_url is None:
-            raise
-        smart = None  # with an override, the smart-configuration only tunes the scope syntax
-    except httpx.HTTPError:  # redirect loops, undecodable bodies: no smart-configuration
-        smart = None
-    smart = smart if isinstance(smart, dict) else {}
-    caps = frozenset(str(c) for c in smart.get("capabilities") or [] if isinstance(c, str))
-    extras: dict[str, Any] = {
-        "capabilities": caps,
-        "auth_methods": tuple(str(m) for m in smart.get("token_endpoint_auth_methods_supported") or []),
-        "signing_algs": tuple(
-            str(a) for a in smart.get("token_endpoint_auth_signing_alg_values_supported") or []
-        ),
-        "smart_configuration": bool(smart),
-    }
-    if token_url:
-        return Discovery(token_url, "setting", **extras)
-    if isinstance(smart.get("token_endpoint"), str) and smart["token_endpoint"]:
-        return Discovery(smart["token_endpoint"], "smart-configuration", **extras)
-    endpoint = _token_from_capability(
-        _get_json(client, f"{base}/metadata", "application/fhir+json", policy, clock)
-    )
-    if endpoint:
-        return Discovery(endpoint, "metadata", **extras)
-    raise ConfigError(
-        f"no token endpoint found for {base}: neither .well-known/smart-configuration nor the "
-        "CapabilityStatement (metadata) names one",
-        setting="source.token_url",
-        hint="check the FHIR base URL (PF_FHIR_BASE_URL), or set PFSYNC_TOKEN_URL to the token endpoint",
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Scopes
-
-
-def choose_scope_version(setting: str, capabilities: Iterable[str]) -> ScopeVersion:
-    """v1 `.read` or v2 `.rs`: forced by setting, else v2 when the server advertises permission-v2."""
-    if setting in ("v1", "v2"):
-        return setting  # type: ignore[return-value]
-    return "v2" if "permission-v2" in set(capabilities) else "v1"
-
-
-def build_scopes(types: Sequence[str], version: ScopeVersion) -> tuple[str, ...]:
-    suffix = ".rs" if version == "v2" else ".read"
-    return tuple(f"system/{t}{suffix}" for t in dict.fromkeys(types))
-
-
-def _grants_read(permission: str) -> bool:
-    if permission in ("read", "*"):  # v1 (system/*.* included)
-        return True
-    # v2: any subset of "cruds" that includes r (https://hl7.org/fhir/smart-app-launch/scopes-and-launch-context.html)
-    return bool(permission) and set(permission) <= set("cruds") and "r" in permission
-
-
-def readable_types(scopes: Iterable[str]) -> frozenset[str]:
-    """Types a set of granted scopes lets a system client read; "*" for a wildcard grant."""
-    types: set[str] = set()
-    for scope in scopes:
-        context, _, rest = scope.partition("/")
-        rtype, _, permission = rest.partition(".")
-        if context == "system" and rtype and _grants_read(permission):
-            types.add(rtype)
-    return frozenset(types)
-
-
-def split_granted(granted: Iterable[str], requested: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(granted, not granted) among the requested types, honouring wildcards like system/*.read."""
-    readable = readable_types(granted)
-    ok = [t for t in requested if "*" in readable or t in readable]
-    return ok, [t for t in requested if t not in ok]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +307,7 @@ class SourceAuthenticator(CachedToken):
         if self._capability_types is None:
             doc = None
             with contextlib.suppress(HTTPError, httpx.HTTPError):
-                doc = _get_json(self._client, f"{self.source.base_url.rstrip('/')}/metadata",
+                doc = get_json(self._client, f"{self.source.base_url.rstrip('/')}/metadata",
                                 "application/fhir+json", self._policy, self._clock)  # fmt: skip
             self._capability_types = capability_resource_types(doc)
         return self._capability_types

@@ -161,57 +161,20 @@ class Auth:
         return client
 
     def _assertion_client(self, form: dict[str, str], practice: str, token_url: str) -> Client:
-        if "client_assertion_type" not in form:
-            # docs/bulk-data.md, recorded case 11
-            raise TokenError("invalid_request", "Missing client_assertion_type parameter")
-        if form["client_assertion_type"] != JWT_BEARER:
-            raise TokenError(
-                "invalid_request", f"Invalid client_assertion_type parameter. Must be '{JWT_BEARER}'."
-            )
-        assertion = form.get("client_assertion", "")
-        try:
-            header = jwt.get_unverified_header(assertion)
-            claims = jwt.decode(assertion, options={"verify_signature": False})
-        except jwt.PyJWTError as exc:
-            raise TokenError("invalid_request", f"Invalid registration token: {exc}") from None
-        if "typ" not in header:  # docs/bulk-data.md, recorded case 13
-            raise TokenError(
-                "invalid_request",
-                "Invalid registration token: Invalid JWT token header. Missing 'typ' property.",
-            )
-        if header["typ"] != "JWT":
-            raise TokenError("invalid_request", "Invalid registration token: the 'typ' header must be 'JWT'.")
-        if not header.get("kid"):  # docs/practice-fusion.md: kid required
-            raise TokenError("invalid_request", "Invalid registration token: Missing 'kid' header.")
-        alg = header.get("alg")
-        if alg not in SIGNING_ALGS:
-            raise TokenError("invalid_grant", f"Unsupported signing algorithm {alg!r}")
+        """The client a `private_key_jwt` assertion authenticates, checked as the reference server
+        checks it, in its order: the form and header, the client, the signature, then the claims."""
+        assertion, header, claims = _parsed_assertion(form)
         client = self.clients.get((practice, str(claims.get("iss", ""))))
         if client is None or not client.jwks:
             raise TokenError("invalid_client", "Unknown client (iss) or no JWKS registered", 401)
         if claims.get("sub") != client.client_id:
             raise TokenError("invalid_grant", "Invalid token 'sub' value. Must equal 'iss'.")
-        keys = [k for k in client.jwks.get("keys", []) if k.get("kid") == header["kid"]]
-        if not keys:  # docs/bulk-data.md, recorded case 09
-            raise TokenError(
-                "invalid_grant", f'No public keys found in the JWKS with "kid" equal to "{header["kid"]}"'
-            )
-        try:
-            key = jwt.PyJWK(keys[0]).key
-            jwt.decode(
-                assertion, key=key, algorithms=[alg], options={"verify_aud": False, "require": ["exp"]}
-            )
-        except jwt.ExpiredSignatureError:  # docs/bulk-data.md, recorded case 12
-            raise TokenError(
-                "invalid_grant",
-                "Unable to verify the token with any of the public keys found in the JWKS: jwt expired",
-            ) from None
-        # docs/bulk-data.md, recorded case 10; an RS384 JWT vs an EC key
-        except (jwt.PyJWTError, TypeError, ValueError) as exc:
-            raise TokenError(
-                "invalid_grant",
-                f"Unable to verify the token with any of the public keys found in the JWKS: invalid signature ({exc})",
-            ) from None
+        _verify_signature(assertion, header, client)
+        self._check_claims(client, claims, token_url)
+        return client
+
+    def _check_claims(self, client: Client, claims: dict[str, Any], token_url: str) -> None:
+        """aud (scheme ignored), exp (not too far ahead) and jti (present; unique when tracked)."""
         auds = claims.get("aud")
         aud_list = auds if isinstance(auds, list) else [auds]
         # docs/bulk-data.md, recorded case 06: the scheme is stripped before comparing
@@ -241,7 +204,6 @@ class Auth:
                 if (client.client_id, str(jti)) in self.jtis:
                     raise TokenError("invalid_grant", "Invalid 'jti' value: already used")
                 self.jtis[(client.client_id, str(jti))] = exp
-        return client
 
     def _grant(self, client: Client, scope: str) -> tuple[frozenset[str], str]:
         """Check requested scopes (docs/bulk-data.md, recorded case 14) and narrow them to what the client may have."""
@@ -315,3 +277,58 @@ def generate_test_keys(alg: str = "RS384", kid: str | None = None) -> tuple[Any,
         jwk = jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
     jwk.update({"kid": kid, "alg": alg, "use": "sig"})
     return private, {"keys": [jwk]}
+
+
+def _parsed_assertion(form: dict[str, str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The assertion of a token form, its header and its (not yet verified) claims; TokenError for a
+    missing or wrong assertion type, an undecodable JWT, or a header without typ JWT, kid or a known alg."""
+    if "client_assertion_type" not in form:
+        # docs/bulk-data.md, recorded case 11
+        raise TokenError("invalid_request", "Missing client_assertion_type parameter")
+    if form["client_assertion_type"] != JWT_BEARER:
+        raise TokenError(
+            "invalid_request", f"Invalid client_assertion_type parameter. Must be '{JWT_BEARER}'."
+        )
+    assertion = form.get("client_assertion", "")
+    try:
+        header = jwt.get_unverified_header(assertion)
+        claims = jwt.decode(assertion, options={"verify_signature": False})
+    except jwt.PyJWTError as exc:
+        raise TokenError("invalid_request", f"Invalid registration token: {exc}") from None
+    if "typ" not in header:  # docs/bulk-data.md, recorded case 13
+        raise TokenError(
+            "invalid_request",
+            "Invalid registration token: Invalid JWT token header. Missing 'typ' property.",
+        )
+    if header["typ"] != "JWT":
+        raise TokenError("invalid_request", "Invalid registration token: the 'typ' header must be 'JWT'.")
+    if not header.get("kid"):  # docs/practice-fusion.md: kid required
+        raise TokenError("invalid_request", "Invalid registration token: Missing 'kid' header.")
+    alg = header.get("alg")
+    if alg not in SIGNING_ALGS:
+        raise TokenError("invalid_grant", f"Unsupported signing algorithm {alg!r}")
+    return assertion, header, claims
+
+
+def _verify_signature(assertion: str, header: dict[str, Any], client: Client) -> None:
+    """The assertion's signature against the client's registered key of the header's kid."""
+    alg = str(header["alg"])  # one of SIGNING_ALGS (_parsed_assertion)
+    keys = [k for k in (client.jwks or {}).get("keys", []) if k.get("kid") == header["kid"]]
+    if not keys:  # docs/bulk-data.md, recorded case 09
+        raise TokenError(
+            "invalid_grant", f'No public keys found in the JWKS with "kid" equal to "{header["kid"]}"'
+        )
+    try:
+        key = jwt.PyJWK(keys[0]).key
+        jwt.decode(assertion, key=key, algorithms=[alg], options={"verify_aud": False, "require": ["exp"]})
+    except jwt.ExpiredSignatureError:  # docs/bulk-data.md, recorded case 12
+        raise TokenError(
+            "invalid_grant",
+            "Unable to verify the token with any of the public keys found in the JWKS: jwt expired",
+        ) from None
+    # docs/bulk-data.md, recorded case 10; an RS384 JWT vs an EC key
+    except (jwt.PyJWTError, TypeError, ValueError) as exc:
+        raise TokenError(
+            "invalid_grant",
+            f"Unable to verify the token with any of the public keys found in the JWKS: invalid signature ({exc})",
+        ) from None

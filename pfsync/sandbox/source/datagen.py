@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -119,57 +119,70 @@ class _Gen:
                    "code": _cc(SNOMED, code, text), "recordedDate": f"{birth.year + 5}-06-01"}  # fmt: skip
         start = datetime(2015, 1, 1) + timedelta(days=rng.randrange(0, 365))
         for n in range(10):
-            when = start + timedelta(days=90 * n + rng.randrange(0, 30), hours=rng.randrange(8, 17))
-            stamp = when.strftime("%Y-%m-%dT%H:%M:%SZ")
-            eid = self.uid()
-            prac = rng.choice(self.pracs)
-            yield {"resourceType": "Encounter", "id": eid, "identifier": self.ident("Encounter", eid),
-                   "status": "finished",
-                   "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB", "display": "ambulatory"},
-                   "type": [_cc(SNOMED, "185349003", "Encounter for check up")], "subject": subject(),
-                   "participant": [{"individual": {"reference": f"Practitioner/{prac}"}}],
-                   "period": {"start": stamp, "end": (when + timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%SZ")},
-                   "location": [{"location": {"reference": f"Location/{rng.choice(self.locs)}"}}],
-                   "serviceProvider": {"reference": f"Organization/{self.orgs[0]}"}}  # fmt: skip
-            enc = self.ref("Encounter", eid)
-            for code, text, unit, low, high in rng.sample(VITALS, 3):
-                yield self._obs(
-                    subject(), enc, stamp, "vital-signs", "Vital Signs", code, text, unit, low, high
-                )
-            labs = [self._obs(subject(), enc, stamp, "laboratory", "Laboratory", *lab) for lab in LABS]
-            yield from labs
-            yield {"resourceType": "DiagnosticReport", "id": self.uid(), "status": "final",
-                   "category": [_cc("http://terminology.hl7.org/CodeSystem/v2-0074", "LAB", "Laboratory")],
-                   "code": _cc(LOINC, "24323-8", "Comprehensive metabolic panel"), "subject": subject(),
-                   "encounter": enc, "effectiveDateTime": stamp, "issued": stamp,
-                   "result": [{"reference": f"Observation/{o['id']}"} for o in labs]}  # fmt: skip
-            if n % 4 == 0:
-                code, text = rng.choice(CONDITIONS)
-                active = rng.random() < 0.7
-                status = ("active", "Active") if active else ("resolved", "Resolved")
-                cond: dict[str, Any] = {"resourceType": "Condition", "id": self.uid(),
-                    "clinicalStatus": _cc("http://terminology.hl7.org/CodeSystem/condition-clinical", *status),
-                    "verificationStatus": _cc("http://terminology.hl7.org/CodeSystem/condition-ver-status", "confirmed", "Confirmed"),
-                    "category": [_cc("http://terminology.hl7.org/CodeSystem/condition-category", "problem-list-item", "Problem List Item")],
-                    "code": _cc(SNOMED, code, text), "subject": subject(), "encounter": enc, "onsetDateTime": stamp}  # fmt: skip
-                if not active:
-                    cond["abatementDateTime"] = (when + timedelta(days=60)).strftime("%Y-%m-%dT%H:%M:%SZ")
-                yield cond
-            if n % 3 == 0:
-                code, text = rng.choice(MEDS)
-                yield {"resourceType": "MedicationRequest", "id": self.uid(), "status": "active", "intent": "order",
-                       "medicationCodeableConcept": _cc(RXNORM, code, text), "subject": subject(), "encounter": enc,
-                       "authoredOn": stamp, "requester": {"reference": f"Practitioner/{prac}"}}  # fmt: skip
-                code, text = rng.choice(VACCINES)
-                yield {"resourceType": "Immunization", "id": self.uid(), "status": "completed",
-                       "vaccineCode": _cc(CVX, code, text), "patient": subject(), "encounter": enc,
-                       "occurrenceDateTime": stamp, "primarySource": True}  # fmt: skip
-                code, text = rng.choice(PROCEDURES)
-                yield {"resourceType": "Procedure", "id": self.uid(), "status": "completed",
-                       "code": _cc(SNOMED, code, text), "subject": subject(), "encounter": enc,
-                       "performedPeriod": {"start": stamp, "end": stamp}}  # fmt: skip
-            if n % 4 == 1:
-                yield self._document(subject(), enc, stamp, prac)
+            yield from self._visit(subject, start, n)
+
+    def _visit(
+        self, subject: Callable[[], dict[str, str]], start: datetime, n: int
+    ) -> Iterator[dict[str, Any]]:
+        """The patient's n-th visit: the Encounter, vitals, labs and their report, then what the visit
+        found or ordered (`_visit_findings`)."""
+        rng = self.rng
+        when = start + timedelta(days=90 * n + rng.randrange(0, 30), hours=rng.randrange(8, 17))
+        stamp = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+        eid = self.uid()
+        prac = rng.choice(self.pracs)
+        yield {"resourceType": "Encounter", "id": eid, "identifier": self.ident("Encounter", eid),
+               "status": "finished",
+               "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB", "display": "ambulatory"},
+               "type": [_cc(SNOMED, "185349003", "Encounter for check up")], "subject": subject(),
+               "participant": [{"individual": {"reference": f"Practitioner/{prac}"}}],
+               "period": {"start": stamp, "end": (when + timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%SZ")},
+               "location": [{"location": {"reference": f"Location/{rng.choice(self.locs)}"}}],
+               "serviceProvider": {"reference": f"Organization/{self.orgs[0]}"}}  # fmt: skip
+        enc = self.ref("Encounter", eid)
+        for code, text, unit, low, high in rng.sample(VITALS, 3):
+            yield self._obs(subject(), enc, stamp, "vital-signs", "Vital Signs", code, text, unit, low, high)
+        labs = [self._obs(subject(), enc, stamp, "laboratory", "Laboratory", *lab) for lab in LABS]
+        yield from labs
+        yield {"resourceType": "DiagnosticReport", "id": self.uid(), "status": "final",
+               "category": [_cc("http://terminology.hl7.org/CodeSystem/v2-0074", "LAB", "Laboratory")],
+               "code": _cc(LOINC, "24323-8", "Comprehensive metabolic panel"), "subject": subject(),
+               "encounter": enc, "effectiveDateTime": stamp, "issued": stamp,
+               "result": [{"reference": f"Observation/{o['id']}"} for o in labs]}  # fmt: skip
+        yield from self._visit_findings(subject, enc, stamp, when, prac, n)
+
+    def _visit_findings(self, subject: Callable[[], dict[str, str]], enc: dict[str, str], stamp: str,
+                        when: datetime, prac: str, n: int) -> Iterator[dict[str, Any]]:  # fmt: skip
+        """A visit's findings by its number: a Condition every 4th, medication, vaccine and procedure every
+        3rd, a document every 4th from the 2nd."""
+        rng = self.rng
+        if n % 4 == 0:
+            code, text = rng.choice(CONDITIONS)
+            active = rng.random() < 0.7
+            status = ("active", "Active") if active else ("resolved", "Resolved")
+            cond: dict[str, Any] = {"resourceType": "Condition", "id": self.uid(),
+                "clinicalStatus": _cc("http://terminology.hl7.org/CodeSystem/condition-clinical", *status),
+                "verificationStatus": _cc("http://terminology.hl7.org/CodeSystem/condition-ver-status", "confirmed", "Confirmed"),
+                "category": [_cc("http://terminology.hl7.org/CodeSystem/condition-category", "problem-list-item", "Problem List Item")],
+                "code": _cc(SNOMED, code, text), "subject": subject(), "encounter": enc, "onsetDateTime": stamp}  # fmt: skip
+            if not active:
+                cond["abatementDateTime"] = (when + timedelta(days=60)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            yield cond
+        if n % 3 == 0:
+            code, text = rng.choice(MEDS)
+            yield {"resourceType": "MedicationRequest", "id": self.uid(), "status": "active", "intent": "order",
+                   "medicationCodeableConcept": _cc(RXNORM, code, text), "subject": subject(), "encounter": enc,
+                   "authoredOn": stamp, "requester": {"reference": f"Practitioner/{prac}"}}  # fmt: skip
+            code, text = rng.choice(VACCINES)
+            yield {"resourceType": "Immunization", "id": self.uid(), "status": "completed",
+                   "vaccineCode": _cc(CVX, code, text), "patient": subject(), "encounter": enc,
+                   "occurrenceDateTime": stamp, "primarySource": True}  # fmt: skip
+            code, text = rng.choice(PROCEDURES)
+            yield {"resourceType": "Procedure", "id": self.uid(), "status": "completed",
+                   "code": _cc(SNOMED, code, text), "subject": subject(), "encounter": enc,
+                   "performedPeriod": {"start": stamp, "end": stamp}}  # fmt: skip
+        if n % 4 == 1:
+            yield self._document(subject(), enc, stamp, prac)
 
     def _obs(self, subject: dict[str, str], enc: dict[str, str], stamp: str, cat: str, cat_text: str,
              code: str, text: str, unit: str, low: float, high: float) -> dict[str, Any]:  # fmt: skip

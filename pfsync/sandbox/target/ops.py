@@ -1,15 +1,12 @@
 """FHIR interactions of the target sandbox (read, create, update, conditional update/delete, history,
 search), each charged to the client's quota as docs/medplum.md "Quota costs" measured, shared by the
-standalone routes and the batch processor."""
+standalone routes and the batch processor. Attachment URLs in what it sends are presigned by
+pfsync.sandbox.target.presign."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import re
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -32,6 +29,7 @@ from pfsync.sandbox.target.common import (
     outcome,
     precondition_failed,
 )
+from pfsync.sandbox.target.presign import Presigner
 from pfsync.sandbox.target.quota import COST_HISTORY, COST_READ, COST_SEARCH, COST_WRITE
 from pfsync.sandbox.target.search import matching_ids, parse_query, searchset
 from pfsync.sandbox.target.stats import Stats
@@ -43,22 +41,6 @@ from pfsync.sandbox.target.validate import validate_resource
 SERVER_META = ("versionId", "lastUpdated", "author", "project", "compartment")
 CONDITIONAL_REF_RE = re.compile(r"^([A-Z][A-Za-z]+)\?(.+)$")
 LITERAL_REF_RE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})$")
-BINARY_REF_RE = re.compile(r"^Binary/([0-9a-fA-F-]{36})$")
-# Resource types whose Attachments may point at Binary/<id> (presigned on output: docs/medplum.md, recorded case 38).
-ATTACHMENT_TYPES = {
-    "DocumentReference",
-    "DiagnosticReport",
-    "Patient",
-    "Practitioner",
-    "Media",
-    "Communication",
-    "Questionnaire",
-    "QuestionnaireResponse",
-    "Consent",
-    "Contract",
-    "Observation",
-}
-PRESIGN_SECONDS = 3600
 
 
 @dataclass
@@ -93,11 +75,7 @@ class Engine:
         # A conditional create runs its search and its create as one step (Medplum: one serializable
         # transaction), so two at once for the same identity make one resource (docs/medplum.md, recorded case 49).
         self._create_once = threading.Lock()
-        key = store.get_setting("presign_key")
-        if key is None:
-            key = base64.b64encode(hashlib.sha256(new_id().encode()).digest()).decode()
-            store.set_setting("presign_key", key)
-        self._presign_key = key.encode()
+        self.presigner = Presigner(store)
 
     # ------------------------------------------------------------------ preparing a write
     def prepare(self, ctx: Ctx, rtype: str, body: Any) -> Json:
@@ -341,41 +319,13 @@ class Engine:
     # ------------------------------------------------------------------ output
     def present(self, ctx: Ctx, resource: Json) -> Json:
         """A resource as the server sends it: attachment urls `Binary/<id>` become presigned storage URLs."""
-        if resource.get("resourceType") not in ATTACHMENT_TYPES:
-            return resource
-        return self._presign_walk(ctx, resource)  # type: ignore[no-any-return]
-
-    def _presign_walk(self, ctx: Ctx, node: Any) -> Any:
-        if isinstance(node, dict):
-            out = {}
-            for k, v in node.items():
-                if k == "url" and isinstance(v, str) and BINARY_REF_RE.match(v):
-                    out[k] = self.presigned_url(ctx, v.split("/", 1)[1]) or v
-                else:
-                    out[k] = self._presign_walk(ctx, v) if isinstance(v, dict | list) else v
-            return out
-        if isinstance(node, list):
-            return [self._presign_walk(ctx, v) for v in node]
-        return node
+        return self.presigner.present(ctx.base, resource)
 
     def presigned_url(self, ctx: Ctx, binary_id: str) -> str | None:
-        row = self.store.read("Binary", binary_id)
-        if row is None or row.deleted:
-            return None
-        expires = int(time.time()) + PRESIGN_SECONDS
-        sig = self._signature(binary_id, row.vid, expires)
-        return f"{ctx.base}storage/{binary_id}/{row.vid}?Expires={expires}&Signature={sig}"
-
-    def _signature(self, binary_id: str, vid: str, expires: int) -> str:
-        mac = hmac.new(self._presign_key, f"{binary_id}/{vid}/{expires}".encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+        return self.presigner.presigned_url(ctx.base, binary_id)
 
     def check_signature(self, binary_id: str, vid: str, expires: str, signature: str) -> bool:
-        try:
-            exp = int(expires)
-        except ValueError:
-            return False
-        return exp >= time.time() and hmac.compare_digest(self._signature(binary_id, vid, exp), signature)
+        return self.presigner.check_signature(binary_id, vid, expires, signature)
 
 
 def parse_if_match(value: str | None) -> str | None:

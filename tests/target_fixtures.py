@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from server_fixtures import starts_servers
 
 from pfsync.sandbox.target.server import TargetSandbox
 
@@ -44,6 +45,7 @@ MRN = "urn:example:mrn"
 
 
 @pytest.fixture(scope="session")
+@starts_servers
 def target_sandbox() -> Iterator[TargetSandbox]:
     sandbox = TargetSandbox(client_id=TARGET_CLIENT, client_secret=TARGET_SECRET).start()
     sandbox.add_client(QUOTA_CLIENT, QUOTA_SECRET, quota=50_000, quota_window=60.0)
@@ -61,6 +63,7 @@ def target(target_sandbox: TargetSandbox) -> TargetSandbox:
 
 
 @pytest.fixture
+@starts_servers
 def target_factory() -> Iterator[Callable[..., TargetSandbox]]:
     started: list[TargetSandbox] = []
 

@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from server_fixtures import starts_servers
 
 from pfsync.core.errors import ConfigError, ExitCode
 from pfsync.core.settings import SPECS, HttpSettings, check_transport_url, is_loopback, load_settings
@@ -200,6 +201,7 @@ def test_settings_ca_bundle_must_exist(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """An HTTPS server on 127.0.0.1 with a self-signed certificate nobody trusts by default."""
     key = ec.generate_private_key(ec.SECP256R1())

@@ -25,13 +25,14 @@ from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 from typer.testing import CliRunner
 
 from pfsync.cli import app
+from pfsync.core.instants import iso
 from pfsync.core.log import setup_logging
 from pfsync.core.redact import Secret
 from pfsync.core.settings import HttpSettings, MedplumSettings
 from pfsync.medplum.auth import medplum_auth
 from pfsync.sandbox.source.server import SourceSandbox
 from pfsync.sandbox.target.server import TargetSandbox
-from pfsync.sync.state import LastRun, LocalStateStore, SyncState, iso
+from pfsync.sync.state import LastRun, LocalStateStore, SyncState
 
 runner = CliRunner()
 

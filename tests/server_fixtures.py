@@ -65,16 +65,16 @@ def pytest_runtest_protocol(
         return (yield)
     original = socket.socket.listen
 
-    def listen(sock: socket.socket, *args: int) -> None:
+    def listen(sock: socket.socket, backlog: int = socket.SOMAXCONN, /) -> None:
         if sock.family in INTERNET_FAMILIES:
             pytest.fail(
                 f"{item.nodeid} is not marked integration but opened a listening socket: start servers "
                 "through a fixture decorated with @starts_servers (tests/server_fixtures.py)",
                 pytrace=False,
             )
-        original(sock, *args)
+        original(sock, backlog)
 
-    socket.socket.listen = listen  # type: ignore[method-assign]
+    socket.socket.listen = listen  # type: ignore[method-assign,assignment]
     try:
         return (yield)
     finally:

@@ -79,9 +79,9 @@ def _chaos(
         assert history[-1].returncode == 0, describe()
         # And once more with a last round of source changes, so deletions of the end are seen too.
         changes += mutate_source(rig, rng, "final")
-        last = run_sync(rig)
-        history.append(last)
-        assert last.returncode == 0, describe()
+        closing = run_sync(rig)
+        history.append(closing)
+        assert closing.returncode == 0, describe()
 
         result = compare(rig)
         killed = Counter(h.label.split(":")[0] for h in history if h.killed)

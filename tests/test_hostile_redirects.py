@@ -48,8 +48,9 @@ def _export(env: dict[str, str], tmp_path: Path) -> tuple[int, str]:
 
 def _pem() -> str:
     key, _ = generate_test_keys("RS384", "hostile-kid")
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()  # fmt: skip
+    pem: bytes = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption())  # fmt: skip
+    return pem.decode()
 
 
 @pytest.mark.parametrize("status", [307, 308])

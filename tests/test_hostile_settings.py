@@ -68,7 +68,7 @@ def test_settings_plain_http_off_loopback_is_refused(url: str, env_name: str, ex
     env = {"MEDPLUM_BASE_URL": "http://127.0.0.1:9/", **extra, env_name: url}
     with pytest.raises(ConfigError) as err:
         load_settings(env=env, cwd=Path("/nonexistent"))
-    assert err.value.exit_code == ExitCode.CONFIG == 3
+    assert err.value.exit_code == ExitCode.CONFIG and ExitCode.CONFIG.value == 3
     assert "plain http" in err.value.message
     assert "PFSYNC_ALLOW_INSECURE_HTTP" in (err.value.hint or "")
 

@@ -1,4 +1,9 @@
-"""Shared pytest setup: a clean environment for every test, and the sandbox fixtures."""
+"""Shared pytest setup: a clean environment for every test, the fixture modules, the slow-test switch.
+
+The fixtures that start servers (and the rule that makes their tests integration tests) live in
+tests/server_fixtures.py, tests/source_fixtures.py and tests/target_fixtures.py, loaded as plugins below;
+their helpers are imported by name where they are used.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,10 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = SHARED / "fixtures"
+
+# Fixture modules (tests/ is on sys.path under pytest's default import mode); pytester runs the
+# check of the tiers themselves (tests/test_server_fixtures.py).
+pytest_plugins = ["server_fixtures", "source_fixtures", "target_fixtures", "pytester"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -37,12 +46,6 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"../shared is missing beside the checkout (expected at {SHARED})")
     return SHARED
-
-
-# The sandbox fixtures live in their own modules (tests/ is on sys.path under pytest's default
-# import mode); star-imports make them visible to every test.
-from source_fixtures import *  # noqa: E402,F403
-from target_fixtures import *  # noqa: E402,F403
 
 
 @pytest.fixture

@@ -64,6 +64,7 @@ class Hostile:
         self.routes: dict[str, Handler] = {}
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
+        self._closed = False
         owner = self
 
         class _Handler(BaseHTTPRequestHandler):
@@ -124,6 +125,10 @@ class Hostile:
             return [s for s in self.seen if path is None or s.path == path]
 
     def close(self) -> None:
+        """Stops the server; closing again does nothing (a test and its fixture may both close it)."""
+        if self._closed:
+            return
+        self._closed = True
         self._server.shutdown()
         self._server.server_close()
 

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from server_fixtures import starts_servers
 
 from pfsync.sandbox.source.auth import JWT_BEARER, generate_test_keys
 from pfsync.sandbox.source.server import SourceSandbox
@@ -60,6 +61,7 @@ def source_keys() -> SourceKeys:
 
 
 @pytest.fixture(scope="session")
+@starts_servers
 def source_sandbox(source_keys: SourceKeys) -> Iterator[SourceSandbox]:
     if not SYNTHEA_SMALL.is_dir():
         pytest.fail(f"fixtures missing: {SYNTHEA_SMALL}")

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from server_fixtures import starts_servers
 
 from pfsync.sandbox.target.server import TargetSandbox
 
@@ -44,6 +45,7 @@ MRN = "urn:example:mrn"
 
 
 @pytest.fixture(scope="session")
+@starts_servers
 def target_sandbox() -> Iterator[TargetSandbox]:
     sandbox = TargetSandbox(client_id=TARGET_CLIENT, client_secret=TARGET_SECRET).start()
     sandbox.add_client(QUOTA_CLIENT, QUOTA_SECRET, quota=50_000, quota_window=60.0)
@@ -61,6 +63,7 @@ def target(target_sandbox: TargetSandbox) -> TargetSandbox:
 
 
 @pytest.fixture
+@starts_servers
 def target_factory() -> Iterator[Callable[..., TargetSandbox]]:
     started: list[TargetSandbox] = []
 
@@ -88,11 +91,25 @@ def fhir_client(
     sandbox: TargetSandbox, client_id: str = TARGET_CLIENT, secret: str = TARGET_SECRET
 ) -> httpx.Client:
     token = target_token(sandbox, client_id, secret)
-    return httpx.Client(
+    client = httpx.Client(
         base_url=sandbox.fhir_url,
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"},
         timeout=60.0,
     )
+    _OPEN_CLIENTS.append(client)
+    return client
+
+
+# Clients handed to a Loader or kept by a test are closed when the test ends (closing twice is harmless),
+# so none is left for the collector to find (a ResourceWarning, an error under filterwarnings).
+_OPEN_CLIENTS: list[httpx.Client] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_fhir_clients() -> Iterator[None]:
+    yield
+    while _OPEN_CLIENTS:
+        _OPEN_CLIENTS.pop().close()
 
 
 def patient(value: str, given: str = "Jane", **extra: Any) -> dict[str, Any]:

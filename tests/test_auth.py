@@ -504,6 +504,9 @@ class FakeProvider:
         self.invalidated.append(token)
         self.n += 1
 
+    def prove(self) -> str:
+        return self.token(force=True)
+
 
 @pytest.mark.parametrize(
     ("a", "b", "same"),

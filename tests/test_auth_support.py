@@ -52,7 +52,8 @@ def ec_key(curve: str = "P-384") -> ec.EllipticCurvePrivateKey:
 def pem(key: Any, fmt: str = "pkcs8") -> str:
     formats = {"pkcs8": serialization.PrivateFormat.PKCS8,
                "pkcs1": serialization.PrivateFormat.TraditionalOpenSSL}  # fmt: skip
-    return key.private_bytes(serialization.Encoding.PEM, formats[fmt], serialization.NoEncryption()).decode()
+    pem: bytes = key.private_bytes(serialization.Encoding.PEM, formats[fmt], serialization.NoEncryption())
+    return pem.decode()
 
 
 def smart_config(token_url: str = TOKEN_URL, v2: bool = True) -> dict[str, Any]:

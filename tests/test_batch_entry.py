@@ -34,7 +34,7 @@ def test_entry_update_by_id_replaces_a_stale_body_id() -> None:
     [("POST", "Patient"), ("PUT", "Patient?identifier=sys%7Cv")],
 )
 def test_entry_create_and_conditional_put_send_the_body_unchanged(method: str, url: str) -> None:
-    body = {"resourceType": "Patient", "gender": "female"}
+    body: dict[str, object] = {"resourceType": "Patient", "gender": "female"}
     assert _sent(_entry(method, url, body))["resource"] == body
 
 

@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
+# scripts/bench starts both sandboxes in its own process, where the listening guard cannot see.
+pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("cpu", "source", "export", "ingest", "load", "resync", "quota", "rss", "e2e")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,13 @@ from chaos_helpers import Rig, RunOutcome, compare, mutate_source, plan_kill_poi
 from pfsync.sandbox.source.datagen import generate
 
 
-def _chaos(tmp_path: Path, *, patients: int, kills: int, seed: int) -> None:
+def _chaos(
+    tmp_path: Path, rig_factory: Callable[[Path, Path], Rig], *, patients: int, kills: int, seed: int
+) -> None:
     rng = random.Random(seed)
     data = tmp_path / "data"
     generate(data, patients, seed=seed)
-    rig = Rig.start(tmp_path, data)
+    rig = rig_factory(tmp_path, data)
     history: list[RunOutcome] = []
 
     def describe() -> str:
@@ -76,9 +79,9 @@ def _chaos(tmp_path: Path, *, patients: int, kills: int, seed: int) -> None:
         assert history[-1].returncode == 0, describe()
         # And once more with a last round of source changes, so deletions of the end are seen too.
         changes += mutate_source(rig, rng, "final")
-        last = run_sync(rig)
-        history.append(last)
-        assert last.returncode == 0, describe()
+        closing = run_sync(rig)
+        history.append(closing)
+        assert closing.returncode == 0, describe()
 
         result = compare(rig)
         killed = Counter(h.label.split(":")[0] for h in history if h.killed)
@@ -95,11 +98,15 @@ def _chaos(tmp_path: Path, *, patients: int, kills: int, seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", [20251125])
-def test_chaos_sync_killed_at_random_points_loses_nothing(tmp_path: Path, seed: int) -> None:
-    _chaos(tmp_path, patients=15, kills=20, seed=seed)
+def test_chaos_sync_killed_at_random_points_loses_nothing(
+    tmp_path: Path, rig_factory: Callable[[Path, Path], Rig], seed: int
+) -> None:
+    _chaos(tmp_path, rig_factory, patients=15, kills=20, seed=seed)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [7, 1234])
-def test_chaos_sync_full_size_loses_nothing(tmp_path: Path, seed: int) -> None:
-    _chaos(tmp_path, patients=60, kills=40, seed=seed)
+def test_chaos_sync_full_size_loses_nothing(
+    tmp_path: Path, rig_factory: Callable[[Path, Path], Rig], seed: int
+) -> None:
+    _chaos(tmp_path, rig_factory, patients=60, kills=40, seed=seed)

@@ -6,37 +6,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
+from server_fixtures import SandboxProcess
+
+from pfsync.sandbox.source.server import SourceSandbox
 
 
-def _start(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
-    env_file = tmp_path / "env"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pfsync", "sandbox", "--source-port", "0", "--target-port", "0",
-         "--state", str(tmp_path / "state"), "--env-file", str(env_file), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not env_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"sandbox did not start: {proc.communicate()}")
-        time.sleep(0.1)
-    env = {}
-    for line in env_file.read_text().splitlines():
-        name, _, value = line.removeprefix("export ").partition("=")
-        env[name] = value.strip("'")
-    return proc, env
-
-
-def test_sandbox_command_serves_both_and_stops_on_sigterm(tmp_path: Path) -> None:
-    proc, env = _start(tmp_path)
+def test_sandbox_command_serves_both_and_stops_on_sigterm(
+    tmp_path: Path, sandbox_process: Callable[..., SandboxProcess]
+) -> None:
+    proc, env = sandbox_process(tmp_path)
     try:
         assert set(env) >= {"PF_FHIR_BASE_URL", "PF_CLIENT_ID", "PF_CLIENT_SECRET", "MEDPLUM_BASE_URL"}
         # Secrets are handed out as file paths (mode 0600), never printed.
@@ -83,17 +65,17 @@ def test_sandbox_command_rejects_a_missing_data_dir(tmp_path: Path) -> None:
     assert "not a directory" in out.stderr
 
 
-def test_source_sandbox_restart_on_kept_state_keeps_changes_and_deletions(tmp_path: Path) -> None:
-    from pfsync.sandbox.source.server import SourceSandbox
-
-    first = SourceSandbox(state_dir=tmp_path / "src").start()
+def test_source_sandbox_restart_on_kept_state_keeps_changes_and_deletions(
+    tmp_path: Path, source_factory: Callable[..., SourceSandbox]
+) -> None:
+    first = source_factory(state_dir=tmp_path / "src")
     try:
         patients = first.state.store.patient_ids(first.practices[0])
         assert first.delete("Patient", patients[0])
         port = int(first.server_url.rsplit(":", 1)[1])
     finally:
         first.stop()
-    again = SourceSandbox(state_dir=tmp_path / "src", port=port).start()
+    again = source_factory(state_dir=tmp_path / "src", port=port)
     try:
         assert patients[0] not in again.state.store.patient_ids(again.practices[0])
         assert patients[1] in again.state.store.patient_ids(again.practices[0])

@@ -40,18 +40,18 @@ def test_contracts_state_file_names_are_defined_once() -> None:
         if module == PACKAGE / "core" / "statedir.py":
             continue
         tree = ast.parse(module.read_text(encoding="utf-8"))
-        literals = {
+        literals: set[str] = {
             n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
         }
         # "lock" is also an ordinary word (a status column): only path joins with it count.
-        joined = {
+        joined: set[object] = {
             n.right.value
             for n in ast.walk(tree)
             if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div) and isinstance(n.right, ast.Constant)
         }
         found = (literals & (names - {statedir.LOCK_FILE})) | (joined & {statedir.LOCK_FILE})
         assert not found, (
-            f"{module.relative_to(PACKAGE.parent)} spells {sorted(found)}: use pfsync.core.statedir"
+            f"{module.relative_to(PACKAGE.parent)} spells {sorted(map(str, found))}: use pfsync.core.statedir"
         )
 
 

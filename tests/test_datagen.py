@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import orjson
 
 from pfsync.sandbox.source.datagen import generate, iter_resources
+from pfsync.sandbox.source.server import SourceSandbox
 
 
 def _walk(value: Any, found: list[str], refs: list[str]) -> None:
@@ -81,20 +83,18 @@ def test_datagen_documents_have_inline_and_url_attachments() -> None:
     assert any(a.get("url", "").startswith("http://127.0.0.1:9443/Binary/") for a in attachments)
 
 
-def test_datagen_urls_served_by_sandbox(tmp_path: Path) -> None:
+def test_datagen_urls_served_by_sandbox(tmp_path: Path, source_factory: Callable[..., SourceSandbox]) -> None:
     import httpx
 
-    from pfsync.sandbox.source.server import SourceSandbox
-
     generate(tmp_path, patients=4, seed=5)
-    with SourceSandbox(data_dir=tmp_path) as sandbox:
-        token = httpx.post(sandbox.token_url(), data={"grant_type": "client_credentials", "scope": "system/*.read"},
-                           auth=("pfsync-sandbox", "sandbox-secret")).json()["access_token"]  # fmt: skip
-        auth = {"Authorization": f"Bearer {token}"}
-        docs = httpx.get(sandbox.base_url() + "/DocumentReference?_count=100", headers=auth).json()["entry"]
-        urls = [
-            c["attachment"]["url"] for d in docs for c in d["resource"]["content"] if "url" in c["attachment"]
-        ]
-        assert urls and all(u.startswith(sandbox.base_url() + "/Binary/") for u in urls)
-        resp = httpx.get(urls[0], headers=auth)
-        assert resp.status_code == 200 and resp.headers["content-type"] == "application/pdf"
+    sandbox = source_factory(data_dir=tmp_path)
+    token = httpx.post(sandbox.token_url(), data={"grant_type": "client_credentials", "scope": "system/*.read"},
+                       auth=("pfsync-sandbox", "sandbox-secret")).json()["access_token"]  # fmt: skip
+    auth = {"Authorization": f"Bearer {token}"}
+    docs = httpx.get(sandbox.base_url() + "/DocumentReference?_count=100", headers=auth).json()["entry"]
+    urls = [
+        c["attachment"]["url"] for d in docs for c in d["resource"]["content"] if "url" in c["attachment"]
+    ]
+    assert urls and all(u.startswith(sandbox.base_url() + "/Binary/") for u in urls)
+    resp = httpx.get(urls[0], headers=auth)
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/pdf"

@@ -37,7 +37,7 @@ def test_deploy_manifest_parses_as_a_kubernetes_object(path: Path) -> None:
 
 def _container(pod_spec: dict[str, Any]) -> dict[str, Any]:
     (container,) = pod_spec["containers"]
-    return container
+    return dict(container)
 
 
 def _env(container: dict[str, Any]) -> dict[str, str]:

@@ -139,7 +139,7 @@ def test_cited_doc_sections_and_recorded_cases_exist() -> None:
         for m in CASES.finditer(text):
             page = case_page(text, m)
             for number in re.findall(r"\d{2}", m.group(1)) if page else []:
-                if number not in cases[page]:
+                if number not in cases[str(page)]:
                     problems.append(f"{where}:{line}: docs/{page}.md has no recorded case {number}")
     assert not problems, "\n".join(problems)
 

@@ -31,7 +31,7 @@ def test_exit_code_for_each_error_class(cls: type[errors.PfsyncError], code: int
 def test_exit_codes_are_unique_and_stable() -> None:
     values = [c.value for c in ExitCode]
     assert len(values) == len(set(values))
-    assert ExitCode.TEMPORARY == 75 and ExitCode.INTERRUPTED == 130
+    assert ExitCode.TEMPORARY.value == 75 and ExitCode.INTERRUPTED.value == 130
 
 
 def test_retired_exit_code_10_is_not_reused() -> None:

@@ -163,7 +163,7 @@ def test_cli_export_resumes_after_kill_9(source: SourceSandbox, tmp_path: Path, 
         wait_until(lambda: "Patient.1.ndjson" in landed(out), proc)
     status_url = orjson.loads((out / "job.json").read_bytes())["statusUrl"]
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+    proc.communicate(timeout=10)  # waits, and closes the pipes
     source.faults.clear()
 
     done = run_to_end(source, out)

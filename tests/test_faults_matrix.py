@@ -20,6 +20,7 @@ import httpx
 import orjson
 import pytest
 from chaos_helpers import Rig, compare, queue_lines, run_sync, source_resources
+from server_fixtures import starts_servers
 
 from pfsync.sandbox.run import TARGET_CLIENT_ID
 from pfsync.sandbox.source.datagen import generate
@@ -189,6 +190,7 @@ ROWS: dict[str, Row] = {
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     root = tmp_path_factory.mktemp("faults")
     generate(root / "data", 1, seed=3)

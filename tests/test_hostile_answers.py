@@ -5,7 +5,7 @@ state's lastError or a log line unredacted (issue 15)."""
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -21,10 +21,8 @@ PATIENT = b'{"resourceType":"Patient","id":"p1","identifier":[{"system":"urn:x",
 
 
 @pytest.fixture
-def server() -> Iterator[Hostile]:
-    hostile = Hostile()
-    yield hostile
-    hostile.close()
+def server(hostile: Callable[[], Hostile]) -> Hostile:
+    return hostile()
 
 
 def _medplum(server: Hostile) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,10 +33,9 @@ def _lines(n: int, pad: int = 0) -> bytes:
 
 
 @pytest.fixture
-def source() -> Iterator[Hostile]:
-    server = Hostile()
-    yield server
-    server.close()
+def source(hostile: Callable[[], Hostile]) -> Hostile:
+    server = hostile()
+    return server
 
 
 def test_hostile_gzip_bombs_are_inflated_in_bounded_pieces(source: Hostile, tmp_path: Path) -> None:

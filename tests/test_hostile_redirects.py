@@ -9,7 +9,7 @@ must end with a documented exit code and a message saying what it refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -28,18 +28,16 @@ METADATA = "http://169.254.169.254/latest/meta-data/"  # the address the issue s
 
 
 @pytest.fixture
-def source() -> Iterator[Hostile]:
-    server = Hostile()
+def source(hostile: Callable[[], Hostile]) -> Hostile:
+    server = hostile()
     bulk_source(server, {"p1": Answer(200, {"Content-Type": "application/fhir+ndjson"}, PATIENT)})
-    yield server
-    server.close()
+    return server
 
 
 @pytest.fixture
-def foreign() -> Iterator[Hostile]:
-    server = Hostile()  # every path answers 404: a test only looks at what it received
-    yield server
-    server.close()
+def foreign(hostile: Callable[[], Hostile]) -> Hostile:
+    server = hostile()  # every path answers 404: a test only looks at what it received
+    return server
 
 
 def _export(env: dict[str, str], tmp_path: Path) -> tuple[int, str]:
@@ -50,8 +48,9 @@ def _export(env: dict[str, str], tmp_path: Path) -> tuple[int, str]:
 
 def _pem() -> str:
     key, _ = generate_test_keys("RS384", "hostile-kid")
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()  # fmt: skip
+    pem: bytes = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption())  # fmt: skip
+    return pem.decode()
 
 
 @pytest.mark.parametrize("status", [307, 308])
@@ -71,8 +70,10 @@ def test_hostile_smart_token_redirect_is_not_followed(
     assert "client_assertion=" not in output and "hostile-client-secret-value" not in output
 
 
-def test_hostile_medplum_token_redirect_is_not_followed(foreign: Hostile, tmp_path: Path) -> None:
-    medplum = Hostile()
+def test_hostile_medplum_token_redirect_is_not_followed(
+    foreign: Hostile, hostile: Callable[[], Hostile], tmp_path: Path
+) -> None:
+    medplum = hostile()
     medplum.routes["/oauth2/token"] = lambda _: Answer.redirect(f"{foreign.url}/oauth2/token", 307)
     try:
         data = tmp_path / "in.ndjson"
@@ -186,9 +187,11 @@ def test_hostile_attachment_redirect_off_the_source_origin_is_not_followed(
     assert "leaves" in quarantine and "doc-1" in quarantine
 
 
-def test_hostile_medplum_bundle_redirect_is_not_followed(foreign: Hostile, tmp_path: Path) -> None:
+def test_hostile_medplum_bundle_redirect_is_not_followed(
+    foreign: Hostile, hostile: Callable[[], Hostile], tmp_path: Path
+) -> None:
     # The Bundle (patient data) and its bearer token must not be re-sent to the Location.
-    medplum = Hostile()
+    medplum = hostile()
     medplum.routes["/oauth2/token"] = lambda _: Answer.json(
         {"access_token": "medplum-token-0123456789", "token_type": "Bearer", "expires_in": 3600}
     )

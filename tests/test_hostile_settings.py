@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from server_fixtures import starts_servers
 
 from pfsync.core.errors import ConfigError, ExitCode
 from pfsync.core.settings import SPECS, HttpSettings, check_transport_url, is_loopback, load_settings
@@ -67,7 +68,7 @@ def test_settings_plain_http_off_loopback_is_refused(url: str, env_name: str, ex
     env = {"MEDPLUM_BASE_URL": "http://127.0.0.1:9/", **extra, env_name: url}
     with pytest.raises(ConfigError) as err:
         load_settings(env=env, cwd=Path("/nonexistent"))
-    assert err.value.exit_code == ExitCode.CONFIG == 3
+    assert err.value.exit_code == ExitCode.CONFIG and ExitCode.CONFIG.value == 3
     assert "plain http" in err.value.message
     assert "PFSYNC_ALLOW_INSECURE_HTTP" in (err.value.hint or "")
 
@@ -200,6 +201,7 @@ def test_settings_ca_bundle_must_exist(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """An HTTPS server on 127.0.0.1 with a self-signed certificate nobody trusts by default."""
     key = ec.generate_private_key(ec.SECP256R1())

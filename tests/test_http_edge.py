@@ -92,8 +92,8 @@ def test_classifier_is_data_and_a_kind_rule_is_one_entry() -> None:
 
 
 def test_waits_come_from_retry_after_or_a_spent_ratelimit_window() -> None:
-    assert hinted_wait(_response(503, **{"Retry-After": "7"}), 0) == 7
-    assert hinted_wait(_response(429, **{"Retry-After": "Thu, 01 Jan 1970 00:00:30 GMT"}), 10) == 20
+    assert hinted_wait(_response(503, b"", **{"Retry-After": "7"}), 0) == 7
+    assert hinted_wait(_response(429, b"", **{"Retry-After": "Thu, 01 Jan 1970 00:00:30 GMT"}), 10) == 20
     assert hinted_wait(_response(429, RateLimit='"requests";r=0;t=42, "fhirInteractions";r=9;t=5'), 0) == 42
     throttled = b'{"resourceType":"OperationOutcome","issue":[{"code":"throttled","diagnostics":"{\\"msBeforeNext\\":2500}"}]}'
     assert hinted_wait(_response(429, throttled, RateLimit='"fhirInteractions";r=0;t=42'), 0) == 2.5
@@ -186,7 +186,7 @@ def test_a_host_name_resolving_to_a_special_purpose_address_is_refused(
         address = {"metadata.example": "169.254.169.254", "ehr.example": "93.184.216.34"}[host]
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, 0))]
 
-    monkeypatch.setattr(netpolicy.socket, "getaddrinfo", fake)
+    monkeypatch.setattr(socket, "getaddrinfo", fake)  # the module netpolicy resolves through
     netpolicy._resolve.cache_clear()
     assert netpolicy.resolved_problem("https://ehr.example/fhir") is None
     assert "resolves to 169.254.169.254" in (netpolicy.resolved_problem("https://metadata.example/x") or "")
@@ -220,7 +220,7 @@ def test_a_retry_wait_on_the_real_clock_ends_when_the_process_is_asked_to_stop()
     threading.Timer(0.2, RUN_STOP.set).start()
     try:
         with pytest.raises(InterruptedRunError):  # not HTTPError after one 5 s wait and one more 503
-            request_with_retry(lambda: _response(503, **{"Retry-After": "3600"}), method="GET", url="https://h/t",
+            request_with_retry(lambda: _response(503, b"", **{"Retry-After": "3600"}), method="GET", url="https://h/t",
                                policy=RetryPolicy(retries=1, max_wait=5), clock=SystemClock())  # fmt: skip
     finally:
         RUN_STOP.clear()

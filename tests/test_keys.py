@@ -225,7 +225,7 @@ def test_warn_if_loose_logs_a_warning(tmp_path: Path) -> None:
     path.chmod(0o644)
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
+    handler.emit = records.append  # type: ignore[method-assign,assignment]
     logger = logging.getLogger("pfsync.keys")
     logger.addHandler(handler)  # directly: the CLI tests may have set propagate=False on "pfsync"
     try:

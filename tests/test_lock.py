@@ -56,7 +56,7 @@ def test_file_lock_freed_when_holder_is_killed(tmp_path: Path) -> None:
             FileLock.acquire(path, ME)
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()  # waits, and closes the pipe
     FileLock.acquire(path, ME).release()  # kill -9 leaves no stale lock
 
 

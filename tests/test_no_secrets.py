@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from pfsync.sandbox.run import Sandboxes, start_sandboxes
+from pfsync.sandbox.run import Sandboxes
 
 COMMANDS = [
     ["auth", "test"],
@@ -28,12 +28,8 @@ COMMANDS = [
 
 
 @pytest.fixture
-def boxes(tmp_path: Path) -> Iterator[Sandboxes]:
-    sb = start_sandboxes(state_dir=tmp_path / "sandbox")
-    try:
-        yield sb
-    finally:
-        sb.stop()
+def boxes(tmp_path: Path, sandboxes_factory: Callable[..., Sandboxes]) -> Sandboxes:
+    return sandboxes_factory(state_dir=tmp_path / "sandbox")
 
 
 def _run(args: list[str], env: dict[str, str], work: Path) -> bytes:

@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -238,7 +239,9 @@ def test_export_requests_log_each_retry_as_a_warning() -> None:
     from pfsync.net.http import RetryPolicy
     from pfsync.source.bulk import send
 
-    answers = iter([httpx.ConnectError("refused"), httpx.Response(503), httpx.Response(200)])
+    answers: Iterator[Exception | httpx.Response] = iter(
+        [httpx.ConnectError("refused"), httpx.Response(503), httpx.Response(200)]
+    )
 
     def handler(request: httpx.Request) -> httpx.Response:
         answer = next(answers)

@@ -8,7 +8,7 @@ step (a's create, a's update, a's delete, b's syncs) and a's resource must be cr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ def _patient(pid: str, family: str, *identifiers: dict[str, str]) -> dict[str, A
 
 
 @pytest.fixture
-def practices(tmp_path: Path) -> Iterator[SourceSandbox]:
+def practices(tmp_path: Path, source_factory: Callable[..., SourceSandbox]) -> SourceSandbox:
     data = tmp_path / "data"
     for practice, rows in (
         (PRACTICE_A, [_patient("a-1", "Alpha")]),
@@ -48,8 +48,7 @@ def practices(tmp_path: Path) -> Iterator[SourceSandbox]:
     ):
         (data / practice).mkdir(parents=True)
         (data / practice / "Patient.ndjson").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-    with SourceSandbox(data_dir=data, practices=[PRACTICE_A, PRACTICE_B]) as sandbox:
-        yield sandbox
+    return source_factory(data_dir=data, practices=[PRACTICE_A, PRACTICE_B])
 
 
 def _env(source: SourceSandbox, target: TargetSandbox, tmp_path: Path) -> dict[str, str]:

@@ -33,7 +33,7 @@ class Recorder:
         if request.method == "POST" and path == "" and isinstance(body, dict) and body.get("type") == "batch":
             for entry in body.get("entry") or []:
                 req = entry.get("request") or {}
-                self.writes.append((req.get("method"), req.get("url"), entry.get("resource")))
+                self.writes.append((str(req.get("method")), str(req.get("url")), entry.get("resource")))
         else:
             self.writes.append((request.method, path, body if isinstance(body, dict) else None))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -103,7 +104,7 @@ def test_token_basic_auth_valid_and_wrong_secret(source: SourceSandbox) -> None:
     ],
 )
 def test_token_assertion_refused(
-    source: SourceSandbox, source_keys: SourceKeys, kwargs: dict, error: str
+    source: SourceSandbox, source_keys: SourceKeys, kwargs: dict[str, Any], error: str
 ) -> None:
     aud = kwargs.pop("aud", source.token_url())
     resp = _post(source, assertion_form(mint_assertion(source_keys, aud, **kwargs)))

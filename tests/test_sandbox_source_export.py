@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import orjson
@@ -19,7 +20,7 @@ def _auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def _counts(manifest: dict) -> dict[str, int]:
+def _counts(manifest: dict[str, Any]) -> dict[str, int]:
     out: dict[str, int] = {}
     for entry in manifest["output"]:
         out[entry["type"]] = out.get(entry["type"], 0) + entry["count"]

@@ -37,7 +37,10 @@ def _steps(name: str) -> list[dict[str, Any]]:
 
 def _response(name: str, status: int, index: int = 0) -> dict[str, Any]:
     """The index-th recorded response with `status` in transcript `name`."""
-    return [s["response"] for s in _steps(name) if s["response"]["status"] == status][index]
+    responses: list[dict[str, Any]] = [
+        s["response"] for s in _steps(name) if s["response"]["status"] == status
+    ]
+    return responses[index]
 
 
 def _auth(token: str) -> dict[str, str]:
@@ -220,7 +223,7 @@ def test_60_62_63_token_refusals(
     same answers through a client, a scope or a jti that is really wrong (jti replay refused: PF)."""
     expected = _response(name, status)["body"]
     assert expected["error"] == error
-    kwargs = {"client_id": bend["client_id"]} if "client_id" in bend else {}
+    kwargs: dict[str, Any] = {"client_id": bend["client_id"]} if "client_id" in bend else {}
     scope = bend.get("scope", "system/*.read")
     for attempt in range(2 if "jti" in bend else 1):
         assertion = mint_assertion(source_keys, source.token_url(), jti=bend.get("jti"), **kwargs)

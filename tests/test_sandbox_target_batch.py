@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from target_fixtures import MRN, batch, conditional_put_entry, fhir_client, patient
 
@@ -71,7 +72,9 @@ def test_target_batch_invalid_entry_does_not_stop_siblings(target: TargetSandbox
 
 
 def test_target_batch_runs_posts_before_puts_but_answers_in_request_order(target: TargetSandbox) -> None:
-    post = lambda v: {"resource": patient(v), "request": {"method": "POST", "url": "Patient"}}  # noqa: E731
+    def post(v: str) -> dict[str, Any]:
+        return {"resource": patient(v), "request": {"method": "POST", "url": "Patient"}}
+
     body = batch(
         conditional_put_entry(patient("put1")),
         post("post1"),

@@ -39,7 +39,7 @@ def _replay(target: TargetSandbox, *extra: str) -> dict:  # type: ignore[type-ar
     mismatches = [(c["case"], c["name"], c["detail"]) for c in report["cases"] if c["result"] == "mismatch"]
     assert mismatches == [], proc.stderr
     assert proc.returncode == 0
-    return report
+    return dict(report)
 
 
 def test_target_replays_every_transcript_including_quota(target: TargetSandbox) -> None:

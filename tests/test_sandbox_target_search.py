@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
 from target_fixtures import MRN, batch, conditional_put_entry, fhir_client, patient
@@ -57,7 +58,8 @@ def test_target_search_paging_with_offset_links(target: TargetSandbox) -> None:
         entries.append(conditional_put_entry(p))
     with fhir_client(target) as c:
         c.post("", json=batch(*entries))
-        pages, url = [], f"{target.fhir_url}Patient?identifier={group}|g1&_count=2"
+        pages: list[Any] = []
+        url: str | None = f"{target.fhir_url}Patient?identifier={group}|g1&_count=2"
         while url:
             page = c.get(url).json()
             pages.append(page)

@@ -64,7 +64,7 @@ def test_target_validation_rejects_bad_instant_in_observation() -> None:
 
 
 def _synthea(path: Path) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for f in sorted(path.iterdir()):
         opener: Any = gzip.open if f.suffix == ".gz" else open
         with opener(f, "rt", encoding="utf-8") as fh:

@@ -98,7 +98,8 @@ def test_settings_private_key_pem_text_or_path(tmp_path: Path) -> None:
     key.write_text(pem)
     for value in (pem, str(key)):
         s = load_settings(env={"PF_FHIR_BASE_URL": BASE, "PF_PRIVATE_KEY": value}, cwd=tmp_path)
-        assert s.source().private_key is not None and s.source().private_key.reveal() == pem
+        key_setting = s.source().private_key
+        assert key_setting is not None and key_setting.reveal() == pem
 
 
 def test_settings_toml_secret_file_key(tmp_path: Path) -> None:

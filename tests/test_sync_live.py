@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def test_sync_concurrent_runs_second_refused_exit_8_naming_holder(
 ) -> None:
     env = sync_env(source, target, tmp_path / "state", PFSYNC_STATE_BACKEND=backend)
     if backend == "local":
-        holder = lambda: FileLock.holder(tmp_path / "state" / "pf" / "lock")  # noqa: E731
+        holder: Callable[[], Holder | None] = lambda: FileLock.holder(tmp_path / "state" / "pf" / "lock")  # noqa: E731
     else:
         store = _medplum_store(target)
         holder = lambda: store.holder("pf")  # noqa: E731
@@ -120,7 +121,7 @@ def test_sync_medplum_lease_renewed_during_one_long_load(
                                 refused.append("refused")
                         original(path)
 
-                    loader.load_file = load_file
+                    loader.load_file = load_file  # type: ignore[method-assign]  # slows this one loader down
                     return loader
 
                 def __exit__(self, *exc: Any) -> Any:

@@ -32,9 +32,15 @@ def test_run_every_runs_until_stopped_and_survives_failures() -> None:
 
 
 def test_run_every_without_startup_waits_first() -> None:
-    stop, calls = threading.Event(), []
+    stop = threading.Event()
+    calls: list[int] = []
     stop.set()
-    assert run_every(lambda: calls.append(1) or 0, 0.001, run_on_startup=False, stop=stop) == 0
+
+    def tick() -> int:
+        calls.append(1)
+        return 0
+
+    assert run_every(tick, 0.001, run_on_startup=False, stop=stop) == 0
     assert calls == []
 
 

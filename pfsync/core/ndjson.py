@@ -85,7 +85,9 @@ def open_binary(path: Path) -> IO[bytes]:
         raise UsageError(f"{path}: permission denied") from None
     magic = fh.peek(2)[:2] if isinstance(fh, io.BufferedReader) else b""
     if magic == _GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=fh, mode="rb")  # type: ignore[return-value]
+        # Opened by name, so closing the GzipFile closes the file too (it never closes a `fileobj`).
+        fh.close()
+        return gzip.GzipFile(path, mode="rb")  # type: ignore[return-value]
     return fh
 
 

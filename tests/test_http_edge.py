@@ -126,7 +126,14 @@ def test_an_absolute_retry_after_in_the_past_gets_a_backoff_not_an_immediate_ret
     assert parse_retry_after("1800000005000", now) == 5  # still ahead: waited for
     clock = FakeClock()
     clock.t = now
-    answers = iter([_response(503, **{"Retry-After": value}), _response(200)])
+    answers = iter(
+        [
+            httpx.Response(
+                503, headers={"Retry-After": value}, request=httpx.Request("GET", "https://h.example/x")
+            ),
+            _response(200),
+        ]
+    )
     response = request_with_retry(lambda: next(answers), method="GET", url="https://h/t",
                                   policy=RetryPolicy(retries=3, base=0.5), clock=clock)  # fmt: skip
     assert response.status_code == 200 and len(clock.slept) == 1 and clock.slept[0] >= 0.375

@@ -75,3 +75,18 @@ class MemoryStateStore:
 
     def holder(self, source: str) -> Holder | None:
         return self.held.get(source)
+
+
+class FakeClock:
+    """Time that only moves when someone sleeps: waits cost nothing and are recorded in `slept`."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.t = start
+        self.slept: list[float] = []
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.t += seconds

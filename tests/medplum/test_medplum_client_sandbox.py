@@ -5,6 +5,7 @@ tokens, throttled 429s and 5xx waited out, the quota report (docs/medplum.md "Se
 from __future__ import annotations
 
 import pytest
+from doubles import FakeClock
 from target_fixtures import (
     MRN,
     TARGET_CLIENT,
@@ -23,21 +24,6 @@ from pfsync.net.http import RetryPolicy, make_client
 from pfsync.sandbox.target.server import TargetSandbox
 
 FAST = HttpSettings(retries=2, retry_max_wait=1.0)
-
-
-class FakeClock:
-    """Waits are recorded, not slept: the sandbox's faults do not depend on time."""
-
-    def __init__(self) -> None:
-        self.t = 1_700_000_000.0
-        self.slept: list[float] = []
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.t += seconds
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ def test_load_killed_subprocess_then_rerun_has_no_duplicates(target: TargetSandb
     script = tmp_path / "run.py"
     script.write_text(
         "import sys\n"
-        f"sys.path[:0] = [{str(Path(__file__).parent)!r}]\n"
+        f"sys.path[:0] = [{str(Path(__file__).parents[1])!r}]\n"
         "from pathlib import Path\n"
         "from load_helpers import load_all, SYNTHEA_SMALL\n"
         "from pfsync.sandbox.target.server import TargetSandbox\n"
@@ -69,7 +69,7 @@ def test_load_killed_subprocess_then_rerun_has_no_duplicates(target: TargetSandb
         "load_all(t, Path(sys.argv[3]), [SYNTHEA_SMALL])\n"
     )
     proc = subprocess.Popen([sys.executable, str(script), target.fhir_url, target.base_url, str(tmp_path)],
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})  # fmt: skip
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})  # fmt: skip
     deadline = time.monotonic() + 60
     while target.count() < 800 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)

@@ -22,7 +22,7 @@ from pfsync.sandbox.target.server import TargetSandbox
 from pfsync.source.exportjob import export_files
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def env_for(sandbox: SourceSandbox, types: str = "Patient,Condition,Encounter") -> dict[str, str]:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from doubles import FakeClock
 
 from pfsync.core.errors import InterruptedRunError, ProtocolError
 from pfsync.core.netpolicy import parse_networks, shown_url, url_problem
@@ -25,19 +26,6 @@ from pfsync.net.http import (
     parse_retry_after,
     request_with_retry,
 )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1_000.0
-        self.slept: list[float] = []
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.t += seconds
 
 
 def _response(status: int, body: bytes = b"", **headers: str) -> httpx.Response:
@@ -102,7 +90,7 @@ def test_waits_come_from_retry_after_or_a_spent_ratelimit_window() -> None:
 
 
 def test_request_with_retry_waits_out_a_429_capped_and_stops_on_sigterm() -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=1_000.0)
     answers = iter([_response(429, RateLimit='"requests";r=0;t=500'), _response(200)])
     response = request_with_retry(lambda: next(answers), method="POST", url="https://h/t",
                                   policy=RetryPolicy(retries=3, max_wait=30), clock=clock)  # fmt: skip
@@ -111,7 +99,7 @@ def test_request_with_retry_waits_out_a_429_capped_and_stops_on_sigterm() -> Non
     stop.set()
     with pytest.raises(InterruptedRunError):
         request_with_retry(lambda: _response(503), method="GET", url="https://h/t", policy=RetryPolicy(retries=3),
-                           clock=FakeClock(), stop=stop)  # fmt: skip
+                           clock=FakeClock(start=1_000.0), stop=stop)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -124,7 +112,7 @@ def test_an_absolute_retry_after_in_the_past_gets_a_backoff_not_an_immediate_ret
     assert parse_retry_after(value, now) is None  # asks for nothing: the caller's backoff applies
     assert parse_retry_after("0", now) == 0  # a delay of 0 is the server's explicit wish
     assert parse_retry_after("1800000005000", now) == 5  # still ahead: waited for
-    clock = FakeClock()
+    clock = FakeClock(start=1_000.0)
     clock.t = now
     answers = iter(
         [
@@ -175,7 +163,7 @@ def test_async_batch_status_on_another_origin_is_not_followed() -> None:
         return httpx.Response(202, headers={"Content-Location": "https://evil.example/job/1"})
 
     client = httpx.Client(transport=httpx.MockTransport(handler), base_url="https://medplum.example/fhir/R4/")
-    status, _, _, error = AsyncBatchRunner(client, FakeClock(), max_bytes=1 << 20).run(b"{}")
+    status, _, _, error = AsyncBatchRunner(client, FakeClock(start=1_000.0), max_bytes=1 << 20).run(b"{}")
     assert status == 502 and error is not None and "not on Medplum's origin" in error
     assert seen == ["https://medplum.example/fhir/R4/"]
 
@@ -215,7 +203,10 @@ def test_medplum_state_store_refuses_a_malformed_answer(body: bytes) -> None:
 
     client = httpx.Client(transport=httpx.MockTransport(handler))
     store = MedplumStateStore(
-        client, "https://medplum.example/fhir/R4/", clock=FakeClock(), policy=RetryPolicy(retries=0)
+        client,
+        "https://medplum.example/fhir/R4/",
+        clock=FakeClock(start=1_000.0),
+        policy=RetryPolicy(retries=0),
     )
     with pytest.raises(ProtocolError):
         store.load("practice-a")

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from doubles import FakeClock
 
 from pfsync.core.errors import ExitCode, HTTPError, ProtocolError
 from pfsync.core.redact import Secret
@@ -20,19 +21,6 @@ from pfsync.net.http import RetryPolicy
 BASE = "https://medplum.example/"
 FHIR = BASE + "fhir/R4/"
 SETTINGS = MedplumSettings(base_url=BASE, client_id="mp-client", client_secret=Secret("mp-client-secret"))
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1_700_000_000.0
-        self.slept: list[float] = []
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.t += seconds
 
 
 Handler = Callable[[httpx.Request], httpx.Response]

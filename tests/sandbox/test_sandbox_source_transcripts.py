@@ -27,7 +27,7 @@ from pfsync.sandbox.source.auth import generate_test_keys
 from pfsync.sandbox.source.server import SourceSandbox
 
 pytestmark = pytest.mark.integration
-TRANSCRIPTS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "transcripts" / "bulk-data-server"
+TRANSCRIPTS = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "transcripts" / "bulk-data-server"
 # docs/practice-fusion.md "Auth (system apps)": exp at most 300 s and jti unique, where the reference server is lax (07, 08).
 PF_OVERRIDES = {("07-token-exp-10-minutes.json", 0): 400, ("08-token-reused-jti.json", 1): 400}
 

@@ -14,7 +14,7 @@ from pfsync.sandbox.target.common import FhirError
 from pfsync.sandbox.target.server import TargetSandbox
 from pfsync.sandbox.target.validate import validate_resource
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
 
 
 @pytest.mark.parametrize(

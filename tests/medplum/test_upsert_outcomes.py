@@ -21,7 +21,7 @@ from pfsync.medplum.batch import (
 )
 from pfsync.net.pacing import parse_ratelimit
 
-TRANSCRIPTS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "transcripts" / "medplum"
+TRANSCRIPTS = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "transcripts" / "medplum"
 
 
 def transcript(name: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from doubles import FakeClock
 from pytest_httpx import HTTPXMock
 
 from pfsync.core.errors import HTTPError, TemporaryError
@@ -14,19 +15,6 @@ from pfsync.verify.medplum import MedplumReader
 
 FHIR = "https://medplum.example/fhir/R4/"
 SYS = "https://practicefusion.com/fhir/patient-id"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-        self.slept: list[float] = []
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.t += seconds
 
 
 def rl(remaining: int, reset: int = 60) -> dict[str, str]:
@@ -66,7 +54,7 @@ def test_reader_scan_follows_next_links_and_measures_quota_from_ratelimit(httpx_
     )
     httpx_mock.add_response(url=f"{FHIR}Patient?_count=2&_offset=2&identifier=x", json=bundle(["c"]),
                             headers=rl(49960))  # fmt: skip
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     r = reader(clock, page_size=2)
     pages = [[res["id"] for res in page] for page in r.scan("Patient", SYS)]
     assert pages == [["a", "b"], ["c"]]
@@ -79,7 +67,7 @@ def test_reader_waits_ms_before_next_on_429_and_never_fails(httpx_mock: HTTPXMoc
     for _ in range(8):  # more 429s than the retry policy allows for 5xx: still no failure
         httpx_mock.add_response(url=url, status_code=429, json=throttled(1500), headers=rl(0, 2))
     httpx_mock.add_response(url=url, json=bundle(["a"]), headers=rl(49980))
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     r = reader(clock)
     assert [res["id"] for res in r.by_ids("Patient", ["a"])] == ["a"]
     assert r.stats.throttled == 8
@@ -89,7 +77,7 @@ def test_reader_waits_ms_before_next_on_429_and_never_fails(httpx_mock: HTTPXMoc
 def test_reader_gives_up_on_429_only_past_max_throttle_wait(httpx_mock: HTTPXMock) -> None:
     url = f"{FHIR}Patient?_id=a&_count=1000&_elements=id"
     httpx_mock.add_response(url=url, status_code=429, json=throttled(60_000), headers=rl(0), is_reusable=True)
-    r = reader(FakeClock(), max_throttle_wait=300.0)
+    r = reader(FakeClock(start=1000.0), max_throttle_wait=300.0)
     with pytest.raises(TemporaryError, match="429"):
         list(r.by_ids("Patient", ["a"]))
 
@@ -100,7 +88,7 @@ def test_reader_paces_when_the_enforced_quota_is_spent(httpx_mock: HTTPXMock) ->
     httpx_mock.add_response(url=url, status_code=429, json=throttled(100), headers=rl(0, 1))
     httpx_mock.add_response(url=url, json=bundle(["a"]), headers=rl(10, 30))
     httpx_mock.add_response(url=url, json=bundle(["a"]), headers=rl(49980, 60))
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     r = reader(clock)
     list(r.by_ids("Patient", ["a"]))
     assert r.stats.throttled == 1
@@ -113,7 +101,7 @@ def test_reader_quota_off_project_at_r0_is_not_throttling(httpx_mock: HTTPXMock)
     # docs/medplum.md: a quota-off project counts down to r=0 and refuses nothing.
     url = f"{FHIR}Patient?_id=a&_count=1000&_elements=id"
     httpx_mock.add_response(url=url, json=bundle(["a"]), headers=rl(0, 50), is_reusable=True)
-    clock = FakeClock()
+    clock = FakeClock(start=1000.0)
     r = reader(clock)
     for _ in range(3):
         list(r.by_ids("Patient", ["a"]))
@@ -125,7 +113,7 @@ def test_reader_retries_5xx_then_raises_http_error(httpx_mock: HTTPXMock) -> Non
     httpx_mock.add_response(url=url, status_code=503, is_reusable=True)
     from pfsync.core.settings import HttpSettings
 
-    r = reader(FakeClock(), http=HttpSettings(retries=2))
+    r = reader(FakeClock(start=1000.0), http=HttpSettings(retries=2))
     with pytest.raises(HTTPError):
         list(r.by_ids("Patient", ["a"]))
     assert r.stats.requests == 3
@@ -146,7 +134,7 @@ def test_reader_find_batches_identifiers_and_escapes_commas(httpx_mock: HTTPXMoc
                               headers=rl(40000))  # fmt: skip
 
     httpx_mock.add_callback(answer, is_reusable=True)
-    r = reader(FakeClock())
+    r = reader(FakeClock(start=1000.0))
     found = r.find("Patient", SYS, sids)
     assert len(seen) == 2  # 151 identifiers: 100 + 51, 20 points each
     assert [f.mid for f in found["id-3"]] == ["m-id-3"] and [f.mid for f in found["a,b"]] == ["m-a\0b"]
@@ -162,7 +150,7 @@ def test_reader_delete_treats_gone_as_done(httpx_mock: HTTPXMock) -> None:
     httpx_mock.add_response(
         method="DELETE", url=f"{FHIR}Patient/z", status_code=403, json={}, headers=rl(49700)
     )
-    r = reader(FakeClock())
+    r = reader(FakeClock(start=1000.0))
     r.delete("Patient", "x")
     r.delete("Patient", "y")
     with pytest.raises(HTTPError):
@@ -177,4 +165,4 @@ def test_reader_first_version_time_is_the_earliest_in_history(httpx_mock: HTTPXM
         {"resource": {"resourceType": "Patient", "id": "x", "meta": {"lastUpdated": "2026-11-25T12:49:00.955Z"}}},
     ]}  # fmt: skip
     httpx_mock.add_response(url=f"{FHIR}Patient/x/_history?_count=1000", json=history)
-    assert reader(FakeClock()).first_version_time("Patient", "x") == "2026-11-25T12:49:00.955Z"
+    assert reader(FakeClock(start=1000.0)).first_version_time("Patient", "x") == "2026-11-25T12:49:00.955Z"

@@ -1,4 +1,4 @@
-"""The SMART reference Bulk Data server transcripts that tests/test_sandbox_source_transcripts.py
+"""The SMART reference Bulk Data server transcripts that tests/sandbox/test_sandbox_source_transcripts.py
 does not replay, each driven through the source sandbox (status and body shape compared), plus one
 test that every transcript is either replayed somewhere or listed in docs/export-decisions.md
 "Reference server cases" with the reason it does not apply to Practice Fusion.
@@ -26,7 +26,7 @@ from source_fixtures import (
 from pfsync.sandbox.source.server import SourceSandbox
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRANSCRIPTS = REPO.parent / "shared" / "fixtures" / "transcripts" / "bulk-data-server"
 
 

@@ -12,7 +12,7 @@ from target_fixtures import QUOTA_CLIENT, QUOTA_SECRET, TARGET_CLIENT, TARGET_SE
 
 from pfsync.sandbox.target.server import TargetSandbox
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 TOOL = SHARED / "tools" / "replay_transcripts.py"
 TRANSCRIPTS = SHARED / "fixtures" / "transcripts" / "medplum"
 CASES = sorted(TRANSCRIPTS.glob("[0-9][0-9]-*.json"))

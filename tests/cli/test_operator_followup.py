@@ -85,7 +85,7 @@ def test_a_toml_env_indirection_is_an_unknown_key(tmp_path: Path) -> None:
 
 def test_no_user_facing_text_speaks_of_a_seed_design() -> None:
     """Name the thing: the Medplum Practice Fusion bot integration (its environment names stay)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     files = [root / "README.md", *root.glob("docs/*.md"), *root.glob("pfsync/**/*.py")]
     pattern = re.compile(r"seed (design|integration|checkpoint)", re.IGNORECASE)
     found = [f"{p.relative_to(root)}:{n}" for p in files

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PFSYNC = f"{sys.executable} -m pfsync"
 
 

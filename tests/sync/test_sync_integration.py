@@ -156,4 +156,4 @@ def test_live_engines_group_members_from_patient_export(
         engines.close()
 
 
-# kill -9 / SIGTERM then resume: tests/test_sync_resume.py (four kill points, content compared).
+# kill -9 / SIGTERM then resume: tests/sync/test_sync_resume.py (four kill points, content compared).

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from pfsync.core.errors import StateError
@@ -114,3 +115,32 @@ def _check_owner(path: Path, info: os.stat_result, what: str) -> None:
             f"{what} {path} belongs to another user (uid {info.st_uid}): refused",
             hint="run pfsync as that user, or point PFSYNC_STATE_DIR (or --out) at a directory of your own",
         )
+
+
+def replace_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write `data` so that `path` holds either its old or its new content, never a mix: a temp
+    file in the same directory (mkstemp: an unpredictable name, O_EXCL), `mode` set explicitly,
+    fsync, rename, fsync the directory. The caller vouches for the directory."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX: the directory entry lives in the directory's own data)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +36,7 @@ import orjson
 
 from pfsync.core.errors import StateError, UsageError
 from pfsync.core.ndjson import is_output_name, walk_files
-from pfsync.core.private import open_private, private_dir
+from pfsync.core.private import fsync_dir, open_private, private_dir, replace_atomically
 from pfsync.net.http import Clock, RetryPolicy, SystemClock
 from pfsync.source.bulk import ExportRequest, Origins, delete_job
 from pfsync.source.manifest import Issue, Kind
@@ -49,33 +48,6 @@ _COMPACT_MIN = 64  # journal lines before manifest.json is worth rewriting at al
 PART_SUFFIX = ".part"
 JobState = Literal["kicked_off", "downloaded", "complete", "failed", "cancelled"]
 _VERSION = 1
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` so that `path` holds either its old or its new content, never a mix."""
-    # mkstemp: an unpredictable name opened with O_EXCL, 0600 (pfsync.core.private)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX: the directory entry lives in the directory's own data)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def without_query(url: str) -> str:
@@ -236,7 +208,7 @@ class ExportDir:
             ) from None
 
     def save_job(self, job: ExportJob) -> ExportJob:
-        atomic_write(self.path / JOB_FILE, orjson.dumps(job.to_json(), option=orjson.OPT_INDENT_2))
+        replace_atomically(self.path / JOB_FILE, orjson.dumps(job.to_json(), option=orjson.OPT_INDENT_2))
         return job
 
     def set_state(self, job: ExportJob, state: JobState, **changes: Any) -> ExportJob:
@@ -266,7 +238,7 @@ class ExportDir:
 
     def save_manifest(self) -> None:
         """manifest.json rewritten whole; the journal it now contains is removed."""
-        atomic_write(
+        replace_atomically(
             self.path / MANIFEST_FILE, orjson.dumps(self.manifest.to_json(), option=orjson.OPT_INDENT_2)
         )
         # After the rename: a kill in between leaves lines manifest.json already has (harmless).

@@ -26,8 +26,6 @@ never overwritten silently: the operator decides (the message names the file).
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +35,7 @@ import orjson
 
 from pfsync.core.errors import StateError
 from pfsync.core.instants import parse_iso
-from pfsync.core.private import private_dir
+from pfsync.core.private import private_dir, replace_atomically
 from pfsync.core.settings import Settings
 from pfsync.core.statedir import CHECKPOINT_FILE, LOCK_FILE, RETRY_FILE, source_dir
 from pfsync.sync.holders import Holder, Lease, RunLock
@@ -203,24 +201,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     A private file (the default mode) lives in a directory of ours (pfsync.core.private); a file meant
     for other readers (metrics for node_exporter) may live in a directory someone else owns."""
     private_dir(path.parent, check_owner=not mode & 0o077)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    replace_atomically(path, data, mode)
 
 
 def last_local_success(settings: Settings, source: str) -> float | None:

@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 import pfsync.source.exportjob as exportjob
+from pfsync.core import private
 from pfsync.core.errors import StateError
 from pfsync.source.exportjob import JOURNAL_FILE, MANIFEST_FILE, ExportDir, LandedFile
 
@@ -23,7 +24,7 @@ def test_100000_landed_files_cost_o1_each(tmp_path: Path, monkeypatch: pytest.Mo
     rewritten per file wrote ~n²/2 lines: 5 * 10^9 for 100,000 outputs), and nothing is lost."""
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # the disk's speed is not what is measured here
     written = {"manifest": 0, "rewrites": 0}
-    real_write = exportjob.atomic_write
+    real_write = private.replace_atomically
 
     def counting_write(path: Path, data: bytes) -> None:
         if path.name == MANIFEST_FILE:
@@ -32,7 +33,7 @@ def test_100000_landed_files_cost_o1_each(tmp_path: Path, monkeypatch: pytest.Mo
             assert written["rewrites"] <= 20, "manifest.json rewritten far too often"
         real_write(path, data)
 
-    monkeypatch.setattr(exportjob, "atomic_write", counting_write)
+    monkeypatch.setattr(exportjob, "replace_atomically", counting_write)
     n = 100_000
     directory = ExportDir(tmp_path)
     for i in range(1, n + 1):

@@ -1,4 +1,10 @@
-"""The command-line interface: a thin layer over the library (one module per command group)."""
+"""The command-line interface: a thin layer over the library (one module per command group).
+
+The command modules import the heavy parts of the library (export, sync, verify, key generation,
+the sandboxes) inside the command functions, not at the top: `pfsync --help`, shell completion and
+a mistyped option then answer without loading them. This is the only reason for imports inside
+functions in pfsync; import-linter checks them like any other import (pyproject.toml).
+"""
 
 from __future__ import annotations
 

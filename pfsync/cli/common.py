@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
+import httpx
 import orjson
 import typer
 from rich.console import Console
@@ -30,6 +31,7 @@ from pfsync.core.errors import ExitCode, PfsyncError, exit_code_for
 from pfsync.core.log import LOGGER_NAME, current_format, make_console, setup_logging
 from pfsync.core.redact import redact
 from pfsync.core.settings import SPEC_BY_KEY, Settings, load_settings
+from pfsync.net.http import protocol_error
 
 T = TypeVar("T")
 
@@ -149,11 +151,7 @@ def fail(exc: BaseException, verbosity: int = 0, opts: GlobalOptions | None = No
     Printed whatever -q says: a failure must never pass unseen. With JSON logs (and in auto mode
     off a terminal) it is one JSON object, so a log pipeline keeps the reason."""
     code = exit_code_for(exc)
-    import httpx
-
     if isinstance(exc, httpx.HTTPError):  # escaped the layer that should have handled it
-        from pfsync.net.http import protocol_error
-
         exc = protocol_error(exc)
         code = exit_code_for(exc)
     if isinstance(exc, PfsyncError):

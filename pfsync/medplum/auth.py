@@ -23,7 +23,7 @@ from pfsync.core.errors import AuthError
 from pfsync.core.netpolicy import shown_url
 from pfsync.core.redact import redact
 from pfsync.core.settings import HttpSettings, MedplumSettings, require
-from pfsync.net.http import Clock, RetryPolicy, SystemClock, outcome_text
+from pfsync.net.http import Clock, RetryPolicy, SystemClock, make_client, outcome_text
 from pfsync.net.tokens import (
     NO_AUTH,
     BearerAuth,
@@ -134,8 +134,6 @@ def shared_authenticator(
     with _shared_lock:
         found = _shared.get(key)
         if found is None:
-            from pfsync.net.http import make_client
-
             client = make_client(http)
             if not _owned_clients:
                 atexit.register(_close_owned)

@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 
 from pfsync.sandbox.httpbase import LoopbackServer, Request, Response, json_response
+from pfsync.sandbox.source import datagen
 from pfsync.sandbox.source.auth import PF_SCOPE_TYPES, Auth, AuthConfig, Client
 from pfsync.sandbox.source.export import Jobs
 from pfsync.sandbox.source.faults import Faults, RateLimiter, Seen, Stats
@@ -123,8 +124,6 @@ class SourceSandbox:
 
     def _load(self) -> None:
         state = self.state
-        from pfsync.sandbox.source import datagen
-
         for index, practice in enumerate(self.practices):
             base = self.base_url(practice)
             source = None

@@ -40,6 +40,7 @@ from pfsync.sandbox.target.ops import Engine
 from pfsync.sandbox.target.quota import Quota
 from pfsync.sandbox.target.routes import TargetApp
 from pfsync.sandbox.target.stats import Stats
+from pfsync.sandbox.target.store import Store
 
 __all__ = ["TargetSandbox"]
 
@@ -70,8 +71,6 @@ class TargetSandbox:
         self.stats = Stats()
         if state_dir is not None:
             state_dir.mkdir(parents=True, exist_ok=True)
-        from pfsync.sandbox.target.store import Store
-
         self.store = Store(state_dir / DB_NAME if state_dir is not None else None)
         key = self.store.get_setting("token_key")
         if key is None:

@@ -304,6 +304,7 @@ StateDirOpt = Annotated[
         "--state-dir",
         envvar="PFSYNC_STATE_DIR",
         show_envvar=True,
-        help="Directory of checkpoints, id maps, exports, quarantine and retry queue [default: .pfsync].",
+        help="Directory of checkpoints, id maps, exports, quarantine and retry queue "
+        f"[default: {SPEC_BY_KEY['state.dir'].default}].",
     ),
 ]

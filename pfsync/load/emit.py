@@ -9,7 +9,8 @@ and the entry goes to the router (pfsync.load.routing), which sends it or skips 
 from __future__ import annotations
 
 from pfsync.core.events import EventSink
-from pfsync.load.attachments import AttachmentError, Attachments
+from pfsync.load.attachments import Attachments
+from pfsync.load.binaries import AttachmentError
 from pfsync.load.pending import Pending, Waiting
 from pfsync.load.references import References
 from pfsync.load.routing import Router

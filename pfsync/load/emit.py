@@ -101,6 +101,5 @@ class Emitter:
         self._router.route(entry)
         self._done += 1
         if self._done % _PROGRESS_EVERY == 0:
-            sender = self._router.sender
             self._events.emit("load_progress", type=p.type, done=self._done, quota_remaining=self._pacer.remaining,
-                              pending=sender.pending if sender else 0)  # fmt: skip
+                              pending=self._pending.in_flight)  # fmt: skip

@@ -30,7 +30,8 @@ And these words say what happens to an identity:
   targets have Medplum ids are read again, and the id map is committed.
 
 The ledger holds every state but deferred (the id map's, on disk). It only records: the writer
-decides every transition (pfsync.load.parking for parked ones).
+decides every transition (pfsync.load.parking for parked ones), except in flight, which the router
+(pfsync.load.routing) records as it hands an entry to the sender and as the sender reports its end.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ and the entry goes to the router (pfsync.load.routing), which sends it or skips 
 from __future__ import annotations
 
 from pfsync.core.events import EventSink
-from pfsync.load.attachments import AttachmentError, Attachments
+from pfsync.load.attachments import Attachments
+from pfsync.load.binaries import AttachmentError
 from pfsync.load.pending import Pending, Waiting
 from pfsync.load.references import References
 from pfsync.load.routing import Router
@@ -100,6 +101,5 @@ class Emitter:
         self._router.route(entry)
         self._done += 1
         if self._done % _PROGRESS_EVERY == 0:
-            sender = self._router.sender
             self._events.emit("load_progress", type=p.type, done=self._done, quota_remaining=self._pacer.remaining,
-                              pending=sender.pending if sender else 0)  # fmt: skip
+                              pending=self._pending.in_flight)  # fmt: skip

@@ -13,26 +13,25 @@ from collections.abc import Iterator
 
 from pfsync.load.pending import Key, Pending, Waiting
 from pfsync.load.references import References
-from pfsync.medplum.upsert import BatchSender
 
 # A resource leaving memory, and the targets it still waits for (none: it is written now).
 Leave = tuple[Waiting, list[Key]]
 
 
 class Parking:
-    """Decides over the ledger's parked resources; asks the ledger, the sender and the fetch queue
-    what is coming."""
+    """Decides over the ledger's parked resources; asks the ledger and the fetch queue what is
+    coming. `sending`: writes go to Medplum (in a dry run nothing is coming)."""
 
-    def __init__(self, pending: Pending, refs: References, sender: BatchSender | None) -> None:
+    def __init__(self, pending: Pending, refs: References, *, sending: bool) -> None:
         self._pending = pending
         self._refs = refs
-        self._sender = sender
+        self._sending = sending
 
     def coming(self, key: Key, *, parked: bool = True) -> bool:
         """Whether this identity is coming (pfsync.load.pending): its Medplum id is on its way."""
-        if self._sender is None or not key[0]:
+        if not self._sending or not key[0]:
             return False
-        return self._sender.holds(key) or self._pending.holds(key, parked=parked) or self._refs.queued(key)
+        return self._pending.holds(key, parked=parked) or self._refs.queued(key)
 
     def woken(self) -> Iterator[Leave]:
         """The woken parked resources that leave memory (the others are parked again)."""
@@ -46,7 +45,7 @@ class Parking:
 
     def at_drain(self) -> Iterator[Leave]:
         """Every parked resource whose targets all have ids leaves; those whose targets are (through
-        other parked ones) on their way in the sender stay parked, as their targets are about to be
+        other parked ones) in flight stay parked, as their targets are about to be
         written; the rest leave for the disk: a parked cycle, or targets whose writes ended
         without an id."""
         moving: set[Key] = set()  # parked, and every target is in the sender or moving

@@ -3,27 +3,35 @@
 An identity is a (type, source id) pair. Between being read and having an outcome it is in one of
 these states; these words mean these states everywhere in the write path (pfsync.load.writes):
 
-- parked: a resource waiting in memory for reference targets that are coming; it is looked at
-  again when one of them settles (it is woken), and then written, parked again or deferred.
+- parked: a resource waiting in memory for reference targets that are coming.
 - deferred: a resource waiting on disk (the id map's `deferred` rows) for targets that are not
-  coming; taken back at a settle point once they have Medplum ids (pfsync.load.references decides).
+  coming (pfsync.load.references decides what it waits for).
 - probing: an entry waiting for the answer whether Medplum holds any resource of its type.
 - lookup: an entry waiting for the batched identifier search of its type.
 - recheck: an entry to route again from scratch (a stale Medplum id, a create with no known outcome).
 - fetching: a reference target fetched from the source, not taken in yet.
 - copying: a resource whose attachments are being copied (the copies run in pfsync.load.attachments).
-- in flight: an entry queued or sent in a Bundle (the sender, pfsync.medplum.upsert, holds it
-  until its outcome).
+- in flight: an entry handed to the sender (pfsync.medplum.upsert), queued or sent in a Bundle,
+  until the sender answers with its outcome.
 
-An identity is *coming* while it is parked, probing, fetching, copying, in flight or queued for a
-fetch: its Medplum id is on its way, so what waits for it waits in memory. It *settles* when its
-write has an outcome (written, quarantined, retry-queued) or will not come (deferred, not found at
-the source); what is parked for it is then woken. A newer copy of an identity read meanwhile
-*supersedes* a parked or copying one, which is dropped. A settle point (the end of a file, a flush,
-the finish) is where deferred resources are taken back and the id map is committed.
+And these words say what happens to an identity:
 
-The ledger holds every state but two: in flight (the sender's) and deferred (the id map's, on
-disk). It only records: the writer decides every transition (pfsync.load.parking for parked ones).
+- coming: parked, probing, fetching, copying, in flight or queued for a fetch: its Medplum id is on
+  its way, so what waits for it waits in memory.
+- settle: its write has an outcome (written, quarantined, retry-queued) or will not come (deferred,
+  not found at the source).
+- wake: a parked resource is looked at again when a target it waits for settles; it is then
+  written, parked again or deferred (pfsync.load.parking decides).
+- hand / answer: an entry goes to the sender (in flight) / the sender reports its end: an outcome,
+  a recheck, the retry queue, or superseded.
+- supersede: a newer copy of an identity read meanwhile replaces a parked, copying or queued one,
+  which is dropped.
+- take back: at a settle point (the end of a file, a flush, the finish) deferred resources whose
+  targets have Medplum ids are read again, and the id map is committed.
+
+The ledger holds every state but deferred (the id map's, on disk). It only records: the writer
+decides every transition (pfsync.load.parking for parked ones), except in flight, which the router
+(pfsync.load.routing) records as it hands an entry to the sender and as the sender reports its end.
 """
 
 from __future__ import annotations
@@ -75,10 +83,17 @@ class Pending:
         self._rechecks: list[Entry] = []
         self.fetching: set[Key] = set()
         self._copying: dict[Key, Waiting] = {}
+        self._in_flight: dict[Key, int] = {}  # identity -> its entries handed and not answered
+        self.in_flight = 0  # entries handed and not answered, of every identity
 
     def holds(self, key: Key, *, parked: bool = True) -> bool:
         """Whether the ledger holds this identity in a coming state (`parked`: parked ones count)."""
-        if (parked and key in self.parked) or key in self.fetching or key in self._copying:
+        if (
+            key in self._in_flight
+            or (parked and key in self.parked)
+            or key in self.fetching
+            or key in self._copying
+        ):
             return True
         probing = self._probing.get(key[0])
         return probing is not None and key[1] in probing
@@ -144,6 +159,21 @@ class Pending:
         """Its copies ended."""
         if self._copying.get(item.key) is item:
             del self._copying[item.key]
+
+    # -- in flight
+    def hand(self, key: Key) -> None:
+        """An entry of this identity goes to the sender."""
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        self.in_flight += 1
+
+    def answered(self, key: Key) -> None:
+        """The sender reported the end of one entry of this identity (`hand`)."""
+        self.in_flight -= 1
+        left = self._in_flight[key] - 1
+        if left:
+            self._in_flight[key] = left
+        else:
+            del self._in_flight[key]
 
     # -- probing, lookup, recheck
     def await_probe(self, entry: Entry) -> None:

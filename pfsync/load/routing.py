@@ -11,8 +11,9 @@ Two upsert modes (docs/medplum.md, "Quota costs"):
   Medplum is searched only when the id map is new (to rebuild it and skip unchanged resources).
 Resources whose content hash equals the one last written are skipped without any request.
 
-The router is the sender's handler: the outcomes of the Bundles come back here, on the loader's
-thread, and go to the id map, the tally and the pending ledger (pfsync.load.pending).
+The router is the sender's handler: it hands every entry it sends to the pending ledger (in flight,
+pfsync.load.pending), and the outcomes of the Bundles come back here, on the loader's thread, and
+go to the id map, the tally and the ledger.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class Router:
             key = "deleted" if entry.purpose != "upsert" else ("created" if create else "updated")
             self._tally.count(entry.type, key)
             return
+        self._pending.hand(entry.key)
         self.sender.add(entry)
 
     def flush_lookup(self, rtype: str) -> None:
@@ -222,8 +224,10 @@ class Router:
         entry.retarget("PUT", f"{entry.type}/{mid}")
         self._send(entry, create=False)
 
-    # -- outcomes (pfsync.medplum.upsert.Handler: called by the sender on this thread)
+    # -- outcomes (pfsync.medplum.upsert.Handler: called by the sender on this thread); each one
+    # answers the entry in the ledger, except a reroute that sends it on
     def settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None:
+        self._pending.answered(entry.key)
         self._pending.settle(entry.key)
         if kind is Kind.FAILED:
             reason = result.text or f"HTTP {result.status}"
@@ -246,10 +250,12 @@ class Router:
             self._refs.upgraded(entry.type, entry.sid)
 
     def exhausted(self, entry: Entry, result: EntryResult) -> None:
+        self._pending.answered(entry.key)
         reason = f"retries exhausted: {result.text or f'HTTP {result.status}'}"
         self._tally.retry(entry.type, entry.sid, entry.file, entry.line, entry.raw, reason, result.status)
 
     def recheck(self, entry: Entry) -> None:
+        self._pending.answered(entry.key)
         self._pending.settle(entry.key)
         if entry.method == "PUT" and "?" not in entry.url:
             self._idmap.forget(entry.type, entry.sid)  # a stale id: Medplum no longer has it
@@ -264,13 +270,19 @@ class Router:
         self._pending.settle(entry.key)
         row = self._idmap.get(entry.type, entry.sid)
         if row is None or row.mid is None:
+            self._pending.answered(entry.key)
             self._pending.recheck(entry)
             return None
         if row.hash is not None and row.hash == entry.hash:
+            self._pending.answered(entry.key)
             self._tally.count(entry.type, "unchanged")
             if entry.logical:
                 self._refs.remember_logical(entry)
             return None
         entry.known_vid = row.vid
         entry.retarget("PUT", f"{entry.type}/{row.mid}")
-        return entry
+        return entry  # still in flight: the sender sends it on
+
+    def superseded(self, entry: Entry) -> None:
+        """A newer entry of this identity replaced this one in the sender (its write is still coming)."""
+        self._pending.answered(entry.key)

@@ -90,7 +90,7 @@ class Writer:
                                    dry_run=dry_run) if settings.attachments else None)  # fmt: skip
         self._emitter = Emitter(self.context, attachments, pending=self._pending, refs=self.refs, router=self._router,
                                 tally=self._tally, pacer=self.pacer, events=events)  # fmt: skip
-        self._parking = Parking(self._pending, self.refs, self._sender)
+        self._parking = Parking(self._pending, self.refs, sending=self._sender is not None)
 
     # -- per resource
     def quarantine_line(self, bad: BadLine) -> None:
@@ -269,7 +269,7 @@ class Writer:
         parked = self._pending.parked
         before = len(parked)
         self._unpark(at_drain=True)
-        sending = self._sender is not None and self._sender.pending > 0
+        sending = self._pending.in_flight > 0
         stuck = not sending and not self._pending.looking_up and not self._emitter.copying
         if parked and stuck and len(parked) >= before:
             self._leave(self._parking.all_but())  # nothing moved and nothing is on its way: defer them

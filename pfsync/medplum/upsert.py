@@ -7,6 +7,9 @@ docs/medplum.md "Batch Bundles" / "Size limits" / "Quotas and 429" / "Measured o
 - One identity is never in two Bundles in flight (a second conditional create of the same
   identity in a concurrent Bundle would make a duplicate), and a Bundle holds each identity once
   (last version wins: docs/medplum.md, recorded case 16).
+- Every entry added ends in one report to the handler: settled (an outcome), recheck, exhausted,
+  or superseded (a newer entry of the identity replaced it before it was sent); the caller keeps
+  the account of what is queued or in flight (pfsync.load.pending), not the sender.
 - Failed entries are re-sent alone (409 conflict, 429, 5xx, lost responses); validation failures
   go to the handler for the quarantine; retries that run out go to the retry queue.
 - `Prefer: return=minimal` is never sent (the batch-response would be empty).
@@ -56,7 +59,8 @@ _READY = 2  # Bundles prepared ahead while every slot is in flight (one per answ
 
 
 class BatchSender:
-    """Accepts entries with `add`, sends them in Bundles, reports every outcome to `handler`."""
+    """Accepts entries with `add`, sends them in Bundles, reports the end of every entry to `handler`
+    (an outcome, a recheck, retries exhausted, or superseded by a newer entry of its identity)."""
 
     def __init__(
         self,
@@ -100,25 +104,20 @@ class BatchSender:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    @property
-    def pending(self) -> int:
-        queued = len(self._buf) + len(self._blocked) + sum(len(g) for g in self._groups)
-        return queued + sum(len(b) for b in self._futures.values())
-
-    def holds(self, key: tuple[str, str]) -> bool:
-        """Whether a write of this identity is queued or in flight (its Medplum id may be coming)."""
-        return key in self._inflight or key in self._buf or key in self._blocked
-
     def add(self, entry: Entry) -> None:
         """Queue a write; sends Bundles once a full one can be made (blocks while slots are full
         and the next Bundles are ready)."""
         key = entry.key
         if key in self._inflight:
+            blocked = self._blocked.get(key)
             self._blocked[key] = entry  # sent after the in-flight write of this identity settles
+            if blocked is not None:
+                self._handler.superseded(blocked)
             return
         old = self._buf.pop(key, None)
         if old is not None:
             self._buf_bytes -= len(old.encoded()) + 1
+            self._handler.superseded(old)
         self._buf[key] = entry
         self._buf_bytes += len(entry.encoded()) + 1
         if self._full():
@@ -288,6 +287,7 @@ class BatchSender:
         old = self._buf.pop(entry.key, None)
         if old is not None:
             self._buf_bytes -= len(old.encoded()) + 1
+            self._handler.superseded(old)
         self._buf[entry.key] = entry
         self._buf_bytes += len(entry.encoded()) + 1
 

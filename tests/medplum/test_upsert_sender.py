@@ -25,6 +25,7 @@ class Handler:
         self.exhausted_: list[str] = []
         self.rechecks: list[str] = []
         self.rerouted: list[str] = []
+        self.superseded_: list[str] = []
         self.known: set[str] = set()
 
     def settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None:
@@ -42,6 +43,9 @@ class Handler:
             entry.retarget("PUT", f"Patient/m-{entry.sid}")
             return entry
         return None
+
+    def superseded(self, entry: Entry) -> None:
+        self.superseded_.append(entry.sid)
 
 
 Answer = Callable[[list[dict[str, Any]], int], tuple[int, Any, dict[str, str]]]
@@ -456,3 +460,27 @@ def test_sender_create_queued_behind_inflight_write_is_rerouted_not_posted_again
         ["POST Patient"],
         ["PUT Patient/m-7"],
     ]
+
+
+def test_sender_reports_an_entry_replaced_by_a_newer_one_of_its_identity_as_superseded() -> None:
+    """Every entry added ends in exactly one report: the caller's ledger of what is in flight
+    (pfsync.load.pending) counts on it."""
+    gate = threading.Event()
+
+    def answer(entries: list[dict[str, Any]], n: int) -> tuple[int, Any, dict[str, str]]:
+        gate.wait(timeout=10)  # the timeout only keeps a regression from hanging
+        return 200, response(created(entries)), {}
+
+    client, seen = server(answer)
+    handler, clock = Handler(), FakeClock()
+    sender = make(client, handler, clock, max_entries=1, max_concurrency=1)
+    sender.add(entry(0, b'{"resourceType":"Patient","v":1}'))  # in flight, held at the server
+    sender.add(entry(0, b'{"resourceType":"Patient","v":2}'))  # waits for the write in flight
+    sender.add(entry(0, b'{"resourceType":"Patient","v":3}'))  # replaces v2, which is never sent
+    sender.add(entry(1, b'{"resourceType":"Patient","v":1}'))  # queued
+    sender.add(entry(1, b'{"resourceType":"Patient","v":2}'))  # replaces it in the queue
+    gate.set()
+    sender.flush()
+    assert sorted(handler.superseded_) == ["0", "1"]
+    assert sorted(sid for sid, _, _ in handler.done) == ["0", "0", "1"]
+    assert sorted(e["resource"]["v"] for bundle in seen for e in bundle) == [1, 2, 3]

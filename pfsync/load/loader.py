@@ -304,7 +304,7 @@ class Loader:
             by_type=by_type, normalized=dict(w.fixes), quota_used=int(w.quota_used()), requests=w.requests(),
             duration=time.monotonic() - self._started, dry_run=self.dry_run,
             logical_references=len(w.refs.logical_this_run),
-            logical_references_held=self._idmap.held_count("logical"), throttled=w.throttled(), stats=w.stats(),
+            logical_references_held=self._idmap.holds.count("logical"), throttled=w.throttled(), stats=w.stats(),
         )  # fmt: skip
 
     def _check_stop(self) -> None:

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS loaded (key TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS fetched (type TEXT NOT NULL, sid TEXT NOT NULL, PRIMARY KEY (type, sid)) WITHOUT ROWID;
 """
 DEFAULT_CACHE_BYTES = 32 * 1024 * 1024  # load.idmap_cache_bytes
+DEFAULT_SQLITE_CACHE_BYTES = 8 * 1024 * 1024  # load.idmap_sqlite_cache_bytes
 # Estimated bytes of one cached row beyond its strings' characters (CPython 3.11, 64-bit): the key
 # tuple, the MapRow, the dict slots and the sid index list (~330, measured with tracemalloc on
 # 100k rows), plus a str header (~50) for each of the row's strings.
@@ -81,6 +82,19 @@ def _cost(key: tuple[str, str], row: MapRow) -> int:
     return size
 
 
+def _bound_memory(db: sqlite3.Connection, cache_bytes: int) -> None:
+    """What SQLite may keep in this process's memory for the file, whatever the build's defaults:
+    a page cache of `cache_bytes` in all (three quarters for the file, a quarter for the TEMP
+    tables of pfsync.load.holds), TEMP tables in a temporary file rather than in memory (they grow
+    with the changes between two settle points), and no memory-mapped reads (mapped pages of a
+    large map would count in the resident set)."""
+    kib = max(cache_bytes // 1024, 64)
+    db.execute("PRAGMA temp_store=FILE")  # before the first TEMP table: it decides where they live
+    db.execute("PRAGMA mmap_size=0")
+    db.execute(f"PRAGMA main.cache_size=-{kib - kib // 4}")
+    db.execute(f"PRAGMA temp.cache_size=-{kib // 4}")
+
+
 def fetched_identities(path: Path) -> Iterator[tuple[str, str]]:
     """(type, sid) of every identity the loader fetched by reference, read-only (none without a map)."""
     if not path.is_file():
@@ -103,7 +117,10 @@ class IdMap:
     """Source (type, id) -> Medplum id. `cold` is True when the file was new or belonged to another
     Medplum server: then every identity is looked up in Medplum before anything is created."""
 
-    def __init__(self, path: Path, *, target: str, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(
+        self, path: Path, *, target: str, cache_bytes: int = DEFAULT_CACHE_BYTES,
+        sqlite_cache_bytes: int = DEFAULT_SQLITE_CACHE_BYTES,
+    ) -> None:  # fmt: skip
         self.path = path
         self._budget = cache_bytes
         self._cache_bytes = 0  # estimated (see _cost)
@@ -114,6 +131,7 @@ class IdMap:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            _bound_memory(self._db, sqlite_cache_bytes)
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"cannot open the id map {path}: {exc}") from None

@@ -136,3 +136,13 @@ def test_idmap_whole_map_in_memory_when_it_fits(tmp_path: Path) -> None:
     reopened = IdMap(tmp_path / "i.sqlite", target="t", cache_bytes=64 * 1024 * 1024)
     assert reopened._complete  # a miss is then definitive, without a read
     reopened.close()
+
+
+def test_idmap_sqlite_memory_is_bounded_by_its_setting_whatever_the_build(tmp_path: Path) -> None:
+    """Issue 19: SQLite's share of memory comes from load.idmap_sqlite_cache_bytes, TEMP tables go
+    to a file and no page is memory-mapped."""
+    m = IdMap(tmp_path / "i.sqlite", target="t", sqlite_cache_bytes=4 * 1024 * 1024)
+    pragma = {p: m._db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("main.cache_size", "temp.cache_size",
+                                                                       "temp_store", "mmap_size")}  # fmt: skip
+    assert pragma == {"main.cache_size": -3072, "temp.cache_size": -1024, "temp_store": 1, "mmap_size": 0}
+    m.close()

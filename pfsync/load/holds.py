@@ -89,11 +89,15 @@ class Holds:
         # connection's TEMP tables, so the first `ready` looks at every one of them.
         self._scan_all = db.execute("SELECT 1 FROM deferred LIMIT 1").fetchone() is not None
         self._tracking = self._scan_all  # arrivals matter only once something is deferred
+        # Rows per table, counted once and then kept by write_buffer: the write path asks at every
+        # settle point, and count(*) reads the whole table.
+        self._counts = {t: int(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in TABLES}
 
     def drop_logical(self) -> None:
         """Another Medplum server: the logical rows name ids of the old one (deferred rows stay:
         they have not been written anywhere yet)."""
         self._db.executescript("DELETE FROM logical; DELETE FROM logical_waits;")
+        self._counts["logical"] = 0
 
     # -- changes, buffered
     def hold(self, table: str, item: Held, waits: Iterable[tuple[str, str]] = ()) -> None:
@@ -123,7 +127,7 @@ class Holds:
             keys = [(t, s) for (tb, t, s) in self._buffer if tb == table]
             if not keys:
                 continue
-            db.executemany(f"DELETE FROM {table} WHERE type = ? AND sid = ?", keys)
+            removed = db.executemany(f"DELETE FROM {table} WHERE type = ? AND sid = ?", keys).rowcount
             db.executemany(f"DELETE FROM {_WAITS[table]} WHERE type = ? AND sid = ?", keys)
             items = [(item, waits) for (tb, _, _), (item, waits) in self._buffer.items()
                      if tb == table and item is not None]  # fmt: skip
@@ -131,6 +135,7 @@ class Holds:
                 f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?)",
                 [(i.type, i.sid, i.file, i.line, i.raw) for i, _ in items],
             )
+            self._counts[table] += len(items) - removed
             db.executemany(
                 f"INSERT OR IGNORE INTO {_WAITS[table]} VALUES (?, ?, ?, ?)",
                 [(i.type, i.sid, tt, ts) for i, waits in items for tt, ts in waits],
@@ -175,7 +180,7 @@ class Holds:
     def count(self, table: str) -> int:
         assert table in TABLES
         self._flush()
-        return int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        return self._counts[table]
 
     def is_held(self, table: str, rtype: str, sid: str) -> bool:
         assert table in TABLES

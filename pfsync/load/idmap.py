@@ -141,6 +141,9 @@ class IdMap:
         self._in_tx = False
         self._seen: list[tuple[str, str]] = []
         self._rows: dict[tuple[str, str], MapRow] = {}
+        # sid -> types of the buffered rows while the cache is incomplete: `types_of` answers from
+        # SQLite plus these, without a flush per bare `urn:uuid` reference (tiny batches).
+        self._buffered: dict[str, list[str]] = {}
         try:
             self.holds = Holds(self._db, flush=self._flush, begin=self.begin)
         except sqlite3.Error as exc:
@@ -184,6 +187,10 @@ class IdMap:
 
     def _flush(self) -> None:
         """Write the buffered changes (the map's, then the holds') in the open transaction."""
+        self._flush_map()
+        self.holds.write_buffer()
+
+    def _flush_map(self) -> None:
         if (self._seen and not self._complete) or self._rows:
             self.begin()
             if self._seen and not self._complete:
@@ -197,7 +204,8 @@ class IdMap:
                 )
                 self.holds.arrived([k for k, r in self._rows.items() if r.mid is not None])
                 self._rows = {}
-        self.holds.write_buffer()
+            if not self._complete:
+                self._buffered = {}
 
     def close(self) -> None:
         try:
@@ -256,8 +264,14 @@ class IdMap:
         """Every (type, Medplum id or None) recorded for a source id: resolves `urn:uuid:<id>`."""
         if self._complete:
             return [(t, self._cache[(t, sid)].mid) for t in self._by_sid.get(sid, ())]
-        self._flush()
-        return [(t, m) for t, m in self._db.execute("SELECT type, mid FROM map WHERE sid = ?", (sid,))]
+        found: dict[str, str | None] = dict(
+            self._db.execute("SELECT type, mid FROM map WHERE sid = ?", (sid,))
+        )
+        for t in self._buffered.get(sid, ()):
+            row = self._cache.get((t, sid))  # every buffered row is in the cache (_evict writes them first)
+            if row is not None:
+                found[t] = row.mid
+        return sorted(found.items())
 
     def seen(self, rtype: str, sid: str) -> None:
         """Note that the input holds this identity (not necessarily loaded yet)."""
@@ -266,11 +280,21 @@ class IdMap:
             return
         self._seen.append(key)
         self._remember(key, _SEEN)
+        self._note_buffered(key)
+        if len(self._seen) >= _FLUSH_ROWS and not self._complete:
+            self._flush_map()
+
+    def _note_buffered(self, key: tuple[str, str]) -> None:
+        if not self._complete:
+            types = self._buffered.setdefault(key[1], [])
+            if key[0] not in types:
+                types.append(key[0])
 
     def record(self, rtype: str, sid: str, mid: str, vid: str | None, content_hash: str | None) -> None:
         row = MapRow(mid, vid, content_hash)
         self._rows[(rtype, sid)] = row
         self._remember((rtype, sid), row)
+        self._note_buffered((rtype, sid))
         if len(self._rows) >= _FLUSH_ROWS:
             # In the open transaction, committed at the next settle point. One flush of a whole
             # file's rows at its end held the loader's thread for 50-100 ms while Bundles in flight
@@ -286,6 +310,7 @@ class IdMap:
         """The resource is gone from Medplum (deleted, or a stale id): keep only that it exists."""
         self._rows[(rtype, sid)] = _SEEN
         self._remember((rtype, sid), _SEEN)
+        self._note_buffered((rtype, sid))
 
     def loaded_ids(self, rtype: str, after: str = "", limit: int = 500) -> list[str]:
         """Source ids of this type that have a Medplum id, in order, the first `limit` after `after`

@@ -32,8 +32,12 @@ def test_holds_held_tables_page_and_release(tmp_path: Path) -> None:
     items = list(m.holds.held("deferred"))
     assert len(items) == 1203 and items[1].file == "g.ndjson"
     m.holds.release("deferred", "Observation", "o00001")
+    m.holds.release("deferred", "Observation", "never-held")
     assert not m.holds.is_held("deferred", "Observation", "o00001")
-    assert m.holds.count("logical") == 0
+    assert m.holds.count("deferred") == 1202 and m.holds.count("logical") == 0
+    m.close()
+    m = IdMap(tmp_path / "i.sqlite", target="t")
+    assert m.holds.count("deferred") == 1202  # counted again on open, kept since
     m.close()
 
 

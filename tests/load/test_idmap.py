@@ -146,3 +146,19 @@ def test_idmap_sqlite_memory_is_bounded_by_its_setting_whatever_the_build(tmp_pa
                                                                        "temp_store", "mmap_size")}  # fmt: skip
     assert pragma == {"main.cache_size": -3072, "temp.cache_size": -1024, "temp_store": 1, "mmap_size": 0}
     m.close()
+
+
+def test_idmap_types_of_sees_buffered_rows_without_writing_them(tmp_path: Path) -> None:
+    path = tmp_path / "i.sqlite"
+    cost = idmap_module._cost(("Encounter", "u00"), MapRow("m-u00", None, None))
+    m = IdMap(path, target="t", cache_bytes=20 * cost)
+    for i in range(30):  # past the budget: the cache keeps half, the rest answers from disk
+        m.seen("Encounter", f"u{i:02d}")
+    m.commit()
+    m.seen("Patient", "p1")
+    m.record("Encounter", "u00", "m-u00", None, None)
+    assert m.types_of("u00") == [("Encounter", "m-u00")] and m.types_of("p1") == [("Patient", None)]
+    # Answered from the buffers, not by writing them first (this connection sees its own writes).
+    assert m._db.execute("SELECT count(*), count(mid) FROM map").fetchone() == (30, 0)
+    m.close()
+    assert _rows_on_disk(path) == 31

@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS loaded (key TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS fetched (type TEXT NOT NULL, sid TEXT NOT NULL, PRIMARY KEY (type, sid)) WITHOUT ROWID;
 """
 DEFAULT_CACHE_BYTES = 32 * 1024 * 1024  # load.idmap_cache_bytes
-DEFAULT_SQLITE_CACHE_BYTES = 8 * 1024 * 1024  # load.idmap_sqlite_cache_bytes
+DEFAULT_SQLITE_CACHE_BYTES = 4 * 1024 * 1024  # load.idmap_sqlite_cache_bytes
 # Estimated bytes of one cached row beyond its strings' characters (CPython 3.11, 64-bit): the key
 # tuple, the MapRow, the dict slots and the sid index list (~330, measured with tracemalloc on
 # 100k rows), plus a str header (~50) for each of the row's strings.

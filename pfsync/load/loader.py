@@ -108,8 +108,9 @@ class Loader:
         self._events = events or NullSink()
         self._dir = source_dir(state_dir, source.name)
         self._idmap = IdMap(
-            self._dir / IDMAP_FILE, target=str(medplum.base_url), cache_bytes=settings.idmap_cache_bytes
-        )
+            self._dir / IDMAP_FILE, target=str(medplum.base_url), cache_bytes=settings.idmap_cache_bytes,
+            sqlite_cache_bytes=settings.idmap_sqlite_cache_bytes,
+        )  # fmt: skip
         self.quarantine = WrappedLog(self._dir / QUARANTINE_FILE, QUARANTINE)
         self.retry_queue = WrappedLog(self._dir / RETRY_FILE, RETRY)
         self._counts: dict[str, Counter[str]] = {}
@@ -304,7 +305,7 @@ class Loader:
             by_type=by_type, normalized=dict(w.fixes), quota_used=int(w.quota_used()), requests=w.requests(),
             duration=time.monotonic() - self._started, dry_run=self.dry_run,
             logical_references=len(w.refs.logical_this_run),
-            logical_references_held=self._idmap.held_count("logical"), throttled=w.throttled(), stats=w.stats(),
+            logical_references_held=self._idmap.holds.count("logical"), throttled=w.throttled(), stats=w.stats(),
         )  # fmt: skip
 
     def _check_stop(self) -> None:

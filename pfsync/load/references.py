@@ -2,11 +2,11 @@
 
 A resource is written ONCE when its targets can be resolved in this run: until every same-source
 target it names has a Medplum id, it waits (parked or deferred: pfsync.load.pending; deferred on
-disk in the id map's `deferred` rows, with the targets it waits for in `waits`), never written with a reference that a later write would have to fix (that would
-double the quota a first sync costs: docs/medplum.md "Quotas and 429": on a stock project quota is the ceiling).
+disk with the targets it waits for: pfsync.load.holds), never written with a reference that a later
+write would have to fix (that would double the quota a first sync costs: docs/medplum.md "Quotas and 429": on a stock project quota is the ceiling).
 
 - Deferred resources whose targets got their ids are written at the next settle point (the end of a
-  file, `Loader.flush`, `finish`): one query finds them (IdMap.ready).
+  file, `Loader.flush`, `finish`), found from what changed since the last settle point (Holds.ready).
 - A target that no input names and that the rest of the input will not bring (its type is not
   expected: `expect(types)`, or every input was scanned up front) is fetched from the source early,
   batched per type: `GET {base}/{Type}?_id=a,b,c` (`_FETCH_CHUNK` ids per request). Without that
@@ -35,7 +35,8 @@ import httpx
 import orjson
 
 from pfsync.load.fetch import SourceReader
-from pfsync.load.idmap import ANY_TYPE, Held, IdMap
+from pfsync.load.holds import ANY_TYPE, Held
+from pfsync.load.idmap import IdMap
 from pfsync.load.transform import Prepared, Ref, Target, TransformContext, TransformError, prepare
 from pfsync.medplum.batch import Entry
 from pfsync.net.http import Clock, RetryPolicy
@@ -86,6 +87,7 @@ class References:
         *, clock: Clock, retry: RetryPolicy,
     ) -> None:  # fmt: skip
         self._idmap = idmap
+        self._holds = idmap.holds
         self._ctx = ctx
         self._source = (
             SourceReader(source_client, ctx.base, clock=clock, retry=retry)
@@ -94,8 +96,8 @@ class References:
         )
         self._clock = clock
         self._urns: dict[str, Target] = {}
-        self._has_deferred = idmap.held_count("deferred") > 0
-        self._has_logical = idmap.held_count("logical") > 0
+        self._has_deferred = self._holds.count("deferred") > 0
+        self._has_logical = self._holds.count("logical") > 0
         # This run's resources that keep logical references (the load summary's count; the id map
         # holds every run's): one key per such resource, ids only.
         self.logical_this_run: set[tuple[str, str]] = set()
@@ -272,18 +274,18 @@ class References:
     def defer(
         self, p: Prepared, file: str | None, line: int | None, raw: bytes, waits: list[tuple[str, str]]
     ) -> None:
-        self._idmap.hold("deferred", Held(p.type, p.sid, file, line, raw), dict.fromkeys(waits))
+        self._holds.hold("deferred", Held(p.type, p.sid, file, line, raw), dict.fromkeys(waits))
         self._has_deferred = True
         self.held += 1
 
     def released(self, rtype: str, sid: str) -> None:
         """An identity is being written: an older deferred copy must not overwrite it later."""
         if self._has_deferred:
-            self._idmap.release("deferred", rtype, sid)
+            self._holds.release("deferred", rtype, sid)
 
     def remember_logical(self, entry: Entry) -> None:
         """Written with logical references: rewritten once their targets exist (`upgradable`)."""
-        self._idmap.hold(
+        self._holds.hold(
             "logical", Held(entry.type, entry.sid, entry.file, entry.line, entry.raw), entry.logical
         )
         self._has_logical = True
@@ -292,7 +294,7 @@ class References:
     def upgraded(self, rtype: str, sid: str) -> None:
         self.logical_this_run.discard((rtype, sid))
         if self._has_logical:
-            self._idmap.release("logical", rtype, sid)
+            self._holds.release("logical", rtype, sid)
 
     def failed(self, rtype: str, sid: str) -> None:
         """This identity was quarantined in this run: not something to fetch from the source."""
@@ -317,35 +319,35 @@ class References:
         """Queue for a fetch every waited-for target no input brought (after a drain)."""
         if self._source is None:
             return
-        for rtype, ids in self._idmap.missing_targets().items():
+        for rtype, ids in self._holds.missing_targets().items():
             for sid in ids:
                 if (rtype, sid) not in self._tried:
                     self._queue.setdefault(rtype, set()).add(sid)
         # A bare `urn:uuid:<id>` no input named has no type to search: it is looked for among the
         # types this run had to fetch (ids are unique across types: fixtures README).
-        for sid in self._idmap.unknown_ids():
+        for sid in self._holds.unknown_ids():
             for rtype in sorted(self._fetched_types):
                 if (rtype, sid) not in self._tried:
                     self._queue.setdefault(rtype, set()).add(sid)
 
     def deferred(self) -> int:
         """How many resources are deferred."""
-        return self._idmap.held_count("deferred") if self._has_deferred else 0
+        return self._holds.count("deferred") if self._has_deferred else 0
 
     def ready(self) -> list[Held]:
         """Deferred resources whose targets all have Medplum ids now (taken out of the id map)."""
-        return self._take(self._idmap.ready()) if self._has_deferred else []
+        return self._take(self._holds.ready()) if self._has_deferred else []
 
     def last_resort(self) -> list[Held]:
         """Deferred resources to write with logical references, when nothing more will arrive:
         those waiting only for targets outside this run, else a batch that breaks a cycle."""
-        return self._take(self._idmap.writable() or list(_first(self._idmap.held("deferred"), _CYCLE_BATCH)))
+        return self._take(self._holds.writable() or list(_first(self._holds.held("deferred"), _CYCLE_BATCH)))
 
     def upgradable(self) -> Iterator[Held]:
         """Resources remembered with logical references whose targets all resolve now."""
         if not self._has_logical:
             return
-        for held in self._idmap.upgradable():
+        for held in self._holds.upgradable():
             try:
                 p = prepare(orjson.loads(held.raw), self._ctx)
             except TransformError:
@@ -357,7 +359,7 @@ class References:
         # Released first: whatever happens to each now (written, quarantined, deferred again)
         # replaces the copy on disk, so no deferred row can outlive its outcome.
         for held in batch:
-            self._idmap.release("deferred", held.type, held.sid)
+            self._holds.release("deferred", held.type, held.sid)
         return batch
 
     # -- the source

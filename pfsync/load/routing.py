@@ -188,8 +188,8 @@ class Router:
                 )
                 continue
             rtype, sid = parts[-2], parts[-1]
-            self._idmap.release("deferred", rtype, sid)
-            self._idmap.release("logical", rtype, sid)
+            self._idmap.holds.release("deferred", rtype, sid)
+            self._idmap.holds.release("logical", rtype, sid)
             if self._deletes == "ignore":
                 self._tally.count(rtype, "delete_ignored")
                 continue

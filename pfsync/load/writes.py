@@ -5,9 +5,8 @@ id yet (parked in memory while the target is coming, deferred on disk otherwise:
 names these states and holds them; pfsync.load.references decides what a resource waits for), has its
 attachments copied (pfsync.load.attachments), is rendered with its references rewritten, and is routed
 to a request (pfsync.load.routing) that the sender sends in Bundles (pfsync.medplum.upsert). Collaborators
-answer questions and return decisions; the writer alone moves resources from state to state.
-The settle points (`settle` at the end of a file, `flush`, `finish`) take back what was deferred
-and commit the id map.
+answer questions and return decisions; the writer alone moves resources from state to state. The settle
+points (`settle` at the end of a file, `flush`, `finish`) take back what was deferred and commit the id map.
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ from pfsync.core.ndjson import BadLine
 from pfsync.core.settings import HttpSettings, LoadSettings, SourceSettings
 from pfsync.load.attachments import Attachments
 from pfsync.load.emit import Emitter
-from pfsync.load.idmap import Held, IdMap
+from pfsync.load.holds import Held
+from pfsync.load.idmap import IdMap
 from pfsync.load.parking import Leave, Parking
 from pfsync.load.pending import Pending, Waiting
 from pfsync.load.quarantine import WrappedLog
@@ -306,11 +306,11 @@ class Writer:
             self.drain()
             if self._dry_run:
                 break
-            before = self._idmap.held_count("deferred")
+            before = self._idmap.holds.count("deferred")
             fetched = self._fetch_queued(full_only=False)
             if not (self._release_ready() or fetched):
                 break
-            if not fetched and self._idmap.held_count("deferred") >= before:
+            if not fetched and self._idmap.holds.count("deferred") >= before:
                 break
         self.drain()
 

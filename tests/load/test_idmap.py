@@ -1,4 +1,4 @@
-"""pfsync.load.idmap: the SQLite id map, held resources and binaries."""
+"""pfsync.load.idmap: the SQLite id map and binaries (held resources: test_holds.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 from pfsync.load import idmap as idmap_module
-from pfsync.load.idmap import Held, IdMap, MapRow
+from pfsync.load.idmap import IdMap, MapRow
 
 
 def test_idmap_record_get_and_persist(tmp_path: Path) -> None:
@@ -54,20 +54,6 @@ def test_idmap_other_target_starts_cold(tmp_path: Path) -> None:
     m.close()
 
 
-def test_idmap_held_tables_page_and_release(tmp_path: Path) -> None:
-    m = IdMap(tmp_path / "i.sqlite", target="t")
-    for i in range(1203):
-        m.hold("deferred", Held("Observation", f"o{i:05d}", "f.ndjson", i, b"{}"))
-    m.hold("deferred", Held("Observation", "o00001", "g.ndjson", 9, b"{}"))  # replaces
-    assert m.held_count("deferred") == 1203
-    items = list(m.held("deferred"))
-    assert len(items) == 1203 and items[1].file == "g.ndjson"
-    m.release("deferred", "Observation", "o00001")
-    assert not m.is_held("deferred", "Observation", "o00001")
-    assert m.held_count("logical") == 0
-    m.close()
-
-
 def test_idmap_binaries(tmp_path: Path) -> None:
     m = IdMap(tmp_path / "i.sqlite", target="t")
     assert m.binary("abc=") is None
@@ -97,28 +83,6 @@ def test_idmap_noted_identities_stay_in_memory_until_the_map_outgrows_it(tmp_pat
 def _rows_on_disk(path: Path) -> int:
     with sqlite3.connect(path) as db:
         return int(db.execute("SELECT count(*) FROM map").fetchone()[0])
-
-
-def test_idmap_upgradable_lists_logical_rows_whose_targets_arrived(tmp_path: Path) -> None:
-    path = tmp_path / "i.sqlite"
-    m = IdMap(path, target="t")
-    m.hold("logical", Held("Encounter", "e1", "f", 1, b"{}"), [("Organization", "o1")])  # refused type
-    m.hold(
-        "logical", Held("Encounter", "e2", "f", 2, b"{}"), [("Practitioner", "dr"), ("Organization", "o1")]
-    )
-    m.hold("logical", Held("Encounter", "e3", "f", 3, b"{}"))  # held before targets were recorded
-    assert [h.sid for h in m.upgradable()] == ["e3"]
-    m.record("Practitioner", "dr", "m-dr", None, None)  # one of e2's targets arrived
-    assert [h.sid for h in m.upgradable()] == ["e2", "e3"]
-    m.release("logical", "Encounter", "e2")
-    m.hold("logical", Held("Encounter", "e2", "f", 2, b"{}"), [("Organization", "o1")])  # written again
-    assert [h.sid for h in m.upgradable()] == ["e3"]
-    m.close()
-    with sqlite3.connect(path) as db:  # the released row's targets went with it
-        assert db.execute("SELECT type, sid, ttype, tsid FROM logical_waits ORDER BY sid").fetchall() == [
-            ("Encounter", "e1", "Organization", "o1"),
-            ("Encounter", "e2", "Organization", "o1"),
-        ]
 
 
 def _fill(m: IdMap, start: int, n: int) -> None:
@@ -172,3 +136,29 @@ def test_idmap_whole_map_in_memory_when_it_fits(tmp_path: Path) -> None:
     reopened = IdMap(tmp_path / "i.sqlite", target="t", cache_bytes=64 * 1024 * 1024)
     assert reopened._complete  # a miss is then definitive, without a read
     reopened.close()
+
+
+def test_idmap_sqlite_memory_is_bounded_by_its_setting_whatever_the_build(tmp_path: Path) -> None:
+    """Issue 19: SQLite's share of memory comes from load.idmap_sqlite_cache_bytes, TEMP tables go
+    to a file and no page is memory-mapped."""
+    m = IdMap(tmp_path / "i.sqlite", target="t", sqlite_cache_bytes=4 * 1024 * 1024)
+    pragma = {p: m._db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("main.cache_size", "temp.cache_size",
+                                                                       "temp_store", "mmap_size")}  # fmt: skip
+    assert pragma == {"main.cache_size": -3072, "temp.cache_size": -1024, "temp_store": 1, "mmap_size": 0}
+    m.close()
+
+
+def test_idmap_types_of_sees_buffered_rows_without_writing_them(tmp_path: Path) -> None:
+    path = tmp_path / "i.sqlite"
+    cost = idmap_module._cost(("Encounter", "u00"), MapRow("m-u00", None, None))
+    m = IdMap(path, target="t", cache_bytes=20 * cost)
+    for i in range(30):  # past the budget: the cache keeps half, the rest answers from disk
+        m.seen("Encounter", f"u{i:02d}")
+    m.commit()
+    m.seen("Patient", "p1")
+    m.record("Encounter", "u00", "m-u00", None, None)
+    assert m.types_of("u00") == [("Encounter", "m-u00")] and m.types_of("p1") == [("Patient", None)]
+    # Answered from the buffers, not by writing them first (this connection sees its own writes).
+    assert m._db.execute("SELECT count(*), count(mid) FROM map").fetchone() == (30, 0)
+    m.close()
+    assert _rows_on_disk(path) == 31

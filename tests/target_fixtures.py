@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ import httpx
 import pytest
 from server_fixtures import starts_servers
 
+from pfsync.core.settings import HttpSettings
+from pfsync.medplum.client import MedplumClient
+from pfsync.net.http import Clock, RetryPolicy
 from pfsync.sandbox.target.server import TargetSandbox
 
 __all__ = [
@@ -30,6 +34,8 @@ __all__ = [
     "batch",
     "conditional_put_entry",
     "fhir_client",
+    "medplum_client",
+    "medplum_of",
     "patient",
     "target",
     "target_factory",
@@ -98,6 +104,25 @@ def fhir_client(
     )
     _OPEN_CLIENTS.append(client)
     return client
+
+
+def medplum_of(
+    client: httpx.Client, *, fhir_url: str | None = None, clock: Clock | None = None, http: HttpSettings | None = None,
+    policy: RetryPolicy | None = None, stop: threading.Event | None = None,
+) -> MedplumClient:  # fmt: skip
+    """A MedplumClient over a test's own httpx.Client (its auth its own; its base URL the FHIR base
+    unless `fhir_url`), with the clock, retry policy and stop that MedplumClient.connect gives one
+    in production. The httpx client is closed when the test ends."""
+    _OPEN_CLIENTS.append(client)
+    policy = policy or RetryPolicy.from_settings(http or HttpSettings())
+    return MedplumClient(client, fhir_url=fhir_url, clock=clock, policy=policy, stop=stop)
+
+
+def medplum_client(
+    sandbox: TargetSandbox, client_id: str = TARGET_CLIENT, secret: str = TARGET_SECRET, **kwargs: Any
+) -> MedplumClient:
+    """`fhir_client` as a MedplumClient (`medplum_of`'s keywords)."""
+    return medplum_of(fhir_client(sandbox, client_id, secret), **kwargs)
 
 
 # Clients handed to a Loader or kept by a test are closed when the test ends (closing twice is harmless),

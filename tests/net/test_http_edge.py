@@ -196,18 +196,16 @@ def test_a_host_name_resolving_to_a_special_purpose_address_is_refused(
     "body", [b"<html>a proxy's page</html>", b"[]", b'{"entry":[{"resource":{"resourceType":"Basic"}}]}']
 )
 def test_medplum_state_store_refuses_a_malformed_answer(body: bytes) -> None:
+    from pfsync.medplum.client import MedplumClient
     from pfsync.sync.state_medplum import MedplumStateStore
 
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=body, headers={"Content-Type": "application/fhir+json"})
 
     client = httpx.Client(transport=httpx.MockTransport(handler))
-    store = MedplumStateStore(
-        client,
-        "https://medplum.example/fhir/R4/",
-        clock=FakeClock(start=1_000.0),
-        policy=RetryPolicy(retries=0),
-    )
+    medplum = MedplumClient(client, fhir_url="https://medplum.example/fhir/R4/", clock=FakeClock(start=1_000.0),
+                            policy=RetryPolicy(retries=0))  # fmt: skip
+    store = MedplumStateStore(medplum)
     with pytest.raises(ProtocolError):
         store.load("practice-a")
 

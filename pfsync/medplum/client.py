@@ -295,19 +295,3 @@ class MedplumClient:
     ) -> list[Json]:
         """Every resource of a search (every page)."""
         return [resource for page in self.pages(path, what, params=params) for resource in page]
-
-
-def as_medplum_client(
-    client: MedplumClient | httpx.Client,
-    *,
-    fhir_url: str | None = None,
-    pacer: Pacer | None = None,
-    clock: Clock | None = None,
-    policy: RetryPolicy | None = None,
-    stop: threading.Event | None = None,
-) -> MedplumClient:
-    """A MedplumClient; a bare httpx.Client is wrapped with these (its own auth and, without
-    `fhir_url`, its base URL then apply). A MedplumClient is returned as it is."""
-    if isinstance(client, MedplumClient):
-        return client
-    return MedplumClient(client, fhir_url=fhir_url, pacer=pacer, clock=clock, policy=policy, stop=stop)

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import closed_at_end
 from server_fixtures import starts_servers
 
 from pfsync.core.settings import HttpSettings
@@ -102,8 +103,7 @@ def fhir_client(
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"},
         timeout=60.0,
     )
-    _OPEN_CLIENTS.append(client)
-    return client
+    return closed_at_end(client)
 
 
 def medplum_of(
@@ -113,7 +113,7 @@ def medplum_of(
     """A MedplumClient over a test's own httpx.Client (its auth its own; its base URL the FHIR base
     unless `fhir_url`), with the clock, retry policy and stop that MedplumClient.connect gives one
     in production. The httpx client is closed when the test ends."""
-    _OPEN_CLIENTS.append(client)
+    closed_at_end(client)
     policy = policy or RetryPolicy.from_settings(http or HttpSettings())
     return MedplumClient(client, fhir_url=fhir_url, clock=clock, policy=policy, stop=stop)
 
@@ -123,18 +123,6 @@ def medplum_client(
 ) -> MedplumClient:
     """`fhir_client` as a MedplumClient (`medplum_of`'s keywords)."""
     return medplum_of(fhir_client(sandbox, client_id, secret), **kwargs)
-
-
-# Clients handed to a Loader or kept by a test are closed when the test ends (closing twice is harmless),
-# so none is left for the collector to find (a ResourceWarning, an error under filterwarnings).
-_OPEN_CLIENTS: list[httpx.Client] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_fhir_clients() -> Iterator[None]:
-    yield
-    while _OPEN_CLIENTS:
-        _OPEN_CLIENTS.pop().close()
 
 
 def patient(value: str, given: str = "Jane", **extra: Any) -> dict[str, Any]:

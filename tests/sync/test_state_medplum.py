@@ -8,6 +8,7 @@ import threading
 
 import httpx
 import pytest
+from conftest import closed_at_end
 from target_fixtures import TARGET_CLIENT, TARGET_SECRET, medplum_of
 
 from pfsync.core.errors import LockedError, StateError
@@ -255,7 +256,7 @@ def test_medplum_store_request_shapes() -> None:
 
 
 def test_medplum_store_corrupt_extension_is_state_error(target: TargetSandbox) -> None:
-    client = httpx.Client(auth=httpx.BasicAuth(TARGET_CLIENT, TARGET_SECRET))
+    client = closed_at_end(httpx.Client(auth=httpx.BasicAuth(TARGET_CLIENT, TARGET_SECRET)))
     body = {"resourceType": "Basic", "identifier": [{"system": STATE_SYSTEM, "value": "a"}],
             "code": {"text": "x"}, "extension": [{"url": "https://pfsync.dev/StructureDefinition/sync-state",
                                                    "valueString": "{broken"}]}  # fmt: skip

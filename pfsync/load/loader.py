@@ -110,7 +110,7 @@ class Loader:
         self._events = events or NullSink()
         self._dir = source_dir(state_dir, source.name)
         self._idmap = IdMap(
-            self._dir / IDMAP_FILE, target=medplum.fhir_url, cache_bytes=settings.idmap_cache_bytes
+            self._dir / IDMAP_FILE, target=medplum.server_key, cache_bytes=settings.idmap_cache_bytes
         )
         self.quarantine = WrappedLog(self._dir / QUARANTINE_FILE, QUARANTINE)
         self.retry_queue = WrappedLog(self._dir / RETRY_FILE, RETRY)

@@ -145,6 +145,13 @@ class MedplumClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def server_key(self) -> str:
+        """The FHIR base as httpx normalizes it (host lower-case, default port dropped): what an id
+        map records as its Medplum server, the same string an httpx.Client's base_url gave before
+        the loader took a MedplumClient, so existing maps stay valid."""
+        return str(httpx.URL(self.fhir_url))
+
     def url(self, path: str) -> str:
         """`path` (relative to the FHIR base, or absolute) as an absolute URL."""
         if "://" in path or not self.fhir_url:

@@ -150,7 +150,7 @@ def _done(action: Action, error: str | None = None) -> Action:
 
 def _sync_idmap(verifier: Verifier, scratch: Scratch) -> None:
     """Make the loader's id map say what Medplum holds (after the deletions)."""
-    idmap = IdMap(verifier.work_dir / IDMAP_FILE, target=verifier.reader.medplum.fhir_url)
+    idmap = IdMap(verifier.work_dir / IDMAP_FILE, target=verifier.reader.medplum.server_key)
     try:
         for rtype, sid, mid, vid, tag in scratch.kept():
             row = idmap.get(rtype, sid)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pytest
 
@@ -29,6 +30,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+_CLOSE_AT_END: list[_Closable] = []
+
+
+def closed_at_end(thing: C) -> C:
+    """`thing` (an httpx.Client, a MedplumClient, a store) closed when the test ends, whatever
+    happened: a connection left for the collector is a ResourceWarning, an error under
+    filterwarnings, and it would surface in whichever later test the collector runs in."""
+    _CLOSE_AT_END.append(thing)
+    return thing
+
+
+@pytest.fixture(autouse=True)
+def _close_at_end() -> Iterator[None]:
+    yield
+    while _CLOSE_AT_END:
+        _CLOSE_AT_END.pop().close()  # closing twice is harmless for all of them
 
 
 @pytest.fixture(autouse=True)

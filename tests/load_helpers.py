@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import orjson
-from target_fixtures import fhir_client
+from target_fixtures import fhir_client, medplum_of
 
 from pfsync.core.settings import LoadSettings, SourceSettings
 from pfsync.load.loader import Loader, LoadResult
@@ -38,9 +38,9 @@ def make_loader(
     target: TargetSandbox, state_dir: Path, *, settings: LoadSettings | None = None, client: httpx.Client | None = None,
     **kwargs: Any,
 ) -> Loader:  # fmt: skip
-    return Loader(
-        SOURCE, settings or LoadSettings(), client or fhir_client(target), state_dir=state_dir, **kwargs
-    )
+    medplum = medplum_of(client or fhir_client(target), clock=kwargs.get("clock"), http=kwargs.get("http"),
+                         stop=kwargs.get("stop"))  # fmt: skip
+    return Loader(SOURCE, settings or LoadSettings(), medplum, state_dir=state_dir, **kwargs)
 
 
 def load_all(target: TargetSandbox, state_dir: Path, paths: list[Path], **kwargs: Any) -> LoadResult:

@@ -11,14 +11,19 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import closed_at_end
 from server_fixtures import starts_servers
 
+from pfsync.core.settings import HttpSettings
+from pfsync.medplum.client import MedplumClient
+from pfsync.net.http import Clock, RetryPolicy
 from pfsync.sandbox.target.server import TargetSandbox
 
 __all__ = [
@@ -30,6 +35,8 @@ __all__ = [
     "batch",
     "conditional_put_entry",
     "fhir_client",
+    "medplum_client",
+    "medplum_of",
     "patient",
     "target",
     "target_factory",
@@ -96,20 +103,26 @@ def fhir_client(
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"},
         timeout=60.0,
     )
-    _OPEN_CLIENTS.append(client)
-    return client
+    return closed_at_end(client)
 
 
-# Clients handed to a Loader or kept by a test are closed when the test ends (closing twice is harmless),
-# so none is left for the collector to find (a ResourceWarning, an error under filterwarnings).
-_OPEN_CLIENTS: list[httpx.Client] = []
+def medplum_of(
+    client: httpx.Client, *, fhir_url: str | None = None, clock: Clock | None = None, http: HttpSettings | None = None,
+    policy: RetryPolicy | None = None, stop: threading.Event | None = None,
+) -> MedplumClient:  # fmt: skip
+    """A MedplumClient over a test's own httpx.Client (its auth its own; its base URL the FHIR base
+    unless `fhir_url`), with the clock, retry policy and stop that MedplumClient.connect gives one
+    in production. The httpx client is closed when the test ends."""
+    closed_at_end(client)
+    policy = policy or RetryPolicy.from_settings(http or HttpSettings())
+    return MedplumClient(client, fhir_url=fhir_url, clock=clock, policy=policy, stop=stop)
 
 
-@pytest.fixture(autouse=True)
-def _close_fhir_clients() -> Iterator[None]:
-    yield
-    while _OPEN_CLIENTS:
-        _OPEN_CLIENTS.pop().close()
+def medplum_client(
+    sandbox: TargetSandbox, client_id: str = TARGET_CLIENT, secret: str = TARGET_SECRET, **kwargs: Any
+) -> MedplumClient:
+    """`fhir_client` as a MedplumClient (`medplum_of`'s keywords)."""
+    return medplum_of(fhir_client(sandbox, client_id, secret), **kwargs)
 
 
 def patient(value: str, given: str = "Jane", **extra: Any) -> dict[str, Any]:

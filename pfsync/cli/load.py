@@ -46,7 +46,7 @@ from pfsync.core.settings import Settings, SourceSettings, require
 from pfsync.core.statedir import QUARANTINE_FILE, source_dir
 from pfsync.load.loader import Loader, LoadResult, load
 from pfsync.load.quarantine import is_wrapped
-from pfsync.medplum.auth import medplum_auth
+from pfsync.medplum.client import MedplumClient
 from pfsync.net.http import make_client
 from pfsync.sync.schedule import stop_on_signals
 
@@ -305,12 +305,11 @@ def _load(ctx: typer.Context, a: _LoadArgs) -> None:
     require(mp.client_secret, "medplum.client_secret", "pfsync load")
     reasons = QuarantineReasons()
     with ExitStack() as stack:
-        auth = medplum_auth(mp, http=settings.http)  # the process's shared token
-        medplum = stack.enter_context(
-            make_client(settings.http, timeout=settings.http.load_timeout, base_url=mp.fhir_url, auth=auth)
-        )
-        source_client = _source_client(settings, src, stack)
         stop = stack.enter_context(stop_on_signals(threading.Event()))
+        # The one Medplum client: the process's shared token, pacing, 429 waits (pfsync.medplum.client).
+        http = make_client(settings.http, timeout=settings.http.load_timeout)
+        medplum = stack.enter_context(MedplumClient.connect(mp, http, settings=settings.http, stop=stop))
+        source_client = _source_client(settings, src, stack)
         events = FanoutSink(_sinks(ctx, stack, reasons))
         loader = stack.enter_context(
             Loader(

@@ -41,7 +41,7 @@ def _verify(
     source_name: str | None,
     options: VerifyOptions,
 ) -> VerifyReport:
-    from pfsync.medplum.auth import medplum_auth
+    from pfsync.medplum.client import MedplumClient
     from pfsync.net.http import make_client
     from pfsync.sync.state import last_local_success
     from pfsync.verify.exports import default_export, fresh_export
@@ -59,12 +59,10 @@ def _verify(
         dirs = fresh_export(settings, source)
     else:
         dirs = default_export(settings, source, synced_at=last_local_success(settings, source.name))
-    # base_url = the FHIR base: the loader keys its id map by it (pfsync.load.loader.Loader).
-    with make_client(
-        settings.http, timeout=settings.http.load_timeout, base_url=settings.medplum.fhir_url
-    ) as client:
-        client.auth = medplum_auth(settings.medplum, http=settings.http)  # the process's shared token
-        return verify(settings, source, client, dirs, options)
+    # The one Medplum client: the process's shared token, pacing, 429 waits (pfsync.medplum.client).
+    http = make_client(settings.http, timeout=settings.http.load_timeout)
+    with MedplumClient.connect(settings.medplum, http, settings=settings.http) as medplum:
+        return verify(settings, source, medplum, dirs, options)
 
 
 def render_table(report: VerifyReport, limit: int) -> None:

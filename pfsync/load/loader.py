@@ -43,6 +43,7 @@ from pfsync.load.idmap import IdMap
 from pfsync.load.order import dependency_order
 from pfsync.load.quarantine import QUARANTINE, RETRY, WrappedLog, is_wrapped, iter_wrapped, pending, take
 from pfsync.load.writes import Writer
+from pfsync.medplum.client import MedplumClient
 from pfsync.net.http import Clock, SystemClock
 from pfsync.source.exportjob import export_files
 
@@ -80,7 +81,8 @@ class LoadResult:
 class Loader:
     """Loads NDJSON into Medplum for one source. Not thread-safe: call it from one thread.
 
-    `medplum` is an httpx.Client whose base_url is MedplumSettings.fhir_url, auth already set.
+    `medplum` is the source's Medplum client (pfsync.medplum.client.MedplumClient.connect: auth, pacing,
+    429 waits); the id map is keyed by its FHIR base. The loader does not close it.
     `source_client` (with the source's auth) fetches attachments and missing reference targets.
     `stop` interrupts between resources and Bundles (writes in flight settle first) with
     InterruptedRunError; a rerun resumes without duplicates. `mode` overrides load.upsert_mode.
@@ -90,7 +92,7 @@ class Loader:
         self,
         source: SourceSettings,
         settings: LoadSettings,
-        medplum: httpx.Client,
+        medplum: MedplumClient,
         *,
         state_dir: Path,
         source_client: httpx.Client | None = None,
@@ -108,7 +110,7 @@ class Loader:
         self._events = events or NullSink()
         self._dir = source_dir(state_dir, source.name)
         self._idmap = IdMap(
-            self._dir / IDMAP_FILE, target=str(medplum.base_url), cache_bytes=settings.idmap_cache_bytes,
+            self._dir / IDMAP_FILE, target=medplum.server_key, cache_bytes=settings.idmap_cache_bytes,
             sqlite_cache_bytes=settings.idmap_sqlite_cache_bytes,
         )  # fmt: skip
         self.quarantine = WrappedLog(self._dir / QUARANTINE_FILE, QUARANTINE)

@@ -34,11 +34,10 @@ from pfsync.load.routing import Router
 from pfsync.load.tally import Tally
 from pfsync.load.transform import TransformContext, TransformError, prepare
 from pfsync.medplum.asyncbatch import AsyncBatchRunner
-from pfsync.medplum.client import as_medplum_client
+from pfsync.medplum.client import MedplumClient
 from pfsync.medplum.lookup import Searcher
 from pfsync.medplum.upsert import BatchSender
 from pfsync.net.http import Clock, RetryPolicy
-from pfsync.net.pacing import Pacer
 
 _FLUSH_ROUNDS = 20
 _FETCH_ROUNDS = 5  # rounds of fetches of missing targets at finish (each may name new ones)
@@ -49,7 +48,7 @@ class Writer:
     """Owned by Loader; see pfsync.load.loader for the public API."""
 
     def __init__(
-        self, source: SourceSettings, settings: LoadSettings, medplum: httpx.Client, idmap: IdMap,
+        self, source: SourceSettings, settings: LoadSettings, medplum: MedplumClient, idmap: IdMap,
         counts: dict[str, Counter[str]], quarantine: WrappedLog, retry_queue: WrappedLog, *,
         http: HttpSettings, clock: Clock, events: EventSink, dry_run: bool, stop: threading.Event | None,
         source_client: httpx.Client | None, mode: str,
@@ -63,9 +62,10 @@ class Writer:
         self._dry_run = dry_run
         self.fixes: Counter[str] = Counter()
         policy = RetryPolicy.from_settings(http)
-        # The one Medplum client of this load: its Pacer is spent by searches and Bundles alike.
-        self.medplum = as_medplum_client(medplum, pacer=Pacer(), clock=clock, policy=policy, stop=stop)
+        # The source's one Medplum client: its Pacer is spent by searches and Bundles alike (this load's from here).
+        self.medplum = medplum
         self.pacer = self.medplum.pacer
+        self._used_before = self.pacer.used
         self._searcher = Searcher(self.medplum)
         self.refs = References(idmap, self.context, source_client if settings.fetch_missing_references else None,
                                clock=clock, retry=policy)  # fmt: skip
@@ -370,7 +370,7 @@ class Writer:
 
     # -- figures
     def quota_used(self) -> float:
-        return self.pacer.used
+        return self.pacer.used - self._used_before
 
     def requests(self) -> int:
         n = self._searcher.requests + self.refs.requests + self._emitter.requests

@@ -15,7 +15,7 @@ import orjson
 from pfsync.core.errors import HTTPError
 from pfsync.core.netpolicy import origin, shown_url
 from pfsync.medplum.batch import Entry
-from pfsync.medplum.client import MedplumClient, as_medplum_client
+from pfsync.medplum.client import MedplumClient
 from pfsync.net.http import Clock, outcome_text, server_text, wait
 
 Result = tuple[int | None, bytes, str | None, str | None]  # status, content, RateLimit, error text
@@ -40,10 +40,10 @@ class AsyncBatchRunner:
     polls and the results read through the one retry path, 429s waited out, unpaced)."""
 
     def __init__(
-        self, client: MedplumClient | httpx.Client, clock: Clock, *, max_bytes: int, poll_interval: float = 0.5,
+        self, client: MedplumClient, clock: Clock, *, max_bytes: int, poll_interval: float = 0.5,
         max_poll_interval: float = 10.0, deadline: float = 3600.0,
     ) -> None:  # fmt: skip
-        self._client = as_medplum_client(client, clock=clock)
+        self._client = client
         self._clock = clock
         self.max_bytes = max_bytes
         self._poll = poll_interval

@@ -114,7 +114,10 @@ class OriginBasicAuth(httpx.Auth):
             yield request
 
 
-_shared: dict[tuple[str, str, str, int], MedplumAuthenticator] = {}
+# Keyed by the clock object itself, not id(clock): an id is reused once its object is collected, so a
+# later clock could be handed a token timed by another. The entry holds its clock, so an entry's
+# key can never stand for a different clock; None (the system clock) is one key.
+_shared: dict[tuple[str, str, str, object], MedplumAuthenticator] = {}
 _shared_lock = threading.Lock()
 _owned_clients: list[httpx.Client] = []
 
@@ -130,7 +133,7 @@ def shared_authenticator(
     client_id = str(require(settings.client_id, "medplum.client_id", "Medplum auth"))
     secret = require(settings.client_secret, "medplum.client_secret", "Medplum auth")
     digest = hashlib.sha256(secret.reveal().encode()).hexdigest()
-    key = (settings.token_url, client_id, digest, id(clock) if clock is not None else 0)
+    key: tuple[str, str, str, object] = (settings.token_url, client_id, digest, clock)
     with _shared_lock:
         found = _shared.get(key)
         if found is None:

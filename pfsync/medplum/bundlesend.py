@@ -85,9 +85,7 @@ class OversizeRoute:
     itself (docs/medplum.md "Size limits": a synchronous body may be at most 1 MiB, an async one up to
     maxBatchSize). An identity routed async stays routed for the run."""
 
-    def __init__(
-        self, client: MedplumClient | httpx.Client, clock: Clock, runner: AsyncBatchRunner | None
-    ) -> None:
+    def __init__(self, client: MedplumClient, clock: Clock, runner: AsyncBatchRunner | None) -> None:
         self.always = runner is not None
         self.runner = runner or AsyncBatchRunner(client, clock, max_bytes=MEDPLUM_BODY_LIMIT)
         self.routed: set[tuple[str, str]] = set()

@@ -104,12 +104,53 @@ class MedplumClient:
         cls, medplum: MedplumSettings, http: httpx.Client, *, settings: HttpSettings | None = None,
         clock: Clock | None = None, stop: threading.Event | None = None,
     ) -> MedplumClient:  # fmt: skip
-        """A client with the configured Medplum auth: the process's shared token (or Basic)."""
+        """A client with the configured Medplum auth: the process's shared token (or Basic). `http`
+        carries no auth of its own (ValueError otherwise): the token lives here, so there is one
+        place that adds it and one token per process. The client owns `http` from now on: `close`
+        closes it, and a failure here (a missing secret) closes it too."""
         from pfsync.medplum.auth import medplum_auth
 
         settings = settings or HttpSettings()
-        return cls(http, fhir_url=medplum.fhir_url, auth=medplum_auth(medplum, clock=clock, http=settings),
-                   clock=clock, policy=RetryPolicy.from_settings(settings), stop=stop)  # fmt: skip
+        try:
+            if http.auth is not None:
+                raise ValueError(
+                    "MedplumClient.connect: the httpx.Client must carry no auth, the MedplumClient owns it"
+                )
+            auth = medplum_auth(medplum, clock=clock, http=settings)
+        except BaseException:
+            http.close()
+            raise
+        return cls(http, fhir_url=medplum.fhir_url, auth=auth, clock=clock, policy=RetryPolicy.from_settings(settings),
+                   stop=stop)  # fmt: skip
+
+    def sibling(self, *, pacer: Pacer | None = None, throttle_patience: float | None = None,
+                estimate_unmeasured: bool | None = None) -> MedplumClient:  # fmt: skip
+        """A client over the same connection, auth, clock, retry policy and stop, with its own
+        stats and the Pacer given (a new one by default): for a caller that reports its own quota
+        (verify) or waits longer on 429s. Closing either closes the shared connection."""
+        return MedplumClient(
+            self.http, fhir_url=self.fhir_url, auth=self.auth, pacer=pacer, clock=self.clock, policy=self.policy,
+            stop=self.stop,
+            throttle_patience=self.throttle_patience if throttle_patience is None else throttle_patience,
+            estimate_unmeasured=self.estimate_unmeasured if estimate_unmeasured is None else estimate_unmeasured,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """Close the HTTP client (idempotent)."""
+        self.http.close()
+
+    def __enter__(self) -> MedplumClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def server_key(self) -> str:
+        """The FHIR base as httpx normalizes it (host lower-case, default port dropped): what an id
+        map records as its Medplum server, the same string an httpx.Client's base_url gave before
+        the loader took a MedplumClient, so existing maps stay valid."""
+        return str(httpx.URL(self.fhir_url))
 
     def url(self, path: str) -> str:
         """`path` (relative to the FHIR base, or absolute) as an absolute URL."""
@@ -261,19 +302,3 @@ class MedplumClient:
     ) -> list[Json]:
         """Every resource of a search (every page)."""
         return [resource for page in self.pages(path, what, params=params) for resource in page]
-
-
-def as_medplum_client(
-    client: MedplumClient | httpx.Client,
-    *,
-    fhir_url: str | None = None,
-    pacer: Pacer | None = None,
-    clock: Clock | None = None,
-    policy: RetryPolicy | None = None,
-    stop: threading.Event | None = None,
-) -> MedplumClient:
-    """A MedplumClient; a bare httpx.Client is wrapped with these (its own auth and, without
-    `fhir_url`, its base URL then apply). A MedplumClient is returned as it is."""
-    if isinstance(client, MedplumClient):
-        return client
-    return MedplumClient(client, fhir_url=fhir_url, pacer=pacer, clock=clock, policy=policy, stop=stop)

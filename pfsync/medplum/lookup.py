@@ -15,9 +15,7 @@ from typing import Any
 import httpx
 
 from pfsync.core.marks import escape_token, resource_hash_from_meta
-from pfsync.medplum.client import MedplumClient, as_medplum_client
-from pfsync.net.http import Clock, RetryPolicy
-from pfsync.net.pacing import Pacer
+from pfsync.medplum.client import MedplumClient
 
 LOOKUP_BATCH = 100
 _MAX_URL = 7000
@@ -34,9 +32,8 @@ class Found:
 class Searcher:
     """Medplum searches for the loader, through the one Medplum client (pacing, 429 waits, paging)."""
 
-    def __init__(self, client: MedplumClient | httpx.Client, pacer: Pacer | None = None, clock: Clock | None = None,
-                 retry: RetryPolicy | None = None) -> None:  # fmt: skip
-        self.client = as_medplum_client(client, pacer=pacer, clock=clock, policy=retry)
+    def __init__(self, client: MedplumClient) -> None:
+        self.client = client
 
     @property
     def requests(self) -> int:

@@ -23,8 +23,6 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import httpx
-
 from pfsync.core.errors import HTTPError, InterruptedRunError
 from pfsync.core.events import EventSink, NullSink
 from pfsync.core.redact import redact
@@ -49,10 +47,10 @@ from pfsync.medplum.bundlesend import (
     send_bundle,
     wait_from_outcome_bytes,
 )
-from pfsync.medplum.client import MedplumClient, as_medplum_client
+from pfsync.medplum.client import MedplumClient
 from pfsync.medplum.donequeue import DoneQueue
 from pfsync.net.http import TEMPORARY_RULES, Clock, RetryPolicy, decide
-from pfsync.net.pacing import Concurrency, Pacer
+from pfsync.net.pacing import Concurrency
 
 _MIN_BUNDLE_BYTES = 16 * 1024
 _READY = 2  # Bundles prepared ahead while every slot is in flight (one per answer arriving at once)
@@ -64,7 +62,7 @@ class BatchSender:
 
     def __init__(
         self,
-        client: MedplumClient | httpx.Client,
+        client: MedplumClient,
         handler: Handler,
         *,
         max_bytes: int,
@@ -72,14 +70,13 @@ class BatchSender:
         max_concurrency: int,
         clock: Clock,
         retry: RetryPolicy,
-        pacer: Pacer | None = None,
         events: EventSink | None = None,
         stop: threading.Event | None = None,
         async_runner: AsyncBatchRunner | None = None,
     ) -> None:
-        self._client = as_medplum_client(client, pacer=pacer, clock=clock, policy=retry, stop=stop)
+        self._client = client
         self._handler = handler
-        self._oversize = OversizeRoute(client, clock, async_runner)  # which Bundles go as async jobs
+        self._oversize = OversizeRoute(self._client, clock, async_runner)  # which Bundles go as async jobs
         limit = async_runner.max_bytes if async_runner else MEDPLUM_BODY_LIMIT - 1024
         self.max_bytes = max(_MIN_BUNDLE_BYTES, min(max_bytes, limit))
         self.max_entries = max_entries

@@ -116,6 +116,7 @@ def next_link(bundle: dict[str, Any], current: str, what: str, *, rebase_on: str
                     url = rebase_on + tail[at + len(marker) :]
             home = rebase_on if rebase_on is not None else current
             if origin(url) != origin(home):
-                raise ProtocolError(f"{what}: the next page {shown_url(url)} is not on {origin(home)}")
+                raise ProtocolError(f"{what}: the next page {shown_url(url)} refused: it is not on {origin(home)}",
+                                    hint="a server's paging link may not send pfsync to another origin")  # fmt: skip
             return url
     return None

@@ -11,6 +11,7 @@ from urllib.parse import urljoin
 from pfsync.core.errors import ExportError
 from pfsync.core.ndjson import Record, iter_file
 from pfsync.core.redact import redact
+from pfsync.net.http import next_link
 
 Kind = Literal["output", "error", "deleted"]
 
@@ -51,10 +52,9 @@ def parse_manifest(body: Any, page_url: str) -> Manifest:
             rtype = entry.get("type") or ("OperationOutcome" if kind == "error" else "Bundle")
             url = urljoin(page_url, entry["url"])
             files.append(ManifestFile(kind, str(rtype), url, count if isinstance(count, int) else None))
-    next_url = None
-    for link in body.get("link") or []:
-        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-            next_url = urljoin(page_url, link["url"])
+    # The next page is asked for with the source's token: it must stay on this page's origin (the
+    # one Bundle-paging rule, pfsync.net.http.next_link: ProtocolError, exit 5, otherwise).
+    next_url = next_link(body, page_url, "the export manifest")
     return Manifest(
         transaction_time=body["transactionTime"],
         request=str(body.get("request", "")),

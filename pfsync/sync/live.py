@@ -19,7 +19,6 @@ from pfsync.core.events import EventSink, NullSink
 from pfsync.core.ndjson import Record, iter_file
 from pfsync.core.settings import Settings, SourceSettings
 from pfsync.load.loader import Loader
-from pfsync.medplum.auth import medplum_auth
 from pfsync.medplum.client import MedplumClient
 from pfsync.net.http import Clock, RetryPolicy, SystemClock, json_object, make_client, request_with_retry
 from pfsync.net.tokens import BearerAuth
@@ -36,15 +35,17 @@ def open_store(settings: Settings, *, clock: Clock | None = None) -> tuple[State
     """The configured state backend and a function that closes what it opened."""
     if settings.state_backend == "local":
         return LocalStateStore(settings.state_dir), lambda: None
-    client = make_client(settings.http)
-    # The Medplum client owns the auth: the process's shared token (pfsync.medplum.auth).
-    medplum = MedplumClient.connect(settings.medplum, client, settings=settings.http, clock=clock)
-    store = MedplumStateStore(medplum, settings.medplum.fhir_url)
-    return store, client.close
+    # The Medplum client owns the auth: the process's shared token (pfsync.medplum.auth); connect
+    # closes the httpx client itself when it fails.
+    medplum = MedplumClient.connect(
+        settings.medplum, make_client(settings.http), settings=settings.http, clock=clock
+    )
+    return MedplumStateStore(medplum), medplum.close
 
 
 class LiveEngines:
-    """Engines for one source over real HTTP."""
+    """Engines for one source over real HTTP. What the constructor opened is closed by `close`, or
+    by the constructor itself when a later step raises (a refused source secret, a missing one)."""
 
     def __init__(
         self,
@@ -61,18 +62,20 @@ class LiveEngines:
         self.events = events or NullSink()
         self.dry_run = dry_run
         self.policy = RetryPolicy.from_settings(settings.http)
-        self.source_client = make_client(settings.http)
-        self.authenticator, self.source_auth = source_auth(source, self.source_client, http=settings.http,
-                                                           clock=self.clock,
-                                                           negotiate=not settings.export.strict_scopes)  # fmt: skip
-        # The loader fetches missing references and attachments from the source with this client;
-        # a separate one so the authenticator's own token requests never pass through BearerAuth.
-        self.source_fetch_client = make_client(settings.http, auth=self.source_auth)
-        self.medplum_client = make_client(
-            settings.http, timeout=settings.http.load_timeout, base_url=settings.medplum.fhir_url
-        )  # pfsync.load.loader: base_url required
-        # One Medplum token for the whole process, shared by every source (medplum_auth).
-        self.medplum_client.auth = medplum_auth(settings.medplum, clock=clock, http=settings.http)
+        with contextlib.ExitStack() as opened:
+            self.source_client = opened.enter_context(make_client(settings.http))
+            self.authenticator, self.source_auth = source_auth(source, self.source_client, http=settings.http,
+                                                               clock=self.clock,
+                                                               negotiate=not settings.export.strict_scopes)  # fmt: skip
+            # The loader fetches missing references and attachments from the source with this client;
+            # a separate one so the authenticator's own token requests never pass through BearerAuth.
+            self.source_fetch_client = opened.enter_context(make_client(settings.http, auth=self.source_auth))
+            # This source's one Medplum client; its token is the process's one, shared by every source.
+            self.medplum = opened.enter_context(MedplumClient.connect(
+                settings.medplum, make_client(settings.http, timeout=settings.http.load_timeout),
+                settings=settings.http, clock=clock, stop=stop,
+            ))  # fmt: skip
+            self._opened = opened.pop_all()
         self._granted: list[str] | None = None
 
     def prove_credentials(self) -> None:
@@ -81,12 +84,11 @@ class LiveEngines:
         until there is something to load. The tokens are the ones the run then uses. With
         medplum.auth = basic there is no token: one `_summary=count` search proves the secret."""
         self._granted_types()
-        auth = self.medplum_client.auth
+        auth = self.medplum.auth
         if isinstance(auth, BearerAuth):
             auth.provider.prove()
             return
-        medplum = MedplumClient(self.medplum_client, clock=self.clock, policy=self.policy, stop=self.stop)
-        resp = medplum.send("GET", "Patient", cost="search", params={"_summary": "count"})
+        resp = self.medplum.send("GET", "Patient", cost="search", params={"_summary": "count"})
         if resp.status_code in (401, 403):
             raise AuthError(
                 f"Medplum refused the client credentials (HTTP {resp.status_code})",
@@ -110,7 +112,7 @@ class LiveEngines:
 
     @contextlib.contextmanager
     def _loader(self) -> Iterator[SyncLoader]:
-        with Loader(self.source, self.settings.load, self.medplum_client, state_dir=self.settings.state_dir,
+        with Loader(self.source, self.settings.load, self.medplum, state_dir=self.settings.state_dir,
                     source_client=self.source_fetch_client, http=self.settings.http, clock=self.clock,
                     events=self.events, dry_run=self.dry_run, stop=self.stop) as loader:  # fmt: skip
             yield loader
@@ -152,13 +154,11 @@ class LiveEngines:
         return frozenset(ids)
 
     def seed_checkpoint(self) -> str | None:
-        return find_seed_checkpoint(self.medplum_client, self.settings.medplum.fhir_url, clock=self.clock,
-                                    policy=self.policy)  # fmt: skip
+        return find_seed_checkpoint(self.medplum)
 
     def close(self) -> None:
-        for client in (self.source_client, self.source_fetch_client, self.medplum_client):
-            with contextlib.suppress(Exception):
-                client.close()
+        with contextlib.suppress(Exception):
+            self._opened.close()
 
 
 def live_engines(settings: Settings, *, clock: Clock | None = None, events: EventSink | None = None,

@@ -22,8 +22,8 @@ import orjson
 from pfsync.core.errors import LockedError, ProtocolError, StateError
 from pfsync.core.instants import iso, parse_iso
 from pfsync.core.marks import identifier_query
-from pfsync.medplum.client import MedplumClient, as_medplum_client
-from pfsync.net.http import Clock, RetryPolicy, json_object, outcome_text, raise_for_status
+from pfsync.medplum.client import MedplumClient
+from pfsync.net.http import json_object, outcome_text, raise_for_status
 from pfsync.sync.holders import Holder, Lease
 from pfsync.sync.lock import LEASE_TTL, LeaseLock, check_lease, lease_expired, new_lease
 from pfsync.sync.state import SyncState
@@ -34,21 +34,17 @@ FHIR_JSON = "application/fhir+json"
 
 
 class MedplumStateStore:
-    """StateStore over Medplum `Basic` resources, through the one Medplum client (a bare
-    httpx.Client is wrapped: its own auth applies)."""
+    """StateStore over Medplum `Basic` resources, through the one Medplum client."""
 
     backend = "medplum"
 
     def __init__(
         self,
-        client: MedplumClient | httpx.Client,
-        fhir_url: str,
+        client: MedplumClient,
         *,
-        clock: Clock | None = None,
-        policy: RetryPolicy | None = None,
         lease_ttl: float = LEASE_TTL,
     ) -> None:
-        self.medplum = as_medplum_client(client, fhir_url=fhir_url, clock=clock, policy=policy)
+        self.medplum = client
         self.client = self.medplum.http
         self.fhir_url = self.medplum.fhir_url
         self.clock = self.medplum.clock
@@ -243,14 +239,12 @@ def _with_lease(state: SyncState, lock: LeaseLock | None) -> SyncState:
     return replace(state, lease=None if lock is None else lock.lease)
 
 
-def find_seed_checkpoint(client: MedplumClient | httpx.Client, fhir_url: str, *, clock: Clock | None = None,
-                         policy: RetryPolicy | None = None) -> str | None:  # fmt: skip
+def find_seed_checkpoint(medplum: MedplumClient) -> str | None:
     """The `lastSyncTime` of the Medplum Practice Fusion bot integration (a `Parameters` resource), or None.
 
     docs/medplum.md: Parameters has no identifier, so search them all (a project holds few) and pick
     the one that has a `lastSyncTime` parameter; the newest value wins if several do.
     """
-    medplum = as_medplum_client(client, fhir_url=fhir_url, clock=clock, policy=policy)
     resp = medplum.send("GET", "Parameters?_count=100", cost="search")
     if resp.status_code == 404:
         return None

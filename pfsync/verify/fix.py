@@ -22,8 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-import httpx
-
 from pfsync.core.errors import HTTPError
 from pfsync.core.events import EventSink
 from pfsync.core.ndjson import Record, iter_file, iter_paths
@@ -48,8 +46,6 @@ class Verifier(Protocol):
     def settings(self) -> Settings: ...
     @property
     def source(self) -> SourceSettings: ...
-    @property
-    def client(self) -> httpx.Client: ...
     @property
     def clock(self) -> Clock: ...
     @property
@@ -154,7 +150,7 @@ def _done(action: Action, error: str | None = None) -> Action:
 
 def _sync_idmap(verifier: Verifier, scratch: Scratch) -> None:
     """Make the loader's id map say what Medplum holds (after the deletions)."""
-    idmap = IdMap(verifier.work_dir / IDMAP_FILE, target=str(verifier.client.base_url))
+    idmap = IdMap(verifier.work_dir / IDMAP_FILE, target=verifier.reader.medplum.server_key)
     try:
         for rtype, sid, mid, vid, tag in scratch.kept():
             row = idmap.get(rtype, sid)
@@ -197,12 +193,11 @@ def _resend(verifier: Verifier, export_dirs: Sequence[Path], scratch: Scratch) -
                         out.write(item.raw + b"\n")
         settings = verifier.settings
         with Loader(
-            verifier.source, settings.load, verifier.client, state_dir=settings.state_dir, http=settings.http,
+            verifier.source, settings.load, verifier.reader.medplum, state_dir=settings.state_dir, http=settings.http,
             clock=verifier.clock, events=verifier.events,
         ) as loader:  # fmt: skip
             loader.load_file(path)
             result = loader.finish()
-        verifier.reader.pacer.used += result.quota_used  # the report's quota covers the repairs too
         if result.quarantined or result.retry_queued:
             return (
                 f"{result.quarantined} quarantined, {result.retry_queued} queued for retry "

@@ -19,10 +19,9 @@ from urllib.parse import quote
 
 import httpx
 
-from pfsync.core.settings import HttpSettings
 from pfsync.medplum.client import COSTS, Cost, MedplumClient, MedplumStats
 from pfsync.medplum.lookup import Found, Searcher, find_identities
-from pfsync.net.http import Clock, RetryPolicy, SystemClock, raise_for_status
+from pfsync.net.http import raise_for_status
 from pfsync.net.pacing import Pacer
 
 log = logging.getLogger("pfsync.verify")
@@ -40,21 +39,17 @@ class MedplumReader:
 
     def __init__(
         self,
-        client: MedplumClient | httpx.Client,
-        fhir_url: str,
+        client: MedplumClient,
         *,
-        http: HttpSettings | None = None,
-        clock: Clock | None = None,
         pacer: Pacer | None = None,
         page_size: int = MAX_PAGE,
         max_throttle_wait: float = 3600.0,
     ) -> None:
-        if isinstance(client, MedplumClient):
-            self.medplum = client
-        else:  # a 429 is waited out for up to max_throttle_wait: verify never fails on a spent quota
-            self.medplum = MedplumClient(client, fhir_url=fhir_url, pacer=pacer, clock=clock or SystemClock(),
-                                         policy=RetryPolicy.from_settings(http or HttpSettings()),
-                                         throttle_patience=max_throttle_wait, estimate_unmeasured=True)  # fmt: skip
+        # verify's own view of the one client: a 429 is waited out for up to max_throttle_wait (verify
+        # never fails on a spent quota), and every request counts at least its cost (the report's quota).
+        self.medplum = client.sibling(
+            pacer=pacer, throttle_patience=max_throttle_wait, estimate_unmeasured=True
+        )
         self.client = self.medplum.http
         self.fhir_url = self.medplum.fhir_url
         self.clock = self.medplum.clock

@@ -18,8 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from pfsync.core.errors import HTTPError, UsageError
 from pfsync.core.events import EventSink, NullSink
 from pfsync.core.marks import resource_hash_from_meta
@@ -36,6 +34,7 @@ from pfsync.load.transform import (
     prepare,
     render,
 )
+from pfsync.medplum.client import MedplumClient
 from pfsync.net.http import Clock, SystemClock
 from pfsync.verify.exports import is_incremental
 from pfsync.verify.fix import apply_fixes
@@ -67,7 +66,7 @@ class Verifier:
         self,
         settings: Settings,
         source: SourceSettings,
-        client: httpx.Client,
+        client: MedplumClient,
         *,
         clock: Clock | None = None,
         events: EventSink | None = None,
@@ -75,11 +74,11 @@ class Verifier:
     ) -> None:
         self.settings = settings
         self.source = source
-        self.client = client
+        self.medplum = client
         self.clock = clock or SystemClock()
         self.events = events or NullSink()
         self.fhir_url = settings.medplum.fhir_url
-        self.reader = reader or MedplumReader(client, self.fhir_url, http=settings.http, clock=self.clock)
+        self.reader = reader or MedplumReader(client)
         self.ctx = TransformContext(source, normalize=settings.load.normalize)
         self.work_dir = source_dir(settings.state_dir, source.name)
         self.strangers = 0
@@ -298,7 +297,7 @@ class Verifier:
 def verify(
     settings: Settings,
     source: SourceSettings,
-    client: httpx.Client,
+    client: MedplumClient,
     export_dirs: Sequence[Path],
     options: VerifyOptions | None = None,
     *,

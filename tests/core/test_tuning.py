@@ -13,6 +13,7 @@ import pytest
 from pfsync.core import tuning
 from pfsync.core.settings import LoadSettings, SourceSettings
 from pfsync.load.loader import Loader
+from pfsync.medplum.client import MedplumClient
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +52,7 @@ def test_loaders_apply_the_settings_while_open_even_when_they_close_out_of_order
     gc.set_threshold(700, 10, 10)
     sys.setswitchinterval(0.005)
     source = SourceSettings(name="s", base_url="https://ehr.example/fhir")
-    with httpx.Client(base_url="https://medplum.example/fhir/R4/") as client:
+    with MedplumClient(httpx.Client(base_url="https://medplum.example/fhir/R4/")) as client:
         first = Loader(source, LoadSettings(), client, state_dir=tmp_path / "a")
         second = Loader(source, LoadSettings(), client, state_dir=tmp_path / "b")
         assert gc.get_threshold()[0] == 50_000

@@ -13,7 +13,7 @@ import pytest
 from load_helpers import SYNTHEA_SMALL, binary_uploads, identity_counts, write_ndjson
 from refcheck import check_references
 from source_fixtures import export_and_wait, read_ndjson, source_token
-from target_fixtures import fhir_client
+from target_fixtures import medplum_client
 
 from pfsync.core.settings import LoadSettings, SourceSettings
 from pfsync.load.loader import Loader, LoadResult
@@ -54,7 +54,7 @@ def _load(source: SourceSandbox, target: TargetSandbox, state: Path, files: list
           hint: bool, reads_before_finish: list[int] | None = None) -> LoadResult:  # fmt: skip
     with (
         _source_client(source) as sc,
-        Loader(_source_settings(source), LoadSettings(), fhir_client(target), state_dir=state,
+        Loader(_source_settings(source), LoadSettings(), medplum_client(target), state_dir=state,
                source_client=sc) as loader,
     ):  # fmt: skip
         if hint:
@@ -134,7 +134,7 @@ def test_load_attachment_from_source_becomes_medplum_binary_once(
         data = write_ndjson(tmp_path / name, [resource])
         with (
             _source_client(source) as sc,
-            Loader(_source_settings(source), LoadSettings(), fhir_client(target), state_dir=state,
+            Loader(_source_settings(source), LoadSettings(), medplum_client(target), state_dir=state,
                    source_client=sc) as loader,
         ):  # fmt: skip
             loader.load_file(data)
@@ -175,7 +175,7 @@ def test_load_with_a_refused_target_type_writes_dependants_as_their_targets_land
     scope = " ".join(f"system/{t}.read" for t in types)  # everything but Organization
     source.stats.clear()
     sc = httpx.Client(headers={"Authorization": f"Bearer {source_token(source, scope)}"}, timeout=30)
-    with sc, Loader(_source_settings(source), LoadSettings(), fhir_client(target), state_dir=tmp_path / "state",
+    with sc, Loader(_source_settings(source), LoadSettings(), medplum_client(target), state_dir=tmp_path / "state",
                     source_client=sc) as loader:  # fmt: skip
         loader.load_paths([export_dir])
         result = loader.finish()

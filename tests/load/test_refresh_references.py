@@ -12,7 +12,7 @@ import orjson
 from load_helpers import SYNTHEA_SMALL, write_ndjson
 from source_fixtures import source_token
 from sync_helpers import summary, sync_env
-from target_fixtures import fhir_client
+from target_fixtures import medplum_client, medplum_of
 from typer.testing import CliRunner
 
 from pfsync.cli import app
@@ -42,7 +42,7 @@ def _load(source: SourceSandbox, target: TargetSandbox, state: Path, resources: 
     client = httpx.Client(headers={"Authorization": f"Bearer {source_token(source)}"}, timeout=30)
     with (
         client,
-        Loader(SourceSettings(name="default", base_url=source.base_url()), settings, fhir_client(target),
+        Loader(SourceSettings(name="default", base_url=source.base_url()), settings, medplum_client(target),
                state_dir=state, source_client=client) as loader,
     ):  # fmt: skip
         delivered = export_types("patient", ())
@@ -178,7 +178,9 @@ def test_stateless_pods_re_read_the_whole_set_as_often_as_the_setting_says(
         return dict(doc["sources"][0]["counts"])
 
     sync()
-    store = MedplumStateStore(httpx.Client(auth=("pfsync-target", "target-secret")), target.fhir_url)
+    store = MedplumStateStore(
+        medplum_of(httpx.Client(auth=("pfsync-target", "target-secret")), fhir_url=target.fhir_url)
+    )
     first_pass = store.load("pf").referenced_refreshed_at
     assert first_pass is not None
     held = [

@@ -212,3 +212,16 @@ def test_retrier_without_patience_counts_every_429_even_one_asking_for_no_wait()
     retrier = Retrier("GET", FHIR + "Patient", RetryPolicy(retries=2, max_wait=60.0), FakeClock())
     answer = httpx.Response(429, headers={"Retry-After": "0"}, request=httpx.Request("GET", FHIR + "Patient"))
     assert [retrier.next_wait(answer) for _ in range(3)] == [0.0, 0.0, None]  # a budget, never a loop
+
+
+def test_server_key_is_what_an_httpx_base_url_gave_so_existing_id_maps_stay_valid() -> None:
+    fhir_url = "https://Medplum.Example.com:443/fhir/R4/"
+    with httpx.Client(base_url=fhir_url) as before, MedplumClient(httpx.Client(), fhir_url=fhir_url) as mp:
+        assert mp.server_key == str(before.base_url) == "https://medplum.example.com/fhir/R4/"
+
+
+def test_connect_refuses_an_httpx_client_that_carries_its_own_auth_and_closes_it() -> None:
+    http = httpx.Client(auth=("someone", "secret"))
+    with pytest.raises(ValueError, match="must carry no auth"):
+        MedplumClient.connect(SETTINGS, http)
+    assert http.is_closed

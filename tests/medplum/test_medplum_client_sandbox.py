@@ -5,6 +5,7 @@ tokens, throttled 429s and 5xx waited out, the quota report (docs/medplum.md "Se
 from __future__ import annotations
 
 import pytest
+from conftest import closed_at_end
 from doubles import FakeClock
 from target_fixtures import (
     MRN,
@@ -31,7 +32,7 @@ def medplum(target: TargetSandbox) -> MedplumClient:
     settings = MedplumSettings(
         base_url=target.base_url, client_id=TARGET_CLIENT, client_secret=Secret(TARGET_SECRET)
     )
-    http = make_client(FAST)
+    http = closed_at_end(make_client(FAST))
     clock = FakeClock()
     # A private authenticator over this client (medplum_auth with a client), so counts are this test's.
     auth = medplum_auth(settings, http, clock=clock, http=FAST)

@@ -14,6 +14,7 @@ import pytest
 from load_helpers import FakeClock
 
 from pfsync.medplum.batch import Entry, EntryResult, Kind
+from pfsync.medplum.client import MedplumClient
 from pfsync.medplum.upsert import BatchSender
 from pfsync.net.http import RetryPolicy
 from pfsync.net.pacing import Concurrency, Pacer, parse_ratelimit
@@ -92,7 +93,8 @@ def make(client: httpx.Client, handler: Handler, clock: FakeClock, **kw: Any) ->
         "retry": RetryPolicy(retries=3),
     }
     opts.update(kw)
-    return BatchSender(client, handler, clock=clock, pacer=Pacer(), **opts)
+    medplum = MedplumClient(client, clock=clock, policy=opts["retry"], stop=opts.get("stop"))
+    return BatchSender(medplum, handler, clock=clock, **opts)
 
 
 def test_sender_retries_only_throttled_entries_after_ms_before_next() -> None:

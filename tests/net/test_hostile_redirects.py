@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 from cryptography.hazmat.primitives import serialization
-from hostile_server import Answer, Hostile, bulk_source, manifest, run_pfsync, source_env
+from hostile_server import TOKEN, Answer, Hostile, bulk_source, manifest, run_pfsync, source_env
 from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 
 from pfsync.sandbox.source.auth import generate_test_keys
@@ -115,7 +115,9 @@ def _next_link(source: Hostile, url: str) -> None:
 @pytest.mark.parametrize(
     ("plant", "url", "reason"),
     [(_status_elsewhere, METADATA, "plain http"), (_file_at, METADATA, "plain http"),
-     (_file_redirects, METADATA, "plain http"), (_next_link, METADATA, "plain http"),
+     (_file_redirects, METADATA, "plain http"),
+     # A next link must also stay on the manifest's origin, which it fails first.
+     (_next_link, METADATA, "is not on"),
      (_file_at, "https://169.254.169.254/latest/", "special-purpose"),
      (_file_redirects, "https://[::ffff:169.254.169.254]/x", "special-purpose"),
      (_status_elsewhere, "https://[fe80::1]/x", "special-purpose"),
@@ -130,6 +132,19 @@ def test_hostile_server_supplied_url_is_checked_like_a_configured_one(
     code, output = _export(source_env(source, tmp_path), tmp_path)
     assert code == 5, output
     assert "refused" in output and reason in output, output
+
+
+def test_hostile_manifest_next_link_to_another_origin_is_not_followed(
+    source: Hostile, foreign: Hostile, tmp_path: Path
+) -> None:
+    """A manifest page's `next` link on another origin (here another port of 127.0.0.1, which the
+    URL rules allow) would take the source's bearer token there: it is refused, not requested."""
+    _next_link(source, f"{foreign.url}/status/2")
+    code, output = _export(source_env(source, tmp_path), tmp_path)
+    assert foreign.seen == [], "the next manifest page (with the source's token) was requested elsewhere"
+    assert code == 5, output
+    assert f"the next page {foreign.url}/status/2 refused: it is not on {source.url}" in output, output
+    assert TOKEN not in output
 
 
 def test_hostile_metadata_address_allowed_only_when_configured(source: Hostile, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from doubles import FakeClock
 from pfsync.core.errors import InterruptedRunError, ProtocolError
 from pfsync.core.netpolicy import parse_networks, shown_url, url_problem
 from pfsync.medplum.asyncbatch import AsyncBatchRunner
+from pfsync.medplum.client import MedplumClient
 from pfsync.net.http import (
     DECODE_CHUNK,
     RetryPolicy,
@@ -163,7 +164,9 @@ def test_async_batch_status_on_another_origin_is_not_followed() -> None:
         return httpx.Response(202, headers={"Content-Location": "https://evil.example/job/1"})
 
     client = httpx.Client(transport=httpx.MockTransport(handler), base_url="https://medplum.example/fhir/R4/")
-    status, _, _, error = AsyncBatchRunner(client, FakeClock(start=1_000.0), max_bytes=1 << 20).run(b"{}")
+    clock = FakeClock(start=1_000.0)
+    runner = AsyncBatchRunner(MedplumClient(client, clock=clock), clock, max_bytes=1 << 20)
+    status, _, _, error = runner.run(b"{}")
     assert status == 502 and error is not None and "not on Medplum's origin" in error
     assert seen == ["https://medplum.example/fhir/R4/"]
 
@@ -202,12 +205,9 @@ def test_medplum_state_store_refuses_a_malformed_answer(body: bytes) -> None:
         return httpx.Response(200, content=body, headers={"Content-Type": "application/fhir+json"})
 
     client = httpx.Client(transport=httpx.MockTransport(handler))
-    store = MedplumStateStore(
-        client,
-        "https://medplum.example/fhir/R4/",
-        clock=FakeClock(start=1_000.0),
-        policy=RetryPolicy(retries=0),
-    )
+    medplum = MedplumClient(client, fhir_url="https://medplum.example/fhir/R4/", clock=FakeClock(start=1_000.0),
+                            policy=RetryPolicy(retries=0))  # fmt: skip
+    store = MedplumStateStore(medplum)
     with pytest.raises(ProtocolError):
         store.load("practice-a")
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+from conftest import closed_at_end
 from target_fixtures import TARGET_CLIENT, TARGET_SECRET
 
 from pfsync.core.errors import AuthError
@@ -67,7 +68,7 @@ def test_sandbox_keygen_jwks_token_and_kickoff(source: SourceSandbox, es_pair: K
                                                alg: str) -> None:  # fmt: skip
     pair = es_pair if alg == "ES384" else rs_pair
     source.register_client(APP, jwks=pair.jwks)
-    client = httpx.Client()
+    client = closed_at_end(httpx.Client())
     authn, bearer = source_auth(_source(source, pair), client, http=HTTP, clock=OffsetClock())
     client.auth = bearer
     response = client.get(
@@ -87,7 +88,9 @@ def test_sandbox_token_renewed_before_expiry(source: SourceSandbox, es_pair: Key
     source.register_client(APP, jwks=es_pair.jwks)
     source.configure(token_lifetime=30)
     clock = OffsetClock()
-    authn = SourceAuthenticator(_source(source, es_pair), httpx.Client(), http=HTTP, clock=clock)
+    authn = SourceAuthenticator(
+        _source(source, es_pair), closed_at_end(httpx.Client()), http=HTTP, clock=clock
+    )
     first = authn.token()
     assert authn.token() == first  # cached
     clock.offset = 25  # 5 s left of 30: inside the renewal margin
@@ -105,7 +108,7 @@ def test_sandbox_token_renewed_before_expiry(source: SourceSandbox, es_pair: Key
 
 def test_sandbox_mid_run_401_renews_once_and_retries(source: SourceSandbox, es_pair: KeyPair) -> None:
     source.register_client(APP, jwks=es_pair.jwks)
-    client = httpx.Client()
+    client = closed_at_end(httpx.Client())
     _, bearer = source_auth(_source(source, es_pair), client, http=HTTP, clock=OffsetClock())
     client.auth = bearer
     source.faults.revoke_tokens_after_kickoff()
@@ -137,7 +140,7 @@ def test_sandbox_mid_run_401_renews_once_and_retries(source: SourceSandbox, es_p
 
 def test_sandbox_token_never_sent_to_foreign_storage(source: SourceSandbox, es_pair: KeyPair) -> None:
     source.register_client(APP, jwks=es_pair.jwks)
-    client = httpx.Client()
+    client = closed_at_end(httpx.Client())
     _, bearer = source_auth(_source(source, es_pair), client, http=HTTP, clock=OffsetClock())
     client.auth = bearer
     client.get(source.foreign_url + "/storage/x/Patient/1")
@@ -149,7 +152,7 @@ def test_sandbox_token_never_sent_to_foreign_storage(source: SourceSandbox, es_p
 def test_sandbox_client_secret_basic(source: SourceSandbox) -> None:
     settings = SourceSettings(name="basic", base_url=source.base_url(), client_id="pfsync-sandbox",
                               client_secret=Secret("sandbox-secret"), resource_types=("Patient",))  # fmt: skip
-    authn = SourceAuthenticator(settings, httpx.Client(), http=HTTP, clock=OffsetClock())
+    authn = SourceAuthenticator(settings, closed_at_end(httpx.Client()), http=HTTP, clock=OffsetClock())
     assert authn.token()
     assert authn.method == "client_secret_basic" and authn.granted_types(["Patient"]) == (["Patient"], [])
 
@@ -158,7 +161,9 @@ def test_sandbox_token_429_is_retried(source: SourceSandbox, es_pair: KeyPair) -
     source.register_client(APP, jwks=es_pair.jwks)
     source.faults.rate_limit("token", times=2, retry_after=3)
     clock = OffsetClock()
-    assert SourceAuthenticator(_source(source, es_pair), httpx.Client(), http=HTTP, clock=clock).token()
+    assert SourceAuthenticator(
+        _source(source, es_pair), closed_at_end(httpx.Client()), http=HTTP, clock=clock
+    ).token()
     assert clock.sleeps == [2.0, 2.0]  # Retry-After 3 clamped to retry_max_wait; fresh jti each time
     assert [s.status for s in source.stats.requests("token")] == [429, 429, 200]
 
@@ -188,14 +193,16 @@ def test_sandbox_token_refusals_have_hints(source: SourceSandbox, es_pair: KeyPa
         source.register_client(APP, jwks=es_pair.jwks, allowed_scopes=["system/Encounter.read"])
         settings = _source(source, es_pair, resource_types=("Patient",))
     with pytest.raises(AuthError) as info:
-        SourceAuthenticator(settings, httpx.Client(), http=HTTP, clock=clock).token()
+        SourceAuthenticator(settings, closed_at_end(httpx.Client()), http=HTTP, clock=clock).token()
     assert hint_word in (info.value.hint or ""), (info.value.message, info.value.hint)
     assert source.stats.count("token") == 1  # refusals are not retried
 
 
 def test_sandbox_partial_scopes_are_named(source: SourceSandbox, es_pair: KeyPair) -> None:
     source.register_client(APP, jwks=es_pair.jwks, allowed_scopes=["system/Patient.read"])
-    authn = SourceAuthenticator(_source(source, es_pair, scope_version="v1"), httpx.Client(), http=HTTP)
+    authn = SourceAuthenticator(
+        _source(source, es_pair, scope_version="v1"), closed_at_end(httpx.Client()), http=HTTP
+    )
     authn.token()
     assert authn.granted_types(["Patient", "Observation", "Condition"]) == (
         ["Patient"],
@@ -206,7 +213,7 @@ def test_sandbox_partial_scopes_are_named(source: SourceSandbox, es_pair: KeyPai
 def test_sandbox_two_practices_each_with_their_own_audience_and_token(es_pair: KeyPair) -> None:
     practices = ["11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"]
     with SourceSandbox(practices=practices, client_id=APP, client_secret=None, jwks=es_pair.jwks) as sandbox:
-        client = httpx.Client()
+        client = closed_at_end(httpx.Client())
         auths = []
         for practice in practices:
             settings = _source(sandbox, es_pair, name=practice[:4], base_url=sandbox.base_url(practice))
@@ -233,7 +240,7 @@ def _medplum(target: TargetSandbox, **extra: object) -> MedplumSettings:
 
 
 def test_target_one_token_for_many_calls_and_one_renewal_after_401(target: TargetSandbox) -> None:
-    client = httpx.Client()
+    client = closed_at_end(httpx.Client())
     client.auth = medplum_auth(_medplum(target), client, http=HTTP)
     for _ in range(40):
         assert client.get(target.fhir_url + "Patient", params={"_count": "1"}).status_code == 200
@@ -245,7 +252,7 @@ def test_target_one_token_for_many_calls_and_one_renewal_after_401(target: Targe
 
 
 def test_target_basic_mode_never_asks_for_a_token(target: TargetSandbox) -> None:
-    client = httpx.Client()
+    client = closed_at_end(httpx.Client())
     auth = medplum_auth(_medplum(target, auth="basic"), client)
     assert isinstance(auth, OriginBasicAuth)
     client.auth = auth
@@ -258,10 +265,10 @@ def test_target_basic_mode_never_asks_for_a_token(target: TargetSandbox) -> None
                                                  ({"client_id": "nobody"}, "MEDPLUM_CLIENT_ID")])  # fmt: skip
 def test_target_token_refusal(target: TargetSandbox, overrides: dict[str, object], hint: str) -> None:
     with pytest.raises(AuthError) as info:
-        MedplumAuthenticator(_medplum(target, **overrides), httpx.Client(), http=HTTP).token()
+        MedplumAuthenticator(_medplum(target, **overrides), closed_at_end(httpx.Client()), http=HTTP).token()
     assert hint in (info.value.hint or "")
     assert target.stats.token_requests == 1
 
 
 def test_target_bearer_is_a_bearer_auth(target: TargetSandbox) -> None:
-    assert isinstance(medplum_auth(_medplum(target), httpx.Client()), BearerAuth)
+    assert isinstance(medplum_auth(_medplum(target), closed_at_end(httpx.Client())), BearerAuth)

@@ -8,7 +8,8 @@ import threading
 
 import httpx
 import pytest
-from target_fixtures import TARGET_CLIENT, TARGET_SECRET
+from conftest import closed_at_end
+from target_fixtures import TARGET_CLIENT, TARGET_SECRET, medplum_of
 
 from pfsync.core.errors import LockedError, StateError
 from pfsync.sandbox.target.server import TargetSandbox
@@ -34,7 +35,9 @@ class FakeClock:
 
 def _store(target: TargetSandbox, clock: FakeClock | None = None) -> MedplumStateStore:
     client = httpx.Client(auth=httpx.BasicAuth(TARGET_CLIENT, TARGET_SECRET), timeout=30)
-    return MedplumStateStore(client, target.fhir_url, clock=clock or FakeClock(), lease_ttl=600)
+    return MedplumStateStore(
+        medplum_of(client, fhir_url=target.fhir_url, clock=clock or FakeClock()), lease_ttl=600
+    )
 
 
 def test_medplum_store_empty_then_round_trip(target: TargetSandbox) -> None:
@@ -106,7 +109,7 @@ class _RacingStore(MedplumStateStore):
 
     def __init__(self, target: TargetSandbox, barrier: threading.Barrier) -> None:
         client = httpx.Client(auth=httpx.BasicAuth(TARGET_CLIENT, TARGET_SECRET), timeout=30)
-        super().__init__(client, target.fhir_url, clock=FakeClock(), lease_ttl=600)
+        super().__init__(medplum_of(client, fhir_url=target.fhir_url, clock=FakeClock()), lease_ttl=600)
         self.barrier = barrier
 
     def _create(self, state: SyncState) -> bool:
@@ -203,7 +206,8 @@ def _recording_store(seen: list[httpx.Request]) -> MedplumStateStore:
         return httpx.Response(200, json=body)
 
     client = httpx.Client(transport=httpx.MockTransport(handler))
-    return MedplumStateStore(client, "https://medplum.example/fhir/R4/", clock=FakeClock(), lease_ttl=600)
+    return MedplumStateStore(medplum_of(client, fhir_url="https://medplum.example/fhir/R4/", clock=FakeClock()),
+                             lease_ttl=600)  # fmt: skip
 
 
 def test_medplum_store_create_conflict_is_a_lost_race() -> None:
@@ -226,7 +230,8 @@ def test_medplum_store_create_conflict_is_a_lost_race() -> None:
                               "code": "conflict", "details": {"coding": [{"code": "40001"}]}}]})  # fmt: skip
 
     client = httpx.Client(transport=httpx.MockTransport(handler))
-    store = MedplumStateStore(client, "https://medplum.example/fhir/R4/", clock=clock, lease_ttl=600)
+    store = MedplumStateStore(medplum_of(client, fhir_url="https://medplum.example/fhir/R4/", clock=clock),
+                              lease_ttl=600)  # fmt: skip
     with pytest.raises(LockedError, match="pod-b"):
         store.acquire("a", ME)
     assert seen == ["GET", "POST", "GET"]
@@ -251,7 +256,7 @@ def test_medplum_store_request_shapes() -> None:
 
 
 def test_medplum_store_corrupt_extension_is_state_error(target: TargetSandbox) -> None:
-    client = httpx.Client(auth=httpx.BasicAuth(TARGET_CLIENT, TARGET_SECRET))
+    client = closed_at_end(httpx.Client(auth=httpx.BasicAuth(TARGET_CLIENT, TARGET_SECRET)))
     body = {"resourceType": "Basic", "identifier": [{"system": STATE_SYSTEM, "value": "a"}],
             "code": {"text": "x"}, "extension": [{"url": "https://pfsync.dev/StructureDefinition/sync-state",
                                                    "valueString": "{broken"}]}  # fmt: skip
@@ -283,4 +288,4 @@ def test_find_seed_checkpoint_picks_last_sync_time(
         r = client.post(target.fhir_url + "Parameters", json={"resourceType": "Parameters", "parameter": p},
                         headers={"Content-Type": "application/fhir+json"})  # fmt: skip
         assert r.status_code == 201, r.text
-    assert find_seed_checkpoint(client, target.fhir_url) == expected
+    assert find_seed_checkpoint(medplum_of(client, fhir_url=target.fhir_url)) == expected

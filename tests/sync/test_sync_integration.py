@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 import pytest
+from target_fixtures import medplum_of
 from typer.testing import CliRunner
 
 from pfsync.cli import app
@@ -93,7 +94,9 @@ def test_sync_medplum_backend_lease_refuses_second_run(
     from pfsync.sync.holders import Holder
     from pfsync.sync.state_medplum import MedplumStateStore
 
-    store = MedplumStateStore(httpx.Client(auth=("pfsync-target", "target-secret")), target.fhir_url)
+    store = MedplumStateStore(
+        medplum_of(httpx.Client(auth=("pfsync-target", "target-secret")), fhir_url=target.fhir_url)
+    )
     lease = store.acquire("pf", Holder(31, "pod-elsewhere", "2026-01-01T00:00:00.000Z"))
     env = sync_env(source, target, tmp_path / "state", PFSYNC_STATE_BACKEND="medplum")
     try:

@@ -17,6 +17,7 @@ import httpx
 import orjson
 import pytest
 from sync_helpers import checkpoint, kill, run, spawn, summary, sync_env, wait_until
+from target_fixtures import medplum_of
 
 from pfsync.core.errors import LockedError
 from pfsync.sandbox.source.server import SourceSandbox
@@ -30,7 +31,9 @@ PF_PATIENT = "https://practicefusion.com/fhir/patient-id"
 
 
 def _medplum_store(target: TargetSandbox, **kw: Any) -> MedplumStateStore:
-    return MedplumStateStore(httpx.Client(auth=("pfsync-target", "target-secret")), target.fhir_url, **kw)
+    clock = kw.pop("clock", None)
+    client = httpx.Client(auth=("pfsync-target", "target-secret"))
+    return MedplumStateStore(medplum_of(client, fhir_url=target.fhir_url, clock=clock), **kw)
 
 
 @pytest.mark.parametrize("backend", ["local", "medplum"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from target_fixtures import fhir_client
 from pfsync.core.settings import Settings, identifier_system, load_settings
 from pfsync.load.loader import Loader
 from pfsync.medplum.auth import medplum_auth
+from pfsync.medplum.client import MedplumClient
+from pfsync.net.http import RetryPolicy
 from pfsync.sandbox.target.server import TargetSandbox
 from pfsync.verify.report import VerifyOptions
 from pfsync.verify.verifier import verify
@@ -42,11 +45,19 @@ def make_settings(target: TargetSandbox, state_dir: Path, **env: str) -> Setting
 
 
 @pytest.fixture
-def medplum(target: TargetSandbox, tmp_path: Path) -> Iterator[tuple[Settings, httpx.Client]]:
+def medplum(target: TargetSandbox, tmp_path: Path) -> Iterator[tuple[Settings, MedplumClient]]:
     settings = make_settings(target, tmp_path / "state")
-    with httpx.Client(base_url=settings.medplum.fhir_url, timeout=60.0) as client:
-        client.auth = medplum_auth(settings.medplum, client, http=settings.http)
+    with connect(settings) as client:
         yield settings, client
+
+
+@contextmanager
+def connect(settings: Settings) -> Iterator[MedplumClient]:
+    """A MedplumClient with a private token (not the process's shared one: each test its own sandbox)."""
+    with httpx.Client(timeout=60.0) as http:
+        auth = medplum_auth(settings.medplum, http, http=settings.http)
+        yield MedplumClient(http, fhir_url=settings.medplum.fhir_url, auth=auth,
+                            policy=RetryPolicy.from_settings(settings.http))  # fmt: skip
 
 
 def subset(tmp_path: Path) -> Path:
@@ -58,7 +69,7 @@ def subset(tmp_path: Path) -> Path:
     return out
 
 
-def load(settings: Settings, client: httpx.Client, data: Path) -> None:
+def load(settings: Settings, client: MedplumClient, data: Path) -> None:
     source = settings.source()
     with Loader(source, settings.load, client, state_dir=settings.state_dir, http=settings.http) as loader:
         loader.load_paths([data])
@@ -66,7 +77,7 @@ def load(settings: Settings, client: httpx.Client, data: Path) -> None:
     assert result.quarantined == 0 and result.retry_queued == 0
 
 
-def run(settings: Settings, client: httpx.Client, data: Path, **options: Any) -> Any:
+def run(settings: Settings, client: MedplumClient, data: Path, **options: Any) -> Any:
     return verify(settings, settings.source(), client, [data], VerifyOptions(**options))
 
 
@@ -75,7 +86,7 @@ def first_line(path: Path) -> dict[str, Any]:
 
 
 def test_verify_clean_load_of_synthea_small_reports_zeros(
-    medplum: tuple[Settings, httpx.Client], target: TargetSandbox
+    medplum: tuple[Settings, MedplumClient], target: TargetSandbox
 ) -> None:
     settings, client = medplum
     load(settings, client, SMALL)
@@ -130,7 +141,7 @@ def plant_faults(target: TargetSandbox, settings: Settings, data: Path) -> dict[
 
 
 def test_verify_names_each_planted_fault_and_fix_repairs_them(
-    medplum: tuple[Settings, httpx.Client], target: TargetSandbox, tmp_path: Path
+    medplum: tuple[Settings, MedplumClient], target: TargetSandbox, tmp_path: Path
 ) -> None:
     settings, client = medplum
     data = subset(tmp_path)
@@ -192,7 +203,7 @@ def cli_env(target: TargetSandbox, state_dir: Path) -> dict[str, str]:
 
 
 def test_verify_cli_json_exit_codes_and_fix(
-    medplum: tuple[Settings, httpx.Client], target: TargetSandbox, tmp_path: Path
+    medplum: tuple[Settings, MedplumClient], target: TargetSandbox, tmp_path: Path
 ) -> None:
     from typer.testing import CliRunner
 
@@ -296,7 +307,7 @@ def gzipped_subset(tmp_path: Path) -> Path:
 
 
 def test_verify_process_on_gzipped_export_stays_small(
-    medplum: tuple[Settings, httpx.Client], target: TargetSandbox, tmp_path: Path
+    medplum: tuple[Settings, MedplumClient], target: TargetSandbox, tmp_path: Path
 ) -> None:
     """The always-on twin of the synthea-full test: same path (gzip files, CLI process, RSS)."""
     settings, client = medplum
@@ -310,7 +321,7 @@ def test_verify_process_on_gzipped_export_stays_small(
 
 
 def test_verify_on_a_stock_quota_project_waits_out_429_and_finishes(
-    medplum: tuple[Settings, httpx.Client], target: TargetSandbox, tmp_path: Path
+    medplum: tuple[Settings, MedplumClient], target: TargetSandbox, tmp_path: Path
 ) -> None:
     settings, client = medplum
     data = subset(tmp_path)
@@ -320,8 +331,7 @@ def test_verify_on_a_stock_quota_project_waits_out_429_and_finishes(
     quota_settings = make_settings(
         target, settings.state_dir, MEDPLUM_CLIENT_ID="verify-quota", MEDPLUM_CLIENT_SECRET="quota-secret"
     )
-    with httpx.Client(base_url=quota_settings.medplum.fhir_url, timeout=60.0) as quota_client:
-        quota_client.auth = medplum_auth(quota_settings.medplum, quota_client, http=quota_settings.http)
+    with connect(quota_settings) as quota_client:
         report = run(quota_settings, quota_client, data)
     assert report.ok and report.total.present == report.total.source
     assert report.throttled >= 1  # refused once (the probe that proves the quota is enforced) ...
@@ -330,7 +340,7 @@ def test_verify_on_a_stock_quota_project_waits_out_429_and_finishes(
 
 @pytest.mark.slow
 def test_verify_synthea_full_completes_with_flat_memory(
-    medplum: tuple[Settings, httpx.Client], target: TargetSandbox
+    medplum: tuple[Settings, MedplumClient], target: TargetSandbox
 ) -> None:
     settings, client = medplum
     full = FIXTURES / "synthea-full"

@@ -11,6 +11,9 @@ from doubles import FakeClock
 from pytest_httpx import HTTPXMock
 
 from pfsync.core.errors import HTTPError, TemporaryError
+from pfsync.core.settings import HttpSettings
+from pfsync.medplum.client import MedplumClient
+from pfsync.net.http import RetryPolicy
 from pfsync.verify.medplum import MedplumReader
 
 FHIR = "https://medplum.example/fhir/R4/"
@@ -41,8 +44,9 @@ def throttled(ms: int) -> dict[str, Any]:
             "issue": [{"severity": "error", "code": "throttled", "diagnostics": diag.decode()}]}  # fmt: skip
 
 
-def reader(clock: FakeClock, **kw: Any) -> MedplumReader:
-    return MedplumReader(httpx.Client(), FHIR, clock=clock, **kw)
+def reader(clock: FakeClock, http: HttpSettings | None = None, **kw: Any) -> MedplumReader:
+    policy = RetryPolicy.from_settings(http or HttpSettings())
+    return MedplumReader(MedplumClient(httpx.Client(), fhir_url=FHIR, clock=clock, policy=policy), **kw)
 
 
 def test_reader_scan_follows_next_links_and_measures_quota_from_ratelimit(httpx_mock: HTTPXMock) -> None:
@@ -111,7 +115,6 @@ def test_reader_quota_off_project_at_r0_is_not_throttling(httpx_mock: HTTPXMock)
 def test_reader_retries_5xx_then_raises_http_error(httpx_mock: HTTPXMock) -> None:
     url = f"{FHIR}Patient?_id=a&_count=1000&_elements=id"
     httpx_mock.add_response(url=url, status_code=503, is_reusable=True)
-    from pfsync.core.settings import HttpSettings
 
     r = reader(FakeClock(start=1000.0), http=HttpSettings(retries=2))
     with pytest.raises(HTTPError):

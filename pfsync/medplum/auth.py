@@ -114,10 +114,10 @@ class OriginBasicAuth(httpx.Auth):
             yield request
 
 
-# Keyed by the clock object itself, not id(clock): an id is reused once its object is collected, so a
-# later clock could be handed a token timed by another. The entry holds its clock, so an entry's
-# key can never stand for a different clock; None (the system clock) is one key.
-_shared: dict[tuple[str, str, str, object], MedplumAuthenticator] = {}
+# Keyed by id(clock) (a clock need not be hashable) with the clock kept in the entry: an id is only
+# reused once its object is collected, which the entry prevents, and a lookup checks the clock is
+# the very same object. None (the system clock) is one key.
+_shared: dict[tuple[str, str, str, int], tuple[Clock | None, MedplumAuthenticator]] = {}
 _shared_lock = threading.Lock()
 _owned_clients: list[httpx.Client] = []
 
@@ -133,16 +133,16 @@ def shared_authenticator(
     client_id = str(require(settings.client_id, "medplum.client_id", "Medplum auth"))
     secret = require(settings.client_secret, "medplum.client_secret", "Medplum auth")
     digest = hashlib.sha256(secret.reveal().encode()).hexdigest()
-    key: tuple[str, str, str, object] = (settings.token_url, client_id, digest, clock)
+    key = (settings.token_url, client_id, digest, id(clock))
     with _shared_lock:
         found = _shared.get(key)
-        if found is None:
+        if found is None or found[0] is not clock:
             client = make_client(http)
             if not _owned_clients:
                 atexit.register(_close_owned)
             _owned_clients.append(client)
-            found = _shared[key] = MedplumAuthenticator(settings, client, http=http, clock=clock)
-        return found
+            found = _shared[key] = (clock, MedplumAuthenticator(settings, client, http=http, clock=clock))
+        return found[1]
 
 
 def _close_owned() -> None:

@@ -13,7 +13,7 @@ from test_auth_support import FakeClock, Responder
 from pfsync.core.errors import AuthError, ConfigError
 from pfsync.core.redact import MASK, Secret, redact
 from pfsync.core.settings import HttpSettings, MedplumSettings
-from pfsync.medplum.auth import MedplumAuthenticator, OriginBasicAuth, medplum_auth
+from pfsync.medplum.auth import MedplumAuthenticator, OriginBasicAuth, medplum_auth, shared_authenticator
 from pfsync.net.tokens import BearerAuth
 
 BASE = "https://medplum.example.com/"
@@ -125,3 +125,13 @@ def test_medplum_auth_basic_on_medplum_origin_only(httpx_mock: HTTPXMock) -> Non
     assert medplum.headers["authorization"] == httpx.BasicAuth("mp-client", "mp-secret-value")._auth_header
     assert "authorization" not in other.headers
     assert not httpx_mock.get_requests(url=TOKEN)  # Basic never asks for a token
+
+
+def test_shared_authenticator_is_one_per_clock_object_not_per_id() -> None:
+    """One authenticator per clock object (this FakeClock is not even hashable): the cache keeps the
+    clock it keys by id, so no later clock can reuse that id and get a token timed by another."""
+    first, second = FakeClock(), FakeClock()
+    shared = shared_authenticator(SETTINGS, http=FAST, clock=first)
+    assert shared_authenticator(SETTINGS, http=FAST, clock=first) is shared
+    assert shared_authenticator(SETTINGS, http=FAST, clock=second) is not shared
+    assert shared_authenticator(SETTINGS, http=FAST) is shared_authenticator(SETTINGS, http=FAST)

@@ -20,6 +20,7 @@ from pfsync.cli import sync as _sync  # noqa: F401
 from pfsync.cli import verify as _verify  # noqa: F401
 from pfsync.cli.app import app
 from pfsync.cli.common import error_format, report_error
+from pfsync.core.arenas import cap_malloc_arenas
 
 __all__ = ["app", "main"]
 
@@ -27,6 +28,7 @@ __all__ = ["app", "main"]
 def main() -> None:
     """The `pfsync` entry point. A command-line mistake click finds (unknown option, bad value)
     is rendered like every other failure: one error:/hint: pair, or one JSON object with JSON logs."""
+    cap_malloc_arenas()  # before any thread starts (pfsync.core.arenas says why)
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as exc:

@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 import time
+import traceback
 from typing import IO, Any
 
 import orjson
@@ -34,8 +35,6 @@ class RedactFilter(logging.Filter):
         record.msg = redact(message)
         record.args = None
         if record.exc_info:
-            import traceback
-
             text = "".join(traceback.format_exception(*record.exc_info))
             record.exc_text = redact(text)
             record.exc_info = None

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import httpx
 
 from pfsync.core.settings import HttpSettings, MedplumSettings
+from pfsync.medplum.auth import medplum_auth
 from pfsync.net.http import (
     TEMPORARY_RULES,
     Clock,
@@ -108,8 +109,6 @@ class MedplumClient:
         carries no auth of its own (ValueError otherwise): the token lives here, so there is one
         place that adds it and one token per process. The client owns `http` from now on: `close`
         closes it, and a failure here (a missing secret) closes it too."""
-        from pfsync.medplum.auth import medplum_auth
-
         settings = settings or HttpSettings()
         try:
             if http.auth is not None:

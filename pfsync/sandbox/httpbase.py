@@ -8,6 +8,7 @@ web framework among the runtime dependencies. Handlers get a parsed `Request` an
 from __future__ import annotations
 
 import socket
+import struct
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -155,8 +156,6 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def _reset(self) -> None:
         # SO_LINGER 0 makes close() send RST: the client sees a connection reset mid-body.
-        import struct
-
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close_connection = True
         self.connection.close()

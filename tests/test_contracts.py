@@ -145,6 +145,21 @@ def test_contracts_no_import_cycle_in_sync_state_verify_settings() -> None:
         assert not mine, f"import cycle {sorted(group)} (hidden imports count too)"
 
 
+def test_contracts_imports_inside_functions_only_in_the_cli() -> None:
+    """The CLI imports the heavy library parts inside its commands so --help stays fast (its package
+    docstring says so); nowhere else is an import hidden in a function, where it would hide a cycle
+    or a dependency from the reader."""
+    hidden = []
+    for path in sorted(PACKAGE.rglob("*.py")):  # the sandbox too
+        if path.relative_to(PACKAGE).parts[0] == "cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                hidden += [f"{path.relative_to(PACKAGE)}:{n.lineno}" for n in ast.walk(node)
+                           if isinstance(n, ast.Import | ast.ImportFrom)]  # fmt: skip
+    assert hidden == []
+
+
 # The size rules (issue 18): no module over 400 lines, no function over 60 unless its docstring
 # says why ("Long because ..."), over the whole package, the sandbox included.
 MAX_MODULE_LINES = 400

@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, unquote_plus
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -124,8 +125,6 @@ class Auth:
                 "invalid_request",
                 "Invalid request content-type header (must be 'application/x-www-form-urlencoded')",
             )
-        from urllib.parse import parse_qs
-
         form = {k: v[0] for k, v in parse_qs(req.body.decode(), keep_blank_values=True).items()}
         if form.get("grant_type") != "client_credentials":
             raise TokenError(
@@ -149,8 +148,6 @@ class Auth:
             cid, _, secret = raw.partition(":")
         except ValueError:
             raise TokenError("invalid_client", "Malformed Basic authorization header", 401) from None
-        from urllib.parse import unquote_plus
-
         client = self.clients.get((practice, unquote_plus(cid)))
         if (
             client is None

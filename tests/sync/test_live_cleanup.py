@@ -12,7 +12,7 @@ import pytest
 
 from pfsync.core.errors import AuthError, ConfigError
 from pfsync.core.settings import Settings, load_settings
-from pfsync.medplum import auth as medplum_auth_module
+from pfsync.medplum import client as medplum_client_module
 from pfsync.net.http import make_client
 from pfsync.sync import live
 
@@ -52,7 +52,7 @@ def _refuse(*args: object, **kwargs: object) -> NoReturn:
 def test_live_engines_close_their_clients_when_the_medplum_client_cannot_be_built(
     opened: list[httpx.Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(medplum_auth_module, "medplum_auth", _refuse)
+    monkeypatch.setattr(medplum_client_module, "medplum_auth", _refuse)
     settings = _settings()
     with pytest.raises(ConfigError):
         live.LiveEngines(settings, settings.sources[0], threading.Event())
@@ -85,7 +85,7 @@ def test_live_engines_close_closes_every_client(opened: list[httpx.Client]) -> N
 def test_open_store_closes_its_client_when_the_medplum_client_cannot_be_built(
     opened: list[httpx.Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(medplum_auth_module, "medplum_auth", _refuse)
+    monkeypatch.setattr(medplum_client_module, "medplum_auth", _refuse)
     with pytest.raises(ConfigError):
         live.open_store(_settings(PFSYNC_STATE_BACKEND="medplum"))
     assert len(opened) == 1 and opened[0].is_closed

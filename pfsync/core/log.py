@@ -140,7 +140,7 @@ def setup_logging(fmt: str, verbosity: int, *, stream: IO[str] | None = None) ->
 
 
 # Events that report a problem, at warning level; the rest are info (or debug when quiet).
-WARNING_EVENTS = frozenset({"load_quarantined", "sync_locked"})
+WARNING_EVENTS = frozenset({"load_quarantined", "load_attachment_left", "sync_locked"})
 _OUTCOME_LEVEL = {"failed": logging.ERROR, "interrupted": logging.WARNING, "locked": logging.WARNING,
                   "partial": logging.WARNING}  # fmt: skip
 

@@ -114,7 +114,9 @@ class Attachments:
         for future in self._done.take(block=block):
             copy = self._futures.pop(future)
             try:
-                copy.uploaded = self._apply(future.result())
+                results = future.result()
+                copy.left = results.count(None)
+                copy.uploaded = self._apply(results)
             except AttachmentError as exc:
                 copy.error = exc
             if not copy.item.superseded:
@@ -176,6 +178,7 @@ class Copying:
 
     item: Waiting
     uploaded: int = 0
+    left: int = 0  # attachments left pointing at the source: over the size cap or a type not allowed
     error: AttachmentError | None = None
 
 

@@ -75,7 +75,6 @@ class Binaries:
         self._settings = settings
         self._dry_run = dry_run
         self._requests = 0
-        self.skipped = 0
         self._owner = threading.current_thread()
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -90,10 +89,6 @@ class Binaries:
     def _count_request(self) -> None:
         with self._lock:
             self._requests += 1
-
-    def _count_skip(self) -> None:
-        with self._lock:
-            self.skipped += 1
 
     def close(self) -> None:
         for conn in self._readers:
@@ -177,7 +172,6 @@ class Binaries:
                 for chunk in iter_decoded(response):
                     size += len(chunk)
                     if size > limit:
-                        self._count_skip()
                         return None
                     chunks.append(chunk)
                 content_type = response.headers.get("content-type") or (
@@ -197,7 +191,6 @@ class Binaries:
         if not content_type:
             content_type = declared if isinstance(declared, str) and declared else "application/octet-stream"
         if not self._allowed(content_type):
-            self._count_skip()
             return None
         return data, content_type.split(";")[0].strip() if "fhir+json" not in content_type else content_type
 

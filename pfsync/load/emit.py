@@ -82,6 +82,10 @@ class Emitter:
             if c.error is None:
                 if c.uploaded:
                     self._tally.count(item.p.type, "binary_uploaded")
+                if c.left:  # still written, its attachment pointing at the source: said, not silent
+                    self._tally.count(item.p.type, "attachments_left", c.left)
+                    self._events.emit("load_attachment_left", type=item.p.type, id=item.p.sid, file=item.file,
+                                      line=item.line, attachments=c.left)  # fmt: skip
                 self._write(item.p, item.file, item.line, item.raw)
             elif c.error.retryable:
                 self._tally.retry(item.p.type, item.p.sid, item.file, item.line, item.raw, str(c.error))

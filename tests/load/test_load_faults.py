@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 import orjson
+from doubles import ListSink
 from load_helpers import (
     SOURCE,
     SYNTHEA_SMALL,
@@ -28,6 +30,7 @@ from load_helpers import (
 from refcheck import check_references
 from target_fixtures import fhir_client
 
+from pfsync.core.log import level_of
 from pfsync.core.settings import LoadSettings
 from pfsync.sandbox.target.server import TargetSandbox
 
@@ -128,6 +131,41 @@ def test_load_attachment_becomes_medplum_binary_once(target: TargetSandbox, tmp_
     again = target.resources("DocumentReference")
     assert {d["content"][0]["attachment"]["url"] for d in again} == {stored["url"]}
     assert binary_uploads(target) == binaries
+
+
+def test_load_attachment_not_copied_is_said_not_silent(target: TargetSandbox, tmp_path: Path) -> None:
+    """An attachment over the size cap or of a type not allowed stays pointing at the source; the
+    resource is still written, and the run says so (a count and a warning event per resource)."""
+    base_path = "/fhir/r4/v1/practice-1"
+    seen: list[str] = []
+    routes = {f"{base_path}/files/big.pdf": (200, b"%PDF" + b"x" * 5000, "application/pdf"),
+              f"{base_path}/files/scan.tiff": (200, b"II*\x00 tiff", "image/tiff"),
+              f"{base_path}/files/ok.pdf": (200, b"%PDF small", "application/pdf")}  # fmt: skip
+    client = _source_client(routes, seen)
+
+    def doc(sid: str, *names: str) -> dict[str, Any]:
+        return {"resourceType": "DocumentReference", "id": sid, "status": "current",
+                "content": [{"attachment": {"contentType": "application/pdf", "url": f"{SOURCE.base_url}/files/{n}"}}
+                            for n in names]}  # fmt: skip
+
+    data = write_ndjson(
+        tmp_path / "DocumentReference.ndjson", [doc("d1", "big.pdf", "ok.pdf"), doc("d2", "scan.tiff")]
+    )
+    events = ListSink()
+    settings = LoadSettings(attachment_max_bytes=1000, attachment_content_types=("application/pdf",))
+    result = load_all(target, tmp_path, [data], source_client=client, settings=settings, events=events)
+    assert result.quarantined == 0 and result.total("created") == 2
+    assert result.total("attachments_left") == 2
+    stored = {
+        d["id"]: [c["attachment"]["url"] for c in d["content"]] for d in target.resources("DocumentReference")
+    }
+    urls = sorted(u for us in stored.values() for u in us)
+    assert [u for u in urls if u.startswith("Binary/")] and sum(
+        u.startswith(SOURCE.base_url) for u in urls
+    ) == 2
+    left = events.of("load_attachment_left")
+    assert sorted((e["line"], e["attachments"]) for e in left) == [(1, 1), (2, 1)]
+    assert level_of("load_attachment_left", left[0]) == logging.WARNING
 
 
 def test_load_copies_attachments_concurrently_each_content_once(

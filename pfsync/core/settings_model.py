@@ -126,7 +126,7 @@ class LoadSettings:
     attachment_max_bytes: int = 50 * 1024 * 1024
     attachment_content_types: tuple[str, ...] = ()  # empty: any
     # pfsync.load.idmap: the id map's memory cache (past it, lookups read SQLite).
-    idmap_cache_bytes: int = 32 * 1024 * 1024
+    idmap_cache_bytes: int = 16 * 1024 * 1024
     # pfsync.load.idmap: SQLite's page cache for the id map file (the map, the holds, their TEMP tables).
     idmap_sqlite_cache_bytes: int = 4 * 1024 * 1024
     # pfsync.load.writes: resources waiting in memory for targets whose writes are in flight.

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from pfsync.core.errors import StateError
 from pfsync.core.private import private_dir, private_sqlite
+from pfsync.core.settings import LoadSettings
 from pfsync.load.holds import Holds
 
 _SCHEMA = """
@@ -53,8 +54,9 @@ CREATE TABLE IF NOT EXISTS loaded (key TEXT PRIMARY KEY) WITHOUT ROWID;
 -- counts them as the source's, not as extras.
 CREATE TABLE IF NOT EXISTS fetched (type TEXT NOT NULL, sid TEXT NOT NULL, PRIMARY KEY (type, sid)) WITHOUT ROWID;
 """
-DEFAULT_CACHE_BYTES = 32 * 1024 * 1024  # load.idmap_cache_bytes
-DEFAULT_SQLITE_CACHE_BYTES = 4 * 1024 * 1024  # load.idmap_sqlite_cache_bytes
+# The settings' defaults, not a second copy of them (a map opened without settings: verify --fix, tests).
+DEFAULT_CACHE_BYTES = LoadSettings().idmap_cache_bytes
+DEFAULT_SQLITE_CACHE_BYTES = LoadSettings().idmap_sqlite_cache_bytes
 # Estimated bytes of one cached row beyond its strings' characters (CPython 3.11, 64-bit): the key
 # tuple, the MapRow, the dict slots and the sid index list (~330, measured with tracemalloc on
 # 100k rows), plus a str header (~50) for each of the row's strings.

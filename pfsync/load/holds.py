@@ -73,6 +73,11 @@ class Held:
     raw: bytes
 
 
+def _held(rows: Iterable[tuple[str, str, str | None, int | None, bytes]]) -> list[Held]:
+    """Rows of (type, sid, file, line, raw) as Held."""
+    return [Held(t, s, f, line, bytes(raw)) for t, s, f, line, raw in rows]
+
+
 class Holds:
     """The held tables of one id map file. `flush` writes every buffered change of the id map
     (this object's buffer included: `write_buffer`), `begin` opens its transaction."""
@@ -173,8 +178,7 @@ class Holds:
             page = self._db.execute(query + f" ORDER BY type, sid LIMIT {_PAGE}", last).fetchall()
             if not page:
                 return
-            for t, s, f, line, raw in page:
-                yield Held(t, s, f, line, bytes(raw))
+            yield from _held(page)
             last = (page[-1][0], page[-1][1])
 
     def count(self, table: str) -> int:
@@ -203,7 +207,7 @@ class Holds:
         self._db.executemany(
             "DELETE FROM temp.ready_rows WHERE type = ? AND sid = ?", [(r[0], r[1]) for r in rows]
         )
-        return [Held(t, s, f, line, bytes(raw)) for t, s, f, line, raw in rows]
+        return _held(rows)
 
     def _note_ready(self) -> None:
         """Drop the waits that are over among what changed, and move the rows left with none to
@@ -246,18 +250,13 @@ class Holds:
         """Deferred resources that wait for no other deferred resource (only for targets that will
         not arrive in this run): written now, with logical references to those targets."""
         self._flush()
-        return self._select_deferred(
-            "NOT EXISTS (SELECT 1 FROM waits w JOIN deferred d2 ON d2.sid = w.tsid "
-            "AND (w.ttype = '' OR d2.type = w.ttype) WHERE w.type = d.type AND w.sid = d.sid)",
-            limit,
-        )
-
-    def _select_deferred(self, where: str, limit: int) -> list[Held]:
         rows = self._db.execute(
-            f"SELECT type, sid, file, line, raw FROM deferred d WHERE {where} ORDER BY type, sid LIMIT ?",
+            "SELECT type, sid, file, line, raw FROM deferred d WHERE NOT EXISTS (SELECT 1 FROM waits w "
+            "JOIN deferred d2 ON d2.sid = w.tsid AND (w.ttype = '' OR d2.type = w.ttype) "
+            "WHERE w.type = d.type AND w.sid = d.sid) ORDER BY type, sid LIMIT ?",
             (limit,),
         )
-        return [Held(t, s, f, line, bytes(raw)) for t, s, f, line, raw in rows]
+        return _held(rows)
 
     def missing_targets(self) -> dict[str, list[str]]:
         """Waited-for targets (type known) with no Medplum id that are not held either: after a

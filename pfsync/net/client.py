@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import threading
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -110,20 +111,44 @@ class RequestGuard:
             del response.headers["Content-Encoding"]  # decoded above: httpx must not decode again
 
 
-def _ssl_context(settings: HttpSettings) -> Any:
+# One SSLContext per CA source for the whole process: a sync builds five clients (source, source
+# files, Medplum, Medplum token, state store) and each context loads the CA bundle again, about a
+# megabyte apiece (docs/BENCHMARKS.md "Scale"). A context only configures connections; sharing it
+# between clients and threads is what httpx does within one client already.
+_contexts: dict[tuple[str, str | None, str | None], ssl.SSLContext] = {}
+_contexts_lock = threading.Lock()
+
+
+def _ssl_context(settings: HttpSettings) -> ssl.SSLContext:
     """The CA trust: pfsync's own setting, else the environment's when trusted, else certifi."""
+    env_file = os.environ.get("SSL_CERT_FILE") or None
+    env_dir = os.environ.get("SSL_CERT_DIR") or None
+    if settings.ca_bundle:
+        key: tuple[str, str | None, str | None] = ("bundle", str(settings.ca_bundle), None)
+    elif settings.trust_env and (env_file or env_dir):
+        key = ("env", env_file, env_dir)
+    else:
+        key = ("certifi", None, None)
+    with _contexts_lock:
+        found = _contexts.get(key)
+        if found is None:
+            found = _contexts[key] = _new_context(settings, key)
+        return found
+
+
+def _new_context(settings: HttpSettings, key: tuple[str, str | None, str | None]) -> ssl.SSLContext:
+    kind, first, second = key
     try:
-        if settings.ca_bundle:
+        if kind == "bundle":
             # An SSLContext rather than a path: httpx deprecates verify=<str>. Verification stays on.
-            return ssl.create_default_context(cafile=str(settings.ca_bundle))
-        if settings.trust_env and (os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")):
-            return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or None,
-                                              capath=os.environ.get("SSL_CERT_DIR") or None)  # fmt: skip
+            return ssl.create_default_context(cafile=first)
+        if kind == "env":
+            return ssl.create_default_context(cafile=first, capath=second)
     except (OSError, ssl.SSLError) as exc:
-        name = "http.ca_bundle" if settings.ca_bundle else "http.trust_env (SSL_CERT_FILE / SSL_CERT_DIR)"
+        name = "http.ca_bundle" if kind == "bundle" else "http.trust_env (SSL_CERT_FILE / SSL_CERT_DIR)"
         raise ConfigError(f"{name}: the CA certificates cannot be loaded: {exc.__class__.__name__}: {exc}",
-                          setting="http.ca_bundle" if settings.ca_bundle else "http.trust_env") from None  # fmt: skip
-    return True
+                          setting="http.ca_bundle" if kind == "bundle" else "http.trust_env") from None  # fmt: skip
+    return httpx.create_ssl_context(verify=True, trust_env=False)  # certifi's bundle, as httpx's default
 
 
 def make_client(settings: HttpSettings, *, timeout: float | None = None, **kwargs: Any) -> httpx.Client:

@@ -269,6 +269,27 @@ def test_make_client_trusts_only_an_explicit_ca_bundle(tls_server: tuple[str, Pa
         assert client.get(url).text == "ok"
 
 
+def test_make_client_shares_one_ssl_context_per_ca_source(tls_server: tuple[str, Path]) -> None:
+    """Clients share the CA source's context (it costs memory per copy), never another source's."""
+    url, cert = tls_server
+    bundle = load_settings(
+        env={"PF_FHIR_BASE_URL": url + "fhir", "PFSYNC_CA_BUNDLE": str(cert)}, cwd=Path("/nonexistent")
+    ).http
+
+    def context(client: httpx.Client) -> ssl.SSLContext:
+        return client._transport._pool._ssl_context  # type: ignore[attr-defined,no-any-return]
+
+    with make_client(HttpSettings(), timeout=10) as a, make_client(HttpSettings(), timeout=5) as b, \
+            make_client(bundle, timeout=10) as c, make_client(bundle, timeout=5) as d:  # fmt: skip
+        assert context(a) is context(b)
+        assert context(c) is context(d)
+        assert context(a) is not context(c)
+        with pytest.raises(httpx.ConnectError):
+            a.get(url)  # the shared default context still refuses the self-signed server
+        assert c.get(url).text == "ok"
+        assert context(a).verify_mode == ssl.CERT_REQUIRED and context(a).check_hostname
+
+
 # ------------------------------------------------------------------------------------------------
 # Private key files readable by others
 

@@ -9,7 +9,7 @@ downloaded), what is copied, and when. Over load.attachment_max_bytes or outside
 load.attachment_content_types, the attachment is left as it is.
 
 Copies run on worker threads (`plan`, `start` / `finished`), a few resources at a time (more wait their
-turn in memory), so a practice with thousands of documents does not copy them one after another
+turn in memory, up to an eighth of load.park_max_bytes), so a practice with thousands of documents does not copy them one after another
 on the loader's thread while every Bundle waits: the resource is written once its attachments
 are copied. Downloads are limited apart (pfsync.load.binaries); uploads, which wait behind our
 Bundles at Medplum, run beside them on the other workers, so at most `_COPY_THREADS` attachments'
@@ -40,7 +40,10 @@ _COPY_THREADS = 8  # workers: each downloads (at most pfsync.load.binaries' limi
 # behind the Bundles and the load ended waiting for them
 _MAX_COPIES = 12  # handed to the workers at once (a worker never waits for the loader's thread to
 # hand it the next); only the running ones hold bytes in memory
-_MAX_WAITING = 2000  # resources waiting for a copy slot (their parsed JSON only)
+# Resources waiting for a copy slot are held in memory (their line, parsed and prepared: Waiting.cost)
+# up to this share of load.park_max_bytes; past it the loader waits for copies to end. The queue only
+# has to keep the workers busy while the loader reads on, so it is small beside the parked ones.
+_WAITING_SHARE = 8
 
 
 def _origin(url: str) -> str:
@@ -64,6 +67,8 @@ class Attachments:
         self._futures: dict[Future[list[Copied | None]], Copying] = {}
         self._done = DoneQueue()
         self._waiting: deque[tuple[Copying, list[Job]]] = deque()
+        self._waiting_bytes = 0
+        self._max_waiting_bytes = max(1, settings.park_max_bytes // _WAITING_SHARE)
 
     @property
     def requests(self) -> int:
@@ -82,12 +87,14 @@ class Attachments:
     def start(self, item: Waiting, jobs: list[Job]) -> None:
         """Start copying a resource's attachments (`plan`) on a worker; `finished` hands it back."""
         self._waiting.append((Copying(item), jobs))
+        self._waiting_bytes += item.cost
         self._launch()
 
     def _launch(self) -> None:
         """Start waiting copies while fewer than _MAX_COPIES run (the loader reads on meanwhile)."""
         while self._waiting and len(self._futures) < _MAX_COPIES:
             copy, jobs = self._waiting.popleft()
+            self._waiting_bytes -= copy.item.cost
             if copy.item.superseded:
                 continue
             if self._pool is None:
@@ -98,7 +105,8 @@ class Attachments:
 
     @property
     def full(self) -> bool:
-        return len(self._waiting) >= _MAX_WAITING
+        """Resources waiting for a copy slot hold their share of load.park_max_bytes."""
+        return self._waiting_bytes >= self._max_waiting_bytes
 
     @property
     def pending(self) -> int:

@@ -172,7 +172,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("load.attachment_max_bytes", ("PFSYNC_ATTACHMENT_MAX_BYTES",), parse_positive_int, "Largest attachment copied (up to eight are in memory at once while copies run); a larger one keeps its source URL, counted as attachments_left with a load_attachment_left warning."),
     Spec("load.idmap_cache_bytes", ("PFSYNC_IDMAP_CACHE_BYTES",), parse_positive_int, "Memory for the id map's cache (source id -> Medplum id; about 650 bytes per identity); past it, lookups read the id map on disk."),
     Spec("load.idmap_sqlite_cache_bytes", ("PFSYNC_IDMAP_SQLITE_CACHE_BYTES",), parse_positive_int, "Memory for SQLite's page cache of the id map file (the map and the resources held on disk); more makes the id map's writes of a large first sync cheaper."),
-    Spec("load.park_max_bytes", ("PFSYNC_PARK_MAX_BYTES",), parse_positive_int, "Memory for resources waiting for targets whose writes are in flight (about 8x their NDJSON size); past it they wait on disk."),
+    Spec("load.park_max_bytes", ("PFSYNC_PARK_MAX_BYTES",), parse_positive_int, "Memory for resources waiting for targets whose writes are in flight (about 8x their NDJSON size); past it they wait on disk. An eighth more holds resources waiting for an attachment copy."),
     Spec("load.attachment_content_types", ("PFSYNC_ATTACHMENT_CONTENT_TYPES",), parse_list, "Allowed attachment content types (empty: any); another type keeps its source URL, counted as attachments_left."),
     # --- sync & scheduling
     Spec("sync.interval_ms", ("PF_SYNC_INTERVAL_MS",), parse_positive_int, "Interval of `pfsync sync --every` when no --every is given, in ms."),

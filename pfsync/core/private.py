@@ -3,8 +3,10 @@
 Directories are made 0700 and files 0600 by setting the mode explicitly, whatever the umask.
 Files in the state directory are opened with O_NOFOLLOW: a symbolic link planted where pfsync
 writes is refused, never followed (it would truncate or append to whatever it points at).
-Temporary files get unpredictable names and O_EXCL (`tempfile.mkstemp`). A directory owned by
-another user is refused: that user could read what we write there, or swap it under us.
+Temporary files get unpredictable names and O_EXCL (`tempfile.mkstemp`); a scratch file that
+must not outlive its user (`anonymous_file`) never has a name at all, or loses it at once. A
+directory owned by another user is refused: that user could read what we write there, or swap it
+under us.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import stat
 import tempfile
 from pathlib import Path
@@ -96,6 +99,31 @@ def create_exclusive(path: Path) -> int:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
     raise StateError(f"cannot create {path}: something keeps recreating it")
+
+
+def anonymous_file(directory: Path) -> int:
+    """A scratch file in `directory` (read-write, 0600, ours) that no name leads to, so nothing is
+    left behind on any exit path, a kill included: closing the descriptor frees it. O_TMPFILE
+    where the filesystem has it (the file never has a name; O_EXCL: it can never be given one);
+    elsewhere a new file with an unpredictable name (O_EXCL, O_NOFOLLOW), unlinked at once."""
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile:
+        try:
+            fd = os.open(directory, tmpfile | os.O_RDWR | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise StateError(f"cannot create a temporary file in {directory}: {exc.strerror}") from None
+        else:
+            os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away: 0600 is what we mean
+            return fd
+    path = directory / f".pfsync-{secrets.token_hex(12)}.tmp"
+    fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)  # never through a link, 0600, ours
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        os.close(fd)
+        raise StateError(f"cannot remove the temporary file {path}: {exc.strerror}") from None
+    return fd
 
 
 def private_sqlite(path: Path) -> None:

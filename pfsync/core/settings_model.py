@@ -125,6 +125,8 @@ class LoadSettings:
     attachments: bool = True
     attachment_max_bytes: int = 50 * 1024 * 1024
     attachment_content_types: tuple[str, ...] = ()  # empty: any
+    # pfsync.load.spool: one attachment copy's bytes in memory; past it, in a private scratch file.
+    attachment_memory_bytes: int = 1024 * 1024
     # pfsync.load.idmap: the id map's memory cache (past it, lookups read SQLite).
     idmap_cache_bytes: int = 16 * 1024 * 1024
     # pfsync.load.idmap: SQLite's page cache for the id map file (the map, the holds, their TEMP tables).

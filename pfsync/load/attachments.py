@@ -12,8 +12,12 @@ Copies run on worker threads (`plan`, `start` / `finished`), a few resources at 
 turn in memory, up to an eighth of load.park_max_bytes), so a practice with thousands of documents does not copy them one after another
 on the loader's thread while every Bundle waits: the resource is written once its attachments
 are copied. Downloads are limited apart (pfsync.load.binaries); uploads, which wait behind our
-Bundles at Medplum, run beside them on the other workers, so at most `_COPY_THREADS` attachments'
-bytes are in memory (each under load.attachment_max_bytes).
+Bundles at Medplum, run beside them on the other workers.
+
+Memory: each running copy streams its attachment through a spool (pfsync.load.spool) holding at
+most load.attachment_memory_bytes in memory, the rest in a private scratch file; so the copies
+hold at most `_COPY_THREADS` x load.attachment_memory_bytes (8 x 1 MiB by default), whatever
+load.attachment_max_bytes allows (a source answering with FHIR Binary JSON aside: pfsync.load.binaries).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,7 +44,7 @@ _COPY_THREADS = 8  # workers: each downloads (at most pfsync.load.binaries' limi
 # uploads; an upload waits behind our Bundles at Medplum, so with one pool of four the copies fell
 # behind the Bundles and the load ended waiting for them
 _MAX_COPIES = 12  # handed to the workers at once (a worker never waits for the loader's thread to
-# hand it the next); only the running ones hold bytes in memory
+# hand it the next); only the running ones hold bytes (a spool each)
 # Resources waiting for a copy slot are held in memory (their line, parsed and prepared: Waiting.cost)
 # up to this share of load.park_max_bytes; past it the loader waits for copies to end. The queue only
 # has to keep the workers busy while the loader reads on, so it is small beside the parked ones.
@@ -56,9 +61,11 @@ class Attachments:
 
     def __init__(
         self, medplum: MedplumClient, source_client: httpx.Client | None, idmap: IdMap, settings: LoadSettings,
-        ctx: TransformContext, *, clock: Clock, dry_run: bool,
+        ctx: TransformContext, *, clock: Clock, spool_dir: Path, dry_run: bool,
     ) -> None:  # fmt: skip
-        self._binaries = Binaries(medplum, source_client, idmap, settings, dry_run=dry_run)
+        self._binaries = Binaries(
+            medplum, source_client, idmap, settings, spool_dir=spool_dir, dry_run=dry_run
+        )
         self._copies_possible = source_client is not None and not dry_run
         self._idmap = idmap
         self._ctx = ctx

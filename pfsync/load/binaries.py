@@ -5,8 +5,16 @@ the content's SHA-1 (base64, per FHIR): the same content is never uploaded twice
 `binaries`). This module owns the mechanics, on any thread: a download with the source client (the
 only client holding the source token; pinned to the source's origin, capped at
 load.attachment_max_bytes, limited to load.attachment_content_types), an upload with `POST Binary`
-(raw bytes, real Content-Type), and the exported Binary resources (`load_binary`). Which
-attachments to copy, and when, is pfsync.load.attachments' decision.
+(raw bytes, real Content-Type, Content-Length), and the exported Binary resources (`load_binary`).
+Which attachments to copy, and when, is pfsync.load.attachments' decision.
+
+Memory: a download streams into a pfsync.load.spool.Spool, which keeps at most
+load.attachment_memory_bytes in memory and the rest in a private scratch file in the source's
+state directory (0600, nameless: gone with the copy, whatever ends it); the SHA-1, the size and
+the cap are taken as the bytes arrive, and the upload streams from the spool. So a copy holds at
+most load.attachment_memory_bytes (plus a network chunk) in memory, however large the attachment.
+The one exception: a source that answers with a FHIR Binary resource (JSON, base64 `data`)
+instead of the raw bytes has it parsed whole, in memory, up to load.attachment_max_bytes.
 
 At most `_DOWNLOADS` downloads run at once (the EHR's politeness rule). The id map belongs to the
 loader's thread: workers read earlier runs' Binaries through their own read-only SQLite connection
@@ -23,15 +31,17 @@ import sqlite3
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 
-from pfsync.core.errors import HTTPError, ProtocolError
+from pfsync.core.errors import HTTPError, ProtocolError, StateError
 from pfsync.core.netpolicy import shown_url
 from pfsync.core.settings import LoadSettings
 from pfsync.load.idmap import IdMap
+from pfsync.load.spool import Spool, SpoolBody
 from pfsync.load.transform import Prepared
 from pfsync.medplum.client import THROTTLED_ONLY, MedplumClient
 from pfsync.net.http import ACCEPT_ENCODING, PIN_ORIGIN, STREAMED, is_temporary, iter_decoded, protocol_error
@@ -67,9 +77,10 @@ class Binaries:
 
     def __init__(
         self, medplum: MedplumClient, source_client: httpx.Client | None, idmap: IdMap, settings: LoadSettings,
-        *, dry_run: bool,
+        *, spool_dir: Path, dry_run: bool,
     ) -> None:  # fmt: skip
         self._medplum = medplum
+        self._spool_dir = spool_dir  # where a spool past load.attachment_memory_bytes keeps the rest
         self._source = source_client
         self._idmap = idmap
         self._settings = settings
@@ -99,18 +110,35 @@ class Binaries:
         for one over the size cap or outside the allowed types (left as it is)."""
         out: list[Copied | None] = []
         for att, url, declared in jobs:
-            with self._downloads:
-                fetched = self._download(url, declared)
-            if fetched is None:
-                out.append(None)
-                continue
-            data, content_type = fetched
-            digest = base64.b64encode(hashlib.sha1(data).digest()).decode()
-            mid, uploaded = self._mid_for(digest, data, content_type)
-            out.append(Copied(att, digest, mid, len(data), uploaded))
+            with Spool(self._spool_dir, self._settings.attachment_memory_bytes) as spool:
+                out.append(self._copy_one(att, url, declared, spool))
         return out
 
-    def _mid_for(self, digest: str, data: bytes, content_type: str) -> tuple[str, bool]:
+    def _copy_one(self, att: dict[str, Any], url: str, declared: Any, spool: Spool) -> Copied | None:
+        with self._downloads:
+            content_type = self._download(url, declared, spool)
+        if content_type is None:
+            return None
+        body: bytes | SpoolBody = spool.body()
+        size, digest = spool.size, spool.digest
+        if "fhir+json" in content_type:
+            # A FHIR Binary resource instead of raw bytes: read into memory and parsed whole (JSON is
+            # not decoded in pieces here); the download's cap bounds it (load.attachment_max_bytes).
+            raw, content_type = _binary_content(spool.read_all(), declared)
+            spool.close()
+            body, size, digest = raw, len(raw), _sha1(raw)
+        if not content_type:
+            content_type = declared if isinstance(declared, str) and declared else "application/octet-stream"
+        if not self._allowed(content_type):
+            return None
+        if "fhir+json" not in content_type:
+            content_type = content_type.split(";")[0].strip()
+        mid, uploaded = self._mid_for(digest, body, size, content_type)
+        return Copied(att, digest, mid, size, uploaded)
+
+    def _mid_for(
+        self, digest: str, body: bytes | SpoolBody, size: int, content_type: str
+    ) -> tuple[str, bool]:
         """The Medplum Binary of this content: known (earlier run, or this one), or uploaded now."""
         with self._lock:
             promise = self._promises.get(digest)
@@ -123,7 +151,7 @@ class Binaries:
             mid = self._earlier_binary(digest)
             uploaded = mid is None
             if mid is None:
-                mid = self._upload(data, content_type)
+                mid = self._upload(body, size, content_type)
         except BaseException as exc:
             with self._lock:
                 del self._promises[digest]  # a later copy of the same content tries again
@@ -149,7 +177,9 @@ class Binaries:
         allow = self._settings.attachment_content_types
         return not allow or (content_type or "").split(";")[0].strip().lower() in {a.lower() for a in allow}
 
-    def _download(self, url: str, declared: Any) -> tuple[bytes, str] | None:
+    def _download(self, url: str, declared: Any, spool: Spool) -> str | None:
+        """The attachment's bytes into `spool`; -> the Content-Type it came with (the declared one
+        without: may be empty), None when it is over load.attachment_max_bytes."""
         assert self._source is not None
         limit = self._settings.attachment_max_bytes
         try:
@@ -167,13 +197,10 @@ class Binaries:
                     raise AttachmentError(
                         f"attachment download {shown_url(url)} answered {response.status_code}"
                     )
-                chunks: list[bytes] = []
-                size = 0
                 for chunk in iter_decoded(response):
-                    size += len(chunk)
-                    if size > limit:
+                    if spool.size + len(chunk) > limit:
                         return None
-                    chunks.append(chunk)
+                    spool.write(chunk)
                 content_type = response.headers.get("content-type") or (
                     declared if isinstance(declared, str) else ""
                 )
@@ -185,36 +212,38 @@ class Binaries:
             raise AttachmentError(f"attachment download refused: {protocol_error(exc).message}") from None
         except ProtocolError as exc:  # an unsafe redirect or encoding: quarantined with the reason
             raise AttachmentError(f"attachment download refused: {exc.message}") from None
-        data = b"".join(chunks)
-        if "fhir+json" in content_type:
-            data, content_type = _binary_content(data, declared)
-        if not content_type:
-            content_type = declared if isinstance(declared, str) and declared else "application/octet-stream"
-        if not self._allowed(content_type):
-            return None
-        return data, content_type.split(";")[0].strip() if "fhir+json" not in content_type else content_type
+        except (OSError, StateError) as exc:  # the spool's scratch file (a full disk): try again later
+            raise AttachmentError(
+                f"attachment download {shown_url(url)}: {_spool_failure(exc)}", retryable=True
+            ) from None
+        return content_type
 
-    def _upload(self, data: bytes, content_type: str) -> str:
+    def _upload(self, body: bytes | SpoolBody, size: int, content_type: str) -> str:
+        # The raw bytes with their real Content-Type and an explicit Content-Length (docs/medplum.md
+        # "Binary and attachments"): a spool is sent in pieces, never with chunked encoding.
+        headers = {"Content-Type": content_type, "Content-Length": str(size), "Accept": "*/*"}
         try:
-            # The Medplum client's thread-safe path: a 429 (never run) is waited out; anything else
-            # is this copy's outcome (a create re-sent after a lost answer could copy twice).
-            response = self._medplum.send("POST", "Binary", cost=None, content=data,
-                                          headers={"Content-Type": content_type, "Accept": "*/*"},
+            # The Medplum client's thread-safe path: a 429 (never run) is waited out and the body
+            # sent again from its start; anything else is this copy's outcome (a create re-sent
+            # after a lost answer could copy twice).
+            response = self._medplum.send("POST", "Binary", cost=None, content=body, headers=headers,
                                           rules=THROTTLED_ONLY, resend_after_network_error=False)  # fmt: skip
         except httpx.TransportError as exc:
             raise AttachmentError(f"Binary upload failed: {exc.__class__.__name__}", retryable=True) from None
         except HTTPError as exc:  # still throttled past the client's patience
             raise AttachmentError(f"Binary upload failed: {exc.message}", retryable=True) from None
+        except OSError as exc:  # reading the spool back
+            raise AttachmentError(f"Binary upload failed: {_spool_failure(exc)}", retryable=True) from None
         self._count_request()
         if is_temporary(response):
             raise AttachmentError(f"Binary upload answered {response.status_code}", retryable=True)
         if response.status_code not in (200, 201):
             raise AttachmentError(f"Binary upload answered {response.status_code}")
         try:
-            body = orjson.loads(response.content)
+            answer = orjson.loads(response.content)
         except orjson.JSONDecodeError:
-            body = None
-        mid = body.get("id") if isinstance(body, dict) else None
+            answer = None
+        mid = answer.get("id") if isinstance(answer, dict) else None
         if not isinstance(mid, str):
             raise AttachmentError("Binary upload answered without an id", retryable=True)
         return mid
@@ -229,17 +258,27 @@ class Binaries:
             data = base64.b64decode(data_b64 or "", validate=True)
         except (binascii.Error, ValueError):
             raise AttachmentError("Binary.data is not valid base64") from None
-        digest = base64.b64encode(hashlib.sha1(data).digest()).decode()
+        digest = _sha1(data)
         row = self._idmap.get("Binary", p.sid)
         if row is not None and row.mid is not None and row.hash == digest:
             return "unchanged"
         outcome = "created" if row is None or row.mid is None else "updated"
         if self._dry_run:
             return outcome
-        mid, _ = self._mid_for(digest, data, str(content_type))
+        mid, _ = self._mid_for(digest, data, len(data), str(content_type))
         self._idmap.record_binary(digest, mid, len(data))
         self._idmap.record("Binary", p.sid, mid, None, digest)
         return outcome
+
+
+def _sha1(data: bytes) -> str:
+    """Attachment.hash: the base64 SHA-1 of the content."""
+    return base64.b64encode(hashlib.sha1(data).digest()).decode()
+
+
+def _spool_failure(exc: OSError | StateError) -> str:
+    what = exc.message if isinstance(exc, StateError) else (exc.strerror or exc.__class__.__name__)
+    return f"cannot spool it to disk ({what})"
 
 
 def _binary_content(data: bytes, declared: Any) -> tuple[bytes, str]:

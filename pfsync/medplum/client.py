@@ -21,7 +21,7 @@ lock, and the Bundle sender (pfsync.medplum.upsert) reads that Pacer on the load
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,6 +54,10 @@ FHIR_JSON = "application/fhir+json"
 THROTTLED_ONLY: tuple[RetryRule, ...] = (RetryRule(frozenset({429}), "retry"),)
 THROTTLE_PATIENCE = 3600.0  # seconds of 429 waits before they count against http.retries
 ResponseHook = Callable[[str | None, int, int, bool], None]  # RateLimit, writes, searches, throttled
+# A request body: bytes, or pieces (a spooled Binary upload) that come with their Content-Length
+# header (httpx would otherwise send them chunked) and start again from the first byte each time
+# they are iterated (a 429 or a 401 sends the request again; httpx refuses a consumed generator).
+Body = bytes | Iterable[bytes]
 
 
 @dataclass
@@ -159,7 +163,7 @@ class MedplumClient:
 
     # ---------------------------------------------------------------- one attempt (any thread)
     def send_once(self, method: str, path: str, *, params: dict[str, str] | None = None,
-                  content: bytes | None = None, headers: dict[str, str] | None = None) -> httpx.Response:  # fmt: skip
+                  content: Body | None = None, headers: dict[str, str] | None = None) -> httpx.Response:  # fmt: skip
         """One attempt, no retry and no bookkeeping, with exactly the `headers` given: for requests
         whose retry is a decision of the caller (a batch Bundle's entries, pfsync.medplum.upsert), and for
         worker threads. Network errors propagate as httpx.TransportError; a redirect loop or an
@@ -186,7 +190,7 @@ class MedplumClient:
         *,
         cost: Cost | None = "read",
         params: dict[str, str] | None = None,
-        content: bytes | None = None,
+        content: Body | None = None,
         headers: dict[str, str] | None = None,
         rules: tuple[RetryRule, ...] = TEMPORARY_RULES,
         first: Callable[[], httpx.Response] | None = None,

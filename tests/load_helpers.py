@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -73,3 +75,18 @@ def identity_counts(target: TargetSandbox, types: list[str]) -> Counter[tuple[st
 
 def fixture_types() -> list[str]:
     return sorted(p.name.split(".")[0] for p in SYNTHEA_SMALL.glob("*.ndjson"))
+
+
+def spool_files(directory: Path) -> list[tuple[str, int]]:
+    """(link, mode) of every file this process holds open in `directory` that no name leads to
+    (an attachment spool's scratch file: pfsync.core.private.anonymous_file), read from /proc."""
+    prefix = str(directory.resolve()) + "/"
+    found: list[tuple[str, int]] = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith(prefix) and link.endswith(" (deleted)"):
+                found.append((link, stat.S_IMODE(os.stat(f"/proc/self/fd/{fd}").st_mode)))
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor, another thread's file)
+    return found

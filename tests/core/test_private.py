@@ -3,11 +3,13 @@ state directory of another user."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sync_helpers import sync_env
@@ -15,7 +17,7 @@ from typer.testing import CliRunner
 
 from pfsync.cli import app
 from pfsync.core.errors import ExitCode, StateError
-from pfsync.core.private import create_exclusive, open_private, private_dir, private_sqlite
+from pfsync.core.private import anonymous_file, create_exclusive, open_private, private_dir, private_sqlite
 from pfsync.load.quarantine import QUARANTINE, WrappedLog
 from pfsync.sandbox.source.server import SourceSandbox
 from pfsync.sandbox.target.server import TargetSandbox
@@ -145,3 +147,46 @@ def test_sync_refuses_a_planted_lock_link_and_a_foreign_state_dir(
     assert result.exit_code == ExitCode.STATE, result.output
     assert "belongs to another user" in result.output
     assert target.count("Patient") == 0
+
+
+def _scratch_round_trip(fd: int) -> None:
+    os.write(fd, b"patient data")
+    assert os.pread(fd, 100, 0) == b"patient data"
+    info = os.fstat(fd)
+    assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_nlink == 0  # private, and no name leads to it
+
+
+def test_anonymous_file_is_private_and_nameless_whatever_the_umask(tmp_path: Path, loose_umask: None) -> None:
+    fd = anonymous_file(tmp_path)
+    try:
+        _scratch_round_trip(fd)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        os.close(fd)
+
+
+def test_anonymous_file_without_o_tmpfile_is_created_exclusive_0600_and_unlinked_at_once(
+    tmp_path: Path, loose_umask: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A filesystem without O_TMPFILE: a named file, created O_EXCL (never through a link), 0600
+    # from its first moment, and gone from the directory before the caller gets it.
+    real_open = os.open
+    created: list[tuple[str, int, int]] = []
+
+    def no_tmpfile(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        fd = real_open(path, flags, mode, **kw)
+        created.append((os.path.basename(path), flags, stat.S_IMODE(os.fstat(fd).st_mode)))
+        return fd
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    fd = anonymous_file(tmp_path)
+    try:
+        _scratch_round_trip(fd)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        os.close(fd)
+    [(name, flags, mode)] = created
+    assert name.startswith(".pfsync-") and mode == 0o600
+    assert flags & os.O_EXCL and flags & os.O_NOFOLLOW

@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -61,10 +60,11 @@ class Attachments:
 
     def __init__(
         self, medplum: MedplumClient, source_client: httpx.Client | None, idmap: IdMap, settings: LoadSettings,
-        ctx: TransformContext, *, clock: Clock, spool_dir: Path, dry_run: bool,
+        ctx: TransformContext, *, clock: Clock, dry_run: bool,
     ) -> None:  # fmt: skip
+        # Spools go beside the id map: the source's state directory, which IdMap made private (0700).
         self._binaries = Binaries(
-            medplum, source_client, idmap, settings, spool_dir=spool_dir, dry_run=dry_run
+            medplum, source_client, idmap, settings, spool_dir=idmap.path.parent, dry_run=dry_run
         )
         self._copies_possible = source_client is not None and not dry_run
         self._idmap = idmap

@@ -120,7 +120,6 @@ class Loader:
             source, settings, medplum, self._idmap, self._counts, self.quarantine, self.retry_queue,
             http=http or HttpSettings(), clock=clock or SystemClock(), events=self._events, dry_run=dry_run,
             stop=stop, source_client=source_client, mode=mode or settings.upsert_mode,
-            spool_dir=self._dir,  # the id map made it: private (0700), ours
         )  # fmt: skip
         self._consumed: list[Path] = []
         self._started = time.monotonic()

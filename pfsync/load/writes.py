@@ -14,7 +14,6 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -52,7 +51,7 @@ class Writer:
         self, source: SourceSettings, settings: LoadSettings, medplum: MedplumClient, idmap: IdMap,
         counts: dict[str, Counter[str]], quarantine: WrappedLog, retry_queue: WrappedLog, *,
         http: HttpSettings, clock: Clock, events: EventSink, dry_run: bool, stop: threading.Event | None,
-        source_client: httpx.Client | None, mode: str, spool_dir: Path,
+        source_client: httpx.Client | None, mode: str,
     ) -> None:  # fmt: skip
         if mode not in ("direct", "conditional"):
             raise ValueError(f"unknown upsert mode {mode!r}")
@@ -88,7 +87,7 @@ class Writer:
                 events=events, stop=stop, async_runner=runner,
             )  # fmt: skip
         attachments = (Attachments(self.medplum, source_client, idmap, settings, self.context, clock=clock,
-                                   spool_dir=spool_dir, dry_run=dry_run) if settings.attachments else None)  # fmt: skip
+                                   dry_run=dry_run) if settings.attachments else None)  # fmt: skip
         self._emitter = Emitter(self.context, attachments, pending=self._pending, refs=self.refs, router=self._router,
                                 tally=self._tally, pacer=self.pacer, events=events)  # fmt: skip
         self._parking = Parking(self._pending, self.refs, sending=self._sender is not None)

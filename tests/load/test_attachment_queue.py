@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import httpx
+from load_helpers import FakeClock
 
 from pfsync.core.settings import LoadSettings, SourceSettings
 from pfsync.load.attachments import Attachments
@@ -14,7 +15,6 @@ from pfsync.load.idmap import IdMap
 from pfsync.load.pending import Waiting
 from pfsync.load.transform import Prepared, TransformContext
 from pfsync.medplum.client import MedplumClient
-from tests.load_helpers import FakeClock
 
 
 def _item(n: int, raw_bytes: int) -> Waiting:

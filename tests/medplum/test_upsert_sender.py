@@ -13,8 +13,9 @@ import orjson
 import pytest
 from load_helpers import FakeClock
 
+from pfsync.core.errors import HTTPError, InterruptedRunError
 from pfsync.medplum.batch import Entry, EntryResult, Kind
-from pfsync.medplum.bundlesend import Exhausted, Recheck, Released, Settled, Superseded
+from pfsync.medplum.bundlesend import Exhausted, Recheck, Released, Report, Settled, Superseded
 from pfsync.medplum.client import MedplumClient
 from pfsync.medplum.upsert import BatchSender
 from pfsync.net.http import RetryPolicy
@@ -502,3 +503,97 @@ def test_sender_reports_an_entry_replaced_by_a_newer_one_of_its_identity_as_supe
     assert sorted(reports.superseded_) == ["0", "1"]
     assert sorted(sid for sid, _, _ in reports.done) == ["0", "0", "1"]
     assert sorted(e["resource"]["v"] for bundle in seen for e in bundle) == [1, 2, 3]
+
+
+def test_sender_keeps_its_reports_when_it_stops_mid_call() -> None:
+    """A stop drains the Bundles on the wire and raises: their reports wait for the caller all the
+    same, and what was never sent is reported as nothing (it is still the caller's, in flight)."""
+    stop = threading.Event()
+    gate = threading.Event()
+
+    def answer(entries: list[dict[str, Any]], n: int) -> tuple[int, Any, dict[str, str]]:
+        gate.wait(timeout=10)  # the timeout only keeps a regression from hanging
+        return 200, response(created(entries)), {}
+
+    client, seen = server(answer)
+    clock = FakeClock()
+    sender = make(client, clock, max_entries=1, max_concurrency=1, stop=stop)
+    sender.add(entry(0))  # on the wire, held at the server
+    sender.add(entry(1))  # queued behind it
+    stop.set()
+    gate.set()
+    with pytest.raises(InterruptedRunError):
+        sender.step()
+    reports = sender.take_reports()
+    assert [(type(r), r.entry.sid) for r in reports] == [(Settled, "0")]
+    assert len(seen) == 1
+
+
+def test_sender_keeps_the_reports_made_before_medplum_refused_our_credentials() -> None:
+    """A 401 raises from the middle of reading answers: the answers read before it stay reported."""
+
+    def answer(entries: list[dict[str, Any]], n: int) -> tuple[int, Any, dict[str, str]]:
+        if entries[0]["request"]["url"].endswith("|1"):
+            time.sleep(0.05)  # answered second
+            return 401, {"resourceType": "OperationOutcome", "issue": []}, {}
+        return 200, response(created(entries)), {}
+
+    client, seen = server(answer)
+    sender = make(client, FakeClock(), max_entries=1, max_concurrency=2)
+    sender.concurrency.limit = 2.0  # both Bundles on the wire at once
+    sender.add(entry(0))
+    sender.add(entry(1))
+    with pytest.raises(HTTPError):
+        for _ in range(10_000):  # until the 401 is read
+            sender.step()
+            time.sleep(0.001)
+    reports = sender.take_reports()
+    assert [(type(r), r.entry.sid) for r in reports] == [(Settled, "0")]
+    assert len(seen) == 2
+
+
+def test_sender_a_released_create_given_back_waits_behind_a_retry_of_its_identity_on_the_wire() -> None:
+    """Between its release and its return, the retry of the write it waited for can go on the wire
+    (a call that reads answers sends too): given back, it waits again, never in a second Bundle of
+    its identity at once."""
+    retry_gate = threading.Event()
+    lock = threading.Lock()
+    on_wire = {"now": 0, "most": 0}
+
+    def answer(entries: list[dict[str, Any]], n: int) -> tuple[int, Any, dict[str, str]]:
+        with lock:
+            on_wire["now"] += 1
+            on_wire["most"] = max(on_wire["most"], on_wire["now"])
+        if n == 2:
+            retry_gate.wait(timeout=10)  # the timeout only keeps a regression from hanging
+        with lock:
+            on_wire["now"] -= 1
+        if n == 1:
+            conflict = {"resourceType": "OperationOutcome", "issue": [
+                {"severity": "error", "code": "conflict", "details": {"text": "could not serialize access"}}]}  # fmt: skip
+            return 200, response([{"status": "409", "outcome": conflict}]), {}
+        return 200, response([{"status": "200", "location": "Patient/m-7"}]), {}
+
+    client, seen = server(answer)
+    sender = make(client, FakeClock(), max_entries=1, max_concurrency=2)
+    sender.concurrency.limit = 2.0
+    sender.add(Entry("Patient", "7", "PUT", "Patient/m-7", b'{"resourceType":"Patient","v":1}'))
+    sender.add(Entry("Patient", "7", "POST", "Patient", b'{"resourceType":"Patient","v":2}'))  # waits
+    reports: list[Report] = []
+    for _ in range(10_000):  # until it reads the 409: the PUT is queued again, the POST released,
+        sender.nudge()  # and the same call sends the retry
+        reports += sender.take_reports()
+        if reports:
+            break
+        time.sleep(0.001)
+    assert [(type(r), r.entry.sid) for r in reports] == [(Released, "7")]
+    released = reports[0].entry
+    released.retarget("PUT", "Patient/m-7")
+    sender.requeue(released)
+    sender.concurrency.limit = 2.0  # (the 409 halved it): a slot is free for it
+    sender.nudge()  # must not send it while the retry is on the wire
+    retry_gate.set()
+    sender.flush()
+    assert on_wire["most"] == 1
+    assert [[e["resource"]["v"] for e in b] for b in seen] == [[1], [1], [2]]
+    assert [(type(r), r.entry.method) for r in sender.take_reports()] == [(Settled, "PUT")] * 2

@@ -19,7 +19,7 @@ and the ledger; a released create it decides again and gives back.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, assert_never
 
 import orjson
 
@@ -263,20 +263,21 @@ class Router:
         released create, decided again here; -> whether one went back to the sender."""
         requeued = False
         while reports := sender.take_reports():  # a create given back can supersede a queued entry
-            for report in reports:
-                match report:
-                    case Settled(entry, kind, result):
-                        self._settled(entry, kind, result)
-                    case Exhausted(entry, result):
-                        self._exhausted(entry, result)
-                    case Recheck(entry):
-                        self._recheck(entry)
-                    case Superseded(entry):
-                        self._pending.answered(entry.key)  # its newer entry is still coming
-                    case Released(entry):
-                        if self._redecide(entry):
-                            sender.requeue(entry)
-                            requeued = True
+            for report in reports:  # (isinstance: one per entry, and a match statement costs more)
+                if isinstance(report, Settled):
+                    self._settled(report.entry, report.kind, report.result)
+                elif isinstance(report, Exhausted):
+                    self._exhausted(report.entry, report.result)
+                elif isinstance(report, Recheck):
+                    self._recheck(report.entry)
+                elif isinstance(report, Superseded):
+                    self._pending.answered(report.entry.key)  # its newer entry is still coming
+                elif isinstance(report, Released):
+                    if self._redecide(report.entry):
+                        sender.requeue(report.entry)
+                        requeued = True
+                else:
+                    assert_never(report)
         return requeued
 
     def _settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None:

@@ -26,10 +26,11 @@ MEDPLUM_BODY_LIMIT = 1_048_576  # docs/medplum.md: 1,048,577 bytes is refused
 
 # The end of an entry in the sender, as reported to its caller (BatchSender.take_reports), in the
 # words of the write path's vocabulary (pfsync.load.pending): every entry added ends in one report,
-# except a Released one, which is the caller's again.
+# except a Released one, which is the caller's again. One is made per entry, on the loader's thread:
+# plain slotted classes, as a frozen dataclass's __init__ costs twice as much.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Settled:
     """Its write has an outcome: `kind` (written, unchanged, deleted, or FAILED: for the quarantine)."""
 
@@ -38,7 +39,7 @@ class Settled:
     result: EntryResult
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Exhausted:
     """Its retries ran out (`result`: the last answer): for the retry queue."""
 
@@ -46,21 +47,21 @@ class Exhausted:
     result: EntryResult
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Recheck:
     """To route again from scratch: a stale Medplum id, or a create whose outcome is unknown."""
 
     entry: Entry
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Superseded:
     """A newer entry of its identity, added before this one was sent, replaced it."""
 
     entry: Entry
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Released:
     """A create that waited behind another write of its identity, which has ended: it left the
     sender unsent, since a second POST could be a second copy. The caller decides it again and adds

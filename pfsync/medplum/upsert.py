@@ -119,7 +119,8 @@ class BatchSender:
             self._pump()
 
     def requeue(self, entry: Entry) -> None:
-        """Queue a write without sending: a released create decided again."""
+        """Queue a write without sending: a released create decided again (it waits again if a write
+        of its identity went on the wire since its release)."""
         self._queue(entry)
 
     def _queue(self, entry: Entry) -> bool:

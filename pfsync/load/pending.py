@@ -11,8 +11,8 @@ these states; these words mean these states everywhere in the write path (pfsync
 - recheck: an entry to route again from scratch (a stale Medplum id, a create with no known outcome).
 - fetching: a reference target fetched from the source, not taken in yet.
 - copying: a resource whose attachments are being copied (the copies run in pfsync.load.attachments).
-- in flight: an entry handed to the sender (pfsync.medplum.upsert), queued or sent in a Bundle,
-  until the sender answers with its outcome.
+- in flight: an entry handed to the sender (pfsync.medplum.upsert), queued, sent in a Bundle or
+  released, until the sender reports its end.
 
 And these words say what happens to an identity:
 
@@ -22,8 +22,12 @@ And these words say what happens to an identity:
   not found at the source).
 - wake: a parked resource is looked at again when a target it waits for settles; it is then
   written, parked again or deferred (pfsync.load.parking decides).
-- hand / answer: an entry goes to the sender (in flight) / the sender reports its end: an outcome,
-  a recheck, the retry queue, or superseded.
+- hand / answer: an entry goes to the sender (in flight) / the sender reports its end (the reports
+  of pfsync.medplum.bundlesend): settled (an outcome), exhausted (for the retry queue), recheck, or
+  superseded.
+- release: a create that waited in the sender behind another write of its identity leaves it
+  when that write ends, still in flight; the router decides it again (an update by id, given back
+  to the sender; unchanged; or a recheck) before anything else reaches the sender.
 - supersede: a newer copy of an identity read meanwhile replaces a parked, copying or queued one,
   which is dropped.
 - take back: at a settle point (the end of a file, a flush, the finish) deferred resources whose
@@ -31,7 +35,8 @@ And these words say what happens to an identity:
 
 The ledger holds every state but deferred (the id map's, on disk). It only records: the writer
 decides every transition (pfsync.load.parking for parked ones), except in flight, which the router
-(pfsync.load.routing) records as it hands an entry to the sender and as the sender reports its end.
+(pfsync.load.routing) records as it hands an entry to the sender and as it takes in the sender's
+reports, right after each call to the sender: the sender never calls back.
 """
 
 from __future__ import annotations

@@ -11,14 +11,15 @@ Two upsert modes (docs/medplum.md, "Quota costs"):
   Medplum is searched only when the id map is new (to rebuild it and skip unchanged resources).
 Resources whose content hash equals the one last written are skipped without any request.
 
-The router is the sender's handler: it hands every entry it sends to the pending ledger (in flight,
-pfsync.load.pending), and the outcomes of the Bundles come back here, on the loader's thread, and
-go to the id map, the tally and the ledger.
+The router is the sender's one caller: it hands every entry it sends to the pending ledger (in
+flight, pfsync.load.pending), and right after every call to the sender (the writer's too: `poll`,
+`nudge`, `step`) it takes in the sender's reports, on the loader's thread, for the id map, the tally
+and the ledger; a released create it decides again and gives back.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, assert_never
 
 import orjson
 
@@ -31,6 +32,7 @@ from pfsync.load.references import References
 from pfsync.load.tally import Tally
 from pfsync.load.transform import TransformContext, owned
 from pfsync.medplum.batch import Entry, EntryResult, Kind
+from pfsync.medplum.bundlesend import Exhausted, Recheck, Released, Settled, Superseded
 from pfsync.medplum.lookup import Found, Searcher, find_identities
 from pfsync.medplum.upsert import BatchSender
 
@@ -43,7 +45,7 @@ class Router:
 
     def __init__(
         self, ctx: TransformContext, idmap: IdMap, searcher: Searcher, *, pending: Pending, refs: References,
-        tally: Tally, events: EventSink, mode: str, deletes: str, dry_run: bool,
+        tally: Tally, events: EventSink, mode: str, deletes: str, dry_run: bool, sender: BatchSender | None,
     ) -> None:  # fmt: skip
         self._ctx = ctx
         self._idmap = idmap
@@ -56,7 +58,7 @@ class Router:
         self._deletes = deletes
         self._dry_run = dry_run
         self.probes = Probes(searcher, ctx, dry_run=dry_run)
-        self.sender: BatchSender | None = None  # set by the writer (the sender needs this handler)
+        self._sender = sender  # None in a dry run
 
     def route(self, entry: Entry) -> None:
         """Skip, search, create or update, from what the id map knows of this identity."""
@@ -113,12 +115,15 @@ class Router:
                 self.route(entry)
 
     def _send(self, entry: Entry, *, create: bool) -> None:
-        if self._dry_run or self.sender is None:
+        if self._dry_run or self._sender is None:
             key = "deleted" if entry.purpose != "upsert" else ("created" if create else "updated")
             self._tally.count(entry.type, key)
             return
         self._pending.hand(entry.key)
-        self.sender.add(entry)
+        try:
+            self._sender.add(entry)
+        finally:
+            self._answer(self._sender)
 
     def flush_lookup(self, rtype: str) -> None:
         """Search the entries of this type that wait for a lookup, and route them on."""
@@ -224,9 +229,58 @@ class Router:
         entry.retarget("PUT", f"{entry.type}/{mid}")
         self._send(entry, create=False)
 
-    # -- outcomes (pfsync.medplum.upsert.Handler: called by the sender on this thread); each one
-    # answers the entry in the ledger, except a reroute that sends it on
-    def settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None:
+    # -- the sender: each call is followed by taking in its reports, even when it raises (a stop,
+    # or Medplum refusing our credentials): what was written before is recorded all the same
+    def poll(self) -> None:
+        """Take in the answered Bundles, if any came back (pfsync.medplum.upsert.BatchSender.poll)."""
+        if self._sender is not None:
+            try:
+                self._sender.poll()
+            finally:
+                self._answer(self._sender)
+
+    def nudge(self) -> None:
+        """Send what is queued, a partial Bundle too, without waiting (BatchSender.nudge)."""
+        if self._sender is not None:
+            try:
+                self._sender.nudge()
+            finally:
+                self._answer(self._sender)
+
+    def step(self) -> bool:
+        """One round of sending everything queued (BatchSender.step); False once nothing is queued,
+        in flight or given back to the sender."""
+        if self._sender is None:
+            return False
+        try:
+            more = self._sender.step()
+        finally:
+            requeued = self._answer(self._sender)
+        return more or requeued
+
+    def _answer(self, sender: BatchSender) -> bool:
+        """Take in the sender's reports, in order: each answers its entry in the ledger, except a
+        released create, decided again here; -> whether one went back to the sender."""
+        requeued = False
+        while reports := sender.take_reports():  # a create given back can supersede a queued entry
+            for report in reports:  # (isinstance: one per entry, and a match statement costs more)
+                if isinstance(report, Settled):
+                    self._settled(report.entry, report.kind, report.result)
+                elif isinstance(report, Exhausted):
+                    self._exhausted(report.entry, report.result)
+                elif isinstance(report, Recheck):
+                    self._recheck(report.entry)
+                elif isinstance(report, Superseded):
+                    self._pending.answered(report.entry.key)  # its newer entry is still coming
+                elif isinstance(report, Released):
+                    if self._redecide(report.entry):
+                        sender.requeue(report.entry)
+                        requeued = True
+                else:
+                    assert_never(report)
+        return requeued
+
+    def _settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None:
         self._pending.answered(entry.key)
         self._pending.settle(entry.key)
         if kind is Kind.FAILED:
@@ -249,12 +303,12 @@ class Router:
         else:
             self._refs.upgraded(entry.type, entry.sid)
 
-    def exhausted(self, entry: Entry, result: EntryResult) -> None:
+    def _exhausted(self, entry: Entry, result: EntryResult) -> None:
         self._pending.answered(entry.key)
         reason = f"retries exhausted: {result.text or f'HTTP {result.status}'}"
         self._tally.retry(entry.type, entry.sid, entry.file, entry.line, entry.raw, reason, result.status)
 
-    def recheck(self, entry: Entry) -> None:
+    def _recheck(self, entry: Entry) -> None:
         self._pending.answered(entry.key)
         self._pending.settle(entry.key)
         if entry.method == "PUT" and "?" not in entry.url:
@@ -264,25 +318,22 @@ class Router:
         entry.known_vid = None
         self._pending.recheck(entry)
 
-    def reroute(self, entry: Entry) -> Entry | None:
-        """A queued create whose identity was written meanwhile: an update by id now, nothing if the
-        content is the same, or routed again from scratch (the other write failed)."""
+    def _redecide(self, entry: Entry) -> bool:
+        """A released create (its identity was written meanwhile): an update by id now (-> True: it
+        stays in flight, for the sender again), nothing if the content is the same, or routed
+        again from scratch (the other write failed)."""
         self._pending.settle(entry.key)
         row = self._idmap.get(entry.type, entry.sid)
         if row is None or row.mid is None:
             self._pending.answered(entry.key)
             self._pending.recheck(entry)
-            return None
+            return False
         if row.hash is not None and row.hash == entry.hash:
             self._pending.answered(entry.key)
             self._tally.count(entry.type, "unchanged")
             if entry.logical:
                 self._refs.remember_logical(entry)
-            return None
+            return False
         entry.known_vid = row.vid
         entry.retarget("PUT", f"{entry.type}/{row.mid}")
-        return entry  # still in flight: the sender sends it on
-
-    def superseded(self, entry: Entry) -> None:
-        """A newer entry of this identity replaced this one in the sender (its write is still coming)."""
-        self._pending.answered(entry.key)
+        return True

@@ -72,20 +72,20 @@ class Writer:
         self._pending = Pending()
         self._tally = Tally(counts, quarantine, retry_queue, pending=self._pending, refs=self.refs,
                             events=events, dry_run=dry_run)  # fmt: skip
-        self._router = Router(self.context, idmap, self._searcher, pending=self._pending, refs=self.refs,
-                              tally=self._tally, events=events, mode=mode, deletes=settings.deletes,
-                              dry_run=dry_run)  # fmt: skip
-        self._sender: BatchSender | None = None
+        self._sender: BatchSender | None = None  # called through the router, which takes its reports
         if not dry_run:
             runner = None
             if settings.async_batch:
                 runner = AsyncBatchRunner(self.medplum, clock, max_bytes=settings.async_max_bytes)
-            self._sender = self._router.sender = BatchSender(
-                self.medplum, self._router, max_bytes=settings.async_max_bytes if runner else settings.bundle_max_bytes,
+            self._sender = BatchSender(
+                self.medplum, max_bytes=settings.async_max_bytes if runner else settings.bundle_max_bytes,
                 max_entries=10 * settings.bundle_max_entries if runner else settings.bundle_max_entries,
                 max_concurrency=settings.max_concurrency, clock=clock, retry=policy,
                 events=events, stop=stop, async_runner=runner,
             )  # fmt: skip
+        self._router = Router(self.context, idmap, self._searcher, pending=self._pending, refs=self.refs,
+                              tally=self._tally, events=events, mode=mode, deletes=settings.deletes,
+                              dry_run=dry_run, sender=self._sender)  # fmt: skip
         attachments = (Attachments(self.medplum, source_client, idmap, settings, self.context, clock=clock,
                                    dry_run=dry_run) if settings.attachments else None)  # fmt: skip
         self._emitter = Emitter(self.context, attachments, pending=self._pending, refs=self.refs, router=self._router,
@@ -140,7 +140,7 @@ class Writer:
         if self._router.probes.waiting:
             self._router.probed(block=False)  # what waits for an answered probe must not wait
         if self._sender is not None:
-            self._sender.poll()
+            self._router.poll()
             if self._emitter.copying:
                 self._emitter.copied(block=False)
             if self._pending.woke:
@@ -173,7 +173,7 @@ class Writer:
             return
         self._fetch_queued(full_only=due == "full")
         if due == "nudge" and self._sender is not None:
-            self._sender.nudge()
+            self._router.nudge()
 
     def _fetch_queued(self, *, full_only: bool) -> bool:
         """Fetch the queued missing targets (`full_only`: only types with a full request's worth)
@@ -201,7 +201,7 @@ class Writer:
                 due = self._take(resource, f"{self.context.base}/{rtype}", 0, raw, fetched=True)
                 if due == "nudge" and self._sender is not None:
                     # The fetches it asks for are the caller's loop; a partial Bundle goes out now.
-                    self._sender.nudge()
+                    self._router.nudge()
                 self._pending.fetching.discard((rtype, sid))  # written, parked or deferred by now
         finally:
             self._pending.fetching = set()
@@ -241,7 +241,7 @@ class Writer:
         entry, take in every outcome; parked resources are written or deferred."""
         while True:
             if self._emitter.copying and self._sender is not None:
-                self._sender.nudge()  # what is queued goes out while the copies end, not after
+                self._router.nudge()  # what is queued goes out while the copies end, not after
             while self._emitter.copying:
                 self._emitter.copied(block=True)
             if not self._dry_run:
@@ -281,7 +281,7 @@ class Writer:
         level of references would otherwise wait for the whole previous level)."""
         if self._sender is None:
             return
-        while self._sender.step():
+        while self._router.step():
             self._emitter.copied(block=False)
             self._unpark()
 
@@ -295,7 +295,7 @@ class Writer:
             self._fetch_queued(full_only=False)
             self._release_ready()
             if self._sender is not None and self._pending.parked:
-                self._sender.nudge()
+                self._router.nudge()
                 self._unpark()
         self._idmap.commit()
 

@@ -1,7 +1,7 @@
 """One batch Bundle on the wire: the POST a worker thread makes (synchronously, or as an async batch
 job: pfsync.medplum.asyncbatch), which Bundles go async (`OversizeRoute`, the one piece that
 remembers across Bundles: identities routed async stay so), what came back (`Sent`), the sender's
-counters (`SenderStats`, `Retries`) and the `Handler` that outcomes go to. The Bundle sender
+counters (`SenderStats`, `Retries`) and the reports of entries' ends (`Report`). The Bundle sender
 (pfsync.medplum.upsert) decides what the answers mean.
 
 May import: pfsync.core, pfsync.net, pfsync.medplum.batch, pfsync.medplum.client, pfsync.medplum.asyncbatch.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import httpx
 import orjson
@@ -25,14 +24,53 @@ FHIR_JSON = "application/fhir+json"
 MEDPLUM_BODY_LIMIT = 1_048_576  # docs/medplum.md: 1,048,577 bytes is refused
 
 
-class Handler(Protocol):
-    """Where outcomes go (the Loader)."""
+# The end of an entry in the sender, as reported to its caller (BatchSender.take_reports), in the
+# words of the write path's vocabulary (pfsync.load.pending): every entry added ends in one report,
+# except a Released one, which is the caller's again. One is made per entry, on the loader's thread:
+# plain slotted classes, as a frozen dataclass's __init__ costs twice as much.
 
-    def settled(self, entry: Entry, kind: Kind, result: EntryResult) -> None: ...
-    def exhausted(self, entry: Entry, result: EntryResult) -> None: ...
-    def recheck(self, entry: Entry) -> None: ...
-    def reroute(self, entry: Entry) -> Entry | None: ...
-    def superseded(self, entry: Entry) -> None: ...
+
+@dataclass(slots=True)
+class Settled:
+    """Its write has an outcome: `kind` (written, unchanged, deleted, or FAILED: for the quarantine)."""
+
+    entry: Entry
+    kind: Kind
+    result: EntryResult
+
+
+@dataclass(slots=True)
+class Exhausted:
+    """Its retries ran out (`result`: the last answer): for the retry queue."""
+
+    entry: Entry
+    result: EntryResult
+
+
+@dataclass(slots=True)
+class Recheck:
+    """To route again from scratch: a stale Medplum id, or a create whose outcome is unknown."""
+
+    entry: Entry
+
+
+@dataclass(slots=True)
+class Superseded:
+    """A newer entry of its identity, added before this one was sent, replaced it."""
+
+    entry: Entry
+
+
+@dataclass(slots=True)
+class Released:
+    """A create that waited behind another write of its identity, which has ended: it left the
+    sender unsent, since a second POST could be a second copy. The caller decides it again and adds
+    it back (`BatchSender.requeue`), or ends it."""
+
+    entry: Entry
+
+
+Report = Settled | Exhausted | Recheck | Superseded | Released
 
 
 @dataclass

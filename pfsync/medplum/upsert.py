@@ -7,11 +7,13 @@ docs/medplum.md "Batch Bundles" / "Size limits" / "Quotas and 429" / "Measured o
 - One identity is never in two Bundles in flight (a second conditional create of the same
   identity in a concurrent Bundle would make a duplicate), and a Bundle holds each identity once
   (last version wins: docs/medplum.md, recorded case 16).
-- Every entry added ends in one report to the handler: settled (an outcome), recheck, exhausted,
-  or superseded (a newer entry of the identity replaced it before it was sent); the caller keeps
-  the account of what is queued or in flight (pfsync.load.pending), not the sender.
+- Every entry added ends in one report (pfsync.medplum.bundlesend), which the caller takes after
+  each call (`take_reports`); the sender never calls back. A create that waited behind another
+  write of its identity is released instead, for the caller to decide again. The caller keeps the
+  account of what is in flight (pfsync.load.pending); the sender's sets say only what is queued,
+  waiting or on the wire.
 - Failed entries are re-sent alone (409 conflict, 429, 5xx, lost responses); validation failures
-  go to the handler for the quarantine; retries that run out go to the retry queue.
+  are settled as FAILED (for the quarantine); retries that run out are exhausted (the retry queue).
 - `Prefer: return=minimal` is never sent (the batch-response would be empty).
 
 All bookkeeping happens on the caller's thread; worker threads only do HTTP.
@@ -39,11 +41,16 @@ from pfsync.medplum.batch import (
 )
 from pfsync.medplum.bundlesend import (
     MEDPLUM_BODY_LIMIT,
-    Handler,
+    Exhausted,
     OversizeRoute,
+    Recheck,
+    Released,
+    Report,
     Retries,
     SenderStats,
     Sent,
+    Settled,
+    Superseded,
     send_bundle,
     wait_from_outcome_bytes,
 )
@@ -57,13 +64,12 @@ _READY = 2  # Bundles prepared ahead while every slot is in flight (one per answ
 
 
 class BatchSender:
-    """Accepts entries with `add`, sends them in Bundles, reports the end of every entry to `handler`
-    (an outcome, a recheck, retries exhausted, or superseded by a newer entry of its identity)."""
+    """Accepts entries with `add`, sends them in Bundles, and reports the end of every entry (or its
+    release) in `take_reports`: the caller takes them after every call, an exception's included."""
 
     def __init__(
         self,
         client: MedplumClient,
-        handler: Handler,
         *,
         max_bytes: int,
         max_entries: int,
@@ -75,7 +81,6 @@ class BatchSender:
         async_runner: AsyncBatchRunner | None = None,
     ) -> None:
         self._client = client
-        self._handler = handler
         self._oversize = OversizeRoute(self._client, clock, async_runner)  # which Bundles go as async jobs
         limit = async_runner.max_bytes if async_runner else MEDPLUM_BODY_LIMIT - 1024
         self.max_bytes = max(_MIN_BUNDLE_BYTES, min(max_bytes, limit))
@@ -87,6 +92,7 @@ class BatchSender:
         self._stop = stop
         self.concurrency = Concurrency(max_concurrency)
         self.stats = SenderStats()
+        self._reports: list[Report] = []  # in the order they happened, until the caller takes them
         self._buf: OrderedDict[tuple[str, str], Entry] = OrderedDict()
         self._buf_bytes = 0
         self._blocked: dict[tuple[str, str], Entry] = {}
@@ -101,30 +107,44 @@ class BatchSender:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+    def take_reports(self) -> list[Report]:
+        """The reports since the last take, in order (see the module docstring)."""
+        reports, self._reports = self._reports, []
+        return reports
+
     def add(self, entry: Entry) -> None:
         """Queue a write; sends Bundles once a full one can be made (blocks while slots are full
         and the next Bundles are ready)."""
+        if self._queue(entry) and self._full():
+            self._pump()
+
+    def requeue(self, entry: Entry) -> None:
+        """Queue a write without sending: a released create decided again (it waits again if a write
+        of its identity went on the wire since its release)."""
+        self._queue(entry)
+
+    def _queue(self, entry: Entry) -> bool:
+        """-> whether it joined the queue (else it waits for the write of its identity on the wire)."""
         key = entry.key
         if key in self._inflight:
             blocked = self._blocked.get(key)
             self._blocked[key] = entry  # sent after the in-flight write of this identity settles
             if blocked is not None:
-                self._handler.superseded(blocked)
-            return
+                self._reports.append(Superseded(blocked))
+            return False
         old = self._buf.pop(key, None)
         if old is not None:
             self._buf_bytes -= len(old.encoded()) + 1
-            self._handler.superseded(old)
+            self._reports.append(Superseded(old))
         self._buf[key] = entry
         self._buf_bytes += len(entry.encoded()) + 1
-        if self._full():
-            self._pump()
+        return True
 
     def _full(self, bundles: int = 1) -> bool:
         return len(self._buf) >= bundles * self.max_entries or self._buf_bytes >= bundles * self.max_bytes
 
     def flush(self) -> None:
-        """Send everything queued and wait until every entry has an outcome."""
+        """Send everything queued and wait until every entry has an outcome (or is released)."""
         while self.step():
             pass
 
@@ -274,19 +294,10 @@ class BatchSender:
             entry = self._blocked.pop(key, None)
             if entry is not None and entry.method == "POST":
                 # A create decided while another write of this identity was in flight: that write
-                # has settled now, so decide again (a second POST would be a second copy).
-                entry = self._handler.reroute(entry)
-            if entry is not None:
-                self.add_front(entry)
-
-    def add_front(self, entry: Entry) -> None:
-        """Queue an entry without triggering a send (used for retries inside the loop)."""
-        old = self._buf.pop(entry.key, None)
-        if old is not None:
-            self._buf_bytes -= len(old.encoded()) + 1
-            self._handler.superseded(old)
-        self._buf[entry.key] = entry
-        self._buf_bytes += len(entry.encoded()) + 1
+                # has ended now, so the caller decides again (a second POST would be a second copy).
+                self._reports.append(Released(entry))
+            elif entry is not None:
+                self._queue(entry)
 
     # -- outcomes
     def _complete(self, bundle: list[Entry], sent: Sent, inflight: int) -> None:
@@ -332,9 +343,9 @@ class BatchSender:
                 again.count(result)
                 self._again(entry, result, ambiguous=result.status == 0)
             elif kind is Kind.STALE:
-                self._handler.recheck(entry)
+                self._reports.append(Recheck(entry))
             else:
-                self._handler.settled(entry, kind, result)
+                self._reports.append(Settled(entry, kind, result))
         self._client.observe_bundle(sent.ratelimit, len(bundle) - again.throttled, again.throttled > 0)
         self.stats.conflicts += again.conflicts
         if again.throttled:
@@ -352,13 +363,13 @@ class BatchSender:
         # retry, so they get a larger budget than server errors before the retry queue.
         budget = self._retry.retries * (3 if result.status == 409 else 1)
         if entry.attempts > budget:
-            self._handler.exhausted(entry, result)
+            self._reports.append(Exhausted(entry, result))
         elif entry.method == "POST" and ambiguous:
             # docs/medplum.md "Measured on a real server": a lost response to a POST that did commit must not become a
             # second copy: the identity is looked up again before a create is re-sent.
-            self._handler.recheck(entry)
+            self._reports.append(Recheck(entry))
         else:
-            self.add_front(entry)
+            self._queue(entry)
 
     def _too_large(self, bundle: list[Entry]) -> None:
         self.stats.splits += 1
@@ -368,7 +379,7 @@ class BatchSender:
                 self._inflight.add(key)
                 self._groups.append(bundle)
                 return
-            self._handler.settled(bundle[0], Kind.FAILED, EntryResult(413, text=TOO_LARGE_EVEN_ASYNC))
+            self._reports.append(Settled(bundle[0], Kind.FAILED, EntryResult(413, text=TOO_LARGE_EVEN_ASYNC)))
             return
         size = len(bundle_bytes(bundle))
         self.max_bytes = max(_MIN_BUNDLE_BYTES, min(self.max_bytes, size // 2))
@@ -378,7 +389,7 @@ class BatchSender:
     def _bundle_refused(self, bundle: list[Entry], result: EntryResult) -> None:
         """A 4xx for the whole Bundle: isolate the culprit by re-sending entries in smaller Bundles."""
         if len(bundle) == 1:
-            self._handler.settled(bundle[0], Kind.FAILED, result)
+            self._reports.append(Settled(bundle[0], Kind.FAILED, result))
             return
         self._regroup(bundle)
 

@@ -149,20 +149,21 @@ def test_sync_refuses_a_planted_lock_link_and_a_foreign_state_dir(
     assert target.count("Patient") == 0
 
 
-def _scratch_round_trip(fd: int) -> None:
-    os.write(fd, b"patient data")
-    assert os.pread(fd, 100, 0) == b"patient data"
-    info = os.fstat(fd)
-    assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_nlink == 0  # private, and no name leads to it
+def _scratch_round_trip(directory: Path) -> None:
+    """An anonymous file in `directory` holds data, is 0600, and no name leads to it."""
+    fd = anonymous_file(directory)
+    try:
+        os.write(fd, b"patient data")
+        assert os.pread(fd, 100, 0) == b"patient data"
+        info = os.fstat(fd)
+        assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_nlink == 0
+        assert list(directory.iterdir()) == []
+    finally:
+        os.close(fd)
 
 
 def test_anonymous_file_is_private_and_nameless_whatever_the_umask(tmp_path: Path, loose_umask: None) -> None:
-    fd = anonymous_file(tmp_path)
-    try:
-        _scratch_round_trip(fd)
-        assert list(tmp_path.iterdir()) == []
-    finally:
-        os.close(fd)
+    _scratch_round_trip(tmp_path)
 
 
 def test_anonymous_file_without_o_tmpfile_is_created_exclusive_0600_and_unlinked_at_once(
@@ -181,12 +182,7 @@ def test_anonymous_file_without_o_tmpfile_is_created_exclusive_0600_and_unlinked
         return fd
 
     monkeypatch.setattr(os, "open", no_tmpfile)
-    fd = anonymous_file(tmp_path)
-    try:
-        _scratch_round_trip(fd)
-        assert list(tmp_path.iterdir()) == []
-    finally:
-        os.close(fd)
+    _scratch_round_trip(tmp_path)
     [(name, flags, mode)] = created
     assert name.startswith(".pfsync-") and mode == 0o600
     assert flags & os.O_EXCL and flags & os.O_NOFOLLOW

@@ -91,7 +91,9 @@ class Binaries:
         self._local = threading.local()
         self._downloads = threading.Semaphore(_DOWNLOADS)
         self._readers: list[sqlite3.Connection] = []
-        self._promises: dict[str, Future[str]] = {}
+        # content -> its upload while it runs (others wait on it), then just its Medplum id: a Future
+        # holds a Condition and its locks, about a kilobyte, and this map lives as long as the run
+        self._promises: dict[str, Future[str] | str] = {}
 
     @property
     def requests(self) -> int:
@@ -141,10 +143,11 @@ class Binaries:
     ) -> tuple[str, bool]:
         """The Medplum Binary of this content: known (earlier run, or this one), or uploaded now."""
         with self._lock:
-            promise = self._promises.get(digest)
-            owner = promise is None
-            if promise is None:
-                promise = self._promises[digest] = Future()
+            found = self._promises.get(digest)
+            if isinstance(found, str):
+                return found, False
+            owner = found is None
+            promise = self._promises[digest] = Future() if found is None else found
         if not owner:
             return promise.result(), False
         try:
@@ -157,6 +160,8 @@ class Binaries:
                 del self._promises[digest]  # a later copy of the same content tries again
             promise.set_exception(exc)
             raise
+        with self._lock:
+            self._promises[digest] = mid
         promise.set_result(mid)
         return mid, uploaded
 

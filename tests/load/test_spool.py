@@ -234,3 +234,15 @@ def test_copying_a_20_mib_attachment_holds_a_small_part_of_it_in_memory(tmp_path
     assert [(s["size"], s["hash"]) for s in medplum.seen] == [(len(data), _sha1(data))]
     # load.attachment_memory_bytes (1 MiB) plus network pieces; the whole body would be 20 MiB (40 joined).
     assert peak < 4 * MiB, f"peak traced memory {peak / MiB:.1f} MiB"
+
+
+def test_content_uploaded_once_is_remembered_by_its_id_not_by_a_future(tmp_path: Path) -> None:
+    """The same content twice in a run: one upload; what stays for the rest of the run is the
+    Medplum id (a string), not the Future other workers waited on (a Condition and its locks)."""
+    medplum = _Medplum(201)
+    with _binaries(tmp_path, _Source(b"%PDF the same scan"), medplum) as binaries:
+        first, second = _copy(binaries), _copy(binaries)
+        assert first is not None and second is not None
+        assert first.mid == second.mid and (first.uploaded, second.uploaded) == (True, False)
+        assert len(medplum.seen) == 1
+        assert list(binaries._promises.values()) == [first.mid]

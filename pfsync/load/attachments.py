@@ -8,10 +8,10 @@ decisions: what needs no copy (a source Binary already loaded, a `hash` the id m
 downloaded), what is copied, and when. Over load.attachment_max_bytes or outside
 load.attachment_content_types, the attachment is left as it is.
 
-Copies run on worker threads (`plan`, `start` / `finished`), a few resources at a time (more wait their
-turn in memory, up to an eighth of load.park_max_bytes), so a practice with thousands of documents does not copy them one after another
-on the loader's thread while every Bundle waits: the resource is written once its attachments
-are copied. Downloads are limited apart (pfsync.load.binaries); uploads, which wait behind our
+Copies run on worker threads (`plan`, `start` / `finished`), a few resources at a time (more wait
+their turn in memory, up to an eighth of load.park_max_bytes), so a practice with thousands of
+documents does not copy them one after another on the loader's thread while every Bundle waits:
+the resource is written once its attachments are copied. Downloads are limited apart (pfsync.load.binaries); uploads, which wait behind our
 Bundles at Medplum, run beside them on the other workers.
 
 Memory: each running copy streams its attachment through a spool (pfsync.load.spool) holding at

@@ -19,6 +19,7 @@ and the ledger; a released create it decides again and gives back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, assert_never
 
 import orjson
@@ -120,10 +121,7 @@ class Router:
             self._tally.count(entry.type, key)
             return
         self._pending.hand(entry.key)
-        try:
-            self._sender.add(entry)
-        finally:
-            self._answer(self._sender)
+        self._calling(self._sender, self._sender.add, entry)
 
     def flush_lookup(self, rtype: str) -> None:
         """Search the entries of this type that wait for a lookup, and route them on."""
@@ -234,29 +232,26 @@ class Router:
     def poll(self) -> None:
         """Take in the answered Bundles, if any came back (pfsync.medplum.upsert.BatchSender.poll)."""
         if self._sender is not None:
-            try:
-                self._sender.poll()
-            finally:
-                self._answer(self._sender)
+            self._calling(self._sender, self._sender.poll)
 
     def nudge(self) -> None:
         """Send what is queued, a partial Bundle too, without waiting (BatchSender.nudge)."""
         if self._sender is not None:
-            try:
-                self._sender.nudge()
-            finally:
-                self._answer(self._sender)
+            self._calling(self._sender, self._sender.nudge)
 
     def step(self) -> bool:
         """One round of sending everything queued (BatchSender.step); False once nothing is queued,
         in flight or given back to the sender."""
-        if self._sender is None:
-            return False
+        return self._sender is not None and self._calling(self._sender, self._sender.step)
+
+    def _calling(self, sender: BatchSender, call: Callable[..., bool | None], *args: Entry) -> bool:
+        """`call(*args)` on the sender, then its reports taken in, even when the call raised;
+        -> what the call returned, or whether a released create went back to the sender."""
         try:
-            more = self._sender.step()
+            more = call(*args)
         finally:
-            requeued = self._answer(self._sender)
-        return more or requeued
+            requeued = self._answer(sender)
+        return bool(more) or requeued
 
     def _answer(self, sender: BatchSender) -> bool:
         """Take in the sender's reports, in order: each answers its entry in the ledger, except a

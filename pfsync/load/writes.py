@@ -172,7 +172,7 @@ class Writer:
         if due is None or self._dry_run:
             return
         self._fetch_queued(full_only=due == "full")
-        if due == "nudge" and self._sender is not None:
+        if due == "nudge":
             self._router.nudge()
 
     def _fetch_queued(self, *, full_only: bool) -> bool:
@@ -199,7 +199,7 @@ class Writer:
                 missing.discard(sid)
                 raw = orjson.dumps(resource)
                 due = self._take(resource, f"{self.context.base}/{rtype}", 0, raw, fetched=True)
-                if due == "nudge" and self._sender is not None:
+                if due == "nudge":
                     # The fetches it asks for are the caller's loop; a partial Bundle goes out now.
                     self._router.nudge()
                 self._pending.fetching.discard((rtype, sid))  # written, parked or deferred by now
@@ -240,7 +240,7 @@ class Writer:
         """Until nothing is pending in memory: search what waits for a lookup, send every queued
         entry, take in every outcome; parked resources are written or deferred."""
         while True:
-            if self._emitter.copying and self._sender is not None:
+            if self._emitter.copying:
                 self._router.nudge()  # what is queued goes out while the copies end, not after
             while self._emitter.copying:
                 self._emitter.copied(block=True)
@@ -279,8 +279,6 @@ class Writer:
         """Send everything queued and wait for every outcome; what the outcomes unpark (and the
         copies that end meanwhile) join the queue as they come, not after the last outcome (every
         level of references would otherwise wait for the whole previous level)."""
-        if self._sender is None:
-            return
         while self._router.step():
             self._emitter.copied(block=False)
             self._unpark()

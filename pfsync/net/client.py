@@ -132,11 +132,11 @@ def _ssl_context(settings: HttpSettings) -> ssl.SSLContext:
     with _contexts_lock:
         found = _contexts.get(key)
         if found is None:
-            found = _contexts[key] = _new_context(settings, key)
+            found = _contexts[key] = _new_context(key)
         return found
 
 
-def _new_context(settings: HttpSettings, key: tuple[str, str | None, str | None]) -> ssl.SSLContext:
+def _new_context(key: tuple[str, str | None, str | None]) -> ssl.SSLContext:
     kind, first, second = key
     try:
         if kind == "bundle":

@@ -43,6 +43,17 @@ def poll_wait(elapsed: float, hinted: float | None, cap: float) -> float:
     return min(cap, pause)
 
 
+def next_due(due: float, now: float, started: float, hinted: float | None, cap: float) -> float:
+    """When the poll after the one that was `due` is due, answered at `now`: `poll_wait` after `due`
+    (its elapsed time counted from `started`, the kick-off), never before `now` (a late answer is
+    followed by one poll at once, never by a burst that catches up), and never sooner than the
+    server's Retry-After (`hinted`, counted from its answer) nor later than `cap` after the answer."""
+    scheduled = max(due + poll_wait(due - started, None, cap), now)
+    if hinted is not None:
+        scheduled = max(scheduled, now + min(hinted, cap))
+    return min(scheduled, now + cap)
+
+
 @dataclass
 class Poller:
     """Polls one status (or manifest page) URL until it completes (docs/bulk-data.md "Status polling")."""
@@ -62,6 +73,10 @@ class Poller:
         eid = export_id(url)
         started = self.clock.now() if started_at is None else started_at
         polls = 0
+        # When the poll being sent was due. The schedule is anchored to it, not to the answer, so the
+        # time answers take (seconds on a busy server) does not push every later poll back
+        # (docs/export-decisions.md "Polling").
+        due = self.clock.now()
         # Retry-After on a 429 may be minutes (the reference server blocks a route for 5 minutes).
         policy = replace(self.policy, max_wait=self.settings.poll_max_wait)
 
@@ -96,15 +111,17 @@ class Poller:
                 self.events.emit("status_error", exportId=eid, status=status,
                                  message=outcome_text(response) or "")  # fmt: skip
                 raise refusal(response, "bulk export")
-            hinted = parse_retry_after(response.headers.get("Retry-After"), self.clock.now())
-            pause = poll_wait(self.clock.now() - started, hinted, self.settings.poll_max_wait)
+            now = self.clock.now()
+            hinted = parse_retry_after(response.headers.get("Retry-After"), now)
+            due = next_due(due, now, started, hinted, self.settings.poll_max_wait)
+            pause = due - now
             if still_running:
                 self.events.emit("status_error", exportId=eid, status=status, message=outcome_text(response) or "",
                                  polls=polls, retryIn=round(pause, 3))  # fmt: skip
             else:
                 self.events.emit("status_progress", exportId=eid, progress=response.headers.get("X-Progress", ""),
                                  polls=polls, retryIn=round(pause, 3))  # fmt: skip
-            if self.clock.now() + pause > deadline_at:
+            if due > deadline_at:
                 raise ExportError(
                     f"the export at {redact(url)} did not complete before the deadline "
                     f"({self.settings.deadline:.0f}s, export.deadline)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import itertools
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -213,6 +214,50 @@ def test_poll_schedule_is_quick_while_young_then_stays_under_half_the_rate_limit
         assert sum(minute * 60 <= t < (minute + 1) * 60 for t in polls_at) < 30, minute
     # The reference server's Retry-After: 1 on every 202 is a minimum, not a rate to keep up forever.
     assert poll_wait(120, 1.0, 300) > 5 and poll_wait(3, 7.0, 300) == 7.0 and poll_wait(3, 900, 60) == 60
+
+
+def _slow_status_server(httpx_mock: HTTPXMock, clock: FakeClock, answer_seconds: list[float]) -> list[float]:
+    """202s that each take answer_seconds[i] (FakeClock time) to arrive, then the manifest; returns the
+    clock times at which the polls were sent."""
+    sent: list[float] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(clock.now())
+        if len(sent) > len(answer_seconds):
+            return httpx.Response(200, json=manifest_body())
+        clock.t += answer_seconds[len(sent) - 1]
+        return httpx.Response(202)
+
+    httpx_mock.add_callback(answer, is_reusable=True)
+    return sent
+
+
+def test_poll_schedule_is_anchored_to_when_polls_were_due_not_to_slow_answers(httpx_mock: HTTPXMock) -> None:
+    """A busy server that takes 0.3 s per answer must not push every later poll back: after 20
+    polls the drift would be 6 s, and a job that finished would wait up to a second more."""
+    clock, sink = FakeClock(), ListSink()
+    sent = _slow_status_server(httpx_mock, clock, [0.3] * 20)
+    start = clock.now()
+    with httpx.Client() as client:
+        make_poller(client, clock, sink).poll(STATUS, deadline_at=clock.now() + 3600, started_at=start)
+    expected, elapsed = [0.0], 0.0
+    while len(expected) < len(sent):
+        elapsed += poll_wait(elapsed, None, 300)
+        expected.append(elapsed)
+    assert [round(t - start, 6) for t in sent] == [round(t, 6) for t in expected]
+
+
+def test_poll_after_a_late_answer_polls_once_at_once_then_keeps_the_schedule(httpx_mock: HTTPXMock) -> None:
+    """An answer that takes longer than the schedule's pause is followed by one poll at once, not by
+    a burst of polls catching up the ones it delayed (the reference server's rate limit)."""
+    clock, sink = FakeClock(), ListSink()
+    sent = _slow_status_server(httpx_mock, clock, [0.0, 0.0, 6.0, 0.0, 0.0, 0.0, 0.0])
+    start = clock.now()
+    with httpx.Client() as client:
+        make_poller(client, clock, sink).poll(STATUS, deadline_at=clock.now() + 3600, started_at=start)
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(sent)]
+    assert gaps[2] == 6.0  # the late answer, then the next poll at once
+    assert all(gap >= 1.0 for gap in gaps[3:]), gaps  # then the schedule's pauses again, no burst
 
 
 def test_poll_deadline_raises_export_error(httpx_mock: HTTPXMock) -> None:

@@ -5,8 +5,10 @@ real HTTP. The sandbox and pfsync share one FakeClock, so minutes of polling tak
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,40 @@ def test_polling_stays_under_half_the_reference_servers_rate_limit(
     polls = source.stats.requests("status")
     assert 429 not in {s.status for s in polls}
     assert len(polls) < 60  # 4 minutes at the server's Retry-After: 1 would be ~240 polls
+
+
+def test_slow_status_answers_do_not_push_the_polls_back(source: SourceSandbox, tmp_path: Path) -> None:
+    """Issue 20: each status answer takes 0.3 s (on the shared FakeClock). The polls stay on the
+    schedule, at most a second apart while the job is young, so the job is asked about at most a
+    second after it finished (counting each pause from the answer made them 1.3 s apart)."""
+    clock = FakeClock(start=time.time())
+    source.use_clock(clock.now)
+    source.faults.busy_export(seconds=12, retry_after=None)
+    kicked: list[float] = []
+    polled: list[float] = []
+
+    def on_request(request: httpx.Request) -> None:
+        if request.url.path.endswith("/$export"):
+            kicked.append(clock.now())
+        elif "/Export/" in request.url.path and request.method == "GET":
+            polled.append(clock.now())
+
+    def on_response(response: httpx.Response) -> None:
+        if "/Export/" in response.request.url.path:
+            clock.t += 0.3  # the answer's time
+
+    src = SourceSettings(name="sandbox", base_url=source.base_url(), client_id="pfsync-sandbox",
+                         client_secret=Secret("sandbox-secret"))  # fmt: skip
+    hooks: dict[str, list[Callable[..., Any]]] = {"request": [on_request], "response": [on_response]}
+    with httpx.Client(timeout=30, event_hooks=hooks) as client:
+        _, auth = source_auth(src, client, clock=clock)
+        result = run_export(src, ExportSettings(), client, auth, out_dir=tmp_path / "out",
+                            request=ExportRequest(level="patient", types=TYPES), clock=clock, policy=POLICY)  # fmt: skip
+    assert {f.type: f.lines for f in result.files} == SMALL
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(polled)]
+    assert gaps[:2] == [0.5, 0.75] and set(gaps[2:]) == {1.0}, gaps  # poll_wait's schedule, exactly
+    ready = kicked[0] + 12
+    assert polled[-2] < ready <= polled[-1] <= ready + 1.0
 
 
 def test_a_blocked_route_is_waited_out_with_the_epoch_millisecond_retry_after(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from email.utils import parsedate_to_datetime
 
 import httpx
@@ -173,3 +174,19 @@ def test_fault_unknown_name_refused(source: SourceSandbox) -> None:
     with pytest.raises(ValueError):
         source.faults.arm("no_such_fault")
     assert httpx.post(source.server_url + "/_sandbox/faults", json={"name": "nope"}).status_code == 400
+
+
+def test_export_ready_at_is_when_the_status_first_answers_complete(source: SourceSandbox) -> None:
+    """scripts/bench_export's polling lag is counted from it: files written and busy_export over."""
+    token = source_token(source)
+    source.faults.busy_export(seconds=0.3, retry_after=None)
+    before = time.time()
+    status_url = _kickoff(source, token, _type="Patient").headers["content-location"]
+    guid = status_url.rsplit("/", 1)[1]
+    assert source.export_ready_at("no-such-export") is None
+    while (poll := httpx.get(status_url, headers=_auth(token))).status_code == 202:
+        time.sleep(0.05)
+    answered = time.time()
+    assert poll.status_code == 200
+    ready = source.export_ready_at(guid)
+    assert ready is not None and before + 0.3 <= ready <= answered

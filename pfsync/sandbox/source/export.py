@@ -74,6 +74,7 @@ class Job:
     extra_type: str | None = None
     created_at: float = 0.0  # on the sandbox clock (State.now)
     busy_until: float | None = None
+    finished_at: float | None = None  # wall clock: when run_job had written every file (benchmarks)
     transient: bool = False
     count_delta: tuple[str | None, int] | None = None
     failing: set[str] = field(default_factory=set)
@@ -217,6 +218,7 @@ def run_job(job: Job, store: Store, per_file: int, base: str) -> None:
     except Exception as exc:  # a failed job reports an OperationOutcome instead of hanging
         job.failure = f"Export failed: {exc!r}"
     finally:
+        job.finished_at = time.time()
         job.done.set()
 
 

@@ -255,6 +255,16 @@ class SourceSandbox:
         """(id, name, member count) of the practice's groups."""
         return self.state.store.groups(self._practice(practice))
 
+    def export_ready_at(self, export_id: str, practice: str | None = None) -> float | None:
+        """When (time.time()) the export's status first answers complete: its files written and any
+        busy_export over. None while it is not, or for an unknown job. scripts/bench_export measures
+        the polling lag from it."""
+        job = self.state.jobs.get(export_id, self._practice(practice))
+        if job is None or job.finished_at is None:
+            return None
+        busy = 0.0 if job.busy_until is None else job.busy_until - job.created_at  # on the sandbox clock
+        return max(job.finished_at, job.created + busy)
+
     def use_clock(self, now: Callable[[], float]) -> None:
         """Time of busy_export and the rate limiter (default time.time; `reset()` restores it)."""
         self.state.now = now

@@ -73,8 +73,7 @@ class Poller:
         eid = export_id(url)
         started = self.clock.now() if started_at is None else started_at
         polls = 0
-        # When the poll being sent was due. The schedule is anchored to it, not to the answer, so the
-        # time answers take (seconds on a busy server) does not push every later poll back
+        # When the poll being sent was due: the schedule counts from it, not from the answer
         # (docs/export-decisions.md "Polling").
         due = self.clock.now()
         # Retry-After on a 429 may be minutes (the reference server blocks a route for 5 minutes).
@@ -95,29 +94,16 @@ class Poller:
                 exc.hint = exc.hint or "the job is saved: run the same command again to resume it"
                 raise
             polls += 1
-            status = response.status_code
-            if status == 200:
-                try:
-                    body = orjson.loads(response.content)
-                except orjson.JSONDecodeError:
-                    raise ExportError(f"the export manifest at {redact(url)} is not JSON") from None
-                return parse_manifest(body, str(response.request.url))
-            if status in (404, 410):
-                raise JobExpired(
-                    f"the export job at {redact(url)} is gone ({status}): it expired or was deleted"
-                )
-            still_running = classify(response, STATUS_POLL_RULES) == "keep-polling"
-            if status != 202 and not still_running:
-                self.events.emit("status_error", exportId=eid, status=status,
-                                 message=outcome_text(response) or "")  # fmt: skip
-                raise refusal(response, "bulk export")
+            manifest = self._settled(response, url, eid)
+            if manifest is not None:
+                return manifest
             now = self.clock.now()
             hinted = parse_retry_after(response.headers.get("Retry-After"), now)
             due = next_due(due, now, started, hinted, self.settings.poll_max_wait)
             pause = due - now
-            if still_running:
-                self.events.emit("status_error", exportId=eid, status=status, message=outcome_text(response) or "",
-                                 polls=polls, retryIn=round(pause, 3))  # fmt: skip
+            if response.status_code != 202:  # an answer that means "still running" (a 500 `transient`)
+                self.events.emit("status_error", exportId=eid, status=response.status_code,
+                                 message=outcome_text(response) or "", polls=polls, retryIn=round(pause, 3))  # fmt: skip
             else:
                 self.events.emit("status_progress", exportId=eid, progress=response.headers.get("X-Progress", ""),
                                  polls=polls, retryIn=round(pause, 3))  # fmt: skip
@@ -128,3 +114,22 @@ class Poller:
                     hint="the job is saved: run the same command again to keep waiting for it",
                 )
             wait(self.clock, pause, self.stop)
+
+    def _settled(self, response: httpx.Response, url: str, eid: str) -> Manifest | None:
+        """The manifest when `response` completes the job, None while the job runs (a 202, or an
+        answer STATUS_POLL_RULES reads as "keep polling"); raises when the job is gone or failed."""
+        status = response.status_code
+        if status == 200:
+            try:
+                body = orjson.loads(response.content)
+            except orjson.JSONDecodeError:
+                raise ExportError(f"the export manifest at {redact(url)} is not JSON") from None
+            return parse_manifest(body, str(response.request.url))
+        if status in (404, 410):
+            raise JobExpired(f"the export job at {redact(url)} is gone ({status}): it expired or was deleted")
+        if status != 202 and classify(response, STATUS_POLL_RULES) != "keep-polling":
+            self.events.emit(
+                "status_error", exportId=eid, status=status, message=outcome_text(response) or ""
+            )
+            raise refusal(response, "bulk export")
+        return None

@@ -2,7 +2,8 @@
 
 The export directory is resumable at every step (pfsync.source.exportjob): job.json is saved before the
 first poll, each file is recorded once it has landed, and a rerun continues the saved job (files
-already complete, verified by sha256, are not downloaded again). Only a job the server has
+already complete, verified by sha256, are not downloaded again; a finished job is replayed only
+when every file still matches). Only a job the server has
 forgotten (404/410) leads to a new kick-off. After every file is safely on disk the job is
 DELETEd on the server (docs/bulk-data.md "Status polling": not before, keep it for recovery).
 
@@ -127,7 +128,14 @@ class _Run(ExportRun):
         elif job is not None and job.state in ("failed", "cancelled"):
             job = None
         if job is not None and job.state in ("downloaded", "complete"):
-            return self._finish(job, resumed=True, replay=True)
+            damaged = [name for name in sorted(self.dir.manifest.files) if self.dir.complete(name) is None]
+            if not damaged:
+                return self._finish(job, resumed=True, replay=True)
+            # Landed files are fsynced, so only something outside pfsync changes them; handing them on
+            # would load less than was exported (docs/export-decisions.md "Landing files durably").
+            self.warn(f"{', '.join(damaged[:5])}{' ...' if len(damaged) > 5 else ''} no longer match "
+                      "what was downloaded (missing, or another size or sha256): collecting the export again")  # fmt: skip
+            job = self.dir.set_state(job, "kicked_off")
         resumed = job is not None
         restarted = False
         while True:

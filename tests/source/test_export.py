@@ -145,6 +145,28 @@ def test_run_export_after_complete_replays_files_without_network(
     assert len(httpx_mock.get_requests()) == 6  # kick-off, poll, 3 files, DELETE: nothing new
 
 
+def test_run_export_after_complete_collects_again_when_a_landed_file_changed(
+    httpx_mock: HTTPXMock, tmp_path: Path
+) -> None:
+    """A finished job is replayed only from files that still match their size and sha256: a file
+    cut short after the export (by anything but pfsync) would hand the loader less than was exported,
+    and a sync would then move its checkpoint past what it never loaded. The job, still on the
+    server, is collected again: the changed file is downloaded, the others are not."""
+    serve(httpx_mock, delete=False)
+    export(tmp_path, settings=ExportSettings(delete_after_download=False))
+    (tmp_path / "Condition.2.ndjson").write_bytes(FILES[f"{BASE}/Binary/c2"][:20])
+    httpx_mock.add_response(method="GET", url=STATUS, json=manifest())
+    httpx_mock.add_response(method="GET", url=f"{BASE}/Binary/c2", content=FILES[f"{BASE}/Binary/c2"])
+    handed: list[str] = []
+    again = export(tmp_path, on_file=lambda f: handed.append(f.path.name),
+                   settings=ExportSettings(delete_after_download=False))  # fmt: skip
+    assert sorted(handed) == ["Condition.1.ndjson", "Condition.2.ndjson", "Patient.1.ndjson"]
+    assert (tmp_path / "Condition.2.ndjson").read_bytes() == FILES[f"{BASE}/Binary/c2"]
+    assert again.lines == 9 and any("Condition.2.ndjson no longer match" in w for w in again.warnings)
+    downloads = [str(r.url) for r in httpx_mock.get_requests() if "/Binary/" in str(r.url)]
+    assert downloads.count(f"{BASE}/Binary/c2") == 2 and len(downloads) == 4
+
+
 def test_run_export_starts_over_when_saved_job_expired(httpx_mock: HTTPXMock, tmp_path: Path) -> None:
     d = ExportDir(tmp_path)
     from pfsync.source.exportjob import ExportJob

@@ -310,3 +310,23 @@ def test_a_landed_file_whose_rename_a_crash_lost_is_downloaded_again(
     assert again.resumed and {f.path.name: f.path.read_bytes() for f in again.files} == by_name
     assert source.stats.count("download") - before == 2  # only those two, the others are intact
     assert not list((tmp_path / "out").glob(".*.part"))
+
+
+def test_a_finished_export_whose_file_changed_is_exported_again_not_replayed(
+    source: SourceSandbox, tmp_path: Path
+) -> None:
+    """After a finished export (its job DELETEd on the server), one file loses its tail and another
+    disappears before the next run replays them. Replaying would hand the loader less than was
+    exported; the run notices (size and sha256), finds the job gone (404) and exports again."""
+    first = export(source, tmp_path / "out")
+    by_name = {f.path.name: f.path.read_bytes() for f in first.files}
+    cut, gone = sorted(by_name)[:2]
+    (tmp_path / "out" / cut).write_bytes(by_name[cut][:100])
+    (tmp_path / "out" / gone).unlink()
+    handed: list[LandedFile] = []
+    again = export(source, tmp_path / "out", on_file=handed.append)
+    assert again.status_url != first.status_url  # a new job: the old one was deleted after download
+    assert lines_by_type(again) == SMALL
+    assert {f.path.name: f.path.read_bytes() for f in again.files} == by_name
+    assert sorted(f.path.name for f in handed) == sorted(by_name)
+    assert any("no longer match" in w for w in again.warnings)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
-from pfsync.core.errors import UsageError
+import orjson
+
+from pfsync.core.errors import StateError, UsageError
 from pfsync.core.events import EventSink, NullSink
 from pfsync.core.settings import Settings, SourceSettings
 from pfsync.core.statedir import EXPORTS_DIR, source_dir
@@ -20,7 +23,7 @@ from pfsync.net.http import Clock, RetryPolicy, make_client
 from pfsync.source.auth import source_auth
 from pfsync.source.bulk import requests_for
 from pfsync.source.export import run_export
-from pfsync.source.exportjob import JOB_FILE, MANIFEST_FILE, ExportDir
+from pfsync.source.exportjob import JOB_FILE, MANIFEST_FILE, ExportDir, sha256_of
 
 
 def _finished(path: Path) -> float | None:
@@ -122,3 +125,37 @@ def fresh_export(
                        unsupported_types=authenticator.unsupported_types)  # fmt: skip
             out.append(out_dir)
     return out
+
+
+def check_intact(export_dirs: Sequence[Path]) -> None:
+    """Refuse an export whose files no longer match its manifest.json (missing, cut short or changed
+    since they were downloaded). Compared with it, what the lost lines held would look absent from
+    the source, and `--fix --fix-extras` would delete it from Medplum. A directory without
+    manifest.json (files put together by hand for `--from`) is taken as it is."""
+    for directory in export_dirs:
+        try:
+            listed = orjson.loads((directory / MANIFEST_FILE).read_bytes()).get("files") or []
+        except FileNotFoundError:
+            continue
+        except (OSError, orjson.JSONDecodeError, AttributeError) as exc:
+            raise StateError(
+                f"{directory / MANIFEST_FILE} is unreadable ({exc.__class__.__name__})"
+            ) from None
+        changed = [str(f.get("name")) for f in listed if not _matches(directory, f)]
+        if changed:
+            raise StateError(
+                f"the export in {directory} no longer matches its manifest.json: {', '.join(changed[:5])}"
+                f"{' ...' if len(changed) > 5 else ''} (missing, or another size or sha256); comparing "
+                "with it would take what those files held for absent from the source",
+                hint="compare with a fresh export: pfsync verify --export",
+            )
+
+
+def _matches(directory: Path, entry: object) -> bool:
+    """One manifest.json entry still describes its file (size when recorded, and sha256)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or "/" in entry["name"]:
+        return False
+    path = directory / entry["name"]
+    if not path.is_file() or ("bytes" in entry and path.stat().st_size != entry["bytes"]):
+        return False
+    return sha256_of(path) == entry.get("sha256")

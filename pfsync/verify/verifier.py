@@ -36,7 +36,7 @@ from pfsync.load.transform import (
 )
 from pfsync.medplum.client import MedplumClient
 from pfsync.net.http import Clock, SystemClock
-from pfsync.verify.exports import is_incremental
+from pfsync.verify.exports import check_intact, is_incremental
 from pfsync.verify.fix import apply_fixes
 from pfsync.verify.medplum import MedplumReader
 from pfsync.verify.report import CATEGORIES, Category, Finding, TypeCounts, VerifyOptions, VerifyReport
@@ -306,6 +306,7 @@ def verify(
 ) -> VerifyReport:
     """Compare Medplum with the export in `export_dirs`; with `options.fix`, repair and verify again."""
     options = options or VerifyOptions()
+    check_intact(export_dirs)  # before anything is compared, let alone fixed
     verifier = Verifier(settings, source, client, clock=clock, events=events)
     scratch = Scratch(verifier.work_dir)
     try:

@@ -3,6 +3,7 @@ faults are each named, `--fix` repairs them and `--dry-run` writes nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ import pytest
 from conftest import FIXTURES
 from target_fixtures import fhir_client
 
+from pfsync.core.errors import StateError
 from pfsync.core.settings import Settings, identifier_system, load_settings
 from pfsync.load.loader import Loader
 from pfsync.medplum.auth import medplum_auth
@@ -100,6 +102,42 @@ def test_verify_clean_load_of_synthea_small_reports_zeros(
     # One paged search per type (1,000 per page) and nothing else on a clean target.
     assert report.quota_used == 20 * report.requests
     assert report.requests < 30
+
+
+def write_manifest(data: Path) -> None:
+    """manifest.json as `pfsync export` leaves it: each file with its size and sha256."""
+    files = [{"name": p.name, "kind": "output", "type": p.stem, "lines": p.read_bytes().count(b"\n"),
+              "bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "url": ""}
+             for p in sorted(data.glob("*.ndjson"))]  # fmt: skip
+    (data / "manifest.json").write_bytes(orjson.dumps({"version": 1, "files": files}))
+
+
+def test_verify_refuses_an_export_whose_files_changed_since_it_was_downloaded(
+    medplum: tuple[Settings, MedplumClient], target: TargetSandbox, tmp_path: Path
+) -> None:
+    """A kept export whose Encounter file lost its second half: compared with it, those Encounters
+    look absent from the source, and `--fix --fix-extras` deleted 171 of them from Medplum before
+    this check. verify refuses the export, naming the file, before it reads or writes Medplum."""
+    settings, client = medplum
+    data = subset(tmp_path)
+    load(settings, client, data)
+    write_manifest(data)
+    assert run(settings, client, data).ok  # intact: compared as usual
+    encounters = data / "Encounter.ndjson"
+    lines = encounters.read_bytes().split(b"\n")
+    encounters.write_bytes(b"\n".join(lines[: len(lines) // 2]) + b"\n")
+    writes, requests = target.stats.writes, sum(target.stats.requests.values())
+    with pytest.raises(StateError, match=r"Encounter\.ndjson .*another size or sha256"):
+        run(settings, client, data, fix=True, fix_extras=True)
+    from typer.testing import CliRunner
+
+    from pfsync.cli import app
+
+    cli = CliRunner().invoke(app, ["verify", "--from", str(data), "--fix", "--fix-extras"],
+                             env=cli_env(target, settings.state_dir))  # fmt: skip
+    assert cli.exit_code == 7 and "Encounter.ndjson" in cli.stderr and "Traceback" not in cli.output
+    assert "pfsync verify --export" in cli.stderr  # the hint
+    assert target.stats.writes == writes and sum(target.stats.requests.values()) == requests
 
 
 def plant_faults(target: TargetSandbox, settings: Settings, data: Path) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from pfsync.load.loader import Loader, LoadResult, load
 from pfsync.load.quarantine import is_wrapped
 from pfsync.medplum.client import MedplumClient
 from pfsync.net.http import make_client
+from pfsync.source.exportjob import MANIFEST_FILE, changed_files
 from pfsync.sync.schedule import stop_on_signals
 
 COLUMNS = COUNT_KEYS
@@ -148,6 +149,18 @@ def check_inputs(paths: list[Path]) -> int:
         else:
             loadable += 1
     return loadable
+
+
+def warn_changed_exports(paths: list[Path]) -> None:
+    """Say which files of an export directory no longer match its manifest.json (sizes only: free):
+    what a missing or cut-short file held is not loaded. A warning, not a refusal: the files that
+    are there load as they are, and the run goes on."""
+    log = logging.getLogger("pfsync.load")
+    for path in paths:
+        for manifest in sorted(path.rglob(MANIFEST_FILE)) if path.is_dir() else ():
+            for problem in changed_files(manifest.parent, sha256=False):
+                log.warning("%s: %s since it was downloaded: what it lacks is not loaded", manifest.parent,
+                            problem, extra={"event": "load_export_changed"})  # fmt: skip
 
 
 # docs/medplum.md "Quota costs" (measured): about 100 points per write in direct mode (identity search
@@ -299,6 +312,7 @@ def _load(ctx: typer.Context, a: _LoadArgs) -> None:
     settings = build_settings(ctx, {"load.async_batch": True if a.async_batch else None})
     if not check_inputs(a.paths):
         return  # every file is empty: each one was reported, nothing to send
+    warn_changed_exports(a.paths)
     src = source_for_load(settings, a.source)
     mp = settings.medplum
     require(mp.client_id, "medplum.client_id", "pfsync load")

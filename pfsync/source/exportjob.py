@@ -97,6 +97,33 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def changed_files(directory: Path, *, sha256: bool = True) -> list[str]:
+    """What no longer matches `directory`'s manifest.json, one line per file ("X.ndjson is missing",
+    "X.ndjson has 100 bytes, manifest.json records 2000"); with `sha256`, the digests are compared
+    too (a read of every file). Reads manifest.json alone, without the journal: it is whole once the
+    export is finished. [] without a manifest.json. StateError when it is unreadable."""
+    try:
+        listed = orjson.loads((directory / MANIFEST_FILE).read_bytes()).get("files") or []
+    except FileNotFoundError:
+        return []
+    except (OSError, orjson.JSONDecodeError, AttributeError) as exc:
+        raise StateError(f"{directory / MANIFEST_FILE} is unreadable ({exc.__class__.__name__})") from None
+    found = []
+    for entry in listed:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or "/" in name:
+            found.append(f"an entry of {MANIFEST_FILE} names no file ({str(entry)[:80]})")
+            continue
+        path = directory / name
+        if not path.is_file():
+            found.append(f"{name} is missing")
+        elif isinstance(entry.get("bytes"), int) and path.stat().st_size != entry["bytes"]:
+            found.append(f"{name} has {path.stat().st_size} bytes, {MANIFEST_FILE} records {entry['bytes']}")
+        elif sha256 and sha256_of(path) != entry.get("sha256"):
+            found.append(f"{name} has another sha256 than {MANIFEST_FILE} records")
+    return found
+
+
 @dataclass(frozen=True)
 class ExportJob:
     """The saved job of an export directory (job.json)."""

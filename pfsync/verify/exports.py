@@ -13,8 +13,6 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-import orjson
-
 from pfsync.core.errors import StateError, UsageError
 from pfsync.core.events import EventSink, NullSink
 from pfsync.core.settings import Settings, SourceSettings
@@ -23,7 +21,7 @@ from pfsync.net.http import Clock, RetryPolicy, make_client
 from pfsync.source.auth import source_auth
 from pfsync.source.bulk import requests_for
 from pfsync.source.export import run_export
-from pfsync.source.exportjob import JOB_FILE, MANIFEST_FILE, ExportDir, sha256_of
+from pfsync.source.exportjob import JOB_FILE, MANIFEST_FILE, ExportDir, changed_files
 
 
 def _finished(path: Path) -> float | None:
@@ -133,29 +131,11 @@ def check_intact(export_dirs: Sequence[Path]) -> None:
     the source, and `--fix --fix-extras` would delete it from Medplum. A directory without
     manifest.json (files put together by hand for `--from`) is taken as it is."""
     for directory in export_dirs:
-        try:
-            listed = orjson.loads((directory / MANIFEST_FILE).read_bytes()).get("files") or []
-        except FileNotFoundError:
-            continue
-        except (OSError, orjson.JSONDecodeError, AttributeError) as exc:
-            raise StateError(
-                f"{directory / MANIFEST_FILE} is unreadable ({exc.__class__.__name__})"
-            ) from None
-        changed = [str(f.get("name")) for f in listed if not _matches(directory, f)]
+        changed = changed_files(directory)
         if changed:
             raise StateError(
-                f"the export in {directory} no longer matches its manifest.json: {', '.join(changed[:5])}"
-                f"{' ...' if len(changed) > 5 else ''} (missing, or another size or sha256); comparing "
-                "with it would take what those files held for absent from the source",
+                f"the export in {directory} no longer matches its manifest.json: {'; '.join(changed[:5])}"
+                f"{' ...' if len(changed) > 5 else ''}; comparing with it would take what those files "
+                "held for absent from the source",
                 hint="compare with a fresh export: pfsync verify --export",
             )
-
-
-def _matches(directory: Path, entry: object) -> bool:
-    """One manifest.json entry still describes its file (size when recorded, and sha256)."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or "/" in entry["name"]:
-        return False
-    path = directory / entry["name"]
-    if not path.is_file() or ("bytes" in entry and path.stat().st_size != entry["bytes"]):
-        return False
-    return sha256_of(path) == entry.get("sha256")

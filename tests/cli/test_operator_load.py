@@ -3,6 +3,7 @@ the hint names the quarantine file to replay, and --medplum-url / --state-dir wo
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import orjson
@@ -138,3 +139,25 @@ def test_load_one_bad_first_line_among_resources_is_left_to_quarantine(
     result = CliRunner().invoke(app, ["load", str(path)], env=env)
     assert result.exit_code == 6, result.output  # the bad line quarantined, the Patient loaded
     assert target.count("Patient") == 1
+
+
+def test_load_of_an_export_whose_file_was_cut_short_warns_and_loads_the_rest(
+    target: TargetSandbox, tmp_path: Path
+) -> None:
+    """An export directory whose file lost its second half since it was downloaded: the run goes
+    on with what is there, and says which file and what it lacks (the lost lines are not loaded)."""
+    export = tmp_path / "export"
+    export.mkdir()
+    patients = write_ndjson(
+        export / "Patient.1.ndjson", [{"resourceType": "Patient", "id": f"p{i}"} for i in range(6)]
+    )
+    data = patients.read_bytes()
+    files = [{"name": patients.name, "kind": "output", "type": "Patient", "lines": 6, "bytes": len(data),
+              "sha256": hashlib.sha256(data).hexdigest(), "url": ""}]  # fmt: skip
+    (export / "manifest.json").write_bytes(orjson.dumps({"version": 1, "files": files}))
+    patients.write_bytes(b"".join(data.splitlines(keepends=True)[:3]))
+    result = CliRunner().invoke(app, ["load", str(export)], env=_load_env(target, tmp_path))
+    assert result.exit_code == 0, result.output
+    warned = [orjson.loads(x) for x in result.stderr.splitlines() if '"event":"load_export_changed"' in x]
+    assert len(warned) == 1 and f"Patient.1.ndjson has {len(data) // 2} bytes" in warned[0]["message"]
+    assert orjson.loads(result.stdout)["byType"]["Patient"]["created"] == 3 == target.count("Patient")

@@ -67,3 +67,36 @@ def test_a_corrupt_journal_line_is_a_state_error(tmp_path: Path) -> None:
     (tmp_path / JOURNAL_FILE).write_bytes(b"not json\n")
     with pytest.raises(StateError, match=r"manifest.journal line 1 is corrupt"):
         ExportDir(tmp_path)
+
+
+def test_changed_files_names_each_file_that_no_longer_matches_manifest_json(tmp_path: Path) -> None:
+    """What `verify` refuses and `load` warns about: a file missing, cut short, or changed in place
+    (same size, another sha256), and an entry that names no file; an intact file is not named."""
+    assert exportjob.changed_files(tmp_path) == []  # no manifest.json: nothing to compare with
+    contents = {
+        f"Observation.{n}.ndjson": b'{"resourceType":"Observation","id":"%d"}\n' % n for n in range(4)
+    }
+    export = ExportDir(tmp_path)
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+        export.record(LandedFile(type="Observation", path=tmp_path / name, sha256=exportjob.sha256_of(tmp_path / name),
+                                 lines=1, bytes=len(data)))  # fmt: skip
+    export.save_manifest()
+    assert exportjob.changed_files(tmp_path) == []
+    (tmp_path / "Observation.0.ndjson").unlink()
+    (tmp_path / "Observation.1.ndjson").write_bytes(contents["Observation.1.ndjson"][:10])
+    (tmp_path / "Observation.2.ndjson").write_bytes(contents["Observation.2.ndjson"].replace(b"2", b"9"))
+    assert exportjob.changed_files(tmp_path) == [
+        "Observation.0.ndjson is missing",
+        f"Observation.1.ndjson has 10 bytes, manifest.json records {len(contents['Observation.1.ndjson'])}",
+        "Observation.2.ndjson has another sha256 than manifest.json records",
+    ]
+    assert exportjob.changed_files(tmp_path, sha256=False)[:2] == exportjob.changed_files(tmp_path)[:2]
+    assert len(exportjob.changed_files(tmp_path, sha256=False)) == 2  # sizes only: the in-place change passes
+    doc = orjson.loads((tmp_path / MANIFEST_FILE).read_bytes())
+    doc["files"].append({"name": "../elsewhere.ndjson"})
+    (tmp_path / MANIFEST_FILE).write_bytes(orjson.dumps(doc))
+    assert exportjob.changed_files(tmp_path)[-1].startswith("an entry of manifest.json names no file")
+    (tmp_path / MANIFEST_FILE).write_bytes(b"{not json")
+    with pytest.raises(StateError, match=r"manifest\.json is unreadable"):
+        exportjob.changed_files(tmp_path)

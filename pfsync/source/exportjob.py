@@ -114,14 +114,27 @@ def changed_files(directory: Path, *, sha256: bool = True) -> list[str]:
         if not isinstance(name, str) or not name or "/" in name:
             found.append(f"an entry of {MANIFEST_FILE} names no file ({str(entry)[:80]})")
             continue
-        path = directory / name
-        if not path.is_file():
-            found.append(f"{name} is missing")
-        elif isinstance(entry.get("bytes"), int) and path.stat().st_size != entry["bytes"]:
-            found.append(f"{name} has {path.stat().st_size} bytes, {MANIFEST_FILE} records {entry['bytes']}")
-        elif sha256 and sha256_of(path) != entry.get("sha256"):
-            found.append(f"{name} has another sha256 than {MANIFEST_FILE} records")
+        size = entry.get("bytes")
+        # A missing or null sha256 is compared too (as "None"): it matches no file.
+        digest = str(entry.get("sha256")) if sha256 else None
+        why = mismatch(directory / name, size if isinstance(size, int) else None, digest)
+        if why is not None:
+            found.append(f"{name} {why}")
     return found
+
+
+def mismatch(path: Path, size: int | None, digest: str | None) -> str | None:
+    """Why the file at `path` is not the one recorded ("is missing", "has 100 bytes, manifest.json
+    records 2000", "has another sha256 ..."), None when it is. A None `size` or `digest` is not
+    compared (`digest`: a read of the whole file)."""
+    if not path.is_file():
+        return "is missing"
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        return f"has {actual} bytes, {MANIFEST_FILE} records {size}"
+    if digest is not None and sha256_of(path) != digest:
+        return f"has another sha256 than {MANIFEST_FILE} records"
+    return None
 
 
 @dataclass(frozen=True)
@@ -322,9 +335,7 @@ class ExportDir:
     def complete(self, name: str) -> LandedFile | None:
         """The recorded file `name` if it is on disk with the recorded sha256 (a resumed run skips it)."""
         landed = self.manifest.files.get(name)
-        if landed is None or not landed.path.is_file():
-            return None
-        if landed.path.stat().st_size != landed.bytes or sha256_of(landed.path) != landed.sha256:
+        if landed is None or mismatch(landed.path, landed.bytes, landed.sha256) is not None:
             return None
         return landed
 

@@ -41,7 +41,7 @@ from pfsync.core.errors import HTTPError, ProtocolError, StateError
 from pfsync.core.netpolicy import shown_url
 from pfsync.core.settings import LoadSettings
 from pfsync.load.idmap import IdMap
-from pfsync.load.spool import Spool, SpoolBody
+from pfsync.load.spool import Spool, SpoolBody, attachment_hash
 from pfsync.load.transform import Prepared
 from pfsync.medplum.client import THROTTLED_ONLY, MedplumClient
 from pfsync.net.http import ACCEPT_ENCODING, PIN_ORIGIN, STREAMED, is_temporary, iter_decoded, protocol_error
@@ -277,8 +277,8 @@ class Binaries:
 
 
 def _sha1(data: bytes) -> str:
-    """Attachment.hash: the base64 SHA-1 of the content."""
-    return base64.b64encode(hashlib.sha1(data).digest()).decode()
+    """Attachment.hash of content held whole."""
+    return attachment_hash(hashlib.sha1(data).digest())
 
 
 def _spool_failure(exc: OSError | StateError) -> str:

@@ -27,6 +27,11 @@ from pfsync.core.private import anonymous_file
 READ_CHUNK = 64 * 1024  # bytes read back from the scratch file per piece of the upload
 
 
+def attachment_hash(sha1_digest: bytes) -> str:
+    """FHIR's Attachment.hash of a content, from its SHA-1 digest: base64."""
+    return base64.b64encode(sha1_digest).decode()
+
+
 class Spool:
     """Bytes written once (`write`), then read back any number of times (`body`, `read_all`).
     Close it (or use it as a context manager): closing frees the scratch file."""
@@ -63,7 +68,7 @@ class Spool:
     @property
     def digest(self) -> str:
         """The content's SHA-1, base64 (FHIR's Attachment.hash)."""
-        return base64.b64encode(self._sha1.digest()).decode()
+        return attachment_hash(self._sha1.digest())
 
     @property
     def on_disk(self) -> bool:
